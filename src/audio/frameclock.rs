@@ -1,0 +1,172 @@
+//! Maps output frames to the node's monotonic clock and tracks the card's real rate.
+//!
+//! Each callback gives a noisy measurement `m_k` of when frame `F_k` (the first frame
+//! of the buffer) reaches the DAC. A second-order delay-locked loop (F. Adriaensen,
+//! "Using a DLL to filter time", the filter JACK uses) keeps a smooth line
+//! `time(F) = base + (F − F_base) · ns_per_frame`:
+//!
+//! ```text
+//! e        = m_k − time(F_k)
+//! base    ← time(F_k) + b·e            b = √2·ω,  ω = 2π·B·Δt
+//! ns/frame ← ns/frame + c·e / ΔF       c = ω²
+//! ```
+//!
+//! `ns_per_frame` converges to the card's rate *as seen by this node's clock* (a card
+//! that runs 30 ppm slow, or a node clock that runs fast, both show up here). The
+//! bandwidth `B` starts wide to lock quickly and narrows to reject callback jitter.
+//! An error beyond [`RESET_NS`] (an xrun, a stalled device) restarts the loop.
+//!
+//! Pure: no clock reads, no allocation.
+
+/// Error beyond which the loop restarts from the measurement.
+pub const RESET_NS: f64 = 4_000_000.0;
+/// The card's rate is trusted within ±2000 ppm of nominal.
+const MAX_PPM: f64 = 2000.0;
+
+#[derive(Clone, Copy, Debug)]
+pub struct FrameClock {
+    nominal_npf: f64,
+    origin: i64,
+    base: f64,
+    base_frame: u64,
+    npf: f64,
+    locked_frames: u64,
+    init: bool,
+    resets: u64,
+}
+
+impl FrameClock {
+    pub fn new(sample_rate: u32) -> FrameClock {
+        let nominal = 1e9 / sample_rate as f64;
+        FrameClock {
+            nominal_npf: nominal,
+            origin: 0,
+            base: 0.0,
+            base_frame: 0,
+            npf: nominal,
+            locked_frames: 0,
+            init: false,
+            resets: 0,
+        }
+    }
+
+    /// Feed the measured DAC time of `frame`; returns the filtered time of `frame`.
+    pub fn update(&mut self, frame: u64, measured: i64) -> i64 {
+        if !self.init || frame <= self.base_frame {
+            self.restart(frame, measured);
+            return measured;
+        }
+        let df = (frame - self.base_frame) as f64;
+        let pred = self.base + df * self.npf;
+        let e = (measured - self.origin) as f64 - pred;
+        if e.abs() > RESET_NS {
+            self.resets += 1;
+            self.restart(frame, measured);
+            return measured;
+        }
+        let seconds_locked = self.locked_frames as f64 * self.nominal_npf * 1e-9;
+        let bw = if seconds_locked < 1.0 {
+            4.0
+        } else if seconds_locked < 4.0 {
+            1.0
+        } else {
+            0.25
+        };
+        let omega = 2.0 * std::f64::consts::PI * bw * df * self.npf * 1e-9;
+        let b = std::f64::consts::SQRT_2 * omega;
+        let c = omega * omega;
+        self.base = pred + b * e;
+        self.base_frame = frame;
+        self.npf += c * e / df;
+        let lo = self.nominal_npf * (1.0 - MAX_PPM * 1e-6);
+        let hi = self.nominal_npf * (1.0 + MAX_PPM * 1e-6);
+        self.npf = self.npf.clamp(lo, hi);
+        self.locked_frames += df as u64;
+        // keep the f64 small: move the origin every ~100 s
+        if self.base > 1e11 {
+            let shift = self.base.floor();
+            self.origin += shift as i64;
+            self.base -= shift;
+        }
+        self.origin + self.base.round() as i64
+    }
+
+    fn restart(&mut self, frame: u64, measured: i64) {
+        self.origin = measured;
+        self.base = 0.0;
+        self.base_frame = frame;
+        if !self.init {
+            self.npf = self.nominal_npf;
+        }
+        self.locked_frames = 0;
+        self.init = true;
+    }
+
+    /// Filtered time (ns) of `frame`, on the line fitted so far.
+    pub fn time_of(&self, frame: u64) -> f64 {
+        self.origin as f64 + self.base + (frame as f64 - self.base_frame as f64) * self.npf
+    }
+
+    /// Current estimate of ns per frame.
+    pub fn ns_per_frame(&self) -> f64 {
+        self.npf
+    }
+
+    /// The card's rate relative to nominal, in ppm (positive: frames take longer).
+    pub fn rate_ppm(&self) -> f64 {
+        (self.npf / self.nominal_npf - 1.0) * 1e6
+    }
+
+    pub fn resets(&self) -> u64 {
+        self.resets
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// xorshift64*: tests own their randomness.
+    fn rng(seed: u64) -> impl FnMut() -> f64 {
+        let mut s = seed.max(1);
+        move || {
+            s ^= s >> 12;
+            s ^= s << 25;
+            s ^= s >> 27;
+            (s.wrapping_mul(0x2545F4914F6CDD1D) >> 11) as f64 / (1u64 << 53) as f64
+        }
+    }
+
+    #[test]
+    fn locks_onto_skewed_card_with_jitter() {
+        for (seed, ppm) in [(1u64, 80.0), (2, -150.0), (3, 0.0), (4, 1000.0)] {
+            let mut r = rng(seed);
+            let mut fc = FrameClock::new(48_000);
+            let true_npf = 1e9 / 48_000.0 * (1.0 + ppm * 1e-6);
+            let t0 = 5_000_000_000_000i64;
+            let mut worst_late = 0.0f64;
+            for k in 0..(48_000 * 30 / 256) as u64 {
+                let frame = k * 256;
+                let truth = t0 as f64 + frame as f64 * true_npf;
+                let jitter = (r() - 0.5) * 200_000.0; // ±100 µs
+                let est = fc.update(frame, (truth + jitter) as i64);
+                if k > (48_000 * 20 / 256) {
+                    worst_late = worst_late.max((est as f64 - truth).abs());
+                }
+            }
+            assert!((fc.rate_ppm() - ppm).abs() < 10.0, "seed {seed}: rate {} vs {ppm}", fc.rate_ppm());
+            eprintln!("seed {seed}: rate {:.2} ppm (true {ppm}), worst error {worst_late:.0} ns", fc.rate_ppm());
+            assert!(worst_late < 20_000.0, "seed {seed}: error {worst_late} ns after lock");
+        }
+    }
+
+    #[test]
+    fn restarts_after_discontinuity() {
+        let mut fc = FrameClock::new(48_000);
+        fc.update(0, 1_000_000);
+        fc.update(256, 1_000_000 + 5_333_333);
+        let t = fc.update(512, 50_000_000);
+        assert_eq!(t, 50_000_000);
+        assert_eq!(fc.resets(), 1);
+    }
+}

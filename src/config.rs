@@ -1,0 +1,257 @@
+//! Configuration: flags override the config file, which overrides embedded defaults.
+//!
+//! The file is TOML (`/etc/bandsync/bandsync.toml` when present, or `--config PATH`).
+//! Unknown keys and bad values are errors that name the key, the value and the file.
+
+use crate::audio::AudioBackend;
+use crate::timeline::{Meter, Quantum, Tempo};
+use anyhow::{anyhow, bail, Context};
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+pub const DEFAULT_CONFIG: &str = "/etc/bandsync/bandsync.toml";
+
+/// The config file. Every key is optional.
+#[derive(Debug, Default, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub name: Option<String>,
+    pub room: Option<String>,
+    pub state_dir: Option<PathBuf>,
+    pub audio: Option<String>,
+    pub tempo: Option<f64>,
+    pub meter: Option<i64>,
+    pub play: Option<bool>,
+    pub click_log: Option<PathBuf>,
+    pub latency_offset_ms: Option<f64>,
+    pub volume: Option<f64>,
+    pub buffer_frames: Option<u32>,
+    pub sample_rate: Option<u32>,
+    pub quantum: Option<Quantum>,
+}
+
+impl FileConfig {
+    pub fn parse(text: &str, origin: &Path) -> anyhow::Result<FileConfig> {
+        toml::from_str(text).map_err(|e| anyhow!("config {}: {}", origin.display(), e.to_string().trim()))
+    }
+
+    /// Load `--config PATH` (must exist) or the default path (if present).
+    pub fn load(explicit: Option<&Path>) -> anyhow::Result<(FileConfig, Option<PathBuf>)> {
+        let (path, must) = match explicit {
+            Some(p) => (p.to_path_buf(), true),
+            None => (PathBuf::from(DEFAULT_CONFIG), false),
+        };
+        match std::fs::read_to_string(&path) {
+            Ok(text) => Ok((FileConfig::parse(&text, &path)?, Some(path))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !must => Ok((FileConfig::default(), None)),
+            Err(e) => Err(e).with_context(|| format!("cannot read config {}", path.display())),
+        }
+    }
+}
+
+/// Flags of `bandsync run` (all optional so the file can fill them in).
+#[derive(Debug, Default, Clone, clap::Args)]
+pub struct RunArgs {
+    /// Human name of this box (default: the hostname).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Room name: boxes with the same room name and key play together (default: "default").
+    #[arg(long)]
+    pub room: Option<String>,
+    /// Where the node id, certificate, room key and session live
+    /// (default: /var/lib/bandsync as root, else $XDG_STATE_HOME/bandsync).
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Output: "auto" (default device, or the silent sink with a warning when there is
+    /// none), "null" (silent sink paced by the system clock), "default", or a device
+    /// id from `bandsync devices`.
+    #[arg(long, value_name = "BACKEND")]
+    pub audio: Option<String>,
+    /// Initial tempo of a box alone, 20–400 BPM (default 120).
+    #[arg(long, value_name = "BPM")]
+    pub tempo: Option<f64>,
+    /// Initial beats per bar of a box alone, 1–16 (default 4).
+    #[arg(long, value_name = "N")]
+    pub meter: Option<i64>,
+    /// Start the transport at once.
+    #[arg(long)]
+    pub play: bool,
+    /// Append one JSON line per click to PATH (SPEC §5 format).
+    #[arg(long, value_name = "PATH")]
+    pub click_log: Option<PathBuf>,
+    /// Output-latency offset in ms: how long after the DAC the speaker sounds
+    /// (default 0; from the hw profile or a calibration).
+    #[arg(long, value_name = "MS", allow_hyphen_values = true)]
+    pub latency_offset_ms: Option<f64>,
+    /// Click volume, 0.0–1.0 (default 0.8).
+    #[arg(long, value_name = "GAIN")]
+    pub volume: Option<f64>,
+    /// Audio buffer (period) size in frames, 32–4096 (default 256).
+    #[arg(long, value_name = "FRAMES")]
+    pub buffer_frames: Option<u32>,
+    /// Preferred sample rate in Hz (default 48000).
+    #[arg(long, value_name = "HZ")]
+    pub sample_rate: Option<u32>,
+    /// Where changes land: "bar" (default) or "beat".
+    #[arg(long, value_name = "bar|beat", value_parser = parse_quantum)]
+    pub quantum: Option<Quantum>,
+}
+
+fn parse_quantum(s: &str) -> Result<Quantum, String> {
+    match s {
+        "bar" => Ok(Quantum::Bar),
+        "beat" => Ok(Quantum::Beat),
+        _ => Err(format!("quantum must be \"bar\" or \"beat\", got {s:?}")),
+    }
+}
+
+/// The validated, merged configuration of `bandsync run`.
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    pub name: String,
+    pub room: String,
+    pub state_dir: PathBuf,
+    pub audio: AudioBackend,
+    pub tempo: Tempo,
+    pub meter: Meter,
+    pub play: bool,
+    pub click_log: Option<PathBuf>,
+    pub latency_offset_ns: i64,
+    pub volume: f32,
+    pub buffer_frames: u32,
+    pub sample_rate: u32,
+    pub quantum: Quantum,
+}
+
+/// The default state dir: systemd's `$STATE_DIRECTORY`, else /var/lib/bandsync as
+/// root, else `$XDG_STATE_HOME/bandsync` (or `~/.local/state/bandsync`).
+pub fn default_state_dir() -> PathBuf {
+    if let Ok(d) = std::env::var("STATE_DIRECTORY") {
+        if let Some(first) = d.split(':').next().filter(|s| !s.is_empty()) {
+            return PathBuf::from(first);
+        }
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return PathBuf::from("/var/lib/bandsync");
+    }
+    if let Ok(x) = std::env::var("XDG_STATE_HOME") {
+        if !x.is_empty() {
+            return PathBuf::from(x).join("bandsync");
+        }
+    }
+    let home = std::env::var("HOME").unwrap_or_else(|_| ".".into());
+    PathBuf::from(home).join(".local/state/bandsync")
+}
+
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "bandsync".into())
+}
+
+fn check_name(what: &str, v: &str) -> anyhow::Result<()> {
+    if v.is_empty() || v.len() > 63 || v.chars().any(|c| c.is_control()) {
+        bail!("{what} {v:?} is invalid: use 1–63 printable characters");
+    }
+    Ok(())
+}
+
+impl RunConfig {
+    /// Merge flags over the file over defaults, validating every value.
+    pub fn build(args: &RunArgs, file: &FileConfig, origin: Option<&Path>) -> anyhow::Result<RunConfig> {
+        let src = |flag_set: bool, key: &str| -> String {
+            if flag_set {
+                format!("--{}", key.replace('_', "-"))
+            } else {
+                match origin {
+                    Some(p) => format!("{} ({key})", p.display()),
+                    None => key.to_string(),
+                }
+            }
+        };
+        let name = args.name.clone().or(file.name.clone()).unwrap_or_else(hostname);
+        check_name(&format!("{}:", src(args.name.is_some(), "name")), &name)?;
+        let room = args.room.clone().or(file.room.clone()).unwrap_or_else(|| "default".into());
+        check_name(&format!("{}:", src(args.room.is_some(), "room")), &room)?;
+        let state_dir = args.state_dir.clone().or(file.state_dir.clone()).unwrap_or_else(default_state_dir);
+        let audio_s = args.audio.clone().or(file.audio.clone()).unwrap_or_else(|| "auto".into());
+        let audio: AudioBackend =
+            audio_s.parse().map_err(|e: String| anyhow!("{}: {e}", src(args.audio.is_some(), "audio")))?;
+        let tempo_v = args.tempo.or(file.tempo).unwrap_or(120.0);
+        let tempo = Tempo::from_bpm(tempo_v).map_err(|e| anyhow!("{}: {e}", src(args.tempo.is_some(), "tempo")))?;
+        let meter_v = args.meter.or(file.meter).unwrap_or(4);
+        let meter = Meter::new(meter_v).map_err(|e| anyhow!("{}: {e}", src(args.meter.is_some(), "meter")))?;
+        let play = args.play || file.play.unwrap_or(false);
+        let click_log = args.click_log.clone().or(file.click_log.clone());
+        let lat = args.latency_offset_ms.or(file.latency_offset_ms).unwrap_or(0.0);
+        if !lat.is_finite() || !(-500.0..=500.0).contains(&lat) {
+            bail!("{}: latency offset {lat} ms is out of range (−500 to 500 ms)", src(args.latency_offset_ms.is_some(), "latency_offset_ms"));
+        }
+        let vol = args.volume.or(file.volume).unwrap_or(0.8);
+        if !vol.is_finite() || !(0.0..=1.0).contains(&vol) {
+            bail!("{}: volume {vol} is out of range (0.0 to 1.0)", src(args.volume.is_some(), "volume"));
+        }
+        let buffer_frames = args.buffer_frames.or(file.buffer_frames).unwrap_or(256);
+        if !(32..=4096).contains(&buffer_frames) {
+            bail!("{}: buffer size {buffer_frames} frames is out of range (32 to 4096)", src(args.buffer_frames.is_some(), "buffer_frames"));
+        }
+        let sample_rate = args.sample_rate.or(file.sample_rate).unwrap_or(48_000);
+        if !(8_000..=192_000).contains(&sample_rate) {
+            bail!("{}: sample rate {sample_rate} Hz is out of range (8000 to 192000)", src(args.sample_rate.is_some(), "sample_rate"));
+        }
+        let quantum = args.quantum.or(file.quantum).unwrap_or_default();
+        Ok(RunConfig {
+            name,
+            room,
+            state_dir,
+            audio,
+            tempo,
+            meter,
+            play,
+            click_log,
+            latency_offset_ns: (lat * 1e6).round() as i64,
+            volume: vol as f32,
+            buffer_frames,
+            sample_rate,
+            quantum,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_file_override_defaults() {
+        let file = FileConfig::parse("tempo = 90.5\nmeter = 3\nname = \"left\"\n", Path::new("t.toml")).unwrap();
+        let args = RunArgs { meter: Some(7), ..Default::default() };
+        let c = RunConfig::build(&args, &file, Some(Path::new("t.toml"))).unwrap();
+        assert_eq!(c.tempo.mbpm(), 90_500);
+        assert_eq!(c.meter.get(), 7);
+        assert_eq!(c.name, "left");
+        assert_eq!(c.buffer_frames, 256);
+        assert_eq!(c.audio, AudioBackend::Auto);
+    }
+
+    #[test]
+    fn bad_values_name_the_source_and_value() {
+        let file = FileConfig::parse("tempo = 500\n", Path::new("/etc/x.toml")).unwrap();
+        let e = RunConfig::build(&RunArgs::default(), &file, Some(Path::new("/etc/x.toml"))).unwrap_err().to_string();
+        assert!(e.contains("/etc/x.toml (tempo)") && e.contains("500"), "{e}");
+        let args = RunArgs { volume: Some(3.0), ..Default::default() };
+        let e = RunConfig::build(&args, &FileConfig::default(), None).unwrap_err().to_string();
+        assert!(e.contains("--volume") && e.contains('3'), "{e}");
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let e = FileConfig::parse("tempoo = 100\n", Path::new("c.toml")).unwrap_err().to_string();
+        assert!(e.contains("c.toml") && e.contains("tempoo"), "{e}");
+        let e = FileConfig::parse("tempo = \"fast\"\n", Path::new("c.toml")).unwrap_err().to_string();
+        assert!(e.contains("tempo"), "{e}");
+    }
+}
