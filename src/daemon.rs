@@ -18,9 +18,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// How far ahead of "now" a box alone starts its transport with `--play`: enough for
-/// the audio pipeline (two periods plus scheduling slack) to place the first click on
-/// its sample.
-pub const START_LEAD_NS: i64 = 150_000_000;
+/// the audio stream to open and its frame clock to lock (see `audio::frameclock`)
+/// before the first click, and well inside the 1 s start-to-first-click target.
+pub const START_LEAD_NS: i64 = 500_000_000;
 
 /// Run the daemon until ctrl-c / SIGTERM.
 pub fn run(cfg: RunConfig, clock: NodeClock) -> anyhow::Result<()> {

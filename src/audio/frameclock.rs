@@ -11,6 +11,16 @@
 //! ns/frame ← ns/frame + c·e / ΔF       c = ω²
 //! ```
 //!
+//! Callback timestamps are noisy and skewed late (a callback that wakes late reads a
+//! late clock), with occasional outliers of a millisecond or more. The error fed to
+//! the loop is therefore clipped to `max(3·mean|e|, 30 µs)`; only
+//! [`RESET_AFTER`] errors in a row beyond [`RESET_NS`] restart the loop.
+//!
+//! Acquisition: for the first [`ACQUIRE_S`] seconds after a (re)start the card is
+//! assumed to run at its nominal rate and only the offset is estimated (a clipped
+//! running mean), which locks fast without following single outliers; then the DLL
+//! takes over with a narrow bandwidth and learns the real rate.
+//!
 //! `ns_per_frame` converges to the card's rate *as seen by this node's clock* (a card
 //! that runs 30 ppm slow, or a node clock that runs fast, both show up here). The
 //! bandwidth `B` starts wide to lock quickly and narrows to reject callback jitter.
@@ -20,6 +30,12 @@
 
 /// Error beyond which the loop restarts from the measurement.
 pub const RESET_NS: f64 = 4_000_000.0;
+/// Seconds of least-squares acquisition before the DLL takes over.
+pub const ACQUIRE_S: f64 = 0.5;
+/// Measurements ignored at the start of acquisition (buffer prefill).
+pub const ACQUIRE_SKIP_S: f64 = 0.1;
+/// Consecutive errors beyond [`RESET_NS`] that restart the loop.
+pub const RESET_AFTER: u32 = 4;
 /// The card's rate is trusted within ±2000 ppm of nominal.
 const MAX_PPM: f64 = 2000.0;
 
@@ -33,6 +49,11 @@ pub struct FrameClock {
     locked_frames: u64,
     init: bool,
     resets: u64,
+    mean_abs_e: f64,
+    big_errors: u32,
+    /// Acquisition state: [count, mean offset from the nominal line].
+    ls: [f64; 2],
+    acq_start: u64,
 }
 
 impl FrameClock {
@@ -47,6 +68,10 @@ impl FrameClock {
             locked_frames: 0,
             init: false,
             resets: 0,
+            mean_abs_e: 0.0,
+            big_errors: 0,
+            ls: [0.0; 2],
+            acq_start: 0,
         }
     }
 
@@ -56,22 +81,28 @@ impl FrameClock {
             self.restart(frame, measured);
             return measured;
         }
+        let seconds_locked = self.locked_frames as f64 * self.nominal_npf * 1e-9;
+        if seconds_locked < ACQUIRE_S {
+            return self.acquire(frame, measured);
+        }
         let df = (frame - self.base_frame) as f64;
         let pred = self.base + df * self.npf;
         let e = (measured - self.origin) as f64 - pred;
         if e.abs() > RESET_NS {
-            self.resets += 1;
-            self.restart(frame, measured);
-            return measured;
-        }
-        let seconds_locked = self.locked_frames as f64 * self.nominal_npf * 1e-9;
-        let bw = if seconds_locked < 1.0 {
-            4.0
-        } else if seconds_locked < 4.0 {
-            1.0
+            self.big_errors += 1;
+            if self.big_errors >= RESET_AFTER {
+                self.resets += 1;
+                self.restart(frame, measured);
+                return measured;
+            }
         } else {
-            0.25
-        };
+            self.big_errors = 0;
+        }
+        let clip = (3.0 * self.mean_abs_e).max(30_000.0);
+        let e_used = e.clamp(-clip, clip);
+        self.mean_abs_e += 0.05 * (e.abs().min(RESET_NS) - self.mean_abs_e);
+        let e = e_used;
+        let bw = if seconds_locked < 3.0 { 0.3 } else { 0.1 };
         let omega = 2.0 * std::f64::consts::PI * bw * df * self.npf * 1e-9;
         let b = std::f64::consts::SQRT_2 * omega;
         let c = omega * omega;
@@ -91,6 +122,45 @@ impl FrameClock {
         self.origin + self.base.round() as i64
     }
 
+    /// Acquisition: the card runs at its nominal rate until the DLL learns better, so
+    /// only the offset is estimated, as the clipped mean of `measured − x·nominal`.
+    fn acquire(&mut self, frame: u64, measured: i64) -> i64 {
+        let x = (frame - self.acq_frame()) as f64;
+        let y = (measured - self.origin) as f64 - x * self.npf;
+        let [n, mean, ..] = &mut self.ls;
+        if x * self.nominal_npf * 1e-9 < ACQUIRE_SKIP_S {
+            // stream start: the first callbacks come back to back to prefill the
+            // buffer and their timestamps say little; follow the latest only
+            *n = 1.0;
+            *mean = y;
+        } else if (y - *mean).abs() > RESET_NS {
+            self.big_errors += 1;
+            if self.big_errors >= RESET_AFTER {
+                self.resets += 1;
+                self.restart(frame, measured);
+                return measured;
+            }
+        } else {
+            self.big_errors = 0;
+            // clip single outliers once a few points are in
+            let y = if *n >= 4.0 { y.clamp(*mean - 150_000.0, *mean + 150_000.0) } else { y };
+            *n += 1.0;
+            *mean += (y - *mean) / *n;
+        }
+        let est = self.ls[1] + x * self.npf;
+        self.locked_frames = frame - self.acq_frame();
+        if self.locked_frames as f64 * self.nominal_npf * 1e-9 >= ACQUIRE_S {
+            self.base = est;
+            self.base_frame = frame;
+            self.mean_abs_e = 0.0;
+        }
+        self.origin + est.round() as i64
+    }
+
+    fn acq_frame(&self) -> u64 {
+        self.acq_start
+    }
+
     fn restart(&mut self, frame: u64, measured: i64) {
         self.origin = measured;
         self.base = 0.0;
@@ -100,6 +170,12 @@ impl FrameClock {
         }
         self.locked_frames = 0;
         self.init = true;
+        self.mean_abs_e = 0.0;
+        self.big_errors = 0;
+        self.ls = [0.0; 2];
+        self.acq_start = frame;
+        // the restart measurement is the first point of the offset mean
+        self.ls[0] = 1.0;
     }
 
     /// Filtered time (ns) of `frame`, on the line fitted so far.
@@ -161,12 +237,25 @@ mod tests {
     }
 
     #[test]
-    fn restarts_after_discontinuity() {
+    fn restarts_after_discontinuity_but_not_after_one_outlier() {
         let mut fc = FrameClock::new(48_000);
-        fc.update(0, 1_000_000);
-        fc.update(256, 1_000_000 + 5_333_333);
-        let t = fc.update(512, 50_000_000);
-        assert_eq!(t, 50_000_000);
+        let t = |f: u64| 1_000_000 + (f as i64 * 1_000_000_000) / 48_000;
+        let mut f = 0;
+        for _ in 0..400 {
+            fc.update(f, t(f));
+            f += 256;
+        }
+        // one late outlier of 3 ms is clipped, not followed
+        let est = fc.update(f, t(f) + 3_000_000);
+        assert!((est - t(f)).abs() < 1_000, "followed an outlier: {}", est - t(f));
+        f += 256;
+        // a real discontinuity (the stream jumped 50 ms) restarts the loop
+        let mut last = 0;
+        for _ in 0..RESET_AFTER {
+            last = fc.update(f, t(f) + 50_000_000);
+            f += 256;
+        }
         assert_eq!(fc.resets(), 1);
+        assert_eq!(last, t(f - 256) + 50_000_000);
     }
 }

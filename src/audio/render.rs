@@ -146,10 +146,14 @@ impl Renderer {
         let h1 = h0 + (frames as f64 * npf) as i64;
         let s0 = snap.map.to_session(h0);
         let s1 = snap.map.to_session(h1);
+        // Everything before `cursor` was handled (played, or dropped as too late).
+        // Search from there (bounded) so a click that fell between two buffers after a
+        // clock correction is still played; `last_beat` stops it playing twice.
         let mut from = match self.cursor {
-            Some(c) if c < s0 => c.max(s0 - MAX_LATE_NS),
-            _ => s0,
+            Some(c) => c.min(s0).max(s0 - MAX_LATE_NS),
+            None => s0,
         };
+        let mut handled_until = s1;
         self.n_onsets = 0;
         for _ in 0..MAX_ONSETS * 2 {
             if self.n_onsets == MAX_ONSETS {
@@ -168,6 +172,8 @@ impl Renderer {
             let local = snap.map.to_local(click.time);
             let mut f = ((local - h0) as f64 / npf).round() as i64;
             if f >= frames as i64 {
+                // rounds onto the next buffer's first frame: leave it for that buffer
+                handled_until = click.time;
                 break;
             }
             if f < 0 {
@@ -198,7 +204,7 @@ impl Renderer {
             self.last_beat = Some((click.beat, click.time));
             from = click.time + 1;
         }
-        self.cursor = Some(s1);
+        self.cursor = Some(handled_until);
     }
 
     fn synth(&mut self, offset: usize, m: usize, next_onset: &mut usize) {

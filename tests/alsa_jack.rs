@@ -1,0 +1,160 @@
+//! End to end through the real ALSA path: cpal → ALSA `jack` plugin → jackd2 (dummy
+//! driver, 48 kHz, 256-frame periods) → recorded by jack_capture. The WAV must hold
+//! clicks exactly 24,000 samples apart at 120 BPM, with accents on the downbeats the
+//! click log names.
+//!
+//! Needs jackd2, libasound2-plugins and jack-capture (scripts/test installs them).
+//! Its own jack server name and $HOME keep it away from anything else on the machine.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_bandsync");
+
+struct Kill(Child);
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn need(tool: &str) {
+    let ok = Command::new("sh").arg("-c").arg(format!("command -v {tool}")).stdout(Stdio::null()).status().unwrap().success();
+    assert!(ok, "{tool} is not installed: run scripts/test, which installs jackd2, jack-capture and libasound2-plugins");
+}
+
+fn read_wav_f32(p: &Path) -> Vec<f32> {
+    let d = std::fs::read(p).unwrap();
+    assert_eq!(&d[0..4], b"RIFF");
+    let mut i = 12;
+    let mut fmt_float = false;
+    while i + 8 <= d.len() {
+        let id = &d[i..i + 4];
+        let len = u32::from_le_bytes(d[i + 4..i + 8].try_into().unwrap()) as usize;
+        let body = &d[i + 8..(i + 8 + len).min(d.len())];
+        if id == b"fmt " {
+            let tag = u16::from_le_bytes([body[0], body[1]]);
+            let bits = u16::from_le_bytes([body[14], body[15]]);
+            fmt_float = (tag == 3 || tag == 0xFFFE) && bits == 32;
+        }
+        if id == b"data" {
+            assert!(fmt_float, "expected 32-bit float WAV from jack_capture");
+            return body.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+        }
+        i += 8 + len + (len & 1);
+    }
+    panic!("no data chunk in {}", p.display());
+}
+
+fn onsets(x: &[f32]) -> Vec<(usize, f32)> {
+    let mut out = Vec::new();
+    let mut quiet = 2000;
+    for (i, v) in x.iter().enumerate() {
+        if v.abs() > 1e-3 {
+            if quiet >= 2000 {
+                out.push((i, v.abs()));
+            }
+            quiet = 0;
+        } else {
+            quiet += 1;
+        }
+    }
+    out
+}
+
+#[test]
+fn alsa_click_is_sample_exact_through_jack() {
+    for t in ["jackd", "jack_capture", "jack_lsp"] {
+        need(t);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path();
+    std::fs::write(
+        home.join(".asoundrc"),
+        "pcm.!default {\n  type plug\n  slave.pcm \"bsjack\"\n}\npcm.bsjack {\n  type jack\n  playback_ports {\n    0 system:playback_1\n  }\n}\n",
+    )
+    .unwrap();
+    let server = format!("bandsync-test-{}", std::process::id());
+    let envs = [("HOME", home.to_str().unwrap()), ("JACK_DEFAULT_SERVER", server.as_str()), ("JACK_NO_AUDIO_RESERVATION", "1")];
+    let cmd = |prog: &str| {
+        let mut c = Command::new(prog);
+        c.envs(envs).stdin(Stdio::null());
+        c
+    };
+    let jackd_log = std::fs::File::create(home.join("jackd.log")).unwrap();
+    let _jackd = Kill(
+        cmd("jackd")
+            .args(["--no-realtime", "-d", "dummy", "-r", "48000", "-p", "256"])
+            .stdout(jackd_log.try_clone().unwrap())
+            .stderr(jackd_log)
+            .spawn()
+            .unwrap(),
+    );
+    let t = Instant::now();
+    loop {
+        let out = cmd("jack_lsp").output().unwrap();
+        if String::from_utf8_lossy(&out.stdout).contains("system:playback_1") {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "jackd did not come up: {}", std::fs::read_to_string(home.join("jackd.log")).unwrap_or_default());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let wav = home.join("out.wav");
+    let mut capture = Kill(
+        cmd("jack_capture")
+            .args(["-d", "7", "-f", "wav", "-c", "1", "-p", "system:playback_1"])
+            .arg(&wav)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    std::thread::sleep(Duration::from_millis(800));
+    let log = home.join("clicks.jsonl");
+    let daemon = cmd(BIN)
+        .args(["run", "--audio", "default", "--play", "--tempo", "120", "--meter", "4", "--buffer-frames", "256", "--volume", "0.8"])
+        .arg("--state-dir")
+        .arg(home.join("state"))
+        .arg("--click-log")
+        .arg(&log)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(5));
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
+    let out = daemon.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "daemon failed: {stderr}");
+    assert!(stderr.contains("audio output running"), "the cpal/ALSA stream must have run (not the null sink): {stderr}");
+    assert!(!stderr.contains("null audio sink"), "{stderr}");
+    let t = Instant::now();
+    while capture.0.try_wait().unwrap().is_none() {
+        assert!(t.elapsed() < Duration::from_secs(10), "jack_capture did not finish");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    let samples = read_wav_f32(&wav);
+    let on = onsets(&samples);
+    let beats: Vec<i64> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["beat"].as_i64().unwrap())
+        .collect();
+    assert!(on.len() >= 8, "expected at least 8 clicks in the recording, found {}: {on:?}", on.len());
+    assert!(beats.len() >= on.len(), "every recorded click is in the click log ({} vs {})", beats.len(), on.len());
+    let gaps: Vec<i64> = on.windows(2).map(|w| w[1].0 as i64 - w[0].0 as i64).collect();
+    for (i, g) in gaps.iter().enumerate() {
+        assert!((g - 24_000).abs() <= 1, "clicks {i}→{} are {g} samples apart (want 24000±1); all gaps: {gaps:?}", i + 1);
+    }
+    // accents: louder, exactly on the beats the log calls downbeats (beat % 4 == 0)
+    let loud = on.iter().map(|o| o.1).fold(0.0f32, f32::max);
+    for (i, (frame, amp)) in on.iter().enumerate() {
+        let accent = *amp > loud * 0.8;
+        assert_eq!(accent, beats[i] % 4 == 0, "click {i} at sample {frame} (beat {}, amplitude {amp})", beats[i]);
+    }
+    assert!((loud - 0.8).abs() < 0.01, "accent peak follows --volume 0.8: {loud}");
+}
