@@ -28,6 +28,10 @@ pub struct FileConfig {
     pub buffer_frames: Option<u32>,
     pub sample_rate: Option<u32>,
     pub quantum: Option<Quantum>,
+    pub priority: Option<i32>,
+    pub quic: Option<String>,
+    pub interface: Option<Vec<String>>,
+    pub room_key_file: Option<PathBuf>,
 }
 
 impl FileConfig {
@@ -95,6 +99,20 @@ pub struct RunArgs {
     /// Where changes land: "bar" (default) or "beat".
     #[arg(long, value_name = "bar|beat", value_parser = parse_quantum)]
     pub quantum: Option<Quantum>,
+    /// Leadership priority: among live boxes the highest (pinned, priority, id) leads
+    /// (default 0).
+    #[arg(long, value_name = "N", allow_hyphen_values = true)]
+    pub priority: Option<i32>,
+    /// QUIC listen address for the room mesh (default 0.0.0.0:47810).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub quic: Option<String>,
+    /// Network interface for mDNS and QUIC (repeatable; default: all).
+    #[arg(long = "interface", value_name = "NAME")]
+    pub interface: Vec<String>,
+    /// File holding the room key (default: the state dir's `room-key`, generated on
+    /// first start).
+    #[arg(long, value_name = "PATH")]
+    pub room_key_file: Option<PathBuf>,
 }
 
 fn parse_quantum(s: &str) -> Result<Quantum, String> {
@@ -121,7 +139,14 @@ pub struct RunConfig {
     pub buffer_frames: u32,
     pub sample_rate: u32,
     pub quantum: Quantum,
+    pub priority: i32,
+    pub quic: std::net::SocketAddr,
+    pub interfaces: Vec<String>,
+    pub room_key_file: Option<PathBuf>,
 }
+
+/// Default QUIC port of the room mesh.
+pub const DEFAULT_QUIC_PORT: u16 = 47810;
 
 /// The default state dir: systemd's `$STATE_DIRECTORY`, else /var/lib/bandsync as
 /// root, else `$XDG_STATE_HOME/bandsync` (or `~/.local/state/bandsync`).
@@ -203,6 +228,18 @@ impl RunConfig {
             bail!("{}: sample rate {sample_rate} Hz is out of range (8000 to 192000)", src(args.sample_rate.is_some(), "sample_rate"));
         }
         let quantum = args.quantum.or(file.quantum).unwrap_or_default();
+        let priority = args.priority.or(file.priority).unwrap_or(0);
+        let quic_s = args.quic.clone().or(file.quic.clone()).unwrap_or_else(|| format!("0.0.0.0:{DEFAULT_QUIC_PORT}"));
+        let quic: std::net::SocketAddr = quic_s.parse().map_err(|_| {
+            anyhow!("{}: {quic_s:?} is not an ADDR:PORT socket address (e.g. 0.0.0.0:{DEFAULT_QUIC_PORT})", src(args.quic.is_some(), "quic"))
+        })?;
+        let interfaces = if args.interface.is_empty() { file.interface.clone().unwrap_or_default() } else { args.interface.clone() };
+        for i in &interfaces {
+            if i.is_empty() || i.len() > 15 || i.contains('/') || i.chars().any(|c| c.is_whitespace()) {
+                bail!("{}: {i:?} is not a network interface name", src(!args.interface.is_empty(), "interface"));
+            }
+        }
+        let room_key_file = args.room_key_file.clone().or(file.room_key_file.clone());
         Ok(RunConfig {
             name,
             room,
@@ -217,6 +254,10 @@ impl RunConfig {
             buffer_frames,
             sample_rate,
             quantum,
+            priority,
+            quic,
+            interfaces,
+            room_key_file,
         })
     }
 }

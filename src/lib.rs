@@ -18,5 +18,8 @@ pub mod clicklog;
 pub mod clock;
 pub mod config;
 pub mod daemon;
+pub mod discovery;
+pub mod impair;
 pub mod state;
+pub mod sync;
 pub mod timeline;

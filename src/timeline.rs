@@ -353,19 +353,25 @@ impl Timeline {
         cur
     }
 
+    /// The first integer beat whose time is at or after `t`.
+    ///
+    /// `time_at` rounds up to the next nanosecond, so beat `b` has time ≥ `t` exactly
+    /// when its position is past `beat_at(t − 1)`.
+    pub fn first_beat_at_or_after(&self, t: i64) -> i64 {
+        BeatPos(self.beat_at(t.saturating_sub(1)).0.saturating_add(1)).ceil_beat()
+    }
+
     /// Session time of integer beat `beat`.
     pub fn beat_time(&self, beat: i64) -> i64 {
         self.time_at(BeatPos::from_beat(beat))
     }
 
     /// The first click at or after session time `t`, skipping stopped stretches.
-    /// `None` when the transport stays stopped from `t` on.
+    /// The timeline begins at its first segment's anchor: there is no click before
+    /// `b0`. `None` when the transport stays stopped from `t` on.
     pub fn next_click_at_or_after(&self, t: i64) -> Option<Click> {
-        let mut beat = self.beat_at(t).ceil_beat();
-        // ceil of the position may still map to a time < t only if pos was exact; guard:
-        if self.beat_time(beat) < t {
-            beat += 1;
-        }
+        // The timeline starts at its first segment's anchor: no click before it.
+        let mut beat = self.first_beat_at_or_after(t).max(self.segs[0].b0);
         for _ in 0..=MAX_SEGS {
             let seg = self.segment_at_beat(beat);
             if seg.playing {
@@ -394,16 +400,15 @@ impl Timeline {
     }
 
     /// Where a change requested at `now` would land: the first integer beat at least
-    /// `min_lead_ns` in the future (and not before any already scheduled change),
-    /// moved to the next downbeat when `quantum` is `Bar`.
+    /// `min_lead_ns` in the future (and not before any already scheduled change, nor
+    /// before the timeline's anchor `b0`), moved to the next downbeat when `quantum`
+    /// is `Bar`.
     pub fn quantize(&self, quantum: Quantum, now: i64, min_lead_ns: i64) -> Scheduled {
         let earliest = now.saturating_add(min_lead_ns.max(0));
-        let mut beat = self.beat_at(earliest).ceil_beat();
-        if self.beat_time(beat) < earliest {
-            beat += 1;
-        }
+        let mut beat = self.first_beat_at_or_after(earliest);
+        // Changes apply in order, and never before the timeline's anchor.
         let last = *self.last();
-        if self.len > 1 && beat < last.b0 {
+        if beat < last.b0 {
             beat = last.b0;
         }
         if quantum == Quantum::Bar {

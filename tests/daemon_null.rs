@@ -51,7 +51,7 @@ fn run_null(extra_env: &[(&str, &str)], args: &[&str], secs: f64) -> (i64, Vec<L
         cmd.env(k, v);
     }
     let t_spawn = mono_now_ns();
-    let mut child = cmd.spawn().unwrap();
+    let child = cmd.spawn().unwrap();
     std::thread::sleep(Duration::from_secs_f64(secs));
     // SAFETY: plain kill(2) on our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };

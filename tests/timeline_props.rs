@@ -262,6 +262,14 @@ fn is_downbeat(seg: &Segment, beat: i64) -> bool {
     (beat - seg.downbeat).rem_euclid(seg.meter.get() as i64) == 0
 }
 
+/// Same tempo, meter, bar phase and transport at `beat` (the anchor may differ).
+fn same_state(a: &Segment, b: &Segment, beat: i64) -> bool {
+    a.tempo == b.tempo
+        && a.meter == b.meter
+        && a.playing == b.playing
+        && a.beat_in_bar(beat) == b.beat_in_bar(beat)
+}
+
 fn carries(seg: &Segment, kind: ChangeKind, beat: i64) -> bool {
     match kind {
         ChangeKind::Tempo(t) => seg.tempo == t,
@@ -450,23 +458,35 @@ fn check_p3(sc: &Scenario) -> Result<(), TestCaseError> {
             prop_assert_eq!(*post.last(), apply_kind(*pre.last(), req.kind, s.beat));
         } else {
             prop_assert_eq!(post.segments().len(), pre_segs.len() + 1);
-            prop_assert_eq!(&post.segments()[..pre_segs.len()], pre_segs);
             let want = apply_kind(Segment { t0: s.time, b0: s.beat, ..*pre.last() }, req.kind, s.beat);
             prop_assert_eq!(*post.last(), want);
-            // the beat before is governed by the old, unchanged segment
+            // the beat before is governed by an older segment, which does not carry the change
             let before = post.segment_at_beat(s.beat - 1);
-            prop_assert_eq!(before, pre.segment_at_beat(s.beat - 1));
             prop_assert!(before.b0 < s.beat);
+            prop_assert!(
+                same_state(before, pre.segment_at_beat(s.beat - 1), s.beat - 1),
+                "segment before the change point changed: {:?}",
+                st
+            );
+            prop_assert_eq!(post.beat_time(s.beat - 1), pre.beat_time(s.beat - 1));
         }
 
-        // nothing before the change point moves (from the timeline's first segment on)
-        let first = pre_segs[0];
-        for x in (s.beat - 3).max(first.b0)..s.beat {
-            prop_assert_eq!(post.beat_time(x), pre.beat_time(x), "beat {} moved: {:?}", x, st);
-            prop_assert_eq!(post.segment_at_beat(x), pre.segment_at_beat(x));
+        // nothing between `now` and the change point moves: the beats there keep their
+        // times, tempo, meter and transport, and beat_at is unchanged
+        for x in (s.beat - 3)..s.beat {
+            if pre.beat_time(x) >= now {
+                prop_assert_eq!(post.beat_time(x), pre.beat_time(x), "beat {} moved: {:?}", x, st);
+                prop_assert!(
+                    same_state(post.segment_at_beat(x), pre.segment_at_beat(x), x),
+                    "beat {} (before the change point {}) changed tempo/meter/transport: {:?}",
+                    x,
+                    s.beat,
+                    st
+                );
+            }
         }
         for t in [now, earliest, s.time - 1] {
-            if t >= first.t0 && t < s.time {
+            if t < s.time {
                 prop_assert_eq!(post.beat_at(t), pre.beat_at(t), "beat_at({}) moved: {:?}", t, st);
             }
         }
@@ -543,7 +563,13 @@ fn check_p4(sc: &Scenario) -> Result<(), TestCaseError> {
                     tl.beat_time(c.beat - 1),
                     t
                 );
-                prop_assert!(c.beat <= steps[0].s.beat, "iteration does not span the changes");
+                prop_assert!(
+                    c.beat <= steps[0].s.beat,
+                    "first change {:?} lies before the first click {:?} at/after the first request time {}",
+                    steps[0].s,
+                    c,
+                    t
+                );
             }
         }
         let g = tl.segment_at_beat(c.beat);
@@ -739,4 +765,16 @@ fn bug_change_before_first_segment_start() {
         .unwrap();
     assert!(s.time >= 0, "scheduled in the past: {s:?}");
     assert_eq!(tl.segment_at_beat(s.beat).b0, s.beat, "change does not start at its beat: {s:?}, {:?}", tl.segments());
+}
+
+/// A Start quantized to the first segment's `b0` (merged into it) also starts the beats
+/// between `now` and `t0`: beat -2 clicks at `now`, before the quantized beat 0.
+#[test]
+fn bug_start_merged_into_future_first_segment_clicks_early() {
+    // stopped, 120 BPM 4/4, beat 0 at t = 1 s; Start (Bar) requested at now = 0.
+    let mut tl = Timeline::start_at(SEC, Tempo::from_bpm(120.0).unwrap(), Meter::new(4).unwrap(), false);
+    let s = tl.schedule(Change { kind: ChangeKind::Start, quantum: Quantum::Bar }, 0, 0).unwrap();
+    assert_eq!(s, Scheduled { beat: 0, time: SEC });
+    let c = tl.next_click_at_or_after(0).unwrap();
+    assert_eq!((c.beat, c.time), (s.beat, s.time), "first click {c:?} is before the Start's beat");
 }

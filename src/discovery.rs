@@ -1,0 +1,1 @@
+//! mDNS discovery (placeholder: being written).

@@ -1,0 +1,1 @@
+//! User-space network impairment (placeholder: being written).

@@ -1,0 +1,1 @@
+//! Clock sync core (placeholder: being written).
