@@ -30,6 +30,7 @@ pub struct FileConfig {
     pub quantum: Option<Quantum>,
     pub priority: Option<i32>,
     pub quic: Option<String>,
+    pub http: Option<String>,
     pub interface: Option<Vec<String>>,
     pub room_key_file: Option<PathBuf>,
 }
@@ -106,6 +107,9 @@ pub struct RunArgs {
     /// QUIC listen address for the room mesh (default 0.0.0.0:47810).
     #[arg(long, value_name = "ADDR:PORT")]
     pub quic: Option<String>,
+    /// HTTP listen address for phones, /health and /metrics (default 0.0.0.0:8080).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub http: Option<String>,
     /// Network interface for mDNS and QUIC (repeatable; default: all).
     #[arg(long = "interface", value_name = "NAME")]
     pub interface: Vec<String>,
@@ -130,8 +134,10 @@ pub struct RunConfig {
     pub room: String,
     pub state_dir: PathBuf,
     pub audio: AudioBackend,
-    pub tempo: Tempo,
-    pub meter: Meter,
+    /// Initial tempo/meter of a box alone: `None` when neither flag nor file set them
+    /// (then the saved session, else 120 BPM 4/4).
+    pub tempo: Option<Tempo>,
+    pub meter: Option<Meter>,
     pub play: bool,
     pub click_log: Option<PathBuf>,
     pub latency_offset_ns: i64,
@@ -141,12 +147,15 @@ pub struct RunConfig {
     pub quantum: Quantum,
     pub priority: i32,
     pub quic: std::net::SocketAddr,
+    pub http: std::net::SocketAddr,
     pub interfaces: Vec<String>,
     pub room_key_file: Option<PathBuf>,
 }
 
 /// Default QUIC port of the room mesh.
 pub const DEFAULT_QUIC_PORT: u16 = 47810;
+/// Default HTTP port (phones, /health, /metrics).
+pub const DEFAULT_HTTP_PORT: u16 = 8080;
 
 /// The default state dir: systemd's `$STATE_DIRECTORY`, else /var/lib/bandsync as
 /// root, else `$XDG_STATE_HOME/bandsync` (or `~/.local/state/bandsync`).
@@ -205,10 +214,14 @@ impl RunConfig {
         let audio_s = args.audio.clone().or(file.audio.clone()).unwrap_or_else(|| "auto".into());
         let audio: AudioBackend =
             audio_s.parse().map_err(|e: String| anyhow!("{}: {e}", src(args.audio.is_some(), "audio")))?;
-        let tempo_v = args.tempo.or(file.tempo).unwrap_or(120.0);
-        let tempo = Tempo::from_bpm(tempo_v).map_err(|e| anyhow!("{}: {e}", src(args.tempo.is_some(), "tempo")))?;
-        let meter_v = args.meter.or(file.meter).unwrap_or(4);
-        let meter = Meter::new(meter_v).map_err(|e| anyhow!("{}: {e}", src(args.meter.is_some(), "meter")))?;
+        let tempo = match args.tempo.or(file.tempo) {
+            Some(v) => Some(Tempo::from_bpm(v).map_err(|e| anyhow!("{}: {e}", src(args.tempo.is_some(), "tempo")))?),
+            None => None,
+        };
+        let meter = match args.meter.or(file.meter) {
+            Some(v) => Some(Meter::new(v).map_err(|e| anyhow!("{}: {e}", src(args.meter.is_some(), "meter")))?),
+            None => None,
+        };
         let play = args.play || file.play.unwrap_or(false);
         let click_log = args.click_log.clone().or(file.click_log.clone());
         let lat = args.latency_offset_ms.or(file.latency_offset_ms).unwrap_or(0.0);
@@ -233,6 +246,10 @@ impl RunConfig {
         let quic: std::net::SocketAddr = quic_s.parse().map_err(|_| {
             anyhow!("{}: {quic_s:?} is not an ADDR:PORT socket address (e.g. 0.0.0.0:{DEFAULT_QUIC_PORT})", src(args.quic.is_some(), "quic"))
         })?;
+        let http_s = args.http.clone().or(file.http.clone()).unwrap_or_else(|| format!("0.0.0.0:{DEFAULT_HTTP_PORT}"));
+        let http: std::net::SocketAddr = http_s.parse().map_err(|_| {
+            anyhow!("{}: {http_s:?} is not an ADDR:PORT socket address (e.g. 0.0.0.0:{DEFAULT_HTTP_PORT})", src(args.http.is_some(), "http"))
+        })?;
         let interfaces = if args.interface.is_empty() { file.interface.clone().unwrap_or_default() } else { args.interface.clone() };
         for i in &interfaces {
             if i.is_empty() || i.len() > 15 || i.contains('/') || i.chars().any(|c| c.is_whitespace()) {
@@ -256,6 +273,7 @@ impl RunConfig {
             quantum,
             priority,
             quic,
+            http,
             interfaces,
             room_key_file,
         })
@@ -271,8 +289,8 @@ mod tests {
         let file = FileConfig::parse("tempo = 90.5\nmeter = 3\nname = \"left\"\n", Path::new("t.toml")).unwrap();
         let args = RunArgs { meter: Some(7), ..Default::default() };
         let c = RunConfig::build(&args, &file, Some(Path::new("t.toml"))).unwrap();
-        assert_eq!(c.tempo.mbpm(), 90_500);
-        assert_eq!(c.meter.get(), 7);
+        assert_eq!(c.tempo.unwrap().mbpm(), 90_500);
+        assert_eq!(c.meter.unwrap().get(), 7);
         assert_eq!(c.name, "left");
         assert_eq!(c.buffer_frames, 256);
         assert_eq!(c.audio, AudioBackend::Auto);

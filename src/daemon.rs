@@ -11,7 +11,12 @@ use crate::clicklog;
 use crate::clock::{Clock, NodeClock, SessionMap};
 use crate::config::RunConfig;
 use crate::state;
-use crate::timeline::Timeline;
+use crate::auth::RoomKey;
+use crate::impair::Impairment;
+use crate::mesh::{self, MeshConfig, MeshStats};
+use crate::room::{Persisted, Room, RoomConfig};
+use crate::timeline::{Meter, Tempo, Timeline};
+use crate::wire::SessionId;
 use anyhow::Context;
 use std::sync::atomic::{AtomicBool, Ordering, Ordering::Relaxed};
 use std::sync::Arc;
@@ -26,17 +31,27 @@ pub const START_LEAD_NS: i64 = 500_000_000;
 pub fn run(cfg: RunConfig, clock: NodeClock) -> anyhow::Result<()> {
     state::ensure_dir(&cfg.state_dir)?;
     let node_id = state::node_id(&cfg.state_dir)?;
+    let key = RoomKey::load(cfg.room_key_file.as_deref(), &cfg.state_dir)?;
+    let impair = Impairment::from_env()?;
     if let Some(d) = clock.distortion() {
         tracing::warn!(offset_ns = d.offset_ns, skew_ppm = d.skew_ppm, "BANDSYNC_TEST_CLOCK is set: this node's clock is distorted");
     }
     tracing::info!(node = %node_id, name = %cfg.name, room = %cfg.room, state_dir = %cfg.state_dir.display(), "bandsync starting");
 
-    // A box alone: its own clock is session time.
+    // A box alone: its own clock is session time. It restores its last session from
+    // disk; --tempo/--meter only set the first one.
+    let saved = load_session(&cfg.state_dir);
+    let tempo = saved.as_ref().map(|s| s.tempo).or(cfg.tempo).unwrap_or(Tempo::from_mbpm(120_000).expect("120 BPM is valid"));
+    let meter = saved.as_ref().map(|s| s.meter).or(cfg.meter).unwrap_or(Meter::new(4).expect("4 is a valid meter"));
+    let play = cfg.play || saved.as_ref().is_some_and(|s| s.playing);
+    if let Some(s) = &saved {
+        tracing::info!(tempo = %s.tempo, meter = s.meter.get(), playing = s.playing, pinned = ?s.pinned, "restored the saved session");
+    }
     let now = clock.now_ns();
-    let timeline = if cfg.play {
-        Timeline::start_at(now + START_LEAD_NS, cfg.tempo, cfg.meter, true)
+    let timeline = if play {
+        Timeline::start_at(now + START_LEAD_NS, tempo, meter, true)
     } else {
-        Timeline::start_at(now, cfg.tempo, cfg.meter, false)
+        Timeline::start_at(now, tempo, meter, false)
     };
     let snap = AudioSnapshot {
         timeline,
@@ -44,6 +59,7 @@ pub fn run(cfg: RunConfig, clock: NodeClock) -> anyhow::Result<()> {
         epoch: 0,
         latency_offset_ns: cfg.latency_offset_ns,
         gain: cfg.volume,
+        gen: 0,
     };
     let cell = Arc::new(SnapshotCell::new(snap));
     let stats = Arc::new(AudioStats::default());
@@ -66,11 +82,11 @@ pub fn run(cfg: RunConfig, clock: NodeClock) -> anyhow::Result<()> {
         .spawn(move || device::run(audio_cfg, ctx))
         .context("spawning the audio thread")?;
 
-    let shutdown = Arc::new(tokio::sync::Notify::new());
-    {
-        let shutdown = shutdown.clone();
-        ctrlc::set_handler(move || shutdown.notify_one()).context("installing the ctrl-c/SIGTERM handler")?;
-    }
+    let (shutdown_tx, shutdown) = tokio::sync::watch::channel(false);
+    ctrlc::set_handler(move || {
+        let _ = shutdown_tx.send(true);
+    })
+    .context("installing the ctrl-c/SIGTERM handler")?;
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -78,7 +94,37 @@ pub fn run(cfg: RunConfig, clock: NodeClock) -> anyhow::Result<()> {
         .thread_name("bandsync-rt")
         .build()
         .context("starting the tokio runtime")?;
-    let result = rt.block_on(control_loop(snap, cell, stats.clone(), clock, shutdown));
+    let mesh_cfg = MeshConfig {
+        node_id: node_id.clone(),
+        name: cfg.name.clone(),
+        room: cfg.room.clone(),
+        priority: cfg.priority,
+        quic: cfg.quic,
+        interfaces: cfg.interfaces.clone(),
+        key,
+        state_dir: cfg.state_dir.clone(),
+        impair,
+    };
+    let session = SessionId { born_ms: wall_ms(), by: u64::from_str_radix(&node_id, 16).unwrap_or(0) };
+    let mut room = Room::new(
+        RoomConfig { me: node_id.clone(), name: cfg.name.clone(), priority: cfg.priority, quantum: cfg.quantum },
+        session,
+        timeline,
+    );
+    room.set_pinned(saved.and_then(|s| s.pinned));
+    let mesh_stats = Arc::new(MeshStats::default());
+    let http_addr = cfg.http;
+    let result = rt.block_on(async {
+        let (handle, inbox) = mesh::channel();
+        let http_state = crate::http::HttpState { room: handle, audio: stats.clone(), mesh: mesh_stats.clone() };
+        if let Err(e) = crate::http::serve(http_addr, http_state, shutdown.clone()).await {
+            tracing::error!(error = %format!("{e:#}"), "no HTTP: phones, /health and /metrics are unavailable (the click goes on)");
+        }
+        let reporter = tokio::spawn(report(cell.clone(), stats.clone(), clock));
+        let r = mesh::run(mesh_cfg, inbox, room, clock, cell.clone(), mesh_stats, shutdown).await;
+        reporter.abort();
+        r
+    });
 
     stop.store(true, Ordering::Relaxed);
     let _ = audio_thread.join();
@@ -94,46 +140,50 @@ pub fn run(cfg: RunConfig, clock: NodeClock) -> anyhow::Result<()> {
     result
 }
 
-/// Owns the timeline: drops expired segments and republishes the snapshot.
-async fn control_loop(
-    mut snap: AudioSnapshot,
-    cell: Arc<SnapshotCell>,
-    stats: Arc<AudioStats>,
-    clock: NodeClock,
-    shutdown: Arc<tokio::sync::Notify>,
-) -> anyhow::Result<()> {
-    let mut tick = tokio::time::interval(Duration::from_millis(50));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_report = clock.now_ns();
+/// The saved session, if it is readable. A corrupt, truncated or newer-format file
+/// is reported and ignored (the node starts from defaults), never a crash loop.
+fn load_session(dir: &std::path::Path) -> Option<Persisted> {
+    let p = dir.join("session.json");
+    let text = match std::fs::read_to_string(&p) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => {
+            tracing::warn!(path = %p.display(), error = %e, "cannot read the saved session; starting from defaults");
+            return None;
+        }
+    };
+    match serde_json::from_str::<Persisted>(&text) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(path = %p.display(), error = %e, "the saved session is unreadable (corrupt or from another version); starting from defaults");
+            None
+        }
+    }
+}
+
+fn wall_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// A status line every 10 s.
+async fn report(cell: Arc<SnapshotCell>, stats: Arc<AudioStats>, clock: NodeClock) {
+    let mut tick = tokio::time::interval(Duration::from_secs(10));
+    tick.tick().await;
     loop {
-        tokio::select! {
-            _ = shutdown.notified() => {
-                tracing::info!("shutting down");
-                return Ok(());
-            }
-            _ = tick.tick() => {}
-        }
-        let now = clock.now_ns();
-        let session_now = snap.map.to_session(now);
-        let before = snap.timeline;
-        snap.timeline.advance(session_now);
-        if snap.timeline != before {
-            cell.write(&snap);
-        }
-        if now - last_report >= 10_000_000_000 {
-            last_report = now;
-            let seg = snap.timeline.current(session_now);
-            tracing::info!(
-                tempo = %seg.tempo,
-                meter = seg.meter.get(),
-                playing = seg.playing,
-                sink = stats.sink_name(),
-                clicks = stats.clicks.load(Relaxed),
-                late = stats.late_clicks.load(Relaxed),
-                missed = stats.missed_clicks.load(Relaxed),
-                card_rate_ppm = stats.rate_ppb.load(Relaxed) as f64 / 1000.0,
-                "status"
-            );
-        }
+        tick.tick().await;
+        let s = cell.read();
+        let seg = *s.timeline.current(s.map.to_session(clock.now_ns()));
+        tracing::info!(
+            tempo = %seg.tempo,
+            meter = seg.meter.get(),
+            playing = seg.playing,
+            epoch = s.epoch,
+            sink = stats.sink_name(),
+            clicks = stats.clicks.load(Relaxed),
+            late = stats.late_clicks.load(Relaxed),
+            missed = stats.missed_clicks.load(Relaxed),
+            card_rate_ppm = stats.rate_ppb.load(Relaxed) as f64 / 1000.0,
+            "status"
+        );
     }
 }

@@ -1,1 +1,510 @@
-//! mDNS discovery (placeholder: being written).
+//! mDNS discovery: nodes of one room find each other on the LAN.
+//!
+//! Every daemon advertises one `_bandsync._udp.local.` service and browses for the others.
+//! The service says only what a stranger on the Wi-Fi may know:
+//!
+//! | TXT key | value |
+//! |---|---|
+//! | `v` | protocol version ([`PROTOCOL_VERSION`]) |
+//! | `id` | node id, 16 lowercase hex characters |
+//! | `name` | the node's human name |
+//! | `room` | [`room_hash`] of the room name (never the room key) |
+//! | `port` | the QUIC port |
+//!
+//! The instance name is the node id (unique per room, as mDNS wants), the host name
+//! `<id>.local.`. Advertisements from the network are validated field by field; a bad
+//! one is logged at debug and ignored as if it did not exist.
+//!
+//! The code is split the usual way: [`Tracker`] is a plain state machine (mDNS
+//! resolutions and removals in, [`PeerEvent`]s out, no IO), and [`Discovery`] is the thin
+//! driver around an `mdns_sd::ServiceDaemon` (its own thread) plus one forwarding thread.
+//!
+//! ## mdns-sd behaviour this relies on (0.21)
+//!
+//! * Interfaces: the daemon starts on every interface, loopback included. With a
+//!   non-empty interface list we queue `disable_interface(All)` and then
+//!   `enable_interface(name)` for each name before anything else, so no query or
+//!   announcement is ever sent elsewhere. The registered service is also restricted to
+//!   those interfaces (`set_interfaces`) with `addr_auto`, so only their addresses are
+//!   published, and resolved addresses are filtered by the interface they arrived on.
+//!   An interface that appears later is picked up by mdns-sd's 5 s IP check.
+//! * Loopback: multicast loop is on by default in mdns-sd, which on Linux means our own
+//!   multicast is delivered back to every local socket, so several nodes (or a node and
+//!   the CLI) on one host see each other. All of them bind 5353 with `SO_REUSEPORT`.
+//! * Removal: on shutdown mdns-sd sends goodbye packets (TTL 0); a browser keeps such a
+//!   record for 1 s (RFC 6762 §10.1) and then reports the removal, so `Lost` arrives about
+//!   1 s after a clean shutdown. A node that dies without goodbye is forgotten only when
+//!   its records expire (SRV/address TTL 120 s): liveness is QUIC's job, not mDNS's.
+//! * Repeats: mdns-sd re-sends `ServiceResolved` whenever any record of an instance is
+//!   refreshed; [`Tracker`] reports `Found` only for what is new or changed.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr, SocketAddrV6};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use mdns_sd::{IfKind, ResolvedService, ScopedIp, ServiceDaemon, ServiceEvent, ServiceInfo, TxtProperties};
+use tokio::sync::mpsc;
+
+/// The DNS-SD service type every node advertises.
+pub const SERVICE_TYPE: &str = "_bandsync._udp.local.";
+
+/// The peer protocol version, advertised as TXT `v`.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// What is hashed in front of the room name, so the hash means nothing elsewhere.
+const ROOM_HASH_DOMAIN: &str = "bandsync-room:";
+
+/// Capacity of the event channel to the caller. mdns-sd drops a browse whose own
+/// channel fills up, so the forwarding thread must keep draining it: events are rare
+/// (a handful of nodes per room), this is far more than a room ever queues.
+const EVENT_QUEUE: usize = 256;
+
+/// How long `shutdown` waits for mdns-sd to confirm it has sent its goodbye packets.
+const GOODBYE_WAIT: Duration = Duration::from_secs(1);
+
+/// A TXT string holds at most 255 bytes including `key=`.
+const NAME_MAX: usize = 255 - "name=".len();
+
+/// 16 lowercase hex chars: SHA-256("bandsync-room:" + room name), truncated.
+/// The room KEY is never advertised; the hash only keeps rooms apart.
+pub fn room_hash(room: &str) -> String {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(ROOM_HASH_DOMAIN.as_bytes());
+    ctx.update(room.as_bytes());
+    hex::encode(&ctx.finish().as_ref()[..8])
+}
+
+#[derive(Clone, Debug)]
+pub struct DiscoveryConfig {
+    /// Our node id (16 lowercase hex); our own advertisement is never reported.
+    pub node_id: String,
+    pub name: String,
+    /// The room name (only its hash goes on the wire).
+    pub room: String,
+    pub quic_port: u16,
+    /// Interfaces mDNS may use; empty = all.
+    pub interfaces: Vec<String>,
+    /// false for the CLI: browse only.
+    pub advertise: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerInfo {
+    pub node_id: String,
+    pub name: String,
+    /// QUIC addresses: resolved IPs + the advertised QUIC port; IPv4 first, sorted.
+    pub addrs: Vec<SocketAddr>,
+    pub proto: u16,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PeerEvent {
+    /// A new peer, or a known peer whose name, addresses, port or version changed.
+    Found(PeerInfo),
+    /// The peer's advertisement was withdrawn (goodbye, expiry, or it left the room).
+    Lost { node_id: String },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DiscoveryError {
+    #[error("node id {0:?} is not 16 lowercase hex characters")]
+    BadNodeId(String),
+    #[error("cannot advertise QUIC port 0")]
+    NoPort,
+    #[error("node name is empty")]
+    EmptyName,
+    #[error("mDNS: {what}: {source}")]
+    Mdns {
+        what: &'static str,
+        #[source]
+        source: mdns_sd::Error,
+    },
+}
+
+fn mdns(what: &'static str) -> impl FnOnce(mdns_sd::Error) -> DiscoveryError {
+    move |source| DiscoveryError::Mdns { what, source }
+}
+
+/// Why an advertisement from the network was ignored.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum AdvertError {
+    #[error("TXT `{0}` is missing")]
+    Missing(&'static str),
+    #[error("TXT `{key}` = {value:?} is invalid")]
+    Invalid { key: &'static str, value: String },
+    #[error("room hash {0:?} is another room's")]
+    OtherRoom(String),
+    #[error("no usable address")]
+    NoAddress,
+}
+
+fn is_node_id(s: &str) -> bool {
+    s.len() == 16 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// A TXT value as text, or why not.
+fn txt<'a>(props: &'a TxtProperties, key: &'static str) -> Result<&'a str, AdvertError> {
+    let val = props.get_property_val(key).ok_or(AdvertError::Missing(key))?.ok_or(AdvertError::Missing(key))?;
+    std::str::from_utf8(val).map_err(|_| AdvertError::Invalid { key, value: String::from_utf8_lossy(val).into_owned() })
+}
+
+/// A decimal number in 1..=u16::MAX, digits only (no sign, no spaces).
+fn txt_u16(props: &TxtProperties, key: &'static str) -> Result<u16, AdvertError> {
+    let s = txt(props, key)?;
+    let bad = || AdvertError::Invalid { key, value: s.to_string() };
+    if s.is_empty() || s.len() > 5 || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    match s.parse::<u16>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(bad()),
+    }
+}
+
+/// Validate the TXT fields of an advertisement and build the peer it describes.
+/// `ips` are the resolved addresses with their interface scope (see [`usable_ips`]).
+pub fn parse_advert(props: &TxtProperties, room_hash: &str, ips: &[(IpAddr, u32)]) -> Result<PeerInfo, AdvertError> {
+    let proto = txt_u16(props, "v")?;
+    let id = txt(props, "id")?;
+    if !is_node_id(id) {
+        return Err(AdvertError::Invalid { key: "id", value: id.to_string() });
+    }
+    let name = txt(props, "name")?;
+    if name.trim().is_empty() || name.chars().any(char::is_control) {
+        return Err(AdvertError::Invalid { key: "name", value: name.to_string() });
+    }
+    let room = txt(props, "room")?;
+    if room != room_hash {
+        return Err(AdvertError::OtherRoom(room.to_string()));
+    }
+    let port = txt_u16(props, "port")?;
+    let mut addrs: Vec<SocketAddr> = ips
+        .iter()
+        .map(|&(ip, scope)| match ip {
+            IpAddr::V4(_) => SocketAddr::new(ip, port),
+            IpAddr::V6(v6) => SocketAddr::V6(SocketAddrV6::new(v6, port, 0, scope)),
+        })
+        .collect();
+    addrs.sort_by_key(|a| (a.is_ipv6(), *a));
+    addrs.dedup();
+    if addrs.is_empty() {
+        return Err(AdvertError::NoAddress);
+    }
+    Ok(PeerInfo { node_id: id.to_string(), name: name.to_string(), addrs, proto })
+}
+
+/// Link-local IPv6 (fe80::/10) needs its interface as scope id to be dialled.
+fn is_v6_link_local(ip: &std::net::Ipv6Addr) -> bool {
+    ip.segments()[0] & 0xffc0 == 0xfe80
+}
+
+/// The resolved addresses worth dialling, with their IPv6 scope: unicast only, and
+/// when `interfaces` is non-empty, only those learnt on one of them.
+fn usable_ips(addrs: &std::collections::HashSet<ScopedIp>, interfaces: &[String]) -> Vec<(IpAddr, u32)> {
+    let allowed = |name: &str| interfaces.is_empty() || interfaces.iter().any(|i| i == name);
+    let mut out = Vec::new();
+    for a in addrs {
+        match a {
+            ScopedIp::V4(v4) => {
+                let ip = *v4.addr();
+                if ip.is_unspecified() || ip.is_multicast() || ip.is_broadcast() {
+                    continue;
+                }
+                if v4.interface_ids().iter().any(|i| allowed(&i.name)) {
+                    out.push((IpAddr::V4(ip), 0));
+                }
+            }
+            ScopedIp::V6(v6) => {
+                let ip = *v6.addr();
+                if ip.is_unspecified() || ip.is_multicast() || !allowed(&v6.scope_id().name) {
+                    continue;
+                }
+                let scope = if is_v6_link_local(&ip) { v6.scope_id().index } else { 0 };
+                out.push((IpAddr::V6(ip), scope));
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// The discovery state machine: which peers have been reported, keyed by the mDNS
+/// instance that advertised them. No IO, no clock: mDNS observations in, events out.
+#[derive(Debug)]
+pub struct Tracker {
+    self_id: String,
+    room_hash: String,
+    /// Our own instance full name (lowercase), if we advertise.
+    self_instance: Option<String>,
+    reported: HashMap<String, PeerInfo>,
+}
+
+impl Tracker {
+    pub fn new(self_id: &str, room_hash: &str, self_instance: Option<String>) -> Self {
+        Tracker {
+            self_id: self_id.to_string(),
+            room_hash: room_hash.to_string(),
+            self_instance: self_instance.map(|s| s.to_lowercase()),
+            reported: HashMap::new(),
+        }
+    }
+
+    pub fn room_hash(&self) -> &str {
+        &self.room_hash
+    }
+
+    /// An instance resolved (again) to `advert`: report it if it is new or changed.
+    /// An instance that no longer validates (e.g. it moved to another room) is lost.
+    pub fn on_resolved(&mut self, instance: &str, advert: Result<PeerInfo, AdvertError>, out: &mut Vec<PeerEvent>) {
+        let key = instance.to_lowercase();
+        let peer = match advert {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::debug!(%instance, error = %e, "ignoring mDNS advertisement");
+                self.on_removed(instance, out);
+                return;
+            }
+        };
+        if peer.node_id == self.self_id {
+            if self.self_instance.as_deref() != Some(key.as_str()) {
+                tracing::warn!(%instance, id = %peer.node_id, "another node advertises our node id; ignored");
+            }
+            return;
+        }
+        if self.reported.get(&key) == Some(&peer) {
+            return;
+        }
+        if let Some(old) = self.reported.insert(key.clone(), peer.clone()) {
+            if old.node_id != peer.node_id && !self.holds(&old.node_id) {
+                out.push(PeerEvent::Lost { node_id: old.node_id });
+            }
+        }
+        out.push(PeerEvent::Found(peer));
+    }
+
+    /// An instance was withdrawn or expired.
+    pub fn on_removed(&mut self, instance: &str, out: &mut Vec<PeerEvent>) {
+        if let Some(old) = self.reported.remove(&instance.to_lowercase()) {
+            // Two instances can claim one id (a cloned state dir renamed by mDNS
+            // conflict resolution); the node is lost only when none is left.
+            if !self.holds(&old.node_id) {
+                out.push(PeerEvent::Lost { node_id: old.node_id });
+            }
+        }
+    }
+
+    fn holds(&self, node_id: &str) -> bool {
+        self.reported.values().any(|p| p.node_id == node_id)
+    }
+}
+
+/// A running advertiser/browser. Dropping it shuts it down like [`Discovery::shutdown`].
+pub struct Discovery {
+    daemon: ServiceDaemon,
+    advertise: bool,
+    stopping: Arc<AtomicBool>,
+    stopped: bool,
+}
+
+impl Discovery {
+    /// Advertise (if cfg.advertise) and browse. Events for peers of the same room hash
+    /// (excluding ourselves) arrive on the receiver. Services that resolve twice produce
+    /// no duplicate `Found` unless something changed; removal → `Lost`.
+    pub fn start(cfg: DiscoveryConfig) -> anyhow::Result<(Discovery, mpsc::Receiver<PeerEvent>)> {
+        if cfg.advertise {
+            if !is_node_id(&cfg.node_id) {
+                return Err(DiscoveryError::BadNodeId(cfg.node_id).into());
+            }
+            if cfg.quic_port == 0 {
+                return Err(DiscoveryError::NoPort.into());
+            }
+            if cfg.name.trim().is_empty() {
+                return Err(DiscoveryError::EmptyName.into());
+            }
+        }
+        #[cfg(target_os = "linux")]
+        for i in &cfg.interfaces {
+            if !std::path::Path::new("/sys/class/net").join(i).exists() {
+                tracing::warn!(interface = %i, "no such network interface (yet); mDNS will use it if it appears");
+            }
+        }
+
+        let daemon = ServiceDaemon::new().map_err(mdns("starting the daemon"))?;
+        let me = Discovery { daemon, advertise: cfg.advertise, stopping: Arc::new(AtomicBool::new(false)), stopped: false };
+        // Commands run in order on the daemon thread: the interface selection is in
+        // place before the first query or announcement goes out.
+        if !cfg.interfaces.is_empty() {
+            me.daemon.disable_interface(IfKind::All).map_err(mdns("disabling all interfaces"))?;
+            let names: Vec<IfKind> = cfg.interfaces.iter().map(|n| IfKind::Name(n.clone())).collect();
+            me.daemon.enable_interface(names).map_err(mdns("enabling the configured interfaces"))?;
+        }
+
+        let hash = room_hash(&cfg.room);
+        let mut self_instance = None;
+        if cfg.advertise {
+            let info = service_info(&cfg, &hash)?;
+            self_instance = Some(info.get_fullname().to_string());
+            me.daemon.register(info).map_err(mdns("registering our service"))?;
+        }
+        let events = me.daemon.browse(SERVICE_TYPE).map_err(mdns("browsing"))?;
+        tracing::info!(room = %hash, advertise = cfg.advertise, interfaces = ?cfg.interfaces, "mDNS discovery started");
+
+        let (tx, rx) = mpsc::channel(EVENT_QUEUE);
+        let fwd = Forwarder {
+            daemon: me.daemon.clone(),
+            stopping: me.stopping.clone(),
+            tracker: Tracker::new(&cfg.node_id, &hash, self_instance),
+            interfaces: cfg.interfaces,
+            tx,
+        };
+        std::thread::Builder::new().name("bandsync-mdns".into()).spawn(move || fwd.run(events))?;
+        Ok((me, rx))
+    }
+
+    /// Withdraw our advertisement (goodbye packets) and stop browsing. Blocks at most
+    /// about a second, waiting for mdns-sd to confirm the goodbyes went out.
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        if self.stopped {
+            return;
+        }
+        self.stopped = true;
+        self.stopping.store(true, Ordering::SeqCst);
+        match self.daemon.shutdown() {
+            // Only an advertiser has goodbyes worth waiting for.
+            Ok(done) if self.advertise => {
+                if done.recv_timeout(GOODBYE_WAIT).is_err() {
+                    tracing::debug!("mDNS daemon did not confirm shutdown in time");
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::debug!(error = %e, "mDNS daemon shutdown"),
+        }
+    }
+}
+
+impl Drop for Discovery {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn service_info(cfg: &DiscoveryConfig, hash: &str) -> Result<ServiceInfo, DiscoveryError> {
+    let mut name = cfg.name.as_str();
+    if name.len() > NAME_MAX {
+        let mut end = NAME_MAX;
+        while !name.is_char_boundary(end) {
+            end -= 1;
+        }
+        name = &name[..end];
+    }
+    let props = [
+        ("v", PROTOCOL_VERSION.to_string()),
+        ("id", cfg.node_id.clone()),
+        ("name", name.to_string()),
+        ("room", hash.to_string()),
+        ("port", cfg.quic_port.to_string()),
+    ];
+    let host = format!("{}.local.", cfg.node_id);
+    let mut info = ServiceInfo::new(SERVICE_TYPE, &cfg.node_id, &host, (), cfg.quic_port, &props[..])
+        .map_err(mdns("building our service record"))?
+        .enable_addr_auto();
+    if !cfg.interfaces.is_empty() {
+        info.set_interfaces(cfg.interfaces.iter().map(|n| IfKind::Name(n.clone())).collect());
+    }
+    Ok(info)
+}
+
+/// The forwarding thread: mdns-sd events → [`Tracker`] → the caller's channel.
+struct Forwarder {
+    daemon: ServiceDaemon,
+    stopping: Arc<AtomicBool>,
+    tracker: Tracker,
+    interfaces: Vec<String>,
+    tx: mpsc::Sender<PeerEvent>,
+}
+
+impl Forwarder {
+    fn run(mut self, mut events: mdns_sd::Receiver<ServiceEvent>) {
+        let mut out = Vec::new();
+        loop {
+            let ev = match events.recv() {
+                Ok(ev) => ev,
+                Err(_) if self.stopping.load(Ordering::SeqCst) => return,
+                Err(_) => {
+                    // mdns-sd ends a browse whose channel overflowed; start it again
+                    // (the cache replays what is known, the tracker suppresses repeats).
+                    tracing::warn!("mDNS browse ended unexpectedly; restarting it");
+                    std::thread::sleep(Duration::from_secs(1));
+                    match self.daemon.browse(SERVICE_TYPE) {
+                        Ok(ev) => {
+                            events = ev;
+                            continue;
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "mDNS browse cannot restart; discovery stopped");
+                            return;
+                        }
+                    }
+                }
+            };
+            self.handle(ev, &mut out);
+            for e in out.drain(..) {
+                // Blocking is fine on this thread; an error means the receiver is gone.
+                if self.tx.blocking_send(e).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+
+    fn handle(&mut self, ev: ServiceEvent, out: &mut Vec<PeerEvent>) {
+        match ev {
+            ServiceEvent::ServiceResolved(svc) => {
+                let advert = self.advert(&svc);
+                self.tracker.on_resolved(&svc.fullname, advert, out);
+            }
+            ServiceEvent::ServiceRemoved(_, instance) => self.tracker.on_removed(&instance, out),
+            other => tracing::trace!(event = ?other, "mDNS"),
+        }
+    }
+
+    fn advert(&self, svc: &ResolvedService) -> Result<PeerInfo, AdvertError> {
+        let ips = usable_ips(&svc.addresses, &self.interfaces);
+        parse_advert(&svc.txt_properties, self.tracker.room_hash(), &ips)
+    }
+}
+
+/// For the CLI: browse for `timeout` and return the room's nodes found.
+pub async fn browse_once(room: &str, interfaces: &[String], timeout: Duration) -> anyhow::Result<Vec<PeerInfo>> {
+    let (disc, mut rx) = Discovery::start(DiscoveryConfig {
+        node_id: String::new(),
+        name: String::new(),
+        room: room.to_string(),
+        quic_port: 0,
+        interfaces: interfaces.to_vec(),
+        advertise: false,
+    })?;
+    let mut found: HashMap<String, PeerInfo> = HashMap::new();
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(PeerEvent::Found(p))) => {
+                found.insert(p.node_id.clone(), p);
+            }
+            Ok(Some(PeerEvent::Lost { node_id })) => {
+                found.remove(&node_id);
+            }
+            Ok(None) | Err(_) => break,
+        }
+    }
+    disc.shutdown();
+    let mut v: Vec<PeerInfo> = found.into_values().collect();
+    v.sort_by(|a, b| (&a.name, &a.node_id).cmp(&(&b.name, &b.node_id)));
+    Ok(v)
+}

@@ -14,12 +14,18 @@
 //! * [`daemon`] — `bandsync run`: wires the pieces together and owns shutdown.
 
 pub mod audio;
+pub mod auth;
+pub mod cli;
 pub mod clicklog;
 pub mod clock;
 pub mod config;
 pub mod daemon;
 pub mod discovery;
+pub mod http;
 pub mod impair;
+pub mod mesh;
+pub mod room;
 pub mod state;
 pub mod sync;
 pub mod timeline;
+pub mod wire;

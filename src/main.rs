@@ -3,6 +3,8 @@
 use anyhow::Context;
 use bandsync::clock::NodeClock;
 use bandsync::config::{FileConfig, RunArgs, RunConfig};
+use bandsync::timeline::{ChangeKind, Meter, Quantum, Tempo};
+use bandsync::wire::{Query, Reply};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
@@ -26,6 +28,148 @@ enum Cmd {
     Run(RunArgs),
     /// List the audio output devices (ids for --audio).
     Devices,
+    /// Show the room as a node sees it: role, leader, epoch, pin, tempo, peers.
+    Status {
+        #[command(flatten)]
+        to: To,
+        /// Print JSON (the SPEC §5 fields) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the room's boxes with their clock figures (rtt, offset, uncertainty).
+    Peers {
+        #[command(flatten)]
+        to: To,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make NODE (id or name) lead while it is alive. Replicated and persisted.
+    Pin {
+        /// Node id or name (see `bandsync peers`).
+        node: String,
+        #[command(flatten)]
+        to: To,
+    },
+    /// Remove the pin: the highest-ranked box leads again.
+    Unpin {
+        #[command(flatten)]
+        to: To,
+    },
+    /// Change the room's tempo (20–400 BPM) at the next bar.
+    Tempo {
+        bpm: f64,
+        #[command(flatten)]
+        to: To,
+        /// Land on the next beat instead of the next bar.
+        #[arg(long)]
+        now: bool,
+    },
+    /// Change the beats per bar (1–16) at the next bar.
+    Meter {
+        beats: i64,
+        #[command(flatten)]
+        to: To,
+    },
+    /// Start the room's click at the next bar.
+    Start {
+        #[command(flatten)]
+        to: To,
+    },
+    /// Stop the room's click at the next beat.
+    Stop {
+        #[command(flatten)]
+        to: To,
+    },
+    /// Print this box's room key (generated on first use). Give the same key to every
+    /// box of the room with --room-key-file.
+    RoomKey {
+        /// State dir holding the key (default as for `bandsync run`).
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+        /// Print the key of this file instead (checks that it is usable).
+        #[arg(long, value_name = "PATH")]
+        room_key_file: Option<PathBuf>,
+    },
+}
+
+/// How the CLI finds and authenticates to the room.
+#[derive(clap::Args, Clone)]
+struct To {
+    /// A node to talk to, HOST:PORT of its QUIC endpoint (default: find the room by mDNS).
+    #[arg(long, value_name = "HOST:PORT")]
+    node: Option<String>,
+    /// Room name (default: the config file's, else "default").
+    #[arg(long)]
+    room: Option<String>,
+    /// Room key file (default: $BANDSYNC_ROOM_KEY, else the state dir's key).
+    #[arg(long, value_name = "PATH")]
+    room_key_file: Option<PathBuf>,
+    /// State dir holding the room key (default as for `bandsync run`).
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// Interface to search on (repeatable; default all).
+    #[arg(long = "interface", value_name = "NAME")]
+    interface: Vec<String>,
+}
+
+fn target(to: &To, file: &FileConfig) -> anyhow::Result<bandsync::cli::Target> {
+    let dir = to.state_dir.clone().or(file.state_dir.clone()).unwrap_or_else(bandsync::config::default_state_dir);
+    let key_file = to.room_key_file.clone().or(file.room_key_file.clone());
+    let key = match key_file {
+        Some(p) => bandsync::auth::RoomKey::load(Some(&p), &dir)?,
+        None => {
+            if std::env::var("BANDSYNC_ROOM_KEY").is_ok_and(|k| !k.trim().is_empty()) || dir.join("room-key").exists() {
+                bandsync::auth::RoomKey::load(None, &dir)?
+            } else {
+                anyhow::bail!("no room key: pass --room-key-file PATH or set BANDSYNC_ROOM_KEY (no key in {})", dir.display());
+            }
+        }
+    };
+    Ok(bandsync::cli::Target {
+        node: to.node.clone(),
+        room: to.room.clone().or(file.room.clone()).unwrap_or_else(|| "default".into()),
+        interfaces: if to.interface.is_empty() { file.interface.clone().unwrap_or_default() } else { to.interface.clone() },
+        key,
+    })
+}
+
+fn ask(to: &To, file: &FileConfig, q: Query) -> anyhow::Result<Reply> {
+    let t = target(to, file)?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(bandsync::cli::request(&t, q))
+}
+
+fn done(r: Reply) -> anyhow::Result<()> {
+    match r {
+        Reply::Done(m) => {
+            println!("{m}");
+            Ok(())
+        }
+        Reply::Error(m) => anyhow::bail!("{m}"),
+        Reply::Status(_) => anyhow::bail!("unexpected status reply"),
+    }
+}
+
+fn status(to: &To, file: &FileConfig, json: bool, peers_only: bool) -> anyhow::Result<()> {
+    match ask(to, file, Query::Status)? {
+        Reply::Status(j) => {
+            let s: bandsync::room::Status = serde_json::from_str(&j).context("the node sent an unreadable status")?;
+            if json {
+                if peers_only {
+                    println!("{}", serde_json::to_string_pretty(&s.peers)?);
+                } else {
+                    println!("{}", serde_json::to_string_pretty(&s)?);
+                }
+            } else if peers_only {
+                print!("{}", bandsync::cli::format_peers(&s));
+            } else {
+                print!("{}", bandsync::cli::format_status(&s));
+            }
+            Ok(())
+        }
+        Reply::Error(m) => anyhow::bail!("{m}"),
+        Reply::Done(m) => anyhow::bail!("unexpected reply: {m}"),
+    }
 }
 
 fn init_logs() {
@@ -49,6 +193,32 @@ fn main() {
                 let (file, origin) = FileConfig::load(cli.config.as_deref())?;
                 let cfg = RunConfig::build(&args, &file, origin.as_deref())?;
                 bandsync::daemon::run(cfg, clock)
+            }
+            Cmd::Status { to, json } => status(&to, &FileConfig::load(cli.config.as_deref())?.0, json, false),
+            Cmd::Peers { to, json } => status(&to, &FileConfig::load(cli.config.as_deref())?.0, json, true),
+            Cmd::Pin { node, to } => done(ask(&to, &FileConfig::load(cli.config.as_deref())?.0, Query::Pin(node))?),
+            Cmd::Unpin { to } => done(ask(&to, &FileConfig::load(cli.config.as_deref())?.0, Query::Unpin)?),
+            Cmd::Tempo { bpm, to, now } => {
+                let t = Tempo::from_bpm(bpm)?;
+                let q = Query::Change { kind: ChangeKind::Tempo(t), quantum: Some(if now { Quantum::Beat } else { Quantum::Bar }) };
+                done(ask(&to, &FileConfig::load(cli.config.as_deref())?.0, q)?)
+            }
+            Cmd::Meter { beats, to } => {
+                let m = Meter::new(beats)?;
+                done(ask(&to, &FileConfig::load(cli.config.as_deref())?.0, Query::Change { kind: ChangeKind::Meter(m), quantum: Some(Quantum::Bar) })?)
+            }
+            Cmd::Start { to } => {
+                done(ask(&to, &FileConfig::load(cli.config.as_deref())?.0, Query::Change { kind: ChangeKind::Start, quantum: Some(Quantum::Bar) })?)
+            }
+            Cmd::Stop { to } => {
+                done(ask(&to, &FileConfig::load(cli.config.as_deref())?.0, Query::Change { kind: ChangeKind::Stop, quantum: Some(Quantum::Beat) })?)
+            }
+            Cmd::RoomKey { state_dir, room_key_file } => {
+                let dir = state_dir.unwrap_or_else(bandsync::config::default_state_dir);
+                bandsync::state::ensure_dir(&dir)?;
+                let key = bandsync::auth::RoomKey::load(room_key_file.as_deref(), &dir)?;
+                println!("{}", key.to_hex());
+                Ok(())
             }
             Cmd::Devices => {
                 let devs = bandsync::audio::device::list_devices().context("cannot list audio devices")?;

@@ -1,1 +1,1025 @@
-//! Clock sync core (placeholder: being written).
+//! Clock sync core: estimate the leader's session clock from ping/pong exchanges
+//! ([`Estimator`]), and publish a session map that follows the estimate without ever
+//! stepping ([`Slewer`]).
+//!
+//! Pure: no clock reads, no IO, no threads, no randomness. Time is always an argument
+//! (`i64` ns of the node's *perceived* local clock, or of the leader's session clock).
+//! Bad input is rejected with a [`RejectReason`], never a panic: all arithmetic on
+//! sample timestamps is done in `i128` and checked before it is narrowed.
+//!
+//! # One exchange
+//!
+//! ```text
+//!   follower (local clock)            leader (session clock)
+//!   t1 ── ping ─────────────────────▶ t2
+//!   t4 ◀───────────────────── pong ── t3
+//! ```
+//!
+//! Write `θ(l)` for "session − local" at local time `l`, and `d→`, `d←` for the
+//! one-way delays (in local ns, both `≥ 0` by causality). Then
+//!
+//! ```text
+//! f = t2 − t1 = θ(t1) + d→          forward point  (local x = t1)
+//! g = t3 − t4 = θ(t4) − d←          backward point (local x = t4)
+//! offset_i = (f + g)/2 = θ(m_i) + (d→ − d←)/2        m_i = (t1 + t4)/2
+//! rtt_i    = f − g     = (t4 − t1) − (t3 − t2) = d→ + d←
+//! ```
+//!
+//! so `|offset_i − θ(m_i)| ≤ rtt_i/2` always, and the error of a sample is *half the
+//! difference of its one-way delays*. A constant path asymmetry `a = d→ − d←` is
+//! indistinguishable from a clock offset: every estimator (NTP's included) is biased by
+//! `a/2`. Everything below fights the *variable* part of the delays (queueing, Wi-Fi
+//! retries, scheduler latency), which is always positive.
+//!
+//! # Model
+//!
+//! Over the window (≤ [`SyncConfig::max_age_ns`], 30 s) both clocks are linear, so
+//!
+//! ```text
+//! θ(l) = θ0 + r·(l − l0)          r: rate of session vs local time (skew), |r| ≤ max_rate
+//! ```
+//!
+//! # Filter: the widest corridor
+//!
+//! Since delays are `≥ 0`, every sample bounds the line from both sides:
+//!
+//! ```text
+//! θ(t1_i) ≤ f_i          the line passes below every forward point
+//! θ(t4_i) ≥ g_i          and above every backward point
+//! ```
+//!
+//! With `x = l − l0`, let `A(r) = min_i (f_i − r·x_i)` and `B(r) = max_i (g_i − r·x_i)`.
+//! For a rate `r` the admissible offsets are `θ0 ∈ [B(r), A(r)]`, a corridor of width
+//! `W(r) = A(r) − B(r)`. `A` is concave and `B` convex, so `W` is concave; the filter
+//! takes the widest corridor and its centre line:
+//!
+//! ```text
+//! r̂  = argmax_{|r| ≤ max_rate} W(r)
+//! θ̂0 = (A(r̂) + B(r̂)) / 2                 uncertainty = W(r̂)/2
+//! ```
+//!
+//! This is the linear-programming clock filter (Moon–Skelly–Towsley for one-way
+//! delays, here two-sided). Why it beats averaging: with delays `d = b + j` (base `b`,
+//! jitter `j ≥ 0`) and the right rate, `A = θ0 + b + min j→` and `B = θ0 − b − min j←`,
+//! so the centre is off by `(min j→ − min j←)/2`. It combines the *best forward* delay
+//! of one sample with the *best backward* delay of another, where a low-RTT filter
+//! needs one sample lucky in both directions at once. With jitter uniform in `0..J`
+//! per direction and `n` samples the error is ~`J/n` instead of ~`J/√n`, and the rate
+//! error is ~`J/(n·span)`. Large delays (spikes, retries) never bind, so they do no
+//! harm; only a negative delay could, and causality forbids it.
+//!
+//! `W/2` is a hard bound on the offset error if delays are `≥ 0` and the path is at
+//! worst completely asymmetric: it is the NTP-style error bound (≈ RTT/2), not the
+//! typical error, which is usually far smaller.
+//!
+//! Computation: `A` is attained on the lower convex hull of the forward points and `B`
+//! on the upper hull of the backward points. `W` is piecewise linear with breakpoints
+//! at the hulls' edge slopes, so its maximum is at one of those slopes or at the
+//! `±max_rate` clamp. Hulls are built exactly (integer coordinates relative to the
+//! newest sample, `i128` cross products); `W` is evaluated in `f64` on the hull
+//! vertices only. Cost: one sort of the window per accepted sample. While the window
+//! spans less than [`SyncConfig::min_rate_span_ns`] the rate is not observable and is
+//! held at 0.
+//!
+//! # Gates, in order ([`RejectReason`])
+//!
+//! 1. `NonCausal`: `t4 < t1`, `t3 < t2`, or a negative RTT.
+//! 2. `RttAbsurd`: the exchange took longer than [`SyncConfig::max_rtt_ns`] (1 s).
+//! 3. `OutOfRange`: the offset does not fit an `i64`.
+//! 4. `Duplicate`: a sample with the same `t1` was already seen. `TooOld`: its
+//!    midpoint is more than `max_age` before the newest one.
+//! 5. `RttInflated`: `rtt > min_rtt + max(rtt_margin, k·(median_rtt − min_rtt))` over the
+//!    recent RTTs of *all* valid samples (so the gate follows a path that got slower).
+//!    The filter itself ignores high delays, so the gate is deliberately loose: it
+//!    keeps spikes (a route change, a Wi-Fi retry storm) out of the window.
+//! 6. `Inconsistent`: causality says `|offset_i − θ(m_i)| ≤ rtt_i/2`; a sample whose
+//!    offset is off the current estimate by more than
+//!    `rtt_i/2 + uncertainty + step_threshold (+ 1000 ppm of extrapolation)` means
+//!    the leader's clock stepped under us. After `step_after` such samples in a row the
+//!    window restarts from them (counted in [`SyncStats::resyncs`]). Callers that *know*
+//!    the leader stepped (a new map generation) call [`Estimator::reset`] instead.
+//!
+//! The window holds the last [`SyncConfig::window`] accepted samples no older than
+//! `max_age`. [`Estimator::estimate`] is `None` until it holds `min_samples`.
+//!
+//! # Slewing
+//!
+//! The published map `P` must never step, so [`Slewer::step`] rebases it at every
+//! control tick `now` (continuity is exact: `P'.to_session(now) = P.to_session(now)`)
+//! and steers its *rate*:
+//!
+//! ```text
+//! e    = target(now) − P(now)                                 phase error
+//! rate = target.rate + clamp(e / max(τ, Δt), ±max_slew)       Δt: last tick interval
+//! ```
+//!
+//! The phase error decays as `e^(−t/τ)` (τ = 1.5 s) while it is small and at most
+//! `max_slew` (500 ppm, inaudible: 0.06 BPM at 120) when it is large; dividing by
+//! `max(τ, Δt)` keeps a late tick from overshooting. Only the first map after joining
+//! may step (`allow_step`).
+
+use crate::clock::SessionMap;
+use std::collections::VecDeque;
+
+const PPT: i128 = 1_000_000_000_000;
+const SEC: i64 = 1_000_000_000;
+
+// ---------------------------------------------------------------------------------------
+// Samples and verdicts
+// ---------------------------------------------------------------------------------------
+
+/// One NTP-style exchange. t1: local (follower) perceived mono ns when the ping left;
+/// t2: leader session-time ns when it arrived; t3: leader session-time ns when the pong
+/// left; t4: local ns when the pong arrived.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Sample {
+    pub t1: i64,
+    pub t2: i64,
+    pub t3: i64,
+    pub t4: i64,
+}
+
+impl Sample {
+    /// `(t4 − t1) − (t3 − t2)`, if it fits an `i64`.
+    pub fn rtt_ns(&self) -> Option<i64> {
+        let rtt = (self.t4 as i128 - self.t1 as i128) - (self.t3 as i128 - self.t2 as i128);
+        i64::try_from(rtt).ok()
+    }
+    /// `((t2 − t1) + (t3 − t4)) / 2` (session − local at the midpoint), if it fits.
+    pub fn offset_ns(&self) -> Option<i64> {
+        let o = ((self.t2 as i128 - self.t1 as i128) + (self.t3 as i128 - self.t4 as i128)).div_euclid(2);
+        i64::try_from(o).ok()
+    }
+}
+
+/// Why a sample was not used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, thiserror::Error)]
+pub enum RejectReason {
+    #[error("non-causal timestamps (t4 < t1, t3 < t2 or a negative round trip)")]
+    NonCausal,
+    #[error("round trip longer than the configured maximum")]
+    RttAbsurd,
+    #[error("clock offset does not fit in 64 bits")]
+    OutOfRange,
+    #[error("duplicate sample (this ping was already answered)")]
+    Duplicate,
+    #[error("sample older than the estimation window")]
+    TooOld,
+    #[error("round trip inflated (queueing) compared with recent samples")]
+    RttInflated,
+    #[error("offset inconsistent with the current estimate (did the leader's clock step?)")]
+    Inconsistent,
+}
+
+impl RejectReason {
+    /// A short stable name, for metrics labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectReason::NonCausal => "non_causal",
+            RejectReason::RttAbsurd => "rtt_absurd",
+            RejectReason::OutOfRange => "out_of_range",
+            RejectReason::Duplicate => "duplicate",
+            RejectReason::TooOld => "too_old",
+            RejectReason::RttInflated => "rtt_inflated",
+            RejectReason::Inconsistent => "inconsistent",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SampleVerdict {
+    Accepted,
+    Rejected(RejectReason),
+}
+
+/// Counters since the estimator was built (not cleared by [`Estimator::reset`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SyncStats {
+    pub accepted: u64,
+    pub non_causal: u64,
+    pub rtt_absurd: u64,
+    pub out_of_range: u64,
+    pub duplicate: u64,
+    pub too_old: u64,
+    pub rtt_inflated: u64,
+    pub inconsistent: u64,
+    /// Window restarts after `step_after` inconsistent samples in a row.
+    pub resyncs: u64,
+}
+
+impl SyncStats {
+    pub fn rejected(&self, r: RejectReason) -> u64 {
+        match r {
+            RejectReason::NonCausal => self.non_causal,
+            RejectReason::RttAbsurd => self.rtt_absurd,
+            RejectReason::OutOfRange => self.out_of_range,
+            RejectReason::Duplicate => self.duplicate,
+            RejectReason::TooOld => self.too_old,
+            RejectReason::RttInflated => self.rtt_inflated,
+            RejectReason::Inconsistent => self.inconsistent,
+        }
+    }
+    fn count(&mut self, r: RejectReason) {
+        let c = match r {
+            RejectReason::NonCausal => &mut self.non_causal,
+            RejectReason::RttAbsurd => &mut self.rtt_absurd,
+            RejectReason::OutOfRange => &mut self.out_of_range,
+            RejectReason::Duplicate => &mut self.duplicate,
+            RejectReason::TooOld => &mut self.too_old,
+            RejectReason::RttInflated => &mut self.rtt_inflated,
+            RejectReason::Inconsistent => &mut self.inconsistent,
+        };
+        *c = c.saturating_add(1);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Configuration
+// ---------------------------------------------------------------------------------------
+
+/// Estimator settings. Out-of-range values are clamped by [`Estimator::new`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct SyncConfig {
+    /// Accepted samples kept (4..=4096).
+    pub window: usize,
+    /// Samples whose midpoint is older than this (vs the newest) leave the window.
+    pub max_age_ns: i64,
+    /// No estimate until the window holds this many samples.
+    pub min_samples: usize,
+    /// The rate is held at 0 until the window spans this much local time.
+    pub min_rate_span_ns: i64,
+    /// Exchanges taking longer than this (local `t4 − t1`) are absurd.
+    pub max_rtt_ns: i64,
+    /// RTT gate: `rtt ≤ min + max(rtt_margin_ns, rtt_spread_k · (median − min))`.
+    pub rtt_margin_ns: i64,
+    pub rtt_spread_k: f64,
+    /// The RTT gate is open until this many valid samples were seen.
+    pub gate_after: usize,
+    /// Largest believable rate difference between the clocks, ppm.
+    pub max_rate_ppm: f64,
+    /// Slack beyond causality before a sample counts as inconsistent.
+    pub step_threshold_ns: i64,
+    /// This many inconsistent samples in a row restart the window.
+    pub step_after: usize,
+}
+
+impl Default for SyncConfig {
+    fn default() -> Self {
+        SyncConfig {
+            window: 128,
+            max_age_ns: 30 * SEC,
+            min_samples: 8,
+            min_rate_span_ns: SEC,
+            max_rtt_ns: SEC,
+            rtt_margin_ns: 500_000,
+            rtt_spread_k: 2.0,
+            gate_after: 8,
+            max_rate_ppm: 2000.0,
+            step_threshold_ns: 1_000_000,
+            step_after: 3,
+        }
+    }
+}
+
+impl SyncConfig {
+    fn sanitized(mut self) -> SyncConfig {
+        self.window = self.window.clamp(4, 4096);
+        self.min_samples = self.min_samples.clamp(2, self.window);
+        self.max_age_ns = self.max_age_ns.clamp(SEC, 3600 * SEC);
+        self.min_rate_span_ns = self.min_rate_span_ns.clamp(0, self.max_age_ns);
+        self.max_rtt_ns = self.max_rtt_ns.clamp(1, 10 * SEC);
+        self.rtt_margin_ns = self.rtt_margin_ns.clamp(0, self.max_rtt_ns);
+        if !(self.rtt_spread_k.is_finite() && self.rtt_spread_k >= 0.0) {
+            self.rtt_spread_k = 2.0;
+        }
+        self.rtt_spread_k = self.rtt_spread_k.min(1e6);
+        self.gate_after = self.gate_after.clamp(2, 1 << 20);
+        if !(self.max_rate_ppm.is_finite() && self.max_rate_ppm >= 0.0) {
+            self.max_rate_ppm = 2000.0;
+        }
+        self.max_rate_ppm = self.max_rate_ppm.min(100_000.0);
+        self.step_threshold_ns = self.step_threshold_ns.clamp(0, 10 * SEC);
+        self.step_after = self.step_after.clamp(1, self.window);
+        self
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Estimator
+// ---------------------------------------------------------------------------------------
+
+/// The estimator's view of the leader's session clock.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Estimate {
+    /// local → leader session time.
+    pub map: SessionMap,
+    /// Best (lowest) round trip in the window.
+    pub rtt_ns: i64,
+    /// session − local at the newest sample's midpoint (`map.local_ref`).
+    pub offset_ns: i64,
+    /// Rate of session time vs local time, ppm (`map.rate_ppt / 1e6`).
+    pub rate_ppm: f64,
+    /// Half the corridor width: a bound on the offset error if every delay is ≥ 0,
+    /// including an unknown path asymmetry (≈ rtt/2). The typical error is far smaller.
+    pub uncertainty_ns: i64,
+    /// Samples in the window.
+    pub samples: usize,
+}
+
+/// A validated sample.
+#[derive(Clone, Copy, Debug)]
+struct Point {
+    t1: i64,
+    t4: i64,
+    mid: i64,
+    /// t2 − t1
+    fwd: i64,
+    /// t3 − t4
+    back: i64,
+    offset: i64,
+    rtt: i64,
+}
+
+impl Point {
+    fn new(s: Sample, cfg: &SyncConfig) -> Result<Point, RejectReason> {
+        if s.t4 < s.t1 || s.t3 < s.t2 {
+            return Err(RejectReason::NonCausal);
+        }
+        let local = s.t4 as i128 - s.t1 as i128;
+        let remote = s.t3 as i128 - s.t2 as i128;
+        let rtt = local - remote;
+        if rtt < 0 {
+            return Err(RejectReason::NonCausal);
+        }
+        if local > cfg.max_rtt_ns as i128 {
+            return Err(RejectReason::RttAbsurd);
+        }
+        let fwd = s.t2 as i128 - s.t1 as i128;
+        let back = s.t3 as i128 - s.t4 as i128;
+        let offset = (fwd + back).div_euclid(2);
+        let (Ok(fwd), Ok(back), Ok(offset)) = (i64::try_from(fwd), i64::try_from(back), i64::try_from(offset)) else {
+            return Err(RejectReason::OutOfRange);
+        };
+        Ok(Point {
+            t1: s.t1,
+            t4: s.t4,
+            mid: s.t1 + ((local / 2) as i64), // local ≤ max_rtt: no overflow
+            fwd,
+            back,
+            offset,
+            rtt: rtt as i64, // 0 ≤ rtt ≤ local ≤ max_rtt
+        })
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+struct RttSeen {
+    t1: i64,
+    mid: i64,
+    rtt: i64,
+}
+
+/// Estimates the leader's session clock from exchanges with it. Feed every completed
+/// exchange to [`handle_sample`](Estimator::handle_sample); read
+/// [`estimate`](Estimator::estimate) whenever needed (it is computed on accept, reading
+/// is free). Call [`reset`](Estimator::reset) when the leader's session clock stepped.
+#[derive(Clone, Debug)]
+pub struct Estimator {
+    cfg: SyncConfig,
+    /// Accepted samples, in arrival order.
+    window: VecDeque<Point>,
+    /// RTTs of all valid samples recently seen, in arrival order (the gate's memory).
+    seen: VecDeque<RttSeen>,
+    /// Inconsistent samples in a row.
+    suspects: Vec<Point>,
+    current: Option<Estimate>,
+    stats: SyncStats,
+    // scratch buffers, reused so that steady state does not allocate
+    fwd_pts: Vec<(i64, i64)>,
+    back_pts: Vec<(i64, i64)>,
+    lower: Vec<(i64, i64)>,
+    upper: Vec<(i64, i64)>,
+    rtt_scratch: Vec<i64>,
+}
+
+impl Estimator {
+    pub fn new(cfg: SyncConfig) -> Self {
+        let cfg = cfg.sanitized();
+        let n = cfg.window;
+        Estimator {
+            window: VecDeque::with_capacity(n + 1),
+            seen: VecDeque::with_capacity(n + 1),
+            suspects: Vec::new(),
+            current: None,
+            stats: SyncStats::default(),
+            fwd_pts: Vec::with_capacity(n),
+            back_pts: Vec::with_capacity(n),
+            lower: Vec::with_capacity(n),
+            upper: Vec::with_capacity(n),
+            rtt_scratch: Vec::with_capacity(n),
+            cfg,
+        }
+    }
+
+    /// The (clamped) configuration in use.
+    pub fn config(&self) -> &SyncConfig {
+        &self.cfg
+    }
+
+    pub fn stats(&self) -> SyncStats {
+        self.stats
+    }
+
+    /// Forget every sample (the leader's clock stepped, or a new leader).
+    pub fn reset(&mut self) {
+        self.window.clear();
+        self.seen.clear();
+        self.suspects.clear();
+        self.current = None;
+    }
+
+    /// `None` until the window holds `min_samples` samples.
+    pub fn estimate(&self) -> Option<Estimate> {
+        self.current
+    }
+
+    /// Judge one exchange; if accepted, update the estimate.
+    pub fn handle_sample(&mut self, s: Sample) -> SampleVerdict {
+        let v = self.judge(s);
+        match v {
+            SampleVerdict::Accepted => self.stats.accepted = self.stats.accepted.saturating_add(1),
+            SampleVerdict::Rejected(r) => self.stats.count(r),
+        }
+        v
+    }
+
+    fn judge(&mut self, s: Sample) -> SampleVerdict {
+        use SampleVerdict::*;
+        let p = match Point::new(s, &self.cfg) {
+            Ok(p) => p,
+            Err(r) => return Rejected(r),
+        };
+        if self.seen.iter().any(|h| h.t1 == p.t1)
+            || self.window.iter().any(|w| w.t1 == p.t1)
+            || self.suspects.iter().any(|w| w.t1 == p.t1)
+        {
+            return Rejected(RejectReason::Duplicate);
+        }
+        let newest = self.seen.iter().map(|h| h.mid).chain(self.window.iter().map(|w| w.mid)).max();
+        if let Some(newest) = newest {
+            if (p.mid as i128) < newest as i128 - self.cfg.max_age_ns as i128 {
+                return Rejected(RejectReason::TooOld);
+            }
+        }
+
+        // The RTT gate's memory holds every valid sample, accepted or not.
+        self.seen.push_back(RttSeen { t1: p.t1, mid: p.mid, rtt: p.rtt });
+        let newest = newest.map_or(p.mid, |n| n.max(p.mid));
+        let max_age = self.cfg.max_age_ns as i128;
+        while self.seen.len() > self.cfg.window
+            || self.seen.front().is_some_and(|h| (h.mid as i128) < newest as i128 - max_age)
+        {
+            self.seen.pop_front();
+        }
+        if let Some(gate) = self.rtt_gate() {
+            if p.rtt > gate {
+                return Rejected(RejectReason::RttInflated);
+            }
+        }
+
+        if let Some(est) = self.current {
+            if self.inconsistent(&p, &est) {
+                self.suspects.push(p);
+                if self.suspects.len() < self.cfg.step_after {
+                    return Rejected(RejectReason::Inconsistent);
+                }
+                // The leader's clock stepped: start over from the samples that saw it.
+                self.stats.resyncs = self.stats.resyncs.saturating_add(1);
+                self.window.clear();
+                self.window.extend(self.suspects.drain(..));
+                self.prune();
+                self.recompute();
+                return Accepted;
+            }
+        }
+        self.suspects.clear();
+        self.window.push_back(p);
+        self.prune();
+        self.recompute();
+        Accepted
+    }
+
+    /// `None` while the gate is open (too few samples seen).
+    fn rtt_gate(&mut self) -> Option<i64> {
+        if self.seen.len() < self.cfg.gate_after {
+            return None;
+        }
+        self.rtt_scratch.clear();
+        self.rtt_scratch.extend(self.seen.iter().map(|h| h.rtt));
+        let n = self.rtt_scratch.len();
+        let (_, &mut median, _) = self.rtt_scratch.select_nth_unstable(n / 2);
+        let min = *self.rtt_scratch.iter().min().expect("n ≥ gate_after ≥ 2");
+        let spread = ((median - min) as f64 * self.cfg.rtt_spread_k).min(self.cfg.max_rtt_ns as f64) as i64;
+        Some(min + spread.max(self.cfg.rtt_margin_ns))
+    }
+
+    fn inconsistent(&self, p: &Point, est: &Estimate) -> bool {
+        let theta = map_at(&est.map, p.mid) - p.mid as i128;
+        let resid = (p.offset as i128 - theta).abs();
+        let gap = (p.mid as i128 - est.map.local_ref as i128).abs();
+        let allowed = p.rtt as i128 / 2 + est.uncertainty_ns as i128 + self.cfg.step_threshold_ns as i128 + gap / 1000;
+        resid > allowed
+    }
+
+    fn prune(&mut self) {
+        let Some(newest) = self.window.iter().map(|w| w.mid).max() else { return };
+        let oldest_ok = newest as i128 - self.cfg.max_age_ns as i128;
+        self.window.retain(|w| w.mid as i128 >= oldest_ok);
+        while self.window.len() > self.cfg.window {
+            self.window.pop_front();
+        }
+    }
+
+    fn recompute(&mut self) {
+        self.current = None;
+        let n = self.window.len();
+        if n < self.cfg.min_samples {
+            return;
+        }
+        let newest = *self.window.iter().max_by_key(|w| w.mid).expect("n ≥ min_samples ≥ 2");
+        let (x0, y0) = (newest.mid, newest.offset);
+        // Relative coordinates: |x| ≤ max_age + max_rtt (pruned), y saturates only for
+        // absurdly inconsistent windows (and then the estimate is garbage, not a panic).
+        let rel = |v: i64, v0: i64| sat64(v as i128 - v0 as i128);
+        self.fwd_pts.clear();
+        self.back_pts.clear();
+        for w in &self.window {
+            self.fwd_pts.push((rel(w.t1, x0), rel(w.fwd, y0)));
+            self.back_pts.push((rel(w.t4, x0), rel(w.back, y0)));
+        }
+        let (lo, hi) = self.window.iter().fold((i64::MAX, i64::MIN), |(lo, hi), w| (lo.min(w.mid), hi.max(w.mid)));
+        let rate_observable = (hi as i128 - lo as i128) >= self.cfg.min_rate_span_ns as i128;
+
+        lower_hull(&mut self.fwd_pts, &mut self.lower);
+        upper_hull(&mut self.back_pts, &mut self.upper);
+        let max_rate = self.cfg.max_rate_ppm * 1e-6;
+        let width = |r: f64| corridor(&self.lower, &self.upper, r);
+
+        let mut best_r = 0.0;
+        let (mut best_a, mut best_b) = width(0.0);
+        if rate_observable {
+            let edges = |h: &[(i64, i64)]| {
+                h.windows(2)
+                    .map(|e| (e[1].1 as f64 - e[0].1 as f64) / (e[1].0 as f64 - e[0].0 as f64))
+                    .collect::<Vec<f64>>()
+            };
+            let mut candidates = edges(&self.lower);
+            candidates.extend(edges(&self.upper));
+            candidates.push(-max_rate);
+            candidates.push(max_rate);
+            for r in candidates {
+                if !(r.is_finite() && r.abs() <= max_rate) {
+                    continue;
+                }
+                let (a, b) = width(r);
+                let (w, best_w) = (a - b, best_a - best_b);
+                // ties (a flat top): prefer the smaller rate
+                if w > best_w || (w == best_w && r.abs() < f64::abs(best_r)) {
+                    (best_r, best_a, best_b) = (r, a, b);
+                }
+            }
+        }
+        let theta0 = (best_a + best_b) / 2.0;
+        let offset = sat64(y0 as i128 + f64_to_i128(theta0.round()));
+        let rate_ppt = (best_r * 1e12).round() as i64;
+        let map = SessionMap {
+            local_ref: x0,
+            session_ref: sat64(x0 as i128 + offset as i128),
+            rate_ppt,
+        };
+        self.current = Some(Estimate {
+            map,
+            rtt_ns: self.window.iter().map(|w| w.rtt).min().unwrap_or(0),
+            offset_ns: offset,
+            rate_ppm: rate_ppt as f64 * 1e-6,
+            uncertainty_ns: f64_to_i128(((best_a - best_b) / 2.0).max(0.0).round()).clamp(0, i64::MAX as i128) as i64,
+            samples: n,
+        });
+    }
+}
+
+/// `(A(r), B(r))`: the corridor's top and bottom at x = 0 for rate `r`.
+fn corridor(lower: &[(i64, i64)], upper: &[(i64, i64)], r: f64) -> (f64, f64) {
+    let a = lower.iter().map(|&(x, y)| y as f64 - r * x as f64).fold(f64::INFINITY, f64::min);
+    let b = upper.iter().map(|&(x, y)| y as f64 - r * x as f64).fold(f64::NEG_INFINITY, f64::max);
+    (a, b)
+}
+
+/// `(b − a) × (c − a)`, exact: |dx| < 2⁴⁴ after pruning and |dy| ≤ 2⁶⁵, so it fits.
+fn cross(a: (i64, i64), b: (i64, i64), c: (i64, i64)) -> i128 {
+    let (abx, aby) = (b.0 as i128 - a.0 as i128, b.1 as i128 - a.1 as i128);
+    let (acx, acy) = (c.0 as i128 - a.0 as i128, c.1 as i128 - a.1 as i128);
+    abx.saturating_mul(acy).saturating_sub(aby.saturating_mul(acx))
+}
+
+/// Lower convex hull (Andrew's monotone chain), one point (the lowest) per x.
+fn lower_hull(pts: &mut [(i64, i64)], out: &mut Vec<(i64, i64)>) {
+    pts.sort_unstable();
+    out.clear();
+    for &p in pts.iter() {
+        if out.last().is_some_and(|l| l.0 == p.0) {
+            continue; // same x, higher y
+        }
+        while out.len() >= 2 && cross(out[out.len() - 2], out[out.len() - 1], p) <= 0 {
+            out.pop();
+        }
+        out.push(p);
+    }
+}
+
+/// Upper convex hull, one point (the highest) per x.
+fn upper_hull(pts: &mut [(i64, i64)], out: &mut Vec<(i64, i64)>) {
+    pts.sort_unstable_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
+    out.clear();
+    for &p in pts.iter() {
+        if out.last().is_some_and(|l| l.0 == p.0) {
+            continue; // same x, lower y
+        }
+        while out.len() >= 2 && cross(out[out.len() - 2], out[out.len() - 1], p) >= 0 {
+            out.pop();
+        }
+        out.push(p);
+    }
+}
+
+fn sat64(v: i128) -> i64 {
+    v.clamp(i64::MIN as i128, i64::MAX as i128) as i64
+}
+
+/// `as` saturates (and maps NaN to 0); spelled out for the reader.
+fn f64_to_i128(v: f64) -> i128 {
+    v as i128
+}
+
+/// `map.to_session(local)` without wrapping.
+fn map_at(map: &SessionMap, local: i64) -> i128 {
+    let d = local as i128 - map.local_ref as i128;
+    (map.session_ref as i128 + d).saturating_add(d.saturating_mul(map.rate_ppt as i128) / PPT)
+}
+
+// ---------------------------------------------------------------------------------------
+// Slewer
+// ---------------------------------------------------------------------------------------
+
+/// Slewer settings.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SlewConfig {
+    /// Largest rate correction used to remove a phase error, ppm.
+    pub max_slew_ppm: f64,
+    /// Time constant of the phase error's decay (when below the slew limit).
+    pub time_constant_ns: i64,
+    /// Largest |rate| taken from a target, ppm (a target beyond is clamped).
+    pub max_rate_ppm: f64,
+}
+
+impl Default for SlewConfig {
+    fn default() -> Self {
+        SlewConfig { max_slew_ppm: 500.0, time_constant_ns: 1_500_000_000, max_rate_ppm: 10_000.0 }
+    }
+}
+
+/// Turns a (jumpy) target map into a published map that never steps: it slews.
+#[derive(Clone, Debug)]
+pub struct Slewer {
+    max_slew_ppt: i128,
+    max_rate_ppt: i128,
+    tau: i128,
+    published: Option<SessionMap>,
+    last_now: Option<i64>,
+    last_dt: i128,
+}
+
+impl Slewer {
+    pub fn new(cfg: SlewConfig) -> Self {
+        let ppm_to_ppt = |ppm: f64, dflt: f64| {
+            let ppm = if ppm.is_finite() && ppm >= 0.0 { ppm.min(100_000.0) } else { dflt };
+            (ppm * 1e6).round() as i128
+        };
+        Slewer {
+            max_slew_ppt: ppm_to_ppt(cfg.max_slew_ppm, 500.0),
+            max_rate_ppt: ppm_to_ppt(cfg.max_rate_ppm, 10_000.0),
+            tau: cfg.time_constant_ns.clamp(1_000_000, 3600 * SEC) as i128,
+            published: None,
+            last_now: None,
+            last_dt: 0,
+        }
+    }
+
+    /// Called every control tick (~50 ms) with local now and the latest estimate's map.
+    /// Returns the map to publish: continuous at `now` with the previous one (exactly)
+    /// unless `allow_step` (the first map after joining) or nothing was published yet.
+    pub fn step(&mut self, now_local: i64, target: &SessionMap, allow_step: bool) -> SessionMap {
+        let target_rate = (target.rate_ppt as i128).clamp(-self.max_rate_ppt, self.max_rate_ppt);
+        if let Some(last) = self.last_now {
+            let dt = now_local as i128 - last as i128;
+            if dt > 0 {
+                self.last_dt = dt.min(3600 * SEC as i128);
+            }
+        }
+        self.last_now = Some(now_local);
+        let map = match self.published {
+            Some(p) if !allow_step => {
+                let s_now = p.to_session(now_local);
+                let err = map_at(target, now_local) - s_now as i128;
+                let tau = self.tau.max(self.last_dt);
+                let corr = (err.saturating_mul(PPT) / tau).clamp(-self.max_slew_ppt, self.max_slew_ppt);
+                SessionMap { local_ref: now_local, session_ref: s_now, rate_ppt: (target_rate + corr) as i64 }
+            }
+            _ => SessionMap {
+                local_ref: now_local,
+                session_ref: sat64(map_at(target, now_local)),
+                rate_ppt: target_rate as i64,
+            },
+        };
+        self.published = Some(map);
+        map
+    }
+
+    /// The last published map.
+    pub fn current(&self) -> Option<SessionMap> {
+        self.published
+    }
+
+    /// Take `map` as the published map (e.g. the clock a node ran before it started
+    /// following), so that the next [`step`](Slewer::step) slews away from it.
+    pub fn adopt(&mut self, map: SessionMap) {
+        self.published = Some(SessionMap {
+            rate_ppt: (map.rate_ppt as i128).clamp(-(self.max_rate_ppt + self.max_slew_ppt), self.max_rate_ppt + self.max_slew_ppt) as i64,
+            ..map
+        });
+    }
+
+    /// Forget the published map: the next `step` starts from the target.
+    pub fn reset(&mut self) {
+        self.published = None;
+        self.last_now = None;
+        self.last_dt = 0;
+    }
+
+    /// Phase error (target − published) at `now_local` in ns, for logs/status (0 before
+    /// anything was published).
+    pub fn error_ns(&self, now_local: i64, target: &SessionMap) -> i64 {
+        match self.published {
+            Some(p) => sat64(map_at(target, now_local) - map_at(&p, now_local)),
+            None => 0,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Tests
+// ---------------------------------------------------------------------------------------
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const MS: i64 = 1_000_000;
+    const US: i64 = 1_000;
+
+    /// A perfect exchange: leader = local + off (+ rate), delays d1/d2, hold 10 µs.
+    fn exchange(t1: i64, off: i64, rate_ppm: f64, d1: i64, d2: i64) -> Sample {
+        let leader = |l: i64| l + off + (l as f64 * rate_ppm * 1e-6).round() as i64;
+        let t2 = leader(t1 + d1);
+        let t3 = leader(t1 + d1 + 10 * US);
+        Sample { t1, t2, t3, t4: t1 + d1 + 10 * US + d2 }
+    }
+
+    fn feed(e: &mut Estimator, n: usize, start: i64, every: i64, off: i64, rate: f64) {
+        for i in 0..n as i64 {
+            let v = e.handle_sample(exchange(start + i * every, off, rate, 100 * US, 100 * US));
+            assert_eq!(v, SampleVerdict::Accepted, "sample {i}");
+        }
+    }
+
+    #[test]
+    fn rejects_non_causal() {
+        let mut e = Estimator::new(SyncConfig::default());
+        let r = |e: &mut Estimator, s| e.handle_sample(s);
+        let nc = SampleVerdict::Rejected(RejectReason::NonCausal);
+        assert_eq!(r(&mut e, Sample { t1: 100, t2: 5, t3: 6, t4: 99 }), nc, "t4 < t1");
+        assert_eq!(r(&mut e, Sample { t1: 100, t2: 7, t3: 6, t4: 200 }), nc, "t3 < t2");
+        // leader held it longer than our whole round trip
+        assert_eq!(r(&mut e, Sample { t1: 100, t2: 0, t3: 500, t4: 200 }), nc, "negative rtt");
+        assert_eq!(e.stats().non_causal, 3);
+        assert!(e.estimate().is_none());
+    }
+
+    #[test]
+    fn rejects_absurd_and_out_of_range() {
+        let mut e = Estimator::new(SyncConfig::default());
+        let s = Sample { t1: 0, t2: 10, t3: 20, t4: 2 * SEC };
+        assert_eq!(e.handle_sample(s), SampleVerdict::Rejected(RejectReason::RttAbsurd));
+        let s = Sample { t1: i64::MIN, t2: i64::MAX - 10, t3: i64::MAX - 5, t4: i64::MIN + 100 };
+        assert_eq!(e.handle_sample(s), SampleVerdict::Rejected(RejectReason::OutOfRange));
+        let s = Sample { t1: 0, t2: i64::MIN, t3: i64::MAX, t4: 10 };
+        assert_eq!(e.handle_sample(s), SampleVerdict::Rejected(RejectReason::NonCausal));
+    }
+
+    #[test]
+    fn rejects_duplicate_and_too_old() {
+        let mut e = Estimator::new(SyncConfig::default());
+        let s = exchange(100 * SEC, 5 * MS, 0.0, 100 * US, 100 * US);
+        assert_eq!(e.handle_sample(s), SampleVerdict::Accepted);
+        assert_eq!(e.handle_sample(s), SampleVerdict::Rejected(RejectReason::Duplicate));
+        let later = exchange(200 * SEC, 5 * MS, 0.0, 100 * US, 100 * US);
+        assert_eq!(e.handle_sample(later), SampleVerdict::Accepted);
+        let stale = exchange(150 * SEC, 5 * MS, 0.0, 100 * US, 100 * US);
+        assert_eq!(e.handle_sample(stale), SampleVerdict::Rejected(RejectReason::TooOld));
+        // slightly out of order is fine
+        let ooo = exchange(199 * SEC, 5 * MS, 0.0, 100 * US, 100 * US);
+        assert_eq!(e.handle_sample(ooo), SampleVerdict::Accepted);
+    }
+
+    #[test]
+    fn rejects_inflated_rtt_once_the_gate_has_history() {
+        let mut e = Estimator::new(SyncConfig::default());
+        feed(&mut e, 10, SEC, 200 * MS, 0, 0.0);
+        let slow = exchange(5 * SEC, 0, 0.0, 100 * US, 5 * MS);
+        assert_eq!(e.handle_sample(slow), SampleVerdict::Rejected(RejectReason::RttInflated));
+        let ok = exchange(5 * SEC + 200 * MS, 0, 0.0, 300 * US, 100 * US);
+        assert_eq!(e.handle_sample(ok), SampleVerdict::Accepted, "within the 500 µs margin");
+        // the gate opens only after gate_after samples: early samples all count
+        let mut e = Estimator::new(SyncConfig::default());
+        e.handle_sample(exchange(SEC, 0, 0.0, 100 * US, 100 * US));
+        assert_eq!(e.handle_sample(exchange(2 * SEC, 0, 0.0, 100 * US, 50 * MS)), SampleVerdict::Accepted);
+    }
+
+    #[test]
+    fn estimate_needs_min_samples_then_is_exact_for_perfect_samples() {
+        let off = 987_654_321;
+        let rate = 150.0;
+        let mut e = Estimator::new(SyncConfig::default());
+        let start = 1_000_000 * SEC; // ~11.6 days of uptime
+        feed(&mut e, 7, start, 200 * MS, off, rate);
+        assert!(e.estimate().is_none());
+        feed(&mut e, 20, start + 7 * 200 * MS, 200 * MS, off, rate);
+        let est = e.estimate().unwrap();
+        assert_eq!(est.samples, 27);
+        assert!((est.rtt_ns - 200 * US).abs() <= 5, "rtt {} (the 10 µs hold is 150 ppm longer in leader time)", est.rtt_ns);
+        assert!((est.rate_ppm - rate).abs() < 0.01, "rate {}", est.rate_ppm);
+        // ≈ the one-way delay (100 µs, seen 150 ppm longer by the leader's clock)
+        assert!((est.uncertainty_ns - 100 * US).abs() <= 20, "{}", est.uncertainty_ns);
+        for l in [est.map.local_ref, est.map.local_ref + 2 * SEC] {
+            let truth = l + off + (l as f64 * rate * 1e-6).round() as i64;
+            assert!((est.map.to_session(l) - truth).abs() <= 2, "at {l}: {} vs {truth}", est.map.to_session(l));
+        }
+    }
+
+    #[test]
+    fn asymmetry_biases_by_half_and_stays_within_uncertainty() {
+        let mut e = Estimator::new(SyncConfig::default());
+        for i in 0..30 {
+            let t1 = 10 * SEC + i * 200 * MS;
+            e.handle_sample(exchange(t1, 42 * MS, 0.0, 100 * US, 300 * US));
+        }
+        let est = e.estimate().unwrap();
+        assert!((est.offset_ns - (42 * MS - 100 * US)).abs() <= 2, "{}", est.offset_ns);
+        assert!(est.uncertainty_ns >= 100 * US);
+    }
+
+    #[test]
+    fn clock_step_without_reset_resyncs_after_step_after_samples() {
+        let mut e = Estimator::new(SyncConfig::default());
+        feed(&mut e, 20, SEC, 200 * MS, 0, 0.0);
+        let t = SEC + 20 * 200 * MS;
+        for i in 0..2 {
+            let v = e.handle_sample(exchange(t + i * 200 * MS, 50 * MS, 0.0, 100 * US, 100 * US));
+            assert_eq!(v, SampleVerdict::Rejected(RejectReason::Inconsistent));
+        }
+        let v = e.handle_sample(exchange(t + 2 * 200 * MS, 50 * MS, 0.0, 100 * US, 100 * US));
+        assert_eq!(v, SampleVerdict::Accepted);
+        assert_eq!(e.stats().resyncs, 1);
+        assert!(e.estimate().is_none(), "3 samples < min_samples");
+        feed(&mut e, 5, t + 3 * 200 * MS, 200 * MS, 50 * MS, 0.0);
+        assert!((e.estimate().unwrap().offset_ns - 50 * MS).abs() <= 2);
+        // one stray sample is only rejected, the window survives
+        let v = e.handle_sample(exchange(t + 9 * 200 * MS, 0, 0.0, 100 * US, 100 * US));
+        assert_eq!(v, SampleVerdict::Rejected(RejectReason::Inconsistent));
+        feed(&mut e, 1, t + 10 * 200 * MS, 200 * MS, 50 * MS, 0.0);
+        assert_eq!(e.estimate().unwrap().samples, 9);
+    }
+
+    #[test]
+    fn reset_forgets() {
+        let mut e = Estimator::new(SyncConfig::default());
+        feed(&mut e, 10, SEC, 200 * MS, 0, 0.0);
+        assert!(e.estimate().is_some());
+        e.reset();
+        assert!(e.estimate().is_none());
+        // the same t1 is no longer a duplicate
+        feed(&mut e, 1, SEC, 200 * MS, 7, 0.0);
+    }
+
+    #[test]
+    fn window_is_bounded() {
+        let mut e = Estimator::new(SyncConfig { window: 16, ..Default::default() });
+        feed(&mut e, 100, SEC, 200 * MS, 0, 0.0);
+        assert_eq!(e.estimate().unwrap().samples, 16);
+        let mut e = Estimator::new(SyncConfig::default());
+        feed(&mut e, 100, SEC, SEC, 0, 0.0); // 1 s apart: max_age (30 s) binds
+        assert_eq!(e.estimate().unwrap().samples, 31);
+    }
+
+    #[test]
+    fn slewer_steps_once_then_slews_continuously() {
+        let mut s = Slewer::new(SlewConfig::default());
+        assert_eq!(s.current(), None);
+        let target = SessionMap { local_ref: 0, session_ref: 1_000 * MS, rate_ppt: 100_000_000 };
+        let m = s.step(10 * SEC, &target, false); // nothing published yet: adopt the target
+        assert_eq!(m.to_session(10 * SEC), target.to_session(10 * SEC));
+        let jumped = SessionMap { session_ref: target.session_ref + 2 * MS, ..target };
+        let mut prev = m;
+        let mut now = 10 * SEC;
+        let mut max_corr = 0i64;
+        for _ in 0..400 {
+            now += 50 * MS;
+            let m = s.step(now, &jumped, false);
+            assert!((m.to_session(now) - prev.to_session(now)).abs() <= 1, "stepped at {now}");
+            max_corr = max_corr.max((m.rate_ppt - jumped.rate_ppt).abs());
+            prev = m;
+        }
+        assert!(max_corr <= 500_000_000, "slew {max_corr} ppt");
+        assert!(max_corr >= 499_000_000, "slew limit reached for a 2 ms error");
+        assert!(s.error_ns(now, &jumped).abs() <= 1_000, "converged: {}", s.error_ns(now, &jumped));
+        // 2 ms at ≤ 500 ppm takes ≥ 4 s: after 2 s at most 1 ms can have been removed
+        let mut s2 = Slewer::new(SlewConfig::default());
+        s2.step(0, &target, true);
+        for i in 1..=40 {
+            s2.step(i * 50 * MS, &jumped, false);
+        }
+        assert!(s2.error_ns(2 * SEC, &jumped) >= MS - 1_000);
+        // allow_step jumps
+        let m = s.step(now + 50 * MS, &target, true);
+        assert_eq!(m.to_session(now + 50 * MS), target.to_session(now + 50 * MS));
+    }
+
+    #[test]
+    fn slewer_late_tick_does_not_overshoot() {
+        let mut s = Slewer::new(SlewConfig::default());
+        let target = SessionMap::IDENTITY;
+        s.adopt(SessionMap { local_ref: 0, session_ref: -100 * US, rate_ppt: 0 });
+        s.step(0, &target, false);
+        s.step(10 * SEC, &target, false); // learns that ticks are 10 s apart
+        let e1 = s.error_ns(10 * SEC, &target);
+        s.step(20 * SEC, &target, false);
+        let e2 = s.error_ns(20 * SEC, &target);
+        // correction e1/10 s over 10 s removes e1, without overshoot
+        assert!(e1.abs() > 10 * US && e2.abs() <= 10, "e1 {e1}, e2 {e2}");
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_samples_never_panic(samples in proptest::collection::vec(
+            (any::<i64>(), any::<i64>(), any::<i64>(), any::<i64>(), any::<bool>(), 0i64..2_000_000_000, -2_000_000i64..2_000_000), 1..80)) {
+            let mut e = Estimator::new(SyncConfig { min_samples: 2, gate_after: 2, ..Default::default() });
+            let mut sl = Slewer::new(SlewConfig::default());
+            for (t1, t2, t3, t4, plausible, rtt, hold) in samples {
+                // half the time fully arbitrary, half the time causal-looking near the extremes
+                let s = if plausible {
+                    let t4 = t1.saturating_add(rtt);
+                    Sample { t1, t2, t3: t2.saturating_add(hold.abs()), t4 }
+                } else {
+                    Sample { t1, t2, t3, t4 }
+                };
+                let _ = e.handle_sample(s);
+                if let Some(est) = e.estimate() {
+                    prop_assert!(est.uncertainty_ns >= 0);
+                    prop_assert!(est.rate_ppm.abs() <= 2000.0 + 1e-6);
+                    let _ = est.map.to_session(t4);
+                    let _ = est.map.to_local(t2);
+                    let m = sl.step(t4, &est.map, false);
+                    let _ = sl.error_ns(t1, &est.map);
+                    let _ = m.to_local(t3);
+                }
+            }
+        }
+
+        #[test]
+        fn slewer_is_continuous(steps in proptest::collection::vec(
+            (1i64..2_000_000_000, -10_000_000_000i64..10_000_000_000, -1_000_000_000i64..1_000_000_000), 1..100)) {
+            let mut s = Slewer::new(SlewConfig::default());
+            let mut now = 123_456_789_000_000i64;
+            let mut prev = s.step(now, &SessionMap::IDENTITY, true);
+            for (dt, off, rate) in steps {
+                now += dt;
+                let target = SessionMap { local_ref: now, session_ref: now + off, rate_ppt: rate };
+                let m = s.step(now, &target, false);
+                prop_assert!((m.to_session(now) - prev.to_session(now)).abs() <= 1);
+                prop_assert!((m.rate_ppt as i128 - rate.clamp(-10_000_000_000, 10_000_000_000) as i128).abs() <= 500_000_000);
+                prev = m;
+            }
+        }
+    }
+}

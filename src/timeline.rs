@@ -287,7 +287,8 @@ impl Timeline {
                 return None;
             }
             // continuity: the next segment starts where the previous puts its beat
-            if w[0].time_at(BeatPos::from_beat(w[1].b0)) != w[1].t0 {
+            // (within 2 ns: a timeline re-begun with `begun_at` re-rounds its anchor)
+            if (w[0].time_at(BeatPos::from_beat(w[1].b0)) - w[1].t0).abs() > 2 {
                 return None;
             }
         }
@@ -297,6 +298,19 @@ impl Timeline {
         }
         t.len = segs.len() as u8;
         Some(t)
+    }
+
+    /// The same timeline begun at integer beat `beat`: nothing clicks before it.
+    /// Used when a box joins a running room at a bar boundary. The new anchor's time
+    /// is `beat_time(beat)` (rounded up to the ns, like every beat time).
+    pub fn begun_at(&self, beat: i64) -> Timeline {
+        let seg = *self.segment_at_beat(beat);
+        let mut t = Timeline::new(Segment { t0: self.beat_time(beat), b0: beat, ..seg });
+        for s in self.segments().iter().filter(|s| s.b0 > beat) {
+            t.segs[t.len as usize] = *s;
+            t.len += 1;
+        }
+        t
     }
 
     /// The segment that governs session time `t`.

@@ -115,6 +115,8 @@ fn alsa_click_is_sample_exact_through_jack() {
     let log = home.join("clicks.jsonl");
     let daemon = cmd(BIN)
         .args(["run", "--audio", "default", "--play", "--tempo", "120", "--meter", "4", "--buffer-frames", "256", "--volume", "0.8"])
+        .args(["--interface", "lo", "--quic", "127.0.0.1:0", "--room"])
+        .arg(format!("alsa-test-{}", std::process::id()))
         .arg("--state-dir")
         .arg(home.join("state"))
         .arg("--click-log")

@@ -38,7 +38,9 @@ fn run_null(extra_env: &[(&str, &str)], args: &[&str], secs: f64) -> (i64, Vec<L
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("clicks.jsonl");
     let mut cmd = Command::new(BIN);
-    cmd.args(["run", "--audio", "null", "--play", "--state-dir"])
+    cmd.args(["run", "--audio", "null", "--play", "--interface", "lo", "--quic", "127.0.0.1:0", "--room"])
+        .arg(format!("null-{}", dir.path().file_name().unwrap().to_string_lossy()))
+        .arg("--state-dir")
         .arg(dir.path().join("state"))
         .arg("--click-log")
         .arg(&log)

@@ -55,6 +55,7 @@ pub struct Renderer {
     voice: Option<Voice>,
     last_beat: Option<(i64, i64)>,
     cursor: Option<i64>,
+    gen: u64,
     snap: AudioSnapshot,
     cell: Arc<SnapshotCell>,
     stats: Arc<AudioStats>,
@@ -82,6 +83,7 @@ impl Renderer {
             voice: None,
             last_beat: None,
             cursor: None,
+            gen: snap.gen,
             snap,
             cell,
             stats,
@@ -141,6 +143,13 @@ impl Renderer {
         self.stats.last_callback_ns.store(t_first, Relaxed);
 
         let snap = self.snap;
+        if snap.gen != self.gen {
+            // The session clock stepped (this box joined a room): beats and session
+            // times before and after are unrelated. Start afresh from this buffer.
+            self.gen = snap.gen;
+            self.last_beat = None;
+            self.cursor = None;
+        }
         let tl = &snap.timeline;
         let h0 = t_first + snap.latency_offset_ns;
         let h1 = h0 + (frames as f64 * npf) as i64;

@@ -21,9 +21,12 @@ pub struct AudioSnapshot {
     pub latency_offset_ns: i64,
     /// Linear gain, 0.0–1.0.
     pub gain: f32,
+    /// Session-map generation: changes when the session clock steps (a box joining a
+    /// room). The renderer forgets which beats it played when it changes.
+    pub gen: u64,
 }
 
-const WORDS: usize = TIMELINE_WORDS + 6;
+const WORDS: usize = TIMELINE_WORDS + 7;
 
 impl AudioSnapshot {
     fn encode(&self) -> [u64; WORDS] {
@@ -38,6 +41,7 @@ impl AudioSnapshot {
         w[o + 3] = self.epoch;
         w[o + 4] = self.latency_offset_ns as u64;
         w[o + 5] = self.gain.to_bits() as u64;
+        w[o + 6] = self.gen;
         w
     }
     fn decode(w: &[u64; WORDS]) -> AudioSnapshot {
@@ -51,6 +55,7 @@ impl AudioSnapshot {
             epoch: w[o + 3],
             latency_offset_ns: w[o + 4] as i64,
             gain: if gain.is_finite() { gain.clamp(0.0, 1.0) } else { 0.0 },
+            gen: w[o + 6],
         }
     }
 }
@@ -132,6 +137,7 @@ mod tests {
             epoch: i as u64,
             latency_offset_ns: i * 7,
             gain: 0.5,
+            gen: i as u64 * 11,
         }
     }
 

@@ -1,0 +1,575 @@
+#!/usr/bin/env bash
+# bandsync lab: N nodes, each in its own network namespace, on one Linux bridge (real mDNS,
+# real QUIC), for a chosen time; then a summary of their click logs. Cleans up after itself.
+# Run `scripts/lab.sh --help` for the options. Needs root and iproute2.
+set -uo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+PREFIX="bsl$$"              # every name this run creates starts with it
+SW_NS="${PREFIX}-sw"        # the namespace holding the bridge
+BRIDGE="${PREFIX}br"        # interface names are <= 15 characters
+SUBNET_PREFIX="10.77.0"     # node i is 10.77.0.(10+i)/24; nothing else is ever used
+QUIC_PORT=47810
+ROOM=lab
+
+usage() {
+    cat <<EOF
+Usage: scripts/lab.sh [OPTIONS]
+       scripts/lab.sh --cleanup-stale
+
+Runs N bandsync nodes, each in its own network namespace (${PREFIX%%[0-9]*}<PID>-n<i>) on one
+bridge in a namespace of its own (${PREFIX%%[0-9]*}<PID>-sw), with real mDNS and QUIC on
+${SUBNET_PREFIX}.0/24 (node i = ${SUBNET_PREFIX}.(10+i)), for a given time. Then it stops them,
+prints scripts/lab_summary.py's report of their click logs (also saved to OUT/summary.txt)
+and deletes everything it created. The root namespace is never touched. Must run as root.
+
+Options:
+  -n N                  number of nodes (default 3; 1..200)
+  -t SECONDS            run length, from the start of node 1 (default 30)
+  --warmup S            summary: skip clicks before the first click + S seconds (default 10)
+  --node-warmup S       summary: also skip each node's first S seconds of clicks (default 0)
+  --bin PATH            the daemon (default target/release/bandsync, built with
+                        \`cargo build --release\` when missing)
+  --build               run \`cargo build --release\` first even if the binary exists
+  --out DIR             output folder, kept (default lab-out/<timestamp>)
+  --clock SPEC          BANDSYNC_TEST_CLOCK of the next node, in order: first --clock is
+                        node 1, the second node 2, ... "none" = undistorted. Nodes without
+                        one get the default spread: node i gets offset_ms -250, +250, -125,
+                        +125, -62.5, ... and skew_ppm +100, -100, +50, -50, +25, ...
+  --no-clock            nodes without a --clock run undistorted (instead of the spread)
+  --impair SPEC         BANDSYNC_TEST_IMPAIR for every node, e.g.
+                        "delay_ms=3,jitter_ms=20,loss=0.02"; node i gets ",seed=<S+i>"
+                        appended (S = the seed in SPEC, else 0)
+  --kill-leader-at T    kill -9 the current leader T seconds into the run (leader from the
+                        nodes' <state>/status.json; else the highest --priority, then the
+                        highest node id)
+  --join-at T           start the last node only at T seconds (a box joining a running room)
+  --wrong-key-node I    node I gets a different room key
+  --tempo BPM           initial tempo (default 120)
+  --meter N             beats per bar (default 4)
+  --priority-list LIST  per-node priorities, e.g. "0,0,5" (node 1 first; missing = none)
+  --extra "ARGS"        extra \`bandsync run\` arguments for every node (split on spaces;
+                        repeatable)
+  --log FILTER          BANDSYNC_LOG of the nodes (default info)
+  --ipv6                keep IPv6 on in the namespaces (default: off, so only
+                        ${SUBNET_PREFIX}.0/24 addresses exist)
+  --cleanup-stale       delete leftover ${PREFIX%%[0-9]*}<PID>-* namespaces of runs that are no
+                        longer alive (killing their nodes), then exit
+  -h, --help            this text
+
+Output folder: room.key (room-wrong.key), events.jsonl (lab events with CLOCK_MONOTONIC
+times: start, join, kill, exit, stop), lab.txt (the run's settings), summary.txt, and per
+node node<i>/{node.log, clicks.jsonl, state/}.
+
+Exit status: 0 when the run and the summary completed (whatever the figures); 1 on usage or
+setup errors; 2 when the summary could not read any click log; 3 when a node exited on its
+own (crash, bad flag) before the end; 130/143 when interrupted.
+EOF
+}
+
+die() { echo "lab.sh: $*" >&2; exit 1; }
+log() { printf '[%6.2fs] %s\n' "$(elapsed_s)" "$*"; }
+
+# ------------------------------------------------------------------------------ numbers
+
+is_uint() { [[ $1 =~ ^[0-9]+$ ]]; }
+is_int() { [[ $1 =~ ^-?[0-9]+$ ]]; }
+is_secs() { [[ $1 =~ ^[0-9]+([.][0-9]+)?$ ]]; }
+# seconds (decimal) -> integer microseconds
+secs_to_us() { awk -v s="$1" 'BEGIN { printf "%d", s * 1000000 }'; }
+now_us() { local r=$EPOCHREALTIME; echo "${r//[.,]/}"; }
+T0_US=""
+elapsed_us() { if [ -n "$T0_US" ]; then echo $(( $(now_us) - T0_US )); else echo 0; fi; }
+elapsed_s() { local e; e=$(elapsed_us); awk -v e="$e" 'BEGIN { printf "%.2f", e / 1e6 }'; }
+
+# ------------------------------------------------------------------------------ options
+
+N=3
+DURATION=30
+WARMUP=10
+NODE_WARMUP=0
+BIN=""
+BUILD=0
+OUT=""
+CLOCKS=()
+NO_CLOCK=0
+IMPAIR=""
+KILL_AT=""
+JOIN_AT=""
+WRONG_KEY=""
+TEMPO=120
+METER=4
+PRIO_LIST=""
+EXTRA=()
+LOG_FILTER=info
+IPV6=0
+CLEANUP_STALE=0
+ORIG_ARGS=("$@")
+
+need_arg() { [ $# -ge 2 ] || die "$1 needs a value (see --help)"; }
+while [ $# -gt 0 ]; do
+    case "$1" in
+        -h|--help) usage; exit 0 ;;
+        -n) need_arg "$@"; N=$2; shift 2 ;;
+        -t) need_arg "$@"; DURATION=$2; shift 2 ;;
+        --warmup) need_arg "$@"; WARMUP=$2; shift 2 ;;
+        --node-warmup) need_arg "$@"; NODE_WARMUP=$2; shift 2 ;;
+        --bin) need_arg "$@"; BIN=$2; shift 2 ;;
+        --build) BUILD=1; shift ;;
+        --out) need_arg "$@"; OUT=$2; shift 2 ;;
+        --clock) need_arg "$@"; CLOCKS+=("$2"); shift 2 ;;
+        --no-clock) NO_CLOCK=1; shift ;;
+        --impair) need_arg "$@"; IMPAIR=$2; shift 2 ;;
+        --kill-leader-at) need_arg "$@"; KILL_AT=$2; shift 2 ;;
+        --join-at) need_arg "$@"; JOIN_AT=$2; shift 2 ;;
+        --wrong-key-node) need_arg "$@"; WRONG_KEY=$2; shift 2 ;;
+        --tempo) need_arg "$@"; TEMPO=$2; shift 2 ;;
+        --meter) need_arg "$@"; METER=$2; shift 2 ;;
+        --priority-list) need_arg "$@"; PRIO_LIST=$2; shift 2 ;;
+        --extra) need_arg "$@"; read -ra _x <<<"$2"; EXTRA+=("${_x[@]}"); shift 2 ;;
+        --log) need_arg "$@"; LOG_FILTER=$2; shift 2 ;;
+        --ipv6) IPV6=1; shift ;;
+        --cleanup-stale) CLEANUP_STALE=1; shift ;;
+        *) die "unknown option: $1 (see --help)" ;;
+    esac
+done
+
+[ "$(id -u)" -eq 0 ] || die "must run as root (network namespaces), e.g. sudo $0 ${ORIG_ARGS[*]}"
+command -v ip >/dev/null || die "needs iproute2 (ip)"
+ip netns list >/dev/null 2>&1 || die "\`ip netns\` does not work here"
+
+# ------------------------------------------------------------------------------ stale runs
+
+# A namespace is ours if it is named bsl<PID>-sw or bsl<PID>-n<i>; it is stale when that PID
+# is no longer a running lab.sh.
+run_alive() {
+    local pid=$1
+    [ -r "/proc/$pid/cmdline" ] && tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q 'lab\.sh'
+}
+cleanup_stale() {
+    local ns pid found=0 p
+    while read -r ns _; do
+        [[ $ns =~ ^bsl([0-9]+)-(sw|n[0-9]+)$ ]] || continue
+        pid=${BASH_REMATCH[1]}
+        if [ "$pid" != "$$" ] && run_alive "$pid"; then
+            echo "keeping $ns: lab run $pid is still alive"
+            continue
+        fi
+        found=1
+        for p in $(ip netns pids "$ns" 2>/dev/null); do
+            echo "killing pid $p ($(tr '\0' ' ' <"/proc/$p/cmdline" 2>/dev/null | cut -c1-60)) in $ns"
+            kill -9 "$p" 2>/dev/null
+        done
+        if ip netns del "$ns"; then echo "deleted namespace $ns"; else echo "could not delete $ns" >&2; fi
+    done < <(ip netns list 2>/dev/null)
+    [ $found -eq 1 ] || echo "no stale bsl* namespaces"
+}
+if [ $CLEANUP_STALE -eq 1 ]; then
+    cleanup_stale
+    exit 0
+fi
+
+# ------------------------------------------------------------------------------ validation
+
+is_uint "$N" && [ "$N" -ge 1 ] && [ "$N" -le 200 ] || die "-n must be 1..200, got '$N'"
+is_secs "$DURATION" || die "-t must be a number of seconds, got '$DURATION'"
+is_secs "$WARMUP" || die "--warmup must be a number of seconds, got '$WARMUP'"
+is_secs "$NODE_WARMUP" || die "--node-warmup must be a number of seconds, got '$NODE_WARMUP'"
+is_uint "$METER" || die "--meter must be an integer, got '$METER'"
+[[ $TEMPO =~ ^[0-9]+([.][0-9]+)?$ ]] || die "--tempo must be a number (BPM), got '$TEMPO'"
+DURATION_US=$(secs_to_us "$DURATION")
+[ "$DURATION_US" -gt 0 ] || die "-t must be > 0"
+KILL_US=""
+if [ -n "$KILL_AT" ]; then
+    is_secs "$KILL_AT" || die "--kill-leader-at must be a number of seconds, got '$KILL_AT'"
+    KILL_US=$(secs_to_us "$KILL_AT")
+    [ "$KILL_US" -lt "$DURATION_US" ] || die "--kill-leader-at $KILL_AT is not before the end (-t $DURATION)"
+fi
+JOIN_US=""
+if [ -n "$JOIN_AT" ]; then
+    is_secs "$JOIN_AT" || die "--join-at must be a number of seconds, got '$JOIN_AT'"
+    [ "$N" -ge 2 ] || die "--join-at needs at least 2 nodes"
+    JOIN_US=$(secs_to_us "$JOIN_AT")
+    [ "$JOIN_US" -lt "$DURATION_US" ] || die "--join-at $JOIN_AT is not before the end (-t $DURATION)"
+fi
+if [ -n "$WRONG_KEY" ]; then
+    is_uint "$WRONG_KEY" && [ "$WRONG_KEY" -ge 1 ] && [ "$WRONG_KEY" -le "$N" ] \
+        || die "--wrong-key-node must be 1..$N, got '$WRONG_KEY'"
+fi
+[ ${#CLOCKS[@]} -le "$N" ] || die "${#CLOCKS[@]} --clock given for $N nodes"
+for c in "${CLOCKS[@]}"; do
+    [[ $c == none || $c =~ ^[a-z_]+=[-+0-9.eE]+(,[a-z_]+=[-+0-9.eE]+)*$ ]] \
+        || die "--clock must look like 'offset_ms=X,skew_ppm=Y' or 'none', got '$c'"
+done
+PRIOS=()
+if [ -n "$PRIO_LIST" ]; then
+    IFS=',' read -ra PRIOS <<<"$PRIO_LIST"
+    [ ${#PRIOS[@]} -le "$N" ] || die "--priority-list has ${#PRIOS[@]} entries for $N nodes"
+    for p in "${PRIOS[@]}"; do
+        p=${p// /}
+        [ -z "$p" ] || is_int "$p" || die "--priority-list entries must be integers, got '$p'"
+    done
+fi
+IMPAIR_BASE=""; SEED_BASE=0
+if [ -n "$IMPAIR" ]; then
+    [[ $IMPAIR =~ ^[a-z_]+=[-+0-9.eE]+(,[a-z_]+=[-+0-9.eE]+)*$ ]] \
+        || die "--impair must look like 'delay_ms=3,jitter_ms=20,loss=0.02', got '$IMPAIR'"
+    if [[ ,$IMPAIR, =~ ,seed=([0-9]+), ]]; then SEED_BASE=${BASH_REMATCH[1]}; fi
+    IMPAIR_BASE=$(printf '%s' "$IMPAIR" | tr ',' '\n' | grep -v '^seed=' | paste -sd, -)
+fi
+command -v python3 >/dev/null || die "needs python3 (the summary)"
+command -v awk >/dev/null || die "needs awk"
+
+# Paths the user gave are relative to where they ran us; defaults to the repository.
+abspath() { case "$1" in /*) echo "$1" ;; *) echo "$PWD/$1" ;; esac; }
+if [ -z "$BIN" ]; then
+    BIN="$REPO/target/release/bandsync"
+    if [ $BUILD -eq 1 ] || [ ! -x "$BIN" ]; then
+        echo "building bandsync (cargo build --release)..."
+        (cd "$REPO" && cargo build --release --bin bandsync) || die "cargo build --release failed"
+    fi
+else
+    BIN=$(abspath "$BIN")
+    if [ $BUILD -eq 1 ]; then
+        (cd "$REPO" && cargo build --release --bin bandsync) || die "cargo build --release failed"
+    fi
+fi
+[ -x "$BIN" ] || die "no executable daemon at $BIN"
+if [ -z "$OUT" ]; then
+    OUT="$REPO/lab-out/$(date +%Y%m%d-%H%M%S)-$$"
+else
+    OUT=$(abspath "$OUT")
+fi
+mkdir -p "$OUT" || die "cannot create $OUT"
+for ((i = 1; i <= N; i++)); do
+    [ ! -e "$OUT/node$i/clicks.jsonl" ] || die "$OUT/node$i/clicks.jsonl exists already (use a new --out)"
+done
+
+# ------------------------------------------------------------------------------ per node
+
+ns_of() { echo "${PREFIX}-n$1"; }
+if_of() { echo "${PREFIX}n$1"; }     # the node's end of its veth, inside its namespace
+swif_of() { echo "${PREFIX}s$1"; }   # the bridge's end, inside the switch namespace
+ip_of() { echo "$SUBNET_PREFIX.$((10 + $1))"; }
+
+clock_of() {   # BANDSYNC_TEST_CLOCK of node i ("" = none)
+    local i=$1 c
+    if [ "$i" -le ${#CLOCKS[@]} ]; then
+        c=${CLOCKS[$((i - 1))]}
+        [ "$c" = none ] && c=""
+        echo "$c"
+    elif [ $NO_CLOCK -eq 1 ]; then
+        echo ""
+    else
+        awk -v i="$i" 'BEGIN {
+            k = int((i - 1) / 2); s = (i % 2 == 1) ? -1 : 1
+            printf "offset_ms=%g,skew_ppm=%g", s * 250 / 2^k, -s * 100 / 2^k }'
+    fi
+}
+impair_of() {
+    [ -n "$IMPAIR" ] || return 0
+    if [ -n "$IMPAIR_BASE" ]; then echo "$IMPAIR_BASE,seed=$((SEED_BASE + $1))"
+    else echo "seed=$((SEED_BASE + $1))"; fi
+}
+prio_of() { local p=${PRIOS[$(($1 - 1))]:-}; echo "${p// /}"; }
+key_of() { if [ "$1" = "$WRONG_KEY" ]; then echo "$OUT/room-wrong.key"; else echo "$OUT/room.key"; fi; }
+
+# ------------------------------------------------------------------------------ events
+
+MONO_OFF_NS=$(python3 -c 'import time; print(time.monotonic_ns() - time.time_ns())')
+event() {   # event NAME [json fields...]; t_mono_ns is CLOCK_MONOTONIC like the click logs
+    local name=$1; shift
+    local t=$(( $(now_us) * 1000 + MONO_OFF_NS ))
+    local extra=""
+    [ $# -gt 0 ] && extra=",$(IFS=,; echo "$*")"
+    printf '{"event":"%s","t_mono_ns":%d,"t_s":%s%s}\n' "$name" "$t" "$(elapsed_s)" "$extra" >>"$OUT/events.jsonl"
+}
+
+# ------------------------------------------------------------------------------ cleanup
+
+CREATED_NS=()      # namespaces, in creation order
+CREATED_LINKS=()   # "namespace interface"
+declare -A PID=() STOPPED=() EXITED=()
+CLEANED=0
+
+stop_nodes() {   # SIGTERM, up to 3 s, then SIGKILL; reaps them all
+    local i pid left deadline
+    for i in "${!PID[@]}"; do
+        pid=${PID[$i]}
+        [ -n "${STOPPED[$i]:-}" ] && continue
+        kill -0 "$pid" 2>/dev/null && kill -TERM "$pid" 2>/dev/null
+    done
+    deadline=$(( $(now_us) + 3000000 ))
+    while :; do
+        left=0
+        for i in "${!PID[@]}"; do
+            [ -n "${STOPPED[$i]:-}" ] && continue
+            kill -0 "${PID[$i]}" 2>/dev/null && left=1
+        done
+        [ $left -eq 0 ] && break
+        if [ "$(now_us)" -ge "$deadline" ]; then
+            for i in "${!PID[@]}"; do
+                [ -n "${STOPPED[$i]:-}" ] && continue
+                if kill -0 "${PID[$i]}" 2>/dev/null; then
+                    echo "lab.sh: node$i (pid ${PID[$i]}) ignored SIGTERM for 3 s: kill -9" >&2
+                    kill -KILL "${PID[$i]}" 2>/dev/null
+                fi
+            done
+            break
+        fi
+        sleep 0.05
+    done
+    for i in "${!PID[@]}"; do
+        [ -n "${STOPPED[$i]:-}" ] && continue
+        wait "${PID[$i]}" 2>/dev/null
+        STOPPED[$i]=$?
+    done
+}
+
+cleanup() {
+    [ $CLEANED -eq 1 ] && return
+    CLEANED=1
+    stop_nodes
+    local entry ns ifname p idx
+    for entry in "${CREATED_LINKS[@]}"; do
+        ns=${entry%% *}; ifname=${entry#* }
+        ip -n "$ns" link del "$ifname" 2>/dev/null
+    done
+    for ((idx = ${#CREATED_NS[@]} - 1; idx >= 0; idx--)); do
+        ns=${CREATED_NS[$idx]}
+        # Only our nodes ran in here; anything left would keep the namespace alive.
+        for p in $(ip netns pids "$ns" 2>/dev/null); do kill -9 "$p" 2>/dev/null; done
+        ip netns del "$ns" 2>/dev/null || echo "lab.sh: could not delete namespace $ns" >&2
+    done
+    CREATED_NS=(); CREATED_LINKS=()
+}
+on_exit() { local rc=$?; trap - EXIT INT TERM; cleanup; exit $rc; }
+trap on_exit EXIT
+trap 'echo; echo "lab.sh: interrupted; cleaning up (outputs stay in $OUT)" >&2; exit 130' INT
+trap 'echo "lab.sh: terminated; cleaning up" >&2; exit 143' TERM
+
+# ------------------------------------------------------------------------------ network
+
+run() { "$@" || die "failed: $*"; }
+
+make_ns() {
+    local ns=$1
+    ip netns list | awk '{print $1}' | grep -qx "$ns" \
+        && die "namespace $ns already exists (a crashed run with our PID? try --cleanup-stale)"
+    run ip netns add "$ns"
+    CREATED_NS+=("$ns")
+    if [ $IPV6 -eq 0 ]; then
+        # net.* sysctls are per namespace: this only affects $ns.
+        ip netns exec "$ns" sh -c 'for f in /proc/sys/net/ipv6/conf/all/disable_ipv6 /proc/sys/net/ipv6/conf/default/disable_ipv6; do [ -w "$f" ] && echo 1 >"$f"; done; true'
+    fi
+    run ip -n "$ns" link set lo up
+}
+
+setup_network() {
+    local i ns ifn swif
+    make_ns "$SW_NS"
+    run ip -n "$SW_NS" link add name "$BRIDGE" type bridge stp_state 0 mcast_snooping 0
+    CREATED_LINKS+=("$SW_NS $BRIDGE")
+    run ip -n "$SW_NS" link set dev "$BRIDGE" type bridge mcast_snooping 0
+    run ip -n "$SW_NS" link set dev "$BRIDGE" multicast on up
+    for ((i = 1; i <= N; i++)); do
+        ns=$(ns_of "$i"); ifn=$(if_of "$i"); swif=$(swif_of "$i")
+        make_ns "$ns"
+        # Both ends are created directly in their namespaces: nothing appears in the root one.
+        run ip link add name "$ifn" netns "$ns" type veth peer name "$swif" netns "$SW_NS"
+        CREATED_LINKS+=("$ns $ifn")
+        run ip -n "$SW_NS" link set dev "$swif" master "$BRIDGE"
+        run ip -n "$SW_NS" link set dev "$swif" multicast on up
+        run ip -n "$ns" addr add "$(ip_of "$i")/24" dev "$ifn"
+        run ip -n "$ns" link set dev "$ifn" multicast on up
+        # mDNS (224.0.0.251) needs a multicast route; there is deliberately no default route.
+        run ip -n "$ns" route add 224.0.0.0/4 dev "$ifn"
+    done
+}
+
+# ------------------------------------------------------------------------------ nodes
+
+start_node() {
+    local i=$1 ns ifn clock impair prio
+    ns=$(ns_of "$i"); ifn=$(if_of "$i")
+    clock=$(clock_of "$i"); impair=$(impair_of "$i"); prio=$(prio_of "$i")
+    local envs=(-u BANDSYNC_TEST_CLOCK -u BANDSYNC_TEST_IMPAIR "BANDSYNC_LOG=$LOG_FILTER")
+    [ -n "$clock" ] && envs+=("BANDSYNC_TEST_CLOCK=$clock")
+    [ -n "$impair" ] && envs+=("BANDSYNC_TEST_IMPAIR=$impair")
+    local args=(run --name "node$i" --room "$ROOM" --room-key-file "$(key_of "$i")"
+        --state-dir "$OUT/node$i/state" --interface "$ifn" --quic "$(ip_of "$i"):$QUIC_PORT"
+        --audio null --tempo "$TEMPO" --meter "$METER" --play
+        --click-log "$OUT/node$i/clicks.jsonl")
+    [ -n "$prio" ] && args+=(--priority "$prio")
+    args+=("${EXTRA[@]}")
+    mkdir -p "$OUT/node$i/state"
+    # `ip netns exec` and `env` both exec: $! is the daemon itself.
+    ip netns exec "$ns" env "${envs[@]}" "$BIN" "${args[@]}" </dev/null >"$OUT/node$i/node.log" 2>&1 &
+    PID[$i]=$!
+    event start "\"node\":$i" "\"label\":\"node$i\"" "\"pid\":${PID[$i]}"
+    log "started node$i (pid ${PID[$i]}, $(ip_of "$i"), clock '${clock:-none}'${impair:+, impair '$impair'}${prio:+, priority $prio})"
+}
+
+# Prints "<index> <how it was found>" of the current leader among the running nodes.
+find_leader() {
+    local alive=() i
+    for i in "${!PID[@]}"; do
+        [ -z "${STOPPED[$i]:-}" ] && kill -0 "${PID[$i]}" 2>/dev/null && alive+=("$i:$(prio_of "$i")")
+    done
+    [ ${#alive[@]} -gt 0 ] || return 1
+    python3 - "$OUT" "${alive[@]}" <<'EOF'
+import json, os, sys
+out, alive = sys.argv[1], sys.argv[2:]
+nodes = []  # (index, priority, id, status)
+for a in alive:
+    i, _, p = a.partition(":")
+    i = int(i)
+    state = os.path.join(out, "node%d" % i, "state")
+    st = None
+    try:
+        with open(os.path.join(state, "status.json")) as f:
+            st = json.load(f)
+        if not isinstance(st, dict):
+            st = None
+    except (OSError, ValueError):
+        pass
+    nid = st.get("node") if st and isinstance(st.get("node"), str) else None
+    if nid is None:
+        try:
+            with open(os.path.join(state, "node-id")) as f:
+                nid = f.read().strip() or None
+        except OSError:
+            pass
+    nodes.append((i, int(p) if p.strip() else 0, nid or "", st))
+by_id = {n[2]: n[0] for n in nodes if n[2]}
+with_status = [n for n in nodes if n[3] is not None]
+if with_status:
+    def epoch(n):
+        e = n[3].get("epoch")
+        return e if isinstance(e, int) and not isinstance(e, bool) else -1
+    top = max(epoch(n) for n in with_status)
+    newest = [n for n in with_status if epoch(n) == top]
+    votes = {}
+    for n in newest:
+        l = n[3].get("leader")
+        if isinstance(l, str) and l in by_id:
+            votes[l] = votes.get(l, 0) + 1
+    claim = [n for n in newest if n[3].get("role") == "leader"]
+    if claim:
+        best = max(claim, key=lambda n: (votes.get(n[2], 0), n[0]))
+        print(best[0], "status.json: role=leader, epoch %d, named leader by %d of %d node(s) at that epoch"
+              % (top, votes.get(best[2], 0), len(newest)))
+        sys.exit(0)
+    if votes:
+        lid = max(votes, key=lambda k: (votes[k], k))
+        print(by_id[lid], "status.json: named leader by %d of %d node(s) at epoch %d" % (votes[lid], len(newest), top))
+        sys.exit(0)
+# Fallback: the election's rank without pins: (priority, id), highest wins.
+best = max(nodes, key=lambda n: (n[1], n[2], -n[0]))
+print(best[0], "no usable status.json: highest priority (%d), then highest node id" % best[1])
+EOF
+}
+
+kill_leader() {
+    local line idx why
+    line=$(find_leader) || { log "kill-leader: no running node to kill"; event kill_skipped; return; }
+    idx=${line%% *}; why=${line#* }
+    log "killing the leader node$idx (pid ${PID[$idx]}) with SIGKILL: $why"
+    kill -KILL "${PID[$idx]}" 2>/dev/null
+    wait "${PID[$idx]}" 2>/dev/null
+    STOPPED[$idx]=killed
+    local whyjson=${why//\\/\\\\}; whyjson=${whyjson//\"/\\\"}
+    event kill "\"node\":$idx" "\"label\":\"node$idx\"" "\"pid\":${PID[$idx]}" "\"why\":\"$whyjson\""
+}
+
+check_nodes() {   # notice nodes that exited on their own
+    local i rc
+    for i in "${!PID[@]}"; do
+        [ -n "${STOPPED[$i]:-}" ] && continue
+        kill -0 "${PID[$i]}" 2>/dev/null && continue
+        wait "${PID[$i]}" 2>/dev/null; rc=$?
+        STOPPED[$i]=$rc; EXITED[$i]=$rc
+        log "node$i (pid ${PID[$i]}) exited on its own with status $rc; last lines of its log:"
+        tail -n 5 "$OUT/node$i/node.log" | sed 's/^/    /'
+        event exit "\"node\":$i" "\"label\":\"node$i\"" "\"status\":$rc"
+    done
+}
+
+# ------------------------------------------------------------------------------ run
+
+python3 -c 'import secrets; print(secrets.token_hex(32))' >"$OUT/room.key" || die "cannot write the room key"
+[ -n "$WRONG_KEY" ] && python3 -c 'import secrets; print(secrets.token_hex(32))' >"$OUT/room-wrong.key"
+chmod 600 "$OUT"/room*.key
+{
+    echo "command: $0 ${ORIG_ARGS[*]}"
+    echo "bin: $BIN"
+    echo "prefix: $PREFIX  bridge: $SW_NS/$BRIDGE  duration: ${DURATION}s  warmup: ${WARMUP}s"
+    echo "tempo: $TEMPO  meter: $METER  kill-leader-at: ${KILL_AT:-}  join-at: ${JOIN_AT:-}  wrong-key-node: ${WRONG_KEY:-}"
+    for ((i = 1; i <= N; i++)); do
+        echo "node$i: ns $(ns_of "$i") if $(if_of "$i") ip $(ip_of "$i") clock '$(clock_of "$i")' impair '$(impair_of "$i")' priority '$(prio_of "$i")' key $(basename "$(key_of "$i")")"
+    done
+    [ ${#EXTRA[@]} -gt 0 ] && echo "extra: ${EXTRA[*]}"
+} >"$OUT/lab.txt"
+
+echo "bandsync lab: $N node(s), ${DURATION}s, output in $OUT"
+setup_network
+echo "network: bridge $BRIDGE in $SW_NS, nodes $(ns_of 1)..$(ns_of "$N") on $SUBNET_PREFIX.0/24"
+
+T0_US=$(now_us)
+event lab_start "\"nodes\":$N" "\"prefix\":\"$PREFIX\""
+start_node 1
+declare -A PENDING=()   # node -> start time (µs into the run)
+for ((i = 2; i <= N; i++)); do PENDING[$i]=1000000; done
+[ -n "$JOIN_US" ] && PENDING[$N]=$JOIN_US
+KILL_DONE=0
+[ -z "$KILL_US" ] && KILL_DONE=1
+
+while :; do
+    now=$(elapsed_us)
+    [ "$now" -ge "$DURATION_US" ] && break
+    for i in $(printf '%s\n' "${!PENDING[@]}" | sort -n); do
+        if [ "$now" -ge "${PENDING[$i]}" ]; then
+            unset "PENDING[$i]"
+            [ -n "$JOIN_US" ] && [ "$i" -eq "$N" ] && event join "\"node\":$i" "\"label\":\"node$i\""
+            start_node "$i"
+        fi
+    done
+    if [ $KILL_DONE -eq 0 ] && [ "$now" -ge "$KILL_US" ]; then
+        KILL_DONE=1
+        kill_leader
+    fi
+    check_nodes
+    sleep 0.05
+done
+
+log "run over: stopping the nodes (SIGTERM, then SIGKILL after 3 s)"
+event stop
+stop_nodes
+LAB_RC=0
+for i in "${!EXITED[@]}"; do LAB_RC=3; done
+for ((i = 1; i <= N; i++)); do
+    s=${STOPPED[$i]:-not started}
+    case "$s" in
+        0|killed) ;;
+        *) [ -z "${EXITED[$i]:-}" ] && echo "lab.sh: note: node$i stopped with status $s" >&2 ;;
+    esac
+done
+cleanup
+echo "network: namespaces and links deleted"
+echo
+
+LOGS=()
+for ((i = 1; i <= N; i++)); do LOGS+=("$OUT/node$i/clicks.jsonl"); done
+python3 "$REPO/scripts/lab_summary.py" --warmup "$WARMUP" --node-warmup "$NODE_WARMUP" \
+    --events "$OUT/events.jsonl" "${LOGS[@]}" >"$OUT/summary.txt"
+SUM_RC=$?
+cat "$OUT/summary.txt"
+echo "(outputs: $OUT)"
+if [ $SUM_RC -ne 0 ]; then
+    echo "lab.sh: the summary failed (status $SUM_RC)" >&2
+    exit 2
+fi
+if [ $LAB_RC -ne 0 ]; then
+    echo "lab.sh: node(s) ${!EXITED[*]} exited on their own before the end (see their node.log)" >&2
+fi
+exit $LAB_RC

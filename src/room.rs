@@ -1,0 +1,655 @@
+//! The room core: which session this node plays, who leads it, and the session clock.
+//!
+//! Pure: it takes `now` (the node's local perceived ns) and messages, and returns
+//! [`Action`]s; it never reads a clock or touches a socket.
+//!
+//! # Rules
+//!
+//! * **Sessions.** Every running timeline belongs to a [`SessionId`] (when and by whom
+//!   it was started). When groups meet, the *older* session wins: a box that joins a
+//!   running room adopts the room's timeline, never the other way round, whatever its
+//!   rank. The adopting node switches at a bar boundary of the room's timeline
+//!   ([`SWITCH_LEAD_NS`] ahead), stepping its session clock once onto its estimate of
+//!   the leader's; that is the only step a playing node's session clock ever takes.
+//! * **Leadership.** Among the nodes that play the session and whose clocks are synced,
+//!   the highest rank `(priority, id)` leads. Rank decides who leads, not whose
+//!   timeline wins. A node that takes over keeps its session clock where it is (frozen
+//!   at its current estimate of the old leader's), so nobody's click moves; it bumps
+//!   the epoch.
+//! * **Following.** A follower maps its local clock to session time with its estimate
+//!   of the leader's clock ([`crate::sync::Estimator`]), through a [`Slewer`] that never
+//!   steps. It adopts the leader's timeline when the leader's `(epoch, version)` is
+//!   newer than its own: an older epoch never overwrites a newer one.
+//! * **Changes** are scheduled by the leader at a quantized point at least
+//!   [`CHANGE_LEAD_NS`] ahead, so every box has them before they apply.
+
+use crate::clock::SessionMap;
+use crate::sync::{Estimator, Sample, SampleVerdict, Slewer, SyncConfig};
+use crate::timeline::{Change, ChangeKind, Quantum, Scheduled, Timeline, TimelineError};
+use crate::wire::{Announce, ChangeRequest, Frame, SessionId};
+use std::collections::BTreeMap;
+
+/// A change lands at least this far ahead (network propagation to every box).
+pub const CHANGE_LEAD_NS: i64 = 200_000_000;
+/// A joining box switches at the first downbeat at least this far ahead.
+pub const SWITCH_LEAD_NS: i64 = 300_000_000;
+/// …and publishes the switch this long before that downbeat (more than any audio
+/// buffer's latency).
+pub const PUBLISH_AHEAD_NS: i64 = 150_000_000;
+/// Heartbeat: every node announces itself this often.
+pub const ANNOUNCE_EVERY_NS: i64 = 100_000_000;
+/// A peer not heard from for this long is presumed gone (for leadership).
+pub const LOSS_NS: i64 = 350_000_000;
+/// A follower whose clock is this far from its leader's (a healed partition) realigns
+/// with one step at a bar boundary instead of slewing for seconds.
+pub const REALIGN_NS: i64 = 5_000_000;
+
+#[derive(Debug, Clone)]
+pub struct RoomConfig {
+    pub me: String,
+    pub name: String,
+    pub priority: i32,
+    pub quantum: Quantum,
+}
+
+/// Something the driver should log.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Note {
+    BecameLeader { epoch: u64 },
+    Following { leader: String, epoch: u64 },
+    /// This node adopted the room's session at `beat`, stepping its clock once.
+    Joined { leader: String, beat: i64, step_ns: i64 },
+    WaitingForClock { leader: String },
+    Scheduled { change: ChangeKind, at: Scheduled },
+    ChangeRefused { reason: String },
+    StaleAnnounce { from: String },
+    /// Same session, but this node's grid or clock was off (a healed partition): it
+    /// stepped once at a bar boundary.
+    Realigned { leader: String, beat: i64, step_ns: i64 },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Send to every authenticated peer.
+    Broadcast(Frame),
+    /// Send to one peer.
+    Send { to: String, frame: Frame },
+    /// Hand the audio thread a new timeline / session map.
+    Publish { timeline: Timeline, map: SessionMap, epoch: u64, gen: u64 },
+    Note(Note),
+    /// Save this (atomically, off the clock loop).
+    Persist(Persisted),
+}
+
+struct Peer {
+    name: String,
+    announce: Option<Announce>,
+    est: Estimator,
+    gen: Option<u32>,
+    last_heard: i64,
+}
+
+struct Switch {
+    session: SessionId,
+    leader: String,
+    beat: i64,
+}
+
+/// The status object of `bandsync status --json`, `/health` and `status.json`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Status {
+    pub node: String,
+    pub name: String,
+    pub role: String,
+    pub leader: String,
+    pub epoch: u64,
+    pub pinned: Option<String>,
+    pub playing: bool,
+    pub tempo: f64,
+    pub meter: u8,
+    pub synced: bool,
+    pub session_ns: i64,
+    pub beat: f64,
+    pub peers: Vec<PeerStatus>,
+}
+
+/// Per-peer figures for `status`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct PeerStatus {
+    pub id: String,
+    pub name: String,
+    pub rtt_us: Option<i64>,
+    pub offset_us: Option<i64>,
+    pub uncertainty_us: Option<i64>,
+    pub role: String,
+    pub synced: bool,
+    pub alive: bool,
+}
+
+pub struct Room {
+    cfg: RoomConfig,
+    session: SessionId,
+    epoch: u64,
+    version: u64,
+    timeline: Timeline,
+    leader: String,
+    leading: bool,
+    synced: bool,
+    map: SessionMap,
+    gen: u64,
+    slewer: Slewer,
+    peers: BTreeMap<String, Peer>,
+    switch: Option<Switch>,
+    last_announce: i64,
+    dirty: bool,
+    publish: bool,
+    next_req: u64,
+    /// When this node last adopted a session (it may lead only after [`SETTLE_NS`]).
+    joined_at: i64,
+    pinned: Option<String>,
+    /// The leader's grid or clock differs from ours: realign at its next bar.
+    realign: bool,
+    persist: bool,
+}
+
+/// What a node keeps on disk so a box alone (or a whole room after a power cut) comes
+/// back with the session it had.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Persisted {
+    pub tempo: crate::timeline::Tempo,
+    pub meter: crate::timeline::Meter,
+    pub playing: bool,
+    pub pinned: Option<String>,
+    pub epoch: u64,
+}
+
+/// A node that joined a session follows for this long before it counts as synced
+/// (and so may lead): its clock estimate must mature first.
+pub const SETTLE_NS: i64 = 2_000_000_000;
+
+impl Room {
+    /// A node alone: it leads its own new session, whose clock is its local clock.
+    pub fn new(cfg: RoomConfig, session: SessionId, timeline: Timeline) -> Room {
+        Room {
+            leader: cfg.me.clone(),
+            cfg,
+            session,
+            epoch: 1,
+            version: 0,
+            timeline,
+            leading: true,
+            synced: true,
+            map: SessionMap::IDENTITY,
+            gen: 0,
+            slewer: {
+                let mut s = Slewer::new(Default::default());
+                s.adopt(SessionMap::IDENTITY);
+                s
+            },
+            peers: BTreeMap::new(),
+            switch: None,
+            last_announce: i64::MIN / 2,
+            dirty: true,
+            publish: true,
+            next_req: 1,
+            joined_at: i64::MIN / 2,
+            pinned: None,
+            realign: false,
+            persist: false,
+        }
+    }
+
+    /// Restore the pin (from disk) before the first tick.
+    pub fn set_pinned(&mut self, pinned: Option<String>) {
+        self.pinned = pinned;
+    }
+    pub fn pinned(&self) -> Option<&str> {
+        self.pinned.as_deref()
+    }
+
+    fn is_alive(&self, p: &Peer, now: i64) -> bool {
+        now - p.last_heard <= LOSS_NS
+    }
+
+    fn rank_of<'a>(&self, id: &'a str, priority: i32) -> (bool, i32, &'a str) {
+        (self.pinned.as_deref() == Some(id), priority, id)
+    }
+
+    /// Resolve a node given by id or name.
+    pub fn resolve(&self, who: &str) -> Option<String> {
+        if who == self.cfg.me || who == self.cfg.name {
+            return Some(self.cfg.me.clone());
+        }
+        if self.peers.contains_key(who) {
+            return Some(who.to_string());
+        }
+        let by_name: Vec<&String> = self.peers.iter().filter(|(_, p)| p.name == who).map(|(id, _)| id).collect();
+        match by_name.as_slice() {
+            [one] => Some((*one).clone()),
+            _ => None,
+        }
+    }
+
+    /// Pin (or unpin with `None`) a node by id. Applied by the leader, relayed otherwise.
+    pub fn request_pin(&mut self, id: Option<String>, out: &mut Vec<Action>) {
+        if self.leading {
+            if self.pinned != id {
+                self.pinned = id;
+                self.version += 1;
+                self.dirty = true;
+                self.persist = true;
+            }
+        } else {
+            out.push(Action::Send { to: self.leader.clone(), frame: Frame::Pin(id) });
+        }
+    }
+
+    pub fn session_now(&self, now: i64) -> i64 {
+        self.map.to_session(now)
+    }
+    pub fn map(&self) -> SessionMap {
+        self.map
+    }
+    pub fn gen(&self) -> u64 {
+        self.gen
+    }
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+    pub fn leader(&self) -> &str {
+        &self.leader
+    }
+    pub fn leading(&self) -> bool {
+        self.leading
+    }
+    pub fn timeline(&self) -> &Timeline {
+        &self.timeline
+    }
+    pub fn session(&self) -> SessionId {
+        self.session
+    }
+
+    pub fn peer_up(&mut self, id: &str, name: &str) {
+        self.peers
+            .entry(id.to_string())
+            .or_insert_with(|| Peer {
+                name: name.to_string(),
+                announce: None,
+                est: Estimator::new(SyncConfig::default()),
+                gen: None,
+                last_heard: i64::MIN / 2,
+            });
+        self.dirty = true;
+    }
+
+    pub fn peer_down(&mut self, id: &str) {
+        self.peers.remove(id);
+        if self.switch.as_ref().is_some_and(|s| s.leader == id) {
+            self.switch = None;
+        }
+    }
+
+    pub fn peer_ids(&self) -> Vec<String> {
+        self.peers.keys().cloned().collect()
+    }
+
+    /// A clock exchange with `id` completed. `gen` is the peer's map generation.
+    pub fn on_pong(&mut self, id: &str, s: Sample, gen: u32) -> Option<SampleVerdict> {
+        let p = self.peers.get_mut(id)?;
+        p.last_heard = p.last_heard.max(s.t4);
+        if p.gen != Some(gen) {
+            // the peer's session clock stepped (or this is the first pong): start over
+            p.est.reset();
+            p.gen = Some(gen);
+        }
+        Some(p.est.handle_sample(s))
+    }
+
+    pub fn on_announce(&mut self, from: &str, a: Announce, now: i64, out: &mut Vec<Action>) {
+        let Some(p) = self.peers.get_mut(from) else { return };
+        p.last_heard = now;
+        let adopt = !self.leading
+            && a.leading
+            && from == self.leader
+            && a.session == self.session
+            && (a.epoch, a.version) > (self.epoch, self.version);
+        let stale = a.leading && a.session == self.session && a.epoch < self.epoch && from == self.leader;
+        p.announce = Some(a.clone());
+        if adopt {
+            if let Some(tl) = Timeline::from_segments(&a.timeline) {
+                let s_now = self.map.to_session(now);
+                if phase_differs(&self.timeline, &tl, s_now) {
+                    // The leader's grid is not ours (a healed partition): realign at a
+                    // bar boundary rather than jump now.
+                    self.realign = true;
+                } else {
+                    self.timeline = tl;
+                    self.epoch = a.epoch;
+                    self.version = a.version;
+                    self.pinned = a.pinned.clone();
+                    self.publish = true;
+                    self.persist = true;
+                }
+            }
+        } else if stale {
+            out.push(Action::Note(Note::StaleAnnounce { from: from.to_string() }));
+        }
+    }
+
+    /// A change asked of this node (CLI, phone, or a follower relaying one).
+    pub fn request_change(&mut self, kind: ChangeKind, quantum: Option<Quantum>, now: i64, out: &mut Vec<Action>) -> Result<Option<Scheduled>, TimelineError> {
+        if self.leading {
+            let at = self.timeline.schedule(Change { kind, quantum: quantum.unwrap_or(self.cfg.quantum) }, self.session_now(now), CHANGE_LEAD_NS)?;
+            self.version += 1;
+            self.dirty = true;
+            self.publish = true;
+            self.persist = true;
+            out.push(Action::Note(Note::Scheduled { change: kind, at }));
+            Ok(Some(at))
+        } else {
+            let id = self.next_req;
+            self.next_req += 1;
+            out.push(Action::Send { to: self.leader.clone(), frame: Frame::Change(ChangeRequest { id, kind, quantum }) });
+            Ok(None)
+        }
+    }
+
+    /// A follower relayed a pin to us.
+    pub fn on_pin(&mut self, from: &str, id: Option<String>, out: &mut Vec<Action>) {
+        if self.leading {
+            self.request_pin(id, out);
+        } else if from != self.leader {
+            out.push(Action::Send { to: self.leader.clone(), frame: Frame::Pin(id) });
+        }
+    }
+
+    /// The SPEC §5 status object.
+    pub fn status(&self, now: i64) -> Status {
+        let seg = *self.timeline.current(self.session_now(now));
+        Status {
+            node: self.cfg.me.clone(),
+            name: self.cfg.name.clone(),
+            role: if self.leading { "leader" } else { "follower" }.to_string(),
+            leader: self.leader.clone(),
+            epoch: self.epoch,
+            pinned: self.pinned.clone(),
+            playing: seg.playing,
+            tempo: seg.tempo.bpm(),
+            meter: seg.meter.get(),
+            synced: self.synced,
+            session_ns: self.session_now(now),
+            beat: self.timeline.beat_at(self.session_now(now)).as_f64(),
+            peers: self.peer_status(now),
+        }
+    }
+
+    /// A follower relayed a change to us.
+    pub fn on_change(&mut self, from: &str, req: ChangeRequest, now: i64, out: &mut Vec<Action>) {
+        if !self.leading {
+            // not (or no longer) the leader: pass it on, once
+            if from != self.leader {
+                out.push(Action::Send { to: self.leader.clone(), frame: Frame::Change(req) });
+            }
+            return;
+        }
+        if let Err(e) = self.request_change(req.kind, req.quantum, now, out) {
+            out.push(Action::Note(Note::ChangeRefused { reason: e.to_string() }));
+        }
+    }
+
+    fn announce(&self) -> Announce {
+        Announce {
+            session: self.session,
+            epoch: self.epoch,
+            leader: self.leader.clone(),
+            leading: self.leading,
+            synced: self.synced,
+            priority: self.cfg.priority,
+            timeline: self.timeline.segments().to_vec(),
+            version: self.version,
+            pinned: self.pinned.clone(),
+        }
+    }
+
+    /// The best session any live peer leads, with its leader, if older than ours.
+    fn better_session(&self, now: i64) -> Option<(SessionId, String)> {
+        let mut best: Option<(SessionId, (u64, (bool, i32, &str)))> = None;
+        for (id, p) in &self.peers {
+            let Some(a) = &p.announce else { continue };
+            if !a.leading || a.session >= self.session || !self.is_alive(p, now) {
+                continue;
+            }
+            let key = (a.epoch, self.rank_of(id, a.priority));
+            let better = match &best {
+                None => true,
+                Some((s, k)) => a.session < *s || (a.session == *s && key > *k),
+            };
+            if better {
+                best = Some((a.session, key));
+            }
+        }
+        best.map(|(s, (_, (_, _, id)))| (s, id.to_string()))
+    }
+
+    /// Whom to switch to at a bar boundary, if anyone: the leader of an older session
+    /// (joining a room), or our own leader when its grid or clock is far from ours
+    /// (a healed partition).
+    fn switch_target(&mut self, now: i64) -> Option<(SessionId, String)> {
+        if let Some(t) = self.better_session(now) {
+            return Some(t);
+        }
+        if self.leading || !self.peers.contains_key(&self.leader) {
+            self.realign = false;
+            return None;
+        }
+        let p = &self.peers[&self.leader];
+        let Some(a) = p.announce.as_ref().filter(|a| a.leading && a.session == self.session) else {
+            return None;
+        };
+        if let Some(est) = p.est.estimate() {
+            let err = est.map.to_session(now) - self.map.to_session(now);
+            if err.abs() > REALIGN_NS {
+                self.realign = true;
+            }
+        }
+        if self.realign {
+            let _ = a;
+            return Some((self.session, self.leader.clone()));
+        }
+        None
+    }
+
+    fn try_switch(&mut self, now: i64, out: &mut Vec<Action>) {
+        let Some((session, leader)) = self.switch_target(now) else {
+            self.switch = None;
+            return;
+        };
+        let p = &self.peers[&leader];
+        let a = p.announce.as_ref().expect("switch targets are announced peers");
+        let Some(est) = p.est.estimate() else {
+            if self.switch.is_none() {
+                out.push(Action::Note(Note::WaitingForClock { leader: leader.clone() }));
+                self.switch = Some(Switch { session, leader, beat: i64::MIN });
+            }
+            return;
+        };
+        let Some(room_tl) = Timeline::from_segments(&a.timeline) else { return };
+        let target = est.map;
+        let s_now = target.to_session(now);
+        let stale = match &self.switch {
+            Some(sw) => {
+                sw.session != session
+                    || sw.leader != leader
+                    || sw.beat == i64::MIN
+                    || target.to_local(room_tl.beat_time(sw.beat)) - now < PUBLISH_AHEAD_NS / 3
+            }
+            None => true,
+        };
+        if stale {
+            let at = room_tl.quantize(Quantum::Bar, s_now, SWITCH_LEAD_NS);
+            self.switch = Some(Switch { session, leader: leader.clone(), beat: at.beat });
+        }
+        let sw = self.switch.as_ref().expect("set above");
+        let d_local = target.to_local(room_tl.beat_time(sw.beat));
+        if now < d_local - PUBLISH_AHEAD_NS {
+            return;
+        }
+        // Switch now: step once onto the leader's clock, begin its timeline at the bar.
+        let step = target.to_session(now) - self.map.to_session(now);
+        let beat = sw.beat;
+        let joining = session != self.session;
+        self.session = session;
+        self.epoch = a.epoch;
+        self.version = a.version;
+        self.pinned = a.pinned.clone();
+        self.timeline = room_tl.begun_at(beat);
+        self.leader = leader.clone();
+        self.leading = false;
+        if joining {
+            self.synced = false;
+            self.joined_at = now;
+        }
+        self.map = self.slewer.step(now, &target, true);
+        self.gen += 1;
+        self.switch = None;
+        self.realign = false;
+        self.dirty = true;
+        self.publish = true;
+        self.persist = true;
+        out.push(Action::Note(if joining {
+            Note::Joined { leader, beat, step_ns: step }
+        } else {
+            Note::Realigned { leader, beat, step_ns: step }
+        }));
+    }
+
+    fn elect(&mut self, now: i64, out: &mut Vec<Action>) {
+        // Candidates: live, synced nodes of this session. When there are none (everyone
+        // else left right after this node joined), this node leads: the show goes on.
+        let me = self.cfg.me.clone();
+        let mut best: Option<(bool, i32, String)> = self.synced.then(|| {
+            let (p, r, id) = self.rank_of(&me, self.cfg.priority);
+            (p, r, id.to_string())
+        });
+        let mut max_epoch = self.epoch;
+        for (id, p) in &self.peers {
+            let Some(a) = &p.announce else { continue };
+            if a.session != self.session || !self.is_alive(p, now) {
+                continue;
+            }
+            max_epoch = max_epoch.max(a.epoch);
+            if !a.synced {
+                continue;
+            }
+            let (pn, pr, _) = self.rank_of(id, a.priority);
+            let r = (pn, pr, id.clone());
+            if best.as_ref().is_none_or(|b| r > *b) {
+                best = Some(r);
+            }
+        }
+        let winner = best.map(|b| b.2).unwrap_or(me.clone());
+        if winner == me {
+            if !self.leading || max_epoch > self.epoch {
+                if !self.leading {
+                    out.push(Action::Note(Note::BecameLeader { epoch: max_epoch + 1 }));
+                }
+                self.leading = true;
+                self.leader = me;
+                // a leader always holds the highest epoch it can see, so its records win
+                self.epoch = max_epoch + 1;
+                self.dirty = true;
+                self.publish = true;
+                self.persist = true;
+            }
+        } else if self.leading || self.leader != winner {
+            if self.leading {
+                // from here on the clock slews toward the new leader's, starting from
+                // exactly where ours is: no step
+                self.slewer.adopt(self.map);
+            }
+            self.leading = false;
+            self.leader = winner.clone();
+            self.dirty = true;
+            out.push(Action::Note(Note::Following { leader: winner, epoch: self.epoch }));
+        }
+    }
+
+    /// Advance: switch sessions, elect, slew the clock, heartbeat, publish.
+    pub fn tick(&mut self, now: i64, out: &mut Vec<Action>) {
+        self.try_switch(now, out);
+        if !self.synced && now - self.joined_at >= SETTLE_NS {
+            self.synced = true;
+            self.dirty = true;
+        }
+        if self.switch.is_none() {
+            self.elect(now, out);
+        }
+        if !self.leading && self.switch.is_none() {
+            if let Some(est) = self.peers.get(&self.leader).and_then(|p| p.est.estimate()) {
+                let m = self.slewer.step(now, &est.map, false);
+                if m != self.map {
+                    self.map = m;
+                    self.publish = true;
+                }
+            }
+        }
+        let before = self.timeline;
+        self.timeline.advance(self.map.to_session(now));
+        if self.timeline != before {
+            self.publish = true;
+        }
+        if self.dirty || now - self.last_announce >= ANNOUNCE_EVERY_NS {
+            out.push(Action::Broadcast(Frame::Announce(self.announce())));
+            self.last_announce = now;
+            self.dirty = false;
+        }
+        if self.publish {
+            out.push(Action::Publish { timeline: self.timeline, map: self.map, epoch: self.epoch, gen: self.gen });
+            self.publish = false;
+        }
+        if self.persist {
+            let seg = *self.timeline.last();
+            out.push(Action::Persist(Persisted {
+                tempo: seg.tempo,
+                meter: seg.meter,
+                playing: seg.playing,
+                pinned: self.pinned.clone(),
+                epoch: self.epoch,
+            }));
+            self.persist = false;
+        }
+    }
+
+    /// Per-peer clock figures. `offset_us`: the peer's session time minus ours.
+    pub fn peer_status(&self, now: i64) -> Vec<PeerStatus> {
+        self.peers
+            .iter()
+            .map(|(id, p)| {
+                let est = p.est.estimate();
+                PeerStatus {
+                    id: id.clone(),
+                    name: p.name.clone(),
+                    rtt_us: est.map(|e| e.rtt_ns / 1000),
+                    offset_us: est.map(|e| (e.map.to_session(now) - self.map.to_session(now)) / 1000),
+                    uncertainty_us: est.map(|e| e.uncertainty_ns / 1000),
+                    role: match &p.announce {
+                        Some(a) if a.leading => "leader",
+                        Some(_) => "follower",
+                        None => "unknown",
+                    }
+                    .to_string(),
+                    synced: p.announce.as_ref().is_some_and(|a| a.synced && a.session == self.session),
+                    alive: self.is_alive(p, now),
+                }
+            })
+            .collect()
+    }
+}
+
+/// True when two timelines put the beat grid in different places at session time `t`
+/// (more than 1/1000 of a beat apart).
+fn phase_differs(a: &Timeline, b: &Timeline, t: i64) -> bool {
+    let pa = a.beat_at(t).0 as i128;
+    let pb = b.beat_at(t).0 as i128;
+    (pa - pb).abs() > (1i128 << crate::timeline::FRAC_BITS) / 1000
+}

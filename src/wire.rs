@@ -1,0 +1,356 @@
+//! The peer wire protocol: length-prefixed, versioned postcard frames on a QUIC
+//! stream, and postcard datagrams for clock pings.
+//!
+//! ```text
+//! frame    = len:u32be  version:u16be  postcard(Frame)       len = 2 + body, ≤ MAX_FRAME
+//! datagram = version:u16be  postcard(Datagram)               ≤ MAX_DATAGRAM
+//! ```
+//!
+//! Decoding is total: any byte string yields a value or a [`WireError`], never a
+//! panic, and every field is validated here (ids, names, timelines) so the room core
+//! only ever sees well-formed messages.
+
+use crate::timeline::{ChangeKind, Quantum, Segment, Timeline};
+use serde::{Deserialize, Serialize};
+
+pub const PROTOCOL_VERSION: u16 = 1;
+/// Largest frame body accepted (bytes after the length prefix).
+pub const MAX_FRAME: usize = 16 * 1024;
+pub const MAX_DATAGRAM: usize = 256;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    #[error("frame of {0} bytes exceeds the {MAX_FRAME}-byte limit")]
+    TooLarge(usize),
+    #[error("frame shorter than its header")]
+    Truncated,
+    #[error("protocol version {0} is not supported (this node speaks {PROTOCOL_VERSION})")]
+    Version(u16),
+    #[error("undecodable frame: {0}")]
+    Decode(String),
+    #[error("invalid field {field}: {why}")]
+    Invalid { field: &'static str, why: String },
+}
+
+impl WireError {
+    /// Short stable label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            WireError::TooLarge(_) => "too_large",
+            WireError::Truncated => "truncated",
+            WireError::Version(_) => "version",
+            WireError::Decode(_) => "decode",
+            WireError::Invalid { .. } => "invalid",
+        }
+    }
+}
+
+/// Who a node is, sent first on every connection together with its proof of the room
+/// key (bound to this TLS session).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Hello {
+    pub node: String,
+    pub name: String,
+    pub room: String,
+    pub priority: i32,
+    /// true for the stage tech's CLI (never leads, never syncs).
+    pub cli: bool,
+    pub mac: [u8; 32],
+}
+
+/// A session's identity: when and by whom it was started. Older sessions win when two
+/// groups meet ("joining never disturbs the room").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct SessionId {
+    /// Wall-clock ms since the Unix epoch at creation (only compared, never used as time).
+    pub born_ms: u64,
+    /// 64-bit node id of the creator (tiebreak).
+    pub by: u64,
+}
+
+/// What every node tells its peers, on change and as a heartbeat.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Announce {
+    pub session: SessionId,
+    pub epoch: u64,
+    /// Who this node follows (itself when leading).
+    pub leader: String,
+    pub leading: bool,
+    /// The node has adopted `session` and its clock estimate is usable.
+    pub synced: bool,
+    pub priority: i32,
+    /// The timeline this node plays (authoritative when `leading`).
+    pub timeline: Vec<Segment>,
+    /// Increases with every timeline or pin change the leader makes.
+    pub version: u64,
+    /// The pinned node (leads while alive), replicated by the leader.
+    pub pinned: Option<String>,
+}
+
+/// A change asked of the leader (by a follower relaying the CLI or a phone).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChangeRequest {
+    pub id: u64,
+    pub kind: ChangeKind,
+    pub quantum: Option<Quantum>,
+}
+
+/// What the stage tech's CLI asks a node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Query {
+    Status,
+    Change { kind: ChangeKind, quantum: Option<Quantum> },
+    /// Pin a node (by id or name) so it leads while alive.
+    Pin(String),
+    Unpin,
+}
+
+/// A node's answer to a [`Query`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Reply {
+    /// The SPEC §5 status object, as JSON.
+    Status(String),
+    Done(String),
+    Error(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Frame {
+    Hello(Hello),
+    Announce(Announce),
+    Change(ChangeRequest),
+    /// A human-readable reason before an orderly close.
+    Bye(String),
+    Query(Query),
+    Reply(Reply),
+    /// A pin/unpin relayed to the leader (`None` unpins).
+    Pin(Option<String>),
+}
+
+/// Clock pings. Times: `t1` the pinger's local ns; `t2`/`t3` the responder's session
+/// ns; `gen` the responder's session-map generation (changes when its map steps).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Datagram {
+    Ping { seq: u32, t1: i64 },
+    Pong { seq: u32, t1: i64, t2: i64, t3: i64, gen: u32 },
+}
+
+fn check_id(field: &'static str, s: &str) -> Result<(), WireError> {
+    if s.len() == 16 && s.bytes().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()) {
+        Ok(())
+    } else {
+        Err(WireError::Invalid { field, why: format!("{s:?} is not a 16-hex-digit node id") })
+    }
+}
+
+fn check_text(field: &'static str, s: &str, max: usize) -> Result<(), WireError> {
+    if s.len() > max || s.chars().any(|c| c.is_control()) {
+        return Err(WireError::Invalid { field, why: format!("must be at most {max} printable characters") });
+    }
+    Ok(())
+}
+
+impl Frame {
+    /// Check every field; the room core relies on this.
+    pub fn validate(&self) -> Result<(), WireError> {
+        match self {
+            Frame::Hello(h) => {
+                check_id("hello.node", &h.node)?;
+                check_text("hello.name", &h.name, 63)?;
+                check_text("hello.room", &h.room, 64)?;
+            }
+            Frame::Announce(a) => {
+                check_id("announce.leader", &a.leader)?;
+                if let Some(p) = &a.pinned {
+                    check_id("announce.pinned", p)?;
+                }
+                if Timeline::from_segments(&a.timeline).is_none() {
+                    return Err(WireError::Invalid {
+                        field: "announce.timeline",
+                        why: "segments are empty, too many, out of order or discontinuous".into(),
+                    });
+                }
+            }
+            Frame::Change(_) | Frame::Query(Query::Status | Query::Change { .. } | Query::Unpin) => {}
+            Frame::Bye(r) => check_text("bye", r, 200)?,
+            Frame::Query(Query::Pin(n)) => check_text("pin", n, 63)?,
+            Frame::Pin(Some(id)) => check_id("pin", id)?,
+            Frame::Pin(None) => {}
+            Frame::Reply(Reply::Status(j)) => {
+                if j.len() > MAX_FRAME {
+                    return Err(WireError::TooLarge(j.len()));
+                }
+            }
+            Frame::Reply(Reply::Done(m) | Reply::Error(m)) => check_text("reply", m, 1000)?,
+        }
+        Ok(())
+    }
+
+    /// Encode with the length prefix.
+    pub fn encode(&self) -> Vec<u8> {
+        let body = postcard::to_allocvec(self).expect("postcard encoding of an owned frame cannot fail");
+        let len = (body.len() + 2) as u32;
+        let mut out = Vec::with_capacity(4 + len as usize);
+        out.extend_from_slice(&len.to_be_bytes());
+        out.extend_from_slice(&PROTOCOL_VERSION.to_be_bytes());
+        out.extend_from_slice(&body);
+        out
+    }
+
+    /// Decode a frame body (the bytes after the length prefix).
+    pub fn decode_body(b: &[u8]) -> Result<Frame, WireError> {
+        if b.len() > MAX_FRAME {
+            return Err(WireError::TooLarge(b.len()));
+        }
+        if b.len() < 2 {
+            return Err(WireError::Truncated);
+        }
+        let v = u16::from_be_bytes([b[0], b[1]]);
+        if v != PROTOCOL_VERSION {
+            return Err(WireError::Version(v));
+        }
+        let (f, rest): (Frame, &[u8]) = postcard::take_from_bytes(&b[2..]).map_err(|e| WireError::Decode(e.to_string()))?;
+        if !rest.is_empty() {
+            return Err(WireError::Decode(format!("{} trailing bytes", rest.len())));
+        }
+        f.validate()?;
+        Ok(f)
+    }
+
+    /// Decode one whole length-prefixed frame from a buffer.
+    pub fn decode(b: &[u8]) -> Result<Frame, WireError> {
+        if b.len() < 4 {
+            return Err(WireError::Truncated);
+        }
+        let len = u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize;
+        if len > MAX_FRAME {
+            return Err(WireError::TooLarge(len));
+        }
+        if b.len() - 4 != len {
+            return Err(WireError::Truncated);
+        }
+        Frame::decode_body(&b[4..])
+    }
+}
+
+/// Read one frame from a QUIC stream. `Ok(None)` at a clean end of stream.
+pub async fn read_frame(r: &mut quinn::RecvStream) -> Result<Option<Frame>, FrameReadError> {
+    let mut len = [0u8; 4];
+    match r.read_exact(&mut len).await {
+        Ok(()) => {}
+        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
+        Err(e) => return Err(FrameReadError::Stream(e.to_string())),
+    }
+    let len = u32::from_be_bytes(len) as usize;
+    if len > MAX_FRAME {
+        return Err(FrameReadError::Wire(WireError::TooLarge(len)));
+    }
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body).await.map_err(|e| FrameReadError::Stream(e.to_string()))?;
+    Frame::decode_body(&body).map(Some).map_err(FrameReadError::Wire)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FrameReadError {
+    #[error("{0}")]
+    Wire(WireError),
+    #[error("stream: {0}")]
+    Stream(String),
+}
+
+impl Datagram {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = PROTOCOL_VERSION.to_be_bytes().to_vec();
+        out.extend(postcard::to_allocvec(self).expect("postcard encoding of a datagram cannot fail"));
+        out
+    }
+    pub fn decode(b: &[u8]) -> Result<Datagram, WireError> {
+        if b.len() > MAX_DATAGRAM {
+            return Err(WireError::TooLarge(b.len()));
+        }
+        if b.len() < 2 {
+            return Err(WireError::Truncated);
+        }
+        let v = u16::from_be_bytes([b[0], b[1]]);
+        if v != PROTOCOL_VERSION {
+            return Err(WireError::Version(v));
+        }
+        let (d, rest): (Datagram, &[u8]) = postcard::take_from_bytes(&b[2..]).map_err(|e| WireError::Decode(e.to_string()))?;
+        if !rest.is_empty() {
+            return Err(WireError::Decode(format!("{} trailing bytes", rest.len())));
+        }
+        Ok(d)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::timeline::{Meter, Tempo};
+    use proptest::prelude::*;
+
+    fn announce() -> Frame {
+        let tl = Timeline::start_at(5, Tempo::from_bpm(120.0).unwrap(), Meter::new(4).unwrap(), true);
+        Frame::Announce(Announce {
+            session: SessionId { born_ms: 1, by: 2 },
+            epoch: 3,
+            leader: "0123456789abcdef".into(),
+            leading: true,
+            synced: true,
+            priority: -1,
+            timeline: tl.segments().to_vec(),
+            version: 9,
+            pinned: Some("00000000000000ff".into()),
+        })
+    }
+
+    #[test]
+    fn frames_round_trip() {
+        let f = announce();
+        assert_eq!(Frame::decode(&f.encode()).unwrap(), f);
+        let d = Datagram::Pong { seq: 1, t1: -5, t2: i64::MAX, t3: 0, gen: 7 };
+        assert_eq!(Datagram::decode(&d.encode()).unwrap(), d);
+    }
+
+    #[test]
+    fn bad_frames_are_named() {
+        let mut b = announce().encode();
+        b[5] = 99; // version low byte
+        assert_eq!(Frame::decode(&b), Err(WireError::Version(99)));
+        let mut big = vec![0u8; 4];
+        big[..4].copy_from_slice(&((MAX_FRAME + 1) as u32).to_be_bytes());
+        assert_eq!(Frame::decode(&big), Err(WireError::TooLarge(MAX_FRAME + 1)));
+        let bad_tl = Frame::Announce(Announce {
+            session: SessionId { born_ms: 1, by: 2 },
+            epoch: 0,
+            leader: "0123456789abcdef".into(),
+            leading: true,
+            synced: true,
+            priority: 0,
+            timeline: vec![],
+            version: 0,
+            pinned: None,
+        });
+        assert!(matches!(Frame::decode(&bad_tl.encode()), Err(WireError::Invalid { field: "announce.timeline", .. })));
+        let bad_id = Frame::Hello(Hello { node: "NOTHEX".into(), name: "x".into(), room: "r".into(), priority: 0, cli: false, mac: [0; 32] });
+        assert!(matches!(Frame::decode(&bad_id.encode()), Err(WireError::Invalid { field: "hello.node", .. })));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+        #[test]
+        fn decoding_random_bytes_never_panics(b in proptest::collection::vec(any::<u8>(), 0..600)) {
+            let _ = Frame::decode(&b);
+            let _ = Frame::decode_body(&b);
+            let _ = Datagram::decode(&b);
+        }
+
+        #[test]
+        fn decoding_mutated_frames_never_panics(i in 0usize..200, x in any::<u8>()) {
+            let mut b = announce().encode();
+            let n = b.len();
+            b[i % n] ^= x;
+            let _ = Frame::decode(&b);
+        }
+    }
+}

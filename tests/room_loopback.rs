@@ -1,0 +1,147 @@
+//! Several daemons on loopback form one room: real mDNS (restricted to `lo`), real
+//! QUIC, room-key authentication, clock sync and one shared timeline.
+//!
+//! These are functional checks with loose bounds (a busy CI machine runs them); the
+//! precision targets are measured in the lab (`scripts/lab.sh`).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+const BIN: &str = env!("CARGO_BIN_EXE_bandsync");
+
+struct Node {
+    child: Option<Child>,
+    dir: PathBuf,
+}
+
+impl Node {
+    fn start(base: &Path, i: usize, room: &str, key: &Path, extra_env: &[(&str, &str)], args: &[&str]) -> Node {
+        let dir = base.join(format!("node{i}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = std::fs::File::create(dir.join("node.log")).unwrap();
+        let mut cmd = Command::new(BIN);
+        cmd.args(["run", "--audio", "null", "--interface", "lo", "--quic", "127.0.0.1:0", "--room", room, "--name"])
+            .arg(format!("node{i}"))
+            .arg("--room-key-file")
+            .arg(key)
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .arg("--click-log")
+            .arg(dir.join("clicks.jsonl"))
+            .args(args)
+            .env("BANDSYNC_LOG", "info,bandsync=debug")
+            .env_remove("BANDSYNC_TEST_CLOCK")
+            .env_remove("BANDSYNC_TEST_IMPAIR")
+            .stdout(Stdio::null())
+            .stderr(log);
+        for (k, v) in extra_env {
+            cmd.env(k, v);
+        }
+        Node { child: Some(cmd.spawn().unwrap()), dir }
+    }
+    fn stop(&mut self) {
+        if let Some(c) = self.child.take() {
+            // SAFETY: kill(2) on our own child.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let out = c.wait_with_output().unwrap();
+            assert!(out.status.success(), "node exited with {:?}: {}", out.status, self.log());
+        }
+    }
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("node.log")).unwrap_or_default()
+    }
+    fn clicks(&self) -> Vec<(i64, i64)> {
+        std::fs::read_to_string(self.dir.join("clicks.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                (v["beat"].as_i64().unwrap(), v["t_mono_ns"].as_i64().unwrap())
+            })
+            .collect()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn key_file(dir: &Path, name: &str, key: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, key).unwrap();
+    p
+}
+
+fn room_name(tag: &str) -> String {
+    format!("test-{tag}-{}", std::process::id())
+}
+
+/// Clicks of the same beat on two nodes, after `after_ns`: |Δt| per shared beat.
+fn spreads(a: &[(i64, i64)], b: &[(i64, i64)], after_ns: i64) -> Vec<i64> {
+    let bm: std::collections::HashMap<i64, i64> = b.iter().copied().collect();
+    a.iter().filter(|(_, t)| *t >= after_ns).filter_map(|(beat, t)| bm.get(beat).map(|tb| (t - tb).abs())).collect()
+}
+
+#[test]
+fn three_boxes_share_one_timeline() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path(), "room.key", &"5a".repeat(32));
+    let room = room_name("three");
+    let mut a = Node::start(dir.path(), 1, &room, &key, &[("BANDSYNC_TEST_CLOCK", "offset_ms=250,skew_ppm=100")], &["--play", "--tempo", "120"]);
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut b = Node::start(dir.path(), 2, &room, &key, &[("BANDSYNC_TEST_CLOCK", "offset_ms=-250,skew_ppm=-100")], &["--play", "--tempo", "90"]);
+    let mut c = Node::start(dir.path(), 3, &room, &key, &[], &["--tempo", "60", "--priority", "5"]);
+    std::thread::sleep(Duration::from_secs(12));
+    let t_check = bandsync::clock::mono_now_ns() - 5_000_000_000;
+    a.stop();
+    b.stop();
+    c.stop();
+    let (ca, cb, cc) = (a.clicks(), b.clicks(), c.clicks());
+    for (n, l) in [(&b, "b"), (&c, "c")] {
+        assert!(n.log().contains("joined the room's session"), "{l} never joined: {}", n.log());
+    }
+    // the late boxes adopted the room's 120 BPM, whatever their own flags said
+    for (name, cl) in [("a", &ca), ("b", &cb), ("c", &cc)] {
+        let late: Vec<_> = cl.iter().filter(|(_, t)| *t >= t_check).collect();
+        assert!(late.len() >= 8, "{name} clicked {} times in the last 5 s", late.len());
+        for w in late.windows(2) {
+            assert_eq!(w[1].0, w[0].0 + 1, "{name}: beats must be consecutive");
+            let d = w[1].1 - w[0].1;
+            assert!((d - 500_000_000).abs() < 1_000_000, "{name}: spacing {d} ns is not 120 BPM");
+        }
+    }
+    for (x, y, l) in [(&ca, &cb, "a-b"), (&ca, &cc, "a-c"), (&cb, &cc, "b-c")] {
+        let s = spreads(x, y, t_check);
+        assert!(s.len() >= 8, "{l}: only {} shared beats", s.len());
+        let worst = *s.iter().max().unwrap();
+        assert!(worst < 2_000_000, "{l}: clicks {worst} ns apart (spreads {s:?})");
+    }
+    // the highest-ranked box (priority 5) leads once it has settled
+    let st: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(c.dir.join("state/status.json")).unwrap()).unwrap();
+    assert_eq!(st["role"], "leader", "{st}");
+}
+
+#[test]
+fn a_box_with_the_wrong_key_never_joins_and_the_room_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = key_file(dir.path(), "good.key", &"11".repeat(32));
+    let bad = key_file(dir.path(), "bad.key", &"22".repeat(32));
+    let room = room_name("key");
+    let mut a = Node::start(dir.path(), 1, &room, &good, &[], &["--play"]);
+    std::thread::sleep(Duration::from_millis(800));
+    let mut b = Node::start(dir.path(), 2, &room, &bad, &[], &["--play"]);
+    std::thread::sleep(Duration::from_secs(6));
+    a.stop();
+    b.stop();
+    assert!(a.log().contains("room-key authentication") || a.log().contains("refused us"), "a: {}", a.log());
+    assert!(b.log().contains("room-key authentication") || b.log().contains("refused us"), "b: {}", b.log());
+    assert!(!b.log().contains("joined the room's session"), "b joined with the wrong key: {}", b.log());
+    assert!(!a.log().contains("peer joined the mesh"), "a accepted the wrong key: {}", a.log());
+}
