@@ -218,6 +218,9 @@ if [ -n "$IMPAIR" ]; then
     IMPAIR_BASE=$(printf '%s' "$IMPAIR" | tr ',' '\n' | grep -v '^seed=' | paste -sd, -)
 fi
 command -v python3 >/dev/null || die "needs python3 (the summary)"
+# The interpreter itself, not a wrapper (a pyenv shim costs ~0.2 s per call; the leader
+# lookup at --kill-leader-at T should be quick).
+PY=$(python3 -c 'import sys; print(sys.executable)') && [ -x "$PY" ] || die "python3 does not run"
 command -v awk >/dev/null || die "needs awk"
 
 # Paths the user gave are relative to where they ran us; defaults to the repository.
@@ -276,7 +279,7 @@ key_of() { if [ "$1" = "$WRONG_KEY" ]; then echo "$OUT/room-wrong.key"; else ech
 
 # ------------------------------------------------------------------------------ events
 
-MONO_OFF_NS=$(python3 -c 'import time; print(time.monotonic_ns() - time.time_ns())')
+MONO_OFF_NS=$("$PY" -c 'import time; print(time.monotonic_ns() - time.time_ns())')
 event() {   # event NAME [json fields...]; t_mono_ns is CLOCK_MONOTONIC like the click logs
     local name=$1; shift
     local t=$(( $(now_us) * 1000 + MONO_OFF_NS ))
@@ -345,8 +348,14 @@ cleanup() {
 }
 on_exit() { local rc=$?; trap - EXIT INT TERM; cleanup; exit $rc; }
 trap on_exit EXIT
-trap 'echo; echo "lab.sh: interrupted; cleaning up (outputs stay in $OUT)" >&2; exit 130' INT
-trap 'echo "lab.sh: terminated; cleaning up" >&2; exit 143' TERM
+interrupted() {
+    echo
+    echo "lab.sh: interrupted; cleaning up. Outputs stay in $OUT; summary of what was logged:" >&2
+    echo "  python3 $REPO/scripts/lab_summary.py --warmup $WARMUP --events $OUT/events.jsonl $OUT/node*/clicks.jsonl" >&2
+    exit "$1"
+}
+trap 'interrupted 130' INT
+trap 'interrupted 143' TERM
 
 # ------------------------------------------------------------------------------ network
 
@@ -417,7 +426,7 @@ find_leader() {
         [ -z "${STOPPED[$i]:-}" ] && kill -0 "${PID[$i]}" 2>/dev/null && alive+=("$i:$(prio_of "$i")")
     done
     [ ${#alive[@]} -gt 0 ] || return 1
-    python3 - "$OUT" "${alive[@]}" <<'EOF'
+    "$PY" -S -I - "$OUT" "${alive[@]}" <<'EOF'
 import json, os, sys
 out, alive = sys.argv[1], sys.argv[2:]
 nodes = []  # (index, priority, id, status)
@@ -442,28 +451,26 @@ for a in alive:
             pass
     nodes.append((i, int(p) if p.strip() else 0, nid or "", st))
 by_id = {n[2]: n[0] for n in nodes if n[2]}
-with_status = [n for n in nodes if n[3] is not None]
-if with_status:
-    def epoch(n):
-        e = n[3].get("epoch")
-        return e if isinstance(e, int) and not isinstance(e, bool) else -1
-    top = max(epoch(n) for n in with_status)
-    newest = [n for n in with_status if epoch(n) == top]
-    votes = {}
-    for n in newest:
-        l = n[3].get("leader")
-        if isinstance(l, str) and l in by_id:
-            votes[l] = votes.get(l, 0) + 1
-    claim = [n for n in newest if n[3].get("role") == "leader"]
-    if claim:
-        best = max(claim, key=lambda n: (votes.get(n[2], 0), n[0]))
-        print(best[0], "status.json: role=leader, epoch %d, named leader by %d of %d node(s) at that epoch"
-              % (top, votes.get(best[2], 0), len(newest)))
-        sys.exit(0)
-    if votes:
-        lid = max(votes, key=lambda k: (votes[k], k))
-        print(by_id[lid], "status.json: named leader by %d of %d node(s) at epoch %d" % (votes[lid], len(newest), top))
-        sys.exit(0)
+def epoch(st):
+    e = st.get("epoch")
+    return e if isinstance(e, int) and not isinstance(e, bool) else -1
+# Every running node with a status votes for the leader it names (a node whose role is
+# "leader" names itself). The most named wins; ties go to the newest epoch among its
+# voters, then to the lowest node index (node 1's room, with --wrong-key-node).
+score = {}
+for i, _, nid, st in nodes:
+    if st is None:
+        continue
+    l = nid if st.get("role") == "leader" and nid else st.get("leader")
+    if isinstance(l, str) and l in by_id:
+        v, e = score.get(l, (0, -1))
+        score[l] = (v + 1, max(e, epoch(st)))
+if score:
+    lid = max(score, key=lambda k: (score[k][0], score[k][1], -by_id[k]))
+    voted = sum(1 for n in nodes if n[3] is not None)
+    print(by_id[lid], "status.json: named leader by %d of %d running node(s), epoch %d"
+          % (score[lid][0], voted, score[lid][1]))
+    sys.exit(0)
 # Fallback: the election's rank without pins: (priority, id), highest wins.
 best = max(nodes, key=lambda n: (n[1], n[2], -n[0]))
 print(best[0], "no usable status.json: highest priority (%d), then highest node id" % best[1])
@@ -497,8 +504,8 @@ check_nodes() {   # notice nodes that exited on their own
 
 # ------------------------------------------------------------------------------ run
 
-python3 -c 'import secrets; print(secrets.token_hex(32))' >"$OUT/room.key" || die "cannot write the room key"
-[ -n "$WRONG_KEY" ] && python3 -c 'import secrets; print(secrets.token_hex(32))' >"$OUT/room-wrong.key"
+"$PY" -c 'import secrets; print(secrets.token_hex(32))' >"$OUT/room.key" || die "cannot write the room key"
+[ -n "$WRONG_KEY" ] && "$PY" -c 'import secrets; print(secrets.token_hex(32))' >"$OUT/room-wrong.key"
 chmod 600 "$OUT"/room*.key
 {
     echo "command: $0 ${ORIG_ARGS[*]}"
@@ -560,7 +567,7 @@ echo
 
 LOGS=()
 for ((i = 1; i <= N; i++)); do LOGS+=("$OUT/node$i/clicks.jsonl"); done
-python3 "$REPO/scripts/lab_summary.py" --warmup "$WARMUP" --node-warmup "$NODE_WARMUP" \
+"$PY" "$REPO/scripts/lab_summary.py" --warmup "$WARMUP" --node-warmup "$NODE_WARMUP" \
     --events "$OUT/events.jsonl" "${LOGS[@]}" >"$OUT/summary.txt"
 SUM_RC=$?
 cat "$OUT/summary.txt"

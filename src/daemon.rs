@@ -56,7 +56,7 @@ pub fn run(cfg: RunConfig, clock: NodeClock) -> anyhow::Result<()> {
     let snap = AudioSnapshot {
         timeline,
         map: SessionMap::IDENTITY,
-        epoch: 0,
+        epoch: 1,
         latency_offset_ns: cfg.latency_offset_ns,
         gain: cfg.volume,
         gen: 0,

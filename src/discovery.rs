@@ -508,3 +508,286 @@ pub async fn browse_once(room: &str, interfaces: &[String], timeout: Duration) -
     v.sort_by(|a, b| (&a.name, &a.node_id).cmp(&(&b.name, &b.node_id)));
     Ok(v)
 }
+
+#[cfg(test)]
+mod tests {
+    //! The network tests run real mDNS, restricted to the loopback interface `lo`: no
+    //! test packet ever leaves the machine. See [`loopback_multicast`] for what `lo` needs.
+
+    use super::*;
+    use mdns_sd::{IntoTxtProperties, TxtProperty};
+    use std::hash::{BuildHasher, Hasher};
+    use std::net::Ipv4Addr;
+    use tokio::time::Instant;
+
+    const ROOM: &str = "test-room";
+
+    fn props(kv: &[(&str, &str)]) -> TxtProperties {
+        kv.into_txt_properties()
+    }
+
+    fn good() -> Vec<(&'static str, &'static str)> {
+        vec![("v", "1"), ("id", "0123456789abcdef"), ("name", "drums"), ("room", ""), ("port", "47810")]
+    }
+
+    /// `good()` with the room filled in and `key` replaced by `val` (or removed if None).
+    fn advert(key: &str, val: Option<&str>) -> Result<PeerInfo, AdvertError> {
+        let hash = room_hash(ROOM);
+        let mut kv: Vec<(&str, &str)> = good().into_iter().map(|(k, v)| if k == "room" { (k, hash.as_str()) } else { (k, v) }).collect();
+        kv.retain(|(k, _)| *k != key);
+        if let Some(v) = val {
+            kv.push((key, v));
+        }
+        parse_advert(&props(&kv), &hash, &[(IpAddr::V4(Ipv4Addr::LOCALHOST), 0)])
+    }
+
+    #[test]
+    fn room_hash_is_16_hex_of_sha256() {
+        // python3 -c "import hashlib; print(hashlib.sha256(b'bandsync-room:default').hexdigest()[:16])"
+        assert_eq!(room_hash("default"), "c54064fed7d18016");
+        assert_eq!(room_hash(""), "38bb716b8da79ec1");
+        assert_ne!(room_hash("a"), room_hash("b"));
+    }
+
+    #[test]
+    fn a_good_advert_parses() {
+        let p = advert("", None).unwrap();
+        assert_eq!(
+            p,
+            PeerInfo {
+                node_id: "0123456789abcdef".into(),
+                name: "drums".into(),
+                addrs: vec!["127.0.0.1:47810".parse().unwrap()],
+                proto: 1
+            }
+        );
+    }
+
+    #[test]
+    fn bad_or_missing_txt_fields_are_refused() {
+        for key in ["v", "id", "name", "room", "port"] {
+            assert_eq!(advert(key, None), Err(AdvertError::Missing(key)));
+        }
+        for (key, val) in [
+            ("v", "0"),
+            ("v", "x"),
+            ("v", "+1"),
+            ("v", "70000"),
+            ("id", "0123456789ABCDEF"),
+            ("id", "0123456789abcde"),
+            ("id", "0123456789abcdeg"),
+            ("name", ""),
+            ("name", " "),
+            ("name", "a\nb"),
+            ("port", "0"),
+            ("port", "65536"),
+            ("port", "-1"),
+            ("port", " 1"),
+            ("port", ""),
+        ] {
+            assert!(matches!(advert(key, Some(val)), Err(AdvertError::Invalid { .. })), "{key}={val:?} accepted");
+        }
+        assert_eq!(advert("room", Some("0000000000000000")), Err(AdvertError::OtherRoom("0000000000000000".into())));
+        // A key without a value, and a value that is not UTF-8.
+        let hash = room_hash(ROOM);
+        let mut p: Vec<TxtProperty> = vec![("v", "1").into(), "id".into(), ("room", hash.as_str()).into()];
+        assert_eq!(parse_advert(&p.clone().into_txt_properties(), &hash, &[]), Err(AdvertError::Missing("id")));
+        p[1] = ("id", &[0xffu8, 0xfe][..]).into();
+        assert!(matches!(parse_advert(&p.into_txt_properties(), &hash, &[]), Err(AdvertError::Invalid { key: "id", .. })));
+    }
+
+    #[test]
+    fn addresses_are_sorted_deduped_and_scoped() {
+        let hash = room_hash(ROOM);
+        let mut kv = good();
+        kv[3] = ("room", &hash);
+        let ll: IpAddr = "fe80::1".parse().unwrap();
+        let ips = [(ll, 3), (IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2)), 0), (IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)), 0), (ll, 3)];
+        let p = parse_advert(&props(&kv), &hash, &ips).unwrap();
+        assert_eq!(p.addrs.len(), 3);
+        assert_eq!(p.addrs[0], "10.0.0.1:47810".parse().unwrap());
+        assert_eq!(p.addrs[1], "10.0.0.2:47810".parse().unwrap());
+        assert!(matches!(p.addrs[2], SocketAddr::V6(a) if a.scope_id() == 3 && a.port() == 47810));
+        assert_eq!(parse_advert(&props(&kv), &hash, &[]), Err(AdvertError::NoAddress));
+    }
+
+    fn peer(id: &str, port: u16) -> PeerInfo {
+        PeerInfo { node_id: id.into(), name: "n".into(), addrs: vec![SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port)], proto: 1 }
+    }
+
+    #[test]
+    fn tracker_reports_changes_only() {
+        let me = "ffffffffffffffff";
+        let mut t = Tracker::new(me, "h", Some(format!("{me}.{SERVICE_TYPE}")));
+        let mut out = Vec::new();
+        let a = "aaaaaaaaaaaaaaaa";
+        let inst = format!("{a}.{SERVICE_TYPE}");
+
+        t.on_resolved(&inst, Ok(peer(a, 1)), &mut out);
+        t.on_resolved(&inst.to_uppercase(), Ok(peer(a, 1)), &mut out); // the same, again
+        assert_eq!(out, vec![PeerEvent::Found(peer(a, 1))]);
+        out.clear();
+
+        t.on_resolved(&inst, Ok(peer(a, 2)), &mut out); // port changed
+        assert_eq!(out, vec![PeerEvent::Found(peer(a, 2))]);
+        out.clear();
+
+        t.on_resolved(&format!("{me}.{SERVICE_TYPE}"), Ok(peer(me, 9)), &mut out); // ourselves
+        t.on_removed("unknown._bandsync._udp.local.", &mut out);
+        assert!(out.is_empty());
+
+        t.on_resolved(&inst, Err(AdvertError::OtherRoom("x".into())), &mut out); // moved rooms
+        assert_eq!(out, vec![PeerEvent::Lost { node_id: a.into() }]);
+        out.clear();
+        t.on_removed(&inst, &mut out);
+        assert!(out.is_empty());
+
+        // Two instances claiming one id: lost only when the last one goes.
+        let inst2 = format!("{a} (2).{SERVICE_TYPE}");
+        t.on_resolved(&inst, Ok(peer(a, 1)), &mut out);
+        t.on_resolved(&inst2, Ok(peer(a, 1)), &mut out);
+        out.clear();
+        t.on_removed(&inst, &mut out);
+        assert!(out.is_empty());
+        t.on_removed(&inst2, &mut out);
+        assert_eq!(out, vec![PeerEvent::Lost { node_id: a.into() }]);
+    }
+
+    // ---- real mDNS on `lo` ----
+
+    /// Linux delivers multicast on `lo` only if the interface has the MULTICAST flag,
+    /// which many containers and some distributions leave off. The tests need it and run
+    /// as root here, so they switch it on (`ip link set lo multicast on`), once. It is
+    /// harmless: it only lets multicast between local sockets through.
+    fn loopback_multicast() {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| {
+            let flags = std::fs::read_to_string("/sys/class/net/lo/flags").expect("reading lo flags");
+            let flags = u32::from_str_radix(flags.trim().trim_start_matches("0x"), 16).expect("parsing lo flags");
+            const IFF_MULTICAST: u32 = 0x1000;
+            if flags & IFF_MULTICAST == 0 {
+                let st = std::process::Command::new("ip").args(["link", "set", "lo", "multicast", "on"]).status();
+                assert!(
+                    st.is_ok_and(|s| s.success()),
+                    "lo has no MULTICAST flag and `ip link set lo multicast on` failed: the mDNS tests need it"
+                );
+            }
+        });
+    }
+
+    fn random_u64() -> u64 {
+        std::collections::hash_map::RandomState::new().build_hasher().finish()
+    }
+
+    fn cfg(name: &str, room: &str, port: u16) -> DiscoveryConfig {
+        DiscoveryConfig {
+            node_id: format!("{:016x}", random_u64()),
+            name: name.into(),
+            room: room.into(),
+            quic_port: port,
+            interfaces: vec!["lo".into()],
+            advertise: true,
+        }
+    }
+
+    /// A room name no other test (or stray process) uses.
+    fn fresh_room() -> String {
+        format!("test-{:016x}", random_u64())
+    }
+
+    /// Wait for an event matching `want`, collecting every event seen on the way.
+    async fn wait_for(
+        rx: &mut mpsc::Receiver<PeerEvent>,
+        seen: &mut Vec<PeerEvent>,
+        within: Duration,
+        want: impl Fn(&PeerEvent) -> bool,
+    ) -> Option<PeerEvent> {
+        let deadline = Instant::now() + within;
+        while let Ok(Some(ev)) = tokio::time::timeout_at(deadline, rx.recv()).await {
+            seen.push(ev.clone());
+            if want(&ev) {
+                return Some(ev);
+            }
+        }
+        None
+    }
+
+    fn found(id: &str) -> impl Fn(&PeerEvent) -> bool + '_ {
+        move |e| matches!(e, PeerEvent::Found(p) if p.node_id == id)
+    }
+
+    #[tokio::test]
+    async fn two_nodes_find_each_other_ignore_other_rooms_and_see_goodbyes() {
+        loopback_multicast();
+        let room = fresh_room();
+        let (ca, cb, cc) = (cfg("alpha", &room, 40001), cfg("bravo", &room, 40002), cfg("charlie", &fresh_room(), 40003));
+        let (a, mut rx_a) = Discovery::start(ca.clone()).unwrap();
+        let (b, mut rx_b) = Discovery::start(cb.clone()).unwrap();
+        let (c, _rx_c) = Discovery::start(cc.clone()).unwrap();
+
+        let mut seen_a = Vec::new();
+        let ev = wait_for(&mut rx_a, &mut seen_a, Duration::from_secs(6), found(&cb.node_id)).await;
+        let Some(PeerEvent::Found(p)) = ev else { panic!("alpha never found bravo; saw {seen_a:?}") };
+        assert_eq!(p.name, "bravo");
+        assert_eq!(p.proto, PROTOCOL_VERSION);
+        assert!(p.addrs.contains(&"127.0.0.1:40002".parse().unwrap()), "{p:?}");
+        assert!(p.addrs.iter().all(|a| a.port() == 40002 && a.ip().is_loopback()), "only lo addresses: {p:?}");
+
+        let mut seen_b = Vec::new();
+        let ev = wait_for(&mut rx_b, &mut seen_b, Duration::from_secs(6), found(&ca.node_id)).await;
+        assert!(matches!(ev, Some(PeerEvent::Found(p)) if p.name == "alpha"), "bravo never found alpha; saw {seen_b:?}");
+
+        // Charlie (another room) has been announcing all along; give stragglers a moment.
+        // Then bravo says goodbye: alpha hears it (mdns-sd keeps a goodbye record 1 s).
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        b.shutdown();
+        let lost = wait_for(&mut rx_a, &mut seen_a, Duration::from_secs(6), |e| {
+            matches!(e, PeerEvent::Lost { node_id } if *node_id == cb.node_id)
+        })
+        .await;
+        assert!(lost.is_some(), "alpha never lost bravo; saw {seen_a:?}");
+
+        for e in seen_a.iter().chain(&seen_b) {
+            let id = match e {
+                PeerEvent::Found(p) => &p.node_id,
+                PeerEvent::Lost { node_id } => node_id,
+            };
+            assert_ne!(id, &cc.node_id, "a node of another room was reported: {e:?}");
+            assert!(id != &ca.node_id || !seen_a.contains(e), "alpha reported itself: {e:?}");
+        }
+        // Resolving again is not news: two Found in a row for one peer must differ.
+        let founds: Vec<&PeerInfo> = seen_a.iter().filter_map(|e| if let PeerEvent::Found(p) = e { Some(p) } else { None }).collect();
+        for w in founds.windows(2) {
+            assert!(w[0] != w[1], "duplicate Found: {:?}", w[0]);
+        }
+        a.shutdown();
+        c.shutdown();
+    }
+
+    #[tokio::test]
+    async fn browse_once_finds_an_advertiser() {
+        loopback_multicast();
+        let room = fresh_room();
+        let cd = cfg("delta", &room, 40004);
+        let (d, _rx) = Discovery::start(cd.clone()).unwrap();
+        let (e, _rx) = Discovery::start(cfg("echo", &fresh_room(), 40005)).unwrap();
+        // Probing and the first announcement take about a second; browse past that.
+        let peers = browse_once(&room, &["lo".to_string()], Duration::from_secs(3)).await.unwrap();
+        d.shutdown();
+        e.shutdown();
+        assert_eq!(peers.len(), 1, "{peers:?}");
+        assert_eq!(peers[0].node_id, cd.node_id);
+        assert_eq!(peers[0].name, "delta");
+        assert!(peers[0].addrs.contains(&"127.0.0.1:40004".parse().unwrap()), "{peers:?}");
+    }
+
+    #[test]
+    fn bad_configs_are_refused() {
+        let mut c = cfg("x", "r", 1);
+        c.node_id = "nope".into();
+        assert!(Discovery::start(c).is_err());
+        let mut c = cfg("x", "r", 0);
+        c.quic_port = 0;
+        assert!(Discovery::start(c).is_err());
+    }
+}

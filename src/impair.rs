@@ -539,10 +539,13 @@ mod tests {
         assert!((mean - 0.5).abs() < 0.01, "mean {mean}");
     }
 
+    /// (when, destination, ECN, bytes) of one datagram that reached the "wire".
+    type Wire = (Instant, SocketAddr, Option<EcnCodepoint>, Vec<u8>);
+
     /// Records what reaches the "wire"; optionally says WouldBlock on every other send.
     #[derive(Debug, Default)]
     struct Recorder {
-        sent: Mutex<Vec<(Instant, SocketAddr, Option<EcnCodepoint>, Vec<u8>)>>,
+        sent: Mutex<Vec<Wire>>,
         flaky: bool,
         calls: AtomicUsize,
     }

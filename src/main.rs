@@ -46,7 +46,8 @@ enum Cmd {
     /// Make NODE (id or name) lead while it is alive. Replicated and persisted.
     Pin {
         /// Node id or name (see `bandsync peers`).
-        node: String,
+        #[arg(value_name = "NODE")]
+        who: String,
         #[command(flatten)]
         to: To,
     },
@@ -57,6 +58,7 @@ enum Cmd {
     },
     /// Change the room's tempo (20–400 BPM) at the next bar.
     Tempo {
+        #[arg(allow_hyphen_values = true)]
         bpm: f64,
         #[command(flatten)]
         to: To,
@@ -66,6 +68,7 @@ enum Cmd {
     },
     /// Change the beats per bar (1–16) at the next bar.
     Meter {
+        #[arg(allow_hyphen_values = true)]
         beats: i64,
         #[command(flatten)]
         to: To,
@@ -196,7 +199,7 @@ fn main() {
             }
             Cmd::Status { to, json } => status(&to, &FileConfig::load(cli.config.as_deref())?.0, json, false),
             Cmd::Peers { to, json } => status(&to, &FileConfig::load(cli.config.as_deref())?.0, json, true),
-            Cmd::Pin { node, to } => done(ask(&to, &FileConfig::load(cli.config.as_deref())?.0, Query::Pin(node))?),
+            Cmd::Pin { who, to } => done(ask(&to, &FileConfig::load(cli.config.as_deref())?.0, Query::Pin(who))?),
             Cmd::Unpin { to } => done(ask(&to, &FileConfig::load(cli.config.as_deref())?.0, Query::Unpin)?),
             Cmd::Tempo { bpm, to, now } => {
                 let t = Tempo::from_bpm(bpm)?;

@@ -78,7 +78,7 @@ fn null_sink_clicks_every_500ms_and_starts_within_a_second() {
     for (i, l) in lines.iter().enumerate() {
         assert_eq!(l.beat, i as i64, "consecutive beats from 0");
         assert_eq!(l.node, id.trim());
-        assert_eq!(l.epoch, 0);
+        assert_eq!(l.epoch, 1, "a box alone leads its own session in epoch 1");
     }
     let first = lines[0].t - t_spawn;
     assert!(first > 0 && first <= 1_000_000_000, "first click {first} ns after spawn");

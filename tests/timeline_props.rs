@@ -18,8 +18,17 @@
 //! * `*_early_requests`: the first segment may still be in the future when a change is
 //!   requested (what `daemon::run` builds with `--play`: `start_at(now + START_LEAD_NS)`).
 //!
-//! The `bug_*` tests at the end are minimal reproductions of what the last two regimes
-//! find in `src/timeline.rs`.
+//! Semantics of the anchor (what the early regime checks): the timeline BEGINS at its
+//! first segment's anchor, beat `b0` at time `t0`. There is no beat or click before it:
+//! clicks start at `max(first beat at/after the query time, b0)`, and a change lands on
+//! the first qualifying beat (any beat, or a downbeat for `Quantum::Bar`) at or after
+//! both `now + lead` and the last segment's `b0`, so a change requested before the anchor
+//! lands at `b0` (merged into the first segment) or at the first downbeat at/after it.
+//! Beat positions/times that `beat_at`/`beat_time` extrapolate before the anchor are not
+//! beats of the timeline: a change merged at `b0` may move them.
+//!
+//! The `bug_*` tests at the end are regression tests for bugs the last two regimes found
+//! in `src/timeline.rs` (now fixed); they assert the correct behaviour.
 
 use bandsync::timeline::{
     BeatPos, Change, ChangeKind, Click, Meter, Quantum, Scheduled, Segment, Tempo, Timeline, MAX_PENDING,
@@ -205,6 +214,26 @@ fn exact_beat_time_after(tl: &Timeline, t: i64, k: i64) -> i64 {
     tl.beat_time(b + k)
 }
 
+/// The first integer beat whose time is at or after `t`, by search (not using
+/// `first_beat_at_or_after`, `next_click_at_or_after` or `quantize`, which are under test).
+/// Beats before the anchor are included: this is the raw beat grid.
+fn first_grid_beat_at_or_after(tl: &Timeline, t: i64) -> i64 {
+    let mut b = tl.beat_at(t).floor_beat();
+    while tl.beat_time(b - 1) >= t {
+        b -= 1;
+    }
+    while tl.beat_time(b) < t {
+        b += 1;
+    }
+    b
+}
+
+/// The first beat that clicks (if playing) for a query at `t`: the timeline begins at
+/// its anchor `anchor_b0`, so no beat before it.
+fn first_beat_from(tl: &Timeline, t: i64, anchor_b0: i64) -> i64 {
+    first_grid_beat_at_or_after(tl, t).max(anchor_b0)
+}
+
 /// The first `now` of a scenario (query start for properties 4 and 5).
 fn start_time(sc: &Scenario) -> i64 {
     let tl = Timeline::new(sc.seg);
@@ -256,6 +285,12 @@ fn model_at(seg0: &Segment, steps: &[Step], beat: i64) -> Segment {
         }
     }
     st
+}
+
+/// Whether `beat` clicks in the model: the timeline begins at the initial segment's
+/// anchor, so nothing before `seg0.b0` clicks.
+fn model_playing(seg0: &Segment, steps: &[Step], beat: i64) -> bool {
+    beat >= seg0.b0 && model_at(seg0, steps, beat).playing
 }
 
 fn is_downbeat(seg: &Segment, beat: i64) -> bool {
@@ -432,12 +467,19 @@ fn check_p3(sc: &Scenario) -> Result<(), TestCaseError> {
         let Step { req, now, pre, post, s } = *st;
         let earliest = st.earliest();
         let pre_segs = pre.segments();
+        // the timeline begins here; scheduling never moves the anchor
+        let anchor = pre_segs[0];
+        prop_assert_eq!((post.segments()[0].b0, post.segments()[0].t0), (anchor.b0, anchor.t0), "anchor moved: {:?}", st);
+        prop_assert_eq!(anchor.b0, sc.seg.b0);
 
         // what quantize previewed is what schedule did
         prop_assert_eq!(pre.quantize(req.quantum, now, req.lead), s, "quantize preview differs from schedule");
 
         // an integer beat, late enough, at the time the timeline gives it (before and after)
         prop_assert!(s.time >= earliest, "lands at {} before now+lead {}: {:?}", s.time, earliest, st);
+        // never before the timeline's anchor, nor before an already scheduled change
+        prop_assert!(s.beat >= anchor.b0 && s.time >= anchor.t0, "lands before the anchor: {:?}", st);
+        prop_assert!(s.beat >= pre.last().b0, "lands before a pending change: {:?}", st);
         prop_assert_eq!(post.beat_time(s.beat), s.time);
         prop_assert_eq!(pre.beat_time(s.beat), s.time, "scheduling moved its own point: {:?}", st);
         if req.quantum == Quantum::Bar {
@@ -472,8 +514,10 @@ fn check_p3(sc: &Scenario) -> Result<(), TestCaseError> {
         }
 
         // nothing between `now` and the change point moves: the beats there keep their
-        // times, tempo, meter and transport, and beat_at is unchanged
-        for x in (s.beat - 3)..s.beat {
+        // times, tempo, meter and transport, and beat_at is unchanged. Only beats of the
+        // timeline count: none exists before the anchor (a change merged at `b0` may
+        // move what segment 0 extrapolates before it).
+        for x in (s.beat - 3).max(anchor.b0)..s.beat {
             if pre.beat_time(x) >= now {
                 prop_assert_eq!(post.beat_time(x), pre.beat_time(x), "beat {} moved: {:?}", x, st);
                 prop_assert!(
@@ -485,19 +529,40 @@ fn check_p3(sc: &Scenario) -> Result<(), TestCaseError> {
                 );
             }
         }
+        let b0_pos = BeatPos::from_beat(anchor.b0);
         for t in [now, earliest, s.time - 1] {
-            if t < s.time {
+            if t >= anchor.t0 && t < s.time {
                 prop_assert_eq!(post.beat_at(t), pre.beat_at(t), "beat_at({}) moved: {:?}", t, st);
+            } else if t < anchor.t0 {
+                // before the anchor: still before it, whatever was merged into segment 0
+                prop_assert!(pre.beat_at(t) < b0_pos && post.beat_at(t) < b0_pos, "beat_at({}) not before the anchor: {:?}", t, st);
             }
         }
 
-        // the FIRST qualifying beat, unless a pending change forces it later
-        let floor = if pre_segs.len() > 1 { pre.last().b0 } else { i64::MIN };
+        // the FIRST qualifying beat at or after max(now + lead, anchor), unless a pending
+        // change forces it later: computed by search from the beat grid ...
+        let on_grid = |x: i64| req.quantum == Quantum::Beat || pre.segment_at_beat(x).is_downbeat(x);
+        let mut want = first_grid_beat_at_or_after(&pre, earliest).max(pre.last().b0);
+        let mut n = 0;
+        while !on_grid(want) {
+            n += 1;
+            prop_assert!(n <= 16, "no downbeat within 16 beats of {}", want);
+            want += 1;
+        }
+        prop_assert_eq!(s.beat, want, "not the first qualifying beat: {:?}; pre {:?}", st, pre_segs);
+        if earliest <= anchor.t0 && pre_segs.len() == 1 {
+            // requested before the anchor: at `b0` (merged into segment 0), or at the
+            // first downbeat at/after it
+            let d = if req.quantum == Quantum::Bar { anchor.downbeat_at_or_after(anchor.b0) } else { anchor.b0 };
+            prop_assert_eq!(s, Scheduled { beat: d, time: pre.beat_time(d) }, "early request: {:?}", st);
+            prop_assert_eq!(post.segments().len(), if d == anchor.b0 { 1 } else { 2 });
+        }
+        // ... and no earlier beat of the timeline qualified
+        let floor = pre.last().b0;
         for x in (s.beat - 16).max(floor)..s.beat {
             let late_enough = pre.beat_time(x) >= earliest;
-            let on_grid = req.quantum == Quantum::Beat || pre.segment_at_beat(x).is_downbeat(x);
             prop_assert!(
-                !(late_enough && on_grid),
+                !(late_enough && on_grid(x)),
                 "beat {} (t {}) already qualified for now+lead {}, but landed on {:?}; pre {:?}",
                 x,
                 pre.beat_time(x),
@@ -548,20 +613,24 @@ fn check_p4(sc: &Scenario) -> Result<(), TestCaseError> {
         let c = c.unwrap();
         prop_assert!(c.time >= t, "click {:?} before query {}", c, t);
         prop_assert_eq!(c.time, tl.beat_time(c.beat));
+        prop_assert!(c.beat >= sc.seg.b0 && c.time >= sc.seg.t0, "click {:?} before the anchor {:?}", c, sc.seg);
         match prev {
             Some(p) => {
                 prop_assert_eq!(c.beat, p.beat + 1, "skipped/repeated: {:?} then {:?}", p, c);
                 prop_assert!(c.time > p.time, "time not increasing: {:?} then {:?}", p, c);
             }
             None => {
-                // the first click is the first beat at or after t_start
-                prop_assert!(
-                    tl.beat_time(c.beat - 1) < t,
-                    "first click {:?} skips beat {} at {} (query {})",
+                // the first click is the first beat at or after t_start, or the anchor
+                // beat if t_start is before the anchor
+                let want = first_beat_from(&tl, t, sc.seg.b0);
+                prop_assert_eq!(
+                    c.beat,
+                    want,
+                    "first click {:?} is not beat {} (query {}, anchor {:?})",
                     c,
-                    c.beat - 1,
-                    tl.beat_time(c.beat - 1),
-                    t
+                    want,
+                    t,
+                    sc.seg
                 );
                 prop_assert!(
                     c.beat <= steps[0].s.beat,
@@ -574,6 +643,7 @@ fn check_p4(sc: &Scenario) -> Result<(), TestCaseError> {
         }
         let g = tl.segment_at_beat(c.beat);
         prop_assert!(g.playing);
+        prop_assert!(model_playing(&sc.seg, &steps, c.beat), "click {:?} where the model is stopped", c);
         prop_assert_eq!(c.accent, is_downbeat(g, c.beat), "accent wrong at {:?} in {:?}", c, g);
         let m = model_at(&sc.seg, &steps, c.beat);
         prop_assert_eq!(c.accent, is_downbeat(&m, c.beat), "accent disagrees with the scheduled meters at {:?}", c);
@@ -637,16 +707,15 @@ fn check_p5(sc: &Scenario) -> Result<(), TestCaseError> {
         }
     }
 
-    // expected clicks, from the model of the changes schedule reported
-    let mut first = tl.beat_at(t_start).floor_beat() - 1;
-    while tl.beat_time(first) < t_start {
-        first += 1;
-    }
-    let want: Vec<i64> = (first..=end_beat).filter(|&b| model_at(&sc.seg, &steps, b).playing).collect();
+    // expected clicks, from the model of the changes schedule reported: from the first
+    // beat at or after t_start, never before the anchor
+    let first = first_beat_from(&tl, t_start, sc.seg.b0);
+    let want: Vec<i64> = (first..=end_beat).filter(|&b| model_playing(&sc.seg, &steps, b)).collect();
     let got_beats: Vec<i64> = got.iter().map(|c| c.beat).collect();
     prop_assert_eq!(&got_beats, &want, "clicks differ from the transport model; steps {:?}", steps);
 
     for c in &got {
+        prop_assert!(c.beat >= sc.seg.b0 && c.time >= sc.seg.t0, "click {:?} before the anchor {:?}", c, sc.seg);
         prop_assert!(tl.segment_at_beat(c.beat).playing, "click in a stopped stretch: {:?}", c);
         prop_assert_eq!(c.time, tl.beat_time(c.beat));
     }
@@ -655,13 +724,13 @@ fn check_p5(sc: &Scenario) -> Result<(), TestCaseError> {
         let after = got.last().map(|c| c.time + 1).unwrap_or(t_start);
         prop_assert_eq!(tl.next_click_at_or_after(after), None);
     }
-    // a Start that ends a stopped stretch clicks exactly on its beat and time, and the
-    // stretch before it is silent
+    // a Start that ends a stopped stretch (or the silence before the anchor) clicks
+    // exactly on its beat and time, and the stretch before it is silent
     for (i, st) in steps.iter().enumerate() {
         if st.req.kind == ChangeKind::Start && st.s.time >= t_start {
-            let before = model_at(&sc.seg, &steps[..i], st.s.beat - 1);
-            let after = model_at(&sc.seg, &steps, st.s.beat);
-            if !before.playing && after.playing {
+            let before = model_playing(&sc.seg, &steps[..i], st.s.beat - 1);
+            let after = model_playing(&sc.seg, &steps, st.s.beat);
+            if !before && after {
                 let c = got.iter().find(|c| c.beat >= st.s.beat - 1);
                 prop_assert_eq!(
                     c.map(|c| (c.beat, c.time)),
@@ -671,7 +740,8 @@ fn check_p5(sc: &Scenario) -> Result<(), TestCaseError> {
                 );
                 // from any time inside the silence, the next click is the Start's beat
                 let q = st.s.time - 1;
-                if q >= t_start && !tl.segment_at_beat(tl.beat_at(q).floor_beat()).playing {
+                let silent_at_q = q < sc.seg.t0 || !tl.segment_at_beat(tl.beat_at(q).floor_beat()).playing;
+                if q >= t_start && silent_at_q {
                     let c = tl.next_click_at_or_after(q);
                     prop_assert_eq!(c.map(|c| (c.beat, c.time)), Some((st.s.beat, st.s.time)));
                 }
@@ -754,27 +824,74 @@ fn bug_quantize_skips_beat_at_exact_time() {
     assert_eq!(s, Scheduled { beat: 1, time: t1 });
 }
 
-/// A change requested before the (only) segment's start lands before `b0`, is applied
-/// to the whole first segment instead, and reports a beat/time where it does not happen.
+/// A change requested before the (only) segment's start used to land before `b0`, be
+/// applied to the whole first segment and report a beat/time where it did not happen.
+/// The timeline begins at its anchor: the change lands on `b0` at `t0`, merged into the
+/// first segment, and beats from `b0` on follow the new tempo.
 #[test]
 fn bug_change_before_first_segment_start() {
     // 120 BPM, beat 0 at t = 1 s; tempo 60 requested at now = 0 with no lead.
     let mut tl = Timeline::start_at(SEC, Tempo::from_bpm(120.0).unwrap(), Meter::new(4).unwrap(), true);
-    let s = tl
-        .schedule(Change { kind: ChangeKind::Tempo(Tempo::from_bpm(60.0).unwrap()), quantum: Quantum::Beat }, 0, 0)
-        .unwrap();
-    assert!(s.time >= 0, "scheduled in the past: {s:?}");
-    assert_eq!(tl.segment_at_beat(s.beat).b0, s.beat, "change does not start at its beat: {s:?}, {:?}", tl.segments());
+    let sixty = Tempo::from_bpm(60.0).unwrap();
+    let s = tl.schedule(Change { kind: ChangeKind::Tempo(sixty), quantum: Quantum::Beat }, 0, 0).unwrap();
+    assert_eq!(s, Scheduled { beat: 0, time: SEC }, "not at the anchor");
+    assert_eq!(tl.segments().len(), 1, "not merged into the first segment: {:?}", tl.segments());
+    let g = tl.segment_at_beat(s.beat);
+    assert_eq!((g.b0, g.t0, g.tempo), (0, SEC, sixty), "change does not start at its beat: {:?}", tl.segments());
+    assert_eq!(tl.beat_time(1), 2 * SEC, "beat 1 does not follow the new tempo");
+    // nothing clicks before the anchor
+    let c = tl.next_click_at_or_after(0).unwrap();
+    assert_eq!((c.beat, c.time, c.accent), (0, SEC, true));
+    // the same with a lead that still ends before the anchor, and a lead past it
+    let tl0 = Timeline::start_at(SEC, Tempo::from_bpm(120.0).unwrap(), Meter::new(4).unwrap(), true);
+    assert_eq!(tl0.quantize(Quantum::Beat, 0, SEC - 1), Scheduled { beat: 0, time: SEC });
+    assert_eq!(tl0.quantize(Quantum::Beat, 0, SEC), Scheduled { beat: 0, time: SEC });
+    assert_eq!(tl0.quantize(Quantum::Beat, 0, SEC + 1), Scheduled { beat: 1, time: 1_500_000_000 });
+    assert_eq!(tl0.quantize(Quantum::Bar, 0, SEC + 1), Scheduled { beat: 4, time: 3 * SEC });
 }
 
-/// A Start quantized to the first segment's `b0` (merged into it) also starts the beats
-/// between `now` and `t0`: beat -2 clicks at `now`, before the quantized beat 0.
+/// A Bar-quantized change requested before the anchor lands on the first downbeat at or
+/// after `b0` (here beat 2), not before the anchor and not on the non-downbeat `b0`.
+#[test]
+fn bug_bar_change_before_first_segment_start_lands_on_first_downbeat() {
+    // 120 BPM 4/4, beat 0 at t = 1 s, bars start at beats 2, 6, ...; stopped.
+    let seg = Segment {
+        t0: SEC,
+        b0: 0,
+        tempo: Tempo::from_bpm(120.0).unwrap(),
+        meter: Meter::new(4).unwrap(),
+        downbeat: 2,
+        playing: false,
+    };
+    let mut tl = Timeline::new(seg);
+    let s = tl.schedule(Change { kind: ChangeKind::Start, quantum: Quantum::Bar }, 0, 0).unwrap();
+    assert_eq!(s, Scheduled { beat: 2, time: 2 * SEC });
+    assert_eq!(tl.segments().len(), 2, "{:?}", tl.segments());
+    assert_eq!(tl.segments()[0], seg, "the anchor segment changed");
+    let c = tl.next_click_at_or_after(0).unwrap();
+    assert_eq!((c.beat, c.time, c.accent), (2, 2 * SEC, true), "first click {c:?} is not the Start's downbeat");
+    // a Meter change merged at the anchor restarts the bars there
+    let mut tl = Timeline::new(seg);
+    let s = tl.schedule(Change { kind: ChangeKind::Meter(Meter::new(3).unwrap()), quantum: Quantum::Beat }, 0, 0).unwrap();
+    assert_eq!(s, Scheduled { beat: 0, time: SEC });
+    assert_eq!(tl.segments().len(), 1);
+    assert!(tl.segment_at_beat(0).is_downbeat(0) && tl.segment_at_beat(3).is_downbeat(3));
+}
+
+/// A Start quantized to the first segment's `b0` (merged into it) used to also start the
+/// beats between `now` and `t0` (beat -2 clicked at `now`, before the quantized beat 0).
+/// Nothing clicks before the anchor: the first click is the Start's beat.
 #[test]
 fn bug_start_merged_into_future_first_segment_clicks_early() {
     // stopped, 120 BPM 4/4, beat 0 at t = 1 s; Start (Bar) requested at now = 0.
     let mut tl = Timeline::start_at(SEC, Tempo::from_bpm(120.0).unwrap(), Meter::new(4).unwrap(), false);
     let s = tl.schedule(Change { kind: ChangeKind::Start, quantum: Quantum::Bar }, 0, 0).unwrap();
     assert_eq!(s, Scheduled { beat: 0, time: SEC });
-    let c = tl.next_click_at_or_after(0).unwrap();
-    assert_eq!((c.beat, c.time), (s.beat, s.time), "first click {c:?} is before the Start's beat");
+    assert_eq!(tl.segments().len(), 1, "not merged into the first segment: {:?}", tl.segments());
+    for q in [i64::MIN, -SEC, 0, SEC / 2, SEC - 1, SEC] {
+        let c = tl.next_click_at_or_after(q).unwrap();
+        assert_eq!((c.beat, c.time, c.accent), (s.beat, s.time, true), "first click {c:?} (query {q}) is not the Start's beat");
+    }
+    let c = tl.next_click_at_or_after(SEC + 1).unwrap();
+    assert_eq!((c.beat, c.time, c.accent), (1, 1_500_000_000, false));
 }
