@@ -244,6 +244,7 @@ else
     OUT=$(abspath "$OUT")
 fi
 mkdir -p "$OUT" || die "cannot create $OUT"
+: >"$OUT/events.jsonl" || die "cannot write in $OUT"
 for ((i = 1; i <= N; i++)); do
     [ ! -e "$OUT/node$i/clicks.jsonl" ] || die "$OUT/node$i/clicks.jsonl exists already (use a new --out)"
 done
@@ -519,6 +520,8 @@ chmod 600 "$OUT"/room*.key
 } >"$OUT/lab.txt"
 
 echo "bandsync lab: $N node(s), ${DURATION}s, output in $OUT"
+[ "$(secs_to_us "$WARMUP")" -lt "$DURATION_US" ] \
+    || echo "lab.sh: warning: --warmup $WARMUP is not shorter than the run (-t $DURATION): the summary will skip every click" >&2
 setup_network
 echo "network: bridge $BRIDGE in $SW_NS, nodes $(ns_of 1)..$(ns_of "$N") on $SUBNET_PREFIX.0/24"
 
@@ -546,6 +549,11 @@ while :; do
         kill_leader
     fi
     check_nodes
+    if [ ${#PENDING[@]} -eq 0 ]; then
+        running=0
+        for i in "${!PID[@]}"; do [ -z "${STOPPED[$i]:-}" ] && running=1; done
+        if [ $running -eq 0 ]; then log "no node is running any more: ending the run early"; break; fi
+    fi
     sleep 0.05
 done
 
@@ -572,11 +580,11 @@ for ((i = 1; i <= N; i++)); do LOGS+=("$OUT/node$i/clicks.jsonl"); done
 SUM_RC=$?
 cat "$OUT/summary.txt"
 echo "(outputs: $OUT)"
-if [ $SUM_RC -ne 0 ]; then
-    echo "lab.sh: the summary failed (status $SUM_RC)" >&2
-    exit 2
-fi
 if [ $LAB_RC -ne 0 ]; then
-    echo "lab.sh: node(s) ${!EXITED[*]} exited on their own before the end (see their node.log)" >&2
+    echo "lab.sh: node(s) $(printf '%s\n' "${!EXITED[@]}" | sort -n | paste -sd, -) exited on their own before the end (see their node.log)" >&2
+fi
+if [ $SUM_RC -ne 0 ]; then
+    echo "lab.sh: the summary could not read any click log (status $SUM_RC)" >&2
+    [ $LAB_RC -eq 0 ] && LAB_RC=2
 fi
 exit $LAB_RC

@@ -320,7 +320,8 @@ def summarise(paths, warmup_s=0.0, node_warmup_s=0.0, events_path=None, out=sys.
     after_kill = []
     for k in kills:
         tk = k["t_mono_ns"]
-        survivors = [nl for nl in nodes if nl.label != k["label"]]
+        # Survivors: the other nodes that were already clicking when it was killed.
+        survivors = [nl for nl in nodes if nl.label != k["label"] and any(c[0] < tk for c in nl.clicks)]
         info = {"killed": k["label"], "t_mono_ns": tk, "nodes": {}}
         for nl in survivors:
             # Include the last click before the kill so a gap or jump across it counts.

@@ -33,6 +33,9 @@ pub struct FileConfig {
     pub http: Option<String>,
     pub interface: Option<Vec<String>>,
     pub room_key_file: Option<PathBuf>,
+    pub control_pin: Option<String>,
+    pub redis: Option<String>,
+    pub hw: Option<String>,
 }
 
 impl FileConfig {
@@ -117,6 +120,13 @@ pub struct RunArgs {
     /// first start).
     #[arg(long, value_name = "PATH")]
     pub room_key_file: Option<PathBuf>,
+    /// PIN phones must give to change tempo/transport (default: none; following the
+    /// beat never needs it).
+    #[arg(long, value_name = "PIN")]
+    pub control_pin: Option<String>,
+    /// Mirror the session to Redis: redis://[user:pass@]host:port/db (optional).
+    #[arg(long, value_name = "URL")]
+    pub redis: Option<String>,
 }
 
 fn parse_quantum(s: &str) -> Result<Quantum, String> {
@@ -150,6 +160,8 @@ pub struct RunConfig {
     pub http: std::net::SocketAddr,
     pub interfaces: Vec<String>,
     pub room_key_file: Option<PathBuf>,
+    pub control_pin: Option<String>,
+    pub redis: Option<String>,
 }
 
 /// Default QUIC port of the room mesh.
@@ -257,6 +269,13 @@ impl RunConfig {
             }
         }
         let room_key_file = args.room_key_file.clone().or(file.room_key_file.clone());
+        let control_pin = args.control_pin.clone().or(file.control_pin.clone());
+        if let Some(p) = &control_pin {
+            if p.is_empty() || p.len() > 32 || p.chars().any(|c| c.is_control() || c.is_whitespace()) {
+                bail!("{}: the control PIN must be 1–32 characters without spaces", src(args.control_pin.is_some(), "control_pin"));
+            }
+        }
+        let redis = args.redis.clone().or(file.redis.clone());
         Ok(RunConfig {
             name,
             room,
@@ -276,6 +295,8 @@ impl RunConfig {
             http,
             interfaces,
             room_key_file,
+            control_pin,
+            redis,
         })
     }
 }

@@ -114,14 +114,24 @@ pub fn run(cfg: RunConfig, clock: NodeClock) -> anyhow::Result<()> {
     room.set_pinned(saved.and_then(|s| s.pinned));
     let mesh_stats = Arc::new(MeshStats::default());
     let http_addr = cfg.http;
+    let control_pin = cfg.control_pin.clone();
     let result = rt.block_on(async {
         let (handle, inbox) = mesh::channel();
-        let http_state = crate::http::HttpState { room: handle, audio: stats.clone(), mesh: mesh_stats.clone() };
+        let (published_tx, published_rx) = tokio::sync::watch::channel(0u64);
+        let http_state = crate::http::HttpState {
+            room: handle,
+            audio: stats.clone(),
+            mesh: mesh_stats.clone(),
+            cell: cell.clone(),
+            clock,
+            changes: published_rx,
+            control_pin: control_pin.clone(),
+        };
         if let Err(e) = crate::http::serve(http_addr, http_state, shutdown.clone()).await {
             tracing::error!(error = %format!("{e:#}"), "no HTTP: phones, /health and /metrics are unavailable (the click goes on)");
         }
         let reporter = tokio::spawn(report(cell.clone(), stats.clone(), clock));
-        let r = mesh::run(mesh_cfg, inbox, room, clock, cell.clone(), mesh_stats, shutdown).await;
+        let r = mesh::run(mesh_cfg, inbox, room, clock, cell.clone(), mesh_stats, published_tx, shutdown).await;
         reporter.abort();
         r
     });

@@ -28,9 +28,22 @@
 //!   those interfaces (`set_interfaces`) with `addr_auto`, so only their addresses are
 //!   published, and resolved addresses are filtered by the interface they arrived on.
 //!   An interface that appears later is picked up by mdns-sd's 5 s IP check.
+//!   One thing we cannot prevent: mdns-sd joins the mDNS multicast groups on every
+//!   interface when it starts and leaves them a millisecond later when our selection
+//!   runs, so the kernel may emit an IGMP/MLD join and leave report there (never mDNS).
 //! * Loopback: multicast loop is on by default in mdns-sd, which on Linux means our own
 //!   multicast is delivered back to every local socket, so several nodes (or a node and
-//!   the CLI) on one host see each other. All of them bind 5353 with `SO_REUSEPORT`.
+//!   the CLI) on one host see each other; all of them bind 5353 with `SO_REUSEPORT`.
+//!   IPv4 multicast works on `lo` even without its MULTICAST flag (the kernel does not
+//!   check it for IPv4); IPv6 does not (`ff02::fb` is unreachable on `lo`), so on
+//!   loopback only 127.0.0.1 is published.
+//! * No probing: RFC 6762 probing delays the first announcement by ~750 ms, most of
+//!   the 1 s join budget. Our names are random 64-bit node ids, so a conflict means a
+//!   cloned state dir, which [`Tracker`] logs as a warning. Without it a running node
+//!   hears a newcomer's announcement at once, and the newcomer hears the room's answers
+//!   to its first query within ~120 ms. Two nodes that start in the same second may wait
+//!   for the next query (1 s later): a record just announced is not multicast again
+//!   within a second (RFC 6762 §6).
 //! * Removal: on shutdown mdns-sd sends goodbye packets (TTL 0); a browser keeps such a
 //!   record for 1 s (RFC 6762 §10.1) and then reports the removal, so `Lost` arrives about
 //!   1 s after a clean shutdown. A node that dies without goodbye is forgotten only when
@@ -44,7 +57,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use mdns_sd::{IfKind, ResolvedService, ScopedIp, ServiceDaemon, ServiceEvent, ServiceInfo, TxtProperties};
+use mdns_sd::{
+    IfKind, ResolvedService, ScopedIp, ServiceDaemon, ServiceEvent, ServiceInfo, TxtProperties,
+};
 use tokio::sync::mpsc;
 
 /// The DNS-SD service type every node advertises.
@@ -146,14 +161,23 @@ fn is_node_id(s: &str) -> bool {
 
 /// A TXT value as text, or why not.
 fn txt<'a>(props: &'a TxtProperties, key: &'static str) -> Result<&'a str, AdvertError> {
-    let val = props.get_property_val(key).ok_or(AdvertError::Missing(key))?.ok_or(AdvertError::Missing(key))?;
-    std::str::from_utf8(val).map_err(|_| AdvertError::Invalid { key, value: String::from_utf8_lossy(val).into_owned() })
+    let val = props
+        .get_property_val(key)
+        .ok_or(AdvertError::Missing(key))?
+        .ok_or(AdvertError::Missing(key))?;
+    std::str::from_utf8(val).map_err(|_| AdvertError::Invalid {
+        key,
+        value: String::from_utf8_lossy(val).into_owned(),
+    })
 }
 
 /// A decimal number in 1..=u16::MAX, digits only (no sign, no spaces).
 fn txt_u16(props: &TxtProperties, key: &'static str) -> Result<u16, AdvertError> {
     let s = txt(props, key)?;
-    let bad = || AdvertError::Invalid { key, value: s.to_string() };
+    let bad = || AdvertError::Invalid {
+        key,
+        value: s.to_string(),
+    };
     if s.is_empty() || s.len() > 5 || !s.bytes().all(|b| b.is_ascii_digit()) {
         return Err(bad());
     }
@@ -165,15 +189,25 @@ fn txt_u16(props: &TxtProperties, key: &'static str) -> Result<u16, AdvertError>
 
 /// Validate the TXT fields of an advertisement and build the peer it describes.
 /// `ips` are the resolved addresses with their interface scope (see [`usable_ips`]).
-pub fn parse_advert(props: &TxtProperties, room_hash: &str, ips: &[(IpAddr, u32)]) -> Result<PeerInfo, AdvertError> {
+pub fn parse_advert(
+    props: &TxtProperties,
+    room_hash: &str,
+    ips: &[(IpAddr, u32)],
+) -> Result<PeerInfo, AdvertError> {
     let proto = txt_u16(props, "v")?;
     let id = txt(props, "id")?;
     if !is_node_id(id) {
-        return Err(AdvertError::Invalid { key: "id", value: id.to_string() });
+        return Err(AdvertError::Invalid {
+            key: "id",
+            value: id.to_string(),
+        });
     }
     let name = txt(props, "name")?;
     if name.trim().is_empty() || name.chars().any(char::is_control) {
-        return Err(AdvertError::Invalid { key: "name", value: name.to_string() });
+        return Err(AdvertError::Invalid {
+            key: "name",
+            value: name.to_string(),
+        });
     }
     let room = txt(props, "room")?;
     if room != room_hash {
@@ -192,7 +226,12 @@ pub fn parse_advert(props: &TxtProperties, room_hash: &str, ips: &[(IpAddr, u32)
     if addrs.is_empty() {
         return Err(AdvertError::NoAddress);
     }
-    Ok(PeerInfo { node_id: id.to_string(), name: name.to_string(), addrs, proto })
+    Ok(PeerInfo {
+        node_id: id.to_string(),
+        name: name.to_string(),
+        addrs,
+        proto,
+    })
 }
 
 /// Link-local IPv6 (fe80::/10) needs its interface as scope id to be dialled.
@@ -202,7 +241,10 @@ fn is_v6_link_local(ip: &std::net::Ipv6Addr) -> bool {
 
 /// The resolved addresses worth dialling, with their IPv6 scope: unicast only, and
 /// when `interfaces` is non-empty, only those learnt on one of them.
-fn usable_ips(addrs: &std::collections::HashSet<ScopedIp>, interfaces: &[String]) -> Vec<(IpAddr, u32)> {
+fn usable_ips(
+    addrs: &std::collections::HashSet<ScopedIp>,
+    interfaces: &[String],
+) -> Vec<(IpAddr, u32)> {
     let allowed = |name: &str| interfaces.is_empty() || interfaces.iter().any(|i| i == name);
     let mut out = Vec::new();
     for a in addrs {
@@ -221,7 +263,11 @@ fn usable_ips(addrs: &std::collections::HashSet<ScopedIp>, interfaces: &[String]
                 if ip.is_unspecified() || ip.is_multicast() || !allowed(&v6.scope_id().name) {
                     continue;
                 }
-                let scope = if is_v6_link_local(&ip) { v6.scope_id().index } else { 0 };
+                let scope = if is_v6_link_local(&ip) {
+                    v6.scope_id().index
+                } else {
+                    0
+                };
                 out.push((IpAddr::V6(ip), scope));
             }
             _ => {}
@@ -257,7 +303,12 @@ impl Tracker {
 
     /// An instance resolved (again) to `advert`: report it if it is new or changed.
     /// An instance that no longer validates (e.g. it moved to another room) is lost.
-    pub fn on_resolved(&mut self, instance: &str, advert: Result<PeerInfo, AdvertError>, out: &mut Vec<PeerEvent>) {
+    pub fn on_resolved(
+        &mut self,
+        instance: &str,
+        advert: Result<PeerInfo, AdvertError>,
+        out: &mut Vec<PeerEvent>,
+    ) {
         let key = instance.to_lowercase();
         let peer = match advert {
             Ok(p) => p,
@@ -278,7 +329,9 @@ impl Tracker {
         }
         if let Some(old) = self.reported.insert(key.clone(), peer.clone()) {
             if old.node_id != peer.node_id && !self.holds(&old.node_id) {
-                out.push(PeerEvent::Lost { node_id: old.node_id });
+                out.push(PeerEvent::Lost {
+                    node_id: old.node_id,
+                });
             }
         }
         out.push(PeerEvent::Found(peer));
@@ -290,7 +343,9 @@ impl Tracker {
             // Two instances can claim one id (a cloned state dir renamed by mDNS
             // conflict resolution); the node is lost only when none is left.
             if !self.holds(&old.node_id) {
-                out.push(PeerEvent::Lost { node_id: old.node_id });
+                out.push(PeerEvent::Lost {
+                    node_id: old.node_id,
+                });
             }
         }
     }
@@ -332,23 +387,40 @@ impl Discovery {
         }
 
         let daemon = ServiceDaemon::new().map_err(mdns("starting the daemon"))?;
-        let me = Discovery { daemon, advertise: cfg.advertise, stopping: Arc::new(AtomicBool::new(false)), stopped: false };
+        let me = Discovery {
+            daemon,
+            advertise: cfg.advertise,
+            stopping: Arc::new(AtomicBool::new(false)),
+            stopped: false,
+        };
         // Commands run in order on the daemon thread: the interface selection is in
         // place before the first query or announcement goes out.
         if !cfg.interfaces.is_empty() {
-            me.daemon.disable_interface(IfKind::All).map_err(mdns("disabling all interfaces"))?;
-            let names: Vec<IfKind> = cfg.interfaces.iter().map(|n| IfKind::Name(n.clone())).collect();
-            me.daemon.enable_interface(names).map_err(mdns("enabling the configured interfaces"))?;
+            me.daemon
+                .disable_interface(IfKind::All)
+                .map_err(mdns("disabling all interfaces"))?;
+            let names: Vec<IfKind> = cfg
+                .interfaces
+                .iter()
+                .map(|n| IfKind::Name(n.clone()))
+                .collect();
+            me.daemon
+                .enable_interface(names)
+                .map_err(mdns("enabling the configured interfaces"))?;
         }
 
+        // Browse first: a peer answering our announcement at once is then already
+        // wanted, not dropped as unsolicited.
         let hash = room_hash(&cfg.room);
+        let events = me.daemon.browse(SERVICE_TYPE).map_err(mdns("browsing"))?;
         let mut self_instance = None;
         if cfg.advertise {
             let info = service_info(&cfg, &hash)?;
             self_instance = Some(info.get_fullname().to_string());
-            me.daemon.register(info).map_err(mdns("registering our service"))?;
+            me.daemon
+                .register(info)
+                .map_err(mdns("registering our service"))?;
         }
-        let events = me.daemon.browse(SERVICE_TYPE).map_err(mdns("browsing"))?;
         tracing::info!(room = %hash, advertise = cfg.advertise, interfaces = ?cfg.interfaces, "mDNS discovery started");
 
         let (tx, rx) = mpsc::channel(EVENT_QUEUE);
@@ -359,7 +431,9 @@ impl Discovery {
             interfaces: cfg.interfaces,
             tx,
         };
-        std::thread::Builder::new().name("bandsync-mdns".into()).spawn(move || fwd.run(events))?;
+        std::thread::Builder::new()
+            .name("bandsync-mdns".into())
+            .spawn(move || fwd.run(events))?;
         Ok((me, rx))
     }
 
@@ -411,11 +485,25 @@ fn service_info(cfg: &DiscoveryConfig, hash: &str) -> Result<ServiceInfo, Discov
         ("port", cfg.quic_port.to_string()),
     ];
     let host = format!("{}.local.", cfg.node_id);
-    let mut info = ServiceInfo::new(SERVICE_TYPE, &cfg.node_id, &host, (), cfg.quic_port, &props[..])
-        .map_err(mdns("building our service record"))?
-        .enable_addr_auto();
+    let mut info = ServiceInfo::new(
+        SERVICE_TYPE,
+        &cfg.node_id,
+        &host,
+        (),
+        cfg.quic_port,
+        &props[..],
+    )
+    .map_err(mdns("building our service record"))?
+    .enable_addr_auto();
+    // Random 64-bit names do not collide; probing would cost ~750 ms (module docs).
+    info.set_requires_probe(false);
     if !cfg.interfaces.is_empty() {
-        info.set_interfaces(cfg.interfaces.iter().map(|n| IfKind::Name(n.clone())).collect());
+        info.set_interfaces(
+            cfg.interfaces
+                .iter()
+                .map(|n| IfKind::Name(n.clone()))
+                .collect(),
+        );
     }
     Ok(info)
 }
@@ -481,7 +569,11 @@ impl Forwarder {
 }
 
 /// For the CLI: browse for `timeout` and return the room's nodes found.
-pub async fn browse_once(room: &str, interfaces: &[String], timeout: Duration) -> anyhow::Result<Vec<PeerInfo>> {
+pub async fn browse_once(
+    room: &str,
+    interfaces: &[String],
+    timeout: Duration,
+) -> anyhow::Result<Vec<PeerInfo>> {
     let (disc, mut rx) = Discovery::start(DiscoveryConfig {
         node_id: String::new(),
         name: String::new(),
@@ -511,8 +603,9 @@ pub async fn browse_once(room: &str, interfaces: &[String], timeout: Duration) -
 
 #[cfg(test)]
 mod tests {
-    //! The network tests run real mDNS, restricted to the loopback interface `lo`: no
-    //! test packet ever leaves the machine. See [`loopback_multicast`] for what `lo` needs.
+    //! The network tests run real mDNS, restricted to the loopback interface `lo`, in a
+    //! private network namespace when they may (see [`isolate_on_loopback`]): no test
+    //! packet ever leaves the machine.
 
     use super::*;
     use mdns_sd::{IntoTxtProperties, TxtProperty};
@@ -527,13 +620,28 @@ mod tests {
     }
 
     fn good() -> Vec<(&'static str, &'static str)> {
-        vec![("v", "1"), ("id", "0123456789abcdef"), ("name", "drums"), ("room", ""), ("port", "47810")]
+        vec![
+            ("v", "1"),
+            ("id", "0123456789abcdef"),
+            ("name", "drums"),
+            ("room", ""),
+            ("port", "47810"),
+        ]
     }
 
     /// `good()` with the room filled in and `key` replaced by `val` (or removed if None).
     fn advert(key: &str, val: Option<&str>) -> Result<PeerInfo, AdvertError> {
         let hash = room_hash(ROOM);
-        let mut kv: Vec<(&str, &str)> = good().into_iter().map(|(k, v)| if k == "room" { (k, hash.as_str()) } else { (k, v) }).collect();
+        let mut kv: Vec<(&str, &str)> = good()
+            .into_iter()
+            .map(|(k, v)| {
+                if k == "room" {
+                    (k, hash.as_str())
+                } else {
+                    (k, v)
+                }
+            })
+            .collect();
         kv.retain(|(k, _)| *k != key);
         if let Some(v) = val {
             kv.push((key, v));
@@ -585,15 +693,31 @@ mod tests {
             ("port", " 1"),
             ("port", ""),
         ] {
-            assert!(matches!(advert(key, Some(val)), Err(AdvertError::Invalid { .. })), "{key}={val:?} accepted");
+            assert!(
+                matches!(advert(key, Some(val)), Err(AdvertError::Invalid { .. })),
+                "{key}={val:?} accepted"
+            );
         }
-        assert_eq!(advert("room", Some("0000000000000000")), Err(AdvertError::OtherRoom("0000000000000000".into())));
+        assert_eq!(
+            advert("room", Some("0000000000000000")),
+            Err(AdvertError::OtherRoom("0000000000000000".into()))
+        );
         // A key without a value, and a value that is not UTF-8.
         let hash = room_hash(ROOM);
-        let mut p: Vec<TxtProperty> = vec![("v", "1").into(), "id".into(), ("room", hash.as_str()).into()];
-        assert_eq!(parse_advert(&p.clone().into_txt_properties(), &hash, &[]), Err(AdvertError::Missing("id")));
+        let mut p: Vec<TxtProperty> = vec![
+            ("v", "1").into(),
+            "id".into(),
+            ("room", hash.as_str()).into(),
+        ];
+        assert_eq!(
+            parse_advert(&p.clone().into_txt_properties(), &hash, &[]),
+            Err(AdvertError::Missing("id"))
+        );
         p[1] = ("id", &[0xffu8, 0xfe][..]).into();
-        assert!(matches!(parse_advert(&p.into_txt_properties(), &hash, &[]), Err(AdvertError::Invalid { key: "id", .. })));
+        assert!(matches!(
+            parse_advert(&p.into_txt_properties(), &hash, &[]),
+            Err(AdvertError::Invalid { key: "id", .. })
+        ));
     }
 
     #[test]
@@ -602,17 +726,30 @@ mod tests {
         let mut kv = good();
         kv[3] = ("room", &hash);
         let ll: IpAddr = "fe80::1".parse().unwrap();
-        let ips = [(ll, 3), (IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2)), 0), (IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)), 0), (ll, 3)];
+        let ips = [
+            (ll, 3),
+            (IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2)), 0),
+            (IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)), 0),
+            (ll, 3),
+        ];
         let p = parse_advert(&props(&kv), &hash, &ips).unwrap();
         assert_eq!(p.addrs.len(), 3);
         assert_eq!(p.addrs[0], "10.0.0.1:47810".parse().unwrap());
         assert_eq!(p.addrs[1], "10.0.0.2:47810".parse().unwrap());
         assert!(matches!(p.addrs[2], SocketAddr::V6(a) if a.scope_id() == 3 && a.port() == 47810));
-        assert_eq!(parse_advert(&props(&kv), &hash, &[]), Err(AdvertError::NoAddress));
+        assert_eq!(
+            parse_advert(&props(&kv), &hash, &[]),
+            Err(AdvertError::NoAddress)
+        );
     }
 
     fn peer(id: &str, port: u16) -> PeerInfo {
-        PeerInfo { node_id: id.into(), name: "n".into(), addrs: vec![SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port)], proto: 1 }
+        PeerInfo {
+            node_id: id.into(),
+            name: "n".into(),
+            addrs: vec![SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port)],
+            proto: 1,
+        }
     }
 
     #[test]
@@ -655,28 +792,34 @@ mod tests {
 
     // ---- real mDNS on `lo` ----
 
-    /// Linux delivers multicast on `lo` only if the interface has the MULTICAST flag,
-    /// which many containers and some distributions leave off. The tests need it and run
-    /// as root here, so they switch it on (`ip link set lo multicast on`), once. It is
-    /// harmless: it only lets multicast between local sockets through.
-    fn loopback_multicast() {
-        static ONCE: std::sync::Once = std::sync::Once::new();
-        ONCE.call_once(|| {
-            let flags = std::fs::read_to_string("/sys/class/net/lo/flags").expect("reading lo flags");
-            let flags = u32::from_str_radix(flags.trim().trim_start_matches("0x"), 16).expect("parsing lo flags");
-            const IFF_MULTICAST: u32 = 0x1000;
-            if flags & IFF_MULTICAST == 0 {
-                let st = std::process::Command::new("ip").args(["link", "set", "lo", "multicast", "on"]).status();
-                assert!(
-                    st.is_ok_and(|s| s.success()),
-                    "lo has no MULTICAST flag and `ip link set lo multicast on` failed: the mDNS tests need it"
-                );
-            }
-        });
+    /// Move this test's thread into a private network namespace with only `lo` up, so not
+    /// even mdns-sd's start-up multicast joins (see the module docs) touch a real
+    /// interface, and strays on the host's port 5353 cannot disturb the test. Network
+    /// namespaces are per thread on Linux, and the threads the test spawns (mdns-sd's,
+    /// the forwarder) inherit it; `#[tokio::test]` runs the test on this one thread.
+    /// Without CAP_SYS_ADMIN the test runs on the host's `lo` instead (still lo only).
+    fn isolate_on_loopback() {
+        // SAFETY: unshare takes no pointers; it only changes this thread's namespaces.
+        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+            eprintln!(
+                "no private network namespace ({}); using the host's lo",
+                std::io::Error::last_os_error()
+            );
+            return;
+        }
+        let up = std::process::Command::new("ip")
+            .args(["link", "set", "lo", "up"])
+            .status();
+        assert!(
+            up.as_ref().is_ok_and(|s| s.success()),
+            "cannot bring lo up in the test's network namespace: {up:?}"
+        );
     }
 
     fn random_u64() -> u64 {
-        std::collections::hash_map::RandomState::new().build_hasher().finish()
+        std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish()
     }
 
     fn cfg(name: &str, room: &str, port: u16) -> DiscoveryConfig {
@@ -718,32 +861,64 @@ mod tests {
 
     #[tokio::test]
     async fn two_nodes_find_each_other_ignore_other_rooms_and_see_goodbyes() {
-        loopback_multicast();
+        isolate_on_loopback();
         let room = fresh_room();
-        let (ca, cb, cc) = (cfg("alpha", &room, 40001), cfg("bravo", &room, 40002), cfg("charlie", &fresh_room(), 40003));
+        let (ca, cb, cc) = (
+            cfg("alpha", &room, 40001),
+            cfg("bravo", &room, 40002),
+            cfg("charlie", &fresh_room(), 40003),
+        );
         let (a, mut rx_a) = Discovery::start(ca.clone()).unwrap();
         let (b, mut rx_b) = Discovery::start(cb.clone()).unwrap();
         let (c, _rx_c) = Discovery::start(cc.clone()).unwrap();
 
         let mut seen_a = Vec::new();
-        let ev = wait_for(&mut rx_a, &mut seen_a, Duration::from_secs(6), found(&cb.node_id)).await;
-        let Some(PeerEvent::Found(p)) = ev else { panic!("alpha never found bravo; saw {seen_a:?}") };
+        let ev = wait_for(
+            &mut rx_a,
+            &mut seen_a,
+            Duration::from_secs(6),
+            found(&cb.node_id),
+        )
+        .await;
+        let Some(PeerEvent::Found(p)) = ev else {
+            panic!("alpha never found bravo; saw {seen_a:?}")
+        };
         assert_eq!(p.name, "bravo");
         assert_eq!(p.proto, PROTOCOL_VERSION);
-        assert!(p.addrs.contains(&"127.0.0.1:40002".parse().unwrap()), "{p:?}");
-        assert!(p.addrs.iter().all(|a| a.port() == 40002 && a.ip().is_loopback()), "only lo addresses: {p:?}");
+        assert!(
+            p.addrs.contains(&"127.0.0.1:40002".parse().unwrap()),
+            "{p:?}"
+        );
+        assert!(
+            p.addrs
+                .iter()
+                .all(|a| a.port() == 40002 && a.ip().is_loopback()),
+            "only lo addresses: {p:?}"
+        );
 
         let mut seen_b = Vec::new();
-        let ev = wait_for(&mut rx_b, &mut seen_b, Duration::from_secs(6), found(&ca.node_id)).await;
-        assert!(matches!(ev, Some(PeerEvent::Found(p)) if p.name == "alpha"), "bravo never found alpha; saw {seen_b:?}");
+        let ev = wait_for(
+            &mut rx_b,
+            &mut seen_b,
+            Duration::from_secs(6),
+            found(&ca.node_id),
+        )
+        .await;
+        assert!(
+            matches!(ev, Some(PeerEvent::Found(p)) if p.name == "alpha"),
+            "bravo never found alpha; saw {seen_b:?}"
+        );
 
         // Charlie (another room) has been announcing all along; give stragglers a moment.
         // Then bravo says goodbye: alpha hears it (mdns-sd keeps a goodbye record 1 s).
         tokio::time::sleep(Duration::from_millis(500)).await;
         b.shutdown();
-        let lost = wait_for(&mut rx_a, &mut seen_a, Duration::from_secs(6), |e| {
-            matches!(e, PeerEvent::Lost { node_id } if *node_id == cb.node_id)
-        })
+        let lost = wait_for(
+            &mut rx_a,
+            &mut seen_a,
+            Duration::from_secs(6),
+            |e| matches!(e, PeerEvent::Lost { node_id } if *node_id == cb.node_id),
+        )
         .await;
         assert!(lost.is_some(), "alpha never lost bravo; saw {seen_a:?}");
 
@@ -752,11 +927,26 @@ mod tests {
                 PeerEvent::Found(p) => &p.node_id,
                 PeerEvent::Lost { node_id } => node_id,
             };
-            assert_ne!(id, &cc.node_id, "a node of another room was reported: {e:?}");
-            assert!(id != &ca.node_id || !seen_a.contains(e), "alpha reported itself: {e:?}");
+            assert_ne!(
+                id, &cc.node_id,
+                "a node of another room was reported: {e:?}"
+            );
+            assert!(
+                id != &ca.node_id || !seen_a.contains(e),
+                "alpha reported itself: {e:?}"
+            );
         }
         // Resolving again is not news: two Found in a row for one peer must differ.
-        let founds: Vec<&PeerInfo> = seen_a.iter().filter_map(|e| if let PeerEvent::Found(p) = e { Some(p) } else { None }).collect();
+        let founds: Vec<&PeerInfo> = seen_a
+            .iter()
+            .filter_map(|e| {
+                if let PeerEvent::Found(p) = e {
+                    Some(p)
+                } else {
+                    None
+                }
+            })
+            .collect();
         for w in founds.windows(2) {
             assert!(w[0] != w[1], "duplicate Found: {:?}", w[0]);
         }
@@ -766,19 +956,24 @@ mod tests {
 
     #[tokio::test]
     async fn browse_once_finds_an_advertiser() {
-        loopback_multicast();
+        isolate_on_loopback();
         let room = fresh_room();
         let cd = cfg("delta", &room, 40004);
         let (d, _rx) = Discovery::start(cd.clone()).unwrap();
         let (e, _rx) = Discovery::start(cfg("echo", &fresh_room(), 40005)).unwrap();
         // Probing and the first announcement take about a second; browse past that.
-        let peers = browse_once(&room, &["lo".to_string()], Duration::from_secs(3)).await.unwrap();
+        let peers = browse_once(&room, &["lo".to_string()], Duration::from_secs(3))
+            .await
+            .unwrap();
         d.shutdown();
         e.shutdown();
         assert_eq!(peers.len(), 1, "{peers:?}");
         assert_eq!(peers[0].node_id, cd.node_id);
         assert_eq!(peers[0].name, "delta");
-        assert!(peers[0].addrs.contains(&"127.0.0.1:40004".parse().unwrap()), "{peers:?}");
+        assert!(
+            peers[0].addrs.contains(&"127.0.0.1:40004".parse().unwrap()),
+            "{peers:?}"
+        );
     }
 
     #[test]

@@ -17,6 +17,13 @@ pub struct HttpState {
     pub room: RoomHandle,
     pub audio: Arc<AudioStats>,
     pub mesh: Arc<MeshStats>,
+    /// The current timeline, session map and epoch (what the audio thread plays).
+    pub cell: Arc<crate::audio::snapshot::SnapshotCell>,
+    pub clock: crate::clock::NodeClock,
+    /// Bumped by the room task every time it publishes a new snapshot.
+    pub changes: tokio::sync::watch::Receiver<u64>,
+    /// Control PIN for changes from phones (None: no PIN).
+    pub control_pin: Option<String>,
 }
 
 pub fn router(state: HttpState) -> Router {

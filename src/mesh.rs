@@ -93,6 +93,7 @@ pub enum Event {
 }
 
 struct Shared {
+    published: tokio::sync::watch::Sender<u64>,
     cfg: MeshConfig,
     clock: NodeClock,
     cell: Arc<SnapshotCell>,
@@ -109,6 +110,7 @@ pub async fn run(
     clock: NodeClock,
     cell: Arc<SnapshotCell>,
     stats: Arc<MeshStats>,
+    published: tokio::sync::watch::Sender<u64>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     auth::install_crypto();
@@ -133,7 +135,7 @@ pub async fn run(
 
     let Inbox(mut erx, etx) = inbox;
     let room_hash = discovery::room_hash(&cfg.room);
-    let shared = Arc::new(Shared { cfg, clock, cell: cell.clone(), stats, room_hash, events: etx });
+    let shared = Arc::new(Shared { published, cfg, clock, cell: cell.clone(), stats, room_hash, events: etx });
 
     // Accept loop.
     let acceptor = {
@@ -305,6 +307,7 @@ fn carry_out(shared: &Shared, room: &mut Room, peers: &HashMap<String, (quinn::C
                 s.epoch = epoch;
                 s.gen = gen;
                 shared.cell.write(&s);
+                shared.published.send_modify(|v| *v += 1);
             }
             Action::Persist(p) => {
                 let path = shared.cfg.state_dir.join("session.json");

@@ -80,22 +80,27 @@
 //! vertices only. Cost: one (nearly sorted, so linear) sort of the window per accepted
 //! sample.
 //!
-//! # Early on: shrink the rate
+//! # How sure is the rate? Widen, centre, shrink
 //!
-//! The rate is only observable once the window spans enough time for the jitter:
-//! `r̂`'s error is about `σ_r = 2·s/(n·span)`, where `s = median(rtt) − min(rtt)` is the
-//! jitter scale, `n` the samples and `span` the local time they cover (measured in
-//! simulation: p50 ≈ that, heavier tail). A few samples over Wi-Fi give `σ_r` in the
-//! thousands of ppm, and extrapolating such a rate would run away by milliseconds per
-//! second. So the rate used is shrunk towards 0 as a Bayesian mean with a prior of
-//! `σ_p` ([`SyncConfig::rate_prior_ppm`], 200 ppm: two crystal oscillators):
+//! `r̂` alone is brittle: it is fixed by three points, and a few samples over Wi-Fi can
+//! put it at the ±max_rate clamp (extrapolating that runs away by milliseconds per
+//! second). The shape of `W` says how well the rate is determined. Every rate whose
+//! corridor is within `δ` of the widest fits the data about as well as its noise
+//! allows, where `δ = s/n` is the expected gap between an envelope of `n` samples and the
+//! true line (`s = median(rtt) − min(rtt)`, the jitter scale):
 //!
 //! ```text
-//! r = r̂ · σ_p² / (σ_p² + σ_r²)          then θ̂0 = (A(r) + B(r))/2, uncertainty = W(r)/2
+//! [r_lo, r_hi] = { r : W(r) ≥ W(r̂) − δ }      (an interval: W is concave; bisection)
+//! σ_r = (r_hi − r_lo)/2
+//! r   = (r_lo + r_hi)/2 · σ_p² / (σ_p² + σ_r²)
+//! θ̂0 = (A(r) + B(r))/2,   uncertainty = W(r)/2
 //! ```
 //!
-//! On a LAN `σ_r` is a few ppm after 8 samples and `r ≈ r̂`; over Wi-Fi the rate fades
-//! in over ~10 s. With `s = 0` (perfect samples) the estimate is exact.
+//! The centre of the interval is steadier than its argmax, and the last factor is a
+//! Bayesian mean with a prior of `σ_p` ([`SyncConfig::rate_prior_ppm`], 200 ppm: two
+//! crystal oscillators) around 0. On a LAN `σ_r` is a few ppm after 8 samples and the
+//! rate is used as measured; over Wi-Fi it fades in over ~10–20 s. With `s = 0` (perfect
+//! samples) `δ = 0` and the estimate is exact.
 //!
 //! # What accuracy to expect
 //!
@@ -420,6 +425,9 @@ pub struct Estimator {
     seen: VecDeque<RttSeen>,
     /// Inconsistent samples in a row.
     suspects: Vec<Point>,
+    /// Lowest RTT and `median − min` (the jitter scale) of `seen`.
+    rtt_min: i64,
+    jitter: i64,
     current: Option<Estimate>,
     stats: SyncStats,
     // scratch buffers, reused so that steady state does not allocate
@@ -427,6 +435,7 @@ pub struct Estimator {
     back_pts: Vec<(i64, i64)>,
     lower: Vec<(i64, i64)>,
     upper: Vec<(i64, i64)>,
+    slopes: Vec<f64>,
     rtt_scratch: Vec<i64>,
 }
 
@@ -438,12 +447,15 @@ impl Estimator {
             window: VecDeque::with_capacity(n + 1),
             seen: VecDeque::with_capacity(n + 1),
             suspects: Vec::new(),
+            rtt_min: 0,
+            jitter: 0,
             current: None,
             stats: SyncStats::default(),
             fwd_pts: Vec::with_capacity(n),
             back_pts: Vec::with_capacity(n),
             lower: Vec::with_capacity(n),
             upper: Vec::with_capacity(n),
+            slopes: Vec::new(),
             rtt_scratch: Vec::with_capacity(n),
             cfg,
         }
@@ -463,6 +475,7 @@ impl Estimator {
         self.window.clear();
         self.seen.clear();
         self.suspects.clear();
+        (self.rtt_min, self.jitter) = (0, 0);
         self.current = None;
     }
 
@@ -509,6 +522,7 @@ impl Estimator {
         {
             self.seen.pop_front();
         }
+        self.rtt_stats();
         if let Some(gate) = self.rtt_gate() {
             if p.rtt > gate {
                 return Rejected(RejectReason::RttInflated);
@@ -538,17 +552,27 @@ impl Estimator {
     }
 
     /// `None` while the gate is open (too few samples seen).
-    fn rtt_gate(&mut self) -> Option<i64> {
-        if self.seen.len() < self.cfg.gate_after {
-            return None;
-        }
+    /// Refresh `rtt_min` and `jitter` (median − min) from the RTTs recently seen.
+    fn rtt_stats(&mut self) {
         self.rtt_scratch.clear();
         self.rtt_scratch.extend(self.seen.iter().map(|h| h.rtt));
         let n = self.rtt_scratch.len();
-        let (_, &mut median, _) = self.rtt_scratch.select_nth_unstable(n / 2);
-        let min = *self.rtt_scratch.iter().min().expect("n ≥ gate_after ≥ 2");
-        let spread = ((median - min) as f64 * self.cfg.rtt_spread_k).min(self.cfg.max_rtt_ns as f64) as i64;
-        Some(min + spread.max(self.cfg.rtt_margin_ns))
+        if n == 0 {
+            (self.rtt_min, self.jitter) = (0, 0);
+            return;
+        }
+        let (below, &mut median, _) = self.rtt_scratch.select_nth_unstable(n / 2);
+        let min = below.iter().copied().fold(median, i64::min);
+        (self.rtt_min, self.jitter) = (min, median - min);
+    }
+
+    /// `None` while the gate is open (too few samples seen).
+    fn rtt_gate(&self) -> Option<i64> {
+        if self.seen.len() < self.cfg.gate_after {
+            return None;
+        }
+        let spread = (self.jitter as f64 * self.cfg.rtt_spread_k).min(self.cfg.max_rtt_ns as f64) as i64;
+        Some(self.rtt_min + spread.max(self.cfg.rtt_margin_ns))
     }
 
     fn inconsistent(&self, p: &Point, est: &Estimate) -> bool {
@@ -581,49 +605,64 @@ impl Estimator {
         let rel = |v: i64, v0: i64| sat64(v as i128 - v0 as i128);
         self.fwd_pts.clear();
         self.back_pts.clear();
-        self.rtt_scratch.clear();
-        let (mut lo, mut hi) = (i64::MAX, i64::MIN);
+        let (mut lo, mut hi, mut min_rtt) = (i64::MAX, i64::MIN, i64::MAX);
         for w in &self.window {
             self.fwd_pts.push((rel(w.t1, x0), rel(w.fwd, y0)));
             self.back_pts.push((rel(w.t4, x0), rel(w.back, y0)));
-            self.rtt_scratch.push(w.rtt);
-            (lo, hi) = (lo.min(w.mid), hi.max(w.mid));
+            (lo, hi, min_rtt) = (lo.min(w.mid), hi.max(w.mid), min_rtt.min(w.rtt));
         }
-        let min_rtt = *self.rtt_scratch.iter().min().expect("n ≥ 2");
-        let (_, &mut median_rtt, _) = self.rtt_scratch.select_nth_unstable(n / 2);
         lower_hull(&mut self.fwd_pts, &mut self.lower);
         upper_hull(&mut self.back_pts, &mut self.upper);
-
-        // r̂: the widest corridor. W is concave and piecewise linear with breakpoints at
-        // the hulls' edge slopes, so its maximum is at one of them or at the clamp.
-        let max_rate = self.cfg.max_rate_ppm * 1e-6;
+        let (lower, upper) = (&self.lower, &self.upper);
         let width = |r: f64| {
-            let (a, b) = corridor(&self.lower, &self.upper, r);
+            let (a, b) = corridor(lower, upper, r);
             a - b
         };
-        let edge_slopes = self.lower.windows(2).chain(self.upper.windows(2)).map(slope);
-        let mut r_hat = 0.0;
-        let mut best = width(0.0);
-        for r in edge_slopes.chain([-max_rate, max_rate]) {
-            if !(r.is_finite() && r.abs() <= max_rate) {
-                continue;
-            }
-            let w = width(r);
-            // on a flat top, prefer the smaller rate
-            if w > best || (w == best && r.abs() < f64::abs(r_hat)) {
-                (r_hat, best) = (r, w);
+
+        // r̂: the widest corridor. W is concave and piecewise linear with breakpoints at
+        // the hulls' edge slopes, so its maximum is at one of them or at the clamp:
+        // a binary search over the sorted breakpoints.
+        let max_rate = self.cfg.max_rate_ppm * 1e-6;
+        self.slopes.clear();
+        self.slopes.extend(lower.windows(2).chain(upper.windows(2)).map(slope).filter(|r| r.abs() < max_rate));
+        self.slopes.push(-max_rate);
+        self.slopes.push(max_rate);
+        self.slopes.sort_by(f64::total_cmp);
+        let (mut i, mut j) = (0, self.slopes.len() - 1);
+        while i < j {
+            let m = (i + j) / 2;
+            if width(self.slopes[m]) < width(self.slopes[m + 1]) {
+                i = m + 1;
+            } else {
+                j = m;
             }
         }
-        // Shrink r̂ towards 0 while it is poorly determined.
-        let span = (hi as i128 - lo as i128) as f64;
-        let jitter = (median_rtt - min_rtt) as f64;
-        let r = if span > 0.0 {
-            let sigma_r = 2.0 * jitter / (n as f64 * span);
-            let sigma_p = self.cfg.rate_prior_ppm * 1e-6;
-            r_hat * sigma_p * sigma_p / (sigma_p * sigma_p + sigma_r * sigma_r)
-        } else {
-            0.0
+        let r_hat = self.slopes[i];
+        let best = width(r_hat);
+
+        // Every rate whose corridor is within δ of the widest fits the data as well as
+        // its noise allows: [r_lo, r_hi]. Take its centre, shrunk towards 0.
+        let delta = self.jitter as f64 / n as f64;
+        let floor = best - delta;
+        let edge = |limit: f64| {
+            if width(limit) >= floor {
+                return limit;
+            }
+            let (mut inside, mut outside) = (r_hat, limit);
+            for _ in 0..32 {
+                let mid = (inside + outside) / 2.0;
+                if width(mid) >= floor {
+                    inside = mid;
+                } else {
+                    outside = mid;
+                }
+            }
+            inside
         };
+        let (r_lo, r_hi) = if hi > lo { (edge(-max_rate), edge(max_rate)) } else { (-max_rate, max_rate) };
+        let sigma_r = (r_hi - r_lo) / 2.0;
+        let sigma_p = self.cfg.rate_prior_ppm * 1e-6;
+        let r = (r_lo + r_hi) / 2.0 * sigma_p * sigma_p / (sigma_p * sigma_p + sigma_r * sigma_r);
         let (a, b) = corridor(&self.lower, &self.upper, r);
         let theta0 = (a + b) / 2.0;
         let offset = sat64(y0 as i128 + f64_to_i128(theta0.round()));
@@ -650,16 +689,22 @@ fn slope(e: &[(i64, i64)]) -> f64 {
 
 /// `(A(r), B(r))`: the corridor's top and bottom at x = 0 for rate `r`.
 fn corridor(lower: &[(i64, i64)], upper: &[(i64, i64)], r: f64) -> (f64, f64) {
-    let a = lower.iter().map(|&(x, y)| y as f64 - r * x as f64).fold(f64::INFINITY, f64::min);
-    let b = upper.iter().map(|&(x, y)| y as f64 - r * x as f64).fold(f64::NEG_INFINITY, f64::max);
+    let (mut a, mut b) = (f64::INFINITY, f64::NEG_INFINITY);
+    for &(x, y) in lower {
+        a = a.min(y as f64 - r * x as f64);
+    }
+    for &(x, y) in upper {
+        b = b.max(y as f64 - r * x as f64);
+    }
     (a, b)
 }
 
-/// `(b − a) × (c − a)`, exact: |dx| < 2⁴⁴ after pruning and |dy| ≤ 2⁶⁵, so it fits.
+/// `(b − a) × (c − a)`, exact: after pruning |dx| ≤ 2·(max_age + max_rtt) < 2⁴⁴ and
+/// |dy| < 2⁶⁵, so each product is below 2¹⁰⁹ and the difference fits an `i128`.
 fn cross(a: (i64, i64), b: (i64, i64), c: (i64, i64)) -> i128 {
     let (abx, aby) = (b.0 as i128 - a.0 as i128, b.1 as i128 - a.1 as i128);
     let (acx, acy) = (c.0 as i128 - a.0 as i128, c.1 as i128 - a.1 as i128);
-    abx.saturating_mul(acy).saturating_sub(aby.saturating_mul(acx))
+    abx * acy - aby * acx
 }
 
 /// Lower convex hull (Andrew's monotone chain), one point (the lowest) per x.
@@ -873,12 +918,12 @@ mod tests {
         let s = exchange(100 * SEC, 5 * MS, 0.0, 100 * US, 100 * US);
         assert_eq!(e.handle_sample(s), SampleVerdict::Accepted);
         assert_eq!(e.handle_sample(s), SampleVerdict::Rejected(RejectReason::Duplicate));
-        let later = exchange(200 * SEC, 5 * MS, 0.0, 100 * US, 100 * US);
+        let later = exchange(300 * SEC, 5 * MS, 0.0, 100 * US, 100 * US);
         assert_eq!(e.handle_sample(later), SampleVerdict::Accepted);
-        let stale = exchange(150 * SEC, 5 * MS, 0.0, 100 * US, 100 * US);
+        let stale = exchange(200 * SEC, 5 * MS, 0.0, 100 * US, 100 * US); // max_age is 60 s
         assert_eq!(e.handle_sample(stale), SampleVerdict::Rejected(RejectReason::TooOld));
         // slightly out of order is fine
-        let ooo = exchange(199 * SEC, 5 * MS, 0.0, 100 * US, 100 * US);
+        let ooo = exchange(299 * SEC, 5 * MS, 0.0, 100 * US, 100 * US);
         assert_eq!(e.handle_sample(ooo), SampleVerdict::Accepted);
     }
 
