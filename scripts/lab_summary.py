@@ -23,11 +23,18 @@ Reported, after the warm-up:
     the largest deviation of an interval between successive clicks from the node's
     median beat interval (times the beats between them), in µs. A click moved by X µs
     shows up as a jump of X;
-  * with --events (lab.sh's events.jsonl): start-to-first-click per node, and what the
-    survivors did after a node was killed.
+  * with --events (lab.sh's events.jsonl): start-to-first-click per node; what the
+    survivors did after a node was killed; for a node that joined, how long after its
+    start it first clicked within 1 ms of another node on the same beat ("following the
+    room"), its figures from then on, and what the others did after it joined.
 The last line is machine readable:
-    SUMMARY {"beats":..,"pairs":..,"p50_us":..,"p99_us":..,"max_us":..,"missed":..,
-             "doubled":..,"backsteps":..,"jump_max_us":..,"bad_lines":..,...}
+    SUMMARY {"nodes":..,"clicking_nodes":..,"beats":..,"pairs":..,"p50_us":..,"p99_us":..,
+             "max_us":..,"missed":..,"doubled":..,"backsteps":..,"jump_max_us":..,
+             "bad_lines":..,"missing_files":..,"epochs":[..],"pair":{"node1-node2":{"n",
+             "p50_us","p99_us","max_us"}},"node":{"node1":{..}},"after_kill":[..],
+             "after_join":[..]}
+  beats = beat indices heard on >= 2 nodes (the spread's count), pairs = pairwise
+  samples; figures in µs, null when there is no data.
 Exit status: 0 when the logs were read (whatever the figures), 2 on usage errors or when
 no input file could be read at all.
 """
@@ -40,6 +47,9 @@ import sys
 import tempfile
 
 NS_PER_US = 1000.0
+# A joining node follows the room from its first click within this of another node's
+# click on the same beat.
+ALIGN_NS = 1_000_000
 
 
 # ---------------------------------------------------------------------------- input
@@ -308,31 +318,63 @@ def summarise(paths, warmup_s=0.0, node_warmup_s=0.0, events_path=None, out=sys.
     # Events from lab.sh: start -> first click; survivors after a kill.
     starts = {}
     kills = []
+    joins = []
     for e in events:
         if e.get("event") == "start" and "label" in e:
             starts[e["label"]] = e["t_mono_ns"]
         elif e.get("event") == "kill" and "label" in e:
             kills.append(e)
+        elif e.get("event") == "join" and "label" in e:
+            joins.append(e)
     first_click_ms = {}
     for nl in nodes:
         if nl.label in starts and nl.clicks:
             first_click_ms[nl.label] = round((min(c[0] for c in nl.clicks) - starts[nl.label]) / 1e6, 1)
-    after_kill = []
-    for k in kills:
-        tk = k["t_mono_ns"]
-        # Survivors: the other nodes that were already clicking when it was killed.
-        survivors = [nl for nl in nodes if nl.label != k["label"] and any(c[0] < tk for c in nl.clicks)]
-        info = {"killed": k["label"], "t_mono_ns": tk, "nodes": {}}
-        for nl in survivors:
-            # Include the last click before the kill so a gap or jump across it counts.
-            before = [c for c in nl.kept if c[0] < tk]
-            after = [c for c in nl.kept if c[0] >= tk]
-            window = (before[-1:] if before else []) + after
-            s = node_stats(window)
-            info["nodes"][nl.label] = {"missed": s["missed"], "doubled": s["doubled"],
-                                       "backsteps": s["backsteps"], "jump_max_us": s["jump_max_us"],
-                                       "epochs": s["epochs"]}
-        after_kill.append(info)
+    def others_after(label, tk):
+        """Stats of the other nodes that were clicking at tk, from their last click before
+        it to the end (warm-up or not): a gap, doubled beat or jump across tk counts."""
+        res = {}
+        for nl in nodes:
+            if nl.label == label:
+                continue
+            cs = sorted(nl.clicks)
+            before = [c for c in cs if c[0] < tk]
+            if not before:
+                continue
+            st = node_stats(before[-1:] + [c for c in cs if c[0] >= tk])
+            res[nl.label] = {"missed": st["missed"], "doubled": st["doubled"],
+                             "backsteps": st["backsteps"], "jump_max_us": st["jump_max_us"],
+                             "epochs": st["epochs"]}
+        return res
+
+    after_kill = [{"killed": k["label"], "t_mono_ns": k["t_mono_ns"],
+                   "nodes": others_after(k["label"], k["t_mono_ns"])} for k in kills]
+
+    # A joining node: when did its clicks first land within ALIGN_NS of another node's
+    # click on the same beat (it follows the room), and how did it do from then on.
+    after_join = []
+    for j in joins:
+        me = next((nl for nl in nodes if nl.label == j["label"]), None)
+        if me is None:
+            continue
+        t_start = starts.get(j["label"], j["t_mono_ns"])
+        others = {}
+        for nl in nodes:
+            if nl is not me:
+                for t, b, _ in nl.clicks:
+                    others.setdefault(b, []).append(t)
+        mine = sorted(c for c in me.clicks if c[0] >= t_start)
+        aligned = next((i for i, (t, b, _) in enumerate(mine)
+                        if any(abs(t - u) <= ALIGN_NS for u in others.get(b, []))), None)
+        info = {"joined": j["label"], "t_mono_ns": j["t_mono_ns"], "following_after_ms": None,
+                "joiner": None, "nodes": others_after(j["label"], j["t_mono_ns"])}
+        if aligned is not None:
+            info["following_after_ms"] = round((mine[aligned][0] - t_start) / 1e6, 1)
+            st = node_stats(mine[aligned:])
+            info["joiner"] = {"from_beat": mine[aligned][1], "missed": st["missed"],
+                              "doubled": st["doubled"], "backsteps": st["backsteps"],
+                              "jump_max_us": st["jump_max_us"]}
+        after_join.append(info)
 
     totals = {
         "missed": sum(nl.stats["missed"] for nl in nodes),
@@ -368,6 +410,8 @@ def summarise(paths, warmup_s=0.0, node_warmup_s=0.0, events_path=None, out=sys.
     }
     if after_kill:
         summary["after_kill"] = after_kill
+    if after_join:
+        summary["after_join"] = after_join
 
     if not json_only:
         w = out.write
@@ -414,6 +458,21 @@ def summarise(paths, warmup_s=0.0, node_warmup_s=0.0, events_path=None, out=sys.
         for k in after_kill:
             w("\nafter %s was killed (survivors, from their last click before the kill):\n" % k["killed"])
             for label, s in k["nodes"].items():
+                w("  %-10s missed %d, doubled %d, backsteps %d, jump max %s µs, epochs %s\n" % (
+                    label, s["missed"], s["doubled"], s["backsteps"], fmt(s["jump_max_us"]).strip(),
+                    ",".join(str(e) for e in s["epochs"]) or "-"))
+        for j in after_join:
+            if j["following_after_ms"] is None:
+                w("\n%s joined: it never clicked within %d µs of another node on the same beat\n"
+                  % (j["joined"], ALIGN_NS // 1000))
+            else:
+                js = j["joiner"]
+                w("\n%s joined: following the room %.0f ms after its start (from beat %d; then missed %d,"
+                  " doubled %d, backsteps %d, jump max %s µs)\n" % (
+                      j["joined"], j["following_after_ms"], js["from_beat"], js["missed"], js["doubled"],
+                      js["backsteps"], fmt(js["jump_max_us"]).strip()))
+            w("others, from their last click before the join:\n")
+            for label, s in j["nodes"].items():
                 w("  %-10s missed %d, doubled %d, backsteps %d, jump max %s µs, epochs %s\n" % (
                     label, s["missed"], s["doubled"], s["backsteps"], fmt(s["jump_max_us"]).strip(),
                     ",".join(str(e) for e in s["epochs"]) or "-"))
@@ -475,6 +534,7 @@ def self_test():
     ev = os.path.join(tmp, "events.jsonl")
     with open(ev, "w") as f:
         f.write(json.dumps({"event": "start", "label": "node3", "t_mono_ns": t0 + 10 * period - 50_000 - 300_000_000}) + "\n")
+        f.write(json.dumps({"event": "join", "label": "node3", "t_mono_ns": t0 + 10 * period - 50_000 - 300_000_000}) + "\n")
         f.write(json.dumps({"event": "kill", "label": "node1", "t_mono_ns": t0 + 35 * period + 1}) + "\n")
 
     buf = io.StringIO()
@@ -518,6 +578,10 @@ def self_test():
     check("p50 spread", s["p50_us"], 70.0)
     check("after kill", s["after_kill"][0]["nodes"]["node2"]["missed"], 0)
     check("after kill jump", s["after_kill"][0]["nodes"]["node2"]["jump_max_us"], 0.0)
+    check("join: following after", s["after_join"][0]["following_after_ms"], 300.0)
+    check("join: joiner doubled", s["after_join"][0]["joiner"]["doubled"], 1)
+    check("join: others", sorted(s["after_join"][0]["nodes"]), ["node1", "node2"])
+    check("join: node2 missed after", s["after_join"][0]["nodes"]["node2"]["missed"], 1)
     check("SUMMARY line", text.strip().splitlines()[-1].startswith("SUMMARY {"), True)
     last = json.loads(text.strip().splitlines()[-1][len("SUMMARY "):])
     check("SUMMARY parses", last["p99_us"], 70.0)
