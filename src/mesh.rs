@@ -463,7 +463,7 @@ async fn serve(shared: Arc<Shared>, conn: quinn::Connection, dialer: bool, expec
                 }
                 seq = seq.wrapping_add(1);
                 // faster while a fresh peer's estimate converges
-                let every = if started.elapsed() < Duration::from_secs(3) { 50 } else { 150 };
+                let every = if started.elapsed() < Duration::from_secs(3) { 50 } else { 100 };
                 tokio::time::sleep(Duration::from_millis(every)).await;
             }
         })

@@ -31,11 +31,16 @@ use std::collections::BTreeMap;
 
 /// A change lands at least this far ahead (network propagation to every box).
 pub const CHANGE_LEAD_NS: i64 = 200_000_000;
-/// A joining box switches at the first downbeat at least this far ahead.
-pub const SWITCH_LEAD_NS: i64 = 300_000_000;
-/// …and publishes the switch this long before that downbeat (more than any audio
-/// buffer's latency).
-pub const PUBLISH_AHEAD_NS: i64 = 150_000_000;
+/// A joining box switches at the first downbeat (or beat, see [`YOUNG_NS`]) at least
+/// this far ahead.
+pub const SWITCH_LEAD_NS: i64 = 200_000_000;
+/// …and publishes the switch this long before that beat (more than any audio buffer's
+/// latency).
+pub const PUBLISH_AHEAD_NS: i64 = 120_000_000;
+/// A box that started less than this ago joins at the next *beat* rather than the next
+/// bar: it has only just begun clicking on its own, and the room should hear it within
+/// a second. Established groups (a healed partition) always change at a bar.
+pub const YOUNG_NS: i64 = 5_000_000_000;
 /// Heartbeat: every node announces itself this often.
 pub const ANNOUNCE_EVERY_NS: i64 = 100_000_000;
 /// A peer not heard from for this long is presumed gone (for leadership).
@@ -146,6 +151,8 @@ pub struct Room {
     next_req: u64,
     /// When this node last adopted a session (it may lead only after [`SETTLE_NS`]).
     joined_at: i64,
+    /// First tick (local ns).
+    started_at: Option<i64>,
     pinned: Option<String>,
     /// The leader's grid or clock differs from ours: realign at its next bar.
     realign: bool,
@@ -193,6 +200,7 @@ impl Room {
             publish: true,
             next_req: 1,
             joined_at: i64::MIN / 2,
+            started_at: None,
             pinned: None,
             realign: false,
             persist: false,
@@ -486,7 +494,9 @@ impl Room {
             None => true,
         };
         if stale {
-            let at = room_tl.quantize(Quantum::Bar, s_now, SWITCH_LEAD_NS);
+            let young = session != self.session && self.started_at.is_some_and(|t| now - t < YOUNG_NS);
+            let q = if young { Quantum::Beat } else { Quantum::Bar };
+            let at = room_tl.quantize(q, s_now, SWITCH_LEAD_NS);
             self.switch = Some(Switch { session, leader: leader.clone(), beat: at.beat });
         }
         let sw = self.switch.as_ref().expect("set above");
@@ -576,6 +586,7 @@ impl Room {
 
     /// Advance: switch sessions, elect, slew the clock, heartbeat, publish.
     pub fn tick(&mut self, now: i64, out: &mut Vec<Action>) {
+        self.started_at.get_or_insert(now);
         self.try_switch(now, out);
         if !self.synced && now - self.joined_at >= SETTLE_NS {
             self.synced = true;

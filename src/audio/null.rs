@@ -31,8 +31,11 @@ pub fn run(period_frames: u32, clock: NodeClock, mut renderer: Renderer, stop: &
     while !stop.load(Ordering::Relaxed) {
         let due = t0 + period_ns(k);
         let now = mono_now_ns();
-        if now > due + period_ns(8) {
-            // we were not scheduled for a long time: like an xrun, start a new grid
+        if now > due + 1_000_000_000 {
+            // Not scheduled for over a second (a suspended process): like an xrun,
+            // start a new grid. Shorter stalls are caught up below, as a card with
+            // a deep buffer would: the late periods render at once, on their own
+            // frame times, so no click is lost to a busy CPU.
             t0 = now;
             k = 0;
             continue;

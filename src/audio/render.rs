@@ -159,7 +159,25 @@ impl Renderer {
         // Search from there (bounded) so a click that fell between two buffers after a
         // clock correction is still played; `last_beat` stops it playing twice.
         let mut from = match self.cursor {
-            Some(c) => c.min(s0).max(s0 - MAX_LATE_NS),
+            Some(c) => {
+                // clicks between the cursor and the late limit can no longer be played:
+                // count them (bounded), never lose them silently
+                let limit = s0 - MAX_LATE_NS;
+                let mut t = c;
+                for _ in 0..MAX_ONSETS {
+                    match tl.next_click_at_or_after(t) {
+                        Some(k) if k.time < limit => {
+                            if self.last_beat.is_none_or(|(lb, lt)| !(k.beat <= lb && k.time < lt + DUP_WINDOW_NS)) {
+                                self.stats.missed_clicks.fetch_add(1, Relaxed);
+                                self.last_beat = Some((k.beat, k.time));
+                            }
+                            t = k.time + 1;
+                        }
+                        _ => break,
+                    }
+                }
+                c.min(s0).max(limit)
+            }
             None => s0,
         };
         let mut handled_until = s1;

@@ -1,0 +1,1582 @@
+//! Seeded, deterministic simulation of a whole room: N = 2..8 [`Room`] cores driven the
+//! way `src/mesh.rs` drives them, in virtual time only (no clock read, no socket, no
+//! thread inside a run, no unseeded randomness: a SplitMix64 stream per seed).
+//!
+//! # World
+//!
+//! * **Time.** True time `t` (ns) starts at a random `T0` in 10⁴–10⁶ s. Every box
+//!   (*slot*) has a crystal skew in ±200 ppm; every incarnation of it (*instance*: the
+//!   box booted, crashed, rebooted) perceives `local(t) = t + off + skew·(t − t_boot)`
+//!   with a fresh offset in ±1 s. Rooms only ever see local times.
+//! * **Control loop.** Each instance ticks every 50 ms of its local clock, each tick
+//!   late by U(0, 0.5 ms) and, 1 % of the time, by 5–30 ms (a busy scheduler).
+//! * **Network.** Every pair of boxes has a link: base one-way delay U(0.2, 5) ms, a
+//!   path asymmetry in ±40 µs, per-packet jitter U(0, J) with J in U(20 µs, 1 ms), and
+//!   0.5 % spikes of 1–30 ms. Datagrams (clock pings) are lost with a per-link
+//!   probability in 0–3 %. Frames (Announce, Change, Pin) travel on the connection's
+//!   stream: never lost while the connection lives, delivered in order (head-of-line
+//!   blocking), and after a partition heals they are retransmitted U(0, 300 ms) later.
+//! * **Mesh.** As in `mesh.rs`: a connection comes up on both sides (`peer_up`); every
+//!   `Broadcast` goes to the instance's connected peers, `Send` to one; the pinger
+//!   sends `Ping { t1 = local }` every 50 ms for a connection's first 3 s, then every
+//!   150 ms; the responder answers `t2`/`t3` = its *published* session map at receipt /
+//!   at send (5–60 µs later) and its published `gen`; the pinger feeds
+//!   `on_pong(Sample { t1, t2, t3, t4 = local }, gen)`.
+//!   A connection dies after a QUIC-idle-like delay U(1, 3) s once its peer crashed or
+//!   the link was cut (then both sides get `peer_down`); a box redials 0.05–1.2 s after
+//!   (0.1–1.5 s after boot: mDNS), and a survivor refuses a reconnect while it still
+//!   holds the dead one (a dup), so the dialer backs off 1 s.
+//! * **Scenario.** One box boots first, the others within a few seconds (sometimes two
+//!   at once). Then *major* events, mostly 3–7 s apart but sometimes overlapping
+//!   (0.2–2 s apart): crash (60 % the current leader; 75 % reboot 0.3–8 s later as a
+//!   fresh instance with a new `SessionId`, restoring its persisted tempo/meter/pin),
+//!   partition into two random groups (healed 0.5–6 s later; one at a time), pin a
+//!   random box (`request_pin` on a random node, relayed to the leader), unpin. Tempo
+//!   and meter changes (`request_change`, quantum node default / beat / bar) on random
+//!   nodes every 0.7–4 s throughout. Transport is always playing.
+//!
+//! # Clicks
+//!
+//! Every `Action::Publish` is recorded with the local time of the tick that produced
+//! it. The snapshot published at local `p_k` is in effect until `p_{k+1}`; a beat
+//! sounds under snapshot `k` when its session time (`timeline.beat_time`) falls in
+//! `[map_k(p_k), map_k(p_{k+1}))`; its true click time inverts the instance's clock
+//! model at `map_k.to_local(beat_time)`. (Maps are exactly continuous at publishes,
+//! except at a join/realign step, which bumps `gen`: the ranges tile session time.)
+//!
+//! # Invariants (asserted, every seed)
+//!
+//! A *group* is a connected component of live instances over links that are not cut
+//! and carry a connection up on both sides. A group is *settled for leadership* from
+//! `MERGE_LEAD_SETTLE + one bar` after it last grew (a box booted or connected, a
+//! partition healed), `LOSS_LEAD_SETTLE` after it last shrank (crash, partition) and
+//! `PIN_SETTLE` after a pin/unpin; *settled for alignment* from `MERGE_ALIGN_SETTLE +
+//! one bar` after it last grew (shrinking and pins must not disturb the click at all).
+//!
+//! 1. **One leader** (checked every 50 ms in settled groups): exactly one member has
+//!    `leading()`, every member reports it as `leader()`, with the same `session()`,
+//!    `epoch()` and `pinned()`, and it is the highest rank `(pinned, priority, id)`.
+//! 2. **Failover**: when the leader of a settled group crashes (and nothing else
+//!    happens meanwhile), the survivors agree on one new, leading leader within
+//!    `FAILOVER_BOUND` (1 s; SPEC target 500 ms; the observed maximum is printed).
+//! 3. **Continuous grid**: between consecutive clicks of an instance with the same
+//!    `gen` (so excluding its join / realign step, announced by `Note::Joined` /
+//!    `Note::Realigned`): beats are consecutive integers; their session times differ
+//!    by exactly one beat of the governing tempo (≤ `GRID_TOL_NS`; tempo changes land
+//!    on beats); the true interval is within `RATE_BOUND_PPM` of it; and the phase
+//!    jump (second difference of click times, normalised for tempo changes) is at most
+//!    `JUMP_BOUND` (100 µs). A step's first click is the beat its note named, and a
+//!    downbeat.
+//! 4. **Alignment**: clicks of the same beat on instances of one group (same session),
+//!    both settled for alignment, are at most `ALIGN_BOUND` (200 µs) apart.
+//!
+//! Besides: the map a responder stamps pongs with (the published one) is the room's
+//! (`room.map()`/`gen()`), and no run panics.
+//!
+//! # Running
+//!
+//! `cargo test --test room_sim -- --nocapture` runs the broad profile (1,000 seeds, 2–5
+//! boxes, 16–24 s) and the deep one (24 seeds, 5–8 boxes, 36–44 s) and prints the worst
+//! figures. A failure prints its seed, the broken invariant and the tail of the event
+//! trace; replay one seed with its full trace:
+//!
+//! ```text
+//! ROOM_SIM_SEED=broad:123 cargo test --test room_sim replay -- --nocapture
+//! ```
+//!
+//! `ROOM_SIM_SEEDS=<n>` changes the number of broad seeds (soak runs).
+
+use bandsync::clock::SessionMap;
+use bandsync::room::{Action, Note, Persisted, Room, RoomConfig};
+use bandsync::sync::Sample;
+use bandsync::timeline::{ChangeKind, Meter, Quantum, Tempo, Timeline};
+use bandsync::wire::{Datagram, Frame, SessionId};
+use std::cmp::Ordering;
+use std::collections::{BTreeMap, BinaryHeap, VecDeque};
+use std::fmt::Write as _;
+
+const US: i64 = 1_000;
+const MS: i64 = 1_000_000;
+const SEC: i64 = 1_000_000_000;
+
+// ---------------------------------------------------------------------------------------
+// Bounds
+// ---------------------------------------------------------------------------------------
+
+/// The control loop's period (mesh.rs `TICK`).
+const TICK: i64 = 50 * MS;
+/// Invariant 1 is checked this often (true time).
+const CHECK_EVERY: i64 = 50 * MS;
+/// Invariant 2: leader crash → survivors agree (SPEC target 500 ms).
+const FAILOVER_BOUND: i64 = SEC;
+/// Invariant 3: phase jump between consecutive clicks (SPEC: no shift > 100 µs).
+const JUMP_BOUND: i64 = 100 * US;
+/// Invariant 3: true interval vs the tempo (leader skew ≤ 200 ppm + slew ≤ 500 ppm).
+const RATE_BOUND_PPM: f64 = 1000.0;
+/// Invariant 3: session-time interval vs one beat of the tempo (integer rounding).
+const GRID_TOL_NS: i64 = 5;
+/// Invariant 4: same beat, same group.
+const ALIGN_BOUND: i64 = 200 * US;
+/// Growth (boot, connect, heal) → leadership settled after this plus one bar:
+/// estimate (≈0.5 s) + switch lead (0.3 s) + the bar + SETTLE_NS (2 s) + margin.
+const MERGE_LEAD_SETTLE: i64 = 3_500 * MS;
+/// Growth → clicks aligned after this plus one bar (the joiner's step lands on its
+/// estimate; a healed partition slews its small drift away).
+const MERGE_ALIGN_SETTLE: i64 = 5_000 * MS;
+/// Shrink (crash, partition) → leadership settled after this (LOSS_NS + ticks).
+const LOSS_LEAD_SETTLE: i64 = 1_500 * MS;
+/// Pin/unpin → leadership settled after this.
+const PIN_SETTLE: i64 = 1_000 * MS;
+
+// ---------------------------------------------------------------------------------------
+// Profiles
+// ---------------------------------------------------------------------------------------
+
+#[derive(Clone, Copy, Debug)]
+struct Profile {
+    name: &'static str,
+    nodes: (i64, i64),
+    run: (i64, i64),
+    /// Tempo range, milli-BPM.
+    mbpm: (i64, i64),
+    meter: (i64, i64),
+    /// Boots of the non-first boxes happen within this.
+    join_window: i64,
+    seed_salt: u64,
+}
+
+impl Profile {
+    /// The longest bar any timeline of this profile can have.
+    fn bar_max(&self) -> i64 {
+        self.meter.1 * (60_000 * SEC / self.mbpm.0)
+    }
+}
+
+const BROAD: Profile = Profile {
+    name: "broad",
+    nodes: (2, 5),
+    run: (16 * SEC, 24 * SEC),
+    mbpm: (90_000, 200_000),
+    meter: (1, 4),
+    join_window: 4 * SEC,
+    seed_salt: 0x0b0a_d000,
+};
+
+const DEEP: Profile = Profile {
+    name: "deep",
+    nodes: (5, 8),
+    run: (36 * SEC, 44 * SEC),
+    mbpm: (60_000, 240_000),
+    meter: (1, 5),
+    join_window: 6 * SEC,
+    seed_salt: 0xdee9_0000,
+};
+
+const BROAD_SEEDS: u64 = 1000;
+const DEEP_SEEDS: u64 = 24;
+
+// ---------------------------------------------------------------------------------------
+// Randomness and clocks
+// ---------------------------------------------------------------------------------------
+
+/// SplitMix64.
+#[derive(Clone)]
+struct Rng(u64);
+
+impl Rng {
+    fn u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in `lo..=hi`.
+    fn range(&mut self, lo: i64, hi: i64) -> i64 {
+        assert!(lo <= hi);
+        let span = (hi as i128 - lo as i128 + 1) as u128;
+        (lo as i128 + (self.u64() as u128 % span) as i128) as i64
+    }
+    fn unit(&mut self) -> f64 {
+        (self.u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+    fn chance(&mut self, p: f64) -> bool {
+        self.unit() < p
+    }
+    fn pick<T: Copy>(&mut self, v: &[T]) -> T {
+        v[self.range(0, v.len() as i64 - 1) as usize]
+    }
+    fn fork(&mut self) -> Rng {
+        Rng(self.u64())
+    }
+}
+
+/// An instance's perceived clock: `local(t) = t + off + (t − t0)·skew`.
+#[derive(Clone, Copy, Debug)]
+struct Clk {
+    off: i64,
+    skew_ppb: i64,
+    t0: i64,
+}
+
+impl Clk {
+    fn local(&self, t: i64) -> i64 {
+        let el = t as i128 - self.t0 as i128;
+        (t as i128 + self.off as i128 + (el * self.skew_ppb as i128).div_euclid(1_000_000_000)) as i64
+    }
+    /// The last true time whose local time is ≤ `l`.
+    fn to_true(&self, l: i64) -> i64 {
+        let x = l as i128 - self.off as i128 - self.t0 as i128;
+        let mut t = (self.t0 as i128 + x * 1_000_000_000 / (1_000_000_000 + self.skew_ppb as i128)) as i64;
+        while self.local(t) > l {
+            t -= 1;
+        }
+        while self.local(t + 1) <= l {
+            t += 1;
+        }
+        t
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The world
+// ---------------------------------------------------------------------------------------
+
+/// A box: stable identity, crystal, configuration, its disk.
+struct Slot {
+    id: String,
+    priority: i32,
+    quantum: Quantum,
+    skew_ppb: i64,
+    wall_err: i64,
+    tempo: Tempo,
+    meter: Meter,
+    persisted: Option<Persisted>,
+    inst: Option<usize>,
+    /// Partition side while a partition is on.
+    side: bool,
+}
+
+#[derive(Clone)]
+struct Pub {
+    local: i64,
+    timeline: Timeline,
+    map: SessionMap,
+    gen: u64,
+    session: SessionId,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct StepNote {
+    gen: u64,
+    beat: i64,
+    step_ns: i64,
+    joined: bool,
+}
+
+/// One incarnation of a box.
+struct Inst {
+    slot: usize,
+    room: Room,
+    clk: Clk,
+    alive: bool,
+    born: i64,
+    died: i64,
+    /// The mesh's peer table: peer slot → connection.
+    conns: BTreeMap<usize, usize>,
+    pubs: Vec<Pub>,
+    pub_map: SessionMap,
+    pub_gen: u64,
+    tick_local: i64,
+    steps: Vec<StepNote>,
+    lead_settled: i64,
+    align_settled: i64,
+    comp: Option<usize>,
+}
+
+struct Conn {
+    inst: [usize; 2],
+    slot: [usize; 2],
+    /// Side `i` has this connection in its peer table.
+    up: [bool; 2],
+    /// One side timed it out: nothing more travels on it.
+    dead: bool,
+    born: i64,
+    /// `q[d]`: frames from side `d` to side `1 − d`, (ready time, frame), in order.
+    q: [VecDeque<(i64, Frame)>; 2],
+    last_ready: [i64; 2],
+    hold_until: [i64; 2],
+    seq: [u32; 2],
+}
+
+#[derive(Clone, Copy)]
+struct Link {
+    base: i64,
+    /// Extra delay of the low→high slot direction (negative: high→low slower).
+    asym: i64,
+    jitter: i64,
+    loss: f64,
+    cut: bool,
+    cut_seq: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Major {
+    Crash,
+    Partition,
+    Pin,
+    Unpin,
+}
+
+enum Kind {
+    Tick(usize),
+    Ping { c: usize, side: usize },
+    Dgram { c: usize, to: usize, d: Datagram },
+    Deliver { c: usize, dir: usize },
+    Dial { a: usize, b: usize },
+    Down { c: usize, side: usize },
+    Idle { c: usize, side: usize, seq: u64 },
+    Boot(usize),
+    Major,
+    Heal,
+    Change,
+    Check,
+}
+
+struct Ev {
+    t: i64,
+    seq: u64,
+    k: Kind,
+}
+impl PartialEq for Ev {
+    fn eq(&self, o: &Self) -> bool {
+        (self.t, self.seq) == (o.t, o.seq)
+    }
+}
+impl Eq for Ev {}
+impl PartialOrd for Ev {
+    fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Ev {
+    fn cmp(&self, o: &Self) -> Ordering {
+        (o.t, o.seq).cmp(&(self.t, self.seq)) // min-heap
+    }
+}
+
+struct TopoEntry {
+    t: i64,
+    comp: Vec<Option<usize>>,
+    align_settled: Vec<i64>,
+}
+
+struct PendingFailover {
+    t: i64,
+    crashed: String,
+    survivors: Vec<usize>,
+}
+
+/// Figures of one run (merged over seeds).
+#[derive(Clone, Debug, Default)]
+struct Stats {
+    runs: u64,
+    nodes: u64,
+    virtual_ns: i64,
+    boots: u64,
+    crashes: u64,
+    leader_crashes: u64,
+    partitions: u64,
+    pins: u64,
+    changes_scheduled: u64,
+    joins: u64,
+    realigns: u64,
+    failovers: Vec<i64>,
+    failovers_skipped: u64,
+    inv1_checks: u64,
+    clicks: u64,
+    pairs_compared: u64,
+    worst_align: (i64, String),
+    worst_jump: (i64, String),
+    worst_rate_ppm: (f64, String),
+    worst_grid: (i64, String),
+    max_step_join: i64,
+    max_step_realign: i64,
+    stale_announces: u64,
+}
+
+impl Stats {
+    fn merge(&mut self, o: &Stats) {
+        self.runs += o.runs;
+        self.nodes += o.nodes;
+        self.virtual_ns += o.virtual_ns;
+        self.boots += o.boots;
+        self.crashes += o.crashes;
+        self.leader_crashes += o.leader_crashes;
+        self.partitions += o.partitions;
+        self.pins += o.pins;
+        self.changes_scheduled += o.changes_scheduled;
+        self.joins += o.joins;
+        self.realigns += o.realigns;
+        self.failovers.extend_from_slice(&o.failovers);
+        self.failovers_skipped += o.failovers_skipped;
+        self.inv1_checks += o.inv1_checks;
+        self.clicks += o.clicks;
+        self.pairs_compared += o.pairs_compared;
+        if o.worst_align.0 > self.worst_align.0 {
+            self.worst_align = o.worst_align.clone();
+        }
+        if o.worst_jump.0 > self.worst_jump.0 {
+            self.worst_jump = o.worst_jump.clone();
+        }
+        if o.worst_rate_ppm.0 > self.worst_rate_ppm.0 {
+            self.worst_rate_ppm = o.worst_rate_ppm.clone();
+        }
+        if o.worst_grid.0 > self.worst_grid.0 {
+            self.worst_grid = o.worst_grid.clone();
+        }
+        self.max_step_join = self.max_step_join.max(o.max_step_join);
+        self.max_step_realign = self.max_step_realign.max(o.max_step_realign);
+        self.stale_announces += o.stale_announces;
+    }
+
+    fn report(&self, profile: &str, secs: f64) -> String {
+        let mut f = self.failovers.clone();
+        f.sort_unstable();
+        let q = |p: f64| if f.is_empty() { 0 } else { f[((f.len() - 1) as f64 * p).round() as usize] };
+        format!(
+            "room_sim[{profile}]: {} runs, {} boxes, {:.0} s virtual, {:.1} s wall\n  \
+             events: {} boots, {} crashes ({} of a leader), {} partitions, {} pins/unpins, {} changes scheduled, {} joins, {} realigns, {} stale announces\n  \
+             inv 1: {} settled-group checks passed\n  \
+             inv 2: {} failovers measured ({} skipped: overlapping events or unsettled group): p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms (bound {} ms)\n  \
+             inv 3: {} clicks; worst phase jump {:.1} µs (bound {} µs) [{}]; worst interval vs tempo {:.0} ppm (bound {} ppm) [{}]; worst grid error {} ns [{}]\n  \
+             inv 4: {} click pairs compared; worst {:.1} µs (bound {} µs) [{}]\n  \
+             steps: largest join step {:.3} ms, largest realign step {:.3} ms",
+            self.runs,
+            self.nodes,
+            self.virtual_ns as f64 / 1e9,
+            secs,
+            self.boots,
+            self.crashes,
+            self.leader_crashes,
+            self.partitions,
+            self.pins,
+            self.changes_scheduled,
+            self.joins,
+            self.realigns,
+            self.stale_announces,
+            self.inv1_checks,
+            f.len(),
+            self.failovers_skipped,
+            q(0.5) as f64 / 1e6,
+            q(0.99) as f64 / 1e6,
+            q(1.0) as f64 / 1e6,
+            FAILOVER_BOUND / MS,
+            self.clicks,
+            self.worst_jump.0 as f64 / 1e3,
+            JUMP_BOUND / US,
+            self.worst_jump.1,
+            self.worst_rate_ppm.0,
+            RATE_BOUND_PPM,
+            self.worst_rate_ppm.1,
+            self.worst_grid.0,
+            self.worst_grid.1,
+            self.pairs_compared,
+            self.worst_align.0 as f64 / 1e3,
+            ALIGN_BOUND / US,
+            self.worst_align.1,
+            self.max_step_join as f64 / 1e6,
+            self.max_step_realign as f64 / 1e6,
+        )
+    }
+}
+
+struct Sim {
+    profile: Profile,
+    seed: u64,
+    verbose: bool,
+    /// Network and timing randomness.
+    rng: Rng,
+    /// Scenario decisions.
+    srng: Rng,
+    t_base: i64,
+    end: i64,
+    now: i64,
+    q: BinaryHeap<Ev>,
+    seq: u64,
+    slots: Vec<Slot>,
+    insts: Vec<Inst>,
+    conns: Vec<Conn>,
+    links: Vec<Link>,
+    partitioned: bool,
+    trace: Vec<String>,
+    topo: Vec<TopoEntry>,
+    failovers: Vec<PendingFailover>,
+    failure: Option<String>,
+    stats: Stats,
+    scratch: Vec<Action>,
+}
+
+/// Wall clock of the boxes at `T0` (only for `SessionId::born_ms`).
+const WALL_EPOCH_MS: i64 = 1_700_000_000_000;
+
+impl Sim {
+    fn new(profile: Profile, seed: u64, verbose: bool) -> Sim {
+        let mut master = Rng(seed ^ profile.seed_salt);
+        let mut rng = master.fork();
+        let mut srng = master.fork();
+        let n = srng.range(profile.nodes.0, profile.nodes.1) as usize;
+        let t_base = rng.range(10_000, 1_000_000) * SEC;
+        let end = t_base + srng.range(profile.run.0 / MS, profile.run.1 / MS) * MS;
+        let mut slots = Vec::new();
+        for _ in 0..n {
+            slots.push(Slot {
+                id: format!("{:016x}", srng.u64()),
+                priority: srng.pick(&[0, 0, 0, 1, 2]),
+                quantum: if srng.chance(0.7) { Quantum::Bar } else { Quantum::Beat },
+                skew_ppb: srng.range(-200_000, 200_000),
+                wall_err: srng.range(-30 * MS, 30 * MS),
+                tempo: Tempo::from_mbpm(srng.range(profile.mbpm.0, profile.mbpm.1) as u32).unwrap(),
+                meter: Meter::new(srng.range(profile.meter.0, profile.meter.1)).unwrap(),
+                persisted: None,
+                inst: None,
+                side: false,
+            });
+        }
+        let mut links = Vec::with_capacity(n * n);
+        for _ in 0..n * n {
+            links.push(Link {
+                base: rng.range(200 * US, 5 * MS),
+                asym: rng.range(-40 * US, 40 * US),
+                jitter: rng.range(20 * US, MS),
+                loss: rng.unit() * 0.03,
+                cut: false,
+                cut_seq: 0,
+            });
+        }
+        let mut sim = Sim {
+            profile,
+            seed,
+            verbose,
+            rng,
+            srng,
+            t_base,
+            end,
+            now: t_base,
+            q: BinaryHeap::new(),
+            seq: 0,
+            slots,
+            insts: Vec::new(),
+            conns: Vec::new(),
+            links,
+            partitioned: false,
+            trace: Vec::new(),
+            topo: Vec::new(),
+            failovers: Vec::new(),
+            failure: None,
+            stats: Stats { runs: 1, nodes: n as u64, ..Default::default() },
+            scratch: Vec::new(),
+        };
+        sim.plan();
+        sim
+    }
+
+    /// The scenario's skeleton: boots, major events, changes, checks.
+    fn plan(&mut self) {
+        let n = self.slots.len();
+        let mut order: Vec<usize> = (0..n).collect();
+        for i in (1..n).rev() {
+            let j = self.srng.range(0, i as i64) as usize;
+            order.swap(i, j);
+        }
+        let mut last_boot = self.t_base;
+        let mut boots = vec![self.t_base];
+        for k in 1..n {
+            let t = if self.srng.chance(0.15) {
+                boots[k - 1] + self.srng.range(0, 50 * MS)
+            } else {
+                self.t_base + self.srng.range(300 * MS, self.profile.join_window)
+            };
+            boots.push(t);
+        }
+        boots.sort_unstable();
+        for (k, &s) in order.iter().enumerate() {
+            self.at(boots[k], Kind::Boot(s));
+            last_boot = last_boot.max(boots[k]);
+        }
+        let mut t = last_boot + self.srng.range(2 * SEC, 5 * SEC);
+        while t < self.end - 1500 * MS {
+            self.at(t, Kind::Major);
+            t += if self.srng.chance(0.8) { self.srng.range(3 * SEC, 7 * SEC) } else { self.srng.range(200 * MS, 2 * SEC) };
+        }
+        let mut t = self.t_base + self.srng.range(500 * MS, 3 * SEC);
+        while t < self.end {
+            self.at(t, Kind::Change);
+            t += self.srng.range(700 * MS, 4 * SEC);
+        }
+        self.at(self.t_base + CHECK_EVERY, Kind::Check);
+    }
+
+    fn at(&mut self, t: i64, k: Kind) {
+        self.seq += 1;
+        self.q.push(Ev { t, seq: self.seq, k });
+    }
+
+    fn note(&mut self, s: String) {
+        let line = format!("{:>9.3} {s}", (self.now - self.t_base) as f64 / 1e9);
+        if self.verbose {
+            println!("{line}");
+        }
+        self.trace.push(line);
+    }
+
+    fn fail(&mut self, s: String) {
+        if self.failure.is_none() {
+            let msg = format!("at {:.3} s: {s}", (self.now - self.t_base) as f64 / 1e9);
+            self.note(format!("FAILURE {msg}"));
+            self.failure = Some(msg);
+        }
+    }
+
+    fn name(&self, i: usize) -> String {
+        let s = &self.insts[i];
+        format!("{}#{}", &self.slots[s.slot].id[..4], i)
+    }
+
+    fn slot_of(&self, id: &str) -> Option<usize> {
+        self.slots.iter().position(|s| s.id == id)
+    }
+
+    fn link(&self, a: usize, b: usize) -> &Link {
+        &self.links[a.min(b) * self.slots.len() + a.max(b)]
+    }
+    fn link_mut(&mut self, a: usize, b: usize) -> &mut Link {
+        let n = self.slots.len();
+        &mut self.links[a.min(b) * n + a.max(b)]
+    }
+
+    /// One-way delay from slot `a` to slot `b`.
+    fn delay(&mut self, a: usize, b: usize) -> i64 {
+        let l = *self.link(a, b);
+        let asym = if a < b { l.asym } else { -l.asym };
+        let mut d = l.base + asym / 2 + self.rng.range(0, l.jitter);
+        if self.rng.chance(0.005) {
+            d += self.rng.range(MS, 30 * MS);
+        }
+        d.max(1)
+    }
+
+    fn run(mut self) -> (Stats, Result<(), String>, Vec<String>) {
+        let mut out = Vec::new();
+        while let Some(ev) = self.q.pop() {
+            if ev.t > self.end {
+                break;
+            }
+            self.now = ev.t;
+            self.handle(ev.k, &mut out);
+            if !self.failovers.is_empty() {
+                self.eval_failovers();
+            }
+            if self.failure.is_some() {
+                break;
+            }
+        }
+        if self.failure.is_none() {
+            self.now = self.end;
+            self.post_process();
+        }
+        self.stats.virtual_ns = self.end - self.t_base;
+        let r = match self.failure.take() {
+            None => Ok(()),
+            Some(f) => Err(f),
+        };
+        (self.stats, r, self.trace)
+    }
+
+    fn handle(&mut self, k: Kind, out: &mut Vec<Action>) {
+        match k {
+            Kind::Tick(i) => self.tick(i, out),
+            Kind::Ping { c, side } => self.ping(c, side),
+            Kind::Dgram { c, to, d } => self.dgram(c, to, d),
+            Kind::Deliver { c, dir } => self.deliver(c, dir, out),
+            Kind::Dial { a, b } => self.dial(a, b),
+            Kind::Down { c, side } => self.down(c, side),
+            Kind::Idle { c, side, seq } => {
+                let (sa, sb) = (self.conns[c].slot[0], self.conns[c].slot[1]);
+                let l = self.link(sa, sb);
+                if l.cut && l.cut_seq == seq {
+                    self.down(c, side);
+                }
+            }
+            Kind::Boot(s) => self.boot(s),
+            Kind::Major => self.major(out),
+            Kind::Heal => self.heal(),
+            Kind::Change => self.change(out),
+            Kind::Check => {
+                self.check_leadership();
+                self.at(self.now + CHECK_EVERY, Kind::Check);
+            }
+        }
+    }
+
+    // ----------------------------------------------------------------------------------
+    // Instances
+    // ----------------------------------------------------------------------------------
+
+    fn boot(&mut self, s: usize) {
+        if self.slots[s].inst.is_some() {
+            return;
+        }
+        let off = self.srng.range(-SEC, SEC);
+        let clk = Clk { off, skew_ppb: self.slots[s].skew_ppb, t0: self.now };
+        let l = clk.local(self.now);
+        let slot = &self.slots[s];
+        let (tempo, meter, pinned) = match &slot.persisted {
+            Some(p) => (p.tempo, p.meter, p.pinned.clone()),
+            None => (slot.tempo, slot.meter, None),
+        };
+        let timeline = Timeline::start_at(l + 500 * MS, tempo, meter, true);
+        let born_ms = (WALL_EPOCH_MS + (self.now - self.t_base + slot.wall_err) / MS) as u64;
+        let session = SessionId { born_ms, by: u64::from_str_radix(&slot.id, 16).unwrap() };
+        let mut room = Room::new(
+            RoomConfig { me: slot.id.clone(), name: format!("box{s}"), priority: slot.priority, quantum: slot.quantum },
+            session,
+            timeline,
+        );
+        room.set_pinned(pinned.clone());
+        let first_tick = l + self.rng.range(0, TICK);
+        let idx = self.insts.len();
+        self.insts.push(Inst {
+            slot: s,
+            room,
+            clk,
+            alive: true,
+            born: self.now,
+            died: i64::MAX,
+            conns: BTreeMap::new(),
+            pubs: Vec::new(),
+            pub_map: SessionMap::IDENTITY,
+            pub_gen: 0,
+            tick_local: first_tick,
+            steps: Vec::new(),
+            lead_settled: i64::MAX,
+            align_settled: i64::MAX,
+            comp: None,
+        });
+        self.slots[s].inst = Some(idx);
+        self.stats.boots += 1;
+        self.note(format!(
+            "boot {} (prio {}, {} BPM {}/4, pinned {:?}, session {}:{:04x})",
+            self.name(idx),
+            self.slots[s].priority,
+            tempo.bpm(),
+            meter.get(),
+            pinned.as_deref().map(|p| &p[..4]),
+            born_ms % 100_000,
+            session.by >> 48
+        ));
+        self.at(clk.to_true(first_tick).max(self.now + 1), Kind::Tick(idx));
+        for b in 0..self.slots.len() {
+            if b != s {
+                let d = self.rng.range(100 * MS, 1500 * MS);
+                self.at(self.now + d, Kind::Dial { a: s, b });
+            }
+        }
+        self.cancel_failovers("boot");
+        self.topo_changed(None);
+    }
+
+    fn crash(&mut self, i: usize) {
+        let was_leading = self.insts[i].room.leading();
+        let comp = self.insts[i].comp;
+        let settled = self.comp_members(comp).iter().all(|&m| self.insts[m].lead_settled <= self.now);
+        let survivors: Vec<usize> = self.comp_members(comp).into_iter().filter(|&m| m != i).collect();
+        self.note(format!("CRASH {}{}", self.name(i), if was_leading { " (leader)" } else { "" }));
+        self.stats.crashes += 1;
+        let inst = &mut self.insts[i];
+        inst.alive = false;
+        inst.died = self.now;
+        let s = inst.slot;
+        let conns: Vec<usize> = inst.conns.values().copied().collect();
+        inst.conns.clear();
+        self.slots[s].inst = None;
+        for c in conns {
+            let side = if self.conns[c].inst[0] == i { 0 } else { 1 };
+            self.conns[c].up[side] = false;
+            let d = self.rng.range(SEC, 3 * SEC);
+            self.at(self.now + d, Kind::Down { c, side: 1 - side });
+        }
+        self.cancel_failovers("crash");
+        self.topo_changed(None);
+        if was_leading {
+            self.stats.leader_crashes += 1;
+            if settled && !survivors.is_empty() {
+                let crashed = self.slots[s].id.clone();
+                self.failovers.push(PendingFailover { t: self.now, crashed, survivors });
+            } else {
+                self.stats.failovers_skipped += 1;
+            }
+        }
+        if self.srng.chance(0.75) {
+            let t = self.now + self.srng.range(300 * MS, 8 * SEC);
+            if t < self.end - SEC {
+                self.at(t, Kind::Boot(s));
+            }
+        }
+    }
+
+    fn tick(&mut self, i: usize, out: &mut Vec<Action>) {
+        if !self.insts[i].alive {
+            return;
+        }
+        let l = self.insts[i].clk.local(self.now);
+        self.insts[i].room.tick(l, out);
+        self.carry_out(i, l, out);
+        let inst = &self.insts[i];
+        if inst.pub_map != inst.room.map() || inst.pub_gen != inst.room.gen() {
+            let msg = format!(
+                "{}: published map/gen {:?}/{} differ from the room's {:?}/{}",
+                self.name(i),
+                inst.pub_map,
+                inst.pub_gen,
+                inst.room.map(),
+                inst.room.gen()
+            );
+            self.fail(msg);
+        }
+        let inst = &mut self.insts[i];
+        inst.tick_local += TICK;
+        let mut late = self.rng.range(0, 500 * US);
+        if self.rng.chance(0.01) {
+            late += self.rng.range(5 * MS, 30 * MS);
+        }
+        let t = self.insts[i].clk.to_true(self.insts[i].tick_local + late).max(self.now + 1);
+        self.at(t, Kind::Tick(i));
+    }
+
+    fn carry_out(&mut self, i: usize, l: i64, out: &mut Vec<Action>) {
+        for a in out.drain(..) {
+            match a {
+                Action::Broadcast(f) => {
+                    let cs: Vec<usize> = self.insts[i].conns.values().copied().collect();
+                    for c in cs {
+                        self.send_frame(c, i, f.clone());
+                    }
+                }
+                Action::Send { to, frame } => {
+                    let c = self.slot_of(&to).and_then(|s| self.insts[i].conns.get(&s).copied());
+                    match c {
+                        Some(c) => self.send_frame(c, i, frame),
+                        None => self.note(format!("{}: no connection to send to {}", self.name(i), &to[..4])),
+                    }
+                }
+                Action::Publish { timeline, map, epoch: _, gen } => {
+                    let inst = &mut self.insts[i];
+                    inst.pub_map = map;
+                    inst.pub_gen = gen;
+                    let session = inst.room.session();
+                    inst.pubs.push(Pub { local: l, timeline, map, gen, session });
+                }
+                Action::Persist(p) => {
+                    let s = self.insts[i].slot;
+                    self.slots[s].persisted = Some(p);
+                }
+                Action::Note(n) => self.room_note(i, n),
+            }
+        }
+    }
+
+    fn room_note(&mut self, i: usize, n: Note) {
+        let who = self.name(i);
+        match n {
+            Note::Joined { leader, beat, step_ns } | Note::Realigned { leader, beat, step_ns } if true => {
+                // (both arms share the body; which one is told by the gen bookkeeping)
+                let _ = (&leader, beat, step_ns);
+                unreachable!()
+            }
+            _ => {}
+        }
+        let _ = who;
+    }
+
+    // ----------------------------------------------------------------------------------
+    // Network
+    // ----------------------------------------------------------------------------------
+
+    fn send_frame(&mut self, c: usize, from: usize, f: Frame) {
+        let conn = &self.conns[c];
+        let side = if conn.inst[0] == from { 0 } else { 1 };
+        if conn.dead || !conn.up[side] {
+            return;
+        }
+        let (sa, sb) = (conn.slot[side], conn.slot[1 - side]);
+        let d = self.delay(sa, sb);
+        let conn = &mut self.conns[c];
+        let ready = (self.now + d).max(conn.last_ready[side]).max(conn.hold_until[side]);
+        conn.last_ready[side] = ready;
+        conn.q[side].push_back((ready, f));
+        self.at(ready, Kind::Deliver { c, dir: side });
+    }
+
+    fn deliver(&mut self, c: usize, dir: usize, out: &mut Vec<Action>) {
+        let to = 1 - dir;
+        loop {
+            let conn = &mut self.conns[c];
+            let r = conn.inst[to];
+            if conn.dead || !conn.up[to] || !self.insts[r].alive {
+                conn.q[dir].clear();
+                return;
+            }
+            let (sa, sb) = (conn.slot[0], conn.slot[1]);
+            if self.link(sa, sb).cut {
+                return; // stalled: the heal reschedules
+            }
+            let conn = &mut self.conns[c];
+            if self.now < conn.hold_until[dir] {
+                return;
+            }
+            match conn.q[dir].front() {
+                Some(&(ready, _)) if ready <= self.now => {}
+                _ => return,
+            }
+            let (_, frame) = conn.q[dir].pop_front().unwrap();
+            let from = self.slots[conn.slot[dir]].id.clone();
+            let l = self.insts[r].clk.local(self.now);
+            let room = &mut self.insts[r].room;
+            match frame {
+                Frame::Announce(a) => room.on_announce(&from, a, l, out),
+                Frame::Pin(id) => room.on_pin(&from, id, out),
+                Frame::Change(req) => room.on_change(&from, req, l, out),
+                _ => {}
+            }
+            self.carry_out(r, l, out);
+        }
+    }
+
+    fn ping(&mut self, c: usize, side: usize) {
+        let conn = &self.conns[c];
+        let i = conn.inst[side];
+        if conn.dead || !conn.up[side] || !self.insts[i].alive {
+            return;
+        }
+        let t1 = self.insts[i].clk.local(self.now);
+        let seq = conn.seq[side];
+        let young = self.now - conn.born < 3 * SEC;
+        self.conns[c].seq[side] = seq.wrapping_add(1);
+        self.send_dgram(c, side, Datagram::Ping { seq, t1 }, self.now);
+        let every = if young { 50 * MS } else { 150 * MS };
+        let next = self.now + every + self.rng.range(0, 300 * US);
+        self.at(next, Kind::Ping { c, side });
+    }
+
+    fn send_dgram(&mut self, c: usize, side: usize, d: Datagram, at: i64) {
+        let (sa, sb) = (self.conns[c].slot[side], self.conns[c].slot[1 - side]);
+        if self.rng.chance(self.link(sa, sb).loss) {
+            return;
+        }
+        let delay = self.delay(sa, sb);
+        self.at(at + delay, Kind::Dgram { c, to: 1 - side, d });
+    }
+
+    fn dgram(&mut self, c: usize, to: usize, d: Datagram) {
+        let conn = &self.conns[c];
+        let r = conn.inst[to];
+        if conn.dead || !conn.up[to] || !self.insts[r].alive || self.link(conn.slot[0], conn.slot[1]).cut {
+            return;
+        }
+        match d {
+            Datagram::Ping { seq, t1 } => {
+                let hold = self.rng.range(5 * US, 60 * US);
+                let inst = &self.insts[r];
+                let t2 = inst.pub_map.to_session(inst.clk.local(self.now));
+                let t3 = inst.pub_map.to_session(inst.clk.local(self.now + hold));
+                let gen = inst.pub_gen as u32;
+                self.send_dgram(c, to, Datagram::Pong { seq, t1, t2, t3, gen }, self.now + hold);
+            }
+            Datagram::Pong { t1, t2, t3, gen, .. } => {
+                let from = self.slots[conn.slot[1 - to]].id.clone();
+                let t4 = self.insts[r].clk.local(self.now);
+                let _ = self.insts[r].room.on_pong(&from, Sample { t1, t2, t3, t4 }, gen);
+            }
+        }
+    }
+
+    /// A healthy connection between the current instances of slots `a` and `b`.
+    fn healthy(&self, a: usize, b: usize) -> Option<usize> {
+        let (ia, ib) = (self.slots[a].inst?, self.slots[b].inst?);
+        let c = *self.insts[ia].conns.get(&b)?;
+        let conn = &self.conns[c];
+        (!conn.dead && conn.up == [true, true] && (conn.inst == [ia, ib] || conn.inst == [ib, ia])).then_some(c)
+    }
+
+    fn dial(&mut self, a: usize, b: usize) {
+        let (Some(ia), Some(ib)) = (self.slots[a].inst, self.slots[b].inst) else { return };
+        if self.link(a, b).cut || self.healthy(a, b).is_some() {
+            return;
+        }
+        if self.insts[ia].conns.contains_key(&b) || self.insts[ib].conns.contains_key(&a) {
+            // one side still holds the previous connection: refused as a duplicate
+            let d = SEC + self.rng.range(0, 200 * MS);
+            self.at(self.now + d, Kind::Dial { a, b });
+            return;
+        }
+        let c = self.conns.len();
+        self.conns.push(Conn {
+            inst: [ia, ib],
+            slot: [a, b],
+            up: [true, true],
+            dead: false,
+            born: self.now,
+            q: [VecDeque::new(), VecDeque::new()],
+            last_ready: [0, 0],
+            hold_until: [0, 0],
+            seq: [0, 0],
+        });
+        self.insts[ia].conns.insert(b, c);
+        self.insts[ib].conns.insert(a, c);
+        let (ida, idb) = (self.slots[a].id.clone(), self.slots[b].id.clone());
+        self.insts[ia].room.peer_up(&idb, &format!("box{b}"));
+        self.insts[ib].room.peer_up(&ida, &format!("box{a}"));
+        self.note(format!("connect {} <-> {}", self.name(ia), self.name(ib)));
+        for side in 0..2 {
+            let d = self.rng.range(0, 5 * MS);
+            self.at(self.now + d, Kind::Ping { c, side });
+        }
+        self.cancel_failovers("connect");
+        self.topo_changed(Some((ia, ib)));
+    }
+
+    fn down(&mut self, c: usize, side: usize) {
+        let conn = &mut self.conns[c];
+        conn.dead = true;
+        if !conn.up[side] {
+            return;
+        }
+        conn.up[side] = false;
+        let (i, peer_slot, my_slot) = (conn.inst[side], conn.slot[1 - side], conn.slot[side]);
+        if self.insts[i].conns.get(&peer_slot) == Some(&c) {
+            self.insts[i].conns.remove(&peer_slot);
+        }
+        let pid = self.slots[peer_slot].id.clone();
+        self.insts[i].room.peer_down(&pid);
+        self.note(format!("peer_down at {}: {}", self.name(i), &pid[..4]));
+        let d = self.rng.range(50 * MS, 1200 * MS);
+        self.at(self.now + d, Kind::Dial { a: my_slot, b: peer_slot });
+        self.topo_changed(None);
+    }
+
+    // ----------------------------------------------------------------------------------
+    // Scenario
+    // ----------------------------------------------------------------------------------
+
+    fn alive(&self) -> Vec<usize> {
+        self.slots.iter().filter_map(|s| s.inst).collect()
+    }
+
+    fn major(&mut self, out: &mut Vec<Action>) {
+        let alive = self.alive();
+        let mut kind = match self.srng.range(0, 99) {
+            0..=34 => Major::Crash,
+            35..=64 => Major::Partition,
+            65..=84 => Major::Pin,
+            _ => Major::Unpin,
+        };
+        if kind == Major::Partition && (self.partitioned || alive.len() < 2) {
+            kind = Major::Pin;
+        }
+        if kind == Major::Crash && alive.len() < 2 {
+            kind = Major::Unpin;
+        }
+        self.cancel_failovers("major event");
+        match kind {
+            Major::Crash => {
+                let leader = self.largest_group_leader();
+                let i = match leader {
+                    Some(l) if self.srng.chance(0.6) => l,
+                    _ => self.srng.pick(&alive),
+                };
+                self.crash(i);
+            }
+            Major::Partition => {
+                let n = self.slots.len();
+                let mut sides: Vec<bool> = (0..n).map(|_| self.srng.chance(0.5)).collect();
+                // both sides get at least one live box
+                let a = alive[self.srng.range(0, alive.len() as i64 - 1) as usize];
+                let others: Vec<usize> = alive.iter().copied().filter(|&x| x != a).collect();
+                let b = self.srng.pick(&others);
+                sides[self.insts[a].slot] = false;
+                sides[self.insts[b].slot] = true;
+                let mut desc = String::new();
+                for (s, side) in sides.iter().enumerate() {
+                    self.slots[s].side = *side;
+                    let _ = write!(desc, "{}{} ", &self.slots[s].id[..4], if *side { "B" } else { "A" });
+                }
+                self.note(format!("PARTITION {desc}"));
+                self.stats.partitions += 1;
+                self.partitioned = true;
+                for x in 0..n {
+                    for y in x + 1..n {
+                        if sides[x] != sides[y] {
+                            let l = self.link_mut(x, y);
+                            l.cut = true;
+                            l.cut_seq += 1;
+                            let seq = l.cut_seq;
+                            if let Some(c) = self.slots[x].inst.and_then(|i| self.insts[i].conns.get(&y).copied()) {
+                                let d = self.rng.range(SEC, 3 * SEC);
+                                for side in 0..2 {
+                                    let e = self.rng.range(0, 20 * MS);
+                                    self.at(self.now + d + e, Kind::Idle { c, side, seq });
+                                }
+                            }
+                            if let Some(c) = self.slots[y].inst.and_then(|i| self.insts[i].conns.get(&x).copied()) {
+                                let d = self.rng.range(SEC, 3 * SEC);
+                                for side in 0..2 {
+                                    let e = self.rng.range(0, 20 * MS);
+                                    self.at(self.now + d + e, Kind::Idle { c, side, seq });
+                                }
+                            }
+                        }
+                    }
+                }
+                let heal = self.now + self.srng.range(500 * MS, 6 * SEC);
+                self.at(heal, Kind::Heal);
+                self.topo_changed(None);
+            }
+            Major::Pin | Major::Unpin => {
+                let i = self.srng.pick(&alive);
+                let target = if kind == Major::Pin {
+                    let s = if self.srng.chance(0.8) { self.insts[self.srng.pick(&alive)].slot } else { self.srng.range(0, self.slots.len() as i64 - 1) as usize };
+                    Some(self.slots[s].id.clone())
+                } else {
+                    None
+                };
+                self.note(format!("{} via {}", match &target { Some(t) => format!("PIN {}", &t[..4]), None => "UNPIN".into() }, self.name(i)));
+                self.stats.pins += 1;
+                self.insts[i].room.request_pin(target, out);
+                let l = self.insts[i].clk.local(self.now);
+                self.carry_out(i, l, out);
+                for m in self.alive() {
+                    let inst = &mut self.insts[m];
+                    inst.lead_settled = inst.lead_settled.max(self.now + PIN_SETTLE);
+                }
+            }
+        }
+    }
+
+    fn heal(&mut self) {
+        self.note("HEAL".into());
+        self.partitioned = false;
+        let n = self.slots.len();
+        self.cancel_failovers("heal");
+        for x in 0..n {
+            for y in x + 1..n {
+                let l = self.link_mut(x, y);
+                if !l.cut {
+                    continue;
+                }
+                l.cut = false;
+                l.cut_seq += 1;
+                for (a, b) in [(x, y), (y, x)] {
+                    if let Some(c) = self.slots[a].inst.and_then(|i| self.insts[i].conns.get(&b).copied()) {
+                        if !self.conns[c].dead {
+                            let rt = self.rng.range(0, 300 * MS);
+                            for dir in 0..2 {
+                                self.conns[c].hold_until[dir] = self.now + rt;
+                                self.at(self.now + rt, Kind::Deliver { c, dir });
+                            }
+                        }
+                    }
+                }
+                let d = self.rng.range(50 * MS, 1200 * MS);
+                self.at(self.now + d, Kind::Dial { a: x, b: y });
+            }
+        }
+        self.topo_changed(None);
+    }
+
+    fn change(&mut self, out: &mut Vec<Action>) {
+        self.at(self.now, Kind::Check); // keep the check cadence independent (harmless extra)
+        let alive = self.alive();
+        if alive.is_empty() {
+            return;
+        }
+        let i = self.srng.pick(&alive);
+        let kind = if self.srng.chance(0.7) {
+            ChangeKind::Tempo(Tempo::from_mbpm(self.srng.range(self.profile.mbpm.0, self.profile.mbpm.1) as u32).unwrap())
+        } else {
+            ChangeKind::Meter(Meter::new(self.srng.range(self.profile.meter.0, self.profile.meter.1)).unwrap())
+        };
+        let quantum = self.srng.pick(&[None, None, Some(Quantum::Beat), Some(Quantum::Bar)]);
+        let l = self.insts[i].clk.local(self.now);
+        let r = self.insts[i].room.request_change(kind, quantum, l, out);
+        self.note(format!("change {kind:?} q {quantum:?} via {}: {r:?}", self.name(i)));
+        self.carry_out(i, l, out);
+    }
+
+    // ----------------------------------------------------------------------------------
+    // Topology and leadership invariants
+    // ----------------------------------------------------------------------------------
+
+    fn comp_members(&self, comp: Option<usize>) -> Vec<usize> {
+        match comp {
+            None => Vec::new(),
+            Some(c) => self.alive().into_iter().filter(|&i| self.insts[i].comp == Some(c)).collect(),
+        }
+    }
+
+    fn largest_group_leader(&self) -> Option<usize> {
+        let alive = self.alive();
+        let mut best: Option<(usize, usize)> = None;
+        for &i in &alive {
+            if self.insts[i].room.leading() {
+                let size = self.comp_members(self.insts[i].comp).len();
+                if best.is_none_or(|(s, _)| size > s) {
+                    best = Some((size, i));
+                }
+            }
+        }
+        best.map(|b| b.1)
+    }
+
+    /// Recompute the groups; settle clocks restart for groups that grew (or contain
+    /// the fresh connection `fresh`) and leadership settles again for groups that shrank.
+    fn topo_changed(&mut self, fresh: Option<(usize, usize)>) {
+        let n = self.slots.len();
+        let mut parent: Vec<usize> = (0..n).collect();
+        fn find(p: &mut [usize], x: usize) -> usize {
+            let mut x = x;
+            while p[x] != x {
+                p[x] = p[p[x]];
+                x = p[x];
+            }
+            x
+        }
+        for a in 0..n {
+            for b in a + 1..n {
+                if !self.link(a, b).cut && self.healthy(a, b).is_some() {
+                    let (ra, rb) = (find(&mut parent, a), find(&mut parent, b));
+                    parent[ra] = rb;
+                }
+            }
+        }
+        let mut groups: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+        for s in 0..n {
+            if let Some(i) = self.slots[s].inst {
+                let r = find(&mut parent, s);
+                groups.entry(r).or_default().push(i);
+            }
+        }
+        let old: Vec<Option<usize>> = self.insts.iter().map(|x| x.comp).collect();
+        let mut old_sizes: BTreeMap<usize, usize> = BTreeMap::new();
+        for (i, c) in old.iter().enumerate() {
+            if let Some(c) = c {
+                if self.insts[i].alive || self.insts[i].died == self.now {
+                    *old_sizes.entry(*c).or_default() += 1;
+                }
+            }
+        }
+        for x in &mut self.insts {
+            x.comp = None;
+        }
+        let merge_lead = MERGE_LEAD_SETTLE + self.profile.bar_max();
+        let merge_align = MERGE_ALIGN_SETTLE + self.profile.bar_max();
+        for (label, members) in &groups {
+            let prev: Vec<Option<usize>> = members.iter().map(|&i| old[i]).collect();
+            let new_member = prev.iter().any(|p| p.is_none());
+            let mut labels: Vec<usize> = prev.iter().flatten().copied().collect();
+            labels.sort_unstable();
+            labels.dedup();
+            let has_fresh = fresh.is_some_and(|(a, b)| members.contains(&a) && members.contains(&b));
+            let merged = new_member || labels.len() > 1 || has_fresh;
+            let shrunk = !merged && labels.len() == 1 && old_sizes.get(&labels[0]).copied().unwrap_or(0) > members.len();
+            for &i in members {
+                let x = &mut self.insts[i];
+                x.comp = Some(*label + 1000 * self.topo.len());
+                if merged {
+                    x.lead_settled = self.now + merge_lead;
+                    x.align_settled = self.now + merge_align;
+                } else if shrunk {
+                    x.lead_settled = x.lead_settled.max(self.now + LOSS_LEAD_SETTLE);
+                }
+            }
+            if merged || shrunk {
+                let survivors_hit = self.failovers.iter().any(|f| f.survivors.iter().any(|s| members.contains(s)));
+                if survivors_hit && (merged || self.now != self.failovers.last().map_or(0, |f| f.t)) {
+                    // a pending failover's group changed again: not a clean measurement
+                    self.cancel_failovers("topology");
+                }
+            }
+        }
+        // labels must stay comparable inside one entry only; renumber by entry
+        self.topo.push(TopoEntry {
+            t: self.now,
+            comp: self.insts.iter().map(|x| x.comp).collect(),
+            align_settled: self.insts.iter().map(|x| x.align_settled).collect(),
+        });
+    }
+
+    fn cancel_failovers(&mut self, why: &str) {
+        if !self.failovers.is_empty() {
+            self.stats.failovers_skipped += self.failovers.len() as u64;
+            self.note(format!("(failover measurement cancelled: {why})"));
+            self.failovers.clear();
+        }
+    }
+
+    fn eval_failovers(&mut self) {
+        let mut k = 0;
+        while k < self.failovers.len() {
+            let f = &self.failovers[k];
+            let dt = self.now - f.t;
+            let leaders: Vec<usize> = f.survivors.iter().copied().filter(|&i| self.insts[i].room.leading()).collect();
+            let agreed = leaders.len() == 1 && {
+                let lid = &self.slots[self.insts[leaders[0]].slot].id;
+                f.survivors.iter().all(|&i| self.insts[i].room.leader() == lid)
+            };
+            if agreed {
+                let who = self.name(leaders[0]);
+                let crashed = f.crashed[..4].to_string();
+                self.failovers.remove(k);
+                self.stats.failovers.push(dt);
+                self.note(format!("failover from {crashed}: {who} agreed after {:.1} ms", dt as f64 / 1e6));
+                if dt > FAILOVER_BOUND {
+                    self.fail(format!("inv 2: failover took {:.1} ms > {} ms", dt as f64 / 1e6, FAILOVER_BOUND / MS));
+                }
+                continue;
+            }
+            if dt > FAILOVER_BOUND {
+                let state: Vec<String> = f
+                    .survivors
+                    .iter()
+                    .map(|&i| format!("{} leading={} leader={}", self.name(i), self.insts[i].room.leading(), &self.insts[i].room.leader()[..4]))
+                    .collect();
+                let crashed = f.crashed[..4].to_string();
+                self.fail(format!("inv 2: survivors of leader {crashed} did not agree within {} ms: {}", FAILOVER_BOUND / MS, state.join("; ")));
+                return;
+            }
+            k += 1;
+        }
+    }
+
+    fn check_leadership(&mut self) {
+        let alive = self.alive();
+        let mut groups: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+        for &i in &alive {
+            if let Some(c) = self.insts[i].comp {
+                groups.entry(c).or_default().push(i);
+            }
+        }
+        for members in groups.values() {
+            if members.iter().any(|&i| self.insts[i].lead_settled > self.now) {
+                continue;
+            }
+            let desc = |s: &Sim| -> String {
+                members
+                    .iter()
+                    .map(|&i| {
+                        let r = &s.insts[i].room;
+                        format!(
+                            "{}[{} leader={} epoch={} session={}:{:04x} pinned={:?}]",
+                            s.name(i),
+                            if r.leading() { "L" } else { "f" },
+                            &r.leader()[..4],
+                            r.epoch(),
+                            r.session().born_ms % 100_000,
+                            r.session().by >> 48,
+                            r.pinned().map(|p| &p[..4])
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            };
+            let leaders: Vec<usize> = members.iter().copied().filter(|&i| self.insts[i].room.leading()).collect();
+            if leaders.len() != 1 {
+                let d = desc(self);
+                self.fail(format!("inv 1: {} leaders in a settled group: {d}", leaders.len()));
+                return;
+            }
+            let l = &self.insts[leaders[0]].room;
+            let (lid, session, epoch, pinned) = (l.leader().to_string(), l.session(), l.epoch(), l.pinned().map(str::to_string));
+            let disagree = members.iter().any(|&i| {
+                let r = &self.insts[i].room;
+                r.leader() != lid || r.session() != session || r.epoch() != epoch || r.pinned() != pinned.as_deref()
+            });
+            if disagree {
+                let d = desc(self);
+                self.fail(format!("inv 1: a settled group disagrees: {d}"));
+                return;
+            }
+            let rank = |i: usize| {
+                let s = &self.slots[self.insts[i].slot];
+                (pinned.as_deref() == Some(s.id.as_str()), s.priority, s.id.clone())
+            };
+            let best = members.iter().copied().max_by_key(|&i| rank(i)).unwrap();
+            if best != leaders[0] {
+                let d = desc(self);
+                let b = self.name(best);
+                self.fail(format!("inv 1: the leader is not the highest rank ({b}): {d}"));
+                return;
+            }
+            self.stats.inv1_checks += 1;
+        }
+    }
+
+    // ----------------------------------------------------------------------------------
+    // Clicks: invariants 3 and 4
+    // ----------------------------------------------------------------------------------
+
+    fn post_process(&mut self) {
+        struct C {
+            beat: i64,
+            s: i64,
+            t: i64,
+            gen: u64,
+            /// One beat of the governing tempo (session ns, f64).
+            beat_ns: f64,
+            session: SessionId,
+            downbeat: bool,
+        }
+        let mut all: Vec<(SessionId, i64, i64, usize)> = Vec::new();
+        for i in 0..self.insts.len() {
+            let inst = &self.insts[i];
+            let end = inst.died.min(self.end);
+            let mut clicks: Vec<C> = Vec::new();
+            for (k, p) in inst.pubs.iter().enumerate() {
+                let l_end = if k + 1 < inst.pubs.len() { inst.pubs[k + 1].local } else { inst.clk.local(end) };
+                let (s_a, s_b) = (p.map.to_session(p.local), p.map.to_session(l_end));
+                let mut s = s_a;
+                while let Some(c) = p.timeline.next_click_at_or_after(s) {
+                    if c.time >= s_b {
+                        break;
+                    }
+                    let seg = p.timeline.segment_at_beat(c.beat);
+                    let prev = p.timeline.segment_at_beat(c.beat - 1);
+                    let _ = seg;
+                    clicks.push(C {
+                        beat: c.beat,
+                        s: c.time,
+                        t: inst.clk.to_true(p.map.to_local(c.time)),
+                        gen: p.gen,
+                        beat_ns: 60e12 / prev.tempo.mbpm() as f64,
+                        session: p.session,
+                        downbeat: c.accent,
+                    });
+                    s = c.time + 1;
+                }
+            }
+            self.stats.clicks += clicks.len() as u64;
+            let who = self.name(i);
+            let tag = |c: &C| format!("{who} beat {} at {:.3} s", c.beat, (c.t - self.t_base) as f64 / 1e9);
+            // steps: the first click of a new gen is the beat the note named, a downbeat
+            for st in &inst.steps {
+                if let Some(c) = clicks.iter().find(|c| c.gen == st.gen) {
+                    if c.beat != st.beat || !c.downbeat {
+                        let m = format!(
+                            "inv 3: after its {} at beat {} the first click of {} is {} (downbeat: {})",
+                            if st.joined { "join" } else { "realign" },
+                            st.beat,
+                            tag(c),
+                            c.beat,
+                            c.downbeat
+                        );
+                        self.fail(m);
+                        return;
+                    }
+                }
+            }
+            for w in clicks.windows(2) {
+                let (a, b) = (&w[0], &w[1]);
+                if a.gen != b.gen {
+                    continue;
+                }
+                if b.beat != a.beat + 1 {
+                    let m = format!("inv 3: {} follows beat {} (skipped or doubled beat)", tag(b), a.beat);
+                    self.fail(m);
+                    return;
+                }
+                // beat_ns of b is the tempo governing a → b
+                let grid = ((b.s - a.s) as f64 - b.beat_ns).abs().round() as i64;
+                if grid > self.stats.worst_grid.0 {
+                    self.stats.worst_grid = (grid, format!("seed {} {}", self.seed, tag(b)));
+                }
+                if grid > GRID_TOL_NS {
+                    let m = format!("inv 3: {}: grid interval {} ns vs one beat {:.0} ns", tag(b), b.s - a.s, b.beat_ns);
+                    self.fail(m);
+                    return;
+                }
+                let ppm = ((b.t - a.t) as f64 / b.beat_ns - 1.0).abs() * 1e6;
+                if ppm > self.stats.worst_rate_ppm.0 {
+                    self.stats.worst_rate_ppm = (ppm, format!("seed {} {}", self.seed, tag(b)));
+                }
+                if ppm > RATE_BOUND_PPM {
+                    let m = format!("inv 3: {}: interval {} ns is {ppm:.0} ppm off the tempo's {:.0} ns", tag(b), b.t - a.t, b.beat_ns);
+                    self.fail(m);
+                    return;
+                }
+            }
+            for w in clicks.windows(3) {
+                let (a, b, c) = (&w[0], &w[1], &w[2]);
+                if a.gen != c.gen {
+                    continue;
+                }
+                let iv1 = (b.t - a.t) as f64;
+                let iv2 = (c.t - b.t) as f64;
+                let jump = (iv2 - iv1 * c.beat_ns / b.beat_ns).abs().round() as i64;
+                if jump > self.stats.worst_jump.0 {
+                    self.stats.worst_jump = (jump, format!("seed {} {}", self.seed, tag(c)));
+                }
+                if jump > JUMP_BOUND {
+                    let m = format!("inv 3: {}: phase jump {:.1} µs (intervals {:.0} then {:.0} ns)", tag(c), jump as f64 / 1e3, iv1, iv2);
+                    self.fail(m);
+                    return;
+                }
+            }
+            all.extend(clicks.iter().map(|c| (c.session, c.beat, c.t, i)));
+        }
+        // invariant 4
+        all.sort_unstable();
+        let mut k = 0;
+        while k < all.len() {
+            let mut e = k + 1;
+            while e < all.len() && all[e].0 == all[k].0 && all[e].1 == all[k].1 {
+                e += 1;
+            }
+            for x in k..e {
+                for y in x + 1..e {
+                    let (t1, t2) = (all[x].2, all[y].2);
+                    let (i, j) = (all[x].3, all[y].3);
+                    let tmin = t1.min(t2);
+                    let h = self.topo.partition_point(|en| en.t <= tmin);
+                    if h == 0 {
+                        continue;
+                    }
+                    let en = &self.topo[h - 1];
+                    if i >= en.comp.len() || j >= en.comp.len() || en.comp[i].is_none() || en.comp[i] != en.comp[j] {
+                        continue;
+                    }
+                    if en.align_settled[i] > tmin || en.align_settled[j] > tmin {
+                        continue;
+                    }
+                    self.stats.pairs_compared += 1;
+                    let d = (t1 - t2).abs();
+                    if d > self.stats.worst_align.0 {
+                        self.stats.worst_align = (d, format!("seed {} beat {} {} vs {} at {:.3} s", self.seed, all[x].1, self.name(i), self.name(j), (tmin - self.t_base) as f64 / 1e9));
+                    }
+                    if d > ALIGN_BOUND {
+                        let m = format!(
+                            "inv 4: beat {} sounds {:.1} µs apart on {} and {} (settled group) at {:.3} s",
+                            all[x].1,
+                            d as f64 / 1e3,
+                            self.name(i),
+                            self.name(j),
+                            (tmin - self.t_base) as f64 / 1e9
+                        );
+                        self.fail(m);
+                        return;
+                    }
+                }
+            }
+            k = e;
+        }
+    }
+}
