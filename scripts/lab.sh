@@ -44,6 +44,10 @@ Options:
                         nodes' <state>/status.json; else the highest --priority, then the
                         highest node id)
   --join-at T           start the last node only at T seconds (a box joining a running room)
+  --partition-at T      cut the links of --partition-nodes (default: the last node) off the
+                        bridge at T seconds (link down in the switch namespace)
+  --heal-at T           bring those links back up at T seconds
+  --partition-nodes L   comma-separated node numbers on the cut-off side, e.g. "3" or "2,3"
   --wrong-key-node I    node I gets a different room key
   --tempo BPM           initial tempo (default 120)
   --meter N             beats per bar (default 4)
@@ -96,6 +100,9 @@ NO_CLOCK=0
 IMPAIR=""
 KILL_AT=""
 JOIN_AT=""
+PART_AT=""
+HEAL_AT=""
+PART_NODES=""
 WRONG_KEY=""
 TEMPO=120
 METER=4
@@ -122,6 +129,9 @@ while [ $# -gt 0 ]; do
         --impair) need_arg "$@"; IMPAIR=$2; shift 2 ;;
         --kill-leader-at) need_arg "$@"; KILL_AT=$2; shift 2 ;;
         --join-at) need_arg "$@"; JOIN_AT=$2; shift 2 ;;
+        --partition-at) need_arg "$@"; PART_AT=$2; shift 2 ;;
+        --heal-at) need_arg "$@"; HEAL_AT=$2; shift 2 ;;
+        --partition-nodes) need_arg "$@"; PART_NODES=$2; shift 2 ;;
         --wrong-key-node) need_arg "$@"; WRONG_KEY=$2; shift 2 ;;
         --tempo) need_arg "$@"; TEMPO=$2; shift 2 ;;
         --meter) need_arg "$@"; METER=$2; shift 2 ;;
@@ -186,6 +196,20 @@ if [ -n "$KILL_AT" ]; then
     [ "$KILL_US" -lt "$DURATION_US" ] || die "--kill-leader-at $KILL_AT is not before the end (-t $DURATION)"
 fi
 JOIN_US=""
+PART_US=""; HEAL_US=""
+if [ -n "$PART_AT" ]; then
+    is_secs "$PART_AT" || die "--partition-at must be a number of seconds, got '$PART_AT'"
+    PART_US=$(secs_to_us "$PART_AT")
+    [ -n "$PART_NODES" ] || PART_NODES=$N
+    for p in ${PART_NODES//,/ }; do
+        [[ "$p" =~ ^[0-9]+$ ]] && [ "$p" -ge 1 ] && [ "$p" -le "$N" ] || die "--partition-nodes: '$p' is not a node number (1..$N)"
+    done
+    if [ -n "$HEAL_AT" ]; then
+        is_secs "$HEAL_AT" || die "--heal-at must be a number of seconds, got '$HEAL_AT'"
+        HEAL_US=$(secs_to_us "$HEAL_AT")
+        [ "$HEAL_US" -gt "$PART_US" ] || die "--heal-at must come after --partition-at"
+    fi
+fi
 if [ -n "$JOIN_AT" ]; then
     is_secs "$JOIN_AT" || die "--join-at must be a number of seconds, got '$JOIN_AT'"
     [ "$N" -ge 2 ] || die "--join-at needs at least 2 nodes"
@@ -533,6 +557,14 @@ for ((i = 2; i <= N; i++)); do PENDING[$i]=1000000; done
 [ -n "$JOIN_US" ] && PENDING[$N]=$JOIN_US
 KILL_DONE=0
 [ -z "$KILL_US" ] && KILL_DONE=1
+PART_DONE=1; HEAL_DONE=1
+[ -n "$PART_US" ] && PART_DONE=0
+[ -n "$HEAL_US" ] && HEAL_DONE=0
+set_links() {   # set_links up|down: the partitioned nodes' switch-side veths
+    for p in ${PART_NODES//,/ }; do
+        ip -n "$SW_NS" link set dev "$(swif_of "$p")" "$1" || echo "lab.sh: cannot set ${PREFIX}s$p $1" >&2
+    done
+}
 
 while :; do
     now=$(elapsed_us)
@@ -547,6 +579,18 @@ while :; do
     if [ $KILL_DONE -eq 0 ] && [ "$now" -ge "$KILL_US" ]; then
         KILL_DONE=1
         kill_leader
+    fi
+    if [ $PART_DONE -eq 0 ] && [ "$now" -ge "$PART_US" ]; then
+        PART_DONE=1
+        set_links down
+        event partition "\"nodes\":\"$PART_NODES\""
+        log "partition: node(s) $PART_NODES cut off"
+    fi
+    if [ $HEAL_DONE -eq 0 ] && [ "$now" -ge "$HEAL_US" ]; then
+        HEAL_DONE=1
+        set_links up
+        event heal "\"nodes\":\"$PART_NODES\""
+        log "heal: node(s) $PART_NODES reconnected"
     fi
     check_nodes
     if [ ${#PENDING[@]} -eq 0 ]; then

@@ -324,7 +324,7 @@ fn carry_out(shared: &Shared, room: &mut Room, peers: &HashMap<String, (quinn::C
                 Note::BecameLeader { epoch } => tracing::info!(epoch, "this node now leads the room"),
                 Note::Following { leader, epoch } => tracing::info!(%leader, epoch, "following"),
                 Note::Joined { leader, beat, step_ns } => {
-                    tracing::info!(%leader, beat, step_us = step_ns / 1000, "joined the room's session at a bar boundary")
+                    tracing::info!(%leader, beat, step_us = step_ns / 1000, "joined the room's session (one clock step, on a beat boundary)")
                 }
                 Note::WaitingForClock { leader } => tracing::info!(%leader, "found a running room; syncing clocks before joining"),
                 Note::Scheduled { change, at } => tracing::info!(?change, beat = at.beat, at_session_ns = at.time, "change scheduled"),

@@ -164,6 +164,17 @@
 //! `max_slew` (500 ppm, inaudible: 0.06 BPM at 120) when it is large; dividing by
 //! `max(τ, Δt)` keeps a late tick from overshooting. Only the first map after joining
 //! may step (`allow_step`).
+//!
+//! # Driving it
+//!
+//! ```text
+//! on pong (s, gen):  gen newer than before → est.reset()      (the leader's map stepped)
+//!                    gen older than before → drop s           (a late pong of the old map)
+//!                    est.handle_sample(s)                     (count rejections by reason)
+//! every tick (now):  if let Some(e) = est.estimate() {
+//!                        publish(slewer.step(now, &e.map, just_joined))
+//!                    }
+//! ```
 
 use crate::clock::SessionMap;
 use std::collections::VecDeque;

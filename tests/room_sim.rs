@@ -888,15 +888,30 @@ impl Sim {
 
     fn room_note(&mut self, i: usize, n: Note) {
         let who = self.name(i);
+        let gen = self.insts[i].room.gen();
         match n {
-            Note::Joined { leader, beat, step_ns } | Note::Realigned { leader, beat, step_ns } if true => {
-                // (both arms share the body; which one is told by the gen bookkeeping)
-                let _ = (&leader, beat, step_ns);
-                unreachable!()
+            Note::Joined { leader, beat, step_ns } => {
+                self.stats.joins += 1;
+                self.stats.max_step_join = self.stats.max_step_join.max(step_ns.abs());
+                self.insts[i].steps.push(StepNote { gen, beat, step_ns, joined: true });
+                self.note(format!("{who} JOINED {}'s session at beat {beat}, step {:.3} ms", &leader[..4], step_ns as f64 / 1e6));
             }
-            _ => {}
+            Note::Realigned { leader, beat, step_ns } => {
+                self.stats.realigns += 1;
+                self.stats.max_step_realign = self.stats.max_step_realign.max(step_ns.abs());
+                self.insts[i].steps.push(StepNote { gen, beat, step_ns, joined: false });
+                self.note(format!("{who} REALIGNED to {} at beat {beat}, step {:.3} ms", &leader[..4], step_ns as f64 / 1e6));
+            }
+            Note::BecameLeader { epoch } => self.note(format!("{who} leads (epoch {epoch})")),
+            Note::Following { leader, epoch } => self.note(format!("{who} follows {} (epoch {epoch})", &leader[..4])),
+            Note::WaitingForClock { leader } => self.note(format!("{who} waits for a clock estimate of {}", &leader[..4])),
+            Note::Scheduled { change, at } => {
+                self.stats.changes_scheduled += 1;
+                self.note(format!("{who} scheduled {change:?} at beat {}", at.beat));
+            }
+            Note::ChangeRefused { reason } => self.note(format!("{who} refused a change: {reason}")),
+            Note::StaleAnnounce { .. } => self.stats.stale_announces += 1,
         }
-        let _ = who;
     }
 
     // ----------------------------------------------------------------------------------
@@ -1195,7 +1210,6 @@ impl Sim {
     }
 
     fn change(&mut self, out: &mut Vec<Action>) {
-        self.at(self.now, Kind::Check); // keep the check cadence independent (harmless extra)
         let alive = self.alive();
         if alive.is_empty() {
             return;
@@ -1578,5 +1592,123 @@ impl Sim {
             }
             k = e;
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Runners
+// ---------------------------------------------------------------------------------------
+
+struct Failure {
+    profile: &'static str,
+    seed: u64,
+    msg: String,
+    trace: Vec<String>,
+}
+
+fn run_seed(profile: Profile, seed: u64, verbose: bool) -> (Stats, Result<(), Failure>) {
+    let sim = Sim::new(profile, seed, verbose);
+    let (stats, r, trace) = sim.run();
+    (stats, r.map_err(|msg| Failure { profile: profile.name, seed, msg, trace }))
+}
+
+fn run_many(profile: Profile, seeds: u64) -> (Stats, Vec<Failure>) {
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, 8) as u64;
+    let results: Vec<(Stats, Vec<Failure>)> = std::thread::scope(|sc| {
+        let hs: Vec<_> = (0..threads)
+            .map(|k| {
+                sc.spawn(move || {
+                    let mut st = Stats::default();
+                    let mut fails = Vec::new();
+                    let mut seed = k;
+                    while seed < seeds {
+                        let (s, r) = run_seed(profile, seed, false);
+                        st.merge(&s);
+                        if let Err(f) = r {
+                            fails.push(f);
+                        }
+                        seed += threads;
+                    }
+                    (st, fails)
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().expect("a simulation thread panicked")).collect()
+    });
+    let mut st = Stats::default();
+    let mut fails = Vec::new();
+    for (s, f) in results {
+        st.merge(&s);
+        fails.extend(f);
+    }
+    fails.sort_by_key(|f| f.seed);
+    (st, fails)
+}
+
+fn verdict(profile: Profile, seeds: u64) {
+    let t0 = std::time::Instant::now();
+    let (st, fails) = run_many(profile, seeds);
+    println!("{}", st.report(profile.name, t0.elapsed().as_secs_f64()));
+    if fails.is_empty() {
+        return;
+    }
+    for f in fails.iter().take(3) {
+        println!("\n=== room_sim FAILURE: profile {} seed {}: {}", f.profile, f.seed, f.msg);
+        let from = f.trace.len().saturating_sub(60);
+        for l in &f.trace[from..] {
+            println!("    {l}");
+        }
+    }
+    let list: Vec<String> = fails.iter().take(40).map(|f| format!("{}:{}", f.profile, f.seed)).collect();
+    panic!(
+        "{} of {seeds} {} seeds failed: {}\nfirst: {}:{}: {}\nreplay: ROOM_SIM_SEED={}:{} cargo test --test room_sim replay -- --nocapture",
+        fails.len(),
+        profile.name,
+        list.join(" "),
+        fails[0].profile,
+        fails[0].seed,
+        fails[0].msg,
+        fails[0].profile,
+        fails[0].seed
+    );
+}
+
+#[test]
+fn broad_many_seeds() {
+    let seeds = std::env::var("ROOM_SIM_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(BROAD_SEEDS);
+    verdict(BROAD, seeds);
+}
+
+#[test]
+fn deep_large_rooms() {
+    verdict(DEEP, DEEP_SEEDS);
+}
+
+/// `ROOM_SIM_SEED=broad:123` (or `deep:7`, or just `123` for broad): run one seed with
+/// its whole trace. Without the variable this does nothing.
+#[test]
+fn replay() {
+    let Ok(v) = std::env::var("ROOM_SIM_SEED") else { return };
+    let (profile, seed) = match v.split_once(':') {
+        Some(("deep", s)) => (DEEP, s),
+        Some(("broad", s)) => (BROAD, s),
+        Some((p, _)) => panic!("ROOM_SIM_SEED: unknown profile {p:?} (broad or deep)"),
+        None => (BROAD, v.as_str()),
+    };
+    let seed: u64 = seed.trim().parse().expect("ROOM_SIM_SEED: the seed must be an integer");
+    let (st, r) = run_seed(profile, seed, true);
+    println!("{}", st.report(profile.name, 0.0));
+    if let Err(f) = r {
+        panic!("{}:{} failed: {}", f.profile, f.seed, f.msg);
+    }
+}
+
+#[test]
+fn simulation_is_deterministic() {
+    for seed in [3, 99] {
+        let (a, ra) = run_seed(BROAD, seed, false);
+        let (b, rb) = run_seed(BROAD, seed, false);
+        assert_eq!(format!("{:?}", a), format!("{:?}", b));
+        assert_eq!(ra.err().map(|f| f.trace), rb.err().map(|f| f.trace));
     }
 }

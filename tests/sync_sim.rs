@@ -192,7 +192,7 @@ struct Pong {
 }
 
 fn simulate(sc: &Scenario, seed: u64) -> Outcome {
-    let mut rng = Rng(seed ^ 0x5EED_0F_C10C);
+    let mut rng = Rng(seed ^ 0x005E_ED0F_C10C);
     let t0 = rng.range(10_000 * SEC, 1_000_000 * SEC);
     let leader = SimClock { off: rng.range(-SEC, SEC), skew_ppb: rng.range(-200_000, 200_000), t0 };
     let follower = SimClock { off: rng.range(-SEC, SEC), skew_ppb: rng.range(-200_000, 200_000), t0 };
