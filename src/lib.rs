@@ -25,6 +25,7 @@ pub mod http;
 pub mod impair;
 pub mod mesh;
 pub mod room;
+pub mod mirror;
 pub mod state;
 pub mod sync;
 pub mod timeline;

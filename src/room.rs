@@ -305,10 +305,15 @@ impl Room {
     pub fn on_pong(&mut self, id: &str, s: Sample, gen: u32) -> Option<SampleVerdict> {
         let p = self.peers.get_mut(id)?;
         p.last_heard = p.last_heard.max(s.t4);
-        if p.gen != Some(gen) {
-            // the peer's session clock stepped (or this is the first pong): start over
-            p.est.reset();
-            p.gen = Some(gen);
+        match p.gen {
+            // a late pong from before the peer's clock stepped: worthless
+            Some(g) if gen < g => return None,
+            Some(g) if gen == g => {}
+            _ => {
+                // the peer's session clock stepped (or this is the first pong): start over
+                p.est.reset();
+                p.gen = Some(gen);
+            }
         }
         Some(p.est.handle_sample(s))
     }

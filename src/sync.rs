@@ -145,9 +145,10 @@
 //!    the leader stepped (a new map generation) call [`Estimator::reset`] instead.
 //!
 //! The window holds the last [`SyncConfig::window`] accepted samples no older than
-//! `max_age` (256 and 60 s), pruned in batches of an eighth so that the hulls are
-//! rebuilt once per batch, not per sample. [`Estimator::estimate`] is `None` until it
-//! holds `min_samples` (8).
+//! `max_age` (512 and 60 s: 51 s of 10 Hz pings), pruned in batches of an eighth so
+//! that the hulls are rebuilt once per batch, not per sample. [`Estimator::estimate`]
+//! is `None` until it holds `min_samples` (8). Over Wi-Fi at 10 Hz, 512 samples halve
+//! the steady-state worst error of 256 (0.7 → 0.4 ms in simulation).
 //!
 //! # Slewing
 //!
@@ -326,7 +327,7 @@ pub struct SyncConfig {
 impl Default for SyncConfig {
     fn default() -> Self {
         SyncConfig {
-            window: 256,
+            window: 512,
             max_age_ns: 60 * SEC,
             min_samples: 8,
             rate_prior_ppm: 200.0,
@@ -937,6 +938,8 @@ impl Slewer {
     /// Take `map` as the published map (e.g. the clock a node ran before it started
     /// following), so that the next [`step`](Slewer::step) slews away from it.
     pub fn adopt(&mut self, map: SessionMap) {
+        // the last tick's interval says nothing about the next one any more
+        (self.last_now, self.last_dt) = (None, 0);
         self.published = Some(SessionMap {
             rate_ppt: (map.rate_ppt as i128).clamp(-(self.max_rate_ppt + self.max_slew_ppt), self.max_rate_ppt + self.max_slew_ppt) as i64,
             ..map
@@ -1192,6 +1195,28 @@ mod tests {
                     let m = sl.step(t4, &est.map, false);
                     let _ = sl.error_ns(t1, &est.map);
                     let _ = m.to_local(t3);
+                }
+            }
+        }
+
+        #[test]
+        fn wild_offsets_in_one_window_never_panic(
+            base in any::<i64>(),
+            steps in proptest::collection::vec((0i64..300_000_000, 0i64..1_500_000_000, any::<i64>(), 0i64..1_000_000), 1..120)) {
+            // timestamps that pass the causality gates, close enough in local time to
+            // share a window, with offsets anywhere in i64: the hull and corridor math
+            // sees |dy| up to 2^64
+            let mut e = Estimator::new(SyncConfig { min_samples: 2, gate_after: 1_000, ..Default::default() });
+            let mut sl = Slewer::new(SlewConfig::default());
+            let mut t1 = base;
+            for (dt, rtt, t2, hold) in steps {
+                t1 = t1.saturating_add(dt);
+                let s = Sample { t1, t2, t3: t2.saturating_add(hold), t4: t1.saturating_add(rtt) };
+                let _ = e.handle_sample(s);
+                if let Some(est) = e.estimate() {
+                    prop_assert!(est.uncertainty_ns >= 0 && est.rate_ppm.abs() <= 2000.0 + 1e-6);
+                    let m = sl.step(s.t4, &est.map, false);
+                    let _ = (m.to_session(s.t4), est.map.to_local(t2), sl.error_ns(s.t1, &est.map));
                 }
             }
         }

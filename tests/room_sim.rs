@@ -19,7 +19,7 @@
 //! * **Mesh.** As in `mesh.rs`: a connection comes up on both sides (`peer_up`); every
 //!   `Broadcast` goes to the instance's connected peers, `Send` to one; the pinger
 //!   sends `Ping { t1 = local }` every 50 ms for a connection's first 3 s, then every
-//!   150 ms; the responder answers `t2`/`t3` = its *published* session map at receipt /
+//!   100 ms; the responder answers `t2`/`t3` = its *published* session map at receipt /
 //!   at send (5–60 µs later) and its published `gen`; the pinger feeds
 //!   `on_pong(Sample { t1, t2, t3, t4 = local }, gen)`.
 //!   A connection dies after a QUIC-idle-like delay U(1, 3) s once its peer crashed or
@@ -66,7 +66,7 @@
 //!    on beats); the true interval is within `RATE_BOUND_PPM` of it; and the phase
 //!    jump (second difference of click times, normalised for tempo changes) is at most
 //!    `JUMP_BOUND` (100 µs). A step's first click is the beat its note named, and a
-//!    downbeat.
+//!    downbeat (unless a young box joined: `room::YOUNG_NS`, it joins at a beat).
 //! 4. **Alignment**: clicks of the same beat on instances of one group (same session),
 //!    both settled for alignment, are at most `ALIGN_BOUND` (200 µs) apart.
 //!
@@ -87,7 +87,7 @@
 //! `ROOM_SIM_SEEDS=<n>` changes the number of broad seeds (soak runs).
 
 use bandsync::clock::SessionMap;
-use bandsync::room::{Action, Note, Persisted, Room, RoomConfig};
+use bandsync::room::{Action, Note, Persisted, Room, RoomConfig, YOUNG_NS};
 use bandsync::sync::Sample;
 use bandsync::timeline::{ChangeKind, Meter, Quantum, Tempo, Timeline};
 use bandsync::wire::{Datagram, Frame, SessionId};
@@ -270,8 +270,9 @@ struct Pub {
 struct StepNote {
     gen: u64,
     beat: i64,
-    step_ns: i64,
     joined: bool,
+    /// A bar boundary is required (a realign, or a join by a box that is not young).
+    on_bar: bool,
 }
 
 /// One incarnation of a box.
@@ -288,6 +289,7 @@ struct Inst {
     pub_map: SessionMap,
     pub_gen: u64,
     tick_local: i64,
+    first_tick: Option<i64>,
     steps: Vec<StepNote>,
     lead_settled: i64,
     align_settled: i64,
@@ -758,6 +760,7 @@ impl Sim {
             pub_map: SessionMap::IDENTITY,
             pub_gen: 0,
             tick_local: first_tick,
+            first_tick: None,
             steps: Vec::new(),
             lead_settled: i64::MAX,
             align_settled: i64::MAX,
@@ -830,6 +833,7 @@ impl Sim {
             return;
         }
         let l = self.insts[i].clk.local(self.now);
+        self.insts[i].first_tick.get_or_insert(l);
         self.insts[i].room.tick(l, out);
         self.carry_out(i, l, out);
         let inst = &self.insts[i];
@@ -875,7 +879,12 @@ impl Sim {
                     inst.pub_map = map;
                     inst.pub_gen = gen;
                     let session = inst.room.session();
+                    let changed = inst.pubs.last().is_none_or(|p| p.timeline != timeline || p.gen != gen);
                     inst.pubs.push(Pub { local: l, timeline, map, gen, session });
+                    if changed && self.verbose && std::env::var("ROOM_SIM_DEBUG").is_ok() {
+                        let sess = map.to_session(l);
+                        self.note(format!("{} publishes gen {gen} at session {sess} beat {:.3}: {:?}", self.name(i), timeline.beat_at(sess).as_f64(), timeline.segments()));
+                    }
                 }
                 Action::Persist(p) => {
                     let s = self.insts[i].slot;
@@ -893,13 +902,20 @@ impl Sim {
             Note::Joined { leader, beat, step_ns } => {
                 self.stats.joins += 1;
                 self.stats.max_step_join = self.stats.max_step_join.max(step_ns.abs());
-                self.insts[i].steps.push(StepNote { gen, beat, step_ns, joined: true });
+                let inst = &self.insts[i];
+                let age = inst.clk.local(self.now) - inst.first_tick.unwrap_or(i64::MIN / 2);
+                self.insts[i].steps.push(StepNote { gen, beat, joined: true, on_bar: age >= YOUNG_NS + SEC });
                 self.note(format!("{who} JOINED {}'s session at beat {beat}, step {:.3} ms", &leader[..4], step_ns as f64 / 1e6));
+                if std::env::var("ROOM_SIM_DEBUG").is_ok() {
+                    let tl = *self.insts[i].room.timeline();
+                    let l = self.slot_of(&leader).and_then(|s| self.slots[s].inst).map(|x| *self.insts[x].room.timeline());
+                    self.note(format!("   my timeline {:?}\n   leader's {:?}", tl.segments(), l.map(|t| t.segments().to_vec())));
+                }
             }
             Note::Realigned { leader, beat, step_ns } => {
                 self.stats.realigns += 1;
                 self.stats.max_step_realign = self.stats.max_step_realign.max(step_ns.abs());
-                self.insts[i].steps.push(StepNote { gen, beat, step_ns, joined: false });
+                self.insts[i].steps.push(StepNote { gen, beat, joined: false, on_bar: true });
                 self.note(format!("{who} REALIGNED to {} at beat {beat}, step {:.3} ms", &leader[..4], step_ns as f64 / 1e6));
             }
             Note::BecameLeader { epoch } => self.note(format!("{who} leads (epoch {epoch})")),
@@ -979,7 +995,7 @@ impl Sim {
         let young = self.now - conn.born < 3 * SEC;
         self.conns[c].seq[side] = seq.wrapping_add(1);
         self.send_dgram(c, side, Datagram::Ping { seq, t1 }, self.now);
-        let every = if young { 50 * MS } else { 150 * MS };
+        let every = if young { 50 * MS } else { 100 * MS };
         let next = self.now + every + self.rng.range(0, 300 * US);
         self.at(next, Kind::Ping { c, side });
     }
@@ -1484,7 +1500,7 @@ impl Sim {
             // steps: the first click of a new gen is the beat the note named, a downbeat
             for st in &inst.steps {
                 if let Some(c) = clicks.iter().find(|c| c.gen == st.gen) {
-                    if c.beat != st.beat || !c.downbeat {
+                    if c.beat != st.beat || (st.on_bar && !c.downbeat) {
                         let m = format!(
                             "inv 3: after its {} at beat {} the first click of {} is {} (downbeat: {})",
                             if st.joined { "join" } else { "realign" },
@@ -1651,6 +1667,9 @@ fn verdict(profile: Profile, seeds: u64) {
     println!("{}", st.report(profile.name, t0.elapsed().as_secs_f64()));
     if fails.is_empty() {
         return;
+    }
+    for f in &fails {
+        println!("FAILED {}:{}: {}", f.profile, f.seed, f.msg);
     }
     for f in fails.iter().take(3) {
         println!("\n=== room_sim FAILURE: profile {} seed {}: {}", f.profile, f.seed, f.msg);
