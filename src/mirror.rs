@@ -13,7 +13,8 @@
 //!   and nothing the task does (Redis down, slow, or talking garbage) reaches the caller.
 //!   Every command has a timeout; failures are counted in [`MirrorStats`], logged at a
 //!   bounded rate, and followed by a reconnect with capped exponential backoff
-//!   (100 ms .. 5 s) and a resync of the current record.
+//!   (100 ms .. 4 s, so that a returning Redis is current again within 5 s) and a
+//!   resync of the current record.
 //! * **Bad input** (SPEC §7). The RESP2 reader is total and bounded: any byte stream
 //!   yields a value or a [`ProtocolError`], never a panic; bulk strings over 1 MiB,
 //!   arrays over 10,000 elements, nesting deeper than 8 and replies over 2 MiB are refused.
@@ -1134,7 +1135,7 @@ pub async fn fetch(url: &RedisUrl, room: &str, timeout: Duration) -> Result<Opti
     };
     match tokio::time::timeout(timeout, work).await {
         Ok(r) => r,
-        Err(_) => Err(MirrorError::Timeout { addr: url.addr(), what: "HGETALL (fetch)".into(), after: timeout }),
+        Err(_) => Err(MirrorError::Timeout { addr: url.addr(), what: "the fetch (connect, AUTH, SELECT, HGETALL)".into(), after: timeout }),
     }
 }
 
@@ -1217,7 +1218,9 @@ impl Default for MirrorOptions {
         MirrorOptions {
             command_timeout: DEFAULT_COMMAND_TIMEOUT,
             backoff_min: Duration::from_millis(100),
-            backoff_max: Duration::from_secs(5),
+            // Redis back → hash current within 5 s (issue 6) needs the longest wait plus
+            // one reconnect and write to stay under 5 s.
+            backoff_max: Duration::from_secs(4),
             refresh: Duration::from_secs(1),
             log_every: Duration::from_secs(10),
         }
@@ -1475,14 +1478,16 @@ mod tests {
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(2000))]
-
         #[test]
         fn random_bytes_never_panic(b in proptest::collection::vec(any::<u8>(), 0..256)) {
             if let Ok(Some((_, used))) = parse_reply(&b) {
                 prop_assert!(used <= b.len() && used > 0);
             }
         }
+    }
 
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(500))]
         #[test]
         fn resp_shaped_noise_never_panics(parts in proptest::collection::vec(prop_oneof![
             Just(b"*".to_vec()), Just(b"$".to_vec()), Just(b":".to_vec()), Just(b"+".to_vec()),

@@ -171,8 +171,10 @@ pub struct Persisted {
 }
 
 /// A node that joined a session follows for this long before it counts as synced
-/// (and so may lead): its clock estimate must mature first.
-pub const SETTLE_NS: i64 = 2_000_000_000;
+/// (and so may lead): its clock estimate must mature first, because a node that takes
+/// over hands its estimate of the old leader's clock to the whole room. On a jittery
+/// (Wi-Fi) path the estimate needs ~10 s of 20 Hz pings to get within a millisecond.
+pub const SETTLE_NS: i64 = 10_000_000_000;
 
 impl Room {
     /// A node alone: it leads its own new session, whose clock is its local clock.
