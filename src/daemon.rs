@@ -40,7 +40,16 @@ pub fn run(cfg: RunConfig, clock: NodeClock) -> anyhow::Result<()> {
 
     // A box alone: its own clock is session time. It restores its last session from
     // disk; --tempo/--meter only set the first one.
-    let saved = load_session(&cfg.state_dir);
+    let redis = match &cfg.redis {
+        Some(u) => Some(crate::mirror::RedisUrl::parse(u).map_err(|e| anyhow::anyhow!("--redis: {e}"))?),
+        None => None,
+    };
+    let mut saved = load_session(&cfg.state_dir);
+    if saved.is_none() {
+        if let Some(url) = &redis {
+            saved = restore_from_redis(url, &cfg.room);
+        }
+    }
     let tempo = saved.as_ref().map(|s| s.tempo).or(cfg.tempo).unwrap_or(Tempo::from_mbpm(120_000).expect("120 BPM is valid"));
     let meter = saved.as_ref().map(|s| s.meter).or(cfg.meter).unwrap_or(Meter::new(4).expect("4 is a valid meter"));
     let play = cfg.play || saved.as_ref().is_some_and(|s| s.playing);
@@ -104,6 +113,7 @@ pub fn run(cfg: RunConfig, clock: NodeClock) -> anyhow::Result<()> {
         key,
         state_dir: cfg.state_dir.clone(),
         impair,
+        mirror: None,
     };
     let session = SessionId { born_ms: wall_ms(), by: u64::from_str_radix(&node_id, 16).unwrap_or(0) };
     let mut room = Room::new(
@@ -113,6 +123,7 @@ pub fn run(cfg: RunConfig, clock: NodeClock) -> anyhow::Result<()> {
     );
     room.set_pinned(saved.and_then(|s| s.pinned));
     let mesh_stats = Arc::new(MeshStats::default());
+    let mirror_stats = Arc::new(crate::mirror::MirrorStats::default());
     let http_addr = cfg.http;
     let control_pin = cfg.control_pin.clone();
     let result = rt.block_on(async {
@@ -131,6 +142,13 @@ pub fn run(cfg: RunConfig, clock: NodeClock) -> anyhow::Result<()> {
             tracing::error!(error = %format!("{e:#}"), "no HTTP: phones, /health and /metrics are unavailable (the click goes on)");
         }
         let reporter = tokio::spawn(report(cell.clone(), stats.clone(), clock));
+        let mut mesh_cfg = mesh_cfg;
+        if let Some(url) = redis {
+            let (tx, rx) = tokio::sync::watch::channel(None);
+            mesh_cfg.mirror = Some(tx);
+            tracing::info!(url = %url, "mirroring the session to Redis");
+            tokio::spawn(crate::mirror::run(url, cfg.room.clone(), rx, mirror_stats.clone(), shutdown.clone()));
+        }
         let r = mesh::run(mesh_cfg, inbox, room, clock, cell.clone(), mesh_stats, published_tx, shutdown).await;
         reporter.abort();
         r
@@ -148,6 +166,29 @@ pub fn run(cfg: RunConfig, clock: NodeClock) -> anyhow::Result<()> {
         "bandsync stopped"
     );
     result
+}
+
+/// A room with no local state may start from the Redis mirror's record (the newest
+/// epoch any leader wrote). Redis being down or wrong only costs a warning.
+fn restore_from_redis(url: &crate::mirror::RedisUrl, room: &str) -> Option<Persisted> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+    match rt.block_on(crate::mirror::fetch(url, room, Duration::from_secs(1))) {
+        Ok(Some(r)) => {
+            tracing::info!(epoch = r.epoch, tempo_mbpm = r.tempo_mbpm, meter = r.meter, "restoring the session from Redis");
+            Some(Persisted {
+                tempo: Tempo::from_mbpm(r.tempo_mbpm).ok()?,
+                meter: Meter::new(r.meter as i64).ok()?,
+                playing: r.playing,
+                pinned: r.pinned,
+                epoch: r.epoch,
+            })
+        }
+        Ok(None) => None,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the session from Redis; starting from defaults");
+            None
+        }
+    }
 }
 
 /// The saved session, if it is readable. A corrupt, truncated or newer-format file

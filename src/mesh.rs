@@ -44,6 +44,8 @@ pub struct MeshStats {
 }
 
 pub struct MeshConfig {
+    /// The Redis mirror's input (only the leader writes; followers send `None`).
+    pub mirror: Option<tokio::sync::watch::Sender<Option<crate::mirror::MirrorRecord>>>,
     pub node_id: String,
     pub name: String,
     pub room: String,
@@ -258,6 +260,9 @@ pub async fn run(
                         }
                     }
                 }
+                if let Some(tx) = &shared.cfg.mirror {
+                    update_mirror(tx, &shared.cfg.room, &room, now);
+                }
                 if now - last_status >= 500_000_000 {
                     last_status = now;
                     write_status(&shared, &room, now);
@@ -347,6 +352,30 @@ fn write_status(shared: &Shared, room: &Room, now: i64) {
     if std::fs::write(&tmp, json).and_then(|_| std::fs::rename(&tmp, &p)).is_err() {
         tracing::debug!(path = %p.display(), "cannot write status file");
     }
+}
+
+/// Keep the mirror's latest record current: the leader's session, or nothing.
+fn update_mirror(tx: &tokio::sync::watch::Sender<Option<crate::mirror::MirrorRecord>>, room_name: &str, room: &Room, _now: i64) {
+    let want = room.leading().then(|| {
+        let seg = *room.timeline().last();
+        (room.epoch(), room.version(), seg.tempo.mbpm(), seg.meter.get(), seg.playing, room.pinned().map(str::to_string))
+    });
+    let current = tx.borrow().as_ref().map(|r| (r.epoch, r.version, r.tempo_mbpm, r.meter, r.playing, r.pinned.clone()));
+    if want == current {
+        return;
+    }
+    let rec = want.map(|(epoch, version, tempo_mbpm, meter, playing, pinned)| crate::mirror::MirrorRecord {
+        room: room_name.to_string(),
+        epoch,
+        version,
+        leader: room.leader().to_string(),
+        tempo_mbpm,
+        meter,
+        playing,
+        pinned,
+        updated_unix_ms: crate::mirror::now_unix_ms(),
+    });
+    tx.send_replace(rec);
 }
 
 /// Answer the stage tech's CLI.

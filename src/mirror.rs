@@ -107,10 +107,7 @@ impl MirrorRecord {
 
 /// Milliseconds since the Unix epoch (for `updated_unix_ms`).
 pub fn now_unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 /// The hash key of a room.
@@ -214,7 +211,10 @@ impl MirrorError {
     }
     /// The server said something that is not a valid or expected reply.
     pub fn is_bad_reply(&self) -> bool {
-        matches!(self, MirrorError::Protocol { .. } | MirrorError::UnexpectedReply { .. } | MirrorError::BadRecord { .. })
+        matches!(
+            self,
+            MirrorError::Protocol { .. } | MirrorError::UnexpectedReply { .. } | MirrorError::BadRecord { .. }
+        )
     }
     fn is_noscript(&self) -> bool {
         matches!(self, MirrorError::Server { msg, .. } if msg.starts_with("NOSCRIPT"))
@@ -309,11 +309,12 @@ impl RedisUrl {
             "rediss" => true,
             other => {
                 // Only echo a scheme that looks like one (it could be a mangled secret).
-                let shown = if other.len() <= 16 && other.bytes().all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b)) {
-                    format!("`{other}://`")
-                } else {
-                    "the scheme".into()
-                };
+                let shown =
+                    if other.len() <= 16 && other.bytes().all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b)) {
+                        format!("`{other}://`")
+                    } else {
+                        "the scheme".into()
+                    };
                 return Err(bad(format!("{shown} is not supported: use redis:// or rediss://")));
             }
         };
@@ -389,7 +390,9 @@ impl RedisUrl {
             "" => 0,
             p => match p.parse::<u32>() {
                 Ok(n) if p.bytes().all(|b| b.is_ascii_digit()) => n,
-                _ => return Err(bad(format!("database `/{}` is not a number (expected /0, /1, …)", show(p.as_bytes())))),
+                _ => {
+                    return Err(bad(format!("database `/{}` is not a number (expected /0, /1, …)", show(p.as_bytes()))))
+                }
             },
         };
         let mut url = RedisUrl { tls, host, port, db, username, password, ca_file: None, client_cert: None };
@@ -401,7 +404,12 @@ impl RedisUrl {
                 "cacert" => &mut url.ca_file,
                 "cert" => &mut cert,
                 "key" => &mut key,
-                _ => return Err(bad(format!("unknown query parameter `{}` (known: cacert, cert, key)", show(k.as_bytes())))),
+                _ => {
+                    return Err(bad(format!(
+                        "unknown query parameter `{}` (known: cacert, cert, key)",
+                        show(k.as_bytes())
+                    )))
+                }
             };
             if !tls {
                 return Err(bad(format!("`{k}=` is only meaningful for rediss:// URLs")));
@@ -741,7 +749,10 @@ impl TlsStream {
             if self.tls.is_handshaking() && self.tls.wants_read() {
                 let (open, _, _) = self.pump(None).await?;
                 if !open {
-                    return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "closed during the TLS handshake"));
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "closed during the TLS handshake",
+                    ));
                 }
             }
         }
@@ -816,7 +827,9 @@ fn tls_config(url: &RedisUrl) -> Result<Arc<rustls::ClientConfig>, MirrorError> 
         }
         None => {
             let Some(p) = SYSTEM_CA_FILES.iter().map(Path::new).find(|p| p.is_file()) else {
-                return Err(MirrorError::Tls("no system CA bundle found: add ?cacert=PATH to the rediss:// URL".into()));
+                return Err(MirrorError::Tls(
+                    "no system CA bundle found: add ?cacert=PATH to the rediss:// URL".into(),
+                ));
             };
             roots.add_parsable_certificates(load_certs(p)?);
         }
@@ -833,7 +846,9 @@ fn tls_config(url: &RedisUrl) -> Result<Arc<rustls::ClientConfig>, MirrorError> 
             let chain = load_certs(cert)?;
             let key = rustls::pki_types::PrivateKeyDer::from_pem_file(key)
                 .map_err(|e| MirrorError::Tls(format!("cannot read a private key from {}: {e}", key.display())))?;
-            builder.with_client_auth_cert(chain, key).map_err(|e| MirrorError::Tls(format!("client certificate: {e}")))?
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| MirrorError::Tls(format!("client certificate: {e}")))?
         }
     };
     Ok(Arc::new(cfg))
@@ -933,7 +948,11 @@ impl Conn {
             }
             Err(_) => {
                 self.broken = true;
-                Err(MirrorError::Timeout { addr: self.addr.clone(), what: format!("{} (send)", what()), after: self.timeout })
+                Err(MirrorError::Timeout {
+                    addr: self.addr.clone(),
+                    what: format!("{} (send)", what()),
+                    after: self.timeout,
+                })
             }
         }
     }
@@ -972,11 +991,11 @@ impl Conn {
                 Ok(None) => {}
                 Err(source) => return Err(MirrorError::Protocol { addr: self.addr.clone(), source }),
             }
-            let n = self
-                .io
-                .read_some(&mut self.buf)
-                .await
-                .map_err(|source| MirrorError::Io { addr: self.addr.clone(), what: "receive", source })?;
+            let n = self.io.read_some(&mut self.buf).await.map_err(|source| MirrorError::Io {
+                addr: self.addr.clone(),
+                what: "receive",
+                source,
+            })?;
             if n == 0 {
                 return Err(MirrorError::Closed { addr: self.addr.clone() });
             }
@@ -1074,21 +1093,23 @@ pub async fn write_fenced(conn: &mut Conn, room: &str, rec: &MirrorRecord) -> Re
 }
 
 /// [`write_fenced`] with the detailed outcome.
-pub async fn write_fenced_outcome(conn: &mut Conn, room: &str, rec: &MirrorRecord) -> Result<WriteOutcome, MirrorError> {
+pub async fn write_fenced_outcome(
+    conn: &mut Conn,
+    room: &str,
+    rec: &MirrorRecord,
+) -> Result<WriteOutcome, MirrorError> {
     check_room(room).map_err(MirrorError::InvalidRecord)?;
     if rec.room != room {
-        return Err(MirrorError::InvalidRecord(format!("record for room {:?} written to room {:?}", clip(&rec.room), clip(room))));
+        return Err(MirrorError::InvalidRecord(format!(
+            "record for room {:?} written to room {:?}",
+            clip(&rec.room),
+            clip(room)
+        )));
     }
     rec.validate().map_err(MirrorError::InvalidRecord)?;
     let json = serde_json::to_string(rec).map_err(|e| MirrorError::InvalidRecord(e.to_string()))?;
-    let mut tail: Vec<String> = vec![
-        "1".into(),
-        room_key(room),
-        rec.epoch.to_string(),
-        rec.version.to_string(),
-        room_channel(room),
-        json,
-    ];
+    let mut tail: Vec<String> =
+        vec!["1".into(), room_key(room), rec.epoch.to_string(), rec.version.to_string(), room_channel(room), json];
     for (k, v) in rec.fields() {
         tail.push(k.into());
         tail.push(v);
@@ -1135,7 +1156,11 @@ pub async fn fetch(url: &RedisUrl, room: &str, timeout: Duration) -> Result<Opti
     };
     match tokio::time::timeout(timeout, work).await {
         Ok(r) => r,
-        Err(_) => Err(MirrorError::Timeout { addr: url.addr(), what: "the fetch (connect, AUTH, SELECT, HGETALL)".into(), after: timeout }),
+        Err(_) => Err(MirrorError::Timeout {
+            addr: url.addr(),
+            what: "the fetch (connect, AUTH, SELECT, HGETALL)".into(),
+            after: timeout,
+        }),
     }
 }
 
@@ -1151,13 +1176,19 @@ pub fn record_from_hash(room: &str, v: Value) -> Result<Option<MirrorRecord>, Mi
         return Ok(None);
     }
     if items.len() % 2 != 0 {
-        return Err(MirrorError::UnexpectedReply { cmd: "HGETALL".into(), got: format!("an odd array of {}", items.len()) });
+        return Err(MirrorError::UnexpectedReply {
+            cmd: "HGETALL".into(),
+            got: format!("an odd array of {}", items.len()),
+        });
     }
     let mut map: HashMap<String, String> = HashMap::new();
     let mut it = items.into_iter();
     while let (Some(k), Some(v)) = (it.next(), it.next()) {
         let (Value::Bulk(k), Value::Bulk(v)) = (k, v) else {
-            return Err(MirrorError::UnexpectedReply { cmd: "HGETALL".into(), got: "a non-bulk field or value".into() });
+            return Err(MirrorError::UnexpectedReply {
+                cmd: "HGETALL".into(),
+                got: "a non-bulk field or value".into(),
+            });
         };
         let k = String::from_utf8(k).map_err(|e| bad(format!("field name `{}` is not UTF-8", show(e.as_bytes()))))?;
         if !FIELDS.contains(&k.as_str()) {
@@ -1276,6 +1307,7 @@ pub async fn run_with(
     let mut done: Option<(MirrorRecord, WriteOutcome)> = None;
     let mut next_refresh = Instant::now();
     let mut limiter = LogLimiter { every: opts.log_every, last: None, suppressed: 0 };
+    let mut fence_log = LogLimiter { every: opts.log_every, last: None, suppressed: 0 };
     let mut failing_since: Option<Instant> = None;
     tracing::info!(room = %room, redis = %url, "redis mirror started");
 
@@ -1317,8 +1349,10 @@ pub async fn run_with(
                             WriteOutcome::Unchanged => {}
                             WriteOutcome::Fenced => {
                                 stats.fenced.fetch_add(1, Ordering::Relaxed);
-                                tracing::warn!(room = %room, epoch = rec.epoch, version = rec.version,
-                                    "redis mirror: write refused, Redis holds a newer epoch (this node was deposed?)");
+                                if let Some(suppressed) = fence_log.allow() {
+                                    tracing::warn!(room = %room, epoch = rec.epoch, version = rec.version, suppressed,
+                                        "redis mirror: write refused, Redis holds a newer epoch (this node was deposed?)");
+                                }
                             }
                         }
                         done = Some((rec.clone(), out));
@@ -1473,7 +1507,9 @@ mod tests {
             proptest::collection::vec(any::<u8>(), 0..40).prop_map(Value::Bulk),
             Just(Value::Nil),
         ];
-        leaf.prop_recursive(MAX_DEPTH as u32 - 1, 64, 8, |inner| proptest::collection::vec(inner, 0..8).prop_map(Value::Array))
+        leaf.prop_recursive(MAX_DEPTH as u32 - 1, 64, 8, |inner| {
+            proptest::collection::vec(inner, 0..8).prop_map(Value::Array)
+        })
     }
 
     proptest! {
@@ -1515,7 +1551,10 @@ mod tests {
     #[test]
     fn url_forms() {
         let u = RedisUrl::parse("redis://127.0.0.1:6380/2").unwrap();
-        assert_eq!((u.tls(), u.host(), u.port(), u.db(), u.username(), u.has_password()), (false, "127.0.0.1", 6380, 2, None, false));
+        assert_eq!(
+            (u.tls(), u.host(), u.port(), u.db(), u.username(), u.has_password()),
+            (false, "127.0.0.1", 6380, 2, None, false)
+        );
         let u = RedisUrl::parse("redis://localhost").unwrap();
         assert_eq!((u.port(), u.db()), (6379, 0));
         let u = RedisUrl::parse("REDIS://h:1/").unwrap();

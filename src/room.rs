@@ -278,6 +278,9 @@ impl Room {
     pub fn session(&self) -> SessionId {
         self.session
     }
+    pub fn version(&self) -> u64 {
+        self.version
+    }
 
     pub fn peer_up(&mut self, id: &str, name: &str) {
         self.peers

