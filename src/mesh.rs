@@ -490,9 +490,9 @@ async fn serve(shared: Arc<Shared>, conn: quinn::Connection, dialer: bool, expec
                     break;
                 }
                 seq = seq.wrapping_add(1);
-                // 20 Hz: on a Wi-Fi-like path the estimate's accuracy grows with the
+                // 40 Hz: on a Wi-Fi-like path the estimate's accuracy grows with the
                 // number of samples (see sync.rs); a ping is ~60 bytes
-                let every = 50;
+                let every = 25;
                 tokio::time::sleep(Duration::from_millis(every)).await;
             }
         })

@@ -57,6 +57,16 @@ pub struct RoomConfig {
     pub quantum: Quantum,
 }
 
+/// The estimator the room uses (pings arrive at 40 Hz; see `sync.rs` for the window).
+pub fn sync_config() -> SyncConfig {
+    SyncConfig::default()
+}
+
+/// The slewer the room uses.
+pub fn slew_config() -> crate::sync::SlewConfig {
+    crate::sync::SlewConfig::default()
+}
+
 /// Something the driver should log.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Note {
@@ -191,7 +201,7 @@ impl Room {
             map: SessionMap::IDENTITY,
             gen: 0,
             slewer: {
-                let mut s = Slewer::new(Default::default());
+                let mut s = Slewer::new(slew_config());
                 s.adopt(SessionMap::IDENTITY);
                 s
             },
@@ -288,7 +298,7 @@ impl Room {
             .or_insert_with(|| Peer {
                 name: name.to_string(),
                 announce: None,
-                est: Estimator::new(SyncConfig::default()),
+                est: Estimator::new(sync_config()),
                 gen: None,
                 last_heard: i64::MIN / 2,
             });
