@@ -97,7 +97,8 @@ fn three_boxes_share_one_timeline() {
     std::thread::sleep(Duration::from_millis(1500));
     let mut b = Node::start(dir.path(), 2, &room, &key, &[("BANDSYNC_TEST_CLOCK", "offset_ms=-250,skew_ppm=-100")], &["--play", "--tempo", "90"]);
     let mut c = Node::start(dir.path(), 3, &room, &key, &[], &["--tempo", "60", "--priority", "5"]);
-    std::thread::sleep(Duration::from_secs(12));
+    // c outranks the others; it may lead only after it settled (room::SETTLE_NS, 10 s)
+    std::thread::sleep(Duration::from_secs(15));
     let t_check = bandsync::clock::mono_now_ns() - 5_000_000_000;
     a.stop();
     b.stop();
