@@ -307,10 +307,11 @@ key_of() { if [ "$1" = "$WRONG_KEY" ]; then echo "$OUT/room-wrong.key"; else ech
 MONO_OFF_NS=$("$PY" -c 'import time; print(time.monotonic_ns() - time.time_ns())')
 event() {   # event NAME [json fields...]; t_mono_ns is CLOCK_MONOTONIC like the click logs
     local name=$1; shift
-    local t=$(( $(now_us) * 1000 + MONO_OFF_NS ))
+    local u; u=$(now_us)
+    local t=$(( u * 1000 + MONO_OFF_NS ))
     local extra=""
     [ $# -gt 0 ] && extra=",$(IFS=,; echo "$*")"
-    printf '{"event":"%s","t_mono_ns":%d,"t_s":%s%s}\n' "$name" "$t" "$(elapsed_s)" "$extra" >>"$OUT/events.jsonl"
+    printf '{"event":"%s","t_mono_ns":%d,"t_unix_us":%d,"t_s":%s%s}\n' "$name" "$t" "$u" "$(elapsed_s)" "$extra" >>"$OUT/events.jsonl"
 }
 
 # ------------------------------------------------------------------------------ cleanup

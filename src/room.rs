@@ -555,12 +555,16 @@ impl Room {
 
     fn elect(&mut self, now: i64, out: &mut Vec<Action>) {
         // Candidates: live, synced nodes of this session. When there are none (everyone
-        // else left right after this node joined), this node leads: the show goes on.
+        // synced left while the rest were still settling), the highest-ranked live node
+        // of the session leads anyway — every node computes the same — and the show
+        // goes on.
         let me = self.cfg.me.clone();
-        let mut best: Option<(bool, i32, String)> = self.synced.then(|| {
+        let my_rank = {
             let (p, r, id) = self.rank_of(&me, self.cfg.priority);
             (p, r, id.to_string())
-        });
+        };
+        let mut best: Option<(bool, i32, String)> = self.synced.then(|| my_rank.clone());
+        let mut best_any: (bool, i32, String) = my_rank;
         let mut max_epoch = self.epoch;
         for (id, p) in &self.peers {
             let Some(a) = &p.announce else { continue };
@@ -568,15 +572,19 @@ impl Room {
                 continue;
             }
             max_epoch = max_epoch.max(a.epoch);
+            let (pn, pr, _) = self.rank_of(id, a.priority);
+            let r = (pn, pr, id.clone());
+            if r > best_any {
+                best_any = r.clone();
+            }
             if !a.synced {
                 continue;
             }
-            let (pn, pr, _) = self.rank_of(id, a.priority);
-            let r = (pn, pr, id.clone());
             if best.as_ref().is_none_or(|b| r > *b) {
                 best = Some(r);
             }
         }
+        let best = best.or(Some(best_any));
         let winner = best.map(|b| b.2).unwrap_or(me.clone());
         if winner == me {
             if !self.leading || max_epoch > self.epoch {
