@@ -11,6 +11,11 @@ use std::path::{Path, PathBuf};
 
 pub const DEFAULT_CONFIG: &str = "/etc/bandsync/bandsync.toml";
 
+/// A configuration error (flags, file, environment): the message names the value.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
 /// The config file. Every key is optional.
 #[derive(Debug, Default, Deserialize, Clone)]
 #[serde(deny_unknown_fields)]
@@ -127,6 +132,11 @@ pub struct RunArgs {
     /// Mirror the session to Redis: redis://[user:pass@]host:port/db (optional).
     #[arg(long, value_name = "URL")]
     pub redis: Option<String>,
+    /// Board profile: "auto" (default: detect from the device tree and ALSA cards),
+    /// "none", a built-in name (see hw/), or a .toml file. It supplies the buffer size,
+    /// sample rate and output-latency offset unless flags or the config file set them.
+    #[arg(long, value_name = "PROFILE")]
+    pub hw: Option<String>,
 }
 
 fn parse_quantum(s: &str) -> Result<Quantum, String> {
@@ -162,6 +172,8 @@ pub struct RunConfig {
     pub room_key_file: Option<PathBuf>,
     pub control_pin: Option<String>,
     pub redis: Option<String>,
+    /// The board profile in use, if any.
+    pub hw: Option<crate::hw::HwProfile>,
 }
 
 /// Default QUIC port of the room mesh.
@@ -236,7 +248,13 @@ impl RunConfig {
         };
         let play = args.play || file.play.unwrap_or(false);
         let click_log = args.click_log.clone().or(file.click_log.clone());
-        let lat = args.latency_offset_ms.or(file.latency_offset_ms).unwrap_or(0.0);
+        let hw_spec = args.hw.clone().or(file.hw.clone()).unwrap_or_else(|| "auto".into());
+        let hw = match hw_spec.as_str() {
+            "auto" => crate::hw::detect_system(),
+            "none" => None,
+            spec => Some(crate::hw::load(spec).map_err(|e| anyhow!("{}: {e}", src(args.hw.is_some(), "hw")))?),
+        };
+        let lat = args.latency_offset_ms.or(file.latency_offset_ms).or(hw.as_ref().map(|h| h.latency_offset_ms)).unwrap_or(0.0);
         if !lat.is_finite() || !(-500.0..=500.0).contains(&lat) {
             bail!("{}: latency offset {lat} ms is out of range (−500 to 500 ms)", src(args.latency_offset_ms.is_some(), "latency_offset_ms"));
         }
@@ -244,11 +262,11 @@ impl RunConfig {
         if !vol.is_finite() || !(0.0..=1.0).contains(&vol) {
             bail!("{}: volume {vol} is out of range (0.0 to 1.0)", src(args.volume.is_some(), "volume"));
         }
-        let buffer_frames = args.buffer_frames.or(file.buffer_frames).unwrap_or(256);
+        let buffer_frames = args.buffer_frames.or(file.buffer_frames).or(hw.as_ref().map(|h| h.buffer_frames)).unwrap_or(256);
         if !(32..=4096).contains(&buffer_frames) {
             bail!("{}: buffer size {buffer_frames} frames is out of range (32 to 4096)", src(args.buffer_frames.is_some(), "buffer_frames"));
         }
-        let sample_rate = args.sample_rate.or(file.sample_rate).unwrap_or(48_000);
+        let sample_rate = args.sample_rate.or(file.sample_rate).or(hw.as_ref().map(|h| h.sample_rate)).unwrap_or(48_000);
         if !(8_000..=192_000).contains(&sample_rate) {
             bail!("{}: sample rate {sample_rate} Hz is out of range (8000 to 192000)", src(args.sample_rate.is_some(), "sample_rate"));
         }
@@ -297,6 +315,7 @@ impl RunConfig {
             room_key_file,
             control_pin,
             redis,
+            hw,
         })
     }
 }

@@ -37,6 +37,10 @@ pub fn run(cfg: RunConfig, clock: NodeClock) -> anyhow::Result<()> {
         tracing::warn!(offset_ns = d.offset_ns, skew_ppm = d.skew_ppm, "BANDSYNC_TEST_CLOCK is set: this node's clock is distorted");
     }
     tracing::info!(node = %node_id, name = %cfg.name, room = %cfg.room, state_dir = %cfg.state_dir.display(), "bandsync starting");
+    match &cfg.hw {
+        Some(h) => tracing::info!(profile = %h.name, buffer_frames = cfg.buffer_frames, sample_rate = cfg.sample_rate, latency_offset_ns = cfg.latency_offset_ns, "board profile"),
+        None => tracing::info!("no board profile (defaults, or --buffer-frames/--sample-rate/--latency-offset-ms)"),
+    }
 
     // A box alone: its own clock is session time. It restores its last session from
     // disk; --tempo/--meter only set the first one.
@@ -114,6 +118,8 @@ pub fn run(cfg: RunConfig, clock: NodeClock) -> anyhow::Result<()> {
         state_dir: cfg.state_dir.clone(),
         impair,
         mirror: None,
+        notify: crate::notify::Notifier::from_env(),
+        audio: stats.clone(),
     };
     let session = SessionId { born_ms: wall_ms(), by: u64::from_str_radix(&node_id, 16).unwrap_or(0) };
     let mut room = Room::new(

@@ -175,6 +175,12 @@ fn status(to: &To, file: &FileConfig, json: bool, peers_only: bool) -> anyhow::R
     }
 }
 
+/// Errors found while reading flags, the config file or the environment, before the
+/// daemon started anything.
+fn is_config_error(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<bandsync::config::ConfigError>().is_some()
+}
+
 fn init_logs() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("BANDSYNC_LOG")
         .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
@@ -190,11 +196,12 @@ fn main() {
     let cli = Cli::parse();
     init_logs();
     let result = (|| -> anyhow::Result<()> {
-        let clock = clock?;
+        let clock = clock.map_err(|e| anyhow::Error::new(bandsync::config::ConfigError(e.to_string())))?;
         match cli.cmd {
             Cmd::Run(args) => {
-                let (file, origin) = FileConfig::load(cli.config.as_deref())?;
-                let cfg = RunConfig::build(&args, &file, origin.as_deref())?;
+                let cfg = FileConfig::load(cli.config.as_deref())
+                    .and_then(|(file, origin)| RunConfig::build(&args, &file, origin.as_deref()))
+                    .map_err(|e| anyhow::Error::new(bandsync::config::ConfigError(format!("{e:#}"))))?;
                 bandsync::daemon::run(cfg, clock)
             }
             Cmd::Status { to, json } => status(&to, &FileConfig::load(cli.config.as_deref())?.0, json, false),
@@ -237,6 +244,7 @@ fn main() {
     })();
     if let Err(e) = result {
         eprintln!("bandsync: {e:#}");
-        std::process::exit(2);
+        // 78 (EX_CONFIG): systemd's unit does not restart on configuration errors
+        std::process::exit(if is_config_error(&e) { 78 } else { 2 });
     }
 }

@@ -44,6 +44,10 @@ pub struct MeshStats {
 }
 
 pub struct MeshConfig {
+    /// systemd's notify socket (READY, WATCHDOG, STATUS), when run as a service.
+    pub notify: Option<crate::notify::Notifier>,
+    /// The audio thread's counters: the watchdog is only fed while the click runs.
+    pub audio: Arc<crate::audio::AudioStats>,
     /// The Redis mirror's input (only the leader writes; followers send `None`).
     pub mirror: Option<tokio::sync::watch::Sender<Option<crate::mirror::MirrorRecord>>>,
     pub node_id: String,
@@ -166,6 +170,16 @@ pub async fn run(
     let mut last_status = 0i64;
     let (dial_done_tx, mut dial_done) = mpsc::channel::<String>(64);
     let mut actions = Vec::new();
+    let mut ready = false;
+    let watchdog_every = crate::notify::Notifier::watchdog_interval();
+    let mut last_watchdog = tokio::time::Instant::now();
+    let mut last_callbacks = 0u64;
+    let mut last_notify_status = tokio::time::Instant::now() - Duration::from_secs(10);
+    // Test hook: freeze this loop after N ms (the watchdog must then stop).
+    let freeze_at = std::env::var("BANDSYNC_TEST_FREEZE_AFTER_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .map(|ms| tokio::time::Instant::now() + Duration::from_millis(ms));
 
     loop {
         tokio::select! {
@@ -233,8 +247,13 @@ pub async fn run(
                 }
             }
             _ = tick.tick() => {
+                if freeze_at.is_some_and(|t| tokio::time::Instant::now() >= t) {
+                    tracing::warn!("BANDSYNC_TEST_FREEZE_AFTER_MS: freezing the room loop (test hook)");
+                    std::future::pending::<()>().await;
+                }
                 let now = shared.clock.now_ns();
                 room.tick(now, &mut actions);
+                service_manager(&shared, &room, now, &mut ready, watchdog_every, &mut last_watchdog, &mut last_callbacks, &mut last_notify_status);
                 // dial peers we know and are not connected to (the lower id dials)
                 for (id, addrs) in &known {
                     if *id > shared.cfg.node_id && !peers.contains_key(id) && !dialing.contains(id) {
@@ -272,6 +291,9 @@ pub async fn run(
         carry_out(&shared, &mut room, &peers, &mut actions);
     }
 
+    if let Some(n) = &shared.cfg.notify {
+        n.stopping();
+    }
     // Orderly goodbye.
     for (conn, tx) in peers.values() {
         let _ = tx.try_send(Frame::Bye("shutting down".into()));
@@ -351,6 +373,51 @@ fn write_status(shared: &Shared, room: &Room, now: i64) {
     // Not fsynced: it is a view, rebuilt every half second.
     if std::fs::write(&tmp, json).and_then(|_| std::fs::rename(&tmp, &p)).is_err() {
         tracing::debug!(path = %p.display(), "cannot write status file");
+    }
+}
+
+/// systemd: READY=1 once the endpoint is bound and the click runs, WATCHDOG=1 from this
+/// loop while the audio callbacks advance, STATUS= with role and tempo.
+#[allow(clippy::too_many_arguments)]
+fn service_manager(
+    shared: &Shared,
+    room: &Room,
+    now: i64,
+    ready: &mut bool,
+    watchdog_every: Option<Duration>,
+    last_watchdog: &mut tokio::time::Instant,
+    last_callbacks: &mut u64,
+    last_status: &mut tokio::time::Instant,
+) {
+    let Some(n) = &shared.cfg.notify else { return };
+    let callbacks = shared.cfg.audio.callbacks.load(Relaxed);
+    if !*ready && callbacks > 0 {
+        *ready = true;
+        n.ready();
+        tracing::info!("told systemd we are ready");
+    }
+    let t = tokio::time::Instant::now();
+    if let Some(every) = watchdog_every {
+        if t - *last_watchdog >= every {
+            if callbacks != *last_callbacks {
+                n.watchdog();
+            } else {
+                tracing::warn!("the audio callback has not run since the last watchdog period: not feeding the watchdog");
+            }
+            *last_callbacks = callbacks;
+            *last_watchdog = t;
+        }
+    }
+    if t - *last_status >= Duration::from_secs(2) {
+        *last_status = t;
+        let seg = *room.timeline().current(room.session_now(now));
+        n.status(&format!(
+            "{} · {} BPM · {} · {} peer(s)",
+            if room.leading() { "leader" } else { "follower" },
+            seg.tempo,
+            if seg.playing { "playing" } else { "stopped" },
+            room.peer_ids().len()
+        ));
     }
 }
 

@@ -215,7 +215,8 @@ impl Room {
             started_at: None,
             pinned: None,
             realign: false,
-            persist: false,
+            // save the session a box starts with, so a power cut brings it back (playing)
+            persist: true,
         }
     }
 
