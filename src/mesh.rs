@@ -211,7 +211,11 @@ pub async fn run(
                         }
                         tracing::info!(peer = %id, %name, addr = %conn.remote_address(), "peer joined the mesh");
                         shared.stats.connections.fetch_add(1, Relaxed);
-                        peers.insert(id.clone(), (conn, tx));
+                        if peers.insert(id.clone(), (conn, tx)).is_some() {
+                            // a new connection replaces a dead one (the peer may have
+                            // rebooted): start its clock estimate afresh
+                            room.peer_down(&id);
+                        }
                         room.peer_up(&id, &name);
                     }
                     Event::Down { id, stable } => {

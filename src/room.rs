@@ -62,9 +62,10 @@ pub fn sync_config() -> SyncConfig {
     SyncConfig::default()
 }
 
-/// The slewer the room uses.
+/// The slewer the room uses: corrections of at most 200 ppm, so that a click interval
+/// never moves by more than 100 µs at 120 BPM while the clock is pulled in.
 pub fn slew_config() -> crate::sync::SlewConfig {
-    crate::sync::SlewConfig::default()
+    crate::sync::SlewConfig { max_slew_ppm: 200.0, ..Default::default() }
 }
 
 /// Something the driver should log.
@@ -108,6 +109,8 @@ struct Switch {
     session: SessionId,
     leader: String,
     beat: i64,
+    /// The room's (epoch, version) the beat was computed from.
+    basis: (u64, u64),
 }
 
 /// The status object of `bandsync status --json`, `/health` and `status.json`.
@@ -164,6 +167,10 @@ pub struct Room {
     /// First tick (local ns).
     started_at: Option<i64>,
     pinned: Option<String>,
+    /// Rate of the leader's clock as last estimated (kept when this node takes over).
+    followed_rate: Option<i64>,
+    /// The leader whose records (timeline, pin) this node last adopted.
+    adopted_from: Option<String>,
     /// The leader's grid or clock differs from ours: realign at its next bar.
     realign: bool,
     persist: bool,
@@ -214,6 +221,8 @@ impl Room {
             joined_at: i64::MIN / 2,
             started_at: None,
             pinned: None,
+            followed_rate: None,
+            adopted_from: None,
             realign: false,
             // save the session a box starts with, so a power cut brings it back (playing)
             persist: true,
@@ -337,24 +346,49 @@ impl Room {
     pub fn on_announce(&mut self, from: &str, a: Announce, now: i64, out: &mut Vec<Action>) {
         let Some(p) = self.peers.get_mut(from) else { return };
         p.last_heard = now;
+        // A follower takes its leader's records (timeline, pin) when they are newer —
+        // also from an announce in which the leader just stepped down for a pin it set.
+        // From a leader we had not followed before (a healed partition), its records
+        // win at an equal epoch too: the leader's word is what its followers play.
         let adopt = !self.leading
-            && a.leading
             && from == self.leader
             && a.session == self.session
-            && (a.epoch, a.version) > (self.epoch, self.version);
+            && ((a.epoch, a.version) > (self.epoch, self.version)
+                || (a.epoch == self.epoch && self.adopted_from.as_deref() != Some(from)));
         let stale = a.leading && a.session == self.session && a.epoch < self.epoch && from == self.leader;
+        // Two leaders of one session (a healed partition): the newer pin wins on both,
+        // so that both rank alike and one steps down.
+        if self.leading
+            && a.leading
+            && a.session == self.session
+            && (a.epoch, a.version) > (self.epoch, self.version)
+            && a.pinned != self.pinned
+        {
+            self.pinned = a.pinned.clone();
+            self.dirty = true;
+            self.persist = true;
+        }
         p.announce = Some(a.clone());
         if adopt {
             if let Some(tl) = Timeline::from_segments(&a.timeline) {
                 let s_now = self.map.to_session(now);
-                if phase_differs(&self.timeline, &tl, s_now) {
+                // A leader's update only changes the future; a grid that differs now or
+                // two seconds ago is another grid (a healed partition).
+                let back = (s_now - 2_000_000_000).max(tl.segments()[0].t0).max(self.timeline.segments()[0].t0).min(s_now);
+                if phase_differs(&self.timeline, &tl, s_now) || phase_differs(&self.timeline, &tl, back) {
                     // The leader's grid is not ours (a healed partition): realign at a
-                    // bar boundary rather than jump now.
+                    // bar boundary rather than jump now. Its pin counts at once (it
+                    // decides who leads); the timeline comes with the realign.
                     self.realign = true;
+                    if self.pinned != a.pinned {
+                        self.pinned = a.pinned.clone();
+                        self.dirty = true;
+                    }
                 } else {
                     self.timeline = tl;
                     self.epoch = a.epoch;
                     self.version = a.version;
+                    self.adopted_from = Some(from.to_string());
                     self.pinned = a.pinned.clone();
                     self.publish = true;
                     self.persist = true;
@@ -498,7 +532,7 @@ impl Room {
         let Some(est) = p.est.estimate() else {
             if self.switch.is_none() {
                 out.push(Action::Note(Note::WaitingForClock { leader: leader.clone() }));
-                self.switch = Some(Switch { session, leader, beat: i64::MIN });
+                self.switch = Some(Switch { session, leader, beat: i64::MIN, basis: (0, 0) });
             }
             return;
         };
@@ -510,6 +544,7 @@ impl Room {
                 sw.session != session
                     || sw.leader != leader
                     || sw.beat == i64::MIN
+                    || sw.basis != (a.epoch, a.version)
                     || target.to_local(room_tl.beat_time(sw.beat)) - now < PUBLISH_AHEAD_NS / 3
             }
             None => true,
@@ -518,7 +553,7 @@ impl Room {
             let young = session != self.session && self.started_at.is_some_and(|t| now - t < YOUNG_NS);
             let q = if young { Quantum::Beat } else { Quantum::Bar };
             let at = room_tl.quantize(q, s_now, SWITCH_LEAD_NS);
-            self.switch = Some(Switch { session, leader: leader.clone(), beat: at.beat });
+            self.switch = Some(Switch { session, leader: leader.clone(), beat: at.beat, basis: (a.epoch, a.version) });
         }
         let sw = self.switch.as_ref().expect("set above");
         let d_local = target.to_local(room_tl.beat_time(sw.beat));
@@ -534,6 +569,7 @@ impl Room {
         self.version = a.version;
         self.pinned = a.pinned.clone();
         self.timeline = room_tl.begun_at(beat);
+        self.adopted_from = Some(leader.clone());
         self.leader = leader.clone();
         self.leading = false;
         if joining {
@@ -555,46 +591,79 @@ impl Room {
     }
 
     fn elect(&mut self, now: i64, out: &mut Vec<Action>) {
-        // Candidates: live, synced nodes of this session. When there are none (everyone
-        // synced left while the rest were still settling), the highest-ranked live node
-        // of the session leads anyway — every node computes the same — and the show
-        // goes on.
+        // Candidates: live, synced nodes of this session; the highest rank wins. When
+        // there are none (everyone synced left while the rest were still settling),
+        // the current leader stays if it is alive, else the highest-ranked live node
+        // of the session leads — every node computes the same — and the show goes on.
         let me = self.cfg.me.clone();
         let my_rank = {
             let (p, r, id) = self.rank_of(&me, self.cfg.priority);
             (p, r, id.to_string())
         };
-        let mut best: Option<(bool, i32, String)> = self.synced.then(|| my_rank.clone());
+        // A pinned node does not wait to settle: the stage tech asked for it.
+        let pinned_me = self.pinned.as_deref() == Some(me.as_str());
+        let mut best: Option<(bool, i32, String)> = (self.synced || pinned_me).then(|| my_rank.clone());
+        let mut best_leading: Option<(bool, i32, String)> = self.leading.then(|| my_rank.clone());
         let mut best_any: (bool, i32, String) = my_rank;
         let mut max_epoch = self.epoch;
+        let mut competing = false;
+        let mut leader_alive = self.leading;
         for (id, p) in &self.peers {
             let Some(a) = &p.announce else { continue };
             if a.session != self.session || !self.is_alive(p, now) {
                 continue;
             }
             max_epoch = max_epoch.max(a.epoch);
+            if a.leading && a.epoch >= self.epoch {
+                competing = true;
+            }
+            if a.leading {
+                let (pn, pr, _) = self.rank_of(id, a.priority);
+                let r = (pn, pr, id.clone());
+                if best_leading.as_ref().is_none_or(|b| r > *b) {
+                    best_leading = Some(r);
+                }
+            }
+            if *id == self.leader {
+                leader_alive = true;
+            }
             let (pn, pr, _) = self.rank_of(id, a.priority);
             let r = (pn, pr, id.clone());
             if r > best_any {
                 best_any = r.clone();
             }
-            if !a.synced {
+            if !a.synced && !pn {
                 continue;
             }
             if best.as_ref().is_none_or(|b| r > *b) {
                 best = Some(r);
             }
         }
-        let best = best.or(Some(best_any));
-        let winner = best.map(|b| b.2).unwrap_or(me.clone());
+        let winner = match best {
+            Some(b) => b.2,
+            // nobody synced: among those already leading (two, after a heal) the
+            // highest rank; else our leader if alive; else the highest rank
+            None => match best_leading {
+                Some(b) => b.2,
+                None if leader_alive => self.leader.clone(),
+                None => best_any.2,
+            },
+        };
         if winner == me {
-            if !self.leading || max_epoch > self.epoch {
+            // A leader holds the highest epoch it can see, and outbids a competing
+            // leader (a healed partition) so that its records win everywhere.
+            if !self.leading || max_epoch > self.epoch || competing {
                 if !self.leading {
                     out.push(Action::Note(Note::BecameLeader { epoch: max_epoch + 1 }));
+                    // Keep the session clock where it is, at the rate of the clock we
+                    // followed (not the slewer's momentary correction).
+                    let s_now = self.map.to_session(now);
+                    let rate = self.followed_rate.unwrap_or(self.map.rate_ppt);
+                    self.map = SessionMap { local_ref: now, session_ref: s_now, rate_ppt: rate };
+                    self.publish = true;
                 }
                 self.leading = true;
                 self.leader = me;
-                // a leader always holds the highest epoch it can see, so its records win
                 self.epoch = max_epoch + 1;
                 self.dirty = true;
                 self.publish = true;
@@ -626,6 +695,7 @@ impl Room {
         }
         if !self.leading && self.switch.is_none() {
             if let Some(est) = self.peers.get(&self.leader).and_then(|p| p.est.estimate()) {
+                self.followed_rate = Some(est.map.rate_ppt);
                 let m = self.slewer.step(now, &est.map, false);
                 if m != self.map {
                     self.map = m;

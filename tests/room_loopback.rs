@@ -19,9 +19,9 @@ impl Node {
     fn start(base: &Path, i: usize, room: &str, key: &Path, extra_env: &[(&str, &str)], args: &[&str]) -> Node {
         let dir = base.join(format!("node{i}"));
         std::fs::create_dir_all(&dir).unwrap();
-        let log = std::fs::File::create(dir.join("node.log")).unwrap();
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("node.log")).unwrap();
         let mut cmd = Command::new(BIN);
-        cmd.args(["run", "--audio", "null", "--interface", "lo", "--quic", "127.0.0.1:0", "--room", room, "--name"])
+        cmd.args(["run", "--audio", "null", "--interface", "lo", "--http", "127.0.0.1:0", "--room", room, "--name"])
             .arg(format!("node{i}"))
             .arg("--room-key-file")
             .arg(key)
@@ -29,6 +29,7 @@ impl Node {
             .arg(dir.join("state"))
             .arg("--click-log")
             .arg(dir.join("clicks.jsonl"))
+            .args(if args.contains(&"--quic") { &[][..] } else { &["--quic", "127.0.0.1:0"][..] })
             .args(args)
             .env("BANDSYNC_LOG", "info,bandsync=debug")
             .env_remove("BANDSYNC_TEST_CLOCK")
@@ -145,4 +146,90 @@ fn a_box_with_the_wrong_key_never_joins_and_the_room_says_why() {
     assert!(b.log().contains("room-key authentication") || b.log().contains("refused us"), "b: {}", b.log());
     assert!(!b.log().contains("joined the room's session"), "b joined with the wrong key: {}", b.log());
     assert!(!a.log().contains("peer joined the mesh"), "a accepted the wrong key: {}", a.log());
+}
+
+fn status(n: &Node) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(n.dir.join("state/status.json")).unwrap()).unwrap()
+}
+
+fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> Option<Duration> {
+    let t = std::time::Instant::now();
+    while t.elapsed() < limit {
+        if f() {
+            return Some(t.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    None
+}
+
+#[test]
+fn pin_moves_leadership_survives_restarts_and_unpin_returns_to_ranking() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path(), "room.key", &"3c".repeat(32));
+    let room = room_name("pin");
+    let ports: Vec<u16> = (0..3).map(|_| std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()).collect();
+    let quic = |i: usize| format!("127.0.0.1:{}", ports[i]);
+    let prio = ["0", "0", "9"]; // node3 leads by rank
+    let start_all = |play: bool| -> Vec<Node> {
+        (0..3)
+            .map(|i| {
+                let q = quic(i);
+                let mut a = vec!["--quic", q.as_str(), "--priority", prio[i]];
+                if play {
+                    a.push("--play");
+                }
+                let n = Node::start(dir.path(), i + 1, &room, &key, &[], &a);
+                std::thread::sleep(Duration::from_millis(300));
+                n
+            })
+            .collect()
+    };
+    let cli = |args: &[&str]| {
+        let o = Command::new(BIN)
+            .args(args)
+            .args(["--node", &quic(0), "--room", &room, "--room-key-file"])
+            .arg(&key)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{args:?}: {}", String::from_utf8_lossy(&o.stderr));
+    };
+    let mut nodes = start_all(true);
+    // node3 settles (10 s) and leads by rank
+    assert!(wait_until(Duration::from_secs(20), || status(&nodes[2])["role"] == "leader").is_some(), "node3 never led");
+    let id2 = std::fs::read_to_string(nodes[1].dir.join("state/node-id")).unwrap().trim().to_string();
+    let pin_at = bandsync::clock::mono_now_ns();
+    cli(&["pin", "node2"]);
+    let took = wait_until(Duration::from_secs(3), || {
+        status(&nodes[1])["role"] == "leader" && status(&nodes[0])["leader"] == id2.as_str() && status(&nodes[2])["leader"] == id2.as_str()
+    })
+    .expect("leadership did not move to the pinned node");
+    eprintln!("pin: leadership moved in {took:?}");
+    std::thread::sleep(Duration::from_secs(2));
+    // no beat lost or doubled around the handover, on any box
+    for n in &nodes {
+        let c: Vec<_> = n.clicks().into_iter().filter(|(_, t)| *t > pin_at - 2_000_000_000).collect();
+        for w in c.windows(2) {
+            assert_eq!(w[1].0, w[0].0 + 1, "beats around the pin must be consecutive");
+            assert!((w[1].1 - w[0].1 - 500_000_000).abs() < 200_000, "a click moved around the pin: {:?}", w);
+        }
+    }
+    // every box restarts: the pin was persisted and replicated
+    for n in nodes.iter_mut() {
+        n.stop();
+    }
+    drop(nodes);
+    let nodes = start_all(false);
+    assert!(
+        wait_until(Duration::from_secs(25), || status(&nodes[1])["role"] == "leader" && status(&nodes[2])["role"] == "follower").is_some(),
+        "the pinned node did not lead again after a restart of every box: {} / {}",
+        status(&nodes[1]),
+        status(&nodes[2])
+    );
+    assert_eq!(status(&nodes[0])["pinned"], id2.as_str());
+    cli(&["unpin"]);
+    assert!(
+        wait_until(Duration::from_secs(3), || status(&nodes[2])["role"] == "leader").is_some(),
+        "unpin did not return leadership to the highest rank"
+    );
 }
