@@ -192,6 +192,9 @@ pub struct Persisted {
 /// over hands its estimate of the old leader's clock to the whole room. On a jittery
 /// (Wi-Fi) path the estimate needs ~10 s of 20 Hz pings to get within a millisecond.
 pub const SETTLE_NS: i64 = 10_000_000_000;
+/// A pinned node that just joined leads after this much following (its estimate of the
+/// old leader's clock becomes the room's).
+pub const PIN_SETTLE_NS: i64 = 2_000_000_000;
 
 impl Room {
     /// A node alone: it leads its own new session, whose clock is its local clock.
@@ -600,8 +603,8 @@ impl Room {
             let (p, r, id) = self.rank_of(&me, self.cfg.priority);
             (p, r, id.to_string())
         };
-        // A pinned node does not wait to settle: the stage tech asked for it.
-        let pinned_me = self.pinned.as_deref() == Some(me.as_str());
+        // A pinned node waits only PIN_SETTLE_NS, not SETTLE_NS: the stage tech asked.
+        let pinned_me = self.pinned.as_deref() == Some(me.as_str()) && now - self.joined_at >= PIN_SETTLE_NS;
         let mut best: Option<(bool, i32, String)> = (self.synced || pinned_me).then(|| my_rank.clone());
         let mut best_leading: Option<(bool, i32, String)> = self.leading.then(|| my_rank.clone());
         let mut best_any: (bool, i32, String) = my_rank;
