@@ -143,6 +143,8 @@ pub fn run(cfg: RunConfig, clock: NodeClock) -> anyhow::Result<()> {
             clock,
             changes: published_rx,
             control_pin: control_pin.clone(),
+            limits: crate::gateway::GatewayLimits::default(),
+            stats: Arc::new(crate::gateway::GatewayStats::default()),
         };
         if let Err(e) = crate::http::serve(http_addr, http_state, shutdown.clone()).await {
             tracing::error!(error = %format!("{e:#}"), "no HTTP: phones, /health and /metrics are unavailable (the click goes on)");

@@ -1,5 +1,5 @@
-//! The node's HTTP listener: `/health` and `/metrics` (the phone page and its
-//! WebSocket join them with the phones issue).
+//! The node's HTTP listener: the phone page (`/`), its WebSocket (`/ws`, see
+//! [`crate::gateway`]), `/health` and `/metrics`.
 
 use crate::audio::AudioStats;
 use crate::mesh::{MeshStats, RoomHandle};
@@ -24,10 +24,21 @@ pub struct HttpState {
     pub changes: tokio::sync::watch::Receiver<u64>,
     /// Control PIN for changes from phones (None: no PIN).
     pub control_pin: Option<String>,
+    /// The phone gateway's limits (connections, message size, rate, send queues).
+    pub limits: crate::gateway::GatewayLimits,
+    /// The phone gateway's counters (shown on `/metrics`).
+    pub stats: Arc<crate::gateway::GatewayStats>,
 }
 
 pub fn router(state: HttpState) -> Router {
-    Router::new().route("/health", get(health)).route("/metrics", get(metrics)).with_state(state)
+    let gw = crate::gateway::Gateway::new(&state);
+    Router::new()
+        .route("/", get(crate::gateway::page))
+        .route("/index.html", get(crate::gateway::page))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .with_state(state)
+        .merge(Router::new().route("/ws", get(crate::gateway::ws_handler)).with_state(gw))
 }
 
 /// Bind and serve until `shutdown`. A port that cannot be bound is an error for the
@@ -35,8 +46,14 @@ pub fn router(state: HttpState) -> Router {
 pub async fn serve(addr: SocketAddr, state: HttpState, mut shutdown: tokio::sync::watch::Receiver<bool>) -> anyhow::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("cannot bind HTTP to {addr}: {e}"))?;
     let local = listener.local_addr()?;
-    tracing::info!(addr = %local, "HTTP listening (/health, /metrics)");
+    tracing::info!(addr = %local, "HTTP listening (phone page /, /ws, /health, /metrics)");
     tokio::spawn(async move {
+        // No Nagle: a phone must get a snapshot the moment it is sent, not after the
+        // previous message's (delayed) ACK.
+        use axum::serve::ListenerExt;
+        let listener = listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         let r = axum::serve(listener, router(state)).with_graceful_shutdown(async move {
                 let _ = shutdown.wait_for(|stop| *stop).await;
             }).await;
@@ -94,6 +111,41 @@ async fn metrics(State(st): State<HttpState>) -> impl IntoResponse {
         ],
     );
     put("peer_connections_total", "Authenticated peer connections.", "counter", vec![(String::new(), ms.connections.load(Relaxed) as f64)]);
+    let g = &st.stats;
+    let one = |v: &std::sync::atomic::AtomicU64| vec![(String::new(), v.load(Relaxed) as f64)];
+    put("phone_connections", "Phone WebSockets open.", "gauge", one(&g.connections_open));
+    put("phone_connections_total", "Phone WebSockets accepted.", "counter", one(&g.connections_total));
+    put("phone_refused_total", "Phone WebSockets refused at the connection cap.", "counter", one(&g.refused_full));
+    put("phone_messages_received_total", "Messages received from phones.", "counter", one(&g.messages_in));
+    put("phone_messages_sent_total", "Messages sent to phones.", "counter", one(&g.messages_out));
+    put("phone_broadcasts_total", "Snapshots and room stats pushed to every joined phone.", "counter", one(&g.broadcasts));
+    put("phone_broadcast_last_us", "Time the last broadcast took to queue for every phone.", "gauge", one(&g.broadcast_last_us));
+    put(
+        "phone_errors_total",
+        "Errors sent to phones, by code.",
+        "counter",
+        g.errors_by_code().into_iter().map(|(c, n)| (format!("{{code=\"{c}\"}}"), n as f64)).collect(),
+    );
+    put("phone_rate_limited_total", "Phone messages dropped by the rate limit.", "counter", one(&g.rate_limited));
+    put(
+        "phone_closed_total",
+        "Phone connections closed by the node, by reason.",
+        "counter",
+        vec![
+            ("{reason=\"abuse\"}".into(), g.closed_abuse.load(Relaxed) as f64),
+            ("{reason=\"slow\"}".into(), g.dropped_slow.load(Relaxed) as f64),
+            ("{reason=\"idle\"}".into(), g.closed_idle.load(Relaxed) as f64),
+        ],
+    );
+    put("phone_changes_total", "Changes requested from phones.", "counter", one(&g.changes_requested));
+    let (buckets, sum, count) = g.delivery.cumulative();
+    let mut lines: Vec<(String, f64)> = buckets
+        .into_iter()
+        .map(|(le, n)| (format!("_bucket{{le=\"{}\"}}", le.map_or("+Inf".to_string(), |s| s.to_string())), n as f64))
+        .collect();
+    lines.push(("_sum".into(), sum));
+    lines.push(("_count".into(), count as f64));
+    put("phone_delivery_seconds", "From a broadcast to its message written into each phone's socket.", "histogram", lines);
     if let Some(s) = st.room.status().await {
         put("leader", "1 when this node leads.", "gauge", vec![(String::new(), if s.role == "leader" { 1.0 } else { 0.0 })]);
         put("epoch", "Leadership epoch.", "gauge", vec![(String::new(), s.epoch as f64)]);

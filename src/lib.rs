@@ -21,6 +21,7 @@ pub mod clock;
 pub mod config;
 pub mod daemon;
 pub mod discovery;
+pub mod gateway;
 pub mod http;
 pub mod hw;
 pub mod impair;

@@ -102,7 +102,7 @@ impl FrameClock {
         let e_used = e.clamp(-clip, clip);
         self.mean_abs_e += 0.05 * (e.abs().min(RESET_NS) - self.mean_abs_e);
         let e = e_used;
-        let bw = if seconds_locked < 3.0 { 0.3 } else { 0.1 };
+        let bw = 0.1;
         let omega = 2.0 * std::f64::consts::PI * bw * df * self.npf * 1e-9;
         let b = std::f64::consts::SQRT_2 * omega;
         let c = omega * omega;

@@ -1,0 +1,1247 @@
+//! The phone gateway: the WebSocket (`GET /ws`) that musicians' phones use to follow
+//! the beat, with its limits. The page itself (`GET /`) is [`PAGE`].
+//!
+//! # Protocol
+//!
+//! One JSON object per WebSocket text message, with a `"type"` field. Every time is
+//! **session time in microseconds** (a JSON number; it may carry a fraction down to the
+//! nanosecond). Any client message may carry an `"id"` (an integer or a string of at most
+//! 64 characters); the node echoes it in its direct answer (`pong`, `sync_response`,
+//! `ack`, `error`, and the `snapshot` that answers `join_session`).
+//!
+//! ## Client → node
+//!
+//! | type | fields | answer |
+//! |---|---|---|
+//! | `join_session` | `name`? (≤ 64 printable chars, for logs) | `snapshot`, then `room_stats`; from now on every change is pushed |
+//! | `ping` | `t0` (the client's own clock, any unit; echoed) | `pong` |
+//! | `sync_request` | `t0`? | `sync_response` |
+//! | `set_tempo` | `bpm` (number, 20–400), `pin`?, `quantum`? | `ack` (then a `snapshot` when the change is scheduled) |
+//! | `set_meter` | `meter` (integer, 1–16), `pin`?, `quantum`? | `ack` |
+//! | `play` | `pin`?, `quantum`? | `ack` |
+//! | `pause` | `pin`?, `quantum`? | `ack` (stops the transport) |
+//! | `seek` | `beat` (integer), `pin`? | `error` `not_supported` (see below) |
+//! | `heartbeat` | — | nothing (keeps the connection from idling out) |
+//!
+//! `pin` is a string: required on `set_tempo`, `set_meter`, `play`, `pause` and `seek`
+//! when the node has a control PIN (`--control-pin`), ignored otherwise. `quantum` is
+//! `"beat"` or `"bar"` (default: the room's, usually the next bar). Changes are never
+//! applied "now": the leader schedules them on a quantized beat at least 200 ms ahead,
+//! and the `snapshot` that follows carries that beat as a new segment, so every phone
+//! and every box switches on the same beat.
+//!
+//! `seek` is answered with `error` `not_supported`: the room's beat index is continuous
+//! (it numbers every click in every box's click log), so it cannot jump. To restart
+//! from a bar, `pause` then `play`: `play` lands on the next bar (or beat).
+//!
+//! ## Node → client
+//!
+//! Joined phones get a `snapshot` every time the room task publishes a new timeline,
+//! session map or epoch (the `changes` watch of [`crate::http::HttpState`]), queued for
+//! every phone at once from one serialization.
+//!
+//! * `snapshot` — the whole timeline:
+//!   `{"type":"snapshot","segments":[{"t0_us","b0","bpm","mbpm","meter","downbeat","playing"}…],
+//!   "epoch","gen","node","name","leader","leader_name","role","boxes","server_time_us",
+//!   "pin_required","now":{"beat","bpm","meter","playing"}}`.
+//!   Segments are in beat order; the first one also governs every time before its own
+//!   `t0_us`, each later one starts at its integer beat `b0` at `t0_us`. For session time
+//!   `t` the segment is the last with `t0_us ≤ t`, and
+//!   `beat(t) = b0 + (t − t0_us)·bpm/60e6`; beat `n` is at `t0_us + (n − b0)·60e6/bpm` in
+//!   the last segment with `b0 ≤ n`, and clicks when that segment is `playing`;
+//!   beat `n` starts a bar when `(n − downbeat) mod meter = 0`. (This is
+//!   `crate::timeline`, in floating point.) `gen` changes when this node's session
+//!   clock steps (it joined a room): clock samples taken before are void. `boxes` counts
+//!   the live boxes of the room, this one included.
+//! * `pong` — `{"type":"pong","t0","t1","t2","gen"}`: `t0` echoed, `t1` the node's
+//!   session time when the ping arrived, `t2` just before the pong left. With `t3` the
+//!   client's receive time: `rtt = (t3 − t0) − (t2 − t1)`,
+//!   `offset = ((t1 − t0) + (t2 − t3)) / 2` (session − client); trust the lowest-RTT
+//!   samples.
+//! * `sync_response` — `{"type":"sync_response","t0"?,"t1","t2","gen","snapshot":{…}}`.
+//! * `room_stats` — `{"type":"room_stats","node","name","role","leader","leader_name",
+//!   "epoch","boxes","phones","synced","peers":[{"id","name","role","alive","rtt_us","offset_us"}]}`;
+//!   after `join_session`, when the room changes, and every 10 s.
+//! * `ack` — `{"type":"ack","request","message","id"?}`: the change was accepted
+//!   (scheduled by the leader, or relayed to it); the `snapshot` carrying it follows
+//!   (or came just before).
+//! * `error` — `{"type":"error","code","reason","field"?,"request"?,"id"?}`; `code` is one of
+//!   `bad_json` (not JSON), `bad_message` (not an object, no `type` (field `type`),
+//!   binary, or invalid UTF-8 (then closed `1007`)), `unknown_type` (field `type`), `unknown_field` (field: its name),
+//!   `bad_field` (a value of the wrong type or out of range; field: its name),
+//!   `too_large` (the connection is then closed), `pin_required`, `bad_pin` (field
+//!   `pin`), `not_supported`, `busy` (too many changes in flight, or the room did not
+//!   answer in time) and `refused` (the room refused the change; reason says why).
+//!   An `error` never changes anything and never closes the connection, except where
+//!   said.
+//! * `rate_limit_exceeded` — `{"type":"rate_limit_exceeded","reason","retry_after_ms",
+//!   "per_second","burst"}`: the message was dropped (at most one notice per second).
+//!
+//! ## Limits ([`GatewayLimits`])
+//!
+//! * **Connections**: at most `max_connections` (2000); beyond it `GET /ws` answers
+//!   `503 Service Unavailable` with a `Retry-After` header and a plain-text reason.
+//! * **Message size**: `max_message_bytes` (4096) per message: `error` `too_large`,
+//!   then close `1009`. The WebSocket layer itself stops reading at 16× that (at least
+//!   64 KiB), so no message costs more than that to refuse.
+//! * **Rate**: a token bucket per connection, `per_second` (20) messages per second with
+//!   a `burst` (40); WebSocket pings count too. A message over the limit is dropped with
+//!   `rate_limit_exceeded`. Each dropped message adds one to an abuse score that decays
+//!   by one per second; past `abuse_after` (50) the connection is closed (`1008`).
+//! * **Bad PINs**: after `max_bad_pins` (5) wrong PINs a connection is closed (`1008`).
+//! * **Slow clients**: every joined client has a queue of `send_queue` (32) messages.
+//!   Broadcasts `try_send` into it and never wait: a client whose queue is full is
+//!   dropped (closed `1013`), as is one whose socket takes longer than `send_timeout`
+//!   (5 s) to take a message. The node never waits for a phone.
+//! * **Idle**: a connection with no message for `idle_timeout` (90 s) is closed (`1000`);
+//!   the page pings every second.
+//! * **Changes**: at most `max_control_in_flight` (8) change requests wait on the room
+//!   at once (one per connection); more get `error` `busy`.
+//!
+//! Everything is counted in [`GatewayStats`] (shown on `/metrics`, with a histogram of
+//! the time from a broadcast to its message being written into each phone's socket).
+//!
+//! # The page
+//!
+//! [`PAGE`] (`src/phone/index.html`, one file, no external resource) connects to
+//! `/ws`, joins, pings 10 times at 150 ms, then every 500 ms for the next 90 pings,
+//! then every second. Each pong bounds the offset θ (session − page clock) to
+//! `[t2 − t3, t1 − t0]`; the page takes the middle of the intersection of the last 16
+//! intervals, carried to a common instant with its rate estimate (the slope of such
+//! estimates over blocks of the last 160 samples, once they span 15 s). Beat times
+//! come from the snapshot's segments as above, so the page, the boxes and the click log
+//! share one grid; the page only has to know the session clock. It keeps following
+//! the last timeline if the connection drops. `window.bandsync.predictedBeats(n)`
+//! returns the next `n` clicks (`times`, session µs; `beats` with index and accent;
+//! `local_ms` on the page's `performance.now()` clock, whose origin is
+//! `time_origin_ms`), the current `beat`, `bar`, `beat_in_bar`, `bpm`, `meter`,
+//! `playing`, and the sync state (`synced`, `now_us`, `offset_us`, `rtt_us`,
+//! `uncertainty_us`, `rate_ppm`, `samples`).
+
+use crate::audio::snapshot::{AudioSnapshot, SnapshotCell};
+use crate::clock::{Clock, NodeClock};
+use crate::mesh::RoomHandle;
+use crate::timeline::{ChangeKind, Meter, Quantum, Tempo};
+use crate::wire::{Query, Reply};
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use serde_json::{Map, Value};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, Once, Weak};
+use std::time::Duration;
+use tokio::sync::{mpsc, Notify, Semaphore};
+use tokio::time::Instant;
+
+/// The phone page (one self-contained file: no CDN, works offline).
+pub const PAGE: &str = include_str!("phone/index.html");
+
+/// Close codes (RFC 6455).
+pub const CLOSE_NORMAL: u16 = 1000;
+pub const CLOSE_GOING_AWAY: u16 = 1001;
+pub const CLOSE_PROTOCOL: u16 = 1002;
+pub const CLOSE_BAD_DATA: u16 = 1007;
+pub const CLOSE_POLICY: u16 = 1008;
+pub const CLOSE_TOO_BIG: u16 = 1009;
+pub const CLOSE_TRY_LATER: u16 = 1013;
+
+/// How long a change request may wait for the room.
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(3);
+/// How often the room's status is refreshed for `room_stats` (while phones are joined).
+const STATUS_EVERY: Duration = Duration::from_secs(2);
+/// `room_stats` is pushed at least this often.
+const STATS_EVERY: Duration = Duration::from_secs(10);
+/// Largest safe integer of a JSON/JS number.
+const MAX_SAFE: f64 = 9_007_199_254_740_991.0;
+
+/// The gateway's limits. `Default` gives the documented values.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GatewayLimits {
+    /// Open WebSockets at most; more are refused with 503.
+    pub max_connections: usize,
+    /// Largest message accepted, bytes.
+    pub max_message_bytes: usize,
+    /// Sustained messages per second per connection.
+    pub per_second: u32,
+    /// Messages a connection may send at once above the sustained rate.
+    pub burst: u32,
+    /// Rate-limited messages (decaying by one per second) before the connection is closed.
+    pub abuse_after: u32,
+    /// Messages queued for one client before it counts as too slow and is dropped.
+    pub send_queue: usize,
+    /// Longest a client's socket may take to accept one message.
+    pub send_timeout: Duration,
+    /// A connection silent for this long is closed.
+    pub idle_timeout: Duration,
+    /// Wrong PINs before a connection is closed.
+    pub max_bad_pins: u32,
+    /// Change requests waiting on the room at once (all connections).
+    pub max_control_in_flight: usize,
+}
+
+impl Default for GatewayLimits {
+    fn default() -> Self {
+        GatewayLimits {
+            max_connections: 2000,
+            max_message_bytes: 4096,
+            per_second: 20,
+            burst: 40,
+            abuse_after: 50,
+            send_queue: 32,
+            send_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(90),
+            max_bad_pins: 5,
+            max_control_in_flight: 8,
+        }
+    }
+}
+
+/// What an `error` says went wrong.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorCode {
+    BadJson,
+    BadMessage,
+    UnknownType,
+    UnknownField,
+    BadField,
+    TooLarge,
+    PinRequired,
+    BadPin,
+    NotSupported,
+    Busy,
+    Refused,
+}
+
+impl ErrorCode {
+    pub const ALL: [ErrorCode; 11] = [
+        ErrorCode::BadJson,
+        ErrorCode::BadMessage,
+        ErrorCode::UnknownType,
+        ErrorCode::UnknownField,
+        ErrorCode::BadField,
+        ErrorCode::TooLarge,
+        ErrorCode::PinRequired,
+        ErrorCode::BadPin,
+        ErrorCode::NotSupported,
+        ErrorCode::Busy,
+        ErrorCode::Refused,
+    ];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadJson => "bad_json",
+            ErrorCode::BadMessage => "bad_message",
+            ErrorCode::UnknownType => "unknown_type",
+            ErrorCode::UnknownField => "unknown_field",
+            ErrorCode::BadField => "bad_field",
+            ErrorCode::TooLarge => "too_large",
+            ErrorCode::PinRequired => "pin_required",
+            ErrorCode::BadPin => "bad_pin",
+            ErrorCode::NotSupported => "not_supported",
+            ErrorCode::Busy => "busy",
+            ErrorCode::Refused => "refused",
+        }
+    }
+}
+
+/// Counters for `/metrics`.
+#[derive(Debug, Default)]
+pub struct GatewayStats {
+    /// WebSockets accepted since start.
+    pub connections_total: AtomicU64,
+    /// WebSockets open now.
+    pub connections_open: AtomicU64,
+    /// Upgrades refused at the connection cap.
+    pub refused_full: AtomicU64,
+    /// Messages received (all kinds, WebSocket pings included).
+    pub messages_in: AtomicU64,
+    /// Messages sent.
+    pub messages_out: AtomicU64,
+    /// Snapshots / room stats pushed to every joined phone.
+    pub broadcasts: AtomicU64,
+    /// Time the last broadcast took to queue for every client, µs.
+    pub broadcast_last_us: AtomicU64,
+    /// `error`s sent, by [`ErrorCode`] (indexed like [`ErrorCode::ALL`]).
+    pub errors: [AtomicU64; 11],
+    /// Messages dropped by the rate limit.
+    pub rate_limited: AtomicU64,
+    /// Connections closed for flooding or PIN guessing.
+    pub closed_abuse: AtomicU64,
+    /// Connections closed because they could not keep up.
+    pub dropped_slow: AtomicU64,
+    /// Connections closed for silence.
+    pub closed_idle: AtomicU64,
+    /// Change requests passed to the room.
+    pub changes_requested: AtomicU64,
+    /// From a broadcast to its message written into each phone's socket.
+    pub delivery: Histogram,
+}
+
+/// A fixed-bucket latency histogram (Prometheus style: cumulative on output).
+#[derive(Debug, Default)]
+pub struct Histogram {
+    counts: [AtomicU64; Histogram::BOUNDS_US.len() + 1],
+    sum_us: AtomicU64,
+}
+
+impl Histogram {
+    /// Upper bounds of the buckets, µs (the last bucket is +Inf).
+    pub const BOUNDS_US: [u64; 12] = [100, 250, 500, 1_000, 2_000, 3_000, 5_000, 10_000, 25_000, 50_000, 100_000, 1_000_000];
+
+    pub fn observe(&self, d: Duration) {
+        let us = d.as_micros().min(u64::MAX as u128) as u64;
+        let i = Self::BOUNDS_US.iter().position(|b| us <= *b).unwrap_or(Self::BOUNDS_US.len());
+        self.counts[i].fetch_add(1, Relaxed);
+        self.sum_us.fetch_add(us, Relaxed);
+    }
+    /// `(upper bound in seconds or None for +Inf, cumulative count)`, then the sum in
+    /// seconds and the total count.
+    pub fn cumulative(&self) -> (Vec<(Option<f64>, u64)>, f64, u64) {
+        let mut acc = 0;
+        let mut out = Vec::new();
+        for (i, c) in self.counts.iter().enumerate() {
+            acc += c.load(Relaxed);
+            out.push((Self::BOUNDS_US.get(i).map(|b| *b as f64 / 1e6), acc));
+        }
+        (out, self.sum_us.load(Relaxed) as f64 / 1e6, acc)
+    }
+}
+
+impl GatewayStats {
+    fn error(&self, code: ErrorCode) {
+        let i = ErrorCode::ALL.iter().position(|c| *c == code).unwrap_or(0);
+        self.errors[i].fetch_add(1, Relaxed);
+    }
+    /// `(code, count)` for every error code.
+    pub fn errors_by_code(&self) -> Vec<(&'static str, u64)> {
+        ErrorCode::ALL.iter().zip(self.errors.iter()).map(|(c, n)| (c.as_str(), n.load(Relaxed))).collect()
+    }
+}
+
+/// What the room's status says, cached for snapshots and `room_stats`.
+#[derive(Clone, Debug, Default, PartialEq)]
+struct Meta {
+    fetched: bool,
+    node: String,
+    name: String,
+    role: String,
+    leader: String,
+    leader_name: String,
+    epoch: u64,
+    boxes: usize,
+    synced: bool,
+    peers: Vec<PeerOut>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+struct PeerOut {
+    id: String,
+    name: String,
+    role: String,
+    alive: bool,
+    rtt_us: Option<i64>,
+    offset_us: Option<i64>,
+}
+
+impl Meta {
+    fn from_status(s: crate::room::Status) -> Meta {
+        let leader_name = if s.leader == s.node {
+            s.name.clone()
+        } else {
+            s.peers.iter().find(|p| p.id == s.leader).map(|p| p.name.clone()).unwrap_or_default()
+        };
+        Meta {
+            fetched: true,
+            boxes: 1 + s.peers.iter().filter(|p| p.alive).count(),
+            peers: s
+                .peers
+                .iter()
+                .map(|p| PeerOut { id: p.id.clone(), name: p.name.clone(), role: p.role.clone(), alive: p.alive, rtt_us: p.rtt_us, offset_us: p.offset_us })
+                .collect(),
+            node: s.node,
+            name: s.name,
+            role: s.role,
+            leader: s.leader,
+            leader_name,
+            epoch: s.epoch,
+            synced: s.synced,
+        }
+    }
+    /// The parts whose change is worth telling phones about at once.
+    fn headline(&self) -> (String, String, u64, usize) {
+        (self.role.clone(), self.leader.clone(), self.epoch, self.boxes)
+    }
+}
+
+/// Why a client is being closed from outside its task.
+const KICK_SLOW: u8 = 1;
+const KICK_SHUTDOWN: u8 = 2;
+
+/// A message queued for one phone; broadcasts carry when they were sent, for the
+/// delivery histogram.
+struct Out(Message, Option<std::time::Instant>);
+
+struct Client {
+    tx: mpsc::Sender<Out>,
+    kick: Arc<Kick>,
+}
+
+#[derive(Default)]
+struct Kick {
+    why: AtomicU8,
+    notify: Notify,
+}
+
+impl Kick {
+    fn kick(&self, why: u8) {
+        self.why.store(why, Relaxed);
+        self.notify.notify_one();
+    }
+}
+
+struct Inner {
+    cell: Arc<SnapshotCell>,
+    clock: NodeClock,
+    changes: tokio::sync::watch::Receiver<u64>,
+    room: RoomHandle,
+    pin: Option<String>,
+    limits: GatewayLimits,
+    stats: Arc<GatewayStats>,
+    clients: Mutex<HashMap<u64, Client>>,
+    next_id: AtomicU64,
+    open: AtomicUsize,
+    meta: Mutex<Meta>,
+    control: Arc<Semaphore>,
+    publisher: Once,
+}
+
+/// The gateway shared by every connection (cheap to clone).
+#[derive(Clone)]
+pub struct Gateway(Arc<Inner>);
+
+impl Gateway {
+    /// Build from the HTTP state (see [`crate::http::HttpState`]).
+    pub fn new(st: &crate::http::HttpState) -> Gateway {
+        let limits = st.limits.clone();
+        Gateway(Arc::new(Inner {
+            cell: st.cell.clone(),
+            clock: st.clock,
+            changes: st.changes.clone(),
+            room: st.room.clone(),
+            pin: st.control_pin.clone().filter(|p| !p.is_empty()),
+            control: Arc::new(Semaphore::new(limits.max_control_in_flight.max(1))),
+            limits,
+            stats: st.stats.clone(),
+            clients: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            open: AtomicUsize::new(0),
+            meta: Mutex::new(Meta::default()),
+            publisher: Once::new(),
+        }))
+    }
+
+    /// Open WebSockets.
+    pub fn open(&self) -> usize {
+        self.0.open.load(Relaxed)
+    }
+
+    fn ensure_publisher(&self) {
+        let inner = &self.0;
+        inner.publisher.call_once(|| {
+            let weak = Arc::downgrade(inner);
+            let changes = inner.changes.clone();
+            tokio::spawn(publisher(weak, changes));
+        });
+    }
+
+    /// Take a connection slot, or `None` at the cap.
+    fn admit(&self) -> Option<Slot> {
+        let max = self.0.limits.max_connections;
+        self.0.open.fetch_update(Relaxed, Relaxed, |n| (n < max).then_some(n + 1)).ok()?;
+        self.0.stats.connections_open.fetch_add(1, Relaxed);
+        Some(Slot(self.0.clone()))
+    }
+}
+
+/// A taken connection slot; freed on drop.
+struct Slot(Arc<Inner>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Relaxed);
+        self.0.stats.connections_open.fetch_sub(1, Relaxed);
+    }
+}
+
+impl Inner {
+    fn now(&self) -> (AudioSnapshot, i64) {
+        let snap = self.cell.read();
+        let t = snap.map.to_session(self.clock.now_ns());
+        (snap, t)
+    }
+
+    fn session_ns(&self) -> i64 {
+        self.cell.read().map.to_session(self.clock.now_ns())
+    }
+
+    async fn refresh_meta(&self) -> bool {
+        let Ok(Some(s)) = tokio::time::timeout(Duration::from_secs(1), self.room.status()).await else { return false };
+        let m = Meta::from_status(s);
+        let mut cur = self.meta.lock().unwrap_or_else(|e| e.into_inner());
+        let changed = cur.headline() != m.headline();
+        *cur = m;
+        changed
+    }
+
+    fn meta(&self) -> Meta {
+        self.meta.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn snapshot(&self, id: Option<&Value>) -> Value {
+        let (snap, now) = self.now();
+        snapshot_value(&snap, now, &self.meta(), self.pin.is_some(), id)
+    }
+
+    fn room_stats(&self) -> Value {
+        let m = self.meta();
+        serde_json::json!({
+            "type": "room_stats",
+            "node": m.node, "name": m.name, "role": m.role,
+            "leader": m.leader, "leader_name": m.leader_name,
+            "epoch": m.epoch, "boxes": m.boxes, "synced": m.synced,
+            "phones": self.open.load(Relaxed),
+            "peers": m.peers,
+        })
+    }
+
+    /// Queue `msg` for every joined client without waiting; drop those that are full.
+    fn broadcast(&self, msg: Message) {
+        let t = std::time::Instant::now();
+        let mut slow = Vec::new();
+        {
+            let clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+            for (id, c) in clients.iter() {
+                if let Err(mpsc::error::TrySendError::Full(_)) = c.tx.try_send(Out(msg.clone(), Some(t))) {
+                    slow.push(*id);
+                }
+            }
+        }
+        if !slow.is_empty() {
+            let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+            for id in slow {
+                if let Some(c) = clients.remove(&id) {
+                    c.kick.kick(KICK_SLOW);
+                }
+            }
+        }
+        self.stats.broadcasts.fetch_add(1, Relaxed);
+        self.stats.broadcast_last_us.store(t.elapsed().as_micros() as u64, Relaxed);
+    }
+
+    fn joined(&self) -> usize {
+        self.clients.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+}
+
+fn to_us(ns: i64) -> f64 {
+    ns as f64 / 1000.0
+}
+
+#[derive(Serialize)]
+struct SegmentOut {
+    t0_us: f64,
+    b0: i64,
+    bpm: f64,
+    mbpm: u32,
+    meter: u8,
+    downbeat: i64,
+    playing: bool,
+}
+
+fn snapshot_value(snap: &AudioSnapshot, now: i64, m: &Meta, pin_required: bool, id: Option<&Value>) -> Value {
+    let tl = &snap.timeline;
+    let segments: Vec<SegmentOut> = tl
+        .segments()
+        .iter()
+        .map(|s| SegmentOut {
+            t0_us: to_us(s.t0),
+            b0: s.b0,
+            bpm: s.tempo.bpm(),
+            mbpm: s.tempo.mbpm(),
+            meter: s.meter.get(),
+            downbeat: s.downbeat,
+            playing: s.playing,
+        })
+        .collect();
+    let cur = tl.current(now);
+    let mut v = serde_json::json!({
+        "type": "snapshot",
+        "segments": segments,
+        "epoch": snap.epoch,
+        "gen": snap.gen,
+        "node": m.node, "name": m.name, "role": m.role,
+        "leader": m.leader, "leader_name": m.leader_name,
+        "boxes": m.boxes.max(1),
+        "server_time_us": to_us(now),
+        "pin_required": pin_required,
+        "now": {
+            "beat": tl.beat_at(now).as_f64(),
+            "bpm": cur.tempo.bpm(),
+            "meter": cur.meter.get(),
+            "playing": cur.playing,
+        },
+    });
+    if let Some(id) = id {
+        v["id"] = id.clone();
+    }
+    v
+}
+
+/// Pushes snapshots on every timeline change and `room_stats` when the room changes.
+async fn publisher(weak: Weak<Inner>, mut changes: tokio::sync::watch::Receiver<u64>) {
+    let mut tick = tokio::time::interval(STATUS_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_stats = Instant::now();
+    changes.borrow_and_update();
+    loop {
+        tokio::select! {
+            r = changes.changed() => {
+                let Some(inner) = weak.upgrade() else { return };
+                if r.is_err() {
+                    // The room task is gone: the node is stopping.
+                    let clients: Vec<Client> = inner.clients.lock().unwrap_or_else(|e| e.into_inner()).drain().map(|(_, c)| c).collect();
+                    for c in clients {
+                        c.kick.kick(KICK_SHUTDOWN);
+                    }
+                    return;
+                }
+                changes.borrow_and_update();
+                if inner.joined() == 0 {
+                    continue;
+                }
+                // The epoch or leader may have changed with the timeline.
+                let headline = inner.refresh_meta().await;
+                let msg = Message::Text(inner.snapshot(None).to_string().into());
+                inner.broadcast(msg);
+                if headline {
+                    inner.broadcast(Message::Text(inner.room_stats().to_string().into()));
+                    last_stats = Instant::now();
+                }
+            }
+            _ = tick.tick() => {
+                let Some(inner) = weak.upgrade() else { return };
+                if inner.joined() == 0 {
+                    continue;
+                }
+                let headline = inner.refresh_meta().await;
+                if headline || last_stats.elapsed() >= STATS_EVERY {
+                    inner.broadcast(Message::Text(inner.room_stats().to_string().into()));
+                    last_stats = Instant::now();
+                }
+            }
+        }
+    }
+}
+
+/// `GET /ws`.
+pub async fn ws_handler(State(gw): State<Gateway>, ws: WebSocketUpgrade) -> Response {
+    gw.ensure_publisher();
+    let Some(slot) = gw.admit() else {
+        gw.0.stats.refused_full.fetch_add(1, Relaxed);
+        tracing::debug!(limit = gw.0.limits.max_connections, "phone refused: connection cap");
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::RETRY_AFTER, "5")],
+            format!("this box already serves {} phones; try another box of the room, or later\n", gw.0.limits.max_connections),
+        )
+            .into_response();
+    };
+    let hard = hard_cap(&gw.0.limits);
+    ws.max_message_size(hard)
+        .max_frame_size(hard)
+        .read_buffer_size(4096)
+        .write_buffer_size(0)
+        .max_write_buffer_size(256 * 1024)
+        .on_upgrade(move |socket| async move {
+            gw.0.stats.connections_total.fetch_add(1, Relaxed);
+            Conn::new(gw, socket).run().await;
+            drop(slot);
+        })
+}
+
+/// The WebSocket layer's own cap: messages between `max_message_bytes` and this are
+/// read whole (so the socket stays in sync for a clean close) and refused; bigger ones
+/// are cut off unread.
+fn hard_cap(l: &GatewayLimits) -> usize {
+    l.max_message_bytes.max(64).saturating_mul(16).max(64 * 1024)
+}
+
+/// A message-level failure: an `error` to send.
+#[derive(Debug)]
+struct Bad {
+    code: ErrorCode,
+    field: Option<String>,
+    reason: String,
+}
+
+fn bad(code: ErrorCode, field: Option<&str>, reason: impl Into<String>) -> Bad {
+    Bad { code, field: field.map(str::to_string), reason: reason.into() }
+}
+
+fn bad_field(field: &str, reason: impl Into<String>) -> Bad {
+    bad(ErrorCode::BadField, Some(field), reason)
+}
+
+/// What to do after a message.
+enum Next {
+    Go,
+    Close(u16, &'static str),
+}
+
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+    abuse: f64,
+    last_notice: Option<Instant>,
+}
+
+struct Conn {
+    gw: Gateway,
+    socket: WebSocket,
+    id: u64,
+    tx: mpsc::Sender<Out>,
+    rx: mpsc::Receiver<Out>,
+    kick: Arc<Kick>,
+    joined: bool,
+    bucket: Bucket,
+    bad_pins: u32,
+    control_busy: Arc<AtomicBool>,
+}
+
+impl Conn {
+    fn new(gw: Gateway, socket: WebSocket) -> Conn {
+        let (tx, rx) = mpsc::channel(gw.0.limits.send_queue.max(1));
+        let id = gw.0.next_id.fetch_add(1, Relaxed);
+        let burst = gw.0.limits.burst.max(1) as f64;
+        Conn {
+            gw,
+            socket,
+            id,
+            tx,
+            rx,
+            kick: Arc::new(Kick::default()),
+            joined: false,
+            bucket: Bucket { tokens: burst, at: Instant::now(), abuse: 0.0, last_notice: None },
+            bad_pins: 0,
+            control_busy: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    fn inner(&self) -> &Inner {
+        &self.gw.0
+    }
+
+    async fn run(mut self) {
+        let idle_for = self.inner().limits.idle_timeout;
+        let idle = tokio::time::sleep(idle_for);
+        tokio::pin!(idle);
+        let kick = self.kick.clone();
+        let end = loop {
+            tokio::select! {
+                biased;
+                _ = kick.notify.notified() => {
+                    break match kick.why.load(Relaxed) {
+                        KICK_SHUTDOWN => Next::Close(CLOSE_GOING_AWAY, "the box is shutting down"),
+                        _ => {
+                            self.inner().stats.dropped_slow.fetch_add(1, Relaxed);
+                            Next::Close(CLOSE_TRY_LATER, "too slow: messages for this phone piled up")
+                        }
+                    };
+                }
+                Some(Out(m, at)) = self.rx.recv() => {
+                    if !self.send(m).await {
+                        break Next::Go;
+                    }
+                    if let Some(at) = at {
+                        self.inner().stats.delivery.observe(at.elapsed());
+                    }
+                }
+                r = self.socket.recv() => {
+                    let now = self.inner().session_ns();
+                    idle.as_mut().reset(Instant::now() + idle_for);
+                    match r {
+                        None => break Next::Go,
+                        Some(Err(e)) => break self.on_read_error(e).await,
+                        Some(Ok(m)) => match self.on_message(m, now).await {
+                            Next::Go => {}
+                            close => break close,
+                        },
+                    }
+                }
+                _ = &mut idle => {
+                    self.inner().stats.closed_idle.fetch_add(1, Relaxed);
+                    break Next::Close(CLOSE_NORMAL, "idle: no message for too long");
+                }
+            }
+        };
+        self.leave();
+        if let Next::Close(code, reason) = end {
+            let frame = CloseFrame { code, reason: Utf8Bytes::from_static(reason) };
+            if let Ok(Ok(())) = tokio::time::timeout(Duration::from_secs(1), self.socket.send(Message::Close(Some(frame)))).await {
+                self.linger().await;
+            }
+        }
+    }
+
+    /// After our close frame: read (and drop) what the phone still sends, for a
+    /// bounded time, until it answers the close. Closing a TCP socket with unread data
+    /// resets it, and the phone would lose our close frame and its reason.
+    async fn linger(&mut self) {
+        let until = Instant::now() + Duration::from_secs(1);
+        for _ in 0..256 {
+            match tokio::time::timeout_at(until, self.socket.recv()).await {
+                Ok(Some(Ok(_))) => {}
+                _ => return,
+            }
+        }
+    }
+
+    fn leave(&mut self) {
+        if self.joined {
+            self.inner().clients.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.id);
+            self.joined = false;
+        }
+    }
+
+    /// Send with the slow-client timeout. `false`: the connection is finished.
+    async fn send(&mut self, m: Message) -> bool {
+        match tokio::time::timeout(self.inner().limits.send_timeout, self.socket.send(m)).await {
+            Ok(Ok(())) => {
+                self.inner().stats.messages_out.fetch_add(1, Relaxed);
+                true
+            }
+            Ok(Err(_)) => false,
+            Err(_) => {
+                self.inner().stats.dropped_slow.fetch_add(1, Relaxed);
+                tracing::debug!(conn = self.id, "phone too slow to take a message; dropped");
+                false
+            }
+        }
+    }
+
+    async fn send_json(&mut self, v: &Value) -> bool {
+        self.send(Message::Text(v.to_string().into())).await
+    }
+
+    async fn send_error(&mut self, b: Bad, request: Option<&str>, id: Option<&Value>) -> bool {
+        self.inner().stats.error(b.code);
+        let mut v = serde_json::json!({"type": "error", "code": b.code.as_str(), "reason": b.reason});
+        if let Some(f) = b.field {
+            v["field"] = Value::String(f);
+        }
+        if let Some(r) = request {
+            v["request"] = Value::String(r.to_string());
+        }
+        if let Some(id) = id {
+            v["id"] = id.clone();
+        }
+        self.send_json(&v).await
+    }
+
+    async fn on_read_error(&mut self, e: axum::Error) -> Next {
+        let text = format!("{e}");
+        let src = std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_default();
+        let all = format!("{text} {src}");
+        if all.contains("Space limit exceeded") || all.contains("too long") || all.contains("too big") {
+            let max = self.inner().limits.max_message_bytes;
+            let b = bad(ErrorCode::TooLarge, None, format!("message larger than the {max}-byte limit; closing"));
+            self.send_error(b, None, None).await;
+            return Next::Close(CLOSE_TOO_BIG, "message too large");
+        }
+        if all.contains("UTF-8") {
+            self.send_error(bad(ErrorCode::BadMessage, None, "text message is not valid UTF-8; closing"), None, None).await;
+            return Next::Close(CLOSE_BAD_DATA, "invalid UTF-8");
+        }
+        tracing::debug!(conn = self.id, error = %all, "WebSocket read error");
+        Next::Close(CLOSE_PROTOCOL, "WebSocket protocol error")
+    }
+
+    /// The rate limit: `Err(Next::Go)` drops the message, `Err(Next::Close)` the connection.
+    async fn rate_ok(&mut self) -> Result<(), Next> {
+        let (per_second, burst_n) = (self.gw.0.limits.per_second, self.gw.0.limits.burst);
+        let (rate, burst, abuse_after) = (per_second.max(1) as f64, burst_n.max(1) as f64, self.gw.0.limits.abuse_after as f64);
+        let now = Instant::now();
+        let b = &mut self.bucket;
+        let dt = now.duration_since(b.at).as_secs_f64();
+        b.at = now;
+        b.tokens = (b.tokens + dt * rate).min(burst);
+        b.abuse = (b.abuse - dt).max(0.0);
+        if b.tokens >= 1.0 {
+            b.tokens -= 1.0;
+            return Ok(());
+        }
+        b.abuse += 1.0;
+        self.gw.0.stats.rate_limited.fetch_add(1, Relaxed);
+        if b.abuse > abuse_after {
+            self.gw.0.stats.closed_abuse.fetch_add(1, Relaxed);
+            tracing::info!(conn = self.id, "phone flooding; closed");
+            return Err(Next::Close(CLOSE_POLICY, "rate limit: too many messages"));
+        }
+        if b.last_notice.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1)) {
+            b.last_notice = Some(now);
+            let retry = ((1.0 - b.tokens) / rate * 1000.0).ceil().max(1.0) as u64;
+            let v = serde_json::json!({
+                "type": "rate_limit_exceeded",
+                "reason": format!("more than {per_second} messages per second (burst {burst_n}); message dropped"),
+                "retry_after_ms": retry,
+                "per_second": per_second,
+                "burst": burst_n,
+            });
+            if !self.send_json(&v).await {
+                return Err(Next::Go);
+            }
+        }
+        Err(Next::Go)
+    }
+
+    async fn on_message(&mut self, m: Message, t1: i64) -> Next {
+        self.inner().stats.messages_in.fetch_add(1, Relaxed);
+        if let Message::Close(_) = m {
+            return Next::Go; // tungstenite answers; recv then ends
+        }
+        if let Message::Pong(_) = m {
+            return Next::Go;
+        }
+        match self.rate_ok().await {
+            Ok(()) => {}
+            Err(Next::Close(c, r)) => return Next::Close(c, r),
+            Err(Next::Go) => return Next::Go,
+        }
+        let text = match m {
+            Message::Text(t) => t,
+            Message::Binary(_) => {
+                let b = bad(ErrorCode::BadMessage, None, "binary messages are not supported: send JSON text");
+                return self.reply_error(b, None, None).await;
+            }
+            _ => return Next::Go, // WebSocket pings are answered by the library
+        };
+        let max = self.inner().limits.max_message_bytes;
+        if text.len() > max {
+            let b = bad(ErrorCode::TooLarge, None, format!("message of {} bytes exceeds the {max}-byte limit; closing", text.len()));
+            self.send_error(b, None, None).await;
+            return Next::Close(CLOSE_TOO_BIG, "message too large");
+        }
+        let v: Value = match serde_json::from_str(text.as_str()) {
+            Ok(v) => v,
+            Err(e) => return self.reply_error(bad(ErrorCode::BadJson, None, format!("not valid JSON: {e}")), None, None).await,
+        };
+        let Value::Object(obj) = v else {
+            return self.reply_error(bad(ErrorCode::BadMessage, None, "a message must be a JSON object with a \"type\" field"), None, None).await;
+        };
+        let id = match check_id(&obj) {
+            Ok(id) => id,
+            Err(b) => return self.reply_error(b, None, None).await,
+        };
+        let ty = match obj.get("type") {
+            Some(Value::String(t)) => t.clone(),
+            Some(_) => return self.reply_error(bad_field("type", "\"type\" must be a string"), None, id.as_ref()).await,
+            None => return self.reply_error(bad(ErrorCode::BadMessage, Some("type"), "missing \"type\" field"), None, id.as_ref()).await,
+        };
+        let Some(allowed) = fields_of(&ty) else {
+            let shown: String = ty.chars().take(40).collect();
+            let b = bad(
+                ErrorCode::UnknownType,
+                Some("type"),
+                format!("unknown message type {shown:?}; known: join_session, ping, sync_request, set_tempo, set_meter, play, pause, seek, heartbeat"),
+            );
+            return self.reply_error(b, None, id.as_ref()).await;
+        };
+        if let Some(k) = obj.keys().find(|k| !allowed.contains(&k.as_str()) && *k != "type" && *k != "id") {
+            let k: String = k.chars().take(64).collect();
+            let b = Bad { code: ErrorCode::UnknownField, reason: format!("{ty} has no field {k:?}"), field: Some(k) };
+            return self.reply_error(b, Some(&ty), id.as_ref()).await;
+        }
+        match self.handle(&ty, &obj, t1, id.as_ref()).await {
+            Ok(next) => next,
+            Err(b) => self.reply_error(b, Some(&ty), id.as_ref()).await,
+        }
+    }
+
+    async fn reply_error(&mut self, b: Bad, request: Option<&str>, id: Option<&Value>) -> Next {
+        if self.send_error(b, request, id).await {
+            Next::Go
+        } else {
+            Next::Close(CLOSE_NORMAL, "")
+        }
+    }
+
+    async fn handle(&mut self, ty: &str, obj: &Map<String, Value>, t1: i64, id: Option<&Value>) -> Result<Next, Bad> {
+        let ok = |sent: bool| if sent { Next::Go } else { Next::Close(CLOSE_NORMAL, "") };
+        match ty {
+            "join_session" => {
+                if let Some(n) = obj.get("name") {
+                    check_text("name", n, 64)?;
+                }
+                if !self.inner().meta().fetched {
+                    self.inner().refresh_meta().await;
+                }
+                if !self.joined {
+                    self.joined = true;
+                    let c = Client { tx: self.tx.clone(), kick: self.kick.clone() };
+                    self.inner().clients.lock().unwrap_or_else(|e| e.into_inner()).insert(self.id, c);
+                }
+                let snap = self.inner().snapshot(id);
+                if !self.send_json(&snap).await {
+                    return Ok(Next::Close(CLOSE_NORMAL, ""));
+                }
+                let stats = self.inner().room_stats();
+                Ok(ok(self.send_json(&stats).await))
+            }
+            "ping" => {
+                let t0 = number("t0", obj.get("t0"), true)?.unwrap_or(0.0);
+                let gen = self.inner().cell.read().gen;
+                let t2 = self.inner().session_ns();
+                let mut v = serde_json::json!({"type": "pong", "t0": t0, "t1": to_us(t1), "t2": to_us(t2), "gen": gen});
+                if let Some(id) = id {
+                    v["id"] = id.clone();
+                }
+                Ok(ok(self.send_json(&v).await))
+            }
+            "sync_request" => {
+                let t0 = number("t0", obj.get("t0"), false)?;
+                let snap = self.inner().snapshot(None);
+                let gen = snap["gen"].clone();
+                let t2 = self.inner().session_ns();
+                let mut v = serde_json::json!({"type": "sync_response", "t1": to_us(t1), "t2": to_us(t2), "gen": gen, "snapshot": snap});
+                if let Some(t0) = t0 {
+                    v["t0"] = serde_json::json!(t0);
+                }
+                if let Some(id) = id {
+                    v["id"] = id.clone();
+                }
+                Ok(ok(self.send_json(&v).await))
+            }
+            "heartbeat" => Ok(Next::Go),
+            "set_tempo" | "set_meter" | "play" | "pause" | "seek" => {
+                let kind = match ty {
+                    "set_tempo" => {
+                        let bpm = number("bpm", obj.get("bpm"), true)?.unwrap_or(0.0);
+                        let t = Tempo::from_bpm(bpm).map_err(|_| bad_field("bpm", format!("bpm must be a number from 20 to 400 (got {bpm})")))?;
+                        Some(ChangeKind::Tempo(t))
+                    }
+                    "set_meter" => {
+                        let m = integer("meter", obj.get("meter"))?;
+                        let m = Meter::new(m).map_err(|_| bad_field("meter", format!("meter must be a whole number of beats per bar from 1 to 16 (got {m})")))?;
+                        Some(ChangeKind::Meter(m))
+                    }
+                    "play" => Some(ChangeKind::Start),
+                    "pause" => Some(ChangeKind::Stop),
+                    _ => {
+                        integer("beat", obj.get("beat"))?;
+                        None
+                    }
+                };
+                let quantum = match obj.get("quantum") {
+                    None => None,
+                    Some(Value::String(s)) if s == "beat" => Some(Quantum::Beat),
+                    Some(Value::String(s)) if s == "bar" => Some(Quantum::Bar),
+                    Some(_) => return Err(bad_field("quantum", "quantum must be \"beat\" or \"bar\"")),
+                };
+                if ty == "seek" && obj.contains_key("quantum") {
+                    return Err(bad(ErrorCode::UnknownField, Some("quantum"), "seek has no field \"quantum\""));
+                }
+                if let Some(next) = self.check_pin(obj, ty, id).await? {
+                    return Ok(next);
+                }
+                let Some(kind) = kind else {
+                    return Err(bad(
+                        ErrorCode::NotSupported,
+                        None,
+                        "seek is not supported: the room's beat count is continuous; pause, then play (it starts on the next bar)",
+                    ));
+                };
+                self.request_change(ty, kind, quantum, id)
+            }
+            _ => Err(bad(ErrorCode::UnknownType, Some("type"), format!("unknown message type {ty:?}"))),
+        }
+    }
+
+    /// Check the PIN. `Ok(Some(close))` after too many wrong ones.
+    async fn check_pin(&mut self, obj: &Map<String, Value>, ty: &str, id: Option<&Value>) -> Result<Option<Next>, Bad> {
+        let given = match obj.get("pin") {
+            None => None,
+            Some(Value::String(s)) if s.chars().count() <= 32 => Some(s.as_str()),
+            Some(Value::String(_)) => return Err(bad_field("pin", "pin must be a string of at most 32 characters")),
+            Some(_) => return Err(bad_field("pin", "pin must be a string")),
+        };
+        let Some(want) = self.inner().pin.clone() else { return Ok(None) };
+        match given {
+            None => Err(bad(ErrorCode::PinRequired, Some("pin"), "this box needs the control PIN to change anything")),
+            Some(p) if ct_eq(p.as_bytes(), want.as_bytes()) => Ok(None),
+            Some(_) => {
+                self.bad_pins += 1;
+                let max = self.inner().limits.max_bad_pins;
+                self.send_error(bad(ErrorCode::BadPin, Some("pin"), "wrong control PIN"), Some(ty), id).await;
+                if self.bad_pins >= max {
+                    self.inner().stats.closed_abuse.fetch_add(1, Relaxed);
+                    tracing::info!(conn = self.id, "too many wrong PINs; phone closed");
+                    return Ok(Some(Next::Close(CLOSE_POLICY, "too many wrong PINs")));
+                }
+                Ok(Some(Next::Go))
+            }
+        }
+    }
+
+    fn request_change(&mut self, ty: &str, kind: ChangeKind, quantum: Option<Quantum>, id: Option<&Value>) -> Result<Next, Bad> {
+        let busy = || bad(ErrorCode::Busy, None, "another change from this phone is still on its way; try again");
+        if self.control_busy.swap(true, Relaxed) {
+            return Err(busy());
+        }
+        let Ok(permit) = self.inner().control.clone().try_acquire_owned() else {
+            self.control_busy.store(false, Relaxed);
+            return Err(bad(ErrorCode::Busy, None, "too many changes in flight on this box; try again"));
+        };
+        self.inner().stats.changes_requested.fetch_add(1, Relaxed);
+        let room = self.inner().room.clone();
+        let tx = self.tx.clone();
+        let flag = self.control_busy.clone();
+        let stats = self.inner().stats.clone();
+        let request = ty.to_string();
+        let id = id.cloned();
+        tokio::spawn(async move {
+            let r = tokio::time::timeout(CONTROL_TIMEOUT, room.query(Query::Change { kind, quantum })).await;
+            drop(permit);
+            flag.store(false, Relaxed);
+            let mut v = match r {
+                Ok(Reply::Done(m)) => serde_json::json!({"type": "ack", "request": request, "message": m}),
+                Ok(Reply::Error(e)) => {
+                    stats.error(ErrorCode::Refused);
+                    serde_json::json!({"type": "error", "code": "refused", "reason": e, "request": request})
+                }
+                Ok(Reply::Status(_)) => {
+                    stats.error(ErrorCode::Refused);
+                    serde_json::json!({"type": "error", "code": "refused", "reason": "unexpected answer from the room", "request": request})
+                }
+                Err(_) => {
+                    stats.error(ErrorCode::Busy);
+                    serde_json::json!({"type": "error", "code": "busy", "reason": "the room did not answer in time; try again", "request": request})
+                }
+            };
+            if let Some(id) = id {
+                v["id"] = id;
+            }
+            let _ = tx.try_send(Out(Message::Text(v.to_string().into()), None));
+        });
+        Ok(Next::Go)
+    }
+}
+
+/// The fields (besides `type` and `id`) each message type may carry; `None`: unknown type.
+fn fields_of(ty: &str) -> Option<&'static [&'static str]> {
+    Some(match ty {
+        "join_session" => &["name"],
+        "ping" => &["t0"],
+        "sync_request" => &["t0"],
+        "set_tempo" => &["bpm", "pin", "quantum"],
+        "set_meter" => &["meter", "pin", "quantum"],
+        "play" | "pause" => &["pin", "quantum"],
+        "seek" => &["beat", "pin"],
+        "heartbeat" => &[],
+        _ => return None,
+    })
+}
+
+fn check_id(obj: &Map<String, Value>) -> Result<Option<Value>, Bad> {
+    match obj.get("id") {
+        None => Ok(None),
+        Some(Value::Number(n)) if n.as_i64().is_some_and(|x| (x as f64).abs() <= MAX_SAFE) => Ok(Some(Value::Number(n.clone()))),
+        Some(Value::String(s)) if s.chars().count() <= 64 && !s.chars().any(char::is_control) => Ok(Some(Value::String(s.clone()))),
+        Some(_) => Err(bad_field("id", "id must be an integer or a string of at most 64 printable characters")),
+    }
+}
+
+fn check_text(field: &str, v: &Value, max: usize) -> Result<(), Bad> {
+    match v {
+        Value::String(s) if s.chars().count() <= max && !s.chars().any(char::is_control) => Ok(()),
+        _ => Err(bad_field(field, format!("{field} must be a string of at most {max} printable characters"))),
+    }
+}
+
+/// A finite JSON number within ±2⁵³.
+fn number(field: &str, v: Option<&Value>, required: bool) -> Result<Option<f64>, Bad> {
+    match v {
+        None if required => Err(bad_field(field, format!("missing {field}"))),
+        None => Ok(None),
+        Some(Value::Number(n)) => match n.as_f64() {
+            Some(x) if x.is_finite() && x.abs() <= MAX_SAFE => Ok(Some(x)),
+            _ => Err(bad_field(field, format!("{field} is out of range"))),
+        },
+        Some(_) => Err(bad_field(field, format!("{field} must be a number"))),
+    }
+}
+
+/// A whole JSON number within ±2⁵³ (`4` and `4.0` both do).
+fn integer(field: &str, v: Option<&Value>) -> Result<i64, Bad> {
+    let x = number(field, v, true)?.unwrap_or(0.0);
+    if x.fract() != 0.0 {
+        return Err(bad_field(field, format!("{field} must be a whole number (got {x})")));
+    }
+    Ok(x as i64)
+}
+
+/// Constant-time comparison (the PIN).
+fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut d = (a.len() ^ b.len()) as u8 | ((a.len() ^ b.len()) >> 8) as u8;
+    for (i, x) in a.iter().enumerate() {
+        d |= x ^ b.get(i % b.len().max(1)).copied().unwrap_or(0);
+    }
+    d == 0 && a.len() == b.len()
+}
+
+/// `GET /` — the phone page.
+pub async fn page() -> impl IntoResponse {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-cache"),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self' ws: wss:; img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+            ),
+        ],
+        PAGE,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pins_compare() {
+        assert!(ct_eq(b"1234", b"1234"));
+        assert!(!ct_eq(b"1234", b"1235"));
+        assert!(!ct_eq(b"123", b"1234"));
+        assert!(!ct_eq(b"", b"1"));
+        assert!(ct_eq(b"", b""));
+    }
+
+    #[test]
+    fn fields_are_checked() {
+        assert!(number("t0", Some(&serde_json::json!("x")), true).is_err());
+        assert!(number("t0", None, true).is_err());
+        assert_eq!(number("t0", None, false).unwrap(), None);
+        assert_eq!(integer("meter", Some(&serde_json::json!(4.0))).unwrap(), 4);
+        assert!(integer("meter", Some(&serde_json::json!(4.5))).is_err());
+        assert!(integer("meter", Some(&serde_json::json!(1e300))).is_err());
+        let o: Map<String, Value> = serde_json::from_str(r#"{"id":[1]}"#).unwrap();
+        assert!(check_id(&o).is_err());
+        for t in ["join_session", "ping", "sync_request", "set_tempo", "set_meter", "play", "pause", "seek", "heartbeat"] {
+            assert!(fields_of(t).is_some(), "{t}");
+        }
+        assert!(fields_of("pong").is_none());
+    }
+}
