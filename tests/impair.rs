@@ -115,8 +115,8 @@ async fn impair_none_loopback_rtt_is_small() {
     let p = pair(None, None).await;
     let (best, rtt) = measure_rtt(&p).await;
     eprintln!("plain: best request/response {best:?}, conn.rtt() {rtt:?}");
-    assert!(best < Duration::from_millis(5), "best round trip {best:?}");
-    assert!(rtt < Duration::from_millis(5), "conn.rtt() {rtt:?}");
+    assert!(best < Duration::from_millis(15), "best round trip {best:?}");
+    assert!(rtt < Duration::from_millis(15), "conn.rtt() {rtt:?}");
     p.client.close(0u32.into(), b"done");
     p.client_ep.wait_idle().await;
 }
