@@ -136,6 +136,9 @@ pub fn format_status(s: &Status) -> String {
         "node     {} ({})\nrole     {}\nleader   {}\nepoch    {}\npinned   {}\ntempo    {} BPM, meter {}\nplaying  {}\n",
         s.name, s.node, s.role, s.leader, s.epoch, pinned, s.tempo, s.meter, if s.playing { "yes" } else { "no" }
     ));
+    if let Some(u) = &s.phone_url {
+        out.push_str(&format!("phones   {u}\n"));
+    }
     out.push_str(&format_peers(s));
     out
 }

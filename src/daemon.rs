@@ -117,6 +117,7 @@ pub fn run(cfg: RunConfig, clock: NodeClock) -> anyhow::Result<()> {
         key,
         state_dir: cfg.state_dir.clone(),
         impair,
+        http_port: None,
         mirror: None,
         notify: crate::notify::Notifier::from_env(),
         audio: stats.clone(),
@@ -146,11 +147,16 @@ pub fn run(cfg: RunConfig, clock: NodeClock) -> anyhow::Result<()> {
             limits: crate::gateway::GatewayLimits::default(),
             stats: Arc::new(crate::gateway::GatewayStats::default()),
         };
-        if let Err(e) = crate::http::serve(http_addr, http_state, shutdown.clone()).await {
-            tracing::error!(error = %format!("{e:#}"), "no HTTP: phones, /health and /metrics are unavailable (the click goes on)");
-        }
+        let http_port = match crate::http::serve(http_addr, http_state, shutdown.clone()).await {
+            Ok(a) => Some(a.port()),
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "no HTTP: phones, /health and /metrics are unavailable (the click goes on)");
+                None
+            }
+        };
         let reporter = tokio::spawn(report(cell.clone(), stats.clone(), clock));
         let mut mesh_cfg = mesh_cfg;
+        mesh_cfg.http_port = http_port;
         if let Some(url) = redis {
             let (tx, rx) = tokio::sync::watch::channel(None);
             mesh_cfg.mirror = Some(tx);

@@ -103,6 +103,26 @@ pub struct DiscoveryConfig {
     pub interfaces: Vec<String>,
     /// false for the CLI: browse only.
     pub advertise: bool,
+    /// Also advertise `_http._tcp` (the phone page) on this port, as `<name>.local`.
+    pub http_port: Option<u16>,
+}
+
+/// `name` as a DNS label (phones reach `http://<label>.local`): lowercase letters,
+/// digits and `-`, at most 63 characters.
+pub fn dns_label(name: &str) -> String {
+    let mut l: String = name
+        .to_lowercase()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect();
+    l = l.trim_matches('-').to_string();
+    l.truncate(63);
+    let l = l.trim_matches('-').to_string();
+    if l.is_empty() {
+        "bandsync".into()
+    } else {
+        l
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -420,6 +440,23 @@ impl Discovery {
             me.daemon
                 .register(info)
                 .map_err(mdns("registering our service"))?;
+            if let Some(port) = cfg.http_port {
+                // The phone page: a failure here costs the phones' nice name, not the room.
+                let label = dns_label(&cfg.name);
+                match ServiceInfo::new("_http._tcp.local.", &label, &format!("{label}.local."), (), port, &[("path", "/")][..]) {
+                    Ok(info) => {
+                        let mut info = info.enable_addr_auto();
+                        info.set_requires_probe(false);
+                        if !cfg.interfaces.is_empty() {
+                            info.set_interfaces(cfg.interfaces.iter().map(|n| IfKind::Name(n.clone())).collect());
+                        }
+                        if let Err(e) = me.daemon.register(info) {
+                            tracing::warn!(error = %e, "cannot advertise the phone page over mDNS");
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot advertise the phone page over mDNS"),
+                }
+            }
         }
         tracing::info!(room = %hash, advertise = cfg.advertise, interfaces = ?cfg.interfaces, "mDNS discovery started");
 
@@ -581,6 +618,7 @@ pub async fn browse_once(
         quic_port: 0,
         interfaces: interfaces.to_vec(),
         advertise: false,
+        http_port: None,
     })?;
     let mut found: HashMap<String, PeerInfo> = HashMap::new();
     let deadline = tokio::time::Instant::now() + timeout;
@@ -822,6 +860,13 @@ mod tests {
             .finish()
     }
 
+    #[test]
+    fn names_become_dns_labels() {
+        assert_eq!(super::dns_label("Stage Left #2"), "stage-left--2");
+        assert_eq!(super::dns_label("--"), "bandsync");
+        assert_eq!(super::dns_label(&"x".repeat(80)).len(), 63);
+    }
+
     fn cfg(name: &str, room: &str, port: u16) -> DiscoveryConfig {
         DiscoveryConfig {
             node_id: format!("{:016x}", random_u64()),
@@ -830,6 +875,7 @@ mod tests {
             quic_port: port,
             interfaces: vec!["lo".into()],
             advertise: true,
+            http_port: None,
         }
     }
 

@@ -44,6 +44,8 @@ pub struct MeshStats {
 }
 
 pub struct MeshConfig {
+    /// The HTTP port phones use (advertised as `_http._tcp`, shown by `status`).
+    pub http_port: Option<u16>,
     /// systemd's notify socket (READY, WATCHDOG, STATUS), when run as a service.
     pub notify: Option<crate::notify::Notifier>,
     /// The audio thread's counters: the watchdog is only fed while the click runs.
@@ -136,6 +138,7 @@ pub async fn run(
         quic_port: local.port(),
         interfaces: cfg.interfaces.clone(),
         advertise: true,
+        http_port: cfg.http_port,
     })
     .context("starting mDNS discovery")?;
 
@@ -240,7 +243,16 @@ pub async fn run(
                         Frame::Bye(reason) => tracing::info!(peer = %from, %reason, "peer says goodbye"),
                     },
                     Event::Query { q, reply } => {
-                        let r = answer(&mut room, q, now, &mut actions);
+                        let r = match answer(&mut room, q, now, &mut actions) {
+                            Reply::Status(j) => match serde_json::from_str::<crate::room::Status>(&j) {
+                                Ok(mut st) => {
+                                    st.phone_url = phone_url(&shared);
+                                    serde_json::to_string(&st).map(Reply::Status).unwrap_or(Reply::Status(j))
+                                }
+                                Err(_) => Reply::Status(j),
+                            },
+                            other => other,
+                        };
                         let _ = reply.send(r);
                     }
                     Event::Pong { from, sample, gen } => {
@@ -370,8 +382,14 @@ fn carry_out(shared: &Shared, room: &mut Room, peers: &HashMap<String, (quinn::C
     let _ = room;
 }
 
+fn phone_url(shared: &Shared) -> Option<String> {
+    shared.cfg.http_port.map(|p| format!("http://{}.local:{p}/", crate::discovery::dns_label(&shared.cfg.name)))
+}
+
 fn write_status(shared: &Shared, room: &Room, now: i64) {
-    let Ok(json) = serde_json::to_vec_pretty(&room.status(now)) else { return };
+    let mut st = room.status(now);
+    st.phone_url = phone_url(shared);
+    let Ok(json) = serde_json::to_vec_pretty(&st) else { return };
     let p = shared.cfg.state_dir.join("status.json");
     let tmp = shared.cfg.state_dir.join(".status.json.tmp");
     // Not fsynced: it is a view, rebuilt every half second.

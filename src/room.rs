@@ -129,6 +129,9 @@ pub struct Status {
     pub session_ns: i64,
     pub beat: f64,
     pub peers: Vec<PeerStatus>,
+    /// Where phones open the page (`http://<name>.local:<port>/`), when HTTP runs.
+    #[serde(default)]
+    pub phone_url: Option<String>,
 }
 
 /// Per-peer figures for `status`.
@@ -446,6 +449,7 @@ impl Room {
             session_ns: self.session_now(now),
             beat: self.timeline.beat_at(self.session_now(now)).as_f64(),
             peers: self.peer_status(now),
+            phone_url: None,
         }
     }
 

@@ -124,6 +124,7 @@ fn status_health_and_changes() {
     let s: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(s["node"], h["node"]);
     assert_eq!(s["playing"], false);
+    assert_eq!(s["phone_url"], format!("http://stage-left.local:{}/", d.http), "{s}");
     let o = d.cli(&["status"]);
     assert!(o.status.success() && text(&o).contains("leader"), "{}", text(&o));
 
