@@ -240,7 +240,7 @@ fn pin_moves_leadership_survives_restarts_and_unpin_returns_to_ranking() {
     cli(&["unpin"]);
     // node3 leads again by rank once it has settled in the restarted room (SETTLE_NS)
     assert!(
-        wait_until(Duration::from_secs(15), || status(&nodes[2])["role"] == "leader").is_some(),
+        wait_until(Duration::from_secs(30), || status(&nodes[2])["role"] == "leader").is_some(),
         "unpin did not return leadership to the highest rank"
     );
 }
