@@ -57,7 +57,8 @@ impl RoomKey {
     /// first start.
     pub fn load(file: Option<&Path>, state_dir: &Path) -> anyhow::Result<RoomKey> {
         if let Some(p) = file {
-            let t = std::fs::read_to_string(p).with_context(|| format!("cannot read room key file {}", p.display()))?;
+            let t = std::fs::read_to_string(p)
+                .with_context(|| format!("cannot read room key file {}", p.display()))?;
             return RoomKey::parse(&t, &p.display().to_string());
         }
         if let Ok(k) = std::env::var("BANDSYNC_ROOM_KEY") {
@@ -114,7 +115,8 @@ impl RoomKey {
 /// Keying material of this connection's TLS session.
 pub fn exporter(conn: &quinn::Connection) -> anyhow::Result<[u8; 32]> {
     let mut out = [0u8; 32];
-    conn.export_keying_material(&mut out, EKM_LABEL, b"").map_err(|_| anyhow!("TLS exporter unavailable"))?;
+    conn.export_keying_material(&mut out, EKM_LABEL, b"")
+        .map_err(|_| anyhow!("TLS exporter unavailable"))?;
     Ok(out)
 }
 
@@ -126,18 +128,24 @@ pub fn install_crypto() {
 /// The node's certificate and key, generated once and kept in the state dir.
 pub fn load_identity(
     state_dir: &Path,
-) -> anyhow::Result<(rustls::pki_types::CertificateDer<'static>, rustls::pki_types::PrivateKeyDer<'static>)> {
+) -> anyhow::Result<(
+    rustls::pki_types::CertificateDer<'static>,
+    rustls::pki_types::PrivateKeyDer<'static>,
+)> {
     let cp = state_dir.join("cert.der");
     let kp = state_dir.join("key.der");
     if let (Ok(c), Ok(k)) = (std::fs::read(&cp), std::fs::read(&kp)) {
         if !c.is_empty() && !k.is_empty() {
             return Ok((
                 rustls::pki_types::CertificateDer::from(c),
-                rustls::pki_types::PrivateKeyDer::Pkcs8(rustls::pki_types::PrivatePkcs8KeyDer::from(k)),
+                rustls::pki_types::PrivateKeyDer::Pkcs8(
+                    rustls::pki_types::PrivatePkcs8KeyDer::from(k),
+                ),
             ));
         }
     }
-    let cert = rcgen::generate_simple_self_signed(vec!["bandsync".to_string()]).context("generating the node certificate")?;
+    let cert = rcgen::generate_simple_self_signed(vec!["bandsync".to_string()])
+        .context("generating the node certificate")?;
     let c = cert.cert.der().to_vec();
     let k = cert.signing_key.serialize_der();
     crate::state::write_atomic(&kp, &k)?;
@@ -150,7 +158,10 @@ pub fn load_identity(
 
 fn transport() -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
-    t.max_idle_timeout(Some(quinn::IdleTimeout::try_from(std::time::Duration::from_secs(3)).expect("3 s is a valid idle timeout")));
+    t.max_idle_timeout(Some(
+        quinn::IdleTimeout::try_from(std::time::Duration::from_secs(3))
+            .expect("3 s is a valid idle timeout"),
+    ));
     t.keep_alive_interval(Some(std::time::Duration::from_millis(500)));
     t.datagram_receive_buffer_size(Some(64 * 1024));
     t.max_concurrent_bidi_streams(4u32.into());
@@ -162,7 +173,9 @@ pub fn server_config(
     cert: rustls::pki_types::CertificateDer<'static>,
     key: rustls::pki_types::PrivateKeyDer<'static>,
 ) -> anyhow::Result<quinn::ServerConfig> {
-    let mut tls = rustls::ServerConfig::builder().with_no_client_auth().with_single_cert(vec![cert], key)?;
+    let mut tls = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert], key)?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let qc = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
     let mut sc = quinn::ServerConfig::with_crypto(Arc::new(qc));
@@ -211,7 +224,12 @@ impl rustls::client::danger::ServerCertVerifier for AnyCert {
         cert: &rustls::pki_types::CertificateDer<'_>,
         dss: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
     fn verify_tls13_signature(
         &self,
@@ -219,7 +237,12 @@ impl rustls::client::danger::ServerCertVerifier for AnyCert {
         cert: &rustls::pki_types::CertificateDer<'_>,
         dss: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
@@ -237,10 +260,25 @@ mod tests {
         let ekm = [7u8; 32];
         let m = k.mac("c", &ekm, "0123456789abcdef");
         assert!(k.verify("c", &ekm, "0123456789abcdef", &m));
-        assert!(!k.verify("s", &ekm, "0123456789abcdef", &m), "role is bound");
-        assert!(!k.verify("c", &[8u8; 32], "0123456789abcdef", &m), "session is bound");
-        assert!(!k.verify("c", &ekm, "fedcba9876543210", &m), "node is bound");
-        assert!(!other.verify("c", &ekm, "0123456789abcdef", &m), "key is bound");
-        assert!(RoomKey::parse("short", "f").unwrap_err().to_string().contains("too short"));
+        assert!(
+            !k.verify("s", &ekm, "0123456789abcdef", &m),
+            "role is bound"
+        );
+        assert!(
+            !k.verify("c", &[8u8; 32], "0123456789abcdef", &m),
+            "session is bound"
+        );
+        assert!(
+            !k.verify("c", &ekm, "fedcba9876543210", &m),
+            "node is bound"
+        );
+        assert!(
+            !other.verify("c", &ekm, "0123456789abcdef", &m),
+            "key is bound"
+        );
+        assert!(RoomKey::parse("short", "f")
+            .unwrap_err()
+            .to_string()
+            .contains("too short"));
     }
 }

@@ -39,7 +39,12 @@ async fn resolve(target: &Target) -> anyhow::Result<Vec<SocketAddr>> {
         }
         return Ok(addrs);
     }
-    let found = crate::discovery::browse_once(&target.room, &target.interfaces, Duration::from_millis(2500)).await?;
+    let found = crate::discovery::browse_once(
+        &target.room,
+        &target.interfaces,
+        Duration::from_millis(2500),
+    )
+    .await?;
     let mut addrs: Vec<SocketAddr> = found.into_iter().flat_map(|p| p.addrs).collect();
     addrs.sort_by_key(|a| (!a.is_ipv4(), *a));
     if addrs.is_empty() {
@@ -57,7 +62,9 @@ pub async fn request(target: &Target, q: Query) -> anyhow::Result<Reply> {
         match ask(target, addr, q.clone()).await {
             Ok(r) => return Ok(r),
             Err(e) => {
-                if e.downcast_ref::<CliError>().is_some_and(|c| matches!(c, CliError::WrongKey { .. })) {
+                if e.downcast_ref::<CliError>()
+                    .is_some_and(|c| matches!(c, CliError::WrongKey { .. }))
+                {
                     return Err(e);
                 }
                 last = Some(e);
@@ -68,14 +75,22 @@ pub async fn request(target: &Target, q: Query) -> anyhow::Result<Reply> {
 }
 
 async fn ask(target: &Target, addr: SocketAddr, q: Query) -> anyhow::Result<Reply> {
-    let bind: SocketAddr = if addr.is_ipv4() { "0.0.0.0:0".parse()? } else { "[::]:0".parse()? };
+    let bind: SocketAddr = if addr.is_ipv4() {
+        "0.0.0.0:0".parse()?
+    } else {
+        "[::]:0".parse()?
+    };
     let mut ep = quinn::Endpoint::client(bind).context("creating a QUIC client endpoint")?;
     ep.set_default_client_config(auth::client_config()?);
     let unreachable = |why: String| CliError::Unreachable { addr, why };
-    let conn = tokio::time::timeout(Duration::from_secs(3), ep.connect(addr, "bandsync").map_err(|e| unreachable(e.to_string()))?)
-        .await
-        .map_err(|_| unreachable("timed out".into()))?
-        .map_err(|e| unreachable(e.to_string()))?;
+    let conn = tokio::time::timeout(
+        Duration::from_secs(3),
+        ep.connect(addr, "bandsync")
+            .map_err(|e| unreachable(e.to_string()))?,
+    )
+    .await
+    .map_err(|_| unreachable("timed out".into()))?
+    .map_err(|e| unreachable(e.to_string()))?;
     let me = crate::state::random_id()?;
     let ekm = auth::exporter(&conn)?;
     let hello = Frame::Hello(Hello {
@@ -86,8 +101,13 @@ async fn ask(target: &Target, addr: SocketAddr, q: Query) -> anyhow::Result<Repl
         cli: true,
         mac: target.key.mac("c", &ekm, &me),
     });
-    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| unreachable(e.to_string()))?;
-    send.write_all(&hello.encode()).await.map_err(|e| unreachable(e.to_string()))?;
+    let (mut send, mut recv) = conn
+        .open_bi()
+        .await
+        .map_err(|e| unreachable(e.to_string()))?;
+    send.write_all(&hello.encode())
+        .await
+        .map_err(|e| unreachable(e.to_string()))?;
     let refused = |conn: &quinn::Connection| -> Option<anyhow::Error> {
         match conn.close_reason() {
             Some(quinn::ConnectionError::ApplicationClosed(c)) => {
@@ -95,33 +115,49 @@ async fn ask(target: &Target, addr: SocketAddr, q: Query) -> anyhow::Result<Repl
                 if reason.contains("room's key") || reason.contains("authentication") {
                     Some(CliError::WrongKey { addr, reason }.into())
                 } else {
-                    Some(anyhow!("the node at {addr} closed the connection: {reason}"))
+                    Some(anyhow!(
+                        "the node at {addr} closed the connection: {reason}"
+                    ))
                 }
             }
             _ => None,
         }
     };
-    let first = match tokio::time::timeout(Duration::from_secs(3), wire::read_frame(&mut recv)).await {
-        Ok(Ok(Some(f))) => f,
-        Ok(_) => {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            return Err(refused(&conn).unwrap_or_else(|| anyhow!("the node at {addr} ended the conversation")));
-        }
-        Err(_) => return Err(unreachable("no answer to the handshake".into()).into()),
+    let first =
+        match tokio::time::timeout(Duration::from_secs(3), wire::read_frame(&mut recv)).await {
+            Ok(Ok(Some(f))) => f,
+            Ok(_) => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                return Err(refused(&conn)
+                    .unwrap_or_else(|| anyhow!("the node at {addr} ended the conversation")));
+            }
+            Err(_) => return Err(unreachable("no answer to the handshake".into()).into()),
+        };
+    let Frame::Hello(theirs) = first else {
+        bail!("the node at {addr} did not answer with Hello")
     };
-    let Frame::Hello(theirs) = first else { bail!("the node at {addr} did not answer with Hello") };
     if !target.key.verify("s", &ekm, &theirs.node, &theirs.mac) {
         conn.close(0x10u32.into(), b"node does not hold this room's key");
-        return Err(CliError::WrongKey { addr, reason: "its proof does not match our key".into() }.into());
+        return Err(CliError::WrongKey {
+            addr,
+            reason: "its proof does not match our key".into(),
+        }
+        .into());
     }
-    send.write_all(&Frame::Query(q).encode()).await.map_err(|e| unreachable(e.to_string()))?;
-    let reply = match tokio::time::timeout(Duration::from_secs(5), wire::read_frame(&mut recv)).await {
-        Ok(Ok(Some(Frame::Reply(r)))) => r,
-        Ok(Ok(Some(_))) => bail!("the node at {addr} sent something other than a reply"),
-        Ok(Ok(None)) => return Err(refused(&conn).unwrap_or_else(|| anyhow!("the node at {addr} closed without replying"))),
-        Ok(Err(e)) => bail!("bad reply from {addr}: {e}"),
-        Err(_) => bail!("the node at {addr} did not reply in time"),
-    };
+    send.write_all(&Frame::Query(q).encode())
+        .await
+        .map_err(|e| unreachable(e.to_string()))?;
+    let reply =
+        match tokio::time::timeout(Duration::from_secs(5), wire::read_frame(&mut recv)).await {
+            Ok(Ok(Some(Frame::Reply(r)))) => r,
+            Ok(Ok(Some(_))) => bail!("the node at {addr} sent something other than a reply"),
+            Ok(Ok(None)) => {
+                return Err(refused(&conn)
+                    .unwrap_or_else(|| anyhow!("the node at {addr} closed without replying")))
+            }
+            Ok(Err(e)) => bail!("bad reply from {addr}: {e}"),
+            Err(_) => bail!("the node at {addr} did not reply in time"),
+        };
     let _ = send.finish();
     conn.close(0u32.into(), b"done");
     ep.wait_idle().await;
@@ -144,7 +180,10 @@ pub fn format_status(s: &Status) -> String {
 }
 
 pub fn format_peers(s: &Status) -> String {
-    let mut out = format!("{:<18} {:<16} {:<9} {:>9} {:>11} {:>9}\n", "PEER", "NAME", "ROLE", "RTT µs", "OFFSET µs", "± µs");
+    let mut out = format!(
+        "{:<18} {:<16} {:<9} {:>9} {:>11} {:>9}\n",
+        "PEER", "NAME", "ROLE", "RTT µs", "OFFSET µs", "± µs"
+    );
     for p in &s.peers {
         let f = |v: Option<i64>| v.map(|x| x.to_string()).unwrap_or_else(|| "-".into());
         out.push_str(&format!(

@@ -23,7 +23,10 @@ pub trait Clock: Send + Sync {
 
 /// True CLOCK_MONOTONIC in ns.
 pub fn mono_now_ns() -> i64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: valid pointer to a timespec; CLOCK_MONOTONIC always exists on Linux.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as i64 * 1_000_000_000 + ts.tv_nsec as i64
@@ -45,17 +48,21 @@ pub enum ClockError {
 impl Distortion {
     /// Parse `offset_ms=X,skew_ppm=Y` (either part may be left out).
     pub fn parse(s: &str) -> Result<Distortion, ClockError> {
-        let mut d = Distortion { offset_ns: 0, skew_ppm: 0.0 };
+        let mut d = Distortion {
+            offset_ns: 0,
+            skew_ppm: 0.0,
+        };
         for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            let (k, v) = part
-                .split_once('=')
-                .ok_or_else(|| ClockError::BadTestClock(format!("expected key=value, got {part:?}")))?;
-            let x: f64 = v
-                .trim()
-                .parse()
-                .map_err(|_| ClockError::BadTestClock(format!("{k} must be a number, got {v:?}")))?;
+            let (k, v) = part.split_once('=').ok_or_else(|| {
+                ClockError::BadTestClock(format!("expected key=value, got {part:?}"))
+            })?;
+            let x: f64 = v.trim().parse().map_err(|_| {
+                ClockError::BadTestClock(format!("{k} must be a number, got {v:?}"))
+            })?;
             if !x.is_finite() {
-                return Err(ClockError::BadTestClock(format!("{k} must be finite, got {v:?}")));
+                return Err(ClockError::BadTestClock(format!(
+                    "{k} must be finite, got {v:?}"
+                )));
             }
             match k.trim() {
                 "offset_ms" if x.abs() <= 1e9 => d.offset_ns = (x * 1e6).round() as i64,
@@ -84,18 +91,29 @@ pub struct NodeClock {
 impl NodeClock {
     /// The undistorted clock.
     pub fn real() -> NodeClock {
-        NodeClock { distortion: None, start_true: mono_now_ns() }
+        NodeClock {
+            distortion: None,
+            start_true: mono_now_ns(),
+        }
     }
     /// A clock distorted as SPEC §5 says, anchored at `start_true`.
     pub fn distorted(d: Distortion, start_true: i64) -> NodeClock {
-        NodeClock { distortion: Some(d), start_true }
+        NodeClock {
+            distortion: Some(d),
+            start_true,
+        }
     }
     /// From the environment (`BANDSYNC_TEST_CLOCK`), anchored now.
     pub fn from_env() -> Result<NodeClock, ClockError> {
         let start = mono_now_ns();
         match std::env::var("BANDSYNC_TEST_CLOCK") {
-            Ok(s) if !s.trim().is_empty() => Ok(NodeClock::distorted(Distortion::parse(&s)?, start)),
-            _ => Ok(NodeClock { distortion: None, start_true: start }),
+            Ok(s) if !s.trim().is_empty() => {
+                Ok(NodeClock::distorted(Distortion::parse(&s)?, start))
+            }
+            _ => Ok(NodeClock {
+                distortion: None,
+                start_true: start,
+            }),
         }
     }
     pub fn distortion(&self) -> Option<Distortion> {
@@ -147,7 +165,11 @@ pub struct SessionMap {
 const PPT: i128 = 1_000_000_000_000;
 
 impl SessionMap {
-    pub const IDENTITY: SessionMap = SessionMap { local_ref: 0, session_ref: 0, rate_ppt: 0 };
+    pub const IDENTITY: SessionMap = SessionMap {
+        local_ref: 0,
+        session_ref: 0,
+        rate_ppt: 0,
+    };
 
     pub fn to_session(&self, local: i64) -> i64 {
         let d = local as i128 - self.local_ref as i128;
@@ -175,7 +197,13 @@ mod tests {
 
     #[test]
     fn distortion_round_trips_and_runs_fast() {
-        let c = NodeClock::distorted(Distortion { offset_ns: 5_000_000, skew_ppm: 1000.0 }, 1_000_000_000);
+        let c = NodeClock::distorted(
+            Distortion {
+                offset_ns: 5_000_000,
+                skew_ppm: 1000.0,
+            },
+            1_000_000_000,
+        );
         let t = 11_000_000_000; // 10 s after start
         let p = c.perceive(t);
         assert_eq!(p, t + 5_000_000 + 10_000_000);
@@ -184,7 +212,11 @@ mod tests {
 
     #[test]
     fn session_map_inverts() {
-        let m = SessionMap { local_ref: 1_000, session_ref: 5_000_000_000, rate_ppt: 123_456_789 };
+        let m = SessionMap {
+            local_ref: 1_000,
+            session_ref: 5_000_000_000,
+            rate_ppt: 123_456_789,
+        };
         for l in [0i64, 1_000_000_000, 987_654_321_000] {
             assert!((m.to_local(m.to_session(l)) - l).abs() <= 1);
         }

@@ -45,7 +45,8 @@ pub struct FileConfig {
 
 impl FileConfig {
     pub fn parse(text: &str, origin: &Path) -> anyhow::Result<FileConfig> {
-        toml::from_str(text).map_err(|e| anyhow!("config {}: {}", origin.display(), e.to_string().trim()))
+        toml::from_str(text)
+            .map_err(|e| anyhow!("config {}: {}", origin.display(), e.to_string().trim()))
     }
 
     /// Load `--config PATH` (must exist) or the default path (if present).
@@ -56,7 +57,9 @@ impl FileConfig {
         };
         match std::fs::read_to_string(&path) {
             Ok(text) => Ok((FileConfig::parse(&text, &path)?, Some(path))),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !must => Ok((FileConfig::default(), None)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !must => {
+                Ok((FileConfig::default(), None))
+            }
             Err(e) => Err(e).with_context(|| format!("cannot read config {}", path.display())),
         }
     }
@@ -219,7 +222,11 @@ fn check_name(what: &str, v: &str) -> anyhow::Result<()> {
 
 impl RunConfig {
     /// Merge flags over the file over defaults, validating every value.
-    pub fn build(args: &RunArgs, file: &FileConfig, origin: Option<&Path>) -> anyhow::Result<RunConfig> {
+    pub fn build(
+        args: &RunArgs,
+        file: &FileConfig,
+        origin: Option<&Path>,
+    ) -> anyhow::Result<RunConfig> {
         let src = |flag_set: bool, key: &str| -> String {
             if flag_set {
                 format!("--{}", key.replace('_', "-"))
@@ -230,67 +237,146 @@ impl RunConfig {
                 }
             }
         };
-        let name = args.name.clone().or(file.name.clone()).unwrap_or_else(hostname);
+        let name = args
+            .name
+            .clone()
+            .or(file.name.clone())
+            .unwrap_or_else(hostname);
         check_name(&format!("{}:", src(args.name.is_some(), "name")), &name)?;
-        let room = args.room.clone().or(file.room.clone()).unwrap_or_else(|| "default".into());
+        let room = args
+            .room
+            .clone()
+            .or(file.room.clone())
+            .unwrap_or_else(|| "default".into());
         check_name(&format!("{}:", src(args.room.is_some(), "room")), &room)?;
-        let state_dir = args.state_dir.clone().or(file.state_dir.clone()).unwrap_or_else(default_state_dir);
-        let audio_s = args.audio.clone().or(file.audio.clone()).unwrap_or_else(|| "auto".into());
-        let audio: AudioBackend =
-            audio_s.parse().map_err(|e: String| anyhow!("{}: {e}", src(args.audio.is_some(), "audio")))?;
+        let state_dir = args
+            .state_dir
+            .clone()
+            .or(file.state_dir.clone())
+            .unwrap_or_else(default_state_dir);
+        let audio_s = args
+            .audio
+            .clone()
+            .or(file.audio.clone())
+            .unwrap_or_else(|| "auto".into());
+        let audio: AudioBackend = audio_s
+            .parse()
+            .map_err(|e: String| anyhow!("{}: {e}", src(args.audio.is_some(), "audio")))?;
         let tempo = match args.tempo.or(file.tempo) {
-            Some(v) => Some(Tempo::from_bpm(v).map_err(|e| anyhow!("{}: {e}", src(args.tempo.is_some(), "tempo")))?),
+            Some(v) => Some(
+                Tempo::from_bpm(v)
+                    .map_err(|e| anyhow!("{}: {e}", src(args.tempo.is_some(), "tempo")))?,
+            ),
             None => None,
         };
         let meter = match args.meter.or(file.meter) {
-            Some(v) => Some(Meter::new(v).map_err(|e| anyhow!("{}: {e}", src(args.meter.is_some(), "meter")))?),
+            Some(v) => Some(
+                Meter::new(v)
+                    .map_err(|e| anyhow!("{}: {e}", src(args.meter.is_some(), "meter")))?,
+            ),
             None => None,
         };
         let play = args.play || file.play.unwrap_or(false);
         let click_log = args.click_log.clone().or(file.click_log.clone());
-        let hw_spec = args.hw.clone().or(file.hw.clone()).unwrap_or_else(|| "auto".into());
+        let hw_spec = args
+            .hw
+            .clone()
+            .or(file.hw.clone())
+            .unwrap_or_else(|| "auto".into());
         let hw = match hw_spec.as_str() {
             "auto" => crate::hw::detect_system(),
             "none" => None,
-            spec => Some(crate::hw::load(spec).map_err(|e| anyhow!("{}: {e}", src(args.hw.is_some(), "hw")))?),
+            spec => Some(
+                crate::hw::load(spec)
+                    .map_err(|e| anyhow!("{}: {e}", src(args.hw.is_some(), "hw")))?,
+            ),
         };
-        let lat = args.latency_offset_ms.or(file.latency_offset_ms).or(hw.as_ref().map(|h| h.latency_offset_ms)).unwrap_or(0.0);
+        let lat = args
+            .latency_offset_ms
+            .or(file.latency_offset_ms)
+            .or(hw.as_ref().map(|h| h.latency_offset_ms))
+            .unwrap_or(0.0);
         if !lat.is_finite() || !(-500.0..=500.0).contains(&lat) {
-            bail!("{}: latency offset {lat} ms is out of range (−500 to 500 ms)", src(args.latency_offset_ms.is_some(), "latency_offset_ms"));
+            bail!(
+                "{}: latency offset {lat} ms is out of range (−500 to 500 ms)",
+                src(args.latency_offset_ms.is_some(), "latency_offset_ms")
+            );
         }
         let vol = args.volume.or(file.volume).unwrap_or(0.8);
         if !vol.is_finite() || !(0.0..=1.0).contains(&vol) {
-            bail!("{}: volume {vol} is out of range (0.0 to 1.0)", src(args.volume.is_some(), "volume"));
+            bail!(
+                "{}: volume {vol} is out of range (0.0 to 1.0)",
+                src(args.volume.is_some(), "volume")
+            );
         }
-        let buffer_frames = args.buffer_frames.or(file.buffer_frames).or(hw.as_ref().map(|h| h.buffer_frames)).unwrap_or(256);
+        let buffer_frames = args
+            .buffer_frames
+            .or(file.buffer_frames)
+            .or(hw.as_ref().map(|h| h.buffer_frames))
+            .unwrap_or(256);
         if !(32..=4096).contains(&buffer_frames) {
-            bail!("{}: buffer size {buffer_frames} frames is out of range (32 to 4096)", src(args.buffer_frames.is_some(), "buffer_frames"));
+            bail!(
+                "{}: buffer size {buffer_frames} frames is out of range (32 to 4096)",
+                src(args.buffer_frames.is_some(), "buffer_frames")
+            );
         }
-        let sample_rate = args.sample_rate.or(file.sample_rate).or(hw.as_ref().map(|h| h.sample_rate)).unwrap_or(48_000);
+        let sample_rate = args
+            .sample_rate
+            .or(file.sample_rate)
+            .or(hw.as_ref().map(|h| h.sample_rate))
+            .unwrap_or(48_000);
         if !(8_000..=192_000).contains(&sample_rate) {
-            bail!("{}: sample rate {sample_rate} Hz is out of range (8000 to 192000)", src(args.sample_rate.is_some(), "sample_rate"));
+            bail!(
+                "{}: sample rate {sample_rate} Hz is out of range (8000 to 192000)",
+                src(args.sample_rate.is_some(), "sample_rate")
+            );
         }
         let quantum = args.quantum.or(file.quantum).unwrap_or_default();
         let priority = args.priority.or(file.priority).unwrap_or(0);
-        let quic_s = args.quic.clone().or(file.quic.clone()).unwrap_or_else(|| format!("0.0.0.0:{DEFAULT_QUIC_PORT}"));
+        let quic_s = args
+            .quic
+            .clone()
+            .or(file.quic.clone())
+            .unwrap_or_else(|| format!("0.0.0.0:{DEFAULT_QUIC_PORT}"));
         let quic: std::net::SocketAddr = quic_s.parse().map_err(|_| {
             anyhow!("{}: {quic_s:?} is not an ADDR:PORT socket address (e.g. 0.0.0.0:{DEFAULT_QUIC_PORT})", src(args.quic.is_some(), "quic"))
         })?;
-        let http_s = args.http.clone().or(file.http.clone()).unwrap_or_else(|| format!("0.0.0.0:{DEFAULT_HTTP_PORT}"));
+        let http_s = args
+            .http
+            .clone()
+            .or(file.http.clone())
+            .unwrap_or_else(|| format!("0.0.0.0:{DEFAULT_HTTP_PORT}"));
         let http: std::net::SocketAddr = http_s.parse().map_err(|_| {
             anyhow!("{}: {http_s:?} is not an ADDR:PORT socket address (e.g. 0.0.0.0:{DEFAULT_HTTP_PORT})", src(args.http.is_some(), "http"))
         })?;
-        let interfaces = if args.interface.is_empty() { file.interface.clone().unwrap_or_default() } else { args.interface.clone() };
+        let interfaces = if args.interface.is_empty() {
+            file.interface.clone().unwrap_or_default()
+        } else {
+            args.interface.clone()
+        };
         for i in &interfaces {
-            if i.is_empty() || i.len() > 15 || i.contains('/') || i.chars().any(|c| c.is_whitespace()) {
-                bail!("{}: {i:?} is not a network interface name", src(!args.interface.is_empty(), "interface"));
+            if i.is_empty()
+                || i.len() > 15
+                || i.contains('/')
+                || i.chars().any(|c| c.is_whitespace())
+            {
+                bail!(
+                    "{}: {i:?} is not a network interface name",
+                    src(!args.interface.is_empty(), "interface")
+                );
             }
         }
         let room_key_file = args.room_key_file.clone().or(file.room_key_file.clone());
         let control_pin = args.control_pin.clone().or(file.control_pin.clone());
         if let Some(p) = &control_pin {
-            if p.is_empty() || p.len() > 32 || p.chars().any(|c| c.is_control() || c.is_whitespace()) {
-                bail!("{}: the control PIN must be 1–32 characters without spaces", src(args.control_pin.is_some(), "control_pin"));
+            if p.is_empty()
+                || p.len() > 32
+                || p.chars().any(|c| c.is_control() || c.is_whitespace())
+            {
+                bail!(
+                    "{}: the control PIN must be 1–32 characters without spaces",
+                    src(args.control_pin.is_some(), "control_pin")
+                );
             }
         }
         let redis = args.redis.clone().or(file.redis.clone());
@@ -326,8 +412,15 @@ mod tests {
 
     #[test]
     fn flags_override_file_override_defaults() {
-        let file = FileConfig::parse("tempo = 90.5\nmeter = 3\nname = \"left\"\n", Path::new("t.toml")).unwrap();
-        let args = RunArgs { meter: Some(7), ..Default::default() };
+        let file = FileConfig::parse(
+            "tempo = 90.5\nmeter = 3\nname = \"left\"\n",
+            Path::new("t.toml"),
+        )
+        .unwrap();
+        let args = RunArgs {
+            meter: Some(7),
+            ..Default::default()
+        };
         let c = RunConfig::build(&args, &file, Some(Path::new("t.toml"))).unwrap();
         assert_eq!(c.tempo.unwrap().mbpm(), 90_500);
         assert_eq!(c.meter.unwrap().get(), 7);
@@ -339,18 +432,32 @@ mod tests {
     #[test]
     fn bad_values_name_the_source_and_value() {
         let file = FileConfig::parse("tempo = 500\n", Path::new("/etc/x.toml")).unwrap();
-        let e = RunConfig::build(&RunArgs::default(), &file, Some(Path::new("/etc/x.toml"))).unwrap_err().to_string();
-        assert!(e.contains("/etc/x.toml (tempo)") && e.contains("500"), "{e}");
-        let args = RunArgs { volume: Some(3.0), ..Default::default() };
-        let e = RunConfig::build(&args, &FileConfig::default(), None).unwrap_err().to_string();
+        let e = RunConfig::build(&RunArgs::default(), &file, Some(Path::new("/etc/x.toml")))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("/etc/x.toml (tempo)") && e.contains("500"),
+            "{e}"
+        );
+        let args = RunArgs {
+            volume: Some(3.0),
+            ..Default::default()
+        };
+        let e = RunConfig::build(&args, &FileConfig::default(), None)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("--volume") && e.contains('3'), "{e}");
     }
 
     #[test]
     fn unknown_keys_are_errors() {
-        let e = FileConfig::parse("tempoo = 100\n", Path::new("c.toml")).unwrap_err().to_string();
+        let e = FileConfig::parse("tempoo = 100\n", Path::new("c.toml"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("c.toml") && e.contains("tempoo"), "{e}");
-        let e = FileConfig::parse("tempo = \"fast\"\n", Path::new("c.toml")).unwrap_err().to_string();
+        let e = FileConfig::parse("tempo = \"fast\"\n", Path::new("c.toml"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("tempo"), "{e}");
     }
 }

@@ -7,14 +7,14 @@
 use crate::audio::device::{self, AudioCtx};
 use crate::audio::snapshot::{AudioSnapshot, SnapshotCell};
 use crate::audio::{AudioConfig, AudioStats};
+use crate::auth::RoomKey;
 use crate::clicklog;
 use crate::clock::{Clock, NodeClock, SessionMap};
 use crate::config::RunConfig;
-use crate::state;
-use crate::auth::RoomKey;
 use crate::impair::Impairment;
 use crate::mesh::{self, MeshConfig, MeshStats};
 use crate::room::{Persisted, Room, RoomConfig};
+use crate::state;
 use crate::timeline::{Meter, Tempo, Timeline};
 use crate::wire::SessionId;
 use anyhow::Context;
@@ -34,18 +34,28 @@ pub fn run(cfg: RunConfig, clock: NodeClock) -> anyhow::Result<()> {
     let key = RoomKey::load(cfg.room_key_file.as_deref(), &cfg.state_dir)?;
     let impair = Impairment::from_env()?;
     if let Some(d) = clock.distortion() {
-        tracing::warn!(offset_ns = d.offset_ns, skew_ppm = d.skew_ppm, "BANDSYNC_TEST_CLOCK is set: this node's clock is distorted");
+        tracing::warn!(
+            offset_ns = d.offset_ns,
+            skew_ppm = d.skew_ppm,
+            "BANDSYNC_TEST_CLOCK is set: this node's clock is distorted"
+        );
     }
     tracing::info!(node = %node_id, name = %cfg.name, room = %cfg.room, state_dir = %cfg.state_dir.display(), "bandsync starting");
     match &cfg.hw {
-        Some(h) => tracing::info!(profile = %h.name, buffer_frames = cfg.buffer_frames, sample_rate = cfg.sample_rate, latency_offset_ns = cfg.latency_offset_ns, "board profile"),
-        None => tracing::info!("no board profile (defaults, or --buffer-frames/--sample-rate/--latency-offset-ms)"),
+        Some(h) => {
+            tracing::info!(profile = %h.name, buffer_frames = cfg.buffer_frames, sample_rate = cfg.sample_rate, latency_offset_ns = cfg.latency_offset_ns, "board profile")
+        }
+        None => tracing::info!(
+            "no board profile (defaults, or --buffer-frames/--sample-rate/--latency-offset-ms)"
+        ),
     }
 
     // A box alone: its own clock is session time. It restores its last session from
     // disk; --tempo/--meter only set the first one.
     let redis = match &cfg.redis {
-        Some(u) => Some(crate::mirror::RedisUrl::parse(u).map_err(|e| anyhow::anyhow!("--redis: {e}"))?),
+        Some(u) => {
+            Some(crate::mirror::RedisUrl::parse(u).map_err(|e| anyhow::anyhow!("--redis: {e}"))?)
+        }
         None => None,
     };
     let mut saved = load_session(&cfg.state_dir);
@@ -54,8 +64,16 @@ pub fn run(cfg: RunConfig, clock: NodeClock) -> anyhow::Result<()> {
             saved = restore_from_redis(url, &cfg.room);
         }
     }
-    let tempo = saved.as_ref().map(|s| s.tempo).or(cfg.tempo).unwrap_or(Tempo::from_mbpm(120_000).expect("120 BPM is valid"));
-    let meter = saved.as_ref().map(|s| s.meter).or(cfg.meter).unwrap_or(Meter::new(4).expect("4 is a valid meter"));
+    let tempo = saved
+        .as_ref()
+        .map(|s| s.tempo)
+        .or(cfg.tempo)
+        .unwrap_or(Tempo::from_mbpm(120_000).expect("120 BPM is valid"));
+    let meter = saved
+        .as_ref()
+        .map(|s| s.meter)
+        .or(cfg.meter)
+        .unwrap_or(Meter::new(4).expect("4 is a valid meter"));
     let play = cfg.play || saved.as_ref().is_some_and(|s| s.playing);
     if let Some(s) = &saved {
         tracing::info!(tempo = %s.tempo, meter = s.meter.get(), playing = s.playing, pinned = ?s.pinned, "restored the saved session");
@@ -88,8 +106,18 @@ pub fn run(cfg: RunConfig, clock: NodeClock) -> anyhow::Result<()> {
         None => (None, None),
     };
 
-    let audio_cfg = AudioConfig { backend: cfg.audio.clone(), sample_rate: cfg.sample_rate, buffer_frames: cfg.buffer_frames };
-    let ctx = AudioCtx { cell: cell.clone(), stats: stats.clone(), clock, log_queues, stop: stop.clone() };
+    let audio_cfg = AudioConfig {
+        backend: cfg.audio.clone(),
+        sample_rate: cfg.sample_rate,
+        buffer_frames: cfg.buffer_frames,
+    };
+    let ctx = AudioCtx {
+        cell: cell.clone(),
+        stats: stats.clone(),
+        clock,
+        log_queues,
+        stop: stop.clone(),
+    };
     let audio_thread = std::thread::Builder::new()
         .name("audio".into())
         .spawn(move || device::run(audio_cfg, ctx))
@@ -122,9 +150,17 @@ pub fn run(cfg: RunConfig, clock: NodeClock) -> anyhow::Result<()> {
         notify: crate::notify::Notifier::from_env(),
         audio: stats.clone(),
     };
-    let session = SessionId { born_ms: wall_ms(), by: u64::from_str_radix(&node_id, 16).unwrap_or(0) };
+    let session = SessionId {
+        born_ms: wall_ms(),
+        by: u64::from_str_radix(&node_id, 16).unwrap_or(0),
+    };
     let mut room = Room::new(
-        RoomConfig { me: node_id.clone(), name: cfg.name.clone(), priority: cfg.priority, quantum: cfg.quantum },
+        RoomConfig {
+            me: node_id.clone(),
+            name: cfg.name.clone(),
+            priority: cfg.priority,
+            quantum: cfg.quantum,
+        },
         session,
         timeline,
     );
@@ -185,10 +221,18 @@ pub fn run(cfg: RunConfig, clock: NodeClock) -> anyhow::Result<()> {
 /// A room with no local state may start from the Redis mirror's record (the newest
 /// epoch any leader wrote). Redis being down or wrong only costs a warning.
 fn restore_from_redis(url: &crate::mirror::RedisUrl, room: &str) -> Option<Persisted> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .ok()?;
     match rt.block_on(crate::mirror::fetch(url, room, Duration::from_secs(1))) {
         Ok(Some(r)) => {
-            tracing::info!(epoch = r.epoch, tempo_mbpm = r.tempo_mbpm, meter = r.meter, "restoring the session from Redis");
+            tracing::info!(
+                epoch = r.epoch,
+                tempo_mbpm = r.tempo_mbpm,
+                meter = r.meter,
+                "restoring the session from Redis"
+            );
             Some(Persisted {
                 tempo: Tempo::from_mbpm(r.tempo_mbpm).ok()?,
                 meter: Meter::new(r.meter as i64).ok()?,
@@ -227,7 +271,10 @@ fn load_session(dir: &std::path::Path) -> Option<Persisted> {
 }
 
 fn wall_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// A status line every 10 s.

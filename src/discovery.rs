@@ -443,18 +443,32 @@ impl Discovery {
             if let Some(port) = cfg.http_port {
                 // The phone page: a failure here costs the phones' nice name, not the room.
                 let label = dns_label(&cfg.name);
-                match ServiceInfo::new("_http._tcp.local.", &label, &format!("{label}.local."), (), port, &[("path", "/")][..]) {
+                match ServiceInfo::new(
+                    "_http._tcp.local.",
+                    &label,
+                    &format!("{label}.local."),
+                    (),
+                    port,
+                    &[("path", "/")][..],
+                ) {
                     Ok(info) => {
                         let mut info = info.enable_addr_auto();
                         info.set_requires_probe(false);
                         if !cfg.interfaces.is_empty() {
-                            info.set_interfaces(cfg.interfaces.iter().map(|n| IfKind::Name(n.clone())).collect());
+                            info.set_interfaces(
+                                cfg.interfaces
+                                    .iter()
+                                    .map(|n| IfKind::Name(n.clone()))
+                                    .collect(),
+                            );
                         }
                         if let Err(e) = me.daemon.register(info) {
                             tracing::warn!(error = %e, "cannot advertise the phone page over mDNS");
                         }
                     }
-                    Err(e) => tracing::warn!(error = %e, "cannot advertise the phone page over mDNS"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot advertise the phone page over mDNS")
+                    }
                 }
             }
         }

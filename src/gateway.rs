@@ -288,11 +288,16 @@ pub struct Histogram {
 
 impl Histogram {
     /// Upper bounds of the buckets, µs (the last bucket is +Inf).
-    pub const BOUNDS_US: [u64; 12] = [100, 250, 500, 1_000, 2_000, 3_000, 5_000, 10_000, 25_000, 50_000, 100_000, 1_000_000];
+    pub const BOUNDS_US: [u64; 12] = [
+        100, 250, 500, 1_000, 2_000, 3_000, 5_000, 10_000, 25_000, 50_000, 100_000, 1_000_000,
+    ];
 
     pub fn observe(&self, d: Duration) {
         let us = d.as_micros().min(u64::MAX as u128) as u64;
-        let i = Self::BOUNDS_US.iter().position(|b| us <= *b).unwrap_or(Self::BOUNDS_US.len());
+        let i = Self::BOUNDS_US
+            .iter()
+            .position(|b| us <= *b)
+            .unwrap_or(Self::BOUNDS_US.len());
         self.counts[i].fetch_add(1, Relaxed);
         self.sum_us.fetch_add(us, Relaxed);
     }
@@ -316,7 +321,11 @@ impl GatewayStats {
     }
     /// `(code, count)` for every error code.
     pub fn errors_by_code(&self) -> Vec<(&'static str, u64)> {
-        ErrorCode::ALL.iter().zip(self.errors.iter()).map(|(c, n)| (c.as_str(), n.load(Relaxed))).collect()
+        ErrorCode::ALL
+            .iter()
+            .zip(self.errors.iter())
+            .map(|(c, n)| (c.as_str(), n.load(Relaxed)))
+            .collect()
     }
 }
 
@@ -350,7 +359,11 @@ impl Meta {
         let leader_name = if s.leader == s.node {
             s.name.clone()
         } else {
-            s.peers.iter().find(|p| p.id == s.leader).map(|p| p.name.clone()).unwrap_or_default()
+            s.peers
+                .iter()
+                .find(|p| p.id == s.leader)
+                .map(|p| p.name.clone())
+                .unwrap_or_default()
         };
         Meta {
             fetched: true,
@@ -358,7 +371,14 @@ impl Meta {
             peers: s
                 .peers
                 .iter()
-                .map(|p| PeerOut { id: p.id.clone(), name: p.name.clone(), role: p.role.clone(), alive: p.alive, rtt_us: p.rtt_us, offset_us: p.offset_us })
+                .map(|p| PeerOut {
+                    id: p.id.clone(),
+                    name: p.name.clone(),
+                    role: p.role.clone(),
+                    alive: p.alive,
+                    rtt_us: p.rtt_us,
+                    offset_us: p.offset_us,
+                })
                 .collect(),
             node: s.node,
             name: s.name,
@@ -371,7 +391,12 @@ impl Meta {
     }
     /// The parts whose change is worth telling phones about at once.
     fn headline(&self) -> (String, String, u64, usize) {
-        (self.role.clone(), self.leader.clone(), self.epoch, self.boxes)
+        (
+            self.role.clone(),
+            self.leader.clone(),
+            self.epoch,
+            self.boxes,
+        )
     }
 }
 
@@ -459,7 +484,10 @@ impl Gateway {
     /// Take a connection slot, or `None` at the cap.
     fn admit(&self) -> Option<Slot> {
         let max = self.0.limits.max_connections;
-        self.0.open.fetch_update(Relaxed, Relaxed, |n| (n < max).then_some(n + 1)).ok()?;
+        self.0
+            .open
+            .fetch_update(Relaxed, Relaxed, |n| (n < max).then_some(n + 1))
+            .ok()?;
         self.0.stats.connections_open.fetch_add(1, Relaxed);
         Some(Slot(self.0.clone()))
     }
@@ -487,7 +515,10 @@ impl Inner {
     }
 
     async fn refresh_meta(&self) -> bool {
-        let Ok(Some(s)) = tokio::time::timeout(Duration::from_secs(1), self.room.status()).await else { return false };
+        let Ok(Some(s)) = tokio::time::timeout(Duration::from_secs(1), self.room.status()).await
+        else {
+            return false;
+        };
         let m = Meta::from_status(s);
         let mut cur = self.meta.lock().unwrap_or_else(|e| e.into_inner());
         let changed = cur.headline() != m.headline();
@@ -523,7 +554,9 @@ impl Inner {
         {
             let clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
             for (id, c) in clients.iter() {
-                if let Err(mpsc::error::TrySendError::Full(_)) = c.tx.try_send(Out(msg.clone(), Some(t))) {
+                if let Err(mpsc::error::TrySendError::Full(_)) =
+                    c.tx.try_send(Out(msg.clone(), Some(t)))
+                {
                     slow.push(*id);
                 }
             }
@@ -537,7 +570,9 @@ impl Inner {
             }
         }
         self.stats.broadcasts.fetch_add(1, Relaxed);
-        self.stats.broadcast_last_us.store(t.elapsed().as_micros() as u64, Relaxed);
+        self.stats
+            .broadcast_last_us
+            .store(t.elapsed().as_micros() as u64, Relaxed);
     }
 
     fn joined(&self) -> usize {
@@ -560,7 +595,13 @@ struct SegmentOut {
     playing: bool,
 }
 
-fn snapshot_value(snap: &AudioSnapshot, now: i64, m: &Meta, pin_required: bool, id: Option<&Value>) -> Value {
+fn snapshot_value(
+    snap: &AudioSnapshot,
+    now: i64,
+    m: &Meta,
+    pin_required: bool,
+    id: Option<&Value>,
+) -> Value {
     let tl = &snap.timeline;
     let segments: Vec<SegmentOut> = tl
         .segments()
@@ -650,11 +691,17 @@ pub async fn ws_handler(State(gw): State<Gateway>, ws: WebSocketUpgrade) -> Resp
     gw.ensure_publisher();
     let Some(slot) = gw.admit() else {
         gw.0.stats.refused_full.fetch_add(1, Relaxed);
-        tracing::debug!(limit = gw.0.limits.max_connections, "phone refused: connection cap");
+        tracing::debug!(
+            limit = gw.0.limits.max_connections,
+            "phone refused: connection cap"
+        );
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             [(header::RETRY_AFTER, "5")],
-            format!("this box already serves {} phones; try another box of the room, or later\n", gw.0.limits.max_connections),
+            format!(
+                "this box already serves {} phones; try another box of the room, or later\n",
+                gw.0.limits.max_connections
+            ),
         )
             .into_response();
     };
@@ -675,7 +722,10 @@ pub async fn ws_handler(State(gw): State<Gateway>, ws: WebSocketUpgrade) -> Resp
 /// read whole (so the socket stays in sync for a clean close) and refused; bigger ones
 /// are cut off unread.
 fn hard_cap(l: &GatewayLimits) -> usize {
-    l.max_message_bytes.max(64).saturating_mul(16).max(64 * 1024)
+    l.max_message_bytes
+        .max(64)
+        .saturating_mul(16)
+        .max(64 * 1024)
 }
 
 /// A message-level failure: an `error` to send.
@@ -687,7 +737,11 @@ struct Bad {
 }
 
 fn bad(code: ErrorCode, field: Option<&str>, reason: impl Into<String>) -> Bad {
-    Bad { code, field: field.map(str::to_string), reason: reason.into() }
+    Bad {
+        code,
+        field: field.map(str::to_string),
+        reason: reason.into(),
+    }
 }
 
 fn bad_field(field: &str, reason: impl Into<String>) -> Bad {
@@ -733,7 +787,12 @@ impl Conn {
             rx,
             kick: Arc::new(Kick::default()),
             joined: false,
-            bucket: Bucket { tokens: burst, at: Instant::now(), abuse: 0.0, last_notice: None },
+            bucket: Bucket {
+                tokens: burst,
+                at: Instant::now(),
+                abuse: 0.0,
+                last_notice: None,
+            },
             bad_pins: 0,
             control_busy: Arc::new(AtomicBool::new(false)),
         }
@@ -788,8 +847,16 @@ impl Conn {
         };
         self.leave();
         if let Next::Close(code, reason) = end {
-            let frame = CloseFrame { code, reason: Utf8Bytes::from_static(reason) };
-            if let Ok(Ok(())) = tokio::time::timeout(Duration::from_secs(1), self.socket.send(Message::Close(Some(frame)))).await {
+            let frame = CloseFrame {
+                code,
+                reason: Utf8Bytes::from_static(reason),
+            };
+            if let Ok(Ok(())) = tokio::time::timeout(
+                Duration::from_secs(1),
+                self.socket.send(Message::Close(Some(frame))),
+            )
+            .await
+            {
                 self.linger().await;
             }
         }
@@ -810,7 +877,11 @@ impl Conn {
 
     fn leave(&mut self) {
         if self.joined {
-            self.inner().clients.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.id);
+            self.inner()
+                .clients
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&self.id);
             self.joined = false;
         }
     }
@@ -837,7 +908,8 @@ impl Conn {
 
     async fn send_error(&mut self, b: Bad, request: Option<&str>, id: Option<&Value>) -> bool {
         self.inner().stats.error(b.code);
-        let mut v = serde_json::json!({"type": "error", "code": b.code.as_str(), "reason": b.reason});
+        let mut v =
+            serde_json::json!({"type": "error", "code": b.code.as_str(), "reason": b.reason});
         if let Some(f) = b.field {
             v["field"] = Value::String(f);
         }
@@ -852,16 +924,34 @@ impl Conn {
 
     async fn on_read_error(&mut self, e: axum::Error) -> Next {
         let text = format!("{e}");
-        let src = std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_default();
+        let src = std::error::Error::source(&e)
+            .map(|s| s.to_string())
+            .unwrap_or_default();
         let all = format!("{text} {src}");
-        if all.contains("Space limit exceeded") || all.contains("too long") || all.contains("too big") {
+        if all.contains("Space limit exceeded")
+            || all.contains("too long")
+            || all.contains("too big")
+        {
             let max = self.inner().limits.max_message_bytes;
-            let b = bad(ErrorCode::TooLarge, None, format!("message larger than the {max}-byte limit; closing"));
+            let b = bad(
+                ErrorCode::TooLarge,
+                None,
+                format!("message larger than the {max}-byte limit; closing"),
+            );
             self.send_error(b, None, None).await;
             return Next::Close(CLOSE_TOO_BIG, "message too large");
         }
         if all.contains("UTF-8") {
-            self.send_error(bad(ErrorCode::BadMessage, None, "text message is not valid UTF-8; closing"), None, None).await;
+            self.send_error(
+                bad(
+                    ErrorCode::BadMessage,
+                    None,
+                    "text message is not valid UTF-8; closing",
+                ),
+                None,
+                None,
+            )
+            .await;
             return Next::Close(CLOSE_BAD_DATA, "invalid UTF-8");
         }
         tracing::debug!(conn = self.id, error = %all, "WebSocket read error");
@@ -871,7 +961,11 @@ impl Conn {
     /// The rate limit: `Err(Next::Go)` drops the message, `Err(Next::Close)` the connection.
     async fn rate_ok(&mut self) -> Result<(), Next> {
         let (per_second, burst_n) = (self.gw.0.limits.per_second, self.gw.0.limits.burst);
-        let (rate, burst, abuse_after) = (per_second.max(1) as f64, burst_n.max(1) as f64, self.gw.0.limits.abuse_after as f64);
+        let (rate, burst, abuse_after) = (
+            per_second.max(1) as f64,
+            burst_n.max(1) as f64,
+            self.gw.0.limits.abuse_after as f64,
+        );
         let now = Instant::now();
         let b = &mut self.bucket;
         let dt = now.duration_since(b.at).as_secs_f64();
@@ -889,7 +983,9 @@ impl Conn {
             tracing::info!(conn = self.id, "phone flooding; closed");
             return Err(Next::Close(CLOSE_POLICY, "rate limit: too many messages"));
         }
-        if b.last_notice.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1)) {
+        if b.last_notice
+            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
+        {
             b.last_notice = Some(now);
             let retry = ((1.0 - b.tokens) / rate * 1000.0).ceil().max(1.0) as u64;
             let v = serde_json::json!({
@@ -922,23 +1018,52 @@ impl Conn {
         let text = match m {
             Message::Text(t) => t,
             Message::Binary(_) => {
-                let b = bad(ErrorCode::BadMessage, None, "binary messages are not supported: send JSON text");
+                let b = bad(
+                    ErrorCode::BadMessage,
+                    None,
+                    "binary messages are not supported: send JSON text",
+                );
                 return self.reply_error(b, None, None).await;
             }
             _ => return Next::Go, // WebSocket pings are answered by the library
         };
         let max = self.inner().limits.max_message_bytes;
         if text.len() > max {
-            let b = bad(ErrorCode::TooLarge, None, format!("message of {} bytes exceeds the {max}-byte limit; closing", text.len()));
+            let b = bad(
+                ErrorCode::TooLarge,
+                None,
+                format!(
+                    "message of {} bytes exceeds the {max}-byte limit; closing",
+                    text.len()
+                ),
+            );
             self.send_error(b, None, None).await;
             return Next::Close(CLOSE_TOO_BIG, "message too large");
         }
         let v: Value = match serde_json::from_str(text.as_str()) {
             Ok(v) => v,
-            Err(e) => return self.reply_error(bad(ErrorCode::BadJson, None, format!("not valid JSON: {e}")), None, None).await,
+            Err(e) => {
+                return self
+                    .reply_error(
+                        bad(ErrorCode::BadJson, None, format!("not valid JSON: {e}")),
+                        None,
+                        None,
+                    )
+                    .await
+            }
         };
         let Value::Object(obj) = v else {
-            return self.reply_error(bad(ErrorCode::BadMessage, None, "a message must be a JSON object with a \"type\" field"), None, None).await;
+            return self
+                .reply_error(
+                    bad(
+                        ErrorCode::BadMessage,
+                        None,
+                        "a message must be a JSON object with a \"type\" field",
+                    ),
+                    None,
+                    None,
+                )
+                .await;
         };
         let id = match check_id(&obj) {
             Ok(id) => id,
@@ -946,8 +1071,28 @@ impl Conn {
         };
         let ty = match obj.get("type") {
             Some(Value::String(t)) => t.clone(),
-            Some(_) => return self.reply_error(bad_field("type", "\"type\" must be a string"), None, id.as_ref()).await,
-            None => return self.reply_error(bad(ErrorCode::BadMessage, Some("type"), "missing \"type\" field"), None, id.as_ref()).await,
+            Some(_) => {
+                return self
+                    .reply_error(
+                        bad_field("type", "\"type\" must be a string"),
+                        None,
+                        id.as_ref(),
+                    )
+                    .await
+            }
+            None => {
+                return self
+                    .reply_error(
+                        bad(
+                            ErrorCode::BadMessage,
+                            Some("type"),
+                            "missing \"type\" field",
+                        ),
+                        None,
+                        id.as_ref(),
+                    )
+                    .await
+            }
         };
         let Some(allowed) = fields_of(&ty) else {
             let shown: String = ty.chars().take(40).collect();
@@ -958,9 +1103,16 @@ impl Conn {
             );
             return self.reply_error(b, None, id.as_ref()).await;
         };
-        if let Some(k) = obj.keys().find(|k| !allowed.contains(&k.as_str()) && *k != "type" && *k != "id") {
+        if let Some(k) = obj
+            .keys()
+            .find(|k| !allowed.contains(&k.as_str()) && *k != "type" && *k != "id")
+        {
             let k: String = k.chars().take(64).collect();
-            let b = Bad { code: ErrorCode::UnknownField, reason: format!("{ty} has no field {k:?}"), field: Some(k) };
+            let b = Bad {
+                code: ErrorCode::UnknownField,
+                reason: format!("{ty} has no field {k:?}"),
+                field: Some(k),
+            };
             return self.reply_error(b, Some(&ty), id.as_ref()).await;
         }
         match self.handle(&ty, &obj, t1, id.as_ref()).await {
@@ -977,8 +1129,20 @@ impl Conn {
         }
     }
 
-    async fn handle(&mut self, ty: &str, obj: &Map<String, Value>, t1: i64, id: Option<&Value>) -> Result<Next, Bad> {
-        let ok = |sent: bool| if sent { Next::Go } else { Next::Close(CLOSE_NORMAL, "") };
+    async fn handle(
+        &mut self,
+        ty: &str,
+        obj: &Map<String, Value>,
+        t1: i64,
+        id: Option<&Value>,
+    ) -> Result<Next, Bad> {
+        let ok = |sent: bool| {
+            if sent {
+                Next::Go
+            } else {
+                Next::Close(CLOSE_NORMAL, "")
+            }
+        };
         match ty {
             "join_session" => {
                 if let Some(n) = obj.get("name") {
@@ -989,8 +1153,15 @@ impl Conn {
                 }
                 if !self.joined {
                     self.joined = true;
-                    let c = Client { tx: self.tx.clone(), kick: self.kick.clone() };
-                    self.inner().clients.lock().unwrap_or_else(|e| e.into_inner()).insert(self.id, c);
+                    let c = Client {
+                        tx: self.tx.clone(),
+                        kick: self.kick.clone(),
+                    };
+                    self.inner()
+                        .clients
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(self.id, c);
                 }
                 let snap = self.inner().snapshot(id);
                 if !self.send_json(&snap).await {
@@ -1028,7 +1199,12 @@ impl Conn {
                 let kind = match ty {
                     "set_tempo" => {
                         let bpm = number("bpm", obj.get("bpm"), true)?.unwrap_or(0.0);
-                        let t = Tempo::from_bpm(bpm).map_err(|_| bad_field("bpm", format!("bpm must be a number from 20 to 400 (got {bpm})")))?;
+                        let t = Tempo::from_bpm(bpm).map_err(|_| {
+                            bad_field(
+                                "bpm",
+                                format!("bpm must be a number from 20 to 400 (got {bpm})"),
+                            )
+                        })?;
                         Some(ChangeKind::Tempo(t))
                     }
                     "set_meter" => {
@@ -1047,10 +1223,16 @@ impl Conn {
                     None => None,
                     Some(Value::String(s)) if s == "beat" => Some(Quantum::Beat),
                     Some(Value::String(s)) if s == "bar" => Some(Quantum::Bar),
-                    Some(_) => return Err(bad_field("quantum", "quantum must be \"beat\" or \"bar\"")),
+                    Some(_) => {
+                        return Err(bad_field("quantum", "quantum must be \"beat\" or \"bar\""))
+                    }
                 };
                 if ty == "seek" && obj.contains_key("quantum") {
-                    return Err(bad(ErrorCode::UnknownField, Some("quantum"), "seek has no field \"quantum\""));
+                    return Err(bad(
+                        ErrorCode::UnknownField,
+                        Some("quantum"),
+                        "seek has no field \"quantum\"",
+                    ));
                 }
                 if let Some(next) = self.check_pin(obj, ty, id).await? {
                     return Ok(next);
@@ -1064,26 +1246,51 @@ impl Conn {
                 };
                 self.request_change(ty, kind, quantum, id)
             }
-            _ => Err(bad(ErrorCode::UnknownType, Some("type"), format!("unknown message type {ty:?}"))),
+            _ => Err(bad(
+                ErrorCode::UnknownType,
+                Some("type"),
+                format!("unknown message type {ty:?}"),
+            )),
         }
     }
 
     /// Check the PIN. `Ok(Some(close))` after too many wrong ones.
-    async fn check_pin(&mut self, obj: &Map<String, Value>, ty: &str, id: Option<&Value>) -> Result<Option<Next>, Bad> {
+    async fn check_pin(
+        &mut self,
+        obj: &Map<String, Value>,
+        ty: &str,
+        id: Option<&Value>,
+    ) -> Result<Option<Next>, Bad> {
         let given = match obj.get("pin") {
             None => None,
             Some(Value::String(s)) if s.chars().count() <= 32 => Some(s.as_str()),
-            Some(Value::String(_)) => return Err(bad_field("pin", "pin must be a string of at most 32 characters")),
+            Some(Value::String(_)) => {
+                return Err(bad_field(
+                    "pin",
+                    "pin must be a string of at most 32 characters",
+                ))
+            }
             Some(_) => return Err(bad_field("pin", "pin must be a string")),
         };
-        let Some(want) = self.inner().pin.clone() else { return Ok(None) };
+        let Some(want) = self.inner().pin.clone() else {
+            return Ok(None);
+        };
         match given {
-            None => Err(bad(ErrorCode::PinRequired, Some("pin"), "this box needs the control PIN to change anything")),
+            None => Err(bad(
+                ErrorCode::PinRequired,
+                Some("pin"),
+                "this box needs the control PIN to change anything",
+            )),
             Some(p) if ct_eq(p.as_bytes(), want.as_bytes()) => Ok(None),
             Some(_) => {
                 self.bad_pins += 1;
                 let max = self.inner().limits.max_bad_pins;
-                self.send_error(bad(ErrorCode::BadPin, Some("pin"), "wrong control PIN"), Some(ty), id).await;
+                self.send_error(
+                    bad(ErrorCode::BadPin, Some("pin"), "wrong control PIN"),
+                    Some(ty),
+                    id,
+                )
+                .await;
                 if self.bad_pins >= max {
                     self.inner().stats.closed_abuse.fetch_add(1, Relaxed);
                     tracing::info!(conn = self.id, "too many wrong PINs; phone closed");
@@ -1094,14 +1301,30 @@ impl Conn {
         }
     }
 
-    fn request_change(&mut self, ty: &str, kind: ChangeKind, quantum: Option<Quantum>, id: Option<&Value>) -> Result<Next, Bad> {
-        let busy = || bad(ErrorCode::Busy, None, "another change from this phone is still on its way; try again");
+    fn request_change(
+        &mut self,
+        ty: &str,
+        kind: ChangeKind,
+        quantum: Option<Quantum>,
+        id: Option<&Value>,
+    ) -> Result<Next, Bad> {
+        let busy = || {
+            bad(
+                ErrorCode::Busy,
+                None,
+                "another change from this phone is still on its way; try again",
+            )
+        };
         if self.control_busy.swap(true, Relaxed) {
             return Err(busy());
         }
         let Ok(permit) = self.inner().control.clone().try_acquire_owned() else {
             self.control_busy.store(false, Relaxed);
-            return Err(bad(ErrorCode::Busy, None, "too many changes in flight on this box; try again"));
+            return Err(bad(
+                ErrorCode::Busy,
+                None,
+                "too many changes in flight on this box; try again",
+            ));
         };
         self.inner().stats.changes_requested.fetch_add(1, Relaxed);
         let room = self.inner().room.clone();
@@ -1111,11 +1334,15 @@ impl Conn {
         let request = ty.to_string();
         let id = id.cloned();
         tokio::spawn(async move {
-            let r = tokio::time::timeout(CONTROL_TIMEOUT, room.query(Query::Change { kind, quantum })).await;
+            let r =
+                tokio::time::timeout(CONTROL_TIMEOUT, room.query(Query::Change { kind, quantum }))
+                    .await;
             drop(permit);
             flag.store(false, Relaxed);
             let mut v = match r {
-                Ok(Reply::Done(m)) => serde_json::json!({"type": "ack", "request": request, "message": m}),
+                Ok(Reply::Done(m)) => {
+                    serde_json::json!({"type": "ack", "request": request, "message": m})
+                }
                 Ok(Reply::Error(e)) => {
                     stats.error(ErrorCode::Refused);
                     serde_json::json!({"type": "error", "code": "refused", "reason": e, "request": request})
@@ -1156,16 +1383,26 @@ fn fields_of(ty: &str) -> Option<&'static [&'static str]> {
 fn check_id(obj: &Map<String, Value>) -> Result<Option<Value>, Bad> {
     match obj.get("id") {
         None => Ok(None),
-        Some(Value::Number(n)) if n.as_i64().is_some_and(|x| (x as f64).abs() <= MAX_SAFE) => Ok(Some(Value::Number(n.clone()))),
-        Some(Value::String(s)) if s.chars().count() <= 64 && !s.chars().any(char::is_control) => Ok(Some(Value::String(s.clone()))),
-        Some(_) => Err(bad_field("id", "id must be an integer or a string of at most 64 printable characters")),
+        Some(Value::Number(n)) if n.as_i64().is_some_and(|x| (x as f64).abs() <= MAX_SAFE) => {
+            Ok(Some(Value::Number(n.clone())))
+        }
+        Some(Value::String(s)) if s.chars().count() <= 64 && !s.chars().any(char::is_control) => {
+            Ok(Some(Value::String(s.clone())))
+        }
+        Some(_) => Err(bad_field(
+            "id",
+            "id must be an integer or a string of at most 64 printable characters",
+        )),
     }
 }
 
 fn check_text(field: &str, v: &Value, max: usize) -> Result<(), Bad> {
     match v {
         Value::String(s) if s.chars().count() <= max && !s.chars().any(char::is_control) => Ok(()),
-        _ => Err(bad_field(field, format!("{field} must be a string of at most {max} printable characters"))),
+        _ => Err(bad_field(
+            field,
+            format!("{field} must be a string of at most {max} printable characters"),
+        )),
     }
 }
 
@@ -1186,7 +1423,10 @@ fn number(field: &str, v: Option<&Value>, required: bool) -> Result<Option<f64>,
 fn integer(field: &str, v: Option<&Value>) -> Result<i64, Bad> {
     let x = number(field, v, true)?.unwrap_or(0.0);
     if x.fract() != 0.0 {
-        return Err(bad_field(field, format!("{field} must be a whole number (got {x})")));
+        return Err(bad_field(
+            field,
+            format!("{field} must be a whole number (got {x})"),
+        ));
     }
     Ok(x as i64)
 }
@@ -1239,7 +1479,17 @@ mod tests {
         assert!(integer("meter", Some(&serde_json::json!(1e300))).is_err());
         let o: Map<String, Value> = serde_json::from_str(r#"{"id":[1]}"#).unwrap();
         assert!(check_id(&o).is_err());
-        for t in ["join_session", "ping", "sync_request", "set_tempo", "set_meter", "play", "pause", "seek", "heartbeat"] {
+        for t in [
+            "join_session",
+            "ping",
+            "sync_request",
+            "set_tempo",
+            "set_meter",
+            "play",
+            "pause",
+            "seek",
+            "heartbeat",
+        ] {
             assert!(fields_of(t).is_some(), "{t}");
         }
         assert!(fields_of("pong").is_none());

@@ -14,10 +14,22 @@ use std::path::{Path, PathBuf};
 
 /// The embedded profiles, in tie-break order for detection.
 const BUILTIN: &[(&str, &str)] = &[
-    ("hw/rpi-headphones.toml", include_str!("../hw/rpi-headphones.toml")),
-    ("hw/rpi-i2s-dac.toml", include_str!("../hw/rpi-i2s-dac.toml")),
-    ("hw/usb-class-compliant.toml", include_str!("../hw/usb-class-compliant.toml")),
-    ("hw/x86-mini-pc.toml", include_str!("../hw/x86-mini-pc.toml")),
+    (
+        "hw/rpi-headphones.toml",
+        include_str!("../hw/rpi-headphones.toml"),
+    ),
+    (
+        "hw/rpi-i2s-dac.toml",
+        include_str!("../hw/rpi-i2s-dac.toml"),
+    ),
+    (
+        "hw/usb-class-compliant.toml",
+        include_str!("../hw/usb-class-compliant.toml"),
+    ),
+    (
+        "hw/x86-mini-pc.toml",
+        include_str!("../hw/x86-mini-pc.toml"),
+    ),
 ];
 
 /// Placeholder in `alsa_device_pattern` for the ALSA card id that detection found.
@@ -78,45 +90,98 @@ pub enum HwError {
     #[error("hw profile {origin}: {msg}")]
     Parse { origin: String, msg: String },
     #[error("hw profile {origin}: {field} {msg}")]
-    Invalid { origin: String, field: &'static str, msg: String },
+    Invalid {
+        origin: String,
+        field: &'static str,
+        msg: String,
+    },
     #[error("cannot read hw profile {}: {source}", path.display())]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 impl HwProfile {
     /// Parse and validate one profile; `origin` names it in errors.
     pub fn parse(text: &str, origin: &str) -> Result<HwProfile, HwError> {
-        let p: HwProfile =
-            toml::from_str(text).map_err(|e| HwError::Parse { origin: origin.to_string(), msg: e.to_string().trim().to_string() })?;
+        let p: HwProfile = toml::from_str(text).map_err(|e| HwError::Parse {
+            origin: origin.to_string(),
+            msg: e.to_string().trim().to_string(),
+        })?;
         p.validate(origin)?;
         Ok(p)
     }
 
     fn validate(&self, origin: &str) -> Result<(), HwError> {
-        let bad = |field: &'static str, msg: String| Err(HwError::Invalid { origin: origin.to_string(), field, msg });
+        let bad = |field: &'static str, msg: String| {
+            Err(HwError::Invalid {
+                origin: origin.to_string(),
+                field,
+                msg,
+            })
+        };
         if self.name.is_empty()
             || self.name.len() > 63
-            || !self.name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+            || !self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
         {
-            return bad("name", format!("{:?} must be 1–63 characters of a-z, 0-9 and '-'", self.name));
+            return bad(
+                "name",
+                format!(
+                    "{:?} must be 1–63 characters of a-z, 0-9 and '-'",
+                    self.name
+                ),
+            );
         }
         if self.description.trim().is_empty() {
             return bad("description", "must not be empty".into());
         }
-        if self.alsa_device_pattern.trim().is_empty() || self.alsa_device_pattern.chars().any(|c| c.is_control()) {
-            return bad("alsa_device_pattern", format!("{:?} must be a non-empty single line", self.alsa_device_pattern));
+        if self.alsa_device_pattern.trim().is_empty()
+            || self.alsa_device_pattern.chars().any(|c| c.is_control())
+        {
+            return bad(
+                "alsa_device_pattern",
+                format!(
+                    "{:?} must be a non-empty single line",
+                    self.alsa_device_pattern
+                ),
+            );
         }
         // Same ranges as the flags (config.rs).
         if !(32..=4096).contains(&self.buffer_frames) {
-            return bad("buffer_frames", format!("{} is out of range (32 to 4096)", self.buffer_frames));
+            return bad(
+                "buffer_frames",
+                format!("{} is out of range (32 to 4096)", self.buffer_frames),
+            );
         }
         if !(8_000..=192_000).contains(&self.sample_rate) {
-            return bad("sample_rate", format!("{} Hz is out of range (8000 to 192000)", self.sample_rate));
+            return bad(
+                "sample_rate",
+                format!("{} Hz is out of range (8000 to 192000)", self.sample_rate),
+            );
         }
-        if !self.latency_offset_ms.is_finite() || !(-500.0..=500.0).contains(&self.latency_offset_ms) {
-            return bad("latency_offset_ms", format!("{} ms is out of range (−500 to 500 ms)", self.latency_offset_ms));
+        if !self.latency_offset_ms.is_finite()
+            || !(-500.0..=500.0).contains(&self.latency_offset_ms)
+        {
+            return bad(
+                "latency_offset_ms",
+                format!(
+                    "{} ms is out of range (−500 to 500 ms)",
+                    self.latency_offset_ms
+                ),
+            );
         }
-        if self.detect.cards.iter().chain(&self.detect.cards_exclude).chain(&self.detect.model).any(|s| s.trim().is_empty()) {
+        if self
+            .detect
+            .cards
+            .iter()
+            .chain(&self.detect.cards_exclude)
+            .chain(&self.detect.model)
+            .any(|s| s.trim().is_empty())
+        {
             return bad("detect", "patterns must not be empty strings".into());
         }
         Ok(())
@@ -139,7 +204,10 @@ impl HwProfile {
     }
 
     /// The first of `device_ids` that fits the profile.
-    pub fn pick_device<'a, I: IntoIterator<Item = &'a str>>(&self, device_ids: I) -> Option<&'a str> {
+    pub fn pick_device<'a, I: IntoIterator<Item = &'a str>>(
+        &self,
+        device_ids: I,
+    ) -> Option<&'a str> {
         device_ids.into_iter().find(|id| self.matches_device(id))
     }
 
@@ -148,7 +216,8 @@ impl HwProfile {
     /// leading `*` (which stands for the `alsa:` host prefix) is dropped.
     pub fn device_id(&self) -> Option<String> {
         let p = self.alsa_device_pattern.trim_start_matches('*');
-        (!p.contains(['*', '?']) && !p.contains(CARD_PLACEHOLDER) && !p.is_empty()).then(|| p.to_string())
+        (!p.contains(['*', '?']) && !p.contains(CARD_PLACEHOLDER) && !p.is_empty())
+            .then(|| p.to_string())
     }
 
     /// Does the profile's detection rule accept this board? Returns the ALSA card id it
@@ -171,7 +240,9 @@ impl HwProfile {
             let hay = card.haystack();
             list.iter().any(|x| hay.contains(&x.to_lowercase()))
         };
-        cards.iter().find(|c| has(c, &r.cards) && !has(c, &r.cards_exclude))
+        cards
+            .iter()
+            .find(|c| has(c, &r.cards) && !has(c, &r.cards_exclude))
     }
 }
 
@@ -188,7 +259,11 @@ pub struct AlsaCard {
 
 impl AlsaCard {
     fn haystack(&self) -> String {
-        format!("{} | {} | {} | {}", self.id, self.driver, self.name, self.long_name).to_lowercase()
+        format!(
+            "{} | {} | {} | {}",
+            self.id, self.driver, self.name, self.long_name
+        )
+        .to_lowercase()
     }
 }
 
@@ -229,7 +304,13 @@ fn parse_card_header(line: &str) -> Option<AlsaCard> {
     if id.is_empty() {
         return None;
     }
-    Some(AlsaCard { index, id: id.to_string(), driver: driver.trim().to_string(), name: name.trim().to_string(), long_name: String::new() })
+    Some(AlsaCard {
+        index,
+        id: id.to_string(),
+        driver: driver.trim().to_string(),
+        name: name.trim().to_string(),
+        long_name: String::new(),
+    })
 }
 
 /// The embedded profiles.
@@ -238,7 +319,9 @@ pub fn builtin() -> Vec<HwProfile> {
     BUILTIN
         .iter()
         .filter_map(|(origin, text)| {
-            HwProfile::parse(text, origin).map_err(|e| tracing::error!(error = %e, "skipping a broken embedded hw profile")).ok()
+            HwProfile::parse(text, origin)
+                .map_err(|e| tracing::error!(error = %e, "skipping a broken embedded hw profile"))
+                .ok()
         })
         .collect()
 }
@@ -253,7 +336,10 @@ pub fn by_name(name: &str) -> Result<HwProfile, HwError> {
     let all = builtin();
     match all.iter().find(|p| p.name == name) {
         Some(p) => Ok(p.clone()),
-        None => Err(HwError::Unknown { name: name.to_string(), known: all.into_iter().map(|p| p.name).collect() }),
+        None => Err(HwError::Unknown {
+            name: name.to_string(),
+            known: all.into_iter().map(|p| p.name).collect(),
+        }),
     }
 }
 
@@ -262,7 +348,10 @@ pub fn by_name(name: &str) -> Result<HwProfile, HwError> {
 pub fn load(spec: &str) -> Result<HwProfile, HwError> {
     if spec.contains('/') || spec.ends_with(".toml") {
         let path = Path::new(spec);
-        let text = std::fs::read_to_string(path).map_err(|source| HwError::Io { path: path.to_path_buf(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| HwError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
         HwProfile::parse(&text, &path.display().to_string())
     } else {
         by_name(spec)
@@ -279,14 +368,21 @@ pub fn detect(model: Option<&str>, cards: &str) -> Option<HwProfile> {
 
 /// [`detect`] over any set of profiles.
 pub fn detect_among(profiles: &[HwProfile], model: Option<&str>, cards: &str) -> Option<HwProfile> {
-    let model = model.map(|m| m.trim_matches(|c: char| c == '\0' || c.is_whitespace())).filter(|m| !m.is_empty());
+    let model = model
+        .map(|m| m.trim_matches(|c: char| c == '\0' || c.is_whitespace()))
+        .filter(|m| !m.is_empty());
     let cards = parse_cards(cards);
     let mut best: Option<(i32, HwProfile)> = None;
     for p in profiles {
         if let Some(card) = p.detect_card(model, &cards) {
-            if best.as_ref().is_none_or(|(prio, _)| p.detect.priority > *prio) {
+            if best
+                .as_ref()
+                .is_none_or(|(prio, _)| p.detect.priority > *prio)
+            {
                 let mut chosen = p.clone();
-                chosen.alsa_device_pattern = chosen.alsa_device_pattern.replace(CARD_PLACEHOLDER, &card.id);
+                chosen.alsa_device_pattern = chosen
+                    .alsa_device_pattern
+                    .replace(CARD_PLACEHOLDER, &card.id);
                 best = Some((p.detect.priority, chosen));
             }
         }
@@ -301,12 +397,18 @@ pub const ASOUND_CARDS: &str = "/proc/asound/cards";
 /// [`detect`] on this machine's `/proc/device-tree/model` and `/proc/asound/cards`
 /// (either may be missing: no device tree on a PC, no sound cards in a container).
 pub fn detect_system() -> Option<HwProfile> {
-    let model = std::fs::read(DEVICE_TREE_MODEL).ok().map(|b| String::from_utf8_lossy(&b).into_owned());
+    let model = std::fs::read(DEVICE_TREE_MODEL)
+        .ok()
+        .map(|b| String::from_utf8_lossy(&b).into_owned());
     let cards = std::fs::read_to_string(ASOUND_CARDS).unwrap_or_default();
     let found = detect(model.as_deref(), &cards);
     match &found {
-        Some(p) => tracing::debug!(profile = %p.name, model = ?model.as_deref().map(|m| m.trim_end_matches('\0')), "hw profile detected"),
-        None => tracing::debug!(model = ?model.as_deref().map(|m| m.trim_end_matches('\0')), "no hw profile fits this box"),
+        Some(p) => {
+            tracing::debug!(profile = %p.name, model = ?model.as_deref().map(|m| m.trim_end_matches('\0')), "hw profile detected")
+        }
+        None => {
+            tracing::debug!(model = ?model.as_deref().map(|m| m.trim_end_matches('\0')), "no hw profile fits this box")
+        }
     }
     found
 }
@@ -386,13 +488,21 @@ mod tests {
         assert!(all.len() >= 4);
         for (origin, _) in BUILTIN {
             let stem = Path::new(origin).file_stem().unwrap().to_str().unwrap();
-            assert!(all.iter().any(|p| p.name == stem), "{origin}: name must equal the file name");
+            assert!(
+                all.iter().any(|p| p.name == stem),
+                "{origin}: name must equal the file name"
+            );
         }
         let mut names: Vec<_> = all.iter().map(|p| p.name.clone()).collect();
         names.sort();
         names.dedup();
         assert_eq!(names.len(), all.len(), "names are unique");
-        for want in ["rpi-headphones", "rpi-i2s-dac", "usb-class-compliant", "x86-mini-pc"] {
+        for want in [
+            "rpi-headphones",
+            "rpi-i2s-dac",
+            "usb-class-compliant",
+            "x86-mini-pc",
+        ] {
             assert!(names.iter().any(|n| n == want), "{want}");
         }
     }
@@ -404,7 +514,10 @@ mod tests {
             let p = e.unwrap().path();
             if p.extension().is_some_and(|x| x == "toml") {
                 let rel = format!("hw/{}", p.file_name().unwrap().to_str().unwrap());
-                let (_, text) = BUILTIN.iter().find(|(o, _)| *o == rel).unwrap_or_else(|| panic!("{rel} is not in hw::BUILTIN"));
+                let (_, text) = BUILTIN
+                    .iter()
+                    .find(|(o, _)| *o == rel)
+                    .unwrap_or_else(|| panic!("{rel} is not in hw::BUILTIN"));
                 assert_eq!(*text, std::fs::read_to_string(&p).unwrap());
             }
         }
@@ -432,21 +545,52 @@ mod tests {
 
     #[test]
     fn parse_errors_name_the_file_and_field() {
-        let e = HwProfile::parse(&profile_text("b", "buffer_frames = 5\n", "1.0"), "/etc/b.toml").unwrap_err().to_string();
-        assert!(e.contains("/etc/b.toml") && e.contains("buffer_frames") && e.contains('5'), "{e}");
-        let e = HwProfile::parse(&profile_text("b", "buffer_frames = 256\nbufer = 1\n", "1.0"), "b.toml").unwrap_err().to_string();
+        let e = HwProfile::parse(
+            &profile_text("b", "buffer_frames = 5\n", "1.0"),
+            "/etc/b.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("/etc/b.toml") && e.contains("buffer_frames") && e.contains('5'),
+            "{e}"
+        );
+        let e = HwProfile::parse(
+            &profile_text("b", "buffer_frames = 256\nbufer = 1\n", "1.0"),
+            "b.toml",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("b.toml") && e.contains("bufer"), "{e}");
-        let e = HwProfile::parse(&profile_text("b", "", "1.0"), "b.toml").unwrap_err().to_string();
+        let e = HwProfile::parse(&profile_text("b", "", "1.0"), "b.toml")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("buffer_frames"), "missing field: {e}");
-        let e = HwProfile::parse(&profile_text("b", "buffer_frames = 256\n", "900.0"), "b.toml").unwrap_err().to_string();
+        let e = HwProfile::parse(
+            &profile_text("b", "buffer_frames = 256\n", "900.0"),
+            "b.toml",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("latency_offset_ms") && e.contains("900"), "{e}");
-        let e = HwProfile::parse(&profile_text("b", "buffer_frames = 256\n", "nan"), "b.toml").unwrap_err().to_string();
+        let e = HwProfile::parse(&profile_text("b", "buffer_frames = 256\n", "nan"), "b.toml")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("latency_offset_ms"), "{e}");
-        let e = HwProfile::parse(&profile_text("Big Box", "buffer_frames = 256\n", "1.0"), "b.toml").unwrap_err().to_string();
+        let e = HwProfile::parse(
+            &profile_text("Big Box", "buffer_frames = 256\n", "1.0"),
+            "b.toml",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("name") && e.contains("Big Box"), "{e}");
-        let e = HwProfile::parse("name = ", "b.toml").unwrap_err().to_string();
+        let e = HwProfile::parse("name = ", "b.toml")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("b.toml"), "{e}");
-        assert!(HwProfile::parse(&profile_text("b", "buffer_frames = 256\n", "1.0"), "b.toml").is_ok());
+        assert!(
+            HwProfile::parse(&profile_text("b", "buffer_frames = 256\n", "1.0"), "b.toml").is_ok()
+        );
     }
 
     #[test]
@@ -469,7 +613,9 @@ mod tests {
         std::fs::write(&p, "name = \"mine\"\ndescription = \"calibrated\"\nalsa_device_pattern = \"plughw:CARD=CODEC,DEV=0\"\nbuffer_frames = 256\nsample_rate = 48000\nlatency_offset_ms = 2.75\n").unwrap();
         let prof = load(p.to_str().unwrap()).unwrap();
         assert_eq!(prof.latency_offset_ms, 2.75);
-        let e = load(dir.path().join("absent.toml").to_str().unwrap()).unwrap_err().to_string();
+        let e = load(dir.path().join("absent.toml").to_str().unwrap())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("absent.toml"), "{e}");
     }
 
@@ -483,7 +629,10 @@ mod tests {
         assert_eq!(c[1].name, "snd_rpi_hifiberry_dacplus");
         assert_eq!(c[1].long_name, "snd_rpi_hifiberry_dacplus");
         let c = parse_cards(NUC_USB_CARDS);
-        assert_eq!(c[1].long_name, "Burr-Brown from TI USB Audio CODEC at usb-0000:00:14.0-2, full speed");
+        assert_eq!(
+            c[1].long_name,
+            "Burr-Brown from TI USB Audio CODEC at usb-0000:00:14.0-2, full speed"
+        );
         assert!(parse_cards("--- no soundcards ---\n").is_empty());
         assert!(parse_cards("").is_empty());
         assert!(parse_cards("garbage [x]: y\n 7 []: a - b\n").is_empty());
@@ -494,7 +643,10 @@ mod tests {
         let p = detect(Some(PI4_MODEL), PI4_CARDS).unwrap();
         assert_eq!(p.name, "rpi-headphones");
         assert_eq!(p.alsa_device_pattern, "*plughw:CARD=Headphones,DEV=0");
-        assert_eq!(p.device_id().as_deref(), Some("plughw:CARD=Headphones,DEV=0"));
+        assert_eq!(
+            p.device_id().as_deref(),
+            Some("plughw:CARD=Headphones,DEV=0")
+        );
         assert!(p.matches_device("alsa:plughw:CARD=Headphones,DEV=0"));
         assert!(!p.matches_device("alsa:plughw:CARD=vc4hdmi0,DEV=0"));
     }
@@ -503,9 +655,19 @@ mod tests {
     fn a_dac_hat_beats_the_jack() {
         let p = detect(Some(PI4_MODEL), PI4_HIFIBERRY_CARDS).unwrap();
         assert_eq!(p.name, "rpi-i2s-dac");
-        assert_eq!(p.device_id().as_deref(), Some("plughw:CARD=sndrpihifiberry,DEV=0"));
-        let ids = ["alsa:default", "alsa:hw:CARD=sndrpihifiberry,DEV=0", "alsa:plughw:CARD=sndrpihifiberry,DEV=0"];
-        assert_eq!(p.pick_device(ids), Some("alsa:plughw:CARD=sndrpihifiberry,DEV=0"));
+        assert_eq!(
+            p.device_id().as_deref(),
+            Some("plughw:CARD=sndrpihifiberry,DEV=0")
+        );
+        let ids = [
+            "alsa:default",
+            "alsa:hw:CARD=sndrpihifiberry,DEV=0",
+            "alsa:plughw:CARD=sndrpihifiberry,DEV=0",
+        ];
+        assert_eq!(
+            p.pick_device(ids),
+            Some("alsa:plughw:CARD=sndrpihifiberry,DEV=0")
+        );
     }
 
     #[test]
@@ -553,10 +715,22 @@ mod tests {
         assert!(glob_match("a*c", "abbbc"));
         assert!(glob_match("a?c", "abc"));
         assert!(!glob_match("a?c", "ac"));
-        assert!(glob_match("*plughw:card=*,dev=0", "alsa:plughw:card=pch,dev=0"));
-        assert!(!glob_match("*plughw:card=*,dev=0", "alsa:plughw:card=pch,dev=01"));
+        assert!(glob_match(
+            "*plughw:card=*,dev=0",
+            "alsa:plughw:card=pch,dev=0"
+        ));
+        assert!(!glob_match(
+            "*plughw:card=*,dev=0",
+            "alsa:plughw:card=pch,dev=01"
+        ));
         assert!(glob_match("**a", "a"));
-        let p = HwProfile { alsa_device_pattern: "Headphones".into(), ..by_name("rpi-headphones").unwrap() };
-        assert!(p.matches_device("alsa:hw:CARD=headphones,DEV=0"), "no wildcard: substring, any case");
+        let p = HwProfile {
+            alsa_device_pattern: "Headphones".into(),
+            ..by_name("rpi-headphones").unwrap()
+        };
+        assert!(
+            p.matches_device("alsa:hw:CARD=headphones,DEV=0"),
+            "no wildcard: substring, any case"
+        );
     }
 }

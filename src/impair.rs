@@ -76,9 +76,17 @@ pub enum ImpairError {
     #[error("BANDSYNC_TEST_IMPAIR: {key} is given more than once")]
     Duplicate { key: String },
     #[error("BANDSYNC_TEST_IMPAIR: {key}={value} is not {expected}")]
-    NotANumber { key: String, value: String, expected: &'static str },
+    NotANumber {
+        key: String,
+        value: String,
+        expected: &'static str,
+    },
     #[error("BANDSYNC_TEST_IMPAIR: {key}={value} is out of range ({range})")]
-    OutOfRange { key: String, value: String, range: &'static str },
+    OutOfRange {
+        key: String,
+        value: String,
+        range: &'static str,
+    },
 }
 
 impl Impairment {
@@ -90,7 +98,9 @@ impl Impairment {
         let mut seen = [false; 4];
         for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
             let Some((key, value)) = item.split_once('=') else {
-                return Err(ImpairError::NotKeyValue { item: item.to_string() });
+                return Err(ImpairError::NotKeyValue {
+                    item: item.to_string(),
+                });
             };
             let (key, value) = (key.trim(), value.trim());
             let slot = match key {
@@ -98,16 +108,32 @@ impl Impairment {
                 "jitter_ms" => 1,
                 "loss" => 2,
                 "seed" => 3,
-                _ => return Err(ImpairError::UnknownKey { key: key.to_string() }),
+                _ => {
+                    return Err(ImpairError::UnknownKey {
+                        key: key.to_string(),
+                    })
+                }
             };
             if std::mem::replace(&mut seen[slot], true) {
-                return Err(ImpairError::Duplicate { key: key.to_string() });
+                return Err(ImpairError::Duplicate {
+                    key: key.to_string(),
+                });
             }
-            let not_a_number = |expected| ImpairError::NotANumber { key: key.to_string(), value: value.to_string(), expected };
-            let out_of_range = |range| ImpairError::OutOfRange { key: key.to_string(), value: value.to_string(), range };
+            let not_a_number = |expected| ImpairError::NotANumber {
+                key: key.to_string(),
+                value: value.to_string(),
+                expected,
+            };
+            let out_of_range = |range| ImpairError::OutOfRange {
+                key: key.to_string(),
+                value: value.to_string(),
+                range,
+            };
             match slot {
                 0 | 1 => {
-                    let ms: f64 = value.parse().map_err(|_| not_a_number("a number of milliseconds"))?;
+                    let ms: f64 = value
+                        .parse()
+                        .map_err(|_| not_a_number("a number of milliseconds"))?;
                     if !(0.0..=MAX_MS).contains(&ms) {
                         return Err(out_of_range("0 to 60000"));
                     }
@@ -125,7 +151,11 @@ impl Impairment {
                     }
                     imp.loss = p;
                 }
-                _ => imp.seed = value.parse().map_err(|_| not_a_number("an unsigned 64-bit integer"))?,
+                _ => {
+                    imp.seed = value
+                        .parse()
+                        .map_err(|_| not_a_number("an unsigned 64-bit integer"))?
+                }
             }
         }
         Ok(imp)
@@ -201,7 +231,10 @@ impl SplitMix {
     const GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
 
     fn next_u64(&self) -> u64 {
-        let mut z = self.0.fetch_add(Self::GAMMA, Ordering::Relaxed).wrapping_add(Self::GAMMA);
+        let mut z = self
+            .0
+            .fetch_add(Self::GAMMA, Ordering::Relaxed)
+            .wrapping_add(Self::GAMMA);
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         z ^ (z >> 31)
@@ -298,12 +331,19 @@ impl ImpairedSocket {
             self.queued.fetch_sub(1, Ordering::Relaxed);
             self.stats.overflow.fetch_add(1, Ordering::Relaxed);
             if !self.warned_overflow.swap(true, Ordering::Relaxed) {
-                tracing::warn!(max = MAX_QUEUED, "impairment queue full; dropping outgoing datagrams");
+                tracing::warn!(
+                    max = MAX_QUEUED,
+                    "impairment queue full; dropping outgoing datagrams"
+                );
             }
             return Ok(());
         }
         // Uniform in 0..=jitter_ns (the modulo bias is below 2^-20 for any jitter up to a minute).
-        let jitter = if self.imp.jitter_ns > 0 { self.rng.next_u64() % (self.imp.jitter_ns + 1) } else { 0 };
+        let jitter = if self.imp.jitter_ns > 0 {
+            self.rng.next_u64() % (self.imp.jitter_ns + 1)
+        } else {
+            0
+        };
         let pending = Pending {
             due: now + Duration::from_nanos(self.imp.delay_ns + jitter),
             seq: self.seq.fetch_add(1, Ordering::Relaxed),
@@ -315,7 +355,9 @@ impl ImpairedSocket {
         if self.tx.send(pending).is_err() {
             // Only if the runtime is shutting down: nothing can go out any more.
             self.queued.fetch_sub(1, Ordering::Relaxed);
-            return Err(io::Error::other("the impairment's sending task has stopped"));
+            return Err(io::Error::other(
+                "the impairment's sending task has stopped",
+            ));
         }
         Ok(())
     }
@@ -328,14 +370,22 @@ impl AsyncUdpSocket for ImpairedSocket {
 
     fn try_send(&self, transmit: &Transmit) -> io::Result<()> {
         let now = Instant::now();
-        let seg = transmit.segment_size.unwrap_or(transmit.contents.len()).max(1);
+        let seg = transmit
+            .segment_size
+            .unwrap_or(transmit.contents.len())
+            .max(1);
         for datagram in transmit.contents.chunks(seg) {
             self.enqueue(now, transmit, datagram)?;
         }
         Ok(())
     }
 
-    fn poll_recv(&self, cx: &mut Context, bufs: &mut [IoSliceMut<'_>], meta: &mut [RecvMeta]) -> Poll<io::Result<usize>> {
+    fn poll_recv(
+        &self,
+        cx: &mut Context,
+        bufs: &mut [IoSliceMut<'_>],
+        meta: &mut [RecvMeta],
+    ) -> Poll<io::Result<usize>> {
         self.inner.poll_recv(cx, bufs, meta)
     }
 
@@ -406,8 +456,19 @@ async fn send_task(
     }
 }
 
-async fn send_now(inner: &dyn AsyncUdpSocket, poller: &mut Pin<Box<dyn UdpPoller>>, p: &Pending, stats: &ImpairStats) {
-    let t = Transmit { destination: p.destination, ecn: p.ecn, contents: &p.bytes, segment_size: None, src_ip: p.src_ip };
+async fn send_now(
+    inner: &dyn AsyncUdpSocket,
+    poller: &mut Pin<Box<dyn UdpPoller>>,
+    p: &Pending,
+    stats: &ImpairStats,
+) {
+    let t = Transmit {
+        destination: p.destination,
+        ecn: p.ecn,
+        contents: &p.bytes,
+        segment_size: None,
+        src_ip: p.src_ip,
+    };
     loop {
         match inner.try_send(&t) {
             Ok(()) => {
@@ -449,7 +510,9 @@ pub fn make_endpoint_with_stats(
     imp: Option<Impairment>,
 ) -> io::Result<(quinn::Endpoint, Option<Arc<ImpairStats>>)> {
     if tokio::runtime::Handle::try_current().is_err() {
-        return Err(io::Error::other("a QUIC endpoint must be created inside a Tokio runtime"));
+        return Err(io::Error::other(
+            "a QUIC endpoint must be created inside a Tokio runtime",
+        ));
     }
     let runtime = Arc::new(quinn::TokioRuntime);
     match imp {
@@ -478,36 +541,90 @@ mod tests {
     fn impair_parse_accepts_full_subsets_and_floats() {
         assert_eq!(
             Impairment::parse("delay_ms=3,jitter_ms=20,loss=0.02,seed=7").unwrap(),
-            Impairment { delay_ns: 3_000_000, jitter_ns: 20_000_000, loss: 0.02, seed: 7 }
+            Impairment {
+                delay_ns: 3_000_000,
+                jitter_ns: 20_000_000,
+                loss: 0.02,
+                seed: 7
+            }
         );
-        assert_eq!(Impairment::parse("loss=0.3").unwrap(), Impairment { loss: 0.3, ..Default::default() });
+        assert_eq!(
+            Impairment::parse("loss=0.3").unwrap(),
+            Impairment {
+                loss: 0.3,
+                ..Default::default()
+            }
+        );
         assert_eq!(
             Impairment::parse(" seed = 18446744073709551615 , delay_ms=0.25,").unwrap(),
-            Impairment { delay_ns: 250_000, seed: u64::MAX, ..Default::default() }
+            Impairment {
+                delay_ns: 250_000,
+                seed: u64::MAX,
+                ..Default::default()
+            }
         );
         assert_eq!(Impairment::parse("loss=0").unwrap().loss, 0.0);
         assert_eq!(Impairment::parse("loss=1").unwrap().loss, 1.0);
         assert_eq!(Impairment::parse("").unwrap(), Impairment::default());
-        let imp = Impairment { delay_ns: 3_500_000, jitter_ns: 20_000_000, loss: 0.02, seed: 9 };
+        let imp = Impairment {
+            delay_ns: 3_500_000,
+            jitter_ns: 20_000_000,
+            loss: 0.02,
+            seed: 9,
+        };
         assert_eq!(Impairment::parse(&imp.to_string()).unwrap(), imp);
     }
 
     #[test]
     fn impair_parse_rejects_with_clear_messages() {
-        assert_eq!(err("loss=1.5"), "BANDSYNC_TEST_IMPAIR: loss=1.5 is out of range (0 to 1)");
-        assert_eq!(err("loss=-0.1"), "BANDSYNC_TEST_IMPAIR: loss=-0.1 is out of range (0 to 1)");
-        assert_eq!(err("loss=NaN"), "BANDSYNC_TEST_IMPAIR: loss=NaN is out of range (0 to 1)");
-        assert_eq!(err("loss=lots"), "BANDSYNC_TEST_IMPAIR: loss=lots is not a probability");
-        assert_eq!(err("delay_ms=-1"), "BANDSYNC_TEST_IMPAIR: delay_ms=-1 is out of range (0 to 60000)");
-        assert_eq!(err("jitter_ms=inf"), "BANDSYNC_TEST_IMPAIR: jitter_ms=inf is out of range (0 to 60000)");
-        assert_eq!(err("delay_ms=3ms"), "BANDSYNC_TEST_IMPAIR: delay_ms=3ms is not a number of milliseconds");
-        assert_eq!(err("seed=-3"), "BANDSYNC_TEST_IMPAIR: seed=-3 is not an unsigned 64-bit integer");
-        assert_eq!(err("delay=3"), "BANDSYNC_TEST_IMPAIR: unknown key `delay` (keys: delay_ms, jitter_ms, loss, seed)");
+        assert_eq!(
+            err("loss=1.5"),
+            "BANDSYNC_TEST_IMPAIR: loss=1.5 is out of range (0 to 1)"
+        );
+        assert_eq!(
+            err("loss=-0.1"),
+            "BANDSYNC_TEST_IMPAIR: loss=-0.1 is out of range (0 to 1)"
+        );
+        assert_eq!(
+            err("loss=NaN"),
+            "BANDSYNC_TEST_IMPAIR: loss=NaN is out of range (0 to 1)"
+        );
+        assert_eq!(
+            err("loss=lots"),
+            "BANDSYNC_TEST_IMPAIR: loss=lots is not a probability"
+        );
+        assert_eq!(
+            err("delay_ms=-1"),
+            "BANDSYNC_TEST_IMPAIR: delay_ms=-1 is out of range (0 to 60000)"
+        );
+        assert_eq!(
+            err("jitter_ms=inf"),
+            "BANDSYNC_TEST_IMPAIR: jitter_ms=inf is out of range (0 to 60000)"
+        );
+        assert_eq!(
+            err("delay_ms=3ms"),
+            "BANDSYNC_TEST_IMPAIR: delay_ms=3ms is not a number of milliseconds"
+        );
+        assert_eq!(
+            err("seed=-3"),
+            "BANDSYNC_TEST_IMPAIR: seed=-3 is not an unsigned 64-bit integer"
+        );
+        assert_eq!(
+            err("delay=3"),
+            "BANDSYNC_TEST_IMPAIR: unknown key `delay` (keys: delay_ms, jitter_ms, loss, seed)"
+        );
         assert_eq!(err("delay_ms"), "BANDSYNC_TEST_IMPAIR: `delay_ms` is not key=value (keys: delay_ms, jitter_ms, loss, seed)");
-        assert_eq!(err("loss=0.1,loss=0.2"), "BANDSYNC_TEST_IMPAIR: loss is given more than once");
+        assert_eq!(
+            err("loss=0.1,loss=0.2"),
+            "BANDSYNC_TEST_IMPAIR: loss is given more than once"
+        );
         assert_eq!(
             Impairment::parse("delay_ms=1;loss=0.1"),
-            Err(ImpairError::NotANumber { key: "delay_ms".into(), value: "1;loss=0.1".into(), expected: "a number of milliseconds" })
+            Err(ImpairError::NotANumber {
+                key: "delay_ms".into(),
+                value: "1;loss=0.1".into(),
+                expected: "a number of milliseconds"
+            })
         );
     }
 
@@ -516,12 +633,24 @@ mod tests {
         assert_eq!(Impairment::from_env_value(None), Ok(None));
         assert_eq!(Impairment::from_env_value(Some("".into())), Ok(None));
         assert_eq!(Impairment::from_env_value(Some("  ".into())), Ok(None));
-        assert_eq!(Impairment::from_env_value(Some("delay_ms=2".into())), Ok(Some(Impairment { delay_ns: 2_000_000, ..Default::default() })));
-        assert!(matches!(Impairment::from_env_value(Some("loss=2".into())), Err(ImpairError::OutOfRange { .. })));
+        assert_eq!(
+            Impairment::from_env_value(Some("delay_ms=2".into())),
+            Ok(Some(Impairment {
+                delay_ns: 2_000_000,
+                ..Default::default()
+            }))
+        );
+        assert!(matches!(
+            Impairment::from_env_value(Some("loss=2".into())),
+            Err(ImpairError::OutOfRange { .. })
+        ));
         #[cfg(unix)]
         {
             use std::os::unix::ffi::OsStringExt;
-            assert_eq!(Impairment::from_env_value(Some(std::ffi::OsString::from_vec(vec![0xff]))), Err(ImpairError::NotUnicode));
+            assert_eq!(
+                Impairment::from_env_value(Some(std::ffi::OsString::from_vec(vec![0xff]))),
+                Err(ImpairError::NotUnicode)
+            );
         }
     }
 
@@ -559,10 +688,20 @@ mod tests {
                 return Err(io::ErrorKind::WouldBlock.into());
             }
             assert!(t.segment_size.is_none());
-            self.sent.lock().unwrap().push((Instant::now(), t.destination, t.ecn, t.contents.to_vec()));
+            self.sent.lock().unwrap().push((
+                Instant::now(),
+                t.destination,
+                t.ecn,
+                t.contents.to_vec(),
+            ));
             Ok(())
         }
-        fn poll_recv(&self, _: &mut Context, _: &mut [IoSliceMut<'_>], _: &mut [RecvMeta]) -> Poll<io::Result<usize>> {
+        fn poll_recv(
+            &self,
+            _: &mut Context,
+            _: &mut [IoSliceMut<'_>],
+            _: &mut [RecvMeta],
+        ) -> Poll<io::Result<usize>> {
             Poll::Pending
         }
         fn local_addr(&self) -> io::Result<SocketAddr> {
@@ -573,11 +712,20 @@ mod tests {
     const DEST: &str = "127.0.0.1:9";
 
     fn transmit(bytes: &[u8], seg: Option<usize>) -> Transmit<'_> {
-        Transmit { destination: DEST.parse().unwrap(), ecn: Some(EcnCodepoint::Ect0), contents: bytes, segment_size: seg, src_ip: None }
+        Transmit {
+            destination: DEST.parse().unwrap(),
+            ecn: Some(EcnCodepoint::Ect0),
+            contents: bytes,
+            segment_size: seg,
+            src_ip: None,
+        }
     }
 
     fn pair(imp: Impairment, flaky: bool) -> (Arc<Recorder>, Arc<ImpairedSocket>) {
-        let rec = Arc::new(Recorder { flaky, ..Default::default() });
+        let rec = Arc::new(Recorder {
+            flaky,
+            ..Default::default()
+        });
         let sock = ImpairedSocket::new(rec.clone(), imp).unwrap();
         (rec, sock)
     }
@@ -600,14 +748,33 @@ mod tests {
         let sent = rec.sent.lock().unwrap();
         let sizes: Vec<usize> = sent.iter().map(|s| s.3.len()).collect();
         assert_eq!(sizes, [1000, 1000, 500, 4]);
-        assert_eq!(sent.iter().map(|s| s.3.clone()).collect::<Vec<_>>().concat(), [&batch[..], b"tail"].concat());
-        assert!(sent.iter().all(|s| s.1 == DEST.parse().unwrap() && s.2 == Some(EcnCodepoint::Ect0)));
-        assert_eq!(sock.stats().counts(), ImpairCounts { sent: 4, ..Default::default() });
+        assert_eq!(
+            sent.iter()
+                .map(|s| s.3.clone())
+                .collect::<Vec<_>>()
+                .concat(),
+            [&batch[..], b"tail"].concat()
+        );
+        assert!(sent
+            .iter()
+            .all(|s| s.1 == DEST.parse().unwrap() && s.2 == Some(EcnCodepoint::Ect0)));
+        assert_eq!(
+            sock.stats().counts(),
+            ImpairCounts {
+                sent: 4,
+                ..Default::default()
+            }
+        );
     }
 
     #[tokio::test]
     async fn impair_delays_by_delay_plus_jitter() {
-        let imp = Impairment { delay_ns: 30_000_000, jitter_ns: 20_000_000, loss: 0.0, seed: 1 };
+        let imp = Impairment {
+            delay_ns: 30_000_000,
+            jitter_ns: 20_000_000,
+            loss: 0.0,
+            seed: 1,
+        };
         let (rec, sock) = pair(imp, false);
         let t0 = Instant::now();
         for i in 0..50u8 {
@@ -617,8 +784,14 @@ mod tests {
         let sent = rec.sent.lock().unwrap();
         assert_eq!(sent.len(), 50);
         let lat: Vec<Duration> = sent.iter().map(|s| s.0 - t0).collect();
-        assert!(lat.iter().all(|d| *d >= Duration::from_millis(30)), "{lat:?}");
-        assert!(lat.iter().all(|d| *d < Duration::from_millis(1000)), "{lat:?}");
+        assert!(
+            lat.iter().all(|d| *d >= Duration::from_millis(30)),
+            "{lat:?}"
+        );
+        assert!(
+            lat.iter().all(|d| *d < Duration::from_millis(1000)),
+            "{lat:?}"
+        );
         // Jitter spreads them out (and reorders some).
         let spread = *lat.iter().max().unwrap() - *lat.iter().min().unwrap();
         assert!(spread >= Duration::from_millis(5), "spread {spread:?}");
@@ -630,7 +803,14 @@ mod tests {
     async fn impair_loss_is_seeded_and_near_p() {
         let mut runs = Vec::new();
         for seed in [5, 5, 6] {
-            let (rec, sock) = pair(Impairment { loss: 0.3, seed, ..Default::default() }, false);
+            let (rec, sock) = pair(
+                Impairment {
+                    loss: 0.3,
+                    seed,
+                    ..Default::default()
+                },
+                false,
+            );
             for i in 0..5000u32 {
                 sock.try_send(&transmit(&i.to_le_bytes(), None)).unwrap();
             }
@@ -638,7 +818,13 @@ mod tests {
             assert_eq!(c.lost + c.sent + sock.queued() as u64, 5000);
             assert!((1300..1700).contains(&c.lost), "lost {}", c.lost);
             wait_for(&rec, 5000 - c.lost as usize).await;
-            let got: Vec<Vec<u8>> = rec.sent.lock().unwrap().iter().map(|s| s.3.clone()).collect();
+            let got: Vec<Vec<u8>> = rec
+                .sent
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|s| s.3.clone())
+                .collect();
             assert_eq!(got.len() as u64, 5000 - c.lost);
             runs.push(got);
         }
@@ -648,7 +834,13 @@ mod tests {
 
     #[tokio::test]
     async fn impair_queue_is_bounded() {
-        let (rec, sock) = pair(Impairment { delay_ns: 10_000_000_000, ..Default::default() }, false);
+        let (rec, sock) = pair(
+            Impairment {
+                delay_ns: 10_000_000_000,
+                ..Default::default()
+            },
+            false,
+        );
         for _ in 0..MAX_QUEUED + 5 {
             sock.try_send(&transmit(b"x", None)).unwrap();
         }

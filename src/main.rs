@@ -9,11 +9,15 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(name = "bandsync", version, about = "Every box in the room plays the same click, on the same sample.",
+#[command(
+    name = "bandsync",
+    version,
+    about = "Every box in the room plays the same click, on the same sample.",
     long_about = "Every box in the room plays the same click, on the same sample.\n\n\
 Run `bandsync run` on each box (systemd does this for you); boxes of the same room find\n\
 each other on the LAN. Flags override the config file (/etc/bandsync/bandsync.toml or\n\
---config), which overrides the embedded defaults.")]
+--config), which overrides the embedded defaults."
+)]
 struct Cli {
     /// Config file (TOML). Default: /etc/bandsync/bandsync.toml when it exists.
     #[arg(long, global = true, value_name = "PATH")]
@@ -116,12 +120,18 @@ struct To {
 }
 
 fn target(to: &To, file: &FileConfig) -> anyhow::Result<bandsync::cli::Target> {
-    let dir = to.state_dir.clone().or(file.state_dir.clone()).unwrap_or_else(bandsync::config::default_state_dir);
+    let dir = to
+        .state_dir
+        .clone()
+        .or(file.state_dir.clone())
+        .unwrap_or_else(bandsync::config::default_state_dir);
     let key_file = to.room_key_file.clone().or(file.room_key_file.clone());
     let key = match key_file {
         Some(p) => bandsync::auth::RoomKey::load(Some(&p), &dir)?,
         None => {
-            if std::env::var("BANDSYNC_ROOM_KEY").is_ok_and(|k| !k.trim().is_empty()) || dir.join("room-key").exists() {
+            if std::env::var("BANDSYNC_ROOM_KEY").is_ok_and(|k| !k.trim().is_empty())
+                || dir.join("room-key").exists()
+            {
                 bandsync::auth::RoomKey::load(None, &dir)?
             } else {
                 anyhow::bail!("no room key: pass --room-key-file PATH or set BANDSYNC_ROOM_KEY (no key in {})", dir.display());
@@ -130,15 +140,25 @@ fn target(to: &To, file: &FileConfig) -> anyhow::Result<bandsync::cli::Target> {
     };
     Ok(bandsync::cli::Target {
         node: to.node.clone(),
-        room: to.room.clone().or(file.room.clone()).unwrap_or_else(|| "default".into()),
-        interfaces: if to.interface.is_empty() { file.interface.clone().unwrap_or_default() } else { to.interface.clone() },
+        room: to
+            .room
+            .clone()
+            .or(file.room.clone())
+            .unwrap_or_else(|| "default".into()),
+        interfaces: if to.interface.is_empty() {
+            file.interface.clone().unwrap_or_default()
+        } else {
+            to.interface.clone()
+        },
         key,
     })
 }
 
 fn ask(to: &To, file: &FileConfig, q: Query) -> anyhow::Result<Reply> {
     let t = target(to, file)?;
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(bandsync::cli::request(&t, q))
 }
 
@@ -156,7 +176,8 @@ fn done(r: Reply) -> anyhow::Result<()> {
 fn status(to: &To, file: &FileConfig, json: bool, peers_only: bool) -> anyhow::Result<()> {
     match ask(to, file, Query::Status)? {
         Reply::Status(j) => {
-            let s: bandsync::room::Status = serde_json::from_str(&j).context("the node sent an unreadable status")?;
+            let s: bandsync::room::Status =
+                serde_json::from_str(&j).context("the node sent an unreadable status")?;
             if json {
                 if peers_only {
                     println!("{}", serde_json::to_string_pretty(&s.peers)?);
@@ -187,7 +208,9 @@ fn init_logs() {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).with_writer(std::io::stderr).init();
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 fn main() {
@@ -196,34 +219,75 @@ fn main() {
     let cli = Cli::parse();
     init_logs();
     let result = (|| -> anyhow::Result<()> {
-        let clock = clock.map_err(|e| anyhow::Error::new(bandsync::config::ConfigError(e.to_string())))?;
+        let clock =
+            clock.map_err(|e| anyhow::Error::new(bandsync::config::ConfigError(e.to_string())))?;
         match cli.cmd {
             Cmd::Run(args) => {
                 let cfg = FileConfig::load(cli.config.as_deref())
                     .and_then(|(file, origin)| RunConfig::build(&args, &file, origin.as_deref()))
-                    .map_err(|e| anyhow::Error::new(bandsync::config::ConfigError(format!("{e:#}"))))?;
+                    .map_err(|e| {
+                        anyhow::Error::new(bandsync::config::ConfigError(format!("{e:#}")))
+                    })?;
                 bandsync::daemon::run(cfg, clock)
             }
-            Cmd::Status { to, json } => status(&to, &FileConfig::load(cli.config.as_deref())?.0, json, false),
-            Cmd::Peers { to, json } => status(&to, &FileConfig::load(cli.config.as_deref())?.0, json, true),
-            Cmd::Pin { who, to } => done(ask(&to, &FileConfig::load(cli.config.as_deref())?.0, Query::Pin(who))?),
-            Cmd::Unpin { to } => done(ask(&to, &FileConfig::load(cli.config.as_deref())?.0, Query::Unpin)?),
+            Cmd::Status { to, json } => status(
+                &to,
+                &FileConfig::load(cli.config.as_deref())?.0,
+                json,
+                false,
+            ),
+            Cmd::Peers { to, json } => {
+                status(&to, &FileConfig::load(cli.config.as_deref())?.0, json, true)
+            }
+            Cmd::Pin { who, to } => done(ask(
+                &to,
+                &FileConfig::load(cli.config.as_deref())?.0,
+                Query::Pin(who),
+            )?),
+            Cmd::Unpin { to } => done(ask(
+                &to,
+                &FileConfig::load(cli.config.as_deref())?.0,
+                Query::Unpin,
+            )?),
             Cmd::Tempo { bpm, to, now } => {
                 let t = Tempo::from_bpm(bpm)?;
-                let q = Query::Change { kind: ChangeKind::Tempo(t), quantum: Some(if now { Quantum::Beat } else { Quantum::Bar }) };
+                let q = Query::Change {
+                    kind: ChangeKind::Tempo(t),
+                    quantum: Some(if now { Quantum::Beat } else { Quantum::Bar }),
+                };
                 done(ask(&to, &FileConfig::load(cli.config.as_deref())?.0, q)?)
             }
             Cmd::Meter { beats, to } => {
                 let m = Meter::new(beats)?;
-                done(ask(&to, &FileConfig::load(cli.config.as_deref())?.0, Query::Change { kind: ChangeKind::Meter(m), quantum: Some(Quantum::Bar) })?)
+                done(ask(
+                    &to,
+                    &FileConfig::load(cli.config.as_deref())?.0,
+                    Query::Change {
+                        kind: ChangeKind::Meter(m),
+                        quantum: Some(Quantum::Bar),
+                    },
+                )?)
             }
-            Cmd::Start { to } => {
-                done(ask(&to, &FileConfig::load(cli.config.as_deref())?.0, Query::Change { kind: ChangeKind::Start, quantum: Some(Quantum::Bar) })?)
-            }
-            Cmd::Stop { to } => {
-                done(ask(&to, &FileConfig::load(cli.config.as_deref())?.0, Query::Change { kind: ChangeKind::Stop, quantum: Some(Quantum::Beat) })?)
-            }
-            Cmd::RoomKey { state_dir, room_key_file } => {
+            Cmd::Start { to } => done(ask(
+                &to,
+                &FileConfig::load(cli.config.as_deref())?.0,
+                Query::Change {
+                    kind: ChangeKind::Start,
+                    quantum: Some(Quantum::Bar),
+                },
+            )?),
+            Cmd::Stop { to } => done(ask(
+                &to,
+                &FileConfig::load(cli.config.as_deref())?.0,
+                Query::Change {
+                    kind: ChangeKind::Stop,
+                    quantum: Some(Quantum::Beat),
+                },
+            )?),
+            Cmd::RoomKey {
+                state_dir,
+                room_key_file,
+            } => {
                 let dir = state_dir.unwrap_or_else(bandsync::config::default_state_dir);
                 bandsync::state::ensure_dir(&dir)?;
                 let key = bandsync::auth::RoomKey::load(room_key_file.as_deref(), &dir)?;
@@ -231,12 +295,20 @@ fn main() {
                 Ok(())
             }
             Cmd::Devices => {
-                let devs = bandsync::audio::device::list_devices().context("cannot list audio devices")?;
+                let devs =
+                    bandsync::audio::device::list_devices().context("cannot list audio devices")?;
                 if devs.is_empty() {
-                    println!("no output devices found (`bandsync run` would use the silent null sink)");
+                    println!(
+                        "no output devices found (`bandsync run` would use the silent null sink)"
+                    );
                 }
                 for d in devs {
-                    println!("{} {:<40} {}", if d.is_default { "*" } else { " " }, d.id, d.description);
+                    println!(
+                        "{} {:<40} {}",
+                        if d.is_default { "*" } else { " " },
+                        d.id,
+                        d.description
+                    );
                 }
                 Ok(())
             }

@@ -73,7 +73,8 @@ impl RoomHandle {
         if self.0.send(Event::Query { q, reply: tx }).await.is_err() {
             return Reply::Error("the node is shutting down".into());
         }
-        rx.await.unwrap_or_else(|_| Reply::Error("the node is shutting down".into()))
+        rx.await
+            .unwrap_or_else(|_| Reply::Error("the node is shutting down".into()))
     }
 
     pub async fn status(&self) -> Option<crate::room::Status> {
@@ -93,11 +94,29 @@ pub fn channel() -> (RoomHandle, Inbox) {
 }
 
 pub enum Event {
-    Query { q: Query, reply: tokio::sync::oneshot::Sender<Reply> },
-    Up { id: String, name: String, conn: quinn::Connection, tx: mpsc::Sender<Frame> },
-    Down { id: String, stable: usize },
-    Frame { from: String, frame: Frame },
-    Pong { from: String, sample: Sample, gen: u32 },
+    Query {
+        q: Query,
+        reply: tokio::sync::oneshot::Sender<Reply>,
+    },
+    Up {
+        id: String,
+        name: String,
+        conn: quinn::Connection,
+        tx: mpsc::Sender<Frame>,
+    },
+    Down {
+        id: String,
+        stable: usize,
+    },
+    Frame {
+        from: String,
+        frame: Frame,
+    },
+    Pong {
+        from: String,
+        sample: Sample,
+        gen: u32,
+    },
 }
 
 struct Shared {
@@ -124,10 +143,16 @@ pub async fn run(
     auth::install_crypto();
     let (cert, key) = auth::load_identity(&cfg.state_dir)?;
     let server = auth::server_config(cert, key)?;
-    let socket = std::net::UdpSocket::bind(cfg.quic).with_context(|| format!("cannot bind QUIC to {}", cfg.quic))?;
+    let socket = std::net::UdpSocket::bind(cfg.quic)
+        .with_context(|| format!("cannot bind QUIC to {}", cfg.quic))?;
     let local = socket.local_addr()?;
-    let mut endpoint = crate::impair::make_endpoint(quinn::EndpointConfig::default(), Some(server), socket, cfg.impair)
-        .context("creating the QUIC endpoint")?;
+    let mut endpoint = crate::impair::make_endpoint(
+        quinn::EndpointConfig::default(),
+        Some(server),
+        socket,
+        cfg.impair,
+    )
+    .context("creating the QUIC endpoint")?;
     endpoint.set_default_client_config(auth::client_config()?);
     tracing::info!(addr = %local, impaired = cfg.impair.is_some(), "QUIC endpoint listening");
 
@@ -144,7 +169,15 @@ pub async fn run(
 
     let Inbox(mut erx, etx) = inbox;
     let room_hash = discovery::room_hash(&cfg.room);
-    let shared = Arc::new(Shared { published, cfg, clock, cell: cell.clone(), stats, room_hash, events: etx });
+    let shared = Arc::new(Shared {
+        published,
+        cfg,
+        clock,
+        cell: cell.clone(),
+        stats,
+        room_hash,
+        events: etx,
+    });
 
     // Accept loop.
     let acceptor = {
@@ -324,10 +357,19 @@ pub async fn run(
 
 /// Prefer an address of the same family as our bind address.
 fn pick_addr(addrs: &[SocketAddr], bind: SocketAddr) -> Option<SocketAddr> {
-    addrs.iter().find(|a| a.is_ipv4() == bind.is_ipv4()).or(addrs.first()).copied()
+    addrs
+        .iter()
+        .find(|a| a.is_ipv4() == bind.is_ipv4())
+        .or(addrs.first())
+        .copied()
 }
 
-fn carry_out(shared: &Shared, room: &mut Room, peers: &HashMap<String, (quinn::Connection, mpsc::Sender<Frame>)>, actions: &mut Vec<Action>) {
+fn carry_out(
+    shared: &Shared,
+    room: &mut Room,
+    peers: &HashMap<String, (quinn::Connection, mpsc::Sender<Frame>)>,
+    actions: &mut Vec<Action>,
+) {
     for a in actions.drain(..) {
         match a {
             Action::Broadcast(f) => {
@@ -343,7 +385,12 @@ fn carry_out(shared: &Shared, room: &mut Room, peers: &HashMap<String, (quinn::C
                 }
                 None => tracing::warn!(peer = %to, "no connection to send to"),
             },
-            Action::Publish { timeline, map, epoch, gen } => {
+            Action::Publish {
+                timeline,
+                map,
+                epoch,
+                gen,
+            } => {
                 let mut s: AudioSnapshot = shared.cell.read();
                 s.timeline = timeline;
                 s.map = map;
@@ -364,16 +411,35 @@ fn carry_out(shared: &Shared, room: &mut Room, peers: &HashMap<String, (quinn::C
                 }
             }
             Action::Note(n) => match n {
-                Note::BecameLeader { epoch } => tracing::info!(epoch, "this node now leads the room"),
+                Note::BecameLeader { epoch } => {
+                    tracing::info!(epoch, "this node now leads the room")
+                }
                 Note::Following { leader, epoch } => tracing::info!(%leader, epoch, "following"),
-                Note::Joined { leader, beat, step_ns } => {
+                Note::Joined {
+                    leader,
+                    beat,
+                    step_ns,
+                } => {
                     tracing::info!(%leader, beat, step_us = step_ns / 1000, "joined the room's session (one clock step, on a beat boundary)")
                 }
-                Note::WaitingForClock { leader } => tracing::info!(%leader, "found a running room; syncing clocks before joining"),
-                Note::Scheduled { change, at } => tracing::info!(?change, beat = at.beat, at_session_ns = at.time, "change scheduled"),
+                Note::WaitingForClock { leader } => {
+                    tracing::info!(%leader, "found a running room; syncing clocks before joining")
+                }
+                Note::Scheduled { change, at } => tracing::info!(
+                    ?change,
+                    beat = at.beat,
+                    at_session_ns = at.time,
+                    "change scheduled"
+                ),
                 Note::ChangeRefused { reason } => tracing::warn!(%reason, "change refused"),
-                Note::StaleAnnounce { from } => tracing::debug!(peer = %from, "ignored an announce from an older epoch"),
-                Note::Realigned { leader, beat, step_ns } => {
+                Note::StaleAnnounce { from } => {
+                    tracing::debug!(peer = %from, "ignored an announce from an older epoch")
+                }
+                Note::Realigned {
+                    leader,
+                    beat,
+                    step_ns,
+                } => {
                     tracing::info!(%leader, beat, step_us = step_ns / 1000, "realigned to the leader's grid at a bar boundary")
                 }
             },
@@ -383,17 +449,27 @@ fn carry_out(shared: &Shared, room: &mut Room, peers: &HashMap<String, (quinn::C
 }
 
 fn phone_url(shared: &Shared) -> Option<String> {
-    shared.cfg.http_port.map(|p| format!("http://{}.local:{p}/", crate::discovery::dns_label(&shared.cfg.name)))
+    shared.cfg.http_port.map(|p| {
+        format!(
+            "http://{}.local:{p}/",
+            crate::discovery::dns_label(&shared.cfg.name)
+        )
+    })
 }
 
 fn write_status(shared: &Shared, room: &Room, now: i64) {
     let mut st = room.status(now);
     st.phone_url = phone_url(shared);
-    let Ok(json) = serde_json::to_vec_pretty(&st) else { return };
+    let Ok(json) = serde_json::to_vec_pretty(&st) else {
+        return;
+    };
     let p = shared.cfg.state_dir.join("status.json");
     let tmp = shared.cfg.state_dir.join(".status.json.tmp");
     // Not fsynced: it is a view, rebuilt every half second.
-    if std::fs::write(&tmp, json).and_then(|_| std::fs::rename(&tmp, &p)).is_err() {
+    if std::fs::write(&tmp, json)
+        .and_then(|_| std::fs::rename(&tmp, &p))
+        .is_err()
+    {
         tracing::debug!(path = %p.display(), "cannot write status file");
     }
 }
@@ -444,25 +520,48 @@ fn service_manager(
 }
 
 /// Keep the mirror's latest record current: the leader's session, or nothing.
-fn update_mirror(tx: &tokio::sync::watch::Sender<Option<crate::mirror::MirrorRecord>>, room_name: &str, room: &Room, _now: i64) {
+fn update_mirror(
+    tx: &tokio::sync::watch::Sender<Option<crate::mirror::MirrorRecord>>,
+    room_name: &str,
+    room: &Room,
+    _now: i64,
+) {
     let want = room.leading().then(|| {
         let seg = *room.timeline().last();
-        (room.epoch(), room.version(), seg.tempo.mbpm(), seg.meter.get(), seg.playing, room.pinned().map(str::to_string))
+        (
+            room.epoch(),
+            room.version(),
+            seg.tempo.mbpm(),
+            seg.meter.get(),
+            seg.playing,
+            room.pinned().map(str::to_string),
+        )
     });
-    let current = tx.borrow().as_ref().map(|r| (r.epoch, r.version, r.tempo_mbpm, r.meter, r.playing, r.pinned.clone()));
+    let current = tx.borrow().as_ref().map(|r| {
+        (
+            r.epoch,
+            r.version,
+            r.tempo_mbpm,
+            r.meter,
+            r.playing,
+            r.pinned.clone(),
+        )
+    });
     if want == current {
         return;
     }
-    let rec = want.map(|(epoch, version, tempo_mbpm, meter, playing, pinned)| crate::mirror::MirrorRecord {
-        room: room_name.to_string(),
-        epoch,
-        version,
-        leader: room.leader().to_string(),
-        tempo_mbpm,
-        meter,
-        playing,
-        pinned,
-        updated_unix_ms: crate::mirror::now_unix_ms(),
+    let rec = want.map(|(epoch, version, tempo_mbpm, meter, playing, pinned)| {
+        crate::mirror::MirrorRecord {
+            room: room_name.to_string(),
+            epoch,
+            version,
+            leader: room.leader().to_string(),
+            tempo_mbpm,
+            meter,
+            playing,
+            pinned,
+            updated_unix_ms: crate::mirror::now_unix_ms(),
+        }
     });
     tx.send_replace(rec);
 }
@@ -506,7 +605,12 @@ fn describe(k: crate::timeline::ChangeKind) -> String {
 /// Authenticate a connection, then pump its frames and datagrams until it closes.
 async fn serve(shared: Arc<Shared>, conn: quinn::Connection, dialer: bool, expect: Option<String>) {
     let addr = conn.remote_address();
-    let (peer, send, recv) = match tokio::time::timeout(AUTH_TIMEOUT, handshake(&shared, &conn, dialer)).await {
+    let (peer, send, recv) = match tokio::time::timeout(
+        AUTH_TIMEOUT,
+        handshake(&shared, &conn, dialer),
+    )
+    .await
+    {
         Ok(Ok(x)) => x,
         Ok(Err(HandshakeError::Refused(code, why))) => {
             if code == CLOSE_AUTH {
@@ -524,7 +628,9 @@ async fn serve(shared: Arc<Shared>, conn: quinn::Connection, dialer: bool, expec
                 quinn::ConnectionError::ApplicationClosed(c) => {
                     tracing::warn!(%addr, reason = %String::from_utf8_lossy(&c.reason), "peer refused us")
                 }
-                other => tracing::debug!(%addr, error = %other, "connection closed during handshake"),
+                other => {
+                    tracing::debug!(%addr, error = %other, "connection closed during handshake")
+                }
             }
             return;
         }
@@ -552,7 +658,17 @@ async fn serve(shared: Arc<Shared>, conn: quinn::Connection, dialer: bool, expec
     let _e = span.enter();
     let id = peer.node.clone();
     let (tx, mut rx) = mpsc::channel::<Frame>(256);
-    if shared.events.send(Event::Up { id: id.clone(), name: peer.name.clone(), conn: conn.clone(), tx }).await.is_err() {
+    if shared
+        .events
+        .send(Event::Up {
+            id: id.clone(),
+            name: peer.name.clone(),
+            conn: conn.clone(),
+            tx,
+        })
+        .await
+        .is_err()
+    {
         return;
     }
 
@@ -574,7 +690,10 @@ async fn serve(shared: Arc<Shared>, conn: quinn::Connection, dialer: bool, expec
         tokio::spawn(async move {
             let mut seq = 0u32;
             loop {
-                let d = Datagram::Ping { seq, t1: clock.now_ns() };
+                let d = Datagram::Ping {
+                    seq,
+                    t1: clock.now_ns(),
+                };
                 if conn.send_datagram(d.encode().into()).is_err() && conn.close_reason().is_some() {
                     break;
                 }
@@ -599,13 +718,30 @@ async fn serve(shared: Arc<Shared>, conn: quinn::Connection, dialer: bool, expec
                         let s = shared.cell.read();
                         let t2 = s.map.to_session(now);
                         let t3 = s.map.to_session(shared.clock.now_ns());
-                        let pong = Datagram::Pong { seq, t1, t2, t3, gen: s.gen as u32 };
+                        let pong = Datagram::Pong {
+                            seq,
+                            t1,
+                            t2,
+                            t3,
+                            gen: s.gen as u32,
+                        };
                         let _ = conn.send_datagram(pong.encode().into());
                     }
-                    Ok(Datagram::Pong { t1, t2, t3, gen, .. }) => {
+                    Ok(Datagram::Pong {
+                        t1, t2, t3, gen, ..
+                    }) => {
                         let _ = shared
                             .events
-                            .send(Event::Pong { from: id.clone(), sample: Sample { t1, t2, t3, t4: now }, gen })
+                            .send(Event::Pong {
+                                from: id.clone(),
+                                sample: Sample {
+                                    t1,
+                                    t2,
+                                    t3,
+                                    t4: now,
+                                },
+                                gen,
+                            })
                             .await;
                     }
                     Err(e) => {
@@ -621,7 +757,15 @@ async fn serve(shared: Arc<Shared>, conn: quinn::Connection, dialer: bool, expec
     loop {
         match wire::read_frame(&mut recv).await {
             Ok(Some(frame)) => {
-                if shared.events.send(Event::Frame { from: id.clone(), frame }).await.is_err() {
+                if shared
+                    .events
+                    .send(Event::Frame {
+                        from: id.clone(),
+                        frame,
+                    })
+                    .await
+                    .is_err()
+                {
                     break;
                 }
             }
@@ -631,7 +775,10 @@ async fn serve(shared: Arc<Shared>, conn: quinn::Connection, dialer: bool, expec
                 // no longer in sync).
                 shared.stats.bad_frames.fetch_add(1, Relaxed);
                 tracing::warn!(error = %e, kind = e.kind(), "malformed frame from peer; closing");
-                conn.close(CLOSE_AUTH.into(), format!("malformed frame: {e}").as_bytes());
+                conn.close(
+                    CLOSE_AUTH.into(),
+                    format!("malformed frame: {e}").as_bytes(),
+                );
                 break;
             }
             Err(wire::FrameReadError::Stream(e)) => {
@@ -643,7 +790,13 @@ async fn serve(shared: Arc<Shared>, conn: quinn::Connection, dialer: bool, expec
     pinger.abort();
     dgrams.abort();
     writer.abort();
-    let _ = shared.events.send(Event::Down { id, stable: conn.stable_id() }).await;
+    let _ = shared
+        .events
+        .send(Event::Down {
+            id,
+            stable: conn.stable_id(),
+        })
+        .await;
 }
 
 enum HandshakeError {
@@ -658,7 +811,11 @@ impl From<quinn::ConnectionError> for HandshakeError {
     }
 }
 
-async fn handshake(shared: &Shared, conn: &quinn::Connection, dialer: bool) -> Result<(Hello, quinn::SendStream, quinn::RecvStream), HandshakeError> {
+async fn handshake(
+    shared: &Shared,
+    conn: &quinn::Connection,
+    dialer: bool,
+) -> Result<(Hello, quinn::SendStream, quinn::RecvStream), HandshakeError> {
     let ekm = auth::exporter(conn).map_err(|e| HandshakeError::Other(e.to_string()))?;
     let (mine, theirs) = if dialer { ("c", "s") } else { ("s", "c") };
     let hello = Frame::Hello(Hello {
@@ -671,7 +828,9 @@ async fn handshake(shared: &Shared, conn: &quinn::Connection, dialer: bool) -> R
     });
     let (mut send, mut recv) = if dialer {
         let (mut s, r) = conn.open_bi().await?;
-        s.write_all(&hello.encode()).await.map_err(|e| HandshakeError::Other(e.to_string()))?;
+        s.write_all(&hello.encode())
+            .await
+            .map_err(|e| HandshakeError::Other(e.to_string()))?;
         (s, r)
     } else {
         conn.accept_bi().await?
@@ -679,7 +838,12 @@ async fn handshake(shared: &Shared, conn: &quinn::Connection, dialer: bool) -> R
     let first = match wire::read_frame(&mut recv).await {
         Ok(Some(f)) => f,
         Ok(None) => return Err(HandshakeError::Other("stream closed before Hello".into())),
-        Err(wire::FrameReadError::Wire(e)) => return Err(HandshakeError::Refused(CLOSE_AUTH, format!("bad first frame: {e}"))),
+        Err(wire::FrameReadError::Wire(e)) => {
+            return Err(HandshakeError::Refused(
+                CLOSE_AUTH,
+                format!("bad first frame: {e}"),
+            ))
+        }
         Err(wire::FrameReadError::Stream(e)) => {
             if let Some(r) = conn.close_reason() {
                 return Err(HandshakeError::Closed(r));
@@ -688,48 +852,78 @@ async fn handshake(shared: &Shared, conn: &quinn::Connection, dialer: bool) -> R
         }
     };
     let Frame::Hello(h) = first else {
-        return Err(HandshakeError::Refused(CLOSE_AUTH, "first frame was not Hello".into()));
+        return Err(HandshakeError::Refused(
+            CLOSE_AUTH,
+            "first frame was not Hello".into(),
+        ));
     };
     if h.room != shared.room_hash {
         return Err(HandshakeError::Refused(CLOSE_ROOM, "different room".into()));
     }
     if !shared.cfg.key.verify(theirs, &ekm, &h.node, &h.mac) {
-        return Err(HandshakeError::Refused(CLOSE_AUTH, format!("node {} ({}) does not hold this room's key", h.node, h.name)));
+        return Err(HandshakeError::Refused(
+            CLOSE_AUTH,
+            format!("node {} ({}) does not hold this room's key", h.node, h.name),
+        ));
     }
     if h.node == shared.cfg.node_id {
-        return Err(HandshakeError::Refused(CLOSE_DUP, "that is this node".into()));
+        return Err(HandshakeError::Refused(
+            CLOSE_DUP,
+            "that is this node".into(),
+        ));
     }
     if !dialer {
-        send.write_all(&hello.encode()).await.map_err(|e| HandshakeError::Other(e.to_string()))?;
+        send.write_all(&hello.encode())
+            .await
+            .map_err(|e| HandshakeError::Other(e.to_string()))?;
     }
     Ok((h, send, recv))
 }
 
 /// A CLI connection: queries in, replies out. Never a peer of the room.
-async fn serve_cli(shared: Arc<Shared>, conn: quinn::Connection, hello: Hello, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+async fn serve_cli(
+    shared: Arc<Shared>,
+    conn: quinn::Connection,
+    hello: Hello,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
     tracing::debug!(cli = %hello.node, addr = %conn.remote_address(), "CLI connected");
     loop {
-        let frame = match tokio::time::timeout(Duration::from_secs(10), wire::read_frame(&mut recv)).await {
+        let frame = match tokio::time::timeout(Duration::from_secs(10), wire::read_frame(&mut recv))
+            .await
+        {
             Ok(Ok(Some(f))) => f,
             Ok(Ok(None)) | Err(_) => break,
             Ok(Err(e)) => {
                 shared.stats.bad_frames.fetch_add(1, Relaxed);
                 tracing::warn!(error = %e, "bad frame from CLI");
-                let _ = send.write_all(&Frame::Reply(Reply::Error(format!("bad request: {e}"))).encode()).await;
+                let _ = send
+                    .write_all(&Frame::Reply(Reply::Error(format!("bad request: {e}"))).encode())
+                    .await;
                 break;
             }
         };
         let reply = match frame {
             Frame::Query(q) => {
                 let (tx, rx) = tokio::sync::oneshot::channel();
-                if shared.events.send(Event::Query { q, reply: tx }).await.is_err() {
+                if shared
+                    .events
+                    .send(Event::Query { q, reply: tx })
+                    .await
+                    .is_err()
+                {
                     break;
                 }
-                rx.await.unwrap_or_else(|_| Reply::Error("the node is shutting down".into()))
+                rx.await
+                    .unwrap_or_else(|_| Reply::Error("the node is shutting down".into()))
             }
             other => {
                 shared.stats.bad_frames.fetch_add(1, Relaxed);
-                Reply::Error(format!("unexpected frame from a CLI: {}", frame_name(&other)))
+                Reply::Error(format!(
+                    "unexpected frame from a CLI: {}",
+                    frame_name(&other)
+                ))
             }
         };
         if send.write_all(&Frame::Reply(reply).encode()).await.is_err() {

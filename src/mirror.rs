@@ -66,8 +66,17 @@ pub struct MirrorRecord {
 }
 
 /// The names of the hash fields, in the order they are written.
-pub const FIELDS: [&str; 9] =
-    ["room", "epoch", "version", "leader", "tempo_mbpm", "meter", "playing", "pinned", "updated_unix_ms"];
+pub const FIELDS: [&str; 9] = [
+    "room",
+    "epoch",
+    "version",
+    "leader",
+    "tempo_mbpm",
+    "meter",
+    "playing",
+    "pinned",
+    "updated_unix_ms",
+];
 
 impl MirrorRecord {
     /// The hash fields, as strings. `pinned` is omitted when `None`.
@@ -91,8 +100,13 @@ impl MirrorRecord {
     /// Check that the record is one bandsync can write and read back.
     pub fn validate(&self) -> Result<(), String> {
         check_room(&self.room)?;
-        if !(crate::timeline::Tempo::MIN_MBPM..=crate::timeline::Tempo::MAX_MBPM).contains(&self.tempo_mbpm) {
-            return Err(format!("tempo_mbpm {} is outside 20000..=400000", self.tempo_mbpm));
+        if !(crate::timeline::Tempo::MIN_MBPM..=crate::timeline::Tempo::MAX_MBPM)
+            .contains(&self.tempo_mbpm)
+        {
+            return Err(format!(
+                "tempo_mbpm {} is outside 20000..=400000",
+                self.tempo_mbpm
+            ));
         }
         if !(1..=16).contains(&self.meter) {
             return Err(format!("meter {} is outside 1..=16", self.meter));
@@ -107,7 +121,10 @@ impl MirrorRecord {
 
 /// Milliseconds since the Unix epoch (for `updated_unix_ms`).
 pub fn now_unix_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// The hash key of a room.
@@ -122,14 +139,20 @@ pub fn room_channel(room: &str) -> String {
 
 fn check_room(room: &str) -> Result<(), String> {
     if room.is_empty() || room.len() > 255 || room.chars().any(|c| c.is_control()) {
-        return Err(format!("room name {:?} is invalid: use 1–255 printable characters", clip(room)));
+        return Err(format!(
+            "room name {:?} is invalid: use 1–255 printable characters",
+            clip(room)
+        ));
     }
     Ok(())
 }
 
 fn check_text(what: &str, v: &str) -> Result<(), String> {
     if v.len() > 255 || v.chars().any(|c| c.is_control()) {
-        return Err(format!("{what} {:?} is invalid: at most 255 printable characters", clip(v)));
+        return Err(format!(
+            "{what} {:?} is invalid: at most 255 printable characters",
+            clip(v)
+        ));
     }
     Ok(())
 }
@@ -183,9 +206,17 @@ pub enum MirrorError {
     #[error("TLS Redis: {0}")]
     Tls(String),
     #[error("Redis at {addr}: {what}: {source}")]
-    Io { addr: String, what: &'static str, source: std::io::Error },
+    Io {
+        addr: String,
+        what: &'static str,
+        source: std::io::Error,
+    },
     #[error("Redis at {addr} did not answer {what} within {after:?}")]
-    Timeout { addr: String, what: String, after: Duration },
+    Timeout {
+        addr: String,
+        what: String,
+        after: Duration,
+    },
     #[error("Redis at {addr} closed the connection")]
     Closed { addr: String },
     #[error("bad reply from Redis at {addr}: {source}")]
@@ -213,7 +244,9 @@ impl MirrorError {
     pub fn is_bad_reply(&self) -> bool {
         matches!(
             self,
-            MirrorError::Protocol { .. } | MirrorError::UnexpectedReply { .. } | MirrorError::BadRecord { .. }
+            MirrorError::Protocol { .. }
+                | MirrorError::UnexpectedReply { .. }
+                | MirrorError::BadRecord { .. }
         )
     }
     fn is_noscript(&self) -> bool {
@@ -302,20 +335,27 @@ impl RedisUrl {
             return Err(bad("it contains whitespace or control characters".into()));
         }
         let Some((scheme, rest)) = s.split_once("://") else {
-            return Err(bad("missing scheme: expected redis://[user:pass@]host:port/db or rediss://…".into()));
+            return Err(bad(
+                "missing scheme: expected redis://[user:pass@]host:port/db or rediss://…".into(),
+            ));
         };
         let tls = match scheme.to_ascii_lowercase().as_str() {
             "redis" => false,
             "rediss" => true,
             other => {
                 // Only echo a scheme that looks like one (it could be a mangled secret).
-                let shown =
-                    if other.len() <= 16 && other.bytes().all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b)) {
-                        format!("`{other}://`")
-                    } else {
-                        "the scheme".into()
-                    };
-                return Err(bad(format!("{shown} is not supported: use redis:// or rediss://")));
+                let shown = if other.len() <= 16
+                    && other
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b))
+                {
+                    format!("`{other}://`")
+                } else {
+                    "the scheme".into()
+                };
+                return Err(bad(format!(
+                    "{shown} is not supported: use redis:// or rediss://"
+                )));
             }
         };
         // User info ends at the last '@' (a password may hold '/', '?', '#' or ':').
@@ -327,7 +367,9 @@ impl RedisUrl {
             None => (None, None),
             Some(ui) => {
                 let Some((u, p)) = ui.split_once(':') else {
-                    return Err(bad("the part before '@' must be user:password or :password".into()));
+                    return Err(bad(
+                        "the part before '@' must be user:password or :password".into(),
+                    ));
                 };
                 let u = pct_decode(u).map_err(|m| bad(format!("user name: {m}")))?;
                 let p = pct_decode(p).map_err(|m| bad(format!("password: {m}")))?;
@@ -350,16 +392,27 @@ impl RedisUrl {
         };
         let (host, port) = if let Some(r) = hostport.strip_prefix('[') {
             let Some((h, after)) = r.split_once(']') else {
-                return Err(bad(format!("host `{}`: missing ']' after an IPv6 address", show(hostport.as_bytes()))));
+                return Err(bad(format!(
+                    "host `{}`: missing ']' after an IPv6 address",
+                    show(hostport.as_bytes())
+                )));
             };
             if h.parse::<std::net::Ipv6Addr>().is_err() {
-                return Err(bad(format!("host `[{}]` is not an IPv6 address", show(h.as_bytes()))));
+                return Err(bad(format!(
+                    "host `[{}]` is not an IPv6 address",
+                    show(h.as_bytes())
+                )));
             }
             let port = match after {
                 "" => None,
                 p => match p.strip_prefix(':') {
                     Some(p) => Some(p),
-                    None => return Err(bad(format!("unexpected `{}` after the IPv6 address", show(p.as_bytes())))),
+                    None => {
+                        return Err(bad(format!(
+                            "unexpected `{}` after the IPv6 address",
+                            show(p.as_bytes())
+                        )))
+                    }
                 },
             };
             (h.to_string(), port)
@@ -369,13 +422,22 @@ impl RedisUrl {
                 None => (hostport, None),
             };
             if p.is_some_and(|p| p.contains(':')) {
-                return Err(bad("an IPv6 host must be in brackets: redis://[::1]:6379".into()));
+                return Err(bad(
+                    "an IPv6 host must be in brackets: redis://[::1]:6379".into()
+                ));
             }
             if h.is_empty() {
                 return Err(bad("missing host".into()));
             }
-            if h.len() > 253 || !h.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b)) {
-                return Err(bad(format!("host `{}` is not a host name or IPv4 address", show(h.as_bytes()))));
+            if h.len() > 253
+                || !h
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
+            {
+                return Err(bad(format!(
+                    "host `{}` is not a host name or IPv4 address",
+                    show(h.as_bytes())
+                )));
             }
             (h.to_string(), p)
         };
@@ -383,7 +445,12 @@ impl RedisUrl {
             None => 6379,
             Some(p) => match p.parse::<u16>() {
                 Ok(n) if n > 0 && p.bytes().all(|b| b.is_ascii_digit()) => n,
-                _ => return Err(bad(format!("port `{}` is not a number 1–65535", show(p.as_bytes())))),
+                _ => {
+                    return Err(bad(format!(
+                        "port `{}` is not a number 1–65535",
+                        show(p.as_bytes())
+                    )))
+                }
             },
         };
         let db = match path {
@@ -391,15 +458,28 @@ impl RedisUrl {
             p => match p.parse::<u32>() {
                 Ok(n) if p.bytes().all(|b| b.is_ascii_digit()) => n,
                 _ => {
-                    return Err(bad(format!("database `/{}` is not a number (expected /0, /1, …)", show(p.as_bytes()))))
+                    return Err(bad(format!(
+                        "database `/{}` is not a number (expected /0, /1, …)",
+                        show(p.as_bytes())
+                    )))
                 }
             },
         };
-        let mut url = RedisUrl { tls, host, port, db, username, password, ca_file: None, client_cert: None };
+        let mut url = RedisUrl {
+            tls,
+            host,
+            port,
+            db,
+            username,
+            password,
+            ca_file: None,
+            client_cert: None,
+        };
         let (mut cert, mut key) = (None, None);
         for kv in query.unwrap_or("").split('&').filter(|kv| !kv.is_empty()) {
             let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-            let v = pct_decode(v).map_err(|m| bad(format!("query parameter `{}`: {m}", show(k.as_bytes()))))?;
+            let v = pct_decode(v)
+                .map_err(|m| bad(format!("query parameter `{}`: {m}", show(k.as_bytes()))))?;
             let slot = match k {
                 "cacert" => &mut url.ca_file,
                 "cert" => &mut cert,
@@ -422,7 +502,11 @@ impl RedisUrl {
         url.client_cert = match (cert, key) {
             (Some(c), Some(k)) => Some((c, k)),
             (None, None) => None,
-            _ => return Err(bad("a client certificate needs both `cert=` and `key=`".into())),
+            _ => {
+                return Err(bad(
+                    "a client certificate needs both `cert=` and `key=`".into()
+                ))
+            }
         };
         Ok(url)
     }
@@ -485,8 +569,12 @@ fn pct_decode(s: &str) -> Result<String, String> {
     let mut i = 0;
     while i < b.len() {
         if b[i] == b'%' {
-            let hex = b.get(i + 1..i + 3).ok_or("a '%' is not followed by two hex digits")?;
-            let v = std::str::from_utf8(hex).ok().and_then(|h| u8::from_str_radix(h, 16).ok());
+            let hex = b
+                .get(i + 1..i + 3)
+                .ok_or("a '%' is not followed by two hex digits")?;
+            let v = std::str::from_utf8(hex)
+                .ok()
+                .and_then(|h| u8::from_str_radix(h, 16).ok());
             out.push(v.ok_or("a '%' is not followed by two hex digits")?);
             i += 3;
         } else {
@@ -615,14 +703,18 @@ fn parse_len(line: &[u8]) -> Result<Option<u64>, ProtocolError> {
 }
 
 fn parse_at(buf: &[u8], pos: &mut usize, depth: usize) -> Result<Option<Value>, ProtocolError> {
-    let Some(&ty) = buf.get(*pos) else { return Ok(None) };
+    let Some(&ty) = buf.get(*pos) else {
+        return Ok(None);
+    };
     if !b"+-:$*".contains(&ty) {
         return Err(ProtocolError::BadType(ty));
     }
     if ty == b'*' && depth >= MAX_DEPTH {
         return Err(ProtocolError::TooDeep);
     }
-    let Some((line, next)) = line_at(buf, *pos + 1)? else { return Ok(None) };
+    let Some((line, next)) = line_at(buf, *pos + 1)? else {
+        return Ok(None);
+    };
     let text = || String::from_utf8_lossy(line).into_owned();
     let v = match ty {
         b'+' => Value::Simple(text()),
@@ -633,7 +725,9 @@ fn parse_at(buf: &[u8], pos: &mut usize, depth: usize) -> Result<Option<Value>, 
             Some(n) if n > MAX_BULK as u64 => return Err(ProtocolError::BulkTooLarge(n)),
             Some(n) => {
                 let n = n as usize;
-                let Some(data) = buf.get(next..next + n) else { return Ok(None) };
+                let Some(data) = buf.get(next..next + n) else {
+                    return Ok(None);
+                };
                 match buf.get(next + n..next + n + 2) {
                     None if buf.len() == next + n + 1 && buf[next + n] == b'\r' => return Ok(None),
                     None if buf.len() == next + n => return Ok(None),
@@ -781,7 +875,10 @@ impl TlsStream {
 }
 
 /// Move decrypted bytes to `dst`: (bytes moved, the peer sent close_notify).
-fn drain_plaintext(tls: &mut rustls::ClientConnection, dst: &mut Vec<u8>) -> std::io::Result<(usize, bool)> {
+fn drain_plaintext(
+    tls: &mut rustls::ClientConnection,
+    dst: &mut Vec<u8>,
+) -> std::io::Result<(usize, bool)> {
     let mut got = 0;
     let mut tmp = [0u8; 4096];
     loop {
@@ -808,21 +905,35 @@ fn load_certs(path: &Path) -> Result<Vec<rustls::pki_types::CertificateDer<'stat
     use rustls::pki_types::pem::PemObject;
     let certs = rustls::pki_types::CertificateDer::pem_file_iter(path)
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| MirrorError::Tls(format!("cannot read certificates from {}: {e}", path.display())))?;
+        .map_err(|e| {
+            MirrorError::Tls(format!(
+                "cannot read certificates from {}: {e}",
+                path.display()
+            ))
+        })?;
     if certs.is_empty() {
-        return Err(MirrorError::Tls(format!("no PEM certificate in {}", path.display())));
+        return Err(MirrorError::Tls(format!(
+            "no PEM certificate in {}",
+            path.display()
+        )));
     }
     Ok(certs)
 }
 
 fn tls_config(url: &RedisUrl) -> Result<Arc<rustls::ClientConfig>, MirrorError> {
     let mut roots = rustls::RootCertStore::empty();
-    let explicit = url.ca_file.clone().or_else(|| std::env::var_os("SSL_CERT_FILE").map(PathBuf::from));
+    let explicit = url
+        .ca_file
+        .clone()
+        .or_else(|| std::env::var_os("SSL_CERT_FILE").map(PathBuf::from));
     match explicit {
         Some(p) => {
             let (ok, _) = roots.add_parsable_certificates(load_certs(&p)?);
             if ok == 0 {
-                return Err(MirrorError::Tls(format!("no usable CA certificate in {}", p.display())));
+                return Err(MirrorError::Tls(format!(
+                    "no usable CA certificate in {}",
+                    p.display()
+                )));
             }
         }
         None => {
@@ -844,8 +955,12 @@ fn tls_config(url: &RedisUrl) -> Result<Arc<rustls::ClientConfig>, MirrorError> 
         Some((cert, key)) => {
             use rustls::pki_types::pem::PemObject;
             let chain = load_certs(cert)?;
-            let key = rustls::pki_types::PrivateKeyDer::from_pem_file(key)
-                .map_err(|e| MirrorError::Tls(format!("cannot read a private key from {}: {e}", key.display())))?;
+            let key = rustls::pki_types::PrivateKeyDer::from_pem_file(key).map_err(|e| {
+                MirrorError::Tls(format!(
+                    "cannot read a private key from {}: {e}",
+                    key.display()
+                ))
+            })?;
             builder
                 .with_client_auth_cert(chain, key)
                 .map_err(|e| MirrorError::Tls(format!("client certificate: {e}")))?
@@ -873,18 +988,33 @@ impl Conn {
     /// Connect, handshake TLS if asked, AUTH and SELECT: each step within `timeout`.
     pub async fn connect(url: &RedisUrl, timeout: Duration) -> Result<Conn, MirrorError> {
         let addr = url.addr();
-        let to = |what: &str| MirrorError::Timeout { addr: addr.clone(), what: what.into(), after: timeout };
+        let to = |what: &str| MirrorError::Timeout {
+            addr: addr.clone(),
+            what: what.into(),
+            after: timeout,
+        };
         let tcp = tokio::time::timeout(timeout, TcpStream::connect((url.host.as_str(), url.port)))
             .await
             .map_err(|_| to("the connection"))?
-            .map_err(|source| MirrorError::Io { addr: addr.clone(), what: "connect", source })?;
+            .map_err(|source| MirrorError::Io {
+                addr: addr.clone(),
+                what: "connect",
+                source,
+            })?;
         let _ = tcp.set_nodelay(true);
         let io = if url.tls {
             let cfg = tls_config(url)?;
-            let name = rustls::pki_types::ServerName::try_from(url.host.clone())
-                .map_err(|_| MirrorError::Tls(format!("`{}` is not a valid TLS server name", url.host)))?;
-            let tls = rustls::ClientConnection::new(cfg, name).map_err(|e| MirrorError::Tls(e.to_string()))?;
-            let mut t = Box::new(TlsStream { tcp, tls, raw: vec![0; 16 * 1024], out: Vec::new() });
+            let name = rustls::pki_types::ServerName::try_from(url.host.clone()).map_err(|_| {
+                MirrorError::Tls(format!("`{}` is not a valid TLS server name", url.host))
+            })?;
+            let tls = rustls::ClientConnection::new(cfg, name)
+                .map_err(|e| MirrorError::Tls(e.to_string()))?;
+            let mut t = Box::new(TlsStream {
+                tcp,
+                tls,
+                raw: vec![0; 16 * 1024],
+                out: Vec::new(),
+            });
             tokio::time::timeout(timeout, t.handshake())
                 .await
                 .map_err(|_| to("the TLS handshake"))?
@@ -893,23 +1023,46 @@ impl Conn {
         } else {
             Transport::Plain(tcp)
         };
-        let mut c = Conn { io, buf: Vec::new(), addr, timeout, script_sha: None, broken: false };
+        let mut c = Conn {
+            io,
+            buf: Vec::new(),
+            addr,
+            timeout,
+            script_sha: None,
+            broken: false,
+        };
         if let Some(pw) = &url.password {
             let r = match &url.username {
-                Some(u) => c.command(&[b"AUTH".as_slice(), u.as_bytes(), pw.as_bytes()]).await,
+                Some(u) => {
+                    c.command(&[b"AUTH".as_slice(), u.as_bytes(), pw.as_bytes()])
+                        .await
+                }
                 None => c.command(&[b"AUTH".as_slice(), pw.as_bytes()]).await,
             };
             match r {
                 Ok(Value::Simple(s)) if s == "OK" => {}
-                Ok(v) => return Err(MirrorError::UnexpectedReply { cmd: "AUTH".into(), got: v.describe() }),
+                Ok(v) => {
+                    return Err(MirrorError::UnexpectedReply {
+                        cmd: "AUTH".into(),
+                        got: v.describe(),
+                    })
+                }
                 Err(MirrorError::Server { msg, .. }) => return Err(MirrorError::Auth(msg)),
                 Err(e) => return Err(e),
             }
         }
         if url.db != 0 {
-            match c.command(&["SELECT".to_string(), url.db.to_string()]).await? {
+            match c
+                .command(&["SELECT".to_string(), url.db.to_string()])
+                .await?
+            {
                 Value::Simple(s) if s == "OK" => {}
-                v => return Err(MirrorError::UnexpectedReply { cmd: "SELECT".into(), got: v.describe() }),
+                v => {
+                    return Err(MirrorError::UnexpectedReply {
+                        cmd: "SELECT".into(),
+                        got: v.describe(),
+                    })
+                }
             }
         }
         Ok(c)
@@ -923,10 +1076,16 @@ impl Conn {
     /// Send one command and read its reply, within the timeout. An error reply becomes
     /// [`MirrorError::Server`] (the connection stays usable).
     pub async fn command<A: AsRef<[u8]>>(&mut self, args: &[A]) -> Result<Value, MirrorError> {
-        let name = args.first().map(|a| show(a.as_ref()).to_ascii_uppercase()).unwrap_or_default();
+        let name = args
+            .first()
+            .map(|a| show(a.as_ref()).to_ascii_uppercase())
+            .unwrap_or_default();
         self.send(args).await?;
         match self.read_reply().await? {
-            Value::Error(msg) => Err(MirrorError::Server { cmd: name, msg: clip(&msg).escape_debug().to_string() }),
+            Value::Error(msg) => Err(MirrorError::Server {
+                cmd: name,
+                msg: clip(&msg).escape_debug().to_string(),
+            }),
             v => Ok(v),
         }
     }
@@ -939,12 +1098,20 @@ impl Conn {
         let mut out = Vec::new();
         encode_command(args, &mut out);
         let r = tokio::time::timeout(self.timeout, self.io.write_all(&out)).await;
-        let what = || args.first().map(|a| show(a.as_ref()).to_ascii_uppercase()).unwrap_or_default();
+        let what = || {
+            args.first()
+                .map(|a| show(a.as_ref()).to_ascii_uppercase())
+                .unwrap_or_default()
+        };
         match r {
             Ok(Ok(())) => Ok(()),
             Ok(Err(source)) => {
                 self.broken = true;
-                Err(MirrorError::Io { addr: self.addr.clone(), what: "send", source })
+                Err(MirrorError::Io {
+                    addr: self.addr.clone(),
+                    what: "send",
+                    source,
+                })
             }
             Err(_) => {
                 self.broken = true;
@@ -970,7 +1137,11 @@ impl Conn {
         let r = tokio::time::timeout(wait, self.read_inner()).await;
         let r = match r {
             Ok(r) => r,
-            Err(_) => Err(MirrorError::Timeout { addr: self.addr.clone(), what: "a reply".into(), after: wait }),
+            Err(_) => Err(MirrorError::Timeout {
+                addr: self.addr.clone(),
+                what: "a reply".into(),
+                after: wait,
+            }),
         };
         if r.is_err() {
             self.broken = true;
@@ -986,18 +1157,32 @@ impl Conn {
                     return Ok(v);
                 }
                 Ok(None) if self.buf.len() > MAX_REPLY => {
-                    return Err(MirrorError::Protocol { addr: self.addr.clone(), source: ProtocolError::ReplyTooLarge })
+                    return Err(MirrorError::Protocol {
+                        addr: self.addr.clone(),
+                        source: ProtocolError::ReplyTooLarge,
+                    })
                 }
                 Ok(None) => {}
-                Err(source) => return Err(MirrorError::Protocol { addr: self.addr.clone(), source }),
+                Err(source) => {
+                    return Err(MirrorError::Protocol {
+                        addr: self.addr.clone(),
+                        source,
+                    })
+                }
             }
-            let n = self.io.read_some(&mut self.buf).await.map_err(|source| MirrorError::Io {
-                addr: self.addr.clone(),
-                what: "receive",
-                source,
-            })?;
+            let n = self
+                .io
+                .read_some(&mut self.buf)
+                .await
+                .map_err(|source| MirrorError::Io {
+                    addr: self.addr.clone(),
+                    what: "receive",
+                    source,
+                })?;
             if n == 0 {
-                return Err(MirrorError::Closed { addr: self.addr.clone() });
+                return Err(MirrorError::Closed {
+                    addr: self.addr.clone(),
+                });
             }
         }
     }
@@ -1006,7 +1191,10 @@ impl Conn {
     pub async fn ping(&mut self) -> Result<(), MirrorError> {
         match self.command(&["PING"]).await? {
             Value::Simple(s) if s == "PONG" => Ok(()),
-            v => Err(MirrorError::UnexpectedReply { cmd: "PING".into(), got: v.describe() }),
+            v => Err(MirrorError::UnexpectedReply {
+                cmd: "PING".into(),
+                got: v.describe(),
+            }),
         }
     }
 
@@ -1015,7 +1203,10 @@ impl Conn {
             Value::Bulk(b) if b.len() == 40 && b.iter().all(u8::is_ascii_hexdigit) => {
                 Ok(String::from_utf8_lossy(&b).to_ascii_lowercase())
             }
-            v => Err(MirrorError::UnexpectedReply { cmd: "SCRIPT LOAD".into(), got: v.describe() }),
+            v => Err(MirrorError::UnexpectedReply {
+                cmd: "SCRIPT LOAD".into(),
+                got: v.describe(),
+            }),
         }
     }
 }
@@ -1088,7 +1279,11 @@ pub enum WriteOutcome {
 
 /// The fencing write, exposed for tests: Ok(true) written (or already current),
 /// Ok(false) refused (older epoch, or same epoch and older version).
-pub async fn write_fenced(conn: &mut Conn, room: &str, rec: &MirrorRecord) -> Result<bool, MirrorError> {
+pub async fn write_fenced(
+    conn: &mut Conn,
+    room: &str,
+    rec: &MirrorRecord,
+) -> Result<bool, MirrorError> {
     Ok(write_fenced_outcome(conn, room, rec).await? != WriteOutcome::Fenced)
 }
 
@@ -1108,8 +1303,14 @@ pub async fn write_fenced_outcome(
     }
     rec.validate().map_err(MirrorError::InvalidRecord)?;
     let json = serde_json::to_string(rec).map_err(|e| MirrorError::InvalidRecord(e.to_string()))?;
-    let mut tail: Vec<String> =
-        vec!["1".into(), room_key(room), rec.epoch.to_string(), rec.version.to_string(), room_channel(room), json];
+    let mut tail: Vec<String> = vec![
+        "1".into(),
+        room_key(room),
+        rec.epoch.to_string(),
+        rec.version.to_string(),
+        room_channel(room),
+        json,
+    ];
     for (k, v) in rec.fields() {
         tail.push(k.into());
         tail.push(v);
@@ -1138,7 +1339,10 @@ pub async fn write_fenced_outcome(
         Value::Int(1) => Ok(WriteOutcome::Written),
         Value::Int(2) => Ok(WriteOutcome::Unchanged),
         Value::Int(0) => Ok(WriteOutcome::Fenced),
-        v => Err(MirrorError::UnexpectedReply { cmd: "EVALSHA (fence)".into(), got: v.describe() }),
+        v => Err(MirrorError::UnexpectedReply {
+            cmd: "EVALSHA (fence)".into(),
+            got: v.describe(),
+        }),
     }
 }
 
@@ -1147,7 +1351,11 @@ pub async fn write_fenced_outcome(
 
 /// For restore: read the room's record (None if absent), within `timeout` in all
 /// (connect included). Errors are returned, never panics; the record is validated.
-pub async fn fetch(url: &RedisUrl, room: &str, timeout: Duration) -> Result<Option<MirrorRecord>, MirrorError> {
+pub async fn fetch(
+    url: &RedisUrl,
+    room: &str,
+    timeout: Duration,
+) -> Result<Option<MirrorRecord>, MirrorError> {
     check_room(room).map_err(MirrorError::InvalidRecord)?;
     let work = async {
         let mut c = Conn::connect(url, timeout).await?;
@@ -1167,10 +1375,18 @@ pub async fn fetch(url: &RedisUrl, room: &str, timeout: Duration) -> Result<Opti
 /// Turn an HGETALL reply into a record: `None` for an empty hash.
 pub fn record_from_hash(room: &str, v: Value) -> Result<Option<MirrorRecord>, MirrorError> {
     let key = room_key(room);
-    let bad = |msg: String| MirrorError::BadRecord { key: key.clone(), msg };
+    let bad = |msg: String| MirrorError::BadRecord {
+        key: key.clone(),
+        msg,
+    };
     let items = match v {
         Value::Array(a) => a,
-        v => return Err(MirrorError::UnexpectedReply { cmd: "HGETALL".into(), got: v.describe() }),
+        v => {
+            return Err(MirrorError::UnexpectedReply {
+                cmd: "HGETALL".into(),
+                got: v.describe(),
+            })
+        }
     };
     if items.is_empty() {
         return Ok(None);
@@ -1190,19 +1406,32 @@ pub fn record_from_hash(room: &str, v: Value) -> Result<Option<MirrorRecord>, Mi
                 got: "a non-bulk field or value".into(),
             });
         };
-        let k = String::from_utf8(k).map_err(|e| bad(format!("field name `{}` is not UTF-8", show(e.as_bytes()))))?;
+        let k = String::from_utf8(k)
+            .map_err(|e| bad(format!("field name `{}` is not UTF-8", show(e.as_bytes()))))?;
         if !FIELDS.contains(&k.as_str()) {
             continue; // a field from a newer version: ignored
         }
-        let v = String::from_utf8(v).map_err(|e| bad(format!("field `{k}`: `{}` is not UTF-8", show(e.as_bytes()))))?;
+        let v = String::from_utf8(v).map_err(|e| {
+            bad(format!(
+                "field `{k}`: `{}` is not UTF-8",
+                show(e.as_bytes())
+            ))
+        })?;
         map.insert(k, v);
     }
-    let get = |f: &str| map.get(f).ok_or_else(|| bad(format!("field `{f}` is missing")));
+    let get = |f: &str| {
+        map.get(f)
+            .ok_or_else(|| bad(format!("field `{f}` is missing")))
+    };
     fn num<T: std::str::FromStr>(f: &str, s: &str) -> Result<T, String> {
         if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
-            return Err(format!("field `{f}`: `{}` is not a decimal number", show(s.as_bytes())));
+            return Err(format!(
+                "field `{f}`: `{}` is not a decimal number",
+                show(s.as_bytes())
+            ));
         }
-        s.parse().map_err(|_| format!("field `{f}`: `{}` is out of range", show(s.as_bytes())))
+        s.parse()
+            .map_err(|_| format!("field `{f}`: `{}` is out of range", show(s.as_bytes())))
     }
     let rec = MirrorRecord {
         room: get("room")?.clone(),
@@ -1214,13 +1443,22 @@ pub fn record_from_hash(room: &str, v: Value) -> Result<Option<MirrorRecord>, Mi
         playing: match get("playing")?.as_str() {
             "true" => true,
             "false" => false,
-            o => return Err(bad(format!("field `playing`: `{}` is not true or false", show(o.as_bytes())))),
+            o => {
+                return Err(bad(format!(
+                    "field `playing`: `{}` is not true or false",
+                    show(o.as_bytes())
+                )))
+            }
         },
         pinned: map.get("pinned").cloned(),
         updated_unix_ms: num("updated_unix_ms", get("updated_unix_ms")?).map_err(bad)?,
     };
     if rec.room != room {
-        return Err(bad(format!("field `room` is {:?}, expected {:?}", clip(&rec.room), clip(room))));
+        return Err(bad(format!(
+            "field `room` is {:?}, expected {:?}",
+            clip(&rec.room),
+            clip(room)
+        )));
     }
     rec.validate().map_err(bad)?;
     Ok(Some(rec))
@@ -1268,7 +1506,10 @@ impl LogLimiter {
     /// `Some(n suppressed since the last one)` when a message may be logged now.
     fn allow(&mut self) -> Option<u64> {
         let now = Instant::now();
-        if self.last.is_some_and(|t| now.duration_since(t) < self.every) {
+        if self
+            .last
+            .is_some_and(|t| now.duration_since(t) < self.every)
+        {
             self.suppressed += 1;
             return None;
         }
@@ -1306,8 +1547,16 @@ pub async fn run_with(
     // What this connection last did with which record.
     let mut done: Option<(MirrorRecord, WriteOutcome)> = None;
     let mut next_refresh = Instant::now();
-    let mut limiter = LogLimiter { every: opts.log_every, last: None, suppressed: 0 };
-    let mut fence_log = LogLimiter { every: opts.log_every, last: None, suppressed: 0 };
+    let mut limiter = LogLimiter {
+        every: opts.log_every,
+        last: None,
+        suppressed: 0,
+    };
+    let mut fence_log = LogLimiter {
+        every: opts.log_every,
+        last: None,
+        suppressed: 0,
+    };
     let mut failing_since: Option<Instant> = None;
     tracing::info!(room = %room, redis = %url, "redis mirror started");
 
@@ -1445,13 +1694,22 @@ mod tests {
             (b"$-1\r\n", Value::Nil),
             (b"*-1\r\n", Value::Nil),
             (b"*0\r\n", Value::Array(vec![])),
-            (b"*2\r\n$1\r\na\r\n:1\r\n", Value::Array(vec![Value::Bulk(b"a".to_vec()), Value::Int(1)])),
+            (
+                b"*2\r\n$1\r\na\r\n:1\r\n",
+                Value::Array(vec![Value::Bulk(b"a".to_vec()), Value::Int(1)]),
+            ),
             (b"$4\r\na\r\nb\r\n", Value::Bulk(b"a\r\nb".to_vec())),
         ];
         for (b, v) in cases {
             assert_eq!(parse_reply(b), Ok(Some((v, b.len()))), "{}", show(b));
             for cut in 0..b.len() {
-                assert_eq!(parse_reply(&b[..cut]), Ok(None), "prefix {} of {}", cut, show(b));
+                assert_eq!(
+                    parse_reply(&b[..cut]),
+                    Ok(None),
+                    "prefix {} of {}",
+                    cut,
+                    show(b)
+                );
             }
         }
     }
@@ -1467,17 +1725,26 @@ mod tests {
             (b"+OK\r\r", BadLine),
             (b":12a\r\n", BadInteger("12a".into())),
             (b":\r\n", BadInteger("".into())),
-            (b":99999999999999999999\r\n", BadInteger("99999999999999999999".into())),
+            (
+                b":99999999999999999999\r\n",
+                BadInteger("99999999999999999999".into()),
+            ),
             (b":-\r\n", BadInteger("-".into())),
             (b"$-2\r\n", BadLength("-2".into())),
             (b"$x\r\n", BadLength("x".into())),
             (b"$+3\r\nabc\r\n", BadLength("+3".into())),
             (b"$1048577\r\n", BulkTooLarge(1_048_577)),
-            (b"$9223372036854775807\r\n", BulkTooLarge(9_223_372_036_854_775_807)),
+            (
+                b"$9223372036854775807\r\n",
+                BulkTooLarge(9_223_372_036_854_775_807),
+            ),
             (b"$3\r\nabcXY", MissingCrlf),
             (b"$3\r\nabc\rX", MissingCrlf),
             (b"*10001\r\n", ArrayTooLarge(10_001)),
-            (b"*1\r\n*1\r\n*1\r\n*1\r\n*1\r\n*1\r\n*1\r\n*1\r\n*1\r\n", TooDeep),
+            (
+                b"*1\r\n*1\r\n*1\r\n*1\r\n*1\r\n*1\r\n*1\r\n*1\r\n*1\r\n",
+                TooDeep,
+            ),
             (b"*2\r\n:1\r\n?\r\n", BadType(b'?')),
         ];
         for (b, e) in cases {
@@ -1552,7 +1819,14 @@ mod tests {
     fn url_forms() {
         let u = RedisUrl::parse("redis://127.0.0.1:6380/2").unwrap();
         assert_eq!(
-            (u.tls(), u.host(), u.port(), u.db(), u.username(), u.has_password()),
+            (
+                u.tls(),
+                u.host(),
+                u.port(),
+                u.db(),
+                u.username(),
+                u.has_password()
+            ),
             (false, "127.0.0.1", 6380, 2, None, false)
         );
         let u = RedisUrl::parse("redis://localhost").unwrap();
@@ -1563,9 +1837,15 @@ mod tests {
         assert_eq!(u.username(), Some("alice"));
         assert_eq!(u.password.as_deref(), Some("s@cr/t"));
         let u = RedisUrl::parse("redis://:p@ss/w?rd#@h").unwrap();
-        assert_eq!((u.username(), u.password.as_deref(), u.host()), (None, Some("p@ss/w?rd#"), "h"));
+        assert_eq!(
+            (u.username(), u.password.as_deref(), u.host()),
+            (None, Some("p@ss/w?rd#"), "h")
+        );
         let u = RedisUrl::parse("rediss://[::1]:6390/1?cacert=/tmp/ca.pem").unwrap();
-        assert_eq!((u.tls(), u.host(), u.port(), u.db()), (true, "::1", 6390, 1));
+        assert_eq!(
+            (u.tls(), u.host(), u.port(), u.db()),
+            (true, "::1", 6390, 1)
+        );
         assert_eq!(u.ca_file(), Some(Path::new("/tmp/ca.pem")));
         assert_eq!(u.to_string(), "rediss://[::1]:6390/1");
         let u = RedisUrl::parse("rediss://h?cert=/c.pem&key=/k.pem").unwrap();
@@ -1633,20 +1913,47 @@ mod tests {
             Value::Array(
                 r.fields()
                     .into_iter()
-                    .flat_map(|(k, v)| [Value::Bulk(k.as_bytes().to_vec()), Value::Bulk(v.into_bytes())])
+                    .flat_map(|(k, v)| {
+                        [
+                            Value::Bulk(k.as_bytes().to_vec()),
+                            Value::Bulk(v.into_bytes()),
+                        ]
+                    })
                     .collect(),
             )
         };
-        assert_eq!(record_from_hash("r", hash(&rec)).unwrap(), Some(rec.clone()));
-        let pinned = MirrorRecord { pinned: Some("abcd".into()), ..rec.clone() };
+        assert_eq!(
+            record_from_hash("r", hash(&rec)).unwrap(),
+            Some(rec.clone())
+        );
+        let pinned = MirrorRecord {
+            pinned: Some("abcd".into()),
+            ..rec.clone()
+        };
         assert_eq!(record_from_hash("r", hash(&pinned)).unwrap(), Some(pinned));
         assert_eq!(record_from_hash("r", Value::Array(vec![])).unwrap(), None);
         assert!(record_from_hash("other", hash(&rec)).is_err());
-        assert!(record_from_hash("r", hash(&MirrorRecord { tempo_mbpm: 5, ..rec.clone() })).is_err());
-        assert!(record_from_hash("r", hash(&MirrorRecord { meter: 0, ..rec.clone() })).is_err());
+        assert!(record_from_hash(
+            "r",
+            hash(&MirrorRecord {
+                tempo_mbpm: 5,
+                ..rec.clone()
+            })
+        )
+        .is_err());
+        assert!(record_from_hash(
+            "r",
+            hash(&MirrorRecord {
+                meter: 0,
+                ..rec.clone()
+            })
+        )
+        .is_err());
         assert!(record_from_hash("r", Value::Int(3)).is_err());
         assert!(record_from_hash("r", Value::Array(vec![Value::Bulk(b"epoch".to_vec())])).is_err());
-        let Value::Array(mut items) = hash(&rec) else { unreachable!() };
+        let Value::Array(mut items) = hash(&rec) else {
+            unreachable!()
+        };
         items[3] = Value::Bulk(b"-1".to_vec()); // epoch's value
         let e = record_from_hash("r", Value::Array(items.clone())).unwrap_err();
         assert!(e.to_string().contains("field `epoch`: `-1`"), "{e}");

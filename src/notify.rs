@@ -58,7 +58,11 @@ impl Notifier {
         let addr = parse_socket_addr(raw)?;
         let sock = UnixDatagram::unbound()?;
         sock.set_nonblocking(true)?;
-        Ok(Notifier { sock, addr, name: raw.to_string_lossy().into_owned() })
+        Ok(Notifier {
+            sock,
+            addr,
+            name: raw.to_string_lossy().into_owned(),
+        })
     }
 
     /// Send one raw notification (`KEY=VALUE` lines). Non-blocking: a full receive
@@ -66,7 +70,10 @@ impl Notifier {
     pub fn send(&self, state: &str) -> io::Result<()> {
         let n = self.sock.send_to_addr(state.as_bytes(), &self.addr)?;
         if n != state.len() {
-            return Err(io::Error::new(io::ErrorKind::WriteZero, format!("short datagram: {n} of {} bytes", state.len())));
+            return Err(io::Error::new(
+                io::ErrorKind::WriteZero,
+                format!("short datagram: {n} of {} bytes", state.len()),
+            ));
         }
         Ok(())
     }
@@ -130,7 +137,11 @@ fn status_message(s: &str) -> String {
 }
 
 /// The pure part of [`Notifier::watchdog_interval`].
-pub fn watchdog_interval_from(usec: Option<&str>, pid: Option<&str>, my_pid: u32) -> Option<Duration> {
+pub fn watchdog_interval_from(
+    usec: Option<&str>,
+    pid: Option<&str>,
+    my_pid: u32,
+) -> Option<Duration> {
     let usec: u64 = usec?.trim().parse().ok()?;
     if usec == 0 {
         return None;
@@ -147,13 +158,20 @@ pub fn watchdog_interval_from(usec: Option<&str>, pid: Option<&str>, my_pid: u32
 /// Parse `$NOTIFY_SOCKET`: an absolute path, or `@name` for an abstract socket.
 fn parse_socket_addr(raw: &OsStr) -> io::Result<SocketAddr> {
     let b = raw.as_bytes();
-    let bad = |why: &str| io::Error::new(io::ErrorKind::InvalidInput, format!("NOTIFY_SOCKET {:?}: {why}", raw.to_string_lossy()));
+    let bad = |why: &str| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("NOTIFY_SOCKET {:?}: {why}", raw.to_string_lossy()),
+        )
+    };
     match b.first() {
         None => Err(bad("empty")),
         Some(b'/') => SocketAddr::from_pathname(std::path::Path::new(raw)),
         Some(b'@') if b.len() > 1 => abstract_addr(&b[1..]),
         Some(b'@') => Err(bad("abstract socket name is empty")),
-        Some(_) => Err(bad("neither an absolute path nor an @abstract name (vsock is not supported)")),
+        Some(_) => Err(bad(
+            "neither an absolute path nor an @abstract name (vsock is not supported)",
+        )),
     }
 }
 
@@ -168,7 +186,10 @@ fn abstract_addr(name: &[u8]) -> io::Result<SocketAddr> {
 
 #[cfg(not(any(target_os = "linux", target_os = "android")))]
 fn abstract_addr(_name: &[u8]) -> io::Result<SocketAddr> {
-    Err(io::Error::new(io::ErrorKind::Unsupported, "abstract sockets exist only on Linux"))
+    Err(io::Error::new(
+        io::ErrorKind::Unsupported,
+        "abstract sockets exist only on Linux",
+    ))
 }
 
 #[cfg(test)]
@@ -211,8 +232,13 @@ mod tests {
     #[test]
     fn sends_to_an_abstract_socket() {
         use std::os::linux::net::SocketAddrExt;
-        let name = format!("bandsync-notify-test-{}-{:?}", std::process::id(), Instant::now());
-        let rx = UnixDatagram::bind_addr(&SocketAddr::from_abstract_name(name.as_bytes()).unwrap()).unwrap();
+        let name = format!(
+            "bandsync-notify-test-{}-{:?}",
+            std::process::id(),
+            Instant::now()
+        );
+        let rx = UnixDatagram::bind_addr(&SocketAddr::from_abstract_name(name.as_bytes()).unwrap())
+            .unwrap();
         rx.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let n = Notifier::new(format!("@{name}")).unwrap();
         n.ready();
@@ -227,7 +253,11 @@ mod tests {
         assert_eq!(recv(&rx), "STATUS=a READY=1  b");
         n.status(&"é".repeat(2000));
         let m = recv(&rx);
-        assert!(m.len() <= 7 + 1024 && m.starts_with("STATUS=éé") && !m.contains('\n'), "{}", m.len());
+        assert!(
+            m.len() <= 7 + 1024 && m.starts_with("STATUS=éé") && !m.contains('\n'),
+            "{}",
+            m.len()
+        );
     }
 
     #[test]
@@ -270,7 +300,10 @@ mod tests {
 
     #[test]
     fn socket_addresses() {
-        assert!(parse_socket_addr(OsStr::new("/run/systemd/notify")).unwrap().as_pathname().is_some());
+        assert!(parse_socket_addr(OsStr::new("/run/systemd/notify"))
+            .unwrap()
+            .as_pathname()
+            .is_some());
         assert!(parse_socket_addr(OsStr::new("")).is_err());
         assert!(parse_socket_addr(OsStr::new("@")).is_err());
         assert!(parse_socket_addr(OsStr::new("relative/notify")).is_err());
@@ -287,11 +320,27 @@ mod tests {
     #[test]
     fn watchdog_interval_is_half_of_watchdog_usec_for_this_pid() {
         let me = 4242;
-        assert_eq!(watchdog_interval_from(Some("10000000"), None, me), Some(Duration::from_secs(5)));
-        assert_eq!(watchdog_interval_from(Some("10000000"), Some("4242"), me), Some(Duration::from_secs(5)));
-        assert_eq!(watchdog_interval_from(Some("3000001"), Some("4242"), me), Some(Duration::from_micros(1_500_000)));
-        assert_eq!(watchdog_interval_from(Some("10000000"), Some("1"), me), None, "meant for another process");
-        assert_eq!(watchdog_interval_from(Some("10000000"), Some("x"), me), None);
+        assert_eq!(
+            watchdog_interval_from(Some("10000000"), None, me),
+            Some(Duration::from_secs(5))
+        );
+        assert_eq!(
+            watchdog_interval_from(Some("10000000"), Some("4242"), me),
+            Some(Duration::from_secs(5))
+        );
+        assert_eq!(
+            watchdog_interval_from(Some("3000001"), Some("4242"), me),
+            Some(Duration::from_micros(1_500_000))
+        );
+        assert_eq!(
+            watchdog_interval_from(Some("10000000"), Some("1"), me),
+            None,
+            "meant for another process"
+        );
+        assert_eq!(
+            watchdog_interval_from(Some("10000000"), Some("x"), me),
+            None
+        );
         assert_eq!(watchdog_interval_from(Some("0"), None, me), None);
         assert_eq!(watchdog_interval_from(Some("-5"), None, me), None);
         assert_eq!(watchdog_interval_from(Some("soon"), None, me), None);

@@ -65,23 +65,48 @@ pub fn sync_config() -> SyncConfig {
 /// The slewer the room uses: corrections of at most 200 ppm, so that a click interval
 /// never moves by more than 100 µs at 120 BPM while the clock is pulled in.
 pub fn slew_config() -> crate::sync::SlewConfig {
-    crate::sync::SlewConfig { max_slew_ppm: 200.0, ..Default::default() }
+    crate::sync::SlewConfig {
+        max_slew_ppm: 200.0,
+        ..Default::default()
+    }
 }
 
 /// Something the driver should log.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Note {
-    BecameLeader { epoch: u64 },
-    Following { leader: String, epoch: u64 },
+    BecameLeader {
+        epoch: u64,
+    },
+    Following {
+        leader: String,
+        epoch: u64,
+    },
     /// This node adopted the room's session at `beat`, stepping its clock once.
-    Joined { leader: String, beat: i64, step_ns: i64 },
-    WaitingForClock { leader: String },
-    Scheduled { change: ChangeKind, at: Scheduled },
-    ChangeRefused { reason: String },
-    StaleAnnounce { from: String },
+    Joined {
+        leader: String,
+        beat: i64,
+        step_ns: i64,
+    },
+    WaitingForClock {
+        leader: String,
+    },
+    Scheduled {
+        change: ChangeKind,
+        at: Scheduled,
+    },
+    ChangeRefused {
+        reason: String,
+    },
+    StaleAnnounce {
+        from: String,
+    },
     /// Same session, but this node's grid or clock was off (a healed partition): it
     /// stepped once at a bar boundary.
-    Realigned { leader: String, beat: i64, step_ns: i64 },
+    Realigned {
+        leader: String,
+        beat: i64,
+        step_ns: i64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -89,9 +114,17 @@ pub enum Action {
     /// Send to every authenticated peer.
     Broadcast(Frame),
     /// Send to one peer.
-    Send { to: String, frame: Frame },
+    Send {
+        to: String,
+        frame: Frame,
+    },
     /// Hand the audio thread a new timeline / session map.
-    Publish { timeline: Timeline, map: SessionMap, epoch: u64, gen: u64 },
+    Publish {
+        timeline: Timeline,
+        map: SessionMap,
+        epoch: u64,
+        gen: u64,
+    },
     Note(Note),
     /// Save this (atomically, off the clock loop).
     Persist(Persisted),
@@ -259,7 +292,12 @@ impl Room {
         if self.peers.contains_key(who) {
             return Some(who.to_string());
         }
-        let by_name: Vec<&String> = self.peers.iter().filter(|(_, p)| p.name == who).map(|(id, _)| id).collect();
+        let by_name: Vec<&String> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.name == who)
+            .map(|(id, _)| id)
+            .collect();
         match by_name.as_slice() {
             [one] => Some((*one).clone()),
             _ => None,
@@ -276,7 +314,10 @@ impl Room {
                 self.persist = true;
             }
         } else {
-            out.push(Action::Send { to: self.leader.clone(), frame: Frame::Pin(id) });
+            out.push(Action::Send {
+                to: self.leader.clone(),
+                frame: Frame::Pin(id),
+            });
         }
     }
 
@@ -309,15 +350,13 @@ impl Room {
     }
 
     pub fn peer_up(&mut self, id: &str, name: &str) {
-        self.peers
-            .entry(id.to_string())
-            .or_insert_with(|| Peer {
-                name: name.to_string(),
-                announce: None,
-                est: Estimator::new(sync_config()),
-                gen: None,
-                last_heard: i64::MIN / 2,
-            });
+        self.peers.entry(id.to_string()).or_insert_with(|| Peer {
+            name: name.to_string(),
+            announce: None,
+            est: Estimator::new(sync_config()),
+            gen: None,
+            last_heard: i64::MIN / 2,
+        });
         self.dirty = true;
     }
 
@@ -350,7 +389,9 @@ impl Room {
     }
 
     pub fn on_announce(&mut self, from: &str, a: Announce, now: i64, out: &mut Vec<Action>) {
-        let Some(p) = self.peers.get_mut(from) else { return };
+        let Some(p) = self.peers.get_mut(from) else {
+            return;
+        };
         p.last_heard = now;
         // A follower takes its leader's records (timeline, pin) when they are newer —
         // also from an announce in which the leader just stepped down for a pin it set.
@@ -361,7 +402,8 @@ impl Room {
             && a.session == self.session
             && ((a.epoch, a.version) > (self.epoch, self.version)
                 || (a.epoch == self.epoch && self.adopted_from.as_deref() != Some(from)));
-        let stale = a.leading && a.session == self.session && a.epoch < self.epoch && from == self.leader;
+        let stale =
+            a.leading && a.session == self.session && a.epoch < self.epoch && from == self.leader;
         // Two leaders of one session (a healed partition): the newer pin wins on both,
         // so that both rank alike and one steps down.
         if self.leading
@@ -380,8 +422,13 @@ impl Room {
                 let s_now = self.map.to_session(now);
                 // A leader's update only changes the future; a grid that differs now or
                 // two seconds ago is another grid (a healed partition).
-                let back = (s_now - 2_000_000_000).max(tl.segments()[0].t0).max(self.timeline.segments()[0].t0).min(s_now);
-                if phase_differs(&self.timeline, &tl, s_now) || phase_differs(&self.timeline, &tl, back) {
+                let back = (s_now - 2_000_000_000)
+                    .max(tl.segments()[0].t0)
+                    .max(self.timeline.segments()[0].t0)
+                    .min(s_now);
+                if phase_differs(&self.timeline, &tl, s_now)
+                    || phase_differs(&self.timeline, &tl, back)
+                {
                     // The leader's grid is not ours (a healed partition): realign at a
                     // bar boundary rather than jump now. Its pin counts at once (it
                     // decides who leads); the timeline comes with the realign.
@@ -401,14 +448,29 @@ impl Room {
                 }
             }
         } else if stale {
-            out.push(Action::Note(Note::StaleAnnounce { from: from.to_string() }));
+            out.push(Action::Note(Note::StaleAnnounce {
+                from: from.to_string(),
+            }));
         }
     }
 
     /// A change asked of this node (CLI, phone, or a follower relaying one).
-    pub fn request_change(&mut self, kind: ChangeKind, quantum: Option<Quantum>, now: i64, out: &mut Vec<Action>) -> Result<Option<Scheduled>, TimelineError> {
+    pub fn request_change(
+        &mut self,
+        kind: ChangeKind,
+        quantum: Option<Quantum>,
+        now: i64,
+        out: &mut Vec<Action>,
+    ) -> Result<Option<Scheduled>, TimelineError> {
         if self.leading {
-            let at = self.timeline.schedule(Change { kind, quantum: quantum.unwrap_or(self.cfg.quantum) }, self.session_now(now), CHANGE_LEAD_NS)?;
+            let at = self.timeline.schedule(
+                Change {
+                    kind,
+                    quantum: quantum.unwrap_or(self.cfg.quantum),
+                },
+                self.session_now(now),
+                CHANGE_LEAD_NS,
+            )?;
             self.version += 1;
             self.dirty = true;
             self.publish = true;
@@ -418,7 +480,10 @@ impl Room {
         } else {
             let id = self.next_req;
             self.next_req += 1;
-            out.push(Action::Send { to: self.leader.clone(), frame: Frame::Change(ChangeRequest { id, kind, quantum }) });
+            out.push(Action::Send {
+                to: self.leader.clone(),
+                frame: Frame::Change(ChangeRequest { id, kind, quantum }),
+            });
             Ok(None)
         }
     }
@@ -428,7 +493,10 @@ impl Room {
         if self.leading {
             self.request_pin(id, out);
         } else if from != self.leader {
-            out.push(Action::Send { to: self.leader.clone(), frame: Frame::Pin(id) });
+            out.push(Action::Send {
+                to: self.leader.clone(),
+                frame: Frame::Pin(id),
+            });
         }
     }
 
@@ -458,12 +526,17 @@ impl Room {
         if !self.leading {
             // not (or no longer) the leader: pass it on, once
             if from != self.leader {
-                out.push(Action::Send { to: self.leader.clone(), frame: Frame::Change(req) });
+                out.push(Action::Send {
+                    to: self.leader.clone(),
+                    frame: Frame::Change(req),
+                });
             }
             return;
         }
         if let Err(e) = self.request_change(req.kind, req.quantum, now, out) {
-            out.push(Action::Note(Note::ChangeRefused { reason: e.to_string() }));
+            out.push(Action::Note(Note::ChangeRefused {
+                reason: e.to_string(),
+            }));
         }
     }
 
@@ -513,7 +586,11 @@ impl Room {
             return None;
         }
         let p = &self.peers[&self.leader];
-        let Some(a) = p.announce.as_ref().filter(|a| a.leading && a.session == self.session) else {
+        let Some(a) = p
+            .announce
+            .as_ref()
+            .filter(|a| a.leading && a.session == self.session)
+        else {
             return None;
         };
         if let Some(est) = p.est.estimate() {
@@ -535,15 +612,27 @@ impl Room {
             return;
         };
         let p = &self.peers[&leader];
-        let a = p.announce.as_ref().expect("switch targets are announced peers");
+        let a = p
+            .announce
+            .as_ref()
+            .expect("switch targets are announced peers");
         let Some(est) = p.est.estimate() else {
             if self.switch.is_none() {
-                out.push(Action::Note(Note::WaitingForClock { leader: leader.clone() }));
-                self.switch = Some(Switch { session, leader, beat: i64::MIN, basis: (0, 0) });
+                out.push(Action::Note(Note::WaitingForClock {
+                    leader: leader.clone(),
+                }));
+                self.switch = Some(Switch {
+                    session,
+                    leader,
+                    beat: i64::MIN,
+                    basis: (0, 0),
+                });
             }
             return;
         };
-        let Some(room_tl) = Timeline::from_segments(&a.timeline) else { return };
+        let Some(room_tl) = Timeline::from_segments(&a.timeline) else {
+            return;
+        };
         let target = est.map;
         let s_now = target.to_session(now);
         let stale = match &self.switch {
@@ -557,10 +646,16 @@ impl Room {
             None => true,
         };
         if stale {
-            let young = session != self.session && self.started_at.is_some_and(|t| now - t < YOUNG_NS);
+            let young =
+                session != self.session && self.started_at.is_some_and(|t| now - t < YOUNG_NS);
             let q = if young { Quantum::Beat } else { Quantum::Bar };
             let at = room_tl.quantize(q, s_now, SWITCH_LEAD_NS);
-            self.switch = Some(Switch { session, leader: leader.clone(), beat: at.beat, basis: (a.epoch, a.version) });
+            self.switch = Some(Switch {
+                session,
+                leader: leader.clone(),
+                beat: at.beat,
+                basis: (a.epoch, a.version),
+            });
         }
         let sw = self.switch.as_ref().expect("set above");
         let d_local = target.to_local(room_tl.beat_time(sw.beat));
@@ -591,9 +686,17 @@ impl Room {
         self.publish = true;
         self.persist = true;
         out.push(Action::Note(if joining {
-            Note::Joined { leader, beat, step_ns: step }
+            Note::Joined {
+                leader,
+                beat,
+                step_ns: step,
+            }
         } else {
-            Note::Realigned { leader, beat, step_ns: step }
+            Note::Realigned {
+                leader,
+                beat,
+                step_ns: step,
+            }
         }));
     }
 
@@ -608,8 +711,10 @@ impl Room {
             (p, r, id.to_string())
         };
         // A pinned node waits only PIN_SETTLE_NS, not SETTLE_NS: the stage tech asked.
-        let pinned_me = self.pinned.as_deref() == Some(me.as_str()) && now - self.joined_at >= PIN_SETTLE_NS;
-        let mut best: Option<(bool, i32, String)> = (self.synced || pinned_me).then(|| my_rank.clone());
+        let pinned_me =
+            self.pinned.as_deref() == Some(me.as_str()) && now - self.joined_at >= PIN_SETTLE_NS;
+        let mut best: Option<(bool, i32, String)> =
+            (self.synced || pinned_me).then(|| my_rank.clone());
         let mut best_leading: Option<(bool, i32, String)> = self.leading.then(|| my_rank.clone());
         let mut best_any: (bool, i32, String) = my_rank;
         let mut max_epoch = self.epoch;
@@ -661,12 +766,18 @@ impl Room {
             // leader (a healed partition) so that its records win everywhere.
             if !self.leading || max_epoch > self.epoch || competing {
                 if !self.leading {
-                    out.push(Action::Note(Note::BecameLeader { epoch: max_epoch + 1 }));
+                    out.push(Action::Note(Note::BecameLeader {
+                        epoch: max_epoch + 1,
+                    }));
                     // Keep the session clock where it is, at the rate of the clock we
                     // followed (not the slewer's momentary correction).
                     let s_now = self.map.to_session(now);
                     let rate = self.followed_rate.unwrap_or(self.map.rate_ppt);
-                    self.map = SessionMap { local_ref: now, session_ref: s_now, rate_ppt: rate };
+                    self.map = SessionMap {
+                        local_ref: now,
+                        session_ref: s_now,
+                        rate_ppt: rate,
+                    };
                     self.publish = true;
                 }
                 self.leading = true;
@@ -685,7 +796,10 @@ impl Room {
             self.leading = false;
             self.leader = winner.clone();
             self.dirty = true;
-            out.push(Action::Note(Note::Following { leader: winner, epoch: self.epoch }));
+            out.push(Action::Note(Note::Following {
+                leader: winner,
+                epoch: self.epoch,
+            }));
         }
     }
 
@@ -721,7 +835,12 @@ impl Room {
             self.dirty = false;
         }
         if self.publish {
-            out.push(Action::Publish { timeline: self.timeline, map: self.map, epoch: self.epoch, gen: self.gen });
+            out.push(Action::Publish {
+                timeline: self.timeline,
+                map: self.map,
+                epoch: self.epoch,
+                gen: self.gen,
+            });
             self.publish = false;
         }
         if self.persist {
@@ -747,7 +866,8 @@ impl Room {
                     id: id.clone(),
                     name: p.name.clone(),
                     rtt_us: est.map(|e| e.rtt_ns / 1000),
-                    offset_us: est.map(|e| (e.map.to_session(now) - self.map.to_session(now)) / 1000),
+                    offset_us: est
+                        .map(|e| (e.map.to_session(now) - self.map.to_session(now)) / 1000),
                     uncertainty_us: est.map(|e| e.uncertainty_ns / 1000),
                     role: match &p.announce {
                         Some(a) if a.leading => "leader",
@@ -755,7 +875,10 @@ impl Room {
                         None => "unknown",
                     }
                     .to_string(),
-                    synced: p.announce.as_ref().is_some_and(|a| a.synced && a.session == self.session),
+                    synced: p
+                        .announce
+                        .as_ref()
+                        .is_some_and(|a| a.synced && a.session == self.session),
                     alive: self.is_alive(p, now),
                 }
             })

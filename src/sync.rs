@@ -206,7 +206,8 @@ impl Sample {
     }
     /// `((t2 − t1) + (t3 − t4)) / 2` (session − local at the midpoint), if it fits.
     pub fn offset_ns(&self) -> Option<i64> {
-        let o = ((self.t2 as i128 - self.t1 as i128) + (self.t3 as i128 - self.t4 as i128)).div_euclid(2);
+        let o = ((self.t2 as i128 - self.t1 as i128) + (self.t3 as i128 - self.t4 as i128))
+            .div_euclid(2);
         i64::try_from(o).ok()
     }
 }
@@ -421,7 +422,11 @@ impl Point {
         let fwd = s.t2 as i128 - s.t1 as i128;
         let back = s.t3 as i128 - s.t4 as i128;
         let offset = (fwd + back).div_euclid(2);
-        let (Ok(fwd), Ok(back), Ok(offset)) = (i64::try_from(fwd), i64::try_from(back), i64::try_from(offset)) else {
+        let (Ok(fwd), Ok(back), Ok(offset)) = (
+            i64::try_from(fwd),
+            i64::try_from(back),
+            i64::try_from(offset),
+        ) else {
             return Err(RejectReason::OutOfRange);
         };
         Ok(Point {
@@ -556,17 +561,27 @@ impl Estimator {
             return Rejected(RejectReason::Duplicate);
         }
         let max_age = self.cfg.max_age_ns as i128;
-        if self.newest_mid.is_some_and(|newest| (p.mid as i128) < newest as i128 - max_age) {
+        if self
+            .newest_mid
+            .is_some_and(|newest| (p.mid as i128) < newest as i128 - max_age)
+        {
             return Rejected(RejectReason::TooOld);
         }
         let newest = self.newest_mid.map_or(p.mid, |n| n.max(p.mid));
         self.newest_mid = Some(newest);
 
         // The RTT gate's memory holds every valid sample, accepted or not.
-        self.seen.push_back(RttSeen { t1: p.t1, mid: p.mid, rtt: p.rtt });
+        self.seen.push_back(RttSeen {
+            t1: p.t1,
+            mid: p.mid,
+            rtt: p.rtt,
+        });
         let mut lost_min = false;
         while self.seen.len() > self.cfg.window
-            || self.seen.front().is_some_and(|h| (h.mid as i128) < newest as i128 - max_age)
+            || self
+                .seen
+                .front()
+                .is_some_and(|h| (h.mid as i128) < newest as i128 - max_age)
         {
             lost_min |= self.seen.pop_front().is_some_and(|h| h.rtt <= self.rtt_min);
         }
@@ -627,7 +642,8 @@ impl Estimator {
         if self.seen.len() < self.cfg.gate_after {
             return None;
         }
-        let spread = (self.jitter as f64 * self.cfg.rtt_spread_k).min(self.cfg.max_rtt_ns as f64) as i64;
+        let spread =
+            (self.jitter as f64 * self.cfg.rtt_spread_k).min(self.cfg.max_rtt_ns as f64) as i64;
         Some(self.rtt_min + spread.max(self.cfg.rtt_margin_ns))
     }
 
@@ -635,7 +651,10 @@ impl Estimator {
         let theta = map_at(&est.map, p.mid) - p.mid as i128;
         let resid = (p.offset as i128 - theta).abs();
         let gap = (p.mid as i128 - est.map.local_ref as i128).abs();
-        let allowed = p.rtt as i128 / 2 + est.uncertainty_ns as i128 + self.cfg.step_threshold_ns as i128 + gap / 1000;
+        let allowed = p.rtt as i128 / 2
+            + est.uncertainty_ns as i128
+            + self.cfg.step_threshold_ns as i128
+            + gap / 1000;
         resid > allowed
     }
 
@@ -656,7 +675,9 @@ impl Estimator {
     /// Drop samples beyond `window` or older than `max_age`, in batches of an eighth of
     /// either: the hulls are rebuilt only when a batch leaves, not for every sample.
     fn prune(&mut self) {
-        let Some(newest) = self.newest_mid else { return };
+        let Some(newest) = self.newest_mid else {
+            return;
+        };
         let slack_n = (self.cfg.window / 8).max(1);
         let max_age = self.cfg.max_age_ns as i128;
         let slack_age = max_age / 8;
@@ -664,7 +685,10 @@ impl Estimator {
         // Arrival order is t4 order (our own clock), and mid ≥ t4 − max_rtt/2, so the
         // front is the oldest to within a round trip.
         let due = self.window.len() > self.cfg.window + slack_n
-            || self.window.front().is_some_and(|w| too_old(w, max_age + slack_age));
+            || self
+                .window
+                .front()
+                .is_some_and(|w| too_old(w, max_age + slack_age));
         if !due {
             return;
         }
@@ -720,7 +744,12 @@ impl Estimator {
         // y is small unless the window is absurdly inconsistent (and then the estimate
         // is garbage, not a panic).
         let (x0, y0) = (newest.mid, newest.offset);
-        let rel = |(x, y): (i64, i64)| ((x as i128 - x0 as i128) as f64, (y as i128 - y0 as i128) as f64);
+        let rel = |(x, y): (i64, i64)| {
+            (
+                (x as i128 - x0 as i128) as f64,
+                (y as i128 - y0 as i128) as f64,
+            )
+        };
         self.lower_rel.clear();
         self.lower_rel.extend(self.lower.iter().copied().map(rel));
         self.upper_rel.clear();
@@ -736,7 +765,13 @@ impl Estimator {
         // a binary search over the sorted breakpoints.
         let max_rate = self.cfg.max_rate_ppm * 1e-6;
         self.slopes.clear();
-        self.slopes.extend(lower.windows(2).chain(upper.windows(2)).map(slope).filter(|r| r.abs() < max_rate));
+        self.slopes.extend(
+            lower
+                .windows(2)
+                .chain(upper.windows(2))
+                .map(slope)
+                .filter(|r| r.abs() < max_rate),
+        );
         self.slopes.push(-max_rate);
         self.slopes.push(max_rate);
         self.slopes.sort_by(f64::total_cmp);
@@ -773,7 +808,11 @@ impl Estimator {
                 (k, w_prev) = (next as usize, w);
             }
         };
-        let (r_lo, r_hi) = if hi > lo { (edge(-1), edge(1)) } else { (-max_rate, max_rate) };
+        let (r_lo, r_hi) = if hi > lo {
+            (edge(-1), edge(1))
+        } else {
+            (-max_rate, max_rate)
+        };
         let sigma_r = (r_hi - r_lo) / 2.0;
         let sigma_p = self.cfg.rate_prior_ppm * 1e-6;
         let r = (r_lo + r_hi) / 2.0 * sigma_p * sigma_p / (sigma_p * sigma_p + sigma_r * sigma_r);
@@ -791,7 +830,8 @@ impl Estimator {
             rtt_ns: min_rtt,
             offset_ns: offset,
             rate_ppm: rate_ppt as f64 * 1e-6,
-            uncertainty_ns: f64_to_i128(((a - b) / 2.0).max(0.0).round()).clamp(0, i64::MAX as i128) as i64,
+            uncertainty_ns: f64_to_i128(((a - b) / 2.0).max(0.0).round()).clamp(0, i64::MAX as i128)
+                as i64,
             samples: n,
         });
     }
@@ -869,7 +909,11 @@ pub struct SlewConfig {
 
 impl Default for SlewConfig {
     fn default() -> Self {
-        SlewConfig { max_slew_ppm: 500.0, time_constant_ns: 1_500_000_000, max_rate_ppm: 10_000.0 }
+        SlewConfig {
+            max_slew_ppm: 500.0,
+            time_constant_ns: 1_500_000_000,
+            max_rate_ppm: 10_000.0,
+        }
     }
 }
 
@@ -887,7 +931,11 @@ pub struct Slewer {
 impl Slewer {
     pub fn new(cfg: SlewConfig) -> Self {
         let ppm_to_ppt = |ppm: f64, dflt: f64| {
-            let ppm = if ppm.is_finite() && ppm >= 0.0 { ppm.min(100_000.0) } else { dflt };
+            let ppm = if ppm.is_finite() && ppm >= 0.0 {
+                ppm.min(100_000.0)
+            } else {
+                dflt
+            };
             (ppm * 1e6).round() as i128
         };
         Slewer {
@@ -917,8 +965,13 @@ impl Slewer {
                 let s_now = p.to_session(now_local);
                 let err = map_at(target, now_local) - s_now as i128;
                 let tau = self.tau.max(self.last_dt);
-                let corr = (err.saturating_mul(PPT) / tau).clamp(-self.max_slew_ppt, self.max_slew_ppt);
-                SessionMap { local_ref: now_local, session_ref: s_now, rate_ppt: (target_rate + corr) as i64 }
+                let corr =
+                    (err.saturating_mul(PPT) / tau).clamp(-self.max_slew_ppt, self.max_slew_ppt);
+                SessionMap {
+                    local_ref: now_local,
+                    session_ref: s_now,
+                    rate_ppt: (target_rate + corr) as i64,
+                }
             }
             _ => SessionMap {
                 local_ref: now_local,
@@ -941,7 +994,10 @@ impl Slewer {
         // the last tick's interval says nothing about the next one any more
         (self.last_now, self.last_dt) = (None, 0);
         self.published = Some(SessionMap {
-            rate_ppt: (map.rate_ppt as i128).clamp(-(self.max_rate_ppt + self.max_slew_ppt), self.max_rate_ppt + self.max_slew_ppt) as i64,
+            rate_ppt: (map.rate_ppt as i128).clamp(
+                -(self.max_rate_ppt + self.max_slew_ppt),
+                self.max_rate_ppt + self.max_slew_ppt,
+            ) as i64,
             ..map
         });
     }
@@ -980,7 +1036,12 @@ mod tests {
         let leader = |l: i64| l + off + (l as f64 * rate_ppm * 1e-6).round() as i64;
         let t2 = leader(t1 + d1);
         let t3 = leader(t1 + d1 + 10 * US);
-        Sample { t1, t2, t3, t4: t1 + d1 + 10 * US + d2 }
+        Sample {
+            t1,
+            t2,
+            t3,
+            t4: t1 + d1 + 10 * US + d2,
+        }
     }
 
     fn feed(e: &mut Estimator, n: usize, start: i64, every: i64, off: i64, rate: f64) {
@@ -995,10 +1056,46 @@ mod tests {
         let mut e = Estimator::new(SyncConfig::default());
         let r = |e: &mut Estimator, s| e.handle_sample(s);
         let nc = SampleVerdict::Rejected(RejectReason::NonCausal);
-        assert_eq!(r(&mut e, Sample { t1: 100, t2: 5, t3: 6, t4: 99 }), nc, "t4 < t1");
-        assert_eq!(r(&mut e, Sample { t1: 100, t2: 7, t3: 6, t4: 200 }), nc, "t3 < t2");
+        assert_eq!(
+            r(
+                &mut e,
+                Sample {
+                    t1: 100,
+                    t2: 5,
+                    t3: 6,
+                    t4: 99
+                }
+            ),
+            nc,
+            "t4 < t1"
+        );
+        assert_eq!(
+            r(
+                &mut e,
+                Sample {
+                    t1: 100,
+                    t2: 7,
+                    t3: 6,
+                    t4: 200
+                }
+            ),
+            nc,
+            "t3 < t2"
+        );
         // leader held it longer than our whole round trip
-        assert_eq!(r(&mut e, Sample { t1: 100, t2: 0, t3: 500, t4: 200 }), nc, "negative rtt");
+        assert_eq!(
+            r(
+                &mut e,
+                Sample {
+                    t1: 100,
+                    t2: 0,
+                    t3: 500,
+                    t4: 200
+                }
+            ),
+            nc,
+            "negative rtt"
+        );
         assert_eq!(e.stats().non_causal, 3);
         assert!(e.estimate().is_none());
     }
@@ -1006,12 +1103,36 @@ mod tests {
     #[test]
     fn rejects_absurd_and_out_of_range() {
         let mut e = Estimator::new(SyncConfig::default());
-        let s = Sample { t1: 0, t2: 10, t3: 20, t4: 2 * SEC };
-        assert_eq!(e.handle_sample(s), SampleVerdict::Rejected(RejectReason::RttAbsurd));
-        let s = Sample { t1: i64::MIN, t2: i64::MAX - 10, t3: i64::MAX - 5, t4: i64::MIN + 100 };
-        assert_eq!(e.handle_sample(s), SampleVerdict::Rejected(RejectReason::OutOfRange));
-        let s = Sample { t1: 0, t2: i64::MIN, t3: i64::MAX, t4: 10 };
-        assert_eq!(e.handle_sample(s), SampleVerdict::Rejected(RejectReason::NonCausal));
+        let s = Sample {
+            t1: 0,
+            t2: 10,
+            t3: 20,
+            t4: 2 * SEC,
+        };
+        assert_eq!(
+            e.handle_sample(s),
+            SampleVerdict::Rejected(RejectReason::RttAbsurd)
+        );
+        let s = Sample {
+            t1: i64::MIN,
+            t2: i64::MAX - 10,
+            t3: i64::MAX - 5,
+            t4: i64::MIN + 100,
+        };
+        assert_eq!(
+            e.handle_sample(s),
+            SampleVerdict::Rejected(RejectReason::OutOfRange)
+        );
+        let s = Sample {
+            t1: 0,
+            t2: i64::MIN,
+            t3: i64::MAX,
+            t4: 10,
+        };
+        assert_eq!(
+            e.handle_sample(s),
+            SampleVerdict::Rejected(RejectReason::NonCausal)
+        );
     }
 
     #[test]
@@ -1019,11 +1140,17 @@ mod tests {
         let mut e = Estimator::new(SyncConfig::default());
         let s = exchange(100 * SEC, 5 * MS, 0.0, 100 * US, 100 * US);
         assert_eq!(e.handle_sample(s), SampleVerdict::Accepted);
-        assert_eq!(e.handle_sample(s), SampleVerdict::Rejected(RejectReason::Duplicate));
+        assert_eq!(
+            e.handle_sample(s),
+            SampleVerdict::Rejected(RejectReason::Duplicate)
+        );
         let later = exchange(300 * SEC, 5 * MS, 0.0, 100 * US, 100 * US);
         assert_eq!(e.handle_sample(later), SampleVerdict::Accepted);
         let stale = exchange(200 * SEC, 5 * MS, 0.0, 100 * US, 100 * US); // max_age is 60 s
-        assert_eq!(e.handle_sample(stale), SampleVerdict::Rejected(RejectReason::TooOld));
+        assert_eq!(
+            e.handle_sample(stale),
+            SampleVerdict::Rejected(RejectReason::TooOld)
+        );
         // slightly out of order is fine
         let ooo = exchange(299 * SEC, 5 * MS, 0.0, 100 * US, 100 * US);
         assert_eq!(e.handle_sample(ooo), SampleVerdict::Accepted);
@@ -1034,13 +1161,23 @@ mod tests {
         let mut e = Estimator::new(SyncConfig::default());
         feed(&mut e, 10, SEC, 200 * MS, 0, 0.0);
         let slow = exchange(5 * SEC, 0, 0.0, 100 * US, 5 * MS);
-        assert_eq!(e.handle_sample(slow), SampleVerdict::Rejected(RejectReason::RttInflated));
+        assert_eq!(
+            e.handle_sample(slow),
+            SampleVerdict::Rejected(RejectReason::RttInflated)
+        );
         let ok = exchange(5 * SEC + 200 * MS, 0, 0.0, 300 * US, 100 * US);
-        assert_eq!(e.handle_sample(ok), SampleVerdict::Accepted, "within the 500 µs margin");
+        assert_eq!(
+            e.handle_sample(ok),
+            SampleVerdict::Accepted,
+            "within the 500 µs margin"
+        );
         // the gate opens only after gate_after samples: early samples all count
         let mut e = Estimator::new(SyncConfig::default());
         e.handle_sample(exchange(SEC, 0, 0.0, 100 * US, 100 * US));
-        assert_eq!(e.handle_sample(exchange(2 * SEC, 0, 0.0, 100 * US, 50 * MS)), SampleVerdict::Accepted);
+        assert_eq!(
+            e.handle_sample(exchange(2 * SEC, 0, 0.0, 100 * US, 50 * MS)),
+            SampleVerdict::Accepted
+        );
     }
 
     #[test]
@@ -1054,13 +1191,25 @@ mod tests {
         feed(&mut e, 20, start + 7 * 200 * MS, 200 * MS, off, rate);
         let est = e.estimate().unwrap();
         assert_eq!(est.samples, 27);
-        assert!((est.rtt_ns - 200 * US).abs() <= 5, "rtt {} (the 10 µs hold is 150 ppm longer in leader time)", est.rtt_ns);
+        assert!(
+            (est.rtt_ns - 200 * US).abs() <= 5,
+            "rtt {} (the 10 µs hold is 150 ppm longer in leader time)",
+            est.rtt_ns
+        );
         assert!((est.rate_ppm - rate).abs() < 0.01, "rate {}", est.rate_ppm);
         // ≈ the one-way delay (100 µs, seen 150 ppm longer by the leader's clock)
-        assert!((est.uncertainty_ns - 100 * US).abs() <= 20, "{}", est.uncertainty_ns);
+        assert!(
+            (est.uncertainty_ns - 100 * US).abs() <= 20,
+            "{}",
+            est.uncertainty_ns
+        );
         for l in [est.map.local_ref, est.map.local_ref + 2 * SEC] {
             let truth = l + off + (l as f64 * rate * 1e-6).round() as i64;
-            assert!((est.map.to_session(l) - truth).abs() <= 2, "at {l}: {} vs {truth}", est.map.to_session(l));
+            assert!(
+                (est.map.to_session(l) - truth).abs() <= 2,
+                "at {l}: {} vs {truth}",
+                est.map.to_session(l)
+            );
         }
     }
 
@@ -1072,7 +1221,11 @@ mod tests {
             e.handle_sample(exchange(t1, 42 * MS, 0.0, 100 * US, 300 * US));
         }
         let est = e.estimate().unwrap();
-        assert!((est.offset_ns - (42 * MS - 100 * US)).abs() <= 2, "{}", est.offset_ns);
+        assert!(
+            (est.offset_ns - (42 * MS - 100 * US)).abs() <= 2,
+            "{}",
+            est.offset_ns
+        );
         assert!(est.uncertainty_ns >= 100 * US);
     }
 
@@ -1112,7 +1265,10 @@ mod tests {
     #[test]
     fn window_is_bounded() {
         // pruned in batches of an eighth: window..=window + window/8 samples
-        let mut e = Estimator::new(SyncConfig { window: 16, ..Default::default() });
+        let mut e = Estimator::new(SyncConfig {
+            window: 16,
+            ..Default::default()
+        });
         feed(&mut e, 100, SEC, 200 * MS, 0, 0.0);
         for n in [100, 101, 102, 103] {
             feed(&mut e, 1, SEC + n * 200 * MS, 200 * MS, 0, 0.0);
@@ -1129,23 +1285,40 @@ mod tests {
     fn slewer_steps_once_then_slews_continuously() {
         let mut s = Slewer::new(SlewConfig::default());
         assert_eq!(s.current(), None);
-        let target = SessionMap { local_ref: 0, session_ref: 1_000 * MS, rate_ppt: 100_000_000 };
+        let target = SessionMap {
+            local_ref: 0,
+            session_ref: 1_000 * MS,
+            rate_ppt: 100_000_000,
+        };
         let m = s.step(10 * SEC, &target, false); // nothing published yet: adopt the target
         assert_eq!(m.to_session(10 * SEC), target.to_session(10 * SEC));
-        let jumped = SessionMap { session_ref: target.session_ref + 2 * MS, ..target };
+        let jumped = SessionMap {
+            session_ref: target.session_ref + 2 * MS,
+            ..target
+        };
         let mut prev = m;
         let mut now = 10 * SEC;
         let mut max_corr = 0i64;
         for _ in 0..400 {
             now += 50 * MS;
             let m = s.step(now, &jumped, false);
-            assert!((m.to_session(now) - prev.to_session(now)).abs() <= 1, "stepped at {now}");
+            assert!(
+                (m.to_session(now) - prev.to_session(now)).abs() <= 1,
+                "stepped at {now}"
+            );
             max_corr = max_corr.max((m.rate_ppt - jumped.rate_ppt).abs());
             prev = m;
         }
         assert!(max_corr <= 500_000_000, "slew {max_corr} ppt");
-        assert!(max_corr >= 499_000_000, "slew limit reached for a 2 ms error");
-        assert!(s.error_ns(now, &jumped).abs() <= 1_000, "converged: {}", s.error_ns(now, &jumped));
+        assert!(
+            max_corr >= 499_000_000,
+            "slew limit reached for a 2 ms error"
+        );
+        assert!(
+            s.error_ns(now, &jumped).abs() <= 1_000,
+            "converged: {}",
+            s.error_ns(now, &jumped)
+        );
         // 2 ms at ≤ 500 ppm takes ≥ 4 s: after 2 s at most 1 ms can have been removed
         let mut s2 = Slewer::new(SlewConfig::default());
         s2.step(0, &target, true);
@@ -1155,14 +1328,21 @@ mod tests {
         assert!(s2.error_ns(2 * SEC, &jumped) >= MS - 1_000);
         // allow_step jumps
         let m = s.step(now + 50 * MS, &target, true);
-        assert_eq!(m.to_session(now + 50 * MS), target.to_session(now + 50 * MS));
+        assert_eq!(
+            m.to_session(now + 50 * MS),
+            target.to_session(now + 50 * MS)
+        );
     }
 
     #[test]
     fn slewer_late_tick_does_not_overshoot() {
         let mut s = Slewer::new(SlewConfig::default());
         let target = SessionMap::IDENTITY;
-        s.adopt(SessionMap { local_ref: 0, session_ref: -100 * US, rate_ppt: 0 });
+        s.adopt(SessionMap {
+            local_ref: 0,
+            session_ref: -100 * US,
+            rate_ppt: 0,
+        });
         s.step(0, &target, false);
         s.step(10 * SEC, &target, false); // learns that ticks are 10 s apart
         let e1 = s.error_ns(10 * SEC, &target);

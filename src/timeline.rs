@@ -74,7 +74,10 @@ impl Tempo {
     }
     pub fn from_mbpm(mbpm: u32) -> Result<Tempo, TimelineError> {
         if !(Self::MIN_MBPM..=Self::MAX_MBPM).contains(&mbpm) {
-            return Err(TimelineError::TempoOutOfRange(format!("{}", mbpm as f64 / 1000.0)));
+            return Err(TimelineError::TempoOutOfRange(format!(
+                "{}",
+                mbpm as f64 / 1000.0
+            )));
         }
         Ok(Tempo(mbpm))
     }
@@ -188,7 +191,11 @@ impl Segment {
     pub fn pos_at(&self, t: i64) -> BeatPos {
         let dt = t as i128 - self.t0 as i128;
         let du = (dt * self.units_per()).div_euclid(NS_MILLI_MIN);
-        BeatPos(((self.b0 as i128) << FRAC_BITS).saturating_add(du).clamp(i64::MIN as i128, i64::MAX as i128) as i64)
+        BeatPos(
+            ((self.b0 as i128) << FRAC_BITS)
+                .saturating_add(du)
+                .clamp(i64::MIN as i128, i64::MAX as i128) as i64,
+        )
     }
     /// Session time of beat position `pos`, extrapolating this segment's tempo.
     pub fn time_at(&self, pos: BeatPos) -> i64 {
@@ -263,12 +270,22 @@ pub struct Timeline {
 impl Timeline {
     /// A timeline that is just `seg`.
     pub fn new(seg: Segment) -> Timeline {
-        Timeline { segs: [seg; MAX_SEGS], len: 1 }
+        Timeline {
+            segs: [seg; MAX_SEGS],
+            len: 1,
+        }
     }
 
     /// A stopped timeline with `tempo`/`meter` whose beat 0 is at session time `t0`.
     pub fn start_at(t0: i64, tempo: Tempo, meter: Meter, playing: bool) -> Timeline {
-        Timeline::new(Segment { t0, b0: 0, tempo, meter, downbeat: 0, playing })
+        Timeline::new(Segment {
+            t0,
+            b0: 0,
+            tempo,
+            meter,
+            downbeat: 0,
+            playing,
+        })
     }
 
     /// The segments, current first.
@@ -305,7 +322,11 @@ impl Timeline {
     /// is `beat_time(beat)` (rounded up to the ns, like every beat time).
     pub fn begun_at(&self, beat: i64) -> Timeline {
         let seg = *self.segment_at_beat(beat);
-        let mut t = Timeline::new(Segment { t0: self.beat_time(beat), b0: beat, ..seg });
+        let mut t = Timeline::new(Segment {
+            t0: self.beat_time(beat),
+            b0: beat,
+            ..seg
+        });
         for s in self.segments().iter().filter(|s| s.b0 > beat) {
             t.segs[t.len as usize] = *s;
             t.len += 1;
@@ -389,7 +410,11 @@ impl Timeline {
         for _ in 0..=MAX_SEGS {
             let seg = self.segment_at_beat(beat);
             if seg.playing {
-                return Some(Click { beat, time: self.beat_time(beat), accent: seg.is_downbeat(beat) });
+                return Some(Click {
+                    beat,
+                    time: self.beat_time(beat),
+                    accent: seg.is_downbeat(beat),
+                });
             }
             // jump to the next segment that starts after `beat`
             let next = self.segments().iter().find(|s| s.b0 > beat)?;
@@ -428,14 +453,25 @@ impl Timeline {
         if quantum == Quantum::Bar {
             beat = self.segment_at_beat(beat).downbeat_at_or_after(beat);
         }
-        Scheduled { beat, time: self.beat_time(beat) }
+        Scheduled {
+            beat,
+            time: self.beat_time(beat),
+        }
     }
 
     /// Schedule `change`, requested at session time `now`. Returns where it lands.
-    pub fn schedule(&mut self, change: Change, now: i64, min_lead_ns: i64) -> Result<Scheduled, TimelineError> {
+    pub fn schedule(
+        &mut self,
+        change: Change,
+        now: i64,
+        min_lead_ns: i64,
+    ) -> Result<Scheduled, TimelineError> {
         let at = self.quantize(change.quantum, now, min_lead_ns);
         self.apply_at(change.kind, at.beat)?;
-        Ok(Scheduled { beat: at.beat, time: self.beat_time(at.beat) })
+        Ok(Scheduled {
+            beat: at.beat,
+            time: self.beat_time(at.beat),
+        })
     }
 
     /// Apply `kind` from integer beat `beat` on. `beat` must be at or after the last
@@ -451,7 +487,11 @@ impl Timeline {
                 return Err(TimelineError::TooManyPending);
             }
             let t0 = last.time_at(BeatPos::from_beat(beat));
-            self.segs[n] = Segment { t0, b0: beat, ..last };
+            self.segs[n] = Segment {
+                t0,
+                b0: beat,
+                ..last
+            };
             self.len += 1;
             n
         };
@@ -517,7 +557,12 @@ mod tests {
     use super::*;
 
     fn tl(bpm: f64) -> Timeline {
-        Timeline::start_at(1_000_000_000, Tempo::from_bpm(bpm).unwrap(), Meter::new(4).unwrap(), true)
+        Timeline::start_at(
+            1_000_000_000,
+            Tempo::from_bpm(bpm).unwrap(),
+            Meter::new(4).unwrap(),
+            true,
+        )
     }
 
     #[test]
@@ -541,9 +586,23 @@ mod tests {
 
     #[test]
     fn next_click_skips_stopped() {
-        let mut t = Timeline::start_at(0, Tempo::from_bpm(120.0).unwrap(), Meter::new(4).unwrap(), false);
+        let mut t = Timeline::start_at(
+            0,
+            Tempo::from_bpm(120.0).unwrap(),
+            Meter::new(4).unwrap(),
+            false,
+        );
         assert_eq!(t.next_click_at_or_after(0), None);
-        let at = t.schedule(Change { kind: ChangeKind::Start, quantum: Quantum::Bar }, 100, 0).unwrap();
+        let at = t
+            .schedule(
+                Change {
+                    kind: ChangeKind::Start,
+                    quantum: Quantum::Bar,
+                },
+                100,
+                0,
+            )
+            .unwrap();
         assert_eq!(at.beat, 4);
         let c = t.next_click_at_or_after(0).unwrap();
         assert_eq!((c.beat, c.time, c.accent), (4, 2_000_000_000, true));
@@ -554,9 +613,27 @@ mod tests {
     #[test]
     fn changes_queue_and_advance() {
         let mut t = tl(120.0);
-        let a = t.schedule(Change { kind: ChangeKind::Tempo(Tempo::from_bpm(60.0).unwrap()), quantum: Quantum::Beat }, 1_100_000_000, 0).unwrap();
+        let a = t
+            .schedule(
+                Change {
+                    kind: ChangeKind::Tempo(Tempo::from_bpm(60.0).unwrap()),
+                    quantum: Quantum::Beat,
+                },
+                1_100_000_000,
+                0,
+            )
+            .unwrap();
         assert_eq!(a.beat, 1);
-        let b = t.schedule(Change { kind: ChangeKind::Meter(Meter::new(3).unwrap()), quantum: Quantum::Beat }, 1_100_000_000, 0).unwrap();
+        let b = t
+            .schedule(
+                Change {
+                    kind: ChangeKind::Meter(Meter::new(3).unwrap()),
+                    quantum: Quantum::Beat,
+                },
+                1_100_000_000,
+                0,
+            )
+            .unwrap();
         assert_eq!(b.beat, 1, "same beat merges");
         assert_eq!(t.segments().len(), 2);
         assert_eq!(t.beat_time(2), 2_500_000_000);

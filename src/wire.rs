@@ -99,7 +99,10 @@ pub struct ChangeRequest {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Query {
     Status,
-    Change { kind: ChangeKind, quantum: Option<Quantum> },
+    Change {
+        kind: ChangeKind,
+        quantum: Option<Quantum>,
+    },
     /// Pin a node (by id or name) so it leads while alive.
     Pin(String),
     Unpin,
@@ -131,21 +134,39 @@ pub enum Frame {
 /// ns; `gen` the responder's session-map generation (changes when its map steps).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Datagram {
-    Ping { seq: u32, t1: i64 },
-    Pong { seq: u32, t1: i64, t2: i64, t3: i64, gen: u32 },
+    Ping {
+        seq: u32,
+        t1: i64,
+    },
+    Pong {
+        seq: u32,
+        t1: i64,
+        t2: i64,
+        t3: i64,
+        gen: u32,
+    },
 }
 
 fn check_id(field: &'static str, s: &str) -> Result<(), WireError> {
-    if s.len() == 16 && s.bytes().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()) {
+    if s.len() == 16
+        && s.bytes()
+            .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
+    {
         Ok(())
     } else {
-        Err(WireError::Invalid { field, why: format!("{s:?} is not a 16-hex-digit node id") })
+        Err(WireError::Invalid {
+            field,
+            why: format!("{s:?} is not a 16-hex-digit node id"),
+        })
     }
 }
 
 fn check_text(field: &'static str, s: &str, max: usize) -> Result<(), WireError> {
     if s.len() > max || s.chars().any(|c| c.is_control()) {
-        return Err(WireError::Invalid { field, why: format!("must be at most {max} printable characters") });
+        return Err(WireError::Invalid {
+            field,
+            why: format!("must be at most {max} printable characters"),
+        });
     }
     Ok(())
 }
@@ -171,7 +192,8 @@ impl Frame {
                     });
                 }
             }
-            Frame::Change(_) | Frame::Query(Query::Status | Query::Change { .. } | Query::Unpin) => {}
+            Frame::Change(_)
+            | Frame::Query(Query::Status | Query::Change { .. } | Query::Unpin) => {}
             Frame::Bye(r) => check_text("bye", r, 200)?,
             Frame::Query(Query::Pin(n)) => check_text("pin", n, 63)?,
             Frame::Pin(Some(id)) => check_id("pin", id)?,
@@ -188,7 +210,8 @@ impl Frame {
 
     /// Encode with the length prefix.
     pub fn encode(&self) -> Vec<u8> {
-        let body = postcard::to_allocvec(self).expect("postcard encoding of an owned frame cannot fail");
+        let body =
+            postcard::to_allocvec(self).expect("postcard encoding of an owned frame cannot fail");
         let len = (body.len() + 2) as u32;
         let mut out = Vec::with_capacity(4 + len as usize);
         out.extend_from_slice(&len.to_be_bytes());
@@ -209,7 +232,8 @@ impl Frame {
         if v != PROTOCOL_VERSION {
             return Err(WireError::Version(v));
         }
-        let (f, rest): (Frame, &[u8]) = postcard::take_from_bytes(&b[2..]).map_err(|e| WireError::Decode(e.to_string()))?;
+        let (f, rest): (Frame, &[u8]) =
+            postcard::take_from_bytes(&b[2..]).map_err(|e| WireError::Decode(e.to_string()))?;
         if !rest.is_empty() {
             return Err(WireError::Decode(format!("{} trailing bytes", rest.len())));
         }
@@ -246,8 +270,12 @@ pub async fn read_frame(r: &mut quinn::RecvStream) -> Result<Option<Frame>, Fram
         return Err(FrameReadError::Wire(WireError::TooLarge(len)));
     }
     let mut body = vec![0u8; len];
-    r.read_exact(&mut body).await.map_err(|e| FrameReadError::Stream(e.to_string()))?;
-    Frame::decode_body(&body).map(Some).map_err(FrameReadError::Wire)
+    r.read_exact(&mut body)
+        .await
+        .map_err(|e| FrameReadError::Stream(e.to_string()))?;
+    Frame::decode_body(&body)
+        .map(Some)
+        .map_err(FrameReadError::Wire)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -261,7 +289,9 @@ pub enum FrameReadError {
 impl Datagram {
     pub fn encode(&self) -> Vec<u8> {
         let mut out = PROTOCOL_VERSION.to_be_bytes().to_vec();
-        out.extend(postcard::to_allocvec(self).expect("postcard encoding of a datagram cannot fail"));
+        out.extend(
+            postcard::to_allocvec(self).expect("postcard encoding of a datagram cannot fail"),
+        );
         out
     }
     pub fn decode(b: &[u8]) -> Result<Datagram, WireError> {
@@ -275,7 +305,8 @@ impl Datagram {
         if v != PROTOCOL_VERSION {
             return Err(WireError::Version(v));
         }
-        let (d, rest): (Datagram, &[u8]) = postcard::take_from_bytes(&b[2..]).map_err(|e| WireError::Decode(e.to_string()))?;
+        let (d, rest): (Datagram, &[u8]) =
+            postcard::take_from_bytes(&b[2..]).map_err(|e| WireError::Decode(e.to_string()))?;
         if !rest.is_empty() {
             return Err(WireError::Decode(format!("{} trailing bytes", rest.len())));
         }
@@ -290,7 +321,12 @@ mod tests {
     use proptest::prelude::*;
 
     fn announce() -> Frame {
-        let tl = Timeline::start_at(5, Tempo::from_bpm(120.0).unwrap(), Meter::new(4).unwrap(), true);
+        let tl = Timeline::start_at(
+            5,
+            Tempo::from_bpm(120.0).unwrap(),
+            Meter::new(4).unwrap(),
+            true,
+        );
         Frame::Announce(Announce {
             session: SessionId { born_ms: 1, by: 2 },
             epoch: 3,
@@ -308,7 +344,13 @@ mod tests {
     fn frames_round_trip() {
         let f = announce();
         assert_eq!(Frame::decode(&f.encode()).unwrap(), f);
-        let d = Datagram::Pong { seq: 1, t1: -5, t2: i64::MAX, t3: 0, gen: 7 };
+        let d = Datagram::Pong {
+            seq: 1,
+            t1: -5,
+            t2: i64::MAX,
+            t3: 0,
+            gen: 7,
+        };
         assert_eq!(Datagram::decode(&d.encode()).unwrap(), d);
     }
 
@@ -331,9 +373,28 @@ mod tests {
             version: 0,
             pinned: None,
         });
-        assert!(matches!(Frame::decode(&bad_tl.encode()), Err(WireError::Invalid { field: "announce.timeline", .. })));
-        let bad_id = Frame::Hello(Hello { node: "NOTHEX".into(), name: "x".into(), room: "r".into(), priority: 0, cli: false, mac: [0; 32] });
-        assert!(matches!(Frame::decode(&bad_id.encode()), Err(WireError::Invalid { field: "hello.node", .. })));
+        assert!(matches!(
+            Frame::decode(&bad_tl.encode()),
+            Err(WireError::Invalid {
+                field: "announce.timeline",
+                ..
+            })
+        ));
+        let bad_id = Frame::Hello(Hello {
+            node: "NOTHEX".into(),
+            name: "x".into(),
+            room: "r".into(),
+            priority: 0,
+            cli: false,
+            mac: [0; 32],
+        });
+        assert!(matches!(
+            Frame::decode(&bad_id.encode()),
+            Err(WireError::Invalid {
+                field: "hello.node",
+                ..
+            })
+        ));
     }
 
     proptest! {

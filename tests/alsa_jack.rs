@@ -34,9 +34,11 @@ impl Drop for Kill {
 /// JACK then refuses new servers ("Too many servers already active"). With no jackd
 /// running, every JACK shm file is stale: remove them.
 fn clean_stale_jack_shm() {
-    let jackd_running = std::fs::read_dir("/proc").into_iter().flatten().flatten().any(|e| {
-        std::fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim() == "jackd")
-    });
+    let jackd_running = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|e| std::fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim() == "jackd"));
     if jackd_running {
         return;
     }
@@ -50,7 +52,13 @@ fn clean_stale_jack_shm() {
 }
 
 fn need(tool: &str) {
-    let ok = Command::new("sh").arg("-c").arg(format!("command -v {tool}")).stdout(Stdio::null()).status().unwrap().success();
+    let ok = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .stdout(Stdio::null())
+        .status()
+        .unwrap()
+        .success();
     assert!(ok, "{tool} is not installed: run scripts/test, which installs jackd2, jack-capture and libasound2-plugins");
 }
 
@@ -70,7 +78,10 @@ fn read_wav_f32(p: &Path) -> Vec<f32> {
         }
         if id == b"data" {
             assert!(fmt_float, "expected 32-bit float WAV from jack_capture");
-            return body.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+            return body
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect();
         }
         i += 8 + len + (len & 1);
     }
@@ -128,7 +139,11 @@ fn attempt_once() -> Result<(), (String, bool)> {
     )
     .unwrap();
     let server = format!("bandsync-test-{}", std::process::id());
-    let envs = [("HOME", home.to_str().unwrap()), ("JACK_DEFAULT_SERVER", server.as_str()), ("JACK_NO_AUDIO_RESERVATION", "1")];
+    let envs = [
+        ("HOME", home.to_str().unwrap()),
+        ("JACK_DEFAULT_SERVER", server.as_str()),
+        ("JACK_NO_AUDIO_RESERVATION", "1"),
+    ];
     let cmd = |prog: &str| {
         let mut c = Command::new(prog);
         c.envs(envs).stdin(Stdio::null());
@@ -149,7 +164,11 @@ fn attempt_once() -> Result<(), (String, bool)> {
         if String::from_utf8_lossy(&out.stdout).contains("system:playback_1") {
             break;
         }
-        assert!(t.elapsed() < Duration::from_secs(10), "jackd did not come up: {}", std::fs::read_to_string(home.join("jackd.log")).unwrap_or_default());
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "jackd did not come up: {}",
+            std::fs::read_to_string(home.join("jackd.log")).unwrap_or_default()
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     let wav = home.join("out.wav");
@@ -166,7 +185,20 @@ fn attempt_once() -> Result<(), (String, bool)> {
     std::thread::sleep(Duration::from_millis(800));
     let log = home.join("clicks.jsonl");
     let daemon = cmd(BIN)
-        .args(["run", "--audio", "default", "--play", "--tempo", "120", "--meter", "4", "--buffer-frames", "256", "--volume", "0.8"])
+        .args([
+            "run",
+            "--audio",
+            "default",
+            "--play",
+            "--tempo",
+            "120",
+            "--meter",
+            "4",
+            "--buffer-frames",
+            "256",
+            "--volume",
+            "0.8",
+        ])
         .args(["--interface", "lo", "--quic", "127.0.0.1:0", "--room"])
         .arg(format!("alsa-test-{}", std::process::id()))
         .arg("--state-dir")
@@ -183,19 +215,30 @@ fn attempt_once() -> Result<(), (String, bool)> {
     let out = daemon.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(out.status.success(), "daemon failed: {stderr}");
-    assert!(stderr.contains("audio output running"), "the cpal/ALSA stream must have run (not the null sink): {stderr}");
+    assert!(
+        stderr.contains("audio output running"),
+        "the cpal/ALSA stream must have run (not the null sink): {stderr}"
+    );
     assert!(!stderr.contains("null audio sink"), "{stderr}");
     let t = Instant::now();
     while capture.0.try_wait().unwrap().is_none() {
-        assert!(t.elapsed() < Duration::from_secs(10), "jack_capture did not finish");
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "jack_capture did not finish"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 
     let samples = read_wav_f32(&wav);
     let xrun = {
-        let j = std::fs::read_to_string(home.join("jackd.log")).unwrap_or_default().to_lowercase();
+        let j = std::fs::read_to_string(home.join("jackd.log"))
+            .unwrap_or_default()
+            .to_lowercase();
         let c = std::fs::read_to_string(home.join("capture.log")).unwrap_or_default();
-        let cap_xruns = c.split("Xruns:").skip(1).any(|t| t.trim_start().chars().next().is_some_and(|d| d != '0'));
+        let cap_xruns = c
+            .split("Xruns:")
+            .skip(1)
+            .any(|t| t.trim_start().chars().next().is_some_and(|d| d != '0'));
         j.contains("xrun") || cap_xruns
     };
     let fail = |m: String| Err((m, xrun));
@@ -203,21 +246,38 @@ fn attempt_once() -> Result<(), (String, bool)> {
     let beats: Vec<i64> = std::fs::read_to_string(&log)
         .unwrap()
         .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["beat"].as_i64().unwrap())
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["beat"]
+                .as_i64()
+                .unwrap()
+        })
         .collect();
     if on.len() < 8 {
-        return fail(format!("expected at least 8 clicks in the recording, found {}: {on:?}", on.len()));
+        return fail(format!(
+            "expected at least 8 clicks in the recording, found {}: {on:?}",
+            on.len()
+        ));
     }
     if beats.len() < on.len() {
-        return fail(format!("every recorded click is in the click log ({} vs {})", beats.len(), on.len()));
+        return fail(format!(
+            "every recorded click is in the click log ({} vs {})",
+            beats.len(),
+            on.len()
+        ));
     }
-    let gaps: Vec<i64> = on.windows(2).map(|w| w[1].0 as i64 - w[0].0 as i64).collect();
+    let gaps: Vec<i64> = on
+        .windows(2)
+        .map(|w| w[1].0 as i64 - w[0].0 as i64)
+        .collect();
     for (i, g) in gaps.iter().enumerate() {
         // The target is ±1 sample and most runs meet it; the ALSA jack plugin reports its
         // delay in whole periods and its callbacks jitter by ±100 µs, so the frame clock
         // can be one sample further off on this harness (issue 2's closing note).
         if (g - 24_000).abs() > 2 {
-            return fail(format!("clicks {i}→{} are {g} samples apart (want 24000±2); all gaps: {gaps:?}", i + 1));
+            return fail(format!(
+                "clicks {i}→{} are {g} samples apart (want 24000±2); all gaps: {gaps:?}",
+                i + 1
+            ));
         }
     }
     // accents: louder, exactly on the beats the log calls downbeats (beat % 4 == 0)
@@ -225,7 +285,10 @@ fn attempt_once() -> Result<(), (String, bool)> {
     for (i, (frame, amp)) in on.iter().enumerate() {
         let accent = *amp > loud * 0.8;
         if accent != (beats[i] % 4 == 0) {
-            return fail(format!("click {i} at sample {frame} (beat {}, amplitude {amp}): accent {accent}", beats[i]));
+            return fail(format!(
+                "click {i} at sample {frame} (beat {}, amplitude {amp}): accent {accent}",
+                beats[i]
+            ));
         }
     }
     if (loud - 0.8).abs() >= 0.01 {

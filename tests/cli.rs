@@ -9,9 +9,17 @@ const BIN: &str = env!("CARGO_BIN_EXE_bandsync");
 
 fn free_port(udp: bool) -> u16 {
     if udp {
-        std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+        std::net::UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
     } else {
-        std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
     }
 }
 
@@ -33,7 +41,17 @@ impl Daemon {
         let room = format!("cli-{}", dir.path().file_name().unwrap().to_string_lossy());
         let log = std::fs::File::create(dir.path().join("node.log")).unwrap();
         let child = Command::new(BIN)
-            .args(["run", "--audio", "null", "--interface", "lo", "--name", "stage-left", "--room", &room])
+            .args([
+                "run",
+                "--audio",
+                "null",
+                "--interface",
+                "lo",
+                "--name",
+                "stage-left",
+                "--room",
+                &room,
+            ])
             .arg("--quic")
             .arg(format!("127.0.0.1:{quic}"))
             .arg("--http")
@@ -48,10 +66,21 @@ impl Daemon {
             .stderr(log)
             .spawn()
             .unwrap();
-        let d = Daemon { child, quic, http, key, room, dir };
+        let d = Daemon {
+            child,
+            quic,
+            http,
+            key,
+            room,
+            dir,
+        };
         let t = Instant::now();
         while get(d.http, "/health").is_none() {
-            assert!(t.elapsed() < Duration::from_secs(10), "daemon did not come up: {}", d.log());
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "daemon did not come up: {}",
+                d.log()
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
         d
@@ -87,16 +116,27 @@ impl Drop for Daemon {
 fn get(port: u16, path: &str) -> Option<(u16, String)> {
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
     let mut buf = String::new();
     s.read_to_string(&mut buf).ok()?;
     let code = buf.split_whitespace().nth(1)?.parse().ok()?;
-    let body = buf.split_once("\r\n\r\n").map(|x| x.1.to_string()).unwrap_or_default();
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map(|x| x.1.to_string())
+        .unwrap_or_default();
     Some((code, body))
 }
 
 fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
 }
 
 fn json_body(body: &str) -> serde_json::Value {
@@ -112,7 +152,9 @@ fn status_health_and_changes() {
     let (code, body) = get(d.http, "/health").unwrap();
     assert_eq!(code, 200);
     let h = json_body(&body);
-    for k in ["node", "name", "role", "leader", "epoch", "pinned", "playing", "tempo", "peers"] {
+    for k in [
+        "node", "name", "role", "leader", "epoch", "pinned", "playing", "tempo", "peers",
+    ] {
         assert!(h.get(k).is_some(), "/health lacks {k}: {h}");
     }
     assert_eq!(h["role"], "leader");
@@ -124,9 +166,17 @@ fn status_health_and_changes() {
     let s: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(s["node"], h["node"]);
     assert_eq!(s["playing"], false);
-    assert_eq!(s["phone_url"], format!("http://stage-left.local:{}/", d.http), "{s}");
+    assert_eq!(
+        s["phone_url"],
+        format!("http://stage-left.local:{}/", d.http),
+        "{s}"
+    );
     let o = d.cli(&["status"]);
-    assert!(o.status.success() && text(&o).contains("leader"), "{}", text(&o));
+    assert!(
+        o.status.success() && text(&o).contains("leader"),
+        "{}",
+        text(&o)
+    );
 
     let o = d.cli(&["tempo", "132", "--now"]);
     assert!(o.status.success(), "{}", text(&o));
@@ -134,19 +184,24 @@ fn status_health_and_changes() {
     let o = d.cli(&["start"]);
     assert!(o.status.success(), "{}", text(&o));
     std::thread::sleep(Duration::from_millis(2_500));
-    let s: serde_json::Value = serde_json::from_slice(&d.cli(&["status", "--json"]).stdout).unwrap();
+    let s: serde_json::Value =
+        serde_json::from_slice(&d.cli(&["status", "--json"]).stdout).unwrap();
     assert_eq!(s["tempo"], 132.0, "{s}");
     assert_eq!(s["playing"], true, "{s}");
 
     let (code, metrics) = get(d.http, "/metrics").unwrap();
     assert_eq!(code, 200);
-    assert!(metrics.contains("bandsync_clicks_total") && metrics.contains("bandsync_epoch"), "{metrics}");
+    assert!(
+        metrics.contains("bandsync_clicks_total") && metrics.contains("bandsync_epoch"),
+        "{metrics}"
+    );
 
     // pin yourself by name, then unpin
     let o = d.cli(&["pin", "stage-left"]);
     assert!(o.status.success(), "{}", text(&o));
     std::thread::sleep(Duration::from_millis(300));
-    let s: serde_json::Value = serde_json::from_slice(&d.cli(&["status", "--json"]).stdout).unwrap();
+    let s: serde_json::Value =
+        serde_json::from_slice(&d.cli(&["status", "--json"]).stdout).unwrap();
     assert_eq!(s["pinned"], h["node"], "{s}");
     assert!(d.cli(&["unpin"]).status.success());
 }
@@ -172,11 +227,22 @@ fn cli_errors_are_plain_sentences() {
     assert!(!o.status.success());
     assert!(text(&o).contains("wrong room key"), "{}", text(&o));
     std::thread::sleep(Duration::from_millis(200));
-    assert!(d.log().contains("room-key authentication"), "the node logs why: {}", d.log());
+    assert!(
+        d.log().contains("room-key authentication"),
+        "the node logs why: {}",
+        d.log()
+    );
 
     // no room by that name on loopback
     let o = Command::new(BIN)
-        .args(["status", "--room", "no-such-room-anywhere", "--interface", "lo", "--room-key-file"])
+        .args([
+            "status",
+            "--room",
+            "no-such-room-anywhere",
+            "--interface",
+            "lo",
+            "--room-key-file",
+        ])
         .arg(&d.key)
         .output()
         .unwrap();

@@ -49,22 +49,41 @@ async fn pair(client_imp: Option<Impairment>, server_imp: Option<Impairment>) ->
     roots.add(cert).unwrap();
     let mut client_cfg = quinn::ClientConfig::with_root_certificates(Arc::new(roots)).unwrap();
     client_cfg.transport_config(transport());
-    let mut client_ep =
-        make_endpoint(quinn::EndpointConfig::default(), None, UdpSocket::bind(LOOPBACK).unwrap(), client_imp).unwrap();
+    let mut client_ep = make_endpoint(
+        quinn::EndpointConfig::default(),
+        None,
+        UdpSocket::bind(LOOPBACK).unwrap(),
+        client_imp,
+    )
+    .unwrap();
     client_ep.set_default_client_config(client_cfg);
 
     let server_addr = server_ep.local_addr().unwrap();
     assert!(server_addr.ip().is_loopback());
     let accept = {
         let ep = server_ep.clone();
-        tokio::spawn(async move { ep.accept().await.expect("incoming").await.expect("server handshake") })
+        tokio::spawn(async move {
+            ep.accept()
+                .await
+                .expect("incoming")
+                .await
+                .expect("server handshake")
+        })
     };
-    let client = tokio::time::timeout(Duration::from_secs(5), client_ep.connect(server_addr, "localhost").unwrap())
-        .await
-        .expect("handshake in time")
-        .expect("client handshake");
+    let client = tokio::time::timeout(
+        Duration::from_secs(5),
+        client_ep.connect(server_addr, "localhost").unwrap(),
+    )
+    .await
+    .expect("handshake in time")
+    .expect("client handshake");
     let server = accept.await.unwrap();
-    Pair { _server_ep: server_ep, client_ep, client, server }
+    Pair {
+        _server_ep: server_ep,
+        client_ep,
+        client,
+        server,
+    }
 }
 
 /// Server side: answer every bi stream with its length (u64 LE) and FNV-1a hash (u64 LE).
@@ -83,7 +102,9 @@ fn serve_echo_digest(conn: quinn::Connection) {
 }
 
 fn fnv(data: &[u8]) -> u64 {
-    data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ *b as u64).wrapping_mul(0x0100_0000_01b3))
+    data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ *b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 /// Send `data` on a fresh bi stream, check the server's digest, return the elapsed time.
@@ -95,8 +116,14 @@ async fn request(conn: &quinn::Connection, data: &[u8]) -> Duration {
     let reply = recv.read_to_end(64).await.unwrap();
     let elapsed = t0.elapsed();
     assert_eq!(reply.len(), 16);
-    assert_eq!(u64::from_le_bytes(reply[..8].try_into().unwrap()), data.len() as u64);
-    assert_eq!(u64::from_le_bytes(reply[8..].try_into().unwrap()), fnv(data));
+    assert_eq!(
+        u64::from_le_bytes(reply[..8].try_into().unwrap()),
+        data.len() as u64
+    );
+    assert_eq!(
+        u64::from_le_bytes(reply[8..].try_into().unwrap()),
+        fnv(data)
+    );
     elapsed
 }
 
@@ -128,12 +155,22 @@ async fn impair_delay_20ms_raises_rtt() {
     let p = pair(Some(imp), None).await;
     let (best, rtt) = measure_rtt(&p).await;
     eprintln!("delay_ms=20: best request/response {best:?}, conn.rtt() {rtt:?}");
-    assert!(best >= Duration::from_millis(20), "best round trip {best:?}");
+    assert!(
+        best >= Duration::from_millis(20),
+        "best round trip {best:?}"
+    );
     assert!(rtt >= Duration::from_millis(20), "conn.rtt() {rtt:?}");
     // Sanity: the delay is roughly what was asked for, not wildly more.
-    assert!(best < Duration::from_millis(500), "best round trip {best:?}");
+    assert!(
+        best < Duration::from_millis(500),
+        "best round trip {best:?}"
+    );
     // The server sees the same path.
-    assert!(p.server.rtt() >= Duration::from_millis(20), "server rtt {:?}", p.server.rtt());
+    assert!(
+        p.server.rtt() >= Duration::from_millis(20),
+        "server rtt {:?}",
+        p.server.rtt()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -145,8 +182,12 @@ async fn impair_loss_30pct_streams_complete_datagrams_thin_out() {
     serve_echo_digest(p.server.clone());
 
     // (1) A reliable transfer completes intact: QUIC retransmits what was lost.
-    let data: Vec<u8> = (0..200_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
-    let took = tokio::time::timeout(Duration::from_secs(8), request(&p.client, &data)).await.expect("transfer in time");
+    let data: Vec<u8> = (0..200_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let took = tokio::time::timeout(Duration::from_secs(8), request(&p.client, &data))
+        .await
+        .expect("transfer in time");
     eprintln!("loss=0.3: 200 kB bi-stream transfer took {took:?}");
 
     // (2) Unreliable QUIC datagrams client → server arrive at a rate clearly below 100 %.
@@ -162,7 +203,11 @@ async fn impair_loss_30pct_streams_complete_datagrams_thin_out() {
     }
     // 1000-byte datagrams: one per UDP packet, so each meets its own loss draw (small
     // ones would be bundled, and the count would swing in steps of a whole bundle).
-    let size = p.client.max_datagram_size().expect("datagrams enabled").min(1000);
+    let size = p
+        .client
+        .max_datagram_size()
+        .expect("datagrams enabled")
+        .min(1000);
     assert!(size > 600, "max datagram size {size}");
     // Paced in batches of 10 that each wait for the previous ones to leave quinn's send
     // buffer: under loss, congestion control may hold datagrams back for a while, and
@@ -183,13 +228,20 @@ async fn impair_loss_30pct_streams_complete_datagrams_thin_out() {
         p.client.send_datagram(datagram(i, size)).unwrap();
     }
     drained().await;
-    assert_eq!(p.client.datagram_send_buffer_space(), empty, "datagrams still unsent after 6 s");
+    assert_eq!(
+        p.client.datagram_send_buffer_space(),
+        empty,
+        "datagrams still unsent after 6 s"
+    );
     // Sent; with no delay configured they land within milliseconds on loopback.
     tokio::time::sleep(Duration::from_millis(200)).await;
     eprintln!("loss=0.3: sending {N} datagrams took {:?}", t0.elapsed());
     let got = received.load(Ordering::Relaxed);
     let rate = got as f64 / N as f64;
-    eprintln!("loss=0.3: {got}/{N} datagrams arrived ({:.0} %)", rate * 100.0);
+    eprintln!(
+        "loss=0.3: {got}/{N} datagrams arrived ({:.0} %)",
+        rate * 100.0
+    );
     assert!(rate < 0.9, "delivery rate {rate}");
     assert!(rate > 0.4, "delivery rate {rate} (far more lost than 30 %)");
 }
@@ -205,20 +257,30 @@ async fn impair_stats_count_losses_on_a_real_socket() {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let imp = Impairment::parse("loss=1,seed=3").unwrap();
     let sock = UdpSocket::bind(LOOPBACK).unwrap();
-    let (ep, stats) = make_endpoint_with_stats(quinn::EndpointConfig::default(), None, sock, Some(imp)).unwrap();
+    let (ep, stats) =
+        make_endpoint_with_stats(quinn::EndpointConfig::default(), None, sock, Some(imp)).unwrap();
     let stats = stats.expect("impaired endpoint has counters");
     let mut roots = rustls::RootCertStore::empty();
     let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
-    roots.add(rustls::pki_types::CertificateDer::from(ck.cert.der().to_vec())).unwrap();
+    roots
+        .add(rustls::pki_types::CertificateDer::from(
+            ck.cert.der().to_vec(),
+        ))
+        .unwrap();
     let cfg = quinn::ClientConfig::with_root_certificates(Arc::new(roots)).unwrap();
     // Nobody listens there, and everything is dropped anyway: the attempt only feeds the counters.
     let target = UdpSocket::bind(LOOPBACK).unwrap();
-    let connecting = ep.connect_with(cfg, target.local_addr().unwrap(), "localhost").unwrap();
+    let connecting = ep
+        .connect_with(cfg, target.local_addr().unwrap(), "localhost")
+        .unwrap();
     let _ = tokio::time::timeout(Duration::from_millis(300), connecting).await;
     let c = stats.counts();
     assert!(c.lost >= 1, "{c:?}");
     assert_eq!(c.sent, 0, "{c:?}");
     target.set_nonblocking(true).unwrap();
     let mut buf = [0u8; 2048];
-    assert!(target.recv_from(&mut buf).is_err(), "loss=1 let a datagram through");
+    assert!(
+        target.recv_from(&mut buf).is_err(),
+        "loss=1 let a datagram through"
+    );
 }

@@ -16,7 +16,10 @@ fn render_never_allocates() {
         let v: Vec<u8> = Vec::with_capacity(16);
         std::hint::black_box(v);
     });
-    assert!(violation_count() > before, "the allocation detector must see allocations");
+    assert!(
+        violation_count() > before,
+        "the allocation detector must see allocations"
+    );
 
     let before = violation_count();
     let mut rig = Rig::new(snapshot(1_000_000_000, 400.0, 7), 256, 900_000_000);
@@ -33,6 +36,9 @@ fn render_never_allocates() {
         assert_no_alloc(|| rig.renderer.render(&mut buf[..], m));
         clicks += rig.drain().len();
     }
-    assert!(clicks >= 19, "the test must actually render clicks ({clicks})");
+    assert!(
+        clicks >= 19,
+        "the test must actually render clicks ({clicks})"
+    );
     assert_eq!(violation_count(), before, "the audio callback allocated");
 }

@@ -10,16 +10,28 @@ const BIN: &str = env!("CARGO_BIN_EXE_bandsync");
 
 fn free_port(udp: bool) -> u16 {
     if udp {
-        std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+        std::net::UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
     } else {
-        std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
     }
 }
 
 fn get(port: u16, path: &str) -> Option<String> {
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
     let mut b = String::new();
     s.read_to_string(&mut b).ok()?;
     let body = b.split_once("\r\n\r\n")?.1;
@@ -36,7 +48,15 @@ struct Box_ {
 fn start(state: &Path, key: &Path, room: &str, extra: &[&str]) -> Box_ {
     let (quic, http) = (free_port(true), free_port(false));
     let child = Command::new(BIN)
-        .args(["run", "--audio", "null", "--interface", "lo", "--room", room])
+        .args([
+            "run",
+            "--audio",
+            "null",
+            "--interface",
+            "lo",
+            "--room",
+            room,
+        ])
         .arg("--quic")
         .arg(format!("127.0.0.1:{quic}"))
         .arg("--http")
@@ -54,7 +74,10 @@ fn start(state: &Path, key: &Path, room: &str, extra: &[&str]) -> Box_ {
     let b = Box_ { child, quic, http };
     let t = Instant::now();
     while get(b.http, "/health").is_none() {
-        assert!(t.elapsed() < Duration::from_secs(10), "node did not come up");
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "node did not come up"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     b
@@ -83,7 +106,10 @@ fn a_box_alone_comes_back_with_its_session_after_kill_9() {
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("k");
     std::fs::write(&key, "7e".repeat(32)).unwrap();
-    let room = format!("persist-{}", dir.path().file_name().unwrap().to_string_lossy());
+    let room = format!(
+        "persist-{}",
+        dir.path().file_name().unwrap().to_string_lossy()
+    );
     let state = dir.path().join("state");
     let mut b = start(&state, &key, &room, &["--tempo", "120", "--play"]);
     assert!(cli(&b, &key, &room, &["tempo", "137", "--now"]));
@@ -106,7 +132,10 @@ fn kill_9_during_a_burst_of_changes_never_corrupts_the_state() {
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("k");
     std::fs::write(&key, "7f".repeat(32)).unwrap();
-    let room = format!("crash-{}", dir.path().file_name().unwrap().to_string_lossy());
+    let room = format!(
+        "crash-{}",
+        dir.path().file_name().unwrap().to_string_lossy()
+    );
     let state = dir.path().join("state");
     let rounds = 12;
     let mut prev: Option<f64> = None;
@@ -123,17 +152,26 @@ fn kill_9_during_a_burst_of_changes_never_corrupts_the_state() {
         }
         b.child.kill().unwrap();
         b.child.wait().unwrap();
-        let text = std::fs::read_to_string(state.join("session.json")).expect("a session file after changes");
-        let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("round {round}: corrupt state {text:?}: {e}"));
+        let text = std::fs::read_to_string(state.join("session.json"))
+            .expect("a session file after changes");
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("round {round}: corrupt state {text:?}: {e}"));
         let tempo = v["tempo"].as_u64().expect("tempo in milli-BPM") as f64 / 1000.0;
         // committed means: one of this round's changes, or (if none was saved yet) the
         // state the previous round left
-        assert!(asked.contains(&tempo) || prev == Some(tempo), "round {round}: saved tempo {tempo} was never committed ({asked:?}, before: {prev:?})");
+        assert!(
+            asked.contains(&tempo) || prev == Some(tempo),
+            "round {round}: saved tempo {tempo} was never committed ({asked:?}, before: {prev:?})"
+        );
         prev = Some(tempo);
         // and the restarted node reads it back
         let mut b = start(&state, &key, &room, &[]);
         let h = health(&b);
-        assert_eq!(h["tempo"].as_f64().unwrap(), tempo, "round {round}: restored tempo");
+        assert_eq!(
+            h["tempo"].as_f64().unwrap(),
+            tempo,
+            "round {round}: restored tempo"
+        );
         b.child.kill().unwrap();
         b.child.wait().unwrap();
     }
@@ -147,7 +185,10 @@ fn a_corrupt_state_file_is_reported_and_the_node_starts_from_defaults() {
     let state = dir.path().join("state");
     std::fs::create_dir_all(&state).unwrap();
     std::fs::write(state.join("session.json"), "{\"tempo\": 13").unwrap();
-    let room = format!("corrupt-{}", dir.path().file_name().unwrap().to_string_lossy());
+    let room = format!(
+        "corrupt-{}",
+        dir.path().file_name().unwrap().to_string_lossy()
+    );
     let mut b = start(&state, &key, &room, &[]);
     let h = health(&b);
     assert_eq!(h["tempo"], 120.0);

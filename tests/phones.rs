@@ -74,20 +74,39 @@ async fn connect_path(mut s: TcpStream, addr: SocketAddr, path: &str) -> Result<
             break i + 4;
         }
         let mut chunk = [0u8; 4096];
-        let n = tokio::time::timeout(WAIT, s.read(&mut chunk)).await.expect("handshake timed out").unwrap();
+        let n = tokio::time::timeout(WAIT, s.read(&mut chunk))
+            .await
+            .expect("handshake timed out")
+            .unwrap();
         assert!(n > 0, "connection closed during the handshake");
         buf.extend_from_slice(&chunk[..n]);
     };
     let head = String::from_utf8_lossy(&buf[..end]).to_string();
-    let status: u16 = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let status: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
     let mut rest = buf[end..].to_vec();
     if status == 101 {
-        assert!(head.to_ascii_lowercase().contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="), "{head}");
-        return Ok(Ws { s, buf: rest, backlog: Default::default() });
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="),
+            "{head}"
+        );
+        return Ok(Ws {
+            s,
+            buf: rest,
+            backlog: Default::default(),
+        });
     }
     let len: usize = head
         .lines()
-        .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap_or(0)))
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length:")
+                .map(|v| v.trim().parse().unwrap_or(0))
+        })
         .unwrap_or(0);
     while rest.len() < len {
         let mut chunk = [0u8; 4096];
@@ -162,7 +181,10 @@ impl Ws {
                     if let Err(e) = self.fill(10, deadline).await {
                         return e;
                     }
-                    (10, u64::from_be_bytes(self.buf[2..10].try_into().unwrap()) as usize)
+                    (
+                        10,
+                        u64::from_be_bytes(self.buf[2..10].try_into().unwrap()) as usize,
+                    )
                 }
                 n => (2, n as usize),
             };
@@ -173,8 +195,10 @@ impl Ws {
             self.buf.drain(..hlen + len);
             match op {
                 0x8 => {
-                    let code = (payload.len() >= 2).then(|| u16::from_be_bytes([payload[0], payload[1]]));
-                    let reason = String::from_utf8_lossy(payload.get(2..).unwrap_or_default()).to_string();
+                    let code =
+                        (payload.len() >= 2).then(|| u16::from_be_bytes([payload[0], payload[1]]));
+                    let reason =
+                        String::from_utf8_lossy(payload.get(2..).unwrap_or_default()).to_string();
                     return In::Close(code, reason);
                 }
                 0x9 => self.frame(0xA, true, &payload).await,
@@ -187,7 +211,11 @@ impl Ws {
             }
             if fin && op != 0x9 && op != 0xA {
                 let (op, data) = msg.take().unwrap();
-                return if op == 1 { In::Text(String::from_utf8(data).expect("server text is UTF-8")) } else { In::Binary(data) };
+                return if op == 1 {
+                    In::Text(String::from_utf8(data).expect("server text is UTF-8"))
+                } else {
+                    In::Binary(data)
+                };
             }
         }
     }
@@ -203,7 +231,8 @@ impl Ws {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.recv_for(left).await {
                 In::Text(t) => {
-                    let v: Value = serde_json::from_str(&t).unwrap_or_else(|e| panic!("server sent non-JSON {t:?}: {e}"));
+                    let v: Value = serde_json::from_str(&t)
+                        .unwrap_or_else(|e| panic!("server sent non-JSON {t:?}: {e}"));
                     if v["type"] == ty {
                         return v;
                     }
@@ -220,7 +249,10 @@ impl Ws {
     async fn until(&mut self, ty: &str) -> Value {
         let deadline = Instant::now() + WAIT;
         loop {
-            match self.recv_for(deadline.saturating_duration_since(Instant::now())).await {
+            match self
+                .recv_for(deadline.saturating_duration_since(Instant::now()))
+                .await
+            {
                 In::Text(t) => {
                     let v: Value = serde_json::from_str(&t).unwrap();
                     if v["type"] == ty {
@@ -236,7 +268,10 @@ impl Ws {
     async fn expect_close(&mut self) -> (Option<u16>, String) {
         let deadline = Instant::now() + WAIT;
         loop {
-            match self.recv_for(deadline.saturating_duration_since(Instant::now())).await {
+            match self
+                .recv_for(deadline.saturating_duration_since(Instant::now()))
+                .await
+            {
                 In::Close(c, r) => return (c, r),
                 In::Text(_) | In::Binary(_) => {}
                 other => panic!("expected a close frame, got {other:?}"),
@@ -246,7 +281,8 @@ impl Ws {
 
     async fn join(&mut self) -> Value {
         self.backlog.clear();
-        self.send_json(json!({"type": "join_session", "name": "test phone"})).await;
+        self.send_json(json!({"type": "join_session", "name": "test phone"}))
+            .await;
         let s = self.expect("snapshot").await;
         self.expect("room_stats").await;
         s
@@ -254,7 +290,8 @@ impl Ws {
 
     /// A round trip still works (the connection is healthy).
     async fn alive(&mut self) {
-        self.send_json(json!({"type": "ping", "t0": 42, "id": "alive"})).await;
+        self.send_json(json!({"type": "ping", "t0": 42, "id": "alive"}))
+            .await;
         loop {
             let p = self.expect("pong").await;
             if p["id"] == "alive" {
@@ -267,7 +304,10 @@ impl Ws {
 
 fn error_of(v: &Value) -> (&str, Option<&str>) {
     assert_eq!(v["type"], "error", "{v}");
-    assert!(v["reason"].as_str().is_some_and(|r| !r.is_empty()), "error without a reason: {v}");
+    assert!(
+        v["reason"].as_str().is_some_and(|r| !r.is_empty()),
+        "error without a reason: {v}"
+    );
     (v["code"].as_str().unwrap(), v["field"].as_str())
 }
 
@@ -285,11 +325,23 @@ struct Fake {
 
 fn timeline(bpm: f64, meter: i64, playing: bool) -> Timeline {
     // beat 0 one second ago, in session (= local) time
-    Timeline::start_at(mono_now_ns() - 1_000_000_000, Tempo::from_bpm(bpm).unwrap(), Meter::new(meter).unwrap(), playing)
+    Timeline::start_at(
+        mono_now_ns() - 1_000_000_000,
+        Tempo::from_bpm(bpm).unwrap(),
+        Meter::new(meter).unwrap(),
+        playing,
+    )
 }
 
 fn snapshot(tl: Timeline) -> AudioSnapshot {
-    AudioSnapshot { timeline: tl, map: SessionMap::IDENTITY, epoch: 1, latency_offset_ns: 0, gain: 1.0, gen: 0 }
+    AudioSnapshot {
+        timeline: tl,
+        map: SessionMap::IDENTITY,
+        epoch: 1,
+        latency_offset_ns: 0,
+        gain: 1.0,
+        gen: 0,
+    }
 }
 
 async fn fake(limits: GatewayLimits, pin: Option<&str>) -> Fake {
@@ -310,8 +362,17 @@ async fn fake(limits: GatewayLimits, pin: Option<&str>) -> Fake {
         stats: stats.clone(),
     };
     let (sd_tx, sd_rx) = tokio::sync::watch::channel(false);
-    let addr = bandsync::http::serve("127.0.0.1:0".parse().unwrap(), state, sd_rx).await.unwrap();
-    Fake { addr, cell, changes, stats, _shutdown: sd_tx, _inbox: None }
+    let addr = bandsync::http::serve("127.0.0.1:0".parse().unwrap(), state, sd_rx)
+        .await
+        .unwrap();
+    Fake {
+        addr,
+        cell,
+        changes,
+        stats,
+        _shutdown: sd_tx,
+        _inbox: None,
+    }
 }
 
 impl Fake {
@@ -326,26 +387,40 @@ impl Fake {
 
 async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
     let mut out = Vec::new();
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
         // headers, then Content-Length bytes (or up to the end of the stream)
         if let Some(end) = out.windows(4).position(|w| w == b"\r\n\r\n") {
             let head = String::from_utf8_lossy(&out[..end]).to_ascii_lowercase();
-            let len = head.lines().find_map(|l| l.strip_prefix("content-length:").and_then(|v| v.trim().parse::<usize>().ok()));
+            let len = head.lines().find_map(|l| {
+                l.strip_prefix("content-length:")
+                    .and_then(|v| v.trim().parse::<usize>().ok())
+            });
             if len.is_some_and(|n| out.len() >= end + 4 + n) {
                 break;
             }
         }
         let mut chunk = [0u8; 8192];
-        match tokio::time::timeout_at(deadline, s.read(&mut chunk)).await.expect("HTTP response timed out") {
+        match tokio::time::timeout_at(deadline, s.read(&mut chunk))
+            .await
+            .expect("HTTP response timed out")
+        {
             Ok(0) | Err(_) => break,
             Ok(n) => out.extend_from_slice(&chunk[..n]),
         }
     }
     let text = String::from_utf8_lossy(&out).to_string();
-    let code = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
     (code, text)
 }
 
@@ -365,14 +440,27 @@ async fn join_gives_the_whole_timeline() {
     assert_eq!(s["segments"].as_array().unwrap().len(), 1, "{s}");
     let s0 = &s["segments"][0];
     assert_eq!(s0["t0_us"].as_f64().unwrap(), seg.t0 as f64 / 1000.0);
-    assert_eq!((s0["b0"].as_i64(), s0["bpm"].as_f64(), s0["mbpm"].as_u64()), (Some(0), Some(120.0), Some(120_000)));
-    assert_eq!((s0["meter"].as_u64(), s0["downbeat"].as_i64(), s0["playing"].as_bool()), (Some(4), Some(0), Some(true)));
+    assert_eq!(
+        (s0["b0"].as_i64(), s0["bpm"].as_f64(), s0["mbpm"].as_u64()),
+        (Some(0), Some(120.0), Some(120_000))
+    );
+    assert_eq!(
+        (
+            s0["meter"].as_u64(),
+            s0["downbeat"].as_i64(),
+            s0["playing"].as_bool()
+        ),
+        (Some(4), Some(0), Some(true))
+    );
     assert_eq!(s["epoch"], 1);
     assert_eq!(s["gen"], 0);
     assert_eq!(s["pin_required"], false);
     assert!(s["boxes"].as_u64().unwrap() >= 1);
     let t = s["server_time_us"].as_f64().unwrap();
-    assert!(before <= t && t <= after, "server time {t} outside [{before}, {after}]");
+    assert!(
+        before <= t && t <= after,
+        "server time {t} outside [{before}, {after}]"
+    );
     // beat 0 was a second ago at 120 BPM: about beat 2 now
     let beat = s["now"]["beat"].as_f64().unwrap();
     assert!((1.9..3.0).contains(&beat), "beat {beat}");
@@ -380,7 +468,10 @@ async fn join_gives_the_whole_timeline() {
     // the page is served too
     let (code, page) = http_get(f.addr, "/").await;
     assert_eq!(code, 200);
-    assert!(page.contains("text/html") && page.contains("predictedBeats"), "page not served");
+    assert!(
+        page.contains("text/html") && page.contains("predictedBeats"),
+        "page not served"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -389,14 +480,18 @@ async fn ping_gets_a_pong_with_sane_times() {
     let mut a = connect(f.addr).await.unwrap();
     for i in 0..5 {
         let before = us_now();
-        a.send_json(json!({"type": "ping", "t0": 1234.5 + i as f64, "id": i})).await;
+        a.send_json(json!({"type": "ping", "t0": 1234.5 + i as f64, "id": i}))
+            .await;
         let p = a.expect("pong").await;
         let after = us_now();
         assert_eq!(p["t0"].as_f64(), Some(1234.5 + i as f64));
         assert_eq!(p["id"], i);
         assert_eq!(p["gen"], 0);
         let (t1, t2) = (p["t1"].as_f64().unwrap(), p["t2"].as_f64().unwrap());
-        assert!(before <= t1 && t1 <= t2 && t2 <= after, "{before} ≤ {t1} ≤ {t2} ≤ {after}");
+        assert!(
+            before <= t1 && t1 <= t2 && t2 <= after,
+            "{before} ≤ {t1} ≤ {t2} ≤ {after}"
+        );
         assert!(t2 - t1 < 50_000.0, "node held the ping {} µs", t2 - t1);
     }
     // sync_request: times and a snapshot
@@ -413,7 +508,15 @@ async fn ping_gets_a_pong_with_sane_times() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_messages_get_named_errors_and_harm_no_one() {
-    let f = fake(GatewayLimits { per_second: 1000, burst: 1000, ..GatewayLimits::default() }, None).await;
+    let f = fake(
+        GatewayLimits {
+            per_second: 1000,
+            burst: 1000,
+            ..GatewayLimits::default()
+        },
+        None,
+    )
+    .await;
     let mut a = connect(f.addr).await.unwrap();
     let mut other = connect(f.addr).await.unwrap();
     other.join().await;
@@ -430,22 +533,74 @@ async fn bad_messages_get_named_errors_and_harm_no_one() {
         (r#"{"type": "ping"}"#, "bad_field", Some("t0")),
         (r#"{"type": "ping", "t0": "now"}"#, "bad_field", Some("t0")),
         (r#"{"type": "ping", "t0": 1e300}"#, "bad_field", Some("t0")),
-        (r#"{"type": "ping", "t0": 1, "extra": true}"#, "unknown_field", Some("extra")),
-        (r#"{"type": "ping", "t0": 1, "id": {"a": 1}}"#, "bad_field", Some("id")),
+        (
+            r#"{"type": "ping", "t0": 1, "extra": true}"#,
+            "unknown_field",
+            Some("extra"),
+        ),
+        (
+            r#"{"type": "ping", "t0": 1, "id": {"a": 1}}"#,
+            "bad_field",
+            Some("id"),
+        ),
         (r#"{"type": "set_tempo"}"#, "bad_field", Some("bpm")),
-        (r#"{"type": "set_tempo", "bpm": "fast"}"#, "bad_field", Some("bpm")),
-        (r#"{"type": "set_tempo", "bpm": 19.9}"#, "bad_field", Some("bpm")),
-        (r#"{"type": "set_tempo", "bpm": 400.5}"#, "bad_field", Some("bpm")),
-        (r#"{"type": "set_tempo", "bpm": -120}"#, "bad_field", Some("bpm")),
-        (r#"{"type": "set_tempo", "bpm": 120, "quantum": "now"}"#, "bad_field", Some("quantum")),
-        (r#"{"type": "set_meter", "meter": 0}"#, "bad_field", Some("meter")),
-        (r#"{"type": "set_meter", "meter": 17}"#, "bad_field", Some("meter")),
-        (r#"{"type": "set_meter", "meter": 3.5}"#, "bad_field", Some("meter")),
-        (r#"{"type": "set_meter", "meter": null}"#, "bad_field", Some("meter")),
+        (
+            r#"{"type": "set_tempo", "bpm": "fast"}"#,
+            "bad_field",
+            Some("bpm"),
+        ),
+        (
+            r#"{"type": "set_tempo", "bpm": 19.9}"#,
+            "bad_field",
+            Some("bpm"),
+        ),
+        (
+            r#"{"type": "set_tempo", "bpm": 400.5}"#,
+            "bad_field",
+            Some("bpm"),
+        ),
+        (
+            r#"{"type": "set_tempo", "bpm": -120}"#,
+            "bad_field",
+            Some("bpm"),
+        ),
+        (
+            r#"{"type": "set_tempo", "bpm": 120, "quantum": "now"}"#,
+            "bad_field",
+            Some("quantum"),
+        ),
+        (
+            r#"{"type": "set_meter", "meter": 0}"#,
+            "bad_field",
+            Some("meter"),
+        ),
+        (
+            r#"{"type": "set_meter", "meter": 17}"#,
+            "bad_field",
+            Some("meter"),
+        ),
+        (
+            r#"{"type": "set_meter", "meter": 3.5}"#,
+            "bad_field",
+            Some("meter"),
+        ),
+        (
+            r#"{"type": "set_meter", "meter": null}"#,
+            "bad_field",
+            Some("meter"),
+        ),
         (r#"{"type": "play", "pin": 1234}"#, "bad_field", Some("pin")),
-        (r#"{"type": "seek", "beat": "one"}"#, "bad_field", Some("beat")),
+        (
+            r#"{"type": "seek", "beat": "one"}"#,
+            "bad_field",
+            Some("beat"),
+        ),
         (r#"{"type": "seek", "beat": 16}"#, "not_supported", None),
-        (r#"{"type": "join_session", "name": 7}"#, "bad_field", Some("name")),
+        (
+            r#"{"type": "join_session", "name": 7}"#,
+            "bad_field",
+            Some("name"),
+        ),
     ];
     for (msg, code, field) in cases {
         a.send(msg).await;
@@ -455,9 +610,13 @@ async fn bad_messages_get_named_errors_and_harm_no_one() {
         a.alive().await;
     }
     // the id is echoed on errors too
-    a.send(r#"{"type": "set_tempo", "bpm": 1000, "id": "req-9"}"#).await;
+    a.send(r#"{"type": "set_tempo", "bpm": 1000, "id": "req-9"}"#)
+        .await;
     let e = a.expect("error").await;
-    assert_eq!((e["id"].as_str(), e["request"].as_str()), (Some("req-9"), Some("set_tempo")));
+    assert_eq!(
+        (e["id"].as_str(), e["request"].as_str()),
+        (Some("req-9"), Some("set_tempo"))
+    );
     // binary is refused, the connection stays
     a.frame(2, true, &[1, 2, 3]).await;
     assert_eq!(error_of(&a.expect("error").await).0, "bad_message");
@@ -470,11 +629,28 @@ async fn bad_messages_get_named_errors_and_harm_no_one() {
     // nothing changed, and the other phone never saw any of it
     assert_eq!(f.cell.read().timeline.segments().len(), 1);
     other.alive().await;
-    assert!(f.stats.errors_by_code().iter().find(|(c, _)| *c == "bad_field").unwrap().1 >= 10);
+    assert!(
+        f.stats
+            .errors_by_code()
+            .iter()
+            .find(|(c, _)| *c == "bad_field")
+            .unwrap()
+            .1
+            >= 10
+    );
     let (_, metrics) = http_get(f.addr, "/metrics").await;
-    assert!(metrics.contains("bandsync_phone_errors_total{code=\"bad_json\"} 2"), "{metrics}");
-    assert!(metrics.contains("bandsync_phone_connections 2"), "{metrics}");
-    assert!(metrics.contains("bandsync_phone_delivery_seconds_bucket{le=\"+Inf\"}"), "{metrics}");
+    assert!(
+        metrics.contains("bandsync_phone_errors_total{code=\"bad_json\"} 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("bandsync_phone_connections 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("bandsync_phone_delivery_seconds_bucket{le=\"+Inf\"}"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -519,18 +695,33 @@ async fn oversized_messages_are_refused_then_closed() {
     // exactly at the limit is fine (JSON may carry whitespace), one byte more is not
     let mut c = connect(f.addr).await.unwrap();
     let msg = r#"{"type":"ping","t0":1}"#;
-    c.send(&format!("{msg}{}", " ".repeat(4096 - msg.len()))).await;
+    c.send(&format!("{msg}{}", " ".repeat(4096 - msg.len())))
+        .await;
     c.expect("pong").await;
-    c.send(&format!("{msg}{}", " ".repeat(4097 - msg.len()))).await;
+    c.send(&format!("{msg}{}", " ".repeat(4097 - msg.len())))
+        .await;
     assert_eq!(error_of(&c.expect("error").await).0, "too_large");
     assert_eq!(c.expect_close().await.0, Some(1009));
     other.alive().await;
-    assert!(f.stats.errors_by_code().iter().find(|(c, _)| *c == "too_large").unwrap().1 >= 2);
+    assert!(
+        f.stats
+            .errors_by_code()
+            .iter()
+            .find(|(c, _)| *c == "too_large")
+            .unwrap()
+            .1
+            >= 2
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn floods_are_limited_then_closed() {
-    let limits = GatewayLimits { per_second: 10, burst: 10, abuse_after: 30, ..GatewayLimits::default() };
+    let limits = GatewayLimits {
+        per_second: 10,
+        burst: 10,
+        abuse_after: 30,
+        ..GatewayLimits::default()
+    };
     let f = fake(limits, None).await;
     let mut other = connect(f.addr).await.unwrap();
     other.join().await;
@@ -547,7 +738,10 @@ async fn floods_are_limited_then_closed() {
         a.send_json(json!({"type": "ping", "t0": i})).await;
     }
     let r = a.expect("rate_limit_exceeded").await;
-    assert!(r["retry_after_ms"].as_u64().unwrap() >= 1 && r["per_second"] == 10, "{r}");
+    assert!(
+        r["retry_after_ms"].as_u64().unwrap() >= 1 && r["per_second"] == 10,
+        "{r}"
+    );
     // after a pause the connection works again
     tokio::time::sleep(Duration::from_millis(1100)).await;
     a.alive().await;
@@ -573,12 +767,15 @@ async fn changes_are_pushed_to_every_joined_phone() {
         phones.push(p);
     }
     let mut lurker = connect(f.addr).await.unwrap(); // never joins
-    // a tempo change scheduled on a future downbeat, as the room does it
+                                                     // a tempo change scheduled on a future downbeat, as the room does it
     let mut tl = f.cell.read().timeline;
     let now = mono_now_ns();
     let at = tl
         .schedule(
-            bandsync::timeline::Change { kind: bandsync::timeline::ChangeKind::Tempo(Tempo::from_bpm(90.0).unwrap()), quantum: bandsync::timeline::Quantum::Bar },
+            bandsync::timeline::Change {
+                kind: bandsync::timeline::ChangeKind::Tempo(Tempo::from_bpm(90.0).unwrap()),
+                quantum: bandsync::timeline::Quantum::Bar,
+            },
             now,
             200_000_000,
         )
@@ -589,9 +786,15 @@ async fn changes_are_pushed_to_every_joined_phone() {
         assert_eq!(s["epoch"], 2);
         let segs = s["segments"].as_array().unwrap();
         assert_eq!(segs.len(), 2, "{s}");
-        assert_eq!((segs[1]["b0"].as_i64(), segs[1]["bpm"].as_f64()), (Some(at.beat), Some(90.0)));
+        assert_eq!(
+            (segs[1]["b0"].as_i64(), segs[1]["bpm"].as_f64()),
+            (Some(at.beat), Some(90.0))
+        );
         assert_eq!(segs[1]["t0_us"].as_f64().unwrap(), at.time as f64 / 1000.0);
-        assert!(segs[1]["t0_us"].as_f64().unwrap() > s["server_time_us"].as_f64().unwrap(), "the change lands in the future");
+        assert!(
+            segs[1]["t0_us"].as_f64().unwrap() > s["server_time_us"].as_f64().unwrap(),
+            "the change lands in the future"
+        );
         assert_eq!(s["now"]["bpm"], 120.0, "not yet in effect");
     }
     // the lurker only gets what it asks for
@@ -600,19 +803,32 @@ async fn changes_are_pushed_to_every_joined_phone() {
         other => panic!("unjoined phone got {other:?}"),
     }
     // a change request without a room behind the handle is refused, with a reason
-    phones[0].send_json(json!({"type": "set_tempo", "bpm": 100})).await;
+    phones[0]
+        .send_json(json!({"type": "set_tempo", "bpm": 100}))
+        .await;
     let e = phones[0].expect("error").await;
     assert_eq!(error_of(&e).0, "refused");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_pin_guards_changes() {
-    let f = fake(GatewayLimits { max_bad_pins: 3, ..GatewayLimits::default() }, Some("4711")).await;
+    let f = fake(
+        GatewayLimits {
+            max_bad_pins: 3,
+            ..GatewayLimits::default()
+        },
+        Some("4711"),
+    )
+    .await;
     let mut a = connect(f.addr).await.unwrap();
     assert_eq!(a.join().await["pin_required"], true);
     a.send_json(json!({"type": "play"})).await;
-    assert_eq!(error_of(&a.expect("error").await), ("pin_required", Some("pin")));
-    a.send_json(json!({"type": "set_tempo", "bpm": 100, "pin": "0000"})).await;
+    assert_eq!(
+        error_of(&a.expect("error").await),
+        ("pin_required", Some("pin"))
+    );
+    a.send_json(json!({"type": "set_tempo", "bpm": 100, "pin": "0000"}))
+        .await;
     assert_eq!(error_of(&a.expect("error").await), ("bad_pin", Some("pin")));
     // the right PIN gets through to the room (here: none, so "refused")
     a.send_json(json!({"type": "pause", "pin": "4711"})).await;
@@ -628,12 +844,21 @@ async fn the_pin_guards_changes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_connection_cap_refuses_with_503() {
-    let f = fake(GatewayLimits { max_connections: 3, ..GatewayLimits::default() }, None).await;
+    let f = fake(
+        GatewayLimits {
+            max_connections: 3,
+            ..GatewayLimits::default()
+        },
+        None,
+    )
+    .await;
     let mut open = Vec::new();
     for _ in 0..3 {
         open.push(connect(f.addr).await.unwrap());
     }
-    let Err((code, body)) = connect(f.addr).await else { panic!("a fourth phone got in") };
+    let Err((code, body)) = connect(f.addr).await else {
+        panic!("a fourth phone got in")
+    };
     assert_eq!(code, 503, "{body}");
     assert!(body.to_ascii_lowercase().contains("retry-after"), "{body}");
     assert_eq!(f.stats.refused_full.load(Relaxed), 1);
@@ -649,7 +874,9 @@ async fn the_connection_cap_refuses_with_503() {
                 p.alive().await;
                 break;
             }
-            Err((503, _)) if t.elapsed() < WAIT => tokio::time::sleep(Duration::from_millis(20)).await,
+            Err((503, _)) if t.elapsed() < WAIT => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
             Err(e) => panic!("{e:?}"),
         }
     }
@@ -658,14 +885,20 @@ async fn the_connection_cap_refuses_with_503() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_phone_never_slows_the_others() {
     let _turn = HEAVY.lock().await;
-    let limits = GatewayLimits { send_queue: 16, send_timeout: Duration::from_secs(2), ..GatewayLimits::default() };
+    let limits = GatewayLimits {
+        send_queue: 16,
+        send_timeout: Duration::from_secs(2),
+        ..GatewayLimits::default()
+    };
     let f = fake(limits, None).await;
     let mut fast = connect(f.addr).await.unwrap();
     fast.join().await;
     // a phone that joins, then stops reading, with a tiny receive window
     let sock = tokio::net::TcpSocket::new_v4().unwrap();
     sock.set_recv_buffer_size(2048).unwrap();
-    let mut slow = connect_with(sock.connect(f.addr).await.unwrap(), f.addr).await.unwrap();
+    let mut slow = connect_with(sock.connect(f.addr).await.unwrap(), f.addr)
+        .await
+        .unwrap();
     slow.join().await;
     // the fast phone reads everything, in its own task
     let (seen_tx, mut seen) = tokio::sync::watch::channel(0.0f64);
@@ -685,11 +918,17 @@ async fn a_slow_phone_never_slows_the_others() {
     let (mut worst_us, mut worst_lag) = (0, Duration::ZERO);
     let mut i = 0u64;
     while f.stats.dropped_slow.load(Relaxed) == 0 {
-        assert!(t.elapsed() < Duration::from_secs(60), "the slow phone was never dropped");
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the slow phone was never dropped"
+        );
         let bpm = (60_000 + i % 100_000) as f64 / 1000.0;
         let sent = Instant::now();
         f.publish(timeline(bpm, 4, true));
-        if tokio::time::timeout(Duration::from_secs(2), seen.wait_for(|b| *b == bpm)).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(2), seen.wait_for(|b| *b == bpm))
+            .await
+            .is_err()
+        {
             panic!("the fast phone fell behind at change {i} ({bpm}, saw {}): broadcasts {} out {} slow {}", *seen.borrow(), f.stats.broadcasts.load(Relaxed), f.stats.messages_out.load(Relaxed), f.stats.dropped_slow.load(Relaxed));
         }
         worst_lag = worst_lag.max(sent.elapsed());
@@ -700,11 +939,17 @@ async fn a_slow_phone_never_slows_the_others() {
     // the fast phone is still served, promptly
     let sent = Instant::now();
     f.publish(timeline(77.5, 4, true));
-    tokio::time::timeout(Duration::from_secs(2), seen.wait_for(|b| *b == 77.5)).await.expect("the fast phone fell behind").unwrap();
+    tokio::time::timeout(Duration::from_secs(2), seen.wait_for(|b| *b == 77.5))
+        .await
+        .expect("the fast phone fell behind")
+        .unwrap();
     let lag = sent.elapsed();
     let mut fast = reader.await.unwrap();
     fast.alive().await;
-    assert!(lag < Duration::from_millis(500), "the last change took {lag:?}");
+    assert!(
+        lag < Duration::from_millis(500),
+        "the last change took {lag:?}"
+    );
     eprintln!("slow phone dropped after {i} changes; worst broadcast {worst_us} µs; worst change-to-fast-phone {worst_lag:?}");
 }
 
@@ -723,12 +968,31 @@ impl Daemon {
     }
     fn start_env(args: &[&str], env: &[(&str, &str)]) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let room = format!("phones-{}", dir.path().file_name().unwrap().to_string_lossy());
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let room = format!(
+            "phones-{}",
+            dir.path().file_name().unwrap().to_string_lossy()
+        );
         let log = std::fs::File::create(dir.path().join("node.log")).unwrap();
         let bin = std::env::var("BANDSYNC_BIN").unwrap_or_else(|_| BIN.to_string());
         let child = Command::new(bin)
-            .args(["run", "--audio", "null", "--interface", "lo", "--quic", "127.0.0.1:0", "--name", "phonebox", "--room", &room])
+            .args([
+                "run",
+                "--audio",
+                "null",
+                "--interface",
+                "lo",
+                "--quic",
+                "127.0.0.1:0",
+                "--name",
+                "phonebox",
+                "--room",
+                &room,
+            ])
             .arg("--http")
             .arg(format!("127.0.0.1:{port}"))
             .arg("--state-dir")
@@ -741,7 +1005,11 @@ impl Daemon {
             .stderr(log)
             .spawn()
             .unwrap();
-        Daemon { child, http: SocketAddr::from(([127, 0, 0, 1], port)), dir }
+        Daemon {
+            child,
+            http: SocketAddr::from(([127, 0, 0, 1], port)),
+            dir,
+        }
     }
     fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("node.log")).unwrap_or_default()
@@ -758,7 +1026,11 @@ impl Daemon {
                     }
                 }
             }
-            assert!(t.elapsed() < Duration::from_secs(15), "node never served phones as leader: {}", self.log());
+            assert!(
+                t.elapsed() < Duration::from_secs(15),
+                "node never served phones as leader: {}",
+                self.log()
+            );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
@@ -790,18 +1062,34 @@ async fn running_node_serves_phones() {
     a.send_json(json!({"type": "ping", "t0": 1})).await;
     let p = a.expect("pong").await;
     let (t1, t2) = (p["t1"].as_f64().unwrap(), p["t2"].as_f64().unwrap());
-    assert!(server <= t1 && t1 <= t2 && t2 - t1 < 50_000.0 && t1 - server < 10e6, "{p} vs {server}");
+    assert!(
+        server <= t1 && t1 <= t2 && t2 - t1 < 50_000.0 && t1 - server < 10e6,
+        "{p} vs {server}"
+    );
 
     // bad input: named errors, nothing else happens
     a.send("{oops").await;
     assert_eq!(error_of(&a.expect("error").await).0, "bad_json");
     a.send_json(json!({"type": "warp"})).await;
-    assert_eq!(error_of(&a.expect("error").await), ("unknown_type", Some("type")));
+    assert_eq!(
+        error_of(&a.expect("error").await),
+        ("unknown_type", Some("type"))
+    );
     a.send_json(json!({"type": "set_tempo", "bpm": 401})).await;
-    assert_eq!(error_of(&a.expect("error").await), ("bad_field", Some("bpm")));
+    assert_eq!(
+        error_of(&a.expect("error").await),
+        ("bad_field", Some("bpm"))
+    );
     a.send_json(json!({"type": "set_meter", "meter": 99})).await;
-    assert_eq!(error_of(&a.expect("error").await), ("bad_field", Some("meter")));
-    a.send(&format!(r#"{{"type":"ping","t0":1,"x":"{}"}}"#, "z".repeat(8000))).await;
+    assert_eq!(
+        error_of(&a.expect("error").await),
+        ("bad_field", Some("meter"))
+    );
+    a.send(&format!(
+        r#"{{"type":"ping","t0":1,"x":"{}"}}"#,
+        "z".repeat(8000)
+    ))
+    .await;
     assert_eq!(error_of(&a.expect("error").await).0, "too_large");
     assert_eq!(a.expect_close().await.0, Some(1009));
     b.alive().await;
@@ -813,15 +1101,32 @@ async fn running_node_serves_phones() {
     for p in [&mut a, &mut b] {
         let s = loop {
             let s = p.expect("snapshot").await;
-            if s["segments"].as_array().unwrap().iter().any(|g| g["bpm"] == 133.0) {
+            if s["segments"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|g| g["bpm"] == 133.0)
+            {
                 break s;
             }
         };
-        let new = s["segments"].as_array().unwrap().iter().find(|g| g["bpm"] == 133.0).unwrap().clone();
-        assert!(new["t0_us"].as_f64().unwrap() > s["server_time_us"].as_f64().unwrap(), "{s}");
+        let new = s["segments"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|g| g["bpm"] == 133.0)
+            .unwrap()
+            .clone();
+        assert!(
+            new["t0_us"].as_f64().unwrap() > s["server_time_us"].as_f64().unwrap(),
+            "{s}"
+        );
         // a bar quantum by default: the change starts a bar
         let meter = new["meter"].as_i64().unwrap();
-        assert_eq!((new["b0"].as_i64().unwrap() - new["downbeat"].as_i64().unwrap()).rem_euclid(meter), 0);
+        assert_eq!(
+            (new["b0"].as_i64().unwrap() - new["downbeat"].as_i64().unwrap()).rem_euclid(meter),
+            0
+        );
     }
 
     // a flood is limited and closed; the other phone carries on
@@ -833,7 +1138,12 @@ async fn running_node_serves_phones() {
     b.alive().await;
 
     let (_, metrics) = http_get(d.http, "/metrics").await;
-    for m in ["bandsync_phone_connections ", "bandsync_phone_errors_total{code=\"bad_field\"} 2", "bandsync_phone_closed_total{reason=\"abuse\"} 1", "bandsync_phone_changes_total 1"] {
+    for m in [
+        "bandsync_phone_connections ",
+        "bandsync_phone_errors_total{code=\"bad_field\"} 2",
+        "bandsync_phone_closed_total{reason=\"abuse\"} 1",
+        "bandsync_phone_changes_total 1",
+    ] {
         assert!(metrics.contains(m), "{m} missing from {metrics}");
     }
 }
@@ -844,7 +1154,10 @@ async fn running_node_asks_for_the_pin() {
     let (mut a, snap) = d.phone().await;
     assert_eq!(snap["pin_required"], true);
     a.send_json(json!({"type": "pause"})).await;
-    assert_eq!(error_of(&a.expect("error").await), ("pin_required", Some("pin")));
+    assert_eq!(
+        error_of(&a.expect("error").await),
+        ("pin_required", Some("pin"))
+    );
     a.send_json(json!({"type": "pause", "pin": "1357"})).await;
     assert_eq!(error_of(&a.expect("error").await), ("bad_pin", Some("pin")));
     a.send_json(json!({"type": "pause", "pin": "2468"})).await;
@@ -857,7 +1170,10 @@ async fn running_node_asks_for_the_pin() {
     };
     // the stop lands on a beat ahead (right after start-up: the anchor beat itself)
     let last = s["segments"].as_array().unwrap().last().unwrap().clone();
-    assert!(last["t0_us"].as_f64().unwrap() > s["server_time_us"].as_f64().unwrap(), "{s}");
+    assert!(
+        last["t0_us"].as_f64().unwrap() > s["server_time_us"].as_f64().unwrap(),
+        "{s}"
+    );
 }
 
 // ---------------------------------------------------------------------------------
@@ -890,7 +1206,10 @@ fn chromium() -> Option<String> {
     let path = std::env::var("PATH").unwrap_or_default();
     ["chromium", "chromium-browser", "google-chrome"]
         .iter()
-        .find(|b| path.split(':').any(|d| std::path::Path::new(d).join(b).is_file()))
+        .find(|b| {
+            path.split(':')
+                .any(|d| std::path::Path::new(d).join(b).is_file())
+        })
         .map(|b| b.to_string())
 }
 
@@ -898,7 +1217,9 @@ impl Browser {
     async fn open(url: &str) -> Option<Browser> {
         use std::os::unix::process::CommandExt;
         let Some(bin) = chromium() else {
-            eprintln!("SKIPPED: no chromium in PATH (set BANDSYNC_CHROMIUM or install Debian's chromium)");
+            eprintln!(
+                "SKIPPED: no chromium in PATH (set BANDSYNC_CHROMIUM or install Debian's chromium)"
+            );
             return None;
         };
         let dir = tempfile::tempdir().unwrap();
@@ -925,10 +1246,16 @@ impl Browser {
         let group = Group(child);
         let t = Instant::now();
         let port: u16 = loop {
-            if let Some(p) = std::fs::read_to_string(dir.path().join("DevToolsActivePort")).ok().and_then(|s| s.lines().next()?.parse().ok()) {
+            if let Some(p) = std::fs::read_to_string(dir.path().join("DevToolsActivePort"))
+                .ok()
+                .and_then(|s| s.lines().next()?.parse().ok())
+            {
                 break p;
             }
-            assert!(t.elapsed() < Duration::from_secs(30), "chromium did not open its DevTools port");
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "chromium did not open its DevTools port"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         };
         let dev = SocketAddr::from(([127, 0, 0, 1], port));
@@ -937,16 +1264,30 @@ impl Browser {
             let body = resp.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("");
             let pages: Value = serde_json::from_str(body).unwrap_or(Value::Null);
             let found = pages.as_array().and_then(|a| {
-                a.iter().find(|p| p["type"] == "page" && p["url"].as_str().is_some_and(|u| u.starts_with(url))).and_then(|p| p["webSocketDebuggerUrl"].as_str().map(str::to_string))
+                a.iter()
+                    .find(|p| {
+                        p["type"] == "page" && p["url"].as_str().is_some_and(|u| u.starts_with(url))
+                    })
+                    .and_then(|p| p["webSocketDebuggerUrl"].as_str().map(str::to_string))
             });
             if let Some(u) = found {
                 break u.split_once(&format!("{port}")).unwrap().1.to_string();
             }
-            assert!(t.elapsed() < Duration::from_secs(30), "no page in chromium: {resp}");
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "no page in chromium: {resp}"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         };
-        let cdp = connect_path(TcpStream::connect(dev).await.unwrap(), dev, &ws_path).await.expect("DevTools WebSocket");
-        Some(Browser { _group: group, cdp, next: 1, _dir: dir })
+        let cdp = connect_path(TcpStream::connect(dev).await.unwrap(), dev, &ws_path)
+            .await
+            .expect("DevTools WebSocket");
+        Some(Browser {
+            _group: group,
+            cdp,
+            next: 1,
+            _dir: dir,
+        })
     }
 
     /// Evaluate `expr` in the page; its JSON value.
@@ -974,7 +1315,12 @@ fn click_log(path: &std::path::Path) -> std::collections::HashMap<i64, i64> {
         .unwrap_or_default()
         .lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .map(|v| (v["beat"].as_i64().unwrap(), v["t_mono_ns"].as_i64().unwrap()))
+        .map(|v| {
+            (
+                v["beat"].as_i64().unwrap(),
+                v["t_mono_ns"].as_i64().unwrap(),
+            )
+        })
         .collect()
 }
 
@@ -983,23 +1329,43 @@ async fn the_page_follows_the_node_in_a_browser() {
     let _turn = HEAVY.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("clicks.jsonl");
-    let d = Daemon::start(&["--control-pin", "1357", "--click-log", log.to_str().unwrap()]);
+    let d = Daemon::start(&[
+        "--control-pin",
+        "1357",
+        "--click-log",
+        log.to_str().unwrap(),
+    ]);
     let (_phone, _) = d.phone().await; // the node is up and leads
     let url = format!("http://{}/", d.http);
-    let Some(mut b) = Browser::open(&url).await else { return };
+    let Some(mut b) = Browser::open(&url).await else {
+        return;
+    };
     // the page connects and syncs its clock
     let t = Instant::now();
     let p = loop {
-        let p = b.eval("window.bandsync ? window.bandsync.predictedBeats(4) : null").await;
+        let p = b
+            .eval("window.bandsync ? window.bandsync.predictedBeats(4) : null")
+            .await;
         if p["synced"] == true && p["connected"] == true && p["samples"].as_u64() >= Some(5) {
             break p;
         }
-        assert!(t.elapsed() < Duration::from_secs(20), "the page never synced: {p}");
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the page never synced: {p}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     assert_eq!(p["playing"], false, "{p}");
-    assert_eq!(p["times"].as_array().unwrap().len(), 0, "stopped: no clicks ahead");
-    assert_eq!(b.eval("document.getElementById('transport').textContent").await, "stopped");
+    assert_eq!(
+        p["times"].as_array().unwrap().len(),
+        0,
+        "stopped: no clicks ahead"
+    );
+    assert_eq!(
+        b.eval("document.getElementById('transport').textContent")
+            .await,
+        "stopped"
+    );
     // press play: the page asks for the PIN, then the node starts
     let asked = b.eval("document.getElementById('play').click(); document.getElementById('pinbox').classList.contains('show')").await;
     assert_eq!(asked, true, "no PIN prompt");
@@ -1010,7 +1376,10 @@ async fn the_page_follows_the_node_in_a_browser() {
         if p["times"].as_array().is_some_and(|a| a.len() == 8) {
             break p;
         }
-        assert!(t.elapsed() < Duration::from_secs(10), "play never took: {p}");
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "play never took: {p}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     // the page's predicted beats against the node's click log (a box alone: its
@@ -1023,7 +1392,11 @@ async fn the_page_follows_the_node_in_a_browser() {
         if c.contains_key(&last) {
             break c;
         }
-        assert!(t.elapsed() < Duration::from_secs(15), "the node never clicked beat {last}: {}", d.log());
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "the node never clicked beat {last}: {}",
+            d.log()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     let mut worst = 0.0f64;
@@ -1032,21 +1405,41 @@ async fn the_page_follows_the_node_in_a_browser() {
         let node = clicks[&n] as f64 / 1000.0;
         worst = worst.max((t_us - node).abs());
     }
-    eprintln!("the page's beat grid vs the click log over {} beats: worst {worst:.0} µs", beats.len());
-    assert!(worst < 5_000.0, "the page predicts beats {worst} µs off the node's clicks");
+    eprintln!(
+        "the page's beat grid vs the click log over {} beats: worst {worst:.0} µs",
+        beats.len()
+    );
+    assert!(
+        worst < 5_000.0,
+        "the page predicts beats {worst} µs off the node's clicks"
+    );
     // the display follows
-    assert_eq!(b.eval("document.getElementById('transport').textContent").await, "playing");
+    assert_eq!(
+        b.eval("document.getElementById('transport').textContent")
+            .await,
+        "playing"
+    );
     let shown = b.eval("document.getElementById('beat').textContent").await;
-    assert!(["1", "2", "3", "4"].contains(&shown.as_str().unwrap()), "beat display {shown}");
+    assert!(
+        ["1", "2", "3", "4"].contains(&shown.as_str().unwrap()),
+        "beat display {shown}"
+    );
     // the click sound: scheduled ahead on the AudioContext clock once switched on
-    b.eval("document.getElementById('sound').click(); true").await;
+    b.eval("document.getElementById('sound').click(); true")
+        .await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let audio = b.eval("window.bandsync.audio()").await;
     assert_eq!(audio["on"], true, "{audio}");
     if audio["state"] == "running" {
-        assert!(audio["scheduled"].as_u64().unwrap() >= 2, "no clicks scheduled: {audio}");
+        assert!(
+            audio["scheduled"].as_u64().unwrap() >= 2,
+            "no clicks scheduled: {audio}"
+        );
     } else {
-        eprintln!("NOTE: this browser's AudioContext is {}: click scheduling not checked", audio["state"]);
+        eprintln!(
+            "NOTE: this browser's AudioContext is {}: click scheduling not checked",
+            audio["state"]
+        );
     }
     // a tempo typed on the page reaches the node
     b.eval("const i = document.getElementById('tempoin'); i.value = '90'; i.dispatchEvent(new Event('change')); true").await;
@@ -1056,7 +1449,10 @@ async fn the_page_follows_the_node_in_a_browser() {
         if segs.as_array().unwrap().iter().any(|s| s["bpm"] == 90.0) {
             break;
         }
-        assert!(t.elapsed() < Duration::from_secs(10), "tempo never changed: {segs}");
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "tempo never changed: {segs}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -1069,7 +1465,9 @@ async fn jittery_proxy(to: SocketAddr, seed: u64) -> SocketAddr {
     tokio::spawn(async move {
         let mut n = 0u64;
         while let Ok((a, _)) = l.accept().await {
-            let Ok(b) = TcpStream::connect(to).await else { continue };
+            let Ok(b) = TcpStream::connect(to).await else {
+                continue;
+            };
             n += 1;
             let (ar, aw) = a.into_split();
             let (br, bw) = b.into_split();
@@ -1080,7 +1478,11 @@ async fn jittery_proxy(to: SocketAddr, seed: u64) -> SocketAddr {
     addr
 }
 
-async fn pump(mut r: tokio::net::tcp::OwnedReadHalf, mut w: tokio::net::tcp::OwnedWriteHalf, seed: u64) {
+async fn pump(
+    mut r: tokio::net::tcp::OwnedReadHalf,
+    mut w: tokio::net::tcp::OwnedWriteHalf,
+    seed: u64,
+) {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
     tokio::spawn(async move {
         while let Some((at, data)) = rx.recv().await {
@@ -1126,10 +1528,15 @@ async fn the_page_keeps_time_over_a_jittery_link() {
     let log = dir.path().join("clicks.jsonl");
     // the box's clock is off by 250 ms and runs 100 ppm fast: the page must follow
     // the session clock's rate, not just its offset
-    let d = Daemon::start_env(&["--play", "--click-log", log.to_str().unwrap()], &[("BANDSYNC_TEST_CLOCK", "offset_ms=250,skew_ppm=100")]);
+    let d = Daemon::start_env(
+        &["--play", "--click-log", log.to_str().unwrap()],
+        &[("BANDSYNC_TEST_CLOCK", "offset_ms=250,skew_ppm=100")],
+    );
     let (_phone, _) = d.phone().await;
     let proxy = jittery_proxy(d.http, 0x5eed).await;
-    let Some(mut b) = Browser::open(&format!("http://{proxy}/")).await else { return };
+    let Some(mut b) = Browser::open(&format!("http://{proxy}/")).await else {
+        return;
+    };
     // The page's beat times are session times from the snapshot; what the link can
     // spoil is the page's idea of the session clock. Read it over DevTools (loopback,
     // not the jittery link) between two reads of CLOCK_MONOTONIC.
@@ -1139,10 +1546,19 @@ async fn the_page_keeps_time_over_a_jittery_link() {
     while start.elapsed() < Duration::from_secs(40) {
         tokio::time::sleep(Duration::from_millis(50)).await;
         let before = us_now();
-        let p = b.eval("window.bandsync ? window.bandsync.predictedBeats(2) : null").await;
+        let p = b
+            .eval("window.bandsync ? window.bandsync.predictedBeats(2) : null")
+            .await;
         let after = us_now();
         if std::env::var("PHONES_DEBUG").is_ok() {
-            eprintln!("{:?} rtt {} ± {} rate {} ppm n {}", start.elapsed(), p["rtt_us"], p["uncertainty_us"], p["rate_ppm"], p["samples"]);
+            eprintln!(
+                "{:?} rtt {} ± {} rate {} ppm n {}",
+                start.elapsed(),
+                p["rtt_us"],
+                p["uncertainty_us"],
+                p["rate_ppm"],
+                p["samples"]
+            );
         }
         if p["synced"] != true {
             continue;
@@ -1158,14 +1574,35 @@ async fn the_page_keeps_time_over_a_jittery_link() {
     // The box's own map from true time to session time, from its click log: beat n
     // clicked at t_mono, and is at session time t_us on the page's (= the room's) grid.
     let clicks = click_log(&log);
-    let pts: Vec<(f64, f64)> = predicted.iter().filter_map(|(n, t)| clicks.get(n).map(|c| (*c as f64 / 1000.0, *t))).collect();
-    assert!(pts.len() > 100, "too few predictions matched the click log ({} of {})", pts.len(), predicted.len());
+    let pts: Vec<(f64, f64)> = predicted
+        .iter()
+        .filter_map(|(n, t)| clicks.get(n).map(|c| (*c as f64 / 1000.0, *t)))
+        .collect();
+    assert!(
+        pts.len() > 100,
+        "too few predictions matched the click log ({} of {})",
+        pts.len(),
+        predicted.len()
+    );
     let (a, slope, x0) = fit(&pts);
-    let grid_err = pts.iter().map(|(x, y)| (a + slope * (x - x0) - y).abs()).fold(0.0, f64::max);
-    assert!(grid_err < 100.0, "the page's beat grid is not the box's: {grid_err} µs off");
-    assert!(((slope - 1.0) * 1e6 - 100.0).abs() < 5.0, "session clock rate {} ppm", (slope - 1.0) * 1e6);
+    let grid_err = pts
+        .iter()
+        .map(|(x, y)| (a + slope * (x - x0) - y).abs())
+        .fold(0.0, f64::max);
+    assert!(
+        grid_err < 100.0,
+        "the page's beat grid is not the box's: {grid_err} µs off"
+    );
+    assert!(
+        ((slope - 1.0) * 1e6 - 100.0).abs() < 5.0,
+        "session clock rate {} ppm",
+        (slope - 1.0) * 1e6
+    );
     // …and where the page puts the beat, against the box
-    let mut e: Vec<f64> = readings.iter().map(|(x, y)| (y - (a + slope * (x - x0))).abs()).collect();
+    let mut e: Vec<f64> = readings
+        .iter()
+        .map(|(x, y)| (y - (a + slope * (x - x0))).abs())
+        .collect();
     assert!(e.len() > 40, "too few clock readings ({})", e.len());
     e.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let (p50, p95) = (e[e.len() / 2], e[e.len() * 95 / 100]);
@@ -1186,10 +1623,20 @@ async fn the_page_keeps_time_over_a_jittery_link() {
 
 fn proc_stat(pid: u32) -> (u64, f64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let rss_kb = status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next()?.parse().ok()).unwrap_or(0);
+    let rss_kb = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let f: Vec<&str> = stat.rsplit_once(')').map(|x| x.1).unwrap_or("").split_whitespace().collect();
-    let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0) + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+    let f: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|x| x.1)
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
+        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     (rss_kb, ticks as f64 / hz)
@@ -1199,7 +1646,10 @@ fn proc_stat(pid: u32) -> (u64, f64) {
 #[ignore = "load benchmark: run explicitly"]
 async fn load_many_phones() {
     let _turn = HEAVY.lock().await;
-    let n: usize = std::env::var("PHONES").ok().and_then(|v| v.parse().ok()).unwrap_or(1000);
+    let n: usize = std::env::var("PHONES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000);
     let d = Daemon::start(&["--play"]);
     let (mut ctl, _) = d.phone().await;
     let pid = d.child.id();
@@ -1221,7 +1671,10 @@ async fn load_many_phones() {
                         let now = us_now();
                         let v: Value = serde_json::from_str(&t).unwrap();
                         if v["type"] == "snapshot" {
-                            delays.lock().unwrap().push(now - v["server_time_us"].as_f64().unwrap());
+                            delays
+                                .lock()
+                                .unwrap()
+                                .push(now - v["server_time_us"].as_f64().unwrap());
                         }
                     }
                     _ => return,
@@ -1237,14 +1690,19 @@ async fn load_many_phones() {
     let (_, cpu_b) = proc_stat(pid);
     let changes = 20;
     for i in 0..changes {
-        ctl.send_json(json!({"type": "set_tempo", "bpm": 100 + i, "quantum": "beat"})).await;
+        ctl.send_json(json!({"type": "set_tempo", "bpm": 100 + i, "quantum": "beat"}))
+            .await;
         ctl.until("ack").await;
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
     let (rss2, _) = proc_stat(pid);
     let mut dl = delays.lock().unwrap().clone();
-    assert!(dl.len() >= n * changes / 2, "only {} snapshots arrived", dl.len());
+    assert!(
+        dl.len() >= n * changes / 2,
+        "only {} snapshots arrived",
+        dl.len()
+    );
     dl.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let q = |p: f64| dl[((dl.len() - 1) as f64 * p) as usize] / 1000.0;
     eprintln!(
@@ -1263,11 +1721,24 @@ async fn load_many_phones() {
     let buckets: Vec<(String, f64)> = metrics
         .lines()
         .filter_map(|l| l.strip_prefix("bandsync_phone_delivery_seconds_bucket{le=\""))
-        .filter_map(|l| l.split_once("\"} ").map(|(le, n)| (le.to_string(), n.parse().unwrap_or(0.0))))
+        .filter_map(|l| {
+            l.split_once("\"} ")
+                .map(|(le, n)| (le.to_string(), n.parse().unwrap_or(0.0)))
+        })
         .collect();
     let total = buckets.last().map(|b| b.1).unwrap_or(0.0);
-    let le = |p: f64| buckets.iter().find(|b| b.1 >= p * total).map(|b| b.0.clone()).unwrap_or_default();
-    eprintln!("node side, broadcast → socket: p50 ≤ {} s, p99 ≤ {} s ({total} deliveries)", le(0.5), le(0.99));
+    let le = |p: f64| {
+        buckets
+            .iter()
+            .find(|b| b.1 >= p * total)
+            .map(|b| b.0.clone())
+            .unwrap_or_default()
+    };
+    eprintln!(
+        "node side, broadcast → socket: p50 ≤ {} s, p99 ≤ {} s ({total} deliveries)",
+        le(0.5),
+        le(0.99)
+    );
     for t in tasks {
         t.abort();
     }

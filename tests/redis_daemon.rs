@@ -9,9 +9,17 @@ const BIN: &str = env!("CARGO_BIN_EXE_bandsync");
 
 fn free_port(udp: bool) -> u16 {
     if udp {
-        std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+        std::net::UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
     } else {
-        std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
     }
 }
 
@@ -32,14 +40,20 @@ fn redis(port: u16) -> Kill {
         .expect("redis-server is not installed: run scripts/test (it installs the Debian package redis-server)");
     let t = Instant::now();
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(t.elapsed() < Duration::from_secs(5), "redis-server did not start");
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "redis-server did not start"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     Kill(c)
 }
 
 fn hget(port: u16, key: &str, field: &str) -> Option<String> {
-    let o = Command::new("redis-cli").args(["-p", &port.to_string(), "HGET", key, field]).output().ok()?;
+    let o = Command::new("redis-cli")
+        .args(["-p", &port.to_string(), "HGET", key, field])
+        .output()
+        .ok()?;
     let s = String::from_utf8_lossy(&o.stdout).trim().to_string();
     (o.status.success() && !s.is_empty()).then_some(s)
 }
@@ -61,7 +75,10 @@ fn the_leader_mirrors_to_redis_and_outages_never_touch_the_click() {
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("k");
     std::fs::write(&key, "ab".repeat(32)).unwrap();
-    let room = format!("mirror-{}", dir.path().file_name().unwrap().to_string_lossy());
+    let room = format!(
+        "mirror-{}",
+        dir.path().file_name().unwrap().to_string_lossy()
+    );
     let rkey = format!("bandsync:room:{room}");
     let rport = free_port(false);
     let mut srv = Some(redis(rport));
@@ -69,7 +86,18 @@ fn the_leader_mirrors_to_redis_and_outages_never_touch_the_click() {
     let log = dir.path().join("clicks.jsonl");
     let _node = Kill(
         Command::new(BIN)
-            .args(["run", "--audio", "null", "--interface", "lo", "--room", &room, "--play", "--tempo", "150"])
+            .args([
+                "run",
+                "--audio",
+                "null",
+                "--interface",
+                "lo",
+                "--room",
+                &room,
+                "--play",
+                "--tempo",
+                "150",
+            ])
             .arg("--quic")
             .arg(format!("127.0.0.1:{quic}"))
             .arg("--http")
@@ -94,7 +122,11 @@ fn the_leader_mirrors_to_redis_and_outages_never_touch_the_click() {
             if hget(rport, &rkey, field).as_deref() == Some(want) {
                 return t.elapsed();
             }
-            assert!(t.elapsed() < limit, "{field} never became {want} in Redis (log: {})", std::fs::read_to_string(dir.path().join("node.log")).unwrap_or_default());
+            assert!(
+                t.elapsed() < limit,
+                "{field} never became {want} in Redis (log: {})",
+                std::fs::read_to_string(dir.path().join("node.log")).unwrap_or_default()
+            );
             std::thread::sleep(Duration::from_millis(5));
         }
     };
@@ -103,7 +135,9 @@ fn the_leader_mirrors_to_redis_and_outages_never_touch_the_click() {
     cli(quic, &key, &room, &["tempo", "137", "--now"]);
     let cli_took = t.elapsed();
     let lag = wait_for("tempo_mbpm", "137000", Duration::from_secs(2));
-    eprintln!("tempo change visible in Redis {lag:?} after the CLI returned (CLI took {cli_took:?})");
+    eprintln!(
+        "tempo change visible in Redis {lag:?} after the CLI returned (CLI took {cli_took:?})"
+    );
     assert!(lag < Duration::from_millis(500), "mirror lag {lag:?}");
     assert_eq!(hget(rport, &rkey, "epoch").as_deref(), Some("1"));
 
@@ -122,10 +156,17 @@ fn the_leader_mirrors_to_redis_and_outages_never_touch_the_click() {
     let times: Vec<i64> = std::fs::read_to_string(&log)
         .unwrap()
         .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["t_mono_ns"].as_i64().unwrap())
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["t_mono_ns"]
+                .as_i64()
+                .unwrap()
+        })
         .filter(|t| *t > down_at - 2_000_000_000 && *t < up_at + 1_000_000_000)
         .collect();
     assert!(times.len() > 20, "{}", times.len());
     let worst = times.windows(2).map(|w| w[1] - w[0]).max().unwrap();
-    assert!(worst < 460_000_000, "a gap of {worst} ns in the clicks during the Redis outage (137 BPM = 438 ms)");
+    assert!(
+        worst < 460_000_000,
+        "a gap of {worst} ns in the clicks during the Redis outage (137 BPM = 438 ms)"
+    );
 }

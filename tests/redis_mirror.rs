@@ -15,7 +15,11 @@ use tokio::sync::watch;
 const T: Duration = Duration::from_secs(1);
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A `redis-server` child process, killed on drop.
@@ -63,12 +67,26 @@ impl Redis {
         } else {
             cmd.args(["--port", &self.port.to_string()]);
         }
-        cmd.args(["--bind", "127.0.0.1", "--daemonize", "no", "--save", "", "--appendonly", "no"])
-            .args(["--dir", self.dir.path().to_str().unwrap(), "--logfile", self.log().to_str().unwrap()])
-            .args(self.extra.iter().filter(|a| *a != "--tls-port"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
+        cmd.args([
+            "--bind",
+            "127.0.0.1",
+            "--daemonize",
+            "no",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .args([
+            "--dir",
+            self.dir.path().to_str().unwrap(),
+            "--logfile",
+            self.log().to_str().unwrap(),
+        ])
+        .args(self.extra.iter().filter(|a| *a != "--tls-port"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
         let child = cmd.spawn().unwrap_or_else(|e| {
             panic!("cannot start redis-server ({e}): install the Debian package `redis-server` (apt-get install -y redis-server)")
         });
@@ -83,7 +101,10 @@ impl Redis {
                 Err(e) => e,
             };
             if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("redis-server exited ({st}): {}", std::fs::read_to_string(self.log()).unwrap_or_default());
+                panic!(
+                    "redis-server exited ({st}): {}",
+                    std::fs::read_to_string(self.log()).unwrap_or_default()
+                );
             }
             assert!(
                 t0.elapsed() < Duration::from_secs(10),
@@ -129,7 +150,10 @@ fn record(room: &str, epoch: u64, version: u64, tempo_bpm: u32, meter: u8) -> Mi
 }
 
 async fn hget(c: &mut Conn, room: &str) -> Option<MirrorRecord> {
-    let v = c.command(&["HGETALL".to_string(), mirror::room_key(room)]).await.unwrap();
+    let v = c
+        .command(&["HGETALL".to_string(), mirror::room_key(room)])
+        .await
+        .unwrap();
     mirror::record_from_hash(room, v).unwrap()
 }
 
@@ -140,7 +164,10 @@ async fn wait_for(c: &mut Conn, want: &MirrorRecord, limit: Duration) -> Duratio
         if hget(c, &want.room).await.as_ref() == Some(want) {
             return t0.elapsed();
         }
-        assert!(t0.elapsed() < limit, "the hash did not become {want:?} within {limit:?}");
+        assert!(
+            t0.elapsed() < limit,
+            "the hash did not become {want:?} within {limit:?}"
+        );
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }
@@ -156,8 +183,19 @@ fn spawn_run(url: &RedisUrl, room: &str, first: Option<MirrorRecord>) -> Task {
     let (tx, rx) = watch::channel(first);
     let (stop, stop_rx) = watch::channel(false);
     let stats = Arc::new(MirrorStats::default());
-    let handle = tokio::spawn(mirror::run(url.clone(), room.into(), rx, stats.clone(), stop_rx));
-    Task { tx, stats, stop, handle }
+    let handle = tokio::spawn(mirror::run(
+        url.clone(),
+        room.into(),
+        rx,
+        stats.clone(),
+        stop_rx,
+    ));
+    Task {
+        tx,
+        stats,
+        stop,
+        handle,
+    }
 }
 
 impl Task {
@@ -184,7 +222,9 @@ async fn mirror_follows_changes_and_publishes_them() {
     let redis = Redis::start().await;
     let room = "stage-a";
     let mut sub = redis.conn().await;
-    sub.send(&["SUBSCRIBE".to_string(), mirror::room_channel(room)]).await.unwrap();
+    sub.send(&["SUBSCRIBE".to_string(), mirror::room_channel(room)])
+        .await
+        .unwrap();
     let ack = sub.read_reply().await.unwrap();
     assert!(matches!(&ack, Value::Array(a) if a.len() == 3), "{ack:?}");
 
@@ -220,8 +260,13 @@ async fn mirror_follows_changes_and_publishes_them() {
     let mut last = None;
     let mut n = 0;
     while let Ok(Value::Array(m)) = sub.read_reply_within(Duration::from_millis(300)).await {
-        let [Value::Bulk(kind), Value::Bulk(ch), Value::Bulk(json)] = &m[..] else { panic!("{m:?}") };
-        assert_eq!((kind.as_slice(), ch.as_slice()), (b"message".as_slice(), mirror::room_channel(room).as_bytes()));
+        let [Value::Bulk(kind), Value::Bulk(ch), Value::Bulk(json)] = &m[..] else {
+            panic!("{m:?}")
+        };
+        assert_eq!(
+            (kind.as_slice(), ch.as_slice()),
+            (b"message".as_slice(), mirror::room_channel(room).as_bytes())
+        );
         let r: MirrorRecord = serde_json::from_slice(json).unwrap();
         if let Some(MirrorRecord { version, .. }) = &last {
             assert!(r.version > *version);
@@ -234,12 +279,18 @@ async fn mirror_follows_changes_and_publishes_them() {
 
     // A refresh with nothing changed publishes nothing and counts no write.
     let s = task.stats.snapshot();
-    assert_eq!((s.writes, s.errors, s.fenced, s.connected), (21, 0, 0, true), "{s:?}");
+    assert_eq!(
+        (s.writes, s.errors, s.fenced, s.connected),
+        (21, 0, 0, true),
+        "{s:?}"
+    );
 
     // Losing leadership: nothing more is written.
     task.set(None);
     tokio::time::sleep(Duration::from_millis(100)).await;
-    c.command(&["DEL".to_string(), mirror::room_key(room)]).await.unwrap();
+    c.command(&["DEL".to_string(), mirror::room_key(room)])
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(1300)).await;
     assert_eq!(hget(&mut c, room).await, None, "a follower wrote to Redis");
     task.stop().await;
@@ -253,18 +304,39 @@ async fn fencing_refuses_older_epochs() {
     let newer = record(room, 5, 3, 140, 4);
     assert!(mirror::write_fenced(&mut c, room, &newer).await.unwrap());
     // Older epoch, even with a higher version: refused.
-    assert!(!mirror::write_fenced(&mut c, room, &record(room, 4, 100, 90, 3)).await.unwrap());
+    assert!(
+        !mirror::write_fenced(&mut c, room, &record(room, 4, 100, 90, 3))
+            .await
+            .unwrap()
+    );
     // Same epoch, older version: refused.
-    assert!(!mirror::write_fenced(&mut c, room, &record(room, 5, 2, 90, 3)).await.unwrap());
-    assert_eq!(hget(&mut c, room).await, Some(newer.clone()), "a refused write changed the hash");
+    assert!(
+        !mirror::write_fenced(&mut c, room, &record(room, 5, 2, 90, 3))
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        hget(&mut c, room).await,
+        Some(newer.clone()),
+        "a refused write changed the hash"
+    );
     // The same record again is fine (a resync), and newer ones pass.
-    assert_eq!(mirror::write_fenced_outcome(&mut c, room, &newer).await.unwrap(), mirror::WriteOutcome::Unchanged);
+    assert_eq!(
+        mirror::write_fenced_outcome(&mut c, room, &newer)
+            .await
+            .unwrap(),
+        mirror::WriteOutcome::Unchanged
+    );
     let v4 = record(room, 5, 4, 141, 4);
     assert!(mirror::write_fenced(&mut c, room, &v4).await.unwrap());
     // Epochs compare exactly beyond 2^53 (Lua numbers are doubles).
     let huge = record(room, (1 << 53) + 1, 0, 150, 4);
     assert!(mirror::write_fenced(&mut c, room, &huge).await.unwrap());
-    assert!(!mirror::write_fenced(&mut c, room, &record(room, 1 << 53, 9, 90, 4)).await.unwrap());
+    assert!(
+        !mirror::write_fenced(&mut c, room, &record(room, 1 << 53, 9, 90, 4))
+            .await
+            .unwrap()
+    );
     assert_eq!(hget(&mut c, room).await, Some(huge.clone()));
 
     // The script cache flushed behind our back: EVALSHA fails with NOSCRIPT, EVAL works.
@@ -274,10 +346,26 @@ async fn fencing_refuses_older_epochs() {
     assert_eq!(hget(&mut c, room).await, Some(next));
 
     // The script refuses malformed arguments itself.
-    let r = c.command(&["EVAL", mirror::FENCE_SCRIPT, "1", "k", "1e3", "0", "ch", "{}", "a", "b"]).await;
+    let r = c
+        .command(&[
+            "EVAL",
+            mirror::FENCE_SCRIPT,
+            "1",
+            "k",
+            "1e3",
+            "0",
+            "ch",
+            "{}",
+            "a",
+            "b",
+        ])
+        .await;
     assert!(matches!(r, Err(MirrorError::Server { .. })), "{r:?}");
     // And a record for another room is refused before it is sent.
-    assert!(matches!(mirror::write_fenced(&mut c, "other", &newer).await, Err(MirrorError::InvalidRecord(_))));
+    assert!(matches!(
+        mirror::write_fenced(&mut c, "other", &newer).await,
+        Err(MirrorError::InvalidRecord(_))
+    ));
 
     // A deposed leader: the new leader (epoch 8) mirrors; the old one (epoch 7) keeps
     // running with its stale record and is refused, again and again.
@@ -287,7 +375,10 @@ async fn fencing_refuses_older_epochs() {
     let old_leader = spawn_run(&redis.url, room, Some(record(room, 7, 50, 60, 3)));
     let t0 = Instant::now();
     while old_leader.stats.fenced.load(Ordering::Relaxed) == 0 {
-        assert!(t0.elapsed() < Duration::from_secs(2), "the old leader was never fenced");
+        assert!(
+            t0.elapsed() < Duration::from_secs(2),
+            "the old leader was never fenced"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     old_leader.set(Some(record(room, 7, 51, 61, 3)));
@@ -319,20 +410,32 @@ async fn outage_and_recovery() {
     }
     // Redis goes away; the session changes meanwhile (137 BPM, 7/8).
     redis.kill();
-    let changed = MirrorRecord { version: 2, tempo_mbpm: 137_000, meter: 7, ..rec.clone() };
+    let changed = MirrorRecord {
+        version: 2,
+        tempo_mbpm: 137_000,
+        meter: 7,
+        ..rec.clone()
+    };
     let mut worst = Duration::ZERO;
     for i in 0..150 {
         // The caller keeps changing things at 100 Hz while Redis is down.
         let r = if i == 149 {
             changed.clone()
         } else {
-            MirrorRecord { version: 2, tempo_mbpm: 100_000 + i, ..rec.clone() }
+            MirrorRecord {
+                version: 2,
+                tempo_mbpm: 100_000 + i,
+                ..rec.clone()
+            }
         };
         worst = worst.max(task.set(Some(r)));
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     println!("send_replace while Redis is down: worst {worst:?}");
-    assert!(worst < Duration::from_millis(200), "send_replace took {worst:?}: the mirror must never block its caller");
+    assert!(
+        worst < Duration::from_millis(200),
+        "send_replace took {worst:?}: the mirror must never block its caller"
+    );
     let s = task.stats.snapshot();
     println!("during the outage: {s:?}");
     assert!(s.errors >= 2, "{s:?}");
@@ -343,7 +446,10 @@ async fn outage_and_recovery() {
     let t0 = Instant::now();
     let mut c = redis.conn().await;
     wait_for(&mut c, &changed, Duration::from_secs(5)).await;
-    println!("hash current again {:?} after redis-server came back", t0.elapsed());
+    println!(
+        "hash current again {:?} after redis-server came back",
+        t0.elapsed()
+    );
     let s = task.stats.snapshot();
     assert!(s.reconnects >= 1 && s.connected, "{s:?}");
 
@@ -355,9 +461,14 @@ async fn outage_and_recovery() {
     let t0 = Instant::now();
     let mut c = redis.conn().await;
     wait_for(&mut c, &changed, Duration::from_secs(5)).await;
-    println!("unchanged record resynced {:?} after the second restart", t0.elapsed());
+    println!(
+        "unchanged record resynced {:?} after the second restart",
+        t0.elapsed()
+    );
     // Someone deletes the key: healed by the refresh too.
-    c.command(&["DEL".to_string(), mirror::room_key(room)]).await.unwrap();
+    c.command(&["DEL".to_string(), mirror::room_key(room)])
+        .await
+        .unwrap();
     wait_for(&mut c, &changed, Duration::from_secs(3)).await;
     println!("final stats {:?}", task.stats.snapshot());
     task.stop().await;
@@ -421,7 +532,10 @@ async fn garbage_server_is_counted_and_survived() {
     }
     let s = task.stats.snapshot();
     println!("garbage server: {s:?}, caller worst send_replace {worst:?}");
-    assert!(worst < Duration::from_millis(200), "send_replace took {worst:?}: the mirror must never block its caller");
+    assert!(
+        worst < Duration::from_millis(200),
+        "send_replace took {worst:?}: the mirror must never block its caller"
+    );
     assert!(!task.handle.is_finished(), "the mirror task ended");
     assert!(s.errors >= 4, "{s:?}");
     assert!(s.bad_replies >= 3, "{s:?}");
@@ -466,7 +580,10 @@ async fn slow_server_times_out_without_touching_the_caller() {
     assert!(s.timeouts >= 2, "{s:?}");
     assert!(s.errors >= s.timeouts);
     assert_eq!(s.writes, 0);
-    assert!(worst_set < Duration::from_millis(200), "send_replace took {worst_set:?}");
+    assert!(
+        worst_set < Duration::from_millis(200),
+        "send_replace took {worst_set:?}"
+    );
     // Lateness is mostly the load of the parallel tests; a caller blocked by the mirror
     // would be late by a whole command timeout (1 s).
     assert!(worst_late < Duration::from_millis(500));
@@ -484,23 +601,46 @@ async fn slow_server_times_out_without_touching_the_caller() {
 async fn fetch_for_restore() {
     let redis = Redis::start().await;
     let room = "restore";
-    assert_eq!(mirror::fetch(&redis.url, room, T).await.unwrap(), None, "an empty room");
+    assert_eq!(
+        mirror::fetch(&redis.url, room, T).await.unwrap(),
+        None,
+        "an empty room"
+    );
     let mut c = redis.conn().await;
-    let rec = MirrorRecord { pinned: Some("node-b".into()), playing: false, ..record(room, 9, 4, 137, 7) };
+    let rec = MirrorRecord {
+        pinned: Some("node-b".into()),
+        playing: false,
+        ..record(room, 9, 4, 137, 7)
+    };
     assert!(mirror::write_fenced(&mut c, room, &rec).await.unwrap());
-    assert_eq!(mirror::fetch(&redis.url, room, T).await.unwrap(), Some(rec.clone()));
+    assert_eq!(
+        mirror::fetch(&redis.url, room, T).await.unwrap(),
+        Some(rec.clone())
+    );
 
     // Another database: nothing there (SELECT works).
     let db3 = RedisUrl::parse(&format!("redis://127.0.0.1:{}/3", redis.port)).unwrap();
     assert_eq!(mirror::fetch(&db3, room, T).await.unwrap(), None);
 
     // A hash someone else mangled: a clear error naming the field.
-    c.command(&["HSET".to_string(), mirror::room_key(room), "tempo_mbpm".into(), "fast".into()]).await.unwrap();
+    c.command(&[
+        "HSET".to_string(),
+        mirror::room_key(room),
+        "tempo_mbpm".into(),
+        "fast".into(),
+    ])
+    .await
+    .unwrap();
     let e = mirror::fetch(&redis.url, room, T).await.unwrap_err();
     println!("mangled hash: {e}");
-    assert!(e.to_string().contains("tempo_mbpm") && e.to_string().contains("fast"), "{e}");
+    assert!(
+        e.to_string().contains("tempo_mbpm") && e.to_string().contains("fast"),
+        "{e}"
+    );
     // A key of another type.
-    c.command(&["SET".to_string(), mirror::room_key("str"), "x".into()]).await.unwrap();
+    c.command(&["SET".to_string(), mirror::room_key("str"), "x".into()])
+        .await
+        .unwrap();
     let e = mirror::fetch(&redis.url, "str", T).await.unwrap_err();
     assert!(matches!(e, MirrorError::Server { .. }), "{e}");
 
@@ -516,7 +656,17 @@ async fn fetch_for_restore() {
 async fn auth_password_and_acl_user() {
     let secret = "s3cr3t-Pw";
     let redis = Redis::start_with(
-        &["--requirepass", secret, "--user", "alice", "on", ">wonderland", "~bandsync:*", "&*", "+@all"],
+        &[
+            "--requirepass",
+            secret,
+            "--user",
+            "alice",
+            "on",
+            ">wonderland",
+            "~bandsync:*",
+            "&*",
+            "+@all",
+        ],
         Some(&|p| format!("redis://:{secret}@127.0.0.1:{p}/1")),
     )
     .await;
@@ -525,10 +675,18 @@ async fn auth_password_and_acl_user() {
     let mut c = redis.conn().await;
     wait_for(&mut c, &record(room, 1, 1, 120, 4), Duration::from_secs(2)).await;
     task.stop().await;
-    let alice = RedisUrl::parse(&format!("redis://alice:wonderland@127.0.0.1:{}/1", redis.port)).unwrap();
-    assert_eq!(mirror::fetch(&alice, room, T).await.unwrap(), Some(record(room, 1, 1, 120, 4)));
+    let alice = RedisUrl::parse(&format!(
+        "redis://alice:wonderland@127.0.0.1:{}/1",
+        redis.port
+    ))
+    .unwrap();
+    assert_eq!(
+        mirror::fetch(&alice, room, T).await.unwrap(),
+        Some(record(room, 1, 1, 120, 4))
+    );
 
-    let wrong = RedisUrl::parse(&format!("redis://:not-{secret}@127.0.0.1:{}/1", redis.port)).unwrap();
+    let wrong =
+        RedisUrl::parse(&format!("redis://:not-{secret}@127.0.0.1:{}/1", redis.port)).unwrap();
     let e = mirror::fetch(&wrong, room, T).await.unwrap_err();
     println!("wrong password: {e}; url shown as {wrong}");
     assert!(matches!(e, MirrorError::Auth(_)), "{e}");
@@ -544,8 +702,14 @@ type Ca = rcgen::CertifiedIssuer<'static, rcgen::KeyPair>;
 fn make_ca(dir: &Path, name: &str) -> (PathBuf, Ca) {
     let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
     p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    p.distinguished_name.push(rcgen::DnType::CommonName, format!("bandsync test CA {name}"));
-    p.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::DigitalSignature];
+    p.distinguished_name.push(
+        rcgen::DnType::CommonName,
+        format!("bandsync test CA {name}"),
+    );
+    p.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::DigitalSignature,
+    ];
     let ca = rcgen::CertifiedIssuer::self_signed(p, rcgen::KeyPair::generate().unwrap()).unwrap();
     let path = dir.join(format!("{name}-ca.crt"));
     std::fs::write(&path, ca.pem()).unwrap();
@@ -554,11 +718,16 @@ fn make_ca(dir: &Path, name: &str) -> (PathBuf, Ca) {
 
 /// A certificate for localhost / 127.0.0.1 signed by `ca`: (cert path, key path).
 fn make_cert(dir: &Path, name: &str, ca: &Ca) -> (String, String) {
-    let mut p = rcgen::CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+    let mut p =
+        rcgen::CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+            .unwrap();
     p.distinguished_name.push(rcgen::DnType::CommonName, name);
     let key = rcgen::KeyPair::generate().unwrap();
     let cert = p.signed_by(&key, ca).unwrap();
-    let (c, k) = (dir.join(format!("{name}.crt")), dir.join(format!("{name}.key")));
+    let (c, k) = (
+        dir.join(format!("{name}.crt")),
+        dir.join(format!("{name}.key")),
+    );
     std::fs::write(&c, cert.pem()).unwrap();
     std::fs::write(&k, key.serialize_pem()).unwrap();
     (c.display().to_string(), k.display().to_string())
@@ -595,25 +764,47 @@ async fn tls_rediss() {
     let task = spawn_run(&redis.url, room, Some(rec.clone()));
     let mut c = redis.conn().await;
     wait_for(&mut c, &rec, Duration::from_secs(2)).await;
-    assert_eq!(mirror::fetch(&redis.url, room, T).await.unwrap(), Some(rec.clone()));
+    assert_eq!(
+        mirror::fetch(&redis.url, room, T).await.unwrap(),
+        Some(rec.clone())
+    );
     task.stop().await;
     // "localhost" is in the certificate too.
-    let by_name = RedisUrl::parse(&format!("rediss://localhost:{}/0?cacert={b}", redis.port)).unwrap();
-    assert_eq!(mirror::fetch(&by_name, room, T).await.unwrap(), Some(rec.clone()));
+    let by_name =
+        RedisUrl::parse(&format!("rediss://localhost:{}/0?cacert={b}", redis.port)).unwrap();
+    assert_eq!(
+        mirror::fetch(&by_name, room, T).await.unwrap(),
+        Some(rec.clone())
+    );
 
     // An untrusted server certificate is refused, clearly.
-    let wrong_ca =
-        RedisUrl::parse(&format!("rediss://127.0.0.1:{}/0?cacert={}", redis.port, other_ca.display())).unwrap();
+    let wrong_ca = RedisUrl::parse(&format!(
+        "rediss://127.0.0.1:{}/0?cacert={}",
+        redis.port,
+        other_ca.display()
+    ))
+    .unwrap();
     let e = mirror::fetch(&wrong_ca, room, T).await.unwrap_err();
     println!("untrusted certificate: {e}");
     assert!(matches!(e, MirrorError::Tls(_)), "{e}");
     // TLS to a plain-text server, and plain text to a TLS server: errors, no hang.
     let plain = Redis::start().await;
-    let to_plain = RedisUrl::parse(&format!("rediss://127.0.0.1:{}/0?cacert={b}", plain.port)).unwrap();
-    println!("TLS to plain: {}", mirror::fetch(&to_plain, room, T).await.unwrap_err());
+    let to_plain =
+        RedisUrl::parse(&format!("rediss://127.0.0.1:{}/0?cacert={b}", plain.port)).unwrap();
+    println!(
+        "TLS to plain: {}",
+        mirror::fetch(&to_plain, room, T).await.unwrap_err()
+    );
     let to_tls = RedisUrl::parse(&format!("redis://127.0.0.1:{}/0", redis.port)).unwrap();
-    println!("plain to TLS: {}", mirror::fetch(&to_tls, room, T).await.unwrap_err());
-    let missing = RedisUrl::parse(&format!("rediss://127.0.0.1:{}/0?cacert=/nonexistent.pem", redis.port)).unwrap();
+    println!(
+        "plain to TLS: {}",
+        mirror::fetch(&to_tls, room, T).await.unwrap_err()
+    );
+    let missing = RedisUrl::parse(&format!(
+        "rediss://127.0.0.1:{}/0?cacert=/nonexistent.pem",
+        redis.port
+    ))
+    .unwrap();
     let e = mirror::fetch(&missing, room, T).await.unwrap_err();
     assert!(e.to_string().contains("/nonexistent.pem"), "{e}");
 
@@ -637,7 +828,8 @@ async fn tls_rediss() {
     let mut c = mtls.conn().await;
     assert!(mirror::write_fenced(&mut c, room, &rec).await.unwrap());
     assert_eq!(mirror::fetch(&mtls.url, room, T).await.unwrap(), Some(rec));
-    let no_cert = RedisUrl::parse(&format!("rediss://127.0.0.1:{}/0?cacert={b}", mtls.port)).unwrap();
+    let no_cert =
+        RedisUrl::parse(&format!("rediss://127.0.0.1:{}/0?cacert={b}", mtls.port)).unwrap();
     let e = mirror::fetch(&no_cert, room, T).await.unwrap_err();
     println!("no client certificate: {e}");
 }

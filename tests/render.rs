@@ -32,9 +32,15 @@ fn clicks_land_on_their_exact_sample_with_accents() {
         assert_eq!(*amp, want, "click {i} accent");
     }
     let ev = rig.drain();
-    assert_eq!(ev.iter().map(|e| e.beat).collect::<Vec<_>>(), (0..10).collect::<Vec<_>>());
+    assert_eq!(
+        ev.iter().map(|e| e.beat).collect::<Vec<_>>(),
+        (0..10).collect::<Vec<_>>()
+    );
     for (i, e) in ev.iter().enumerate() {
-        assert!((e.t_local_ns - rig.frame_time(on[i].0 as u64)).abs() <= 1, "logged time of click {i}");
+        assert!(
+            (e.t_local_ns - rig.frame_time(on[i].0 as u64)).abs() <= 1,
+            "logged time of click {i}"
+        );
         assert_eq!(e.accent, i % 4 == 0);
     }
 }
@@ -57,7 +63,9 @@ fn latency_offset_moves_the_click_earlier_by_exactly_that_much() {
 fn jittery_callbacks_never_double_or_drop_a_beat() {
     let mut rig = Rig::new(snapshot(START + 50_000_000, 400.0, 3), 256, START);
     // ±150 µs pseudo-random jitter on every measurement
-    let out = run(&mut rig, 48_000 * 20 / 256, |k| ((k.wrapping_mul(2654435761) % 300_001) as i64) - 150_000);
+    let out = run(&mut rig, 48_000 * 20 / 256, |k| {
+        ((k.wrapping_mul(2654435761) % 300_001) as i64) - 150_000
+    });
     let ev = rig.drain();
     let beats: Vec<i64> = ev.iter().map(|e| e.beat).collect();
     assert!(beats.len() > 120, "{}", beats.len());
@@ -76,7 +84,14 @@ fn a_tempo_change_published_mid_stream_lands_on_its_beat() {
     let now = rig.frame_time(rig.k * 256);
     let at = snap
         .timeline
-        .schedule(Change { kind: ChangeKind::Tempo(Tempo::from_bpm(60.0).unwrap()), quantum: Quantum::Bar }, now, 0)
+        .schedule(
+            Change {
+                kind: ChangeKind::Tempo(Tempo::from_bpm(60.0).unwrap()),
+                quantum: Quantum::Bar,
+            },
+            now,
+            0,
+        )
         .unwrap();
     assert_eq!(at.beat, 4);
     rig.cell.write(&snap);
@@ -84,7 +99,15 @@ fn a_tempo_change_published_mid_stream_lands_on_its_beat() {
     let base = (48_000 / 256) * 256;
     let on: Vec<usize> = onsets(&out, 1000).iter().map(|o| o.0 + base).collect();
     // beats 2, 3 at 500 ms spacing, then beat 4 on its bar, then 1 s spacing
-    assert_eq!(on[..4], [4_800 + 2 * 24_000, 4_800 + 3 * 24_000, 4_800 + 4 * 24_000, 4_800 + 4 * 24_000 + 48_000]);
+    assert_eq!(
+        on[..4],
+        [
+            4_800 + 2 * 24_000,
+            4_800 + 3 * 24_000,
+            4_800 + 4 * 24_000,
+            4_800 + 4 * 24_000 + 48_000
+        ]
+    );
 }
 
 #[test]
@@ -93,8 +116,27 @@ fn stop_silences_and_start_resumes_on_the_bar() {
     let mut rig = Rig::new(snap, 512, START);
     let _ = run(&mut rig, 48_000 / 512, |_| 0);
     let now = rig.frame_time(rig.k * 512);
-    snap.timeline.schedule(Change { kind: ChangeKind::Stop, quantum: Quantum::Beat }, now, 0).unwrap();
-    let start = snap.timeline.schedule(Change { kind: ChangeKind::Start, quantum: Quantum::Bar }, now, 0).unwrap();
+    snap.timeline
+        .schedule(
+            Change {
+                kind: ChangeKind::Stop,
+                quantum: Quantum::Beat,
+            },
+            now,
+            0,
+        )
+        .unwrap();
+    let start = snap
+        .timeline
+        .schedule(
+            Change {
+                kind: ChangeKind::Start,
+                quantum: Quantum::Bar,
+            },
+            now,
+            0,
+        )
+        .unwrap();
     rig.cell.write(&snap);
     rig.drain();
     let _ = run(&mut rig, 48_000 * 6 / 512, |_| 0);
@@ -121,4 +163,3 @@ fn integer_output_formats_get_the_same_onsets() {
     assert_eq!(on[0].0, 4_800);
     assert_eq!(on[1].0, 28_800);
 }
-

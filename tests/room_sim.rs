@@ -113,7 +113,9 @@
 //! `ROOM_SIM_SCRIPT_TRACE=1` prints a scripted scenario's whole trace.
 
 use bandsync::clock::SessionMap;
-use bandsync::room::{Action, Note, Persisted, Room, RoomConfig, LOSS_NS, SETTLE_NS, SWITCH_LEAD_NS, YOUNG_NS};
+use bandsync::room::{
+    Action, Note, Persisted, Room, RoomConfig, LOSS_NS, SETTLE_NS, SWITCH_LEAD_NS, YOUNG_NS,
+};
 use bandsync::sync::Sample;
 use bandsync::timeline::{ChangeKind, Meter, Quantum, Tempo, Timeline};
 use bandsync::wire::{Datagram, Frame, SessionId};
@@ -229,7 +231,10 @@ const DEEP: Profile = Profile {
 const BROAD_SEEDS: u64 = 1000;
 const DEEP_SEEDS: u64 = 6;
 fn deep_seeds() -> u64 {
-    std::env::var("ROOM_SIM_DEEP_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(DEEP_SEEDS)
+    std::env::var("ROOM_SIM_DEEP_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(DEEP_SEEDS)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -279,12 +284,14 @@ struct Clk {
 impl Clk {
     fn local(&self, t: i64) -> i64 {
         let el = t as i128 - self.t0 as i128;
-        (t as i128 + self.off as i128 + (el * self.skew_ppb as i128).div_euclid(1_000_000_000)) as i64
+        (t as i128 + self.off as i128 + (el * self.skew_ppb as i128).div_euclid(1_000_000_000))
+            as i64
     }
     /// The last true time whose local time is ≤ `l`.
     fn true_at(&self, l: i64) -> i64 {
         let x = l as i128 - self.off as i128 - self.t0 as i128;
-        let mut t = (self.t0 as i128 + x * 1_000_000_000 / (1_000_000_000 + self.skew_ppb as i128)) as i64;
+        let mut t =
+            (self.t0 as i128 + x * 1_000_000_000 / (1_000_000_000 + self.skew_ppb as i128)) as i64;
         while self.local(t) > l {
             t -= 1;
         }
@@ -415,9 +422,15 @@ enum Step {
     Partition(Vec<usize>),
     Heal,
     /// Pin `target` (`None`: unpin) through box `via`.
-    Pin { via: usize, target: Option<usize> },
+    Pin {
+        via: usize,
+        target: Option<usize>,
+    },
     /// Ask box `via` for a tempo change (quantum: its default, a bar).
-    Tempo { via: usize, bpm: f64 },
+    Tempo {
+        via: usize,
+        bpm: f64,
+    },
 }
 
 struct Ev {
@@ -535,7 +548,13 @@ impl Stats {
     fn report(&self, profile: &str, secs: f64) -> String {
         let mut f = self.failovers.clone();
         f.sort_unstable();
-        let q = |p: f64| if f.is_empty() { 0 } else { f[((f.len() - 1) as f64 * p).round() as usize] };
+        let q = |p: f64| {
+            if f.is_empty() {
+                0
+            } else {
+                f[((f.len() - 1) as f64 * p).round() as usize]
+            }
+        };
         format!(
             "room_sim[{profile}]: {} runs, {} boxes, {:.0} s virtual, {:.1} s wall\n  \
              events: {} boots, {} crashes ({} of a leader), {} partitions, {} pins/unpins, {} changes scheduled, {} joins, {} realigns, {} stale announces\n  \
@@ -635,7 +654,11 @@ impl Sim {
             slots.push(Slot {
                 id: format!("{:016x}", srng.u64()),
                 priority: srng.pick(&[0, 0, 0, 1, 2]),
-                quantum: if srng.chance(0.7) { Quantum::Bar } else { Quantum::Beat },
+                quantum: if srng.chance(0.7) {
+                    Quantum::Bar
+                } else {
+                    Quantum::Beat
+                },
                 skew_ppb: srng.range(-200_000, 200_000),
                 wall_err: srng.range(-30 * MS, 30 * MS),
                 tempo: Tempo::from_mbpm(srng.range(profile.mbpm.0, profile.mbpm.1) as u32).unwrap(),
@@ -677,7 +700,11 @@ impl Sim {
             script: Vec::new(),
             shadow: BTreeMap::new(),
             failure: None,
-            stats: Stats { runs: 1, nodes: n as u64, ..Default::default() },
+            stats: Stats {
+                runs: 1,
+                nodes: n as u64,
+                ..Default::default()
+            },
         };
         sim.plan();
         sim
@@ -686,7 +713,11 @@ impl Sim {
     /// A scripted scenario on a clean LAN: box `s` has id `s+1` repeated (so a higher
     /// slot ranks higher at equal priority), `prios[s]`, 120 BPM 4/4, quantum bar.
     fn with_script(prios: &[i32], end_ms: i64, steps: &[(i64, Step)], verbose: bool) -> Sim {
-        let profile = Profile { name: "script", nodes: (prios.len() as i64, prios.len() as i64), ..BROAD };
+        let profile = Profile {
+            name: "script",
+            nodes: (prios.len() as i64, prios.len() as i64),
+            ..BROAD
+        };
         let mut sim = Sim::new(profile, 1, verbose);
         sim.q.clear();
         sim.end = sim.t_base + end_ms * MS;
@@ -731,10 +762,17 @@ impl Sim {
             self.at(boots[k], Kind::Boot(s));
             last_boot = last_boot.max(boots[k]);
         }
-        let mut t = last_boot + self.srng.range(self.profile.first_major.0, self.profile.first_major.1);
+        let mut t = last_boot
+            + self
+                .srng
+                .range(self.profile.first_major.0, self.profile.first_major.1);
         while t < self.end - 1500 * MS {
             self.at(t, Kind::Major);
-            t += if self.srng.chance(0.8) { self.srng.range(self.profile.gap.0, self.profile.gap.1) } else { self.srng.range(200 * MS, 2 * SEC) };
+            t += if self.srng.chance(0.8) {
+                self.srng.range(self.profile.gap.0, self.profile.gap.1)
+            } else {
+                self.srng.range(200 * MS, 2 * SEC)
+            };
         }
         let mut t = self.t_base + self.srng.range(500 * MS, 3 * SEC);
         while t < self.end {
@@ -746,7 +784,11 @@ impl Sim {
 
     fn at(&mut self, t: i64, k: Kind) {
         self.seq += 1;
-        self.q.push(Ev { t, seq: self.seq, k });
+        self.q.push(Ev {
+            t,
+            seq: self.seq,
+            k,
+        });
     }
 
     fn note(&mut self, s: String) {
@@ -841,7 +883,10 @@ impl Sim {
             Kind::Heal => self.heal(),
             Kind::Change => self.change(out),
             Kind::Check => {
-                if self.verbose && (self.now - self.t_base) % (250 * MS) < CHECK_EVERY && std::env::var("ROOM_SIM_CLOCKS").is_ok() {
+                if self.verbose
+                    && (self.now - self.t_base) % (250 * MS) < CHECK_EVERY
+                    && std::env::var("ROOM_SIM_CLOCKS").is_ok()
+                {
                     self.print_clocks();
                 }
                 self.check_leadership();
@@ -859,7 +904,11 @@ impl Sim {
             return;
         }
         let off = self.srng.range(-SEC, SEC);
-        let clk = Clk { off, skew_ppb: self.slots[s].skew_ppb, t0: self.now };
+        let clk = Clk {
+            off,
+            skew_ppb: self.slots[s].skew_ppb,
+            t0: self.now,
+        };
         let l = clk.local(self.now);
         let slot = &self.slots[s];
         let (tempo, meter, pinned) = match &slot.persisted {
@@ -868,9 +917,17 @@ impl Sim {
         };
         let timeline = Timeline::start_at(l + 500 * MS, tempo, meter, true);
         let born_ms = (WALL_EPOCH_MS + (self.now - self.t_base + slot.wall_err) / MS) as u64;
-        let session = SessionId { born_ms, by: u64::from_str_radix(&slot.id, 16).unwrap() };
+        let session = SessionId {
+            born_ms,
+            by: u64::from_str_radix(&slot.id, 16).unwrap(),
+        };
         let mut room = Room::new(
-            RoomConfig { me: slot.id.clone(), name: format!("box{s}"), priority: slot.priority, quantum: slot.quantum },
+            RoomConfig {
+                me: slot.id.clone(),
+                name: format!("box{s}"),
+                priority: slot.priority,
+                quantum: slot.quantum,
+            },
             session,
             timeline,
         );
@@ -922,9 +979,20 @@ impl Sim {
     fn crash(&mut self, i: usize) {
         let was_leading = self.insts[i].room.leading();
         let comp = self.insts[i].comp;
-        let settled = self.comp_members(comp).iter().all(|&m| self.insts[m].lead_settled <= self.now);
-        let survivors: Vec<usize> = self.comp_members(comp).into_iter().filter(|&m| m != i).collect();
-        self.note(format!("CRASH {}{}", self.name(i), if was_leading { " (leader)" } else { "" }));
+        let settled = self
+            .comp_members(comp)
+            .iter()
+            .all(|&m| self.insts[m].lead_settled <= self.now);
+        let survivors: Vec<usize> = self
+            .comp_members(comp)
+            .into_iter()
+            .filter(|&m| m != i)
+            .collect();
+        self.note(format!(
+            "CRASH {}{}",
+            self.name(i),
+            if was_leading { " (leader)" } else { "" }
+        ));
         self.stats.crashes += 1;
         let inst = &mut self.insts[i];
         inst.alive = false;
@@ -945,7 +1013,11 @@ impl Sim {
             self.stats.leader_crashes += 1;
             if settled && !survivors.is_empty() {
                 let crashed = self.slots[s].id.clone();
-                self.failovers.push(PendingFailover { t: self.now, crashed, survivors });
+                self.failovers.push(PendingFailover {
+                    t: self.now,
+                    crashed,
+                    survivors,
+                });
             } else {
                 self.stats.failovers_skipped += 1;
             }
@@ -988,7 +1060,10 @@ impl Sim {
         if self.rng.chance(0.01) {
             late += self.rng.range(5 * MS, 30 * MS);
         }
-        let t = self.insts[i].clk.true_at(self.insts[i].tick_local + late).max(self.now + 1);
+        let t = self.insts[i]
+            .clk
+            .true_at(self.insts[i].tick_local + late)
+            .max(self.now + 1);
         self.at(t, Kind::Tick(i));
     }
 
@@ -1002,22 +1077,47 @@ impl Sim {
                     }
                 }
                 Action::Send { to, frame } => {
-                    let c = self.slot_of(&to).and_then(|s| self.insts[i].conns.get(&s).copied());
+                    let c = self
+                        .slot_of(&to)
+                        .and_then(|s| self.insts[i].conns.get(&s).copied());
                     match c {
                         Some(c) => self.send_frame(c, i, frame),
-                        None => self.note(format!("{}: no connection to send to {}", self.name(i), &to[..4])),
+                        None => self.note(format!(
+                            "{}: no connection to send to {}",
+                            self.name(i),
+                            &to[..4]
+                        )),
                     }
                 }
-                Action::Publish { timeline, map, epoch: _, gen } => {
+                Action::Publish {
+                    timeline,
+                    map,
+                    epoch: _,
+                    gen,
+                } => {
                     let inst = &mut self.insts[i];
                     inst.pub_map = map;
                     inst.pub_gen = gen;
                     let session = inst.room.session();
-                    let changed = inst.pubs.last().is_none_or(|p| p.timeline != timeline || p.gen != gen);
-                    inst.pubs.push(Pub { local: l, timeline, map, gen, session });
+                    let changed = inst
+                        .pubs
+                        .last()
+                        .is_none_or(|p| p.timeline != timeline || p.gen != gen);
+                    inst.pubs.push(Pub {
+                        local: l,
+                        timeline,
+                        map,
+                        gen,
+                        session,
+                    });
                     if changed && self.verbose && std::env::var("ROOM_SIM_DEBUG").is_ok() {
                         let sess = map.to_session(l);
-                        self.note(format!("{} publishes gen {gen} at session {sess} beat {:.3}: {:?}", self.name(i), timeline.beat_at(sess).as_f64(), timeline.segments()));
+                        self.note(format!(
+                            "{} publishes gen {gen} at session {sess} beat {:.3}: {:?}",
+                            self.name(i),
+                            timeline.beat_at(sess).as_f64(),
+                            timeline.segments()
+                        ));
                     }
                 }
                 Action::Persist(p) => {
@@ -1033,61 +1133,117 @@ impl Sim {
         let who = self.name(i);
         let gen = self.insts[i].room.gen();
         match n {
-            Note::Joined { leader, beat, step_ns } => {
+            Note::Joined {
+                leader,
+                beat,
+                step_ns,
+            } => {
                 self.stats.joins += 1;
                 self.stats.max_step_join = self.stats.max_step_join.max(step_ns.abs());
                 let inst = &self.insts[i];
                 let age = inst.clk.local(self.now) - inst.first_tick.unwrap_or(i64::MIN / 2);
-                self.insts[i].steps.push(StepNote { gen, beat, joined: true, on_bar: age >= YOUNG_NS + SEC });
+                self.insts[i].steps.push(StepNote {
+                    gen,
+                    beat,
+                    joined: true,
+                    on_bar: age >= YOUNG_NS + SEC,
+                });
                 let l = self.insts[i].clk.local(self.now);
                 self.insts[i].synced_at = self.insts[i].clk.true_at(l + SETTLE_NS);
                 self.unsettle(i, STEP_ALIGN_SETTLE);
-                self.note(format!("{who} JOINED {}'s session at beat {beat}, step {:.3} ms", &leader[..4], step_ns as f64 / 1e6));
+                self.note(format!(
+                    "{who} JOINED {}'s session at beat {beat}, step {:.3} ms",
+                    &leader[..4],
+                    step_ns as f64 / 1e6
+                ));
                 if std::env::var("ROOM_SIM_DEBUG").is_ok() {
                     let tl = *self.insts[i].room.timeline();
-                    let l = self.slot_of(&leader).and_then(|s| self.slots[s].inst).map(|x| *self.insts[x].room.timeline());
-                    self.note(format!("   my timeline {:?}\n   leader's {:?}", tl.segments(), l.map(|t| t.segments().to_vec())));
+                    let l = self
+                        .slot_of(&leader)
+                        .and_then(|s| self.slots[s].inst)
+                        .map(|x| *self.insts[x].room.timeline());
+                    self.note(format!(
+                        "   my timeline {:?}\n   leader's {:?}",
+                        tl.segments(),
+                        l.map(|t| t.segments().to_vec())
+                    ));
                 }
             }
-            Note::Realigned { leader, beat, step_ns } => {
+            Note::Realigned {
+                leader,
+                beat,
+                step_ns,
+            } => {
                 self.stats.realigns += 1;
                 self.stats.max_step_realign = self.stats.max_step_realign.max(step_ns.abs());
-                self.insts[i].steps.push(StepNote { gen, beat, joined: false, on_bar: true });
+                self.insts[i].steps.push(StepNote {
+                    gen,
+                    beat,
+                    joined: false,
+                    on_bar: true,
+                });
                 self.unsettle(i, STEP_ALIGN_SETTLE);
-                self.note(format!("{who} REALIGNED to {} at beat {beat}, step {:.3} ms", &leader[..4], step_ns as f64 / 1e6));
+                self.note(format!(
+                    "{who} REALIGNED to {} at beat {beat}, step {:.3} ms",
+                    &leader[..4],
+                    step_ns as f64 / 1e6
+                ));
             }
             Note::BecameLeader { epoch } => {
                 let mut off = String::new();
                 if let Some(prev) = self.insts[i].last_leader.clone() {
-                    let o = self.insts.iter().rposition(|x| self.slots[x.slot].id == prev && x.room.session() == self.insts[i].room.session());
+                    let o = self.insts.iter().rposition(|x| {
+                        self.slots[x.slot].id == prev
+                            && x.room.session() == self.insts[i].room.session()
+                    });
                     if let Some(o) = o.filter(|&o| o != i) {
                         // session clocks (and their rates vs true time) of the new leader
                         // and of the old one (dead or alive: the clock it would read now)
                         let sess = |x: &Inst, t: i64| x.pub_map.to_session(x.clk.local(t));
                         let (me, x) = (&self.insts[i], &self.insts[o]);
                         let d = (sess(x, self.now) - sess(me, self.now)).abs();
-                        let rate = |x: &Inst| (sess(x, self.now + SEC) - sess(x, self.now) - SEC) as f64 / 1e3;
+                        let rate = |x: &Inst| {
+                            (sess(x, self.now + SEC) - sess(x, self.now) - SEC) as f64 / 1e3
+                        };
                         let jump = (rate(me) - rate(x)).abs();
                         if self.align_settled_at(i, self.now) {
                             if d > self.stats.worst_takeover.0 {
-                                self.stats.worst_takeover = (d, format!("seed {} {} from {}", self.seed, who, self.name(o)));
+                                self.stats.worst_takeover = (
+                                    d,
+                                    format!("seed {} {} from {}", self.seed, who, self.name(o)),
+                                );
                             }
                             if jump > self.stats.worst_takeover_rate.0 {
-                                self.stats.worst_takeover_rate = (jump, format!("seed {} {} from {}", self.seed, who, self.name(o)));
+                                self.stats.worst_takeover_rate = (
+                                    jump,
+                                    format!("seed {} {} from {}", self.seed, who, self.name(o)),
+                                );
                             }
                         }
-                        off = format!(", {:.1} µs and {:+.1} ppm from {}", d as f64 / 1e3, rate(me) - rate(x), self.name(o));
+                        off = format!(
+                            ", {:.1} µs and {:+.1} ppm from {}",
+                            d as f64 / 1e3,
+                            rate(me) - rate(x),
+                            self.name(o)
+                        );
                     }
                 }
                 self.note(format!("{who} leads (epoch {epoch}{off})"));
             }
-            Note::Following { leader, epoch } => self.note(format!("{who} follows {} (epoch {epoch})", &leader[..4])),
-            Note::WaitingForClock { leader } => self.note(format!("{who} waits for a clock estimate of {}", &leader[..4])),
+            Note::Following { leader, epoch } => {
+                self.note(format!("{who} follows {} (epoch {epoch})", &leader[..4]))
+            }
+            Note::WaitingForClock { leader } => self.note(format!(
+                "{who} waits for a clock estimate of {}",
+                &leader[..4]
+            )),
             Note::Scheduled { change, at } => {
                 self.stats.changes_scheduled += 1;
                 self.note(format!("{who} scheduled {change:?} at beat {}", at.beat));
             }
-            Note::ChangeRefused { reason } => self.note(format!("{who} refused a change: {reason}")),
+            Note::ChangeRefused { reason } => {
+                self.note(format!("{who} refused a change: {reason}"))
+            }
             Note::StaleAnnounce { .. } => self.stats.stale_announces += 1,
         }
     }
@@ -1105,7 +1261,9 @@ impl Sim {
         let (sa, sb) = (conn.slot[side], conn.slot[1 - side]);
         let d = self.delay(sa, sb);
         let conn = &mut self.conns[c];
-        let ready = (self.now + d).max(conn.last_ready[side]).max(conn.hold_until[side]);
+        let ready = (self.now + d)
+            .max(conn.last_ready[side])
+            .max(conn.hold_until[side]);
         conn.last_ready[side] = ready;
         conn.q[side].push_back((ready, f));
         self.at(ready, Kind::Deliver { c, dir: side });
@@ -1179,7 +1337,11 @@ impl Sim {
     fn dgram(&mut self, c: usize, to: usize, d: Datagram) {
         let conn = &self.conns[c];
         let r = conn.inst[to];
-        if conn.dead || !conn.up[to] || !self.insts[r].alive || self.link(conn.slot[0], conn.slot[1]).cut {
+        if conn.dead
+            || !conn.up[to]
+            || !self.insts[r].alive
+            || self.link(conn.slot[0], conn.slot[1]).cut
+        {
             return;
         }
         match d {
@@ -1189,15 +1351,32 @@ impl Sim {
                 let t2 = inst.pub_map.to_session(inst.clk.local(self.now));
                 let t3 = inst.pub_map.to_session(inst.clk.local(self.now + hold));
                 let gen = inst.pub_gen as u32;
-                self.send_dgram(c, to, Datagram::Pong { seq, t1, t2, t3, gen }, self.now + hold);
+                self.send_dgram(
+                    c,
+                    to,
+                    Datagram::Pong {
+                        seq,
+                        t1,
+                        t2,
+                        t3,
+                        gen,
+                    },
+                    self.now + hold,
+                );
             }
-            Datagram::Pong { t1, t2, t3, gen, .. } => {
+            Datagram::Pong {
+                t1, t2, t3, gen, ..
+            } => {
                 let from = self.slots[conn.slot[1 - to]].id.clone();
                 let t4 = self.insts[r].clk.local(self.now);
-                let _ = self.insts[r].room.on_pong(&from, Sample { t1, t2, t3, t4 }, gen);
+                let _ = self.insts[r]
+                    .room
+                    .on_pong(&from, Sample { t1, t2, t3, t4 }, gen);
                 if self.verbose && std::env::var("ROOM_SIM_CLOCKS").is_ok() {
                     let peer = self.conns[c].inst[1 - to];
-                    let e = self.shadow.entry((r, peer)).or_insert_with(|| (gen, bandsync::sync::Estimator::new(Default::default())));
+                    let e = self.shadow.entry((r, peer)).or_insert_with(|| {
+                        (gen, bandsync::sync::Estimator::new(Default::default()))
+                    });
                     if e.0 != gen {
                         *e = (gen, bandsync::sync::Estimator::new(Default::default()));
                     }
@@ -1212,11 +1391,14 @@ impl Sim {
         let (ia, ib) = (self.slots[a].inst?, self.slots[b].inst?);
         let c = *self.insts[ia].conns.get(&b)?;
         let conn = &self.conns[c];
-        (!conn.dead && conn.up == [true, true] && (conn.inst == [ia, ib] || conn.inst == [ib, ia])).then_some(c)
+        (!conn.dead && conn.up == [true, true] && (conn.inst == [ia, ib] || conn.inst == [ib, ia]))
+            .then_some(c)
     }
 
     fn dial(&mut self, a: usize, b: usize) {
-        let (Some(ia), Some(ib)) = (self.slots[a].inst, self.slots[b].inst) else { return };
+        let (Some(ia), Some(ib)) = (self.slots[a].inst, self.slots[b].inst) else {
+            return;
+        };
         if self.link(a, b).cut || self.healthy(a, b).is_some() {
             return;
         }
@@ -1271,7 +1453,13 @@ impl Sim {
         self.insts[i].room.peer_down(&pid);
         self.note(format!("peer_down at {}: {}", self.name(i), &pid[..4]));
         let d = self.rng.range(50 * MS, 1200 * MS);
-        self.at(self.now + d, Kind::Dial { a: my_slot, b: peer_slot });
+        self.at(
+            self.now + d,
+            Kind::Dial {
+                a: my_slot,
+                b: peer_slot,
+            },
+        );
         self.topo_changed(None);
     }
 
@@ -1307,7 +1495,10 @@ impl Sim {
         if off(kind) {
             return;
         }
-        if (kind == Major::Crash || kind == Major::Partition) && no.contains("unsynced") && alive.iter().any(|&i| self.insts[i].synced_at > self.now) {
+        if (kind == Major::Crash || kind == Major::Partition)
+            && no.contains("unsynced")
+            && alive.iter().any(|&i| self.insts[i].synced_at > self.now)
+        {
             return;
         }
         self.cancel_failovers("major event");
@@ -1336,7 +1527,11 @@ impl Sim {
             Major::Pin | Major::Unpin => {
                 let i = self.srng.pick(&alive);
                 let target = if kind == Major::Pin {
-                    let s = if self.srng.chance(0.8) { self.insts[self.srng.pick(&alive)].slot } else { self.srng.range(0, self.slots.len() as i64 - 1) as usize };
+                    let s = if self.srng.chance(0.8) {
+                        self.insts[self.srng.pick(&alive)].slot
+                    } else {
+                        self.srng.range(0, self.slots.len() as i64 - 1) as usize
+                    };
                     Some(self.slots[s].id.clone())
                 } else {
                     None
@@ -1348,7 +1543,14 @@ impl Sim {
 
     /// The stage tech pins `target` (unpins with `None`) through instance `i`.
     fn pin(&mut self, i: usize, target: Option<String>, out: &mut Vec<Action>) {
-        self.note(format!("{} via {}", match &target { Some(t) => format!("PIN {}", &t[..4]), None => "UNPIN".into() }, self.name(i)));
+        self.note(format!(
+            "{} via {}",
+            match &target {
+                Some(t) => format!("PIN {}", &t[..4]),
+                None => "UNPIN".into(),
+            },
+            self.name(i)
+        ));
         self.stats.pins += 1;
         self.insts[i].room.request_pin(target, out);
         let l = self.insts[i].clk.local(self.now);
@@ -1364,7 +1566,12 @@ impl Sim {
         let n = self.slots.len();
         let mut desc = String::new();
         for (s, side) in sides.iter().enumerate() {
-            let _ = write!(desc, "{}{} ", &self.slots[s].id[..4], if *side { "B" } else { "A" });
+            let _ = write!(
+                desc,
+                "{}{} ",
+                &self.slots[s].id[..4],
+                if *side { "B" } else { "A" }
+            );
         }
         self.note(format!("PARTITION {desc}"));
         self.stats.partitions += 1;
@@ -1379,7 +1586,11 @@ impl Sim {
                     // both ends' connections to each other (usually one and the same)
                     let mut cs: Vec<usize> = [(x, y), (y, x)]
                         .iter()
-                        .filter_map(|&(a, b)| self.slots[a].inst.and_then(|i| self.insts[i].conns.get(&b).copied()))
+                        .filter_map(|&(a, b)| {
+                            self.slots[a]
+                                .inst
+                                .and_then(|i| self.insts[i].conns.get(&b).copied())
+                        })
                         .collect();
                     cs.dedup();
                     for c in cs {
@@ -1409,7 +1620,10 @@ impl Sim {
                 l.cut = false;
                 l.cut_seq += 1;
                 for (a, b) in [(x, y), (y, x)] {
-                    if let Some(c) = self.slots[a].inst.and_then(|i| self.insts[i].conns.get(&b).copied()) {
+                    if let Some(c) = self.slots[a]
+                        .inst
+                        .and_then(|i| self.insts[i].conns.get(&b).copied())
+                    {
                         if !self.conns[c].dead {
                             let rt = self.rng.range(0, 300 * MS);
                             for dir in 0..2 {
@@ -1433,19 +1647,35 @@ impl Sim {
         }
         let i = self.srng.pick(&alive);
         let kind = if self.srng.chance(0.7) {
-            ChangeKind::Tempo(Tempo::from_mbpm(self.srng.range(self.profile.mbpm.0, self.profile.mbpm.1) as u32).unwrap())
+            ChangeKind::Tempo(
+                Tempo::from_mbpm(self.srng.range(self.profile.mbpm.0, self.profile.mbpm.1) as u32)
+                    .unwrap(),
+            )
         } else {
-            ChangeKind::Meter(Meter::new(self.srng.range(self.profile.meter.0, self.profile.meter.1)).unwrap())
+            ChangeKind::Meter(
+                Meter::new(self.srng.range(self.profile.meter.0, self.profile.meter.1)).unwrap(),
+            )
         };
-        let quantum = self.srng.pick(&[None, None, Some(Quantum::Beat), Some(Quantum::Bar)]);
+        let quantum = self
+            .srng
+            .pick(&[None, None, Some(Quantum::Beat), Some(Quantum::Bar)]);
         self.change_via(i, kind, quantum, out);
     }
 
     /// The stage tech (or a phone) asks instance `i` for a change.
-    fn change_via(&mut self, i: usize, kind: ChangeKind, quantum: Option<Quantum>, out: &mut Vec<Action>) {
+    fn change_via(
+        &mut self,
+        i: usize,
+        kind: ChangeKind,
+        quantum: Option<Quantum>,
+        out: &mut Vec<Action>,
+    ) {
         let l = self.insts[i].clk.local(self.now);
         let r = self.insts[i].room.request_change(kind, quantum, l, out);
-        self.note(format!("change {kind:?} q {quantum:?} via {}: {r:?}", self.name(i)));
+        self.note(format!(
+            "change {kind:?} q {quantum:?} via {}: {r:?}",
+            self.name(i)
+        ));
         self.carry_out(i, l, out);
     }
 
@@ -1471,7 +1701,12 @@ impl Sim {
             }
             Step::Tempo { via, bpm } => {
                 let i = inst(self, via);
-                self.change_via(i, ChangeKind::Tempo(Tempo::from_bpm(bpm).unwrap()), None, out);
+                self.change_via(
+                    i,
+                    ChangeKind::Tempo(Tempo::from_bpm(bpm).unwrap()),
+                    None,
+                    out,
+                );
             }
         }
     }
@@ -1483,7 +1718,11 @@ impl Sim {
     fn comp_members(&self, comp: Option<usize>) -> Vec<usize> {
         match comp {
             None => Vec::new(),
-            Some(c) => self.alive().into_iter().filter(|&i| self.insts[i].comp == Some(c)).collect(),
+            Some(c) => self
+                .alive()
+                .into_iter()
+                .filter(|&i| self.insts[i].comp == Some(c))
+                .collect(),
         }
     }
 
@@ -1548,9 +1787,12 @@ impl Sim {
             let mut labels: Vec<usize> = prev.iter().flatten().copied().collect();
             labels.sort_unstable();
             labels.dedup();
-            let has_fresh = fresh.is_some_and(|(a, b)| members.contains(&a) && members.contains(&b));
+            let has_fresh =
+                fresh.is_some_and(|(a, b)| members.contains(&a) && members.contains(&b));
             let merged = new_member || labels.len() > 1 || has_fresh;
-            let shrunk = !merged && labels.len() == 1 && old_sizes.get(&labels[0]).copied().unwrap_or(0) > members.len();
+            let shrunk = !merged
+                && labels.len() == 1
+                && old_sizes.get(&labels[0]).copied().unwrap_or(0) > members.len();
             for &i in members {
                 let x = &mut self.insts[i];
                 x.comp = Some(*label + 1000 * self.topo.len());
@@ -1564,8 +1806,15 @@ impl Sim {
             // realign step, or slewing away a small drift). Pieces of different sessions
             // meeting is a join: the younger session's boxes step (their own notes
             // unsettle them) and the room must not move.
-            let mut piece_sessions: Vec<(Option<usize>, SessionId)> =
-                members.iter().map(|&i| (old[i].or(Some(usize::MAX - i)), self.insts[i].room.session())).collect();
+            let mut piece_sessions: Vec<(Option<usize>, SessionId)> = members
+                .iter()
+                .map(|&i| {
+                    (
+                        old[i].or(Some(usize::MAX - i)),
+                        self.insts[i].room.session(),
+                    )
+                })
+                .collect();
             piece_sessions.sort_unstable();
             piece_sessions.dedup();
             let mut sessions: Vec<SessionId> = piece_sessions.iter().map(|p| p.1).collect();
@@ -1579,8 +1828,12 @@ impl Sim {
                 }
             }
             if merged || shrunk {
-                let survivors_hit = self.failovers.iter().any(|f| f.survivors.iter().any(|s| members.contains(s)));
-                if survivors_hit && (merged || self.now != self.failovers.last().map_or(0, |f| f.t)) {
+                let survivors_hit = self
+                    .failovers
+                    .iter()
+                    .any(|f| f.survivors.iter().any(|s| members.contains(s)));
+                if survivors_hit && (merged || self.now != self.failovers.last().map_or(0, |f| f.t))
+                {
                     // a pending failover's group changed again: not a clean measurement
                     self.cancel_failovers("topology");
                 }
@@ -1611,10 +1864,17 @@ impl Sim {
         while k < self.failovers.len() {
             let f = &self.failovers[k];
             let dt = self.now - f.t;
-            let leaders: Vec<usize> = f.survivors.iter().copied().filter(|&i| self.insts[i].room.leading()).collect();
+            let leaders: Vec<usize> = f
+                .survivors
+                .iter()
+                .copied()
+                .filter(|&i| self.insts[i].room.leading())
+                .collect();
             let agreed = leaders.len() == 1 && {
                 let lid = &self.slots[self.insts[leaders[0]].slot].id;
-                f.survivors.iter().all(|&i| self.insts[i].room.leader() == lid)
+                f.survivors
+                    .iter()
+                    .all(|&i| self.insts[i].room.leader() == lid)
             };
             if agreed {
                 let who = self.name(leaders[0]);
@@ -1623,11 +1883,25 @@ impl Sim {
                 self.failovers.remove(k);
                 self.stats.failovers.push(dt);
                 if dt > self.stats.worst_failover.0 {
-                    self.stats.worst_failover = (dt, format!("seed {} at {:.3} s", self.seed, (f_t - self.t_base) as f64 / 1e9));
+                    self.stats.worst_failover = (
+                        dt,
+                        format!(
+                            "seed {} at {:.3} s",
+                            self.seed,
+                            (f_t - self.t_base) as f64 / 1e9
+                        ),
+                    );
                 }
-                self.note(format!("failover from {crashed}: {who} agreed after {:.1} ms", dt as f64 / 1e6));
+                self.note(format!(
+                    "failover from {crashed}: {who} agreed after {:.1} ms",
+                    dt as f64 / 1e6
+                ));
                 if dt > FAILOVER_BOUND {
-                    self.fail(format!("inv 2: failover took {:.1} ms > {} ms", dt as f64 / 1e6, FAILOVER_BOUND / MS));
+                    self.fail(format!(
+                        "inv 2: failover took {:.1} ms > {} ms",
+                        dt as f64 / 1e6,
+                        FAILOVER_BOUND / MS
+                    ));
                 }
                 continue;
             }
@@ -1635,10 +1909,21 @@ impl Sim {
                 let state: Vec<String> = f
                     .survivors
                     .iter()
-                    .map(|&i| format!("{} leading={} leader={}", self.name(i), self.insts[i].room.leading(), &self.insts[i].room.leader()[..4]))
+                    .map(|&i| {
+                        format!(
+                            "{} leading={} leader={}",
+                            self.name(i),
+                            self.insts[i].room.leading(),
+                            &self.insts[i].room.leader()[..4]
+                        )
+                    })
                     .collect();
                 let crashed = f.crashed[..4].to_string();
-                let synced = f.survivors.iter().filter(|&&i| self.insts[i].synced_at <= f.t).count();
+                let synced = f
+                    .survivors
+                    .iter()
+                    .filter(|&&i| self.insts[i].synced_at <= f.t)
+                    .count();
                 let n = f.survivors.len();
                 self.fail(format!("inv 2: survivors of leader {crashed} did not agree within {} ms ({synced} of {n} synced at the crash): {}", FAILOVER_BOUND / MS, state.join("; ")));
                 return;
@@ -1654,14 +1939,21 @@ impl Sim {
         for i in self.alive() {
             let x = &self.insts[i];
             let s_i = x.pub_map.to_session(x.clk.local(self.now));
-            let lead = self.slot_of(x.room.leader()).and_then(|s| self.slots[s].inst);
+            let lead = self
+                .slot_of(x.room.leader())
+                .and_then(|s| self.slots[s].inst);
             let d = lead.map(|l| {
                 let y = &self.insts[l];
                 s_i - y.pub_map.to_session(y.clk.local(self.now))
             });
             // what this instance believes its leader's clock is, relative to its own
             let l_id = x.room.leader().to_string();
-            let est = x.room.peer_status(x.clk.local(self.now)).into_iter().find(|p| p.id == l_id).and_then(|p| p.offset_us.map(|o| (o, p.uncertainty_us.unwrap_or(-1))));
+            let est = x
+                .room
+                .peer_status(x.clk.local(self.now))
+                .into_iter()
+                .find(|p| p.id == l_id)
+                .and_then(|p| p.offset_us.map(|o| (o, p.uncertainty_us.unwrap_or(-1))));
             let e = match est {
                 Some((o, u)) => format!("(est {:+}±{}µs)", -o, u),
                 None => String::new(),
@@ -1674,11 +1966,27 @@ impl Sim {
                     let truth = |t: i64| y.pub_map.to_session(y.clk.local(t));
                     let err = est.map.to_session(lx) - truth(self.now);
                     let t2 = self.now + SEC;
-                    let true_rate = ((truth(t2) - truth(self.now)) as f64 / (x.clk.local(t2) - lx) as f64 - 1.0) * 1e6;
-                    let _ = write!(sh, "[est err {:+.1}µs rate {:+.2} vs {:+.2}ppm n={}]", err as f64 / 1e3, est.rate_ppm, true_rate, est.samples);
+                    let true_rate = ((truth(t2) - truth(self.now)) as f64
+                        / (x.clk.local(t2) - lx) as f64
+                        - 1.0)
+                        * 1e6;
+                    let _ = write!(
+                        sh,
+                        "[est err {:+.1}µs rate {:+.2} vs {:+.2}ppm n={}]",
+                        err as f64 / 1e3,
+                        est.rate_ppm,
+                        true_rate,
+                        est.samples
+                    );
                 }
             }
-            let _ = write!(line, "{}:{:+.1}µs{e}{sh}@{:+.1}ppm ", self.name(i), d.unwrap_or(0) as f64 / 1e3, x.pub_map.rate_ppt as f64 / 1e6);
+            let _ = write!(
+                line,
+                "{}:{:+.1}µs{e}{sh}@{:+.1}ppm ",
+                self.name(i),
+                d.unwrap_or(0) as f64 / 1e3,
+                x.pub_map.rate_ppt as f64 / 1e6
+            );
         }
         self.note(format!("clocks {line}"));
     }
@@ -1692,12 +2000,20 @@ impl Sim {
             }
         }
         for members in groups.values() {
-            if members.iter().any(|&i| self.insts[i].lead_settled > self.now) {
+            if members
+                .iter()
+                .any(|&i| self.insts[i].lead_settled > self.now)
+            {
                 continue;
             }
             // (a group still reconnecting is not a clique: not every member hears every other)
             let clique = members.iter().all(|&a| {
-                members.iter().all(|&b| a == b || self.healthy(self.insts[a].slot, self.insts[b].slot).is_some())
+                members.iter().all(|&b| {
+                    a == b
+                        || self
+                            .healthy(self.insts[a].slot, self.insts[b].slot)
+                            .is_some()
+                })
             });
             if !clique {
                 continue;
@@ -1728,18 +2044,37 @@ impl Sim {
             }) {
                 continue;
             }
-            let leaders: Vec<usize> = members.iter().copied().filter(|&i| self.insts[i].room.leading()).collect();
+            let leaders: Vec<usize> = members
+                .iter()
+                .copied()
+                .filter(|&i| self.insts[i].room.leading())
+                .collect();
             if leaders.len() != 1 {
                 let d = desc(self);
-                let synced = members.iter().filter(|&&i| self.insts[i].synced_at <= self.now).count();
-                self.fail(format!("inv 1: {} leaders in a settled group ({synced} of {} members synced): {d}", leaders.len(), members.len()));
+                let synced = members
+                    .iter()
+                    .filter(|&&i| self.insts[i].synced_at <= self.now)
+                    .count();
+                self.fail(format!(
+                    "inv 1: {} leaders in a settled group ({synced} of {} members synced): {d}",
+                    leaders.len(),
+                    members.len()
+                ));
                 return;
             }
             let l = &self.insts[leaders[0]].room;
-            let (lid, session, epoch, pinned) = (l.leader().to_string(), l.session(), l.epoch(), l.pinned().map(str::to_string));
+            let (lid, session, epoch, pinned) = (
+                l.leader().to_string(),
+                l.session(),
+                l.epoch(),
+                l.pinned().map(str::to_string),
+            );
             let disagree = members.iter().any(|&i| {
                 let r = &self.insts[i].room;
-                r.leader() != lid || r.session() != session || r.epoch() != epoch || r.pinned() != pinned.as_deref()
+                r.leader() != lid
+                    || r.session() != session
+                    || r.epoch() != epoch
+                    || r.pinned() != pinned.as_deref()
             });
             if disagree {
                 let d = desc(self);
@@ -1748,7 +2083,11 @@ impl Sim {
             }
             let rank = |i: usize| {
                 let s = &self.slots[self.insts[i].slot];
-                (pinned.as_deref() == Some(s.id.as_str()), s.priority, s.id.clone())
+                (
+                    pinned.as_deref() == Some(s.id.as_str()),
+                    s.priority,
+                    s.id.clone(),
+                )
             };
             // the highest rank among the synced members and the pinned one (a pin does
             // not wait for its node to settle); with none of those, the group keeps
@@ -1756,13 +2095,18 @@ impl Sim {
             let best = members
                 .iter()
                 .copied()
-                .filter(|&i| self.insts[i].synced_at <= self.now || pinned.as_deref() == Some(self.slots[self.insts[i].slot].id.as_str()))
+                .filter(|&i| {
+                    self.insts[i].synced_at <= self.now
+                        || pinned.as_deref() == Some(self.slots[self.insts[i].slot].id.as_str())
+                })
                 .max_by_key(|&i| rank(i));
             if best.is_some_and(|b| b != leaders[0]) {
                 let best = best.unwrap();
                 let d = desc(self);
                 let b = self.name(best);
-                self.fail(format!("inv 1: the leader is not the highest rank ({b}): {d}"));
+                self.fail(format!(
+                    "inv 1: the leader is not the highest rank ({b}): {d}"
+                ));
                 return;
             }
             self.stats.inv1_checks += 1;
@@ -1783,7 +2127,10 @@ impl Sim {
         self.topo_at(t).is_some_and(|h| {
             let en = &self.topo[h];
             i < en.comp.len() && en.comp[i].is_some()
-        }) && !self.insts[i].unsettled.iter().any(|&(a, b)| a <= t && t < b)
+        }) && !self.insts[i]
+            .unsettled
+            .iter()
+            .any(|&(a, b)| a <= t && t < b)
     }
 
     fn post_process(&mut self) {
@@ -1803,7 +2150,11 @@ impl Sim {
             let end = inst.died.min(self.end);
             let mut clicks: Vec<C> = Vec::new();
             for (k, p) in inst.pubs.iter().enumerate() {
-                let l_end = if k + 1 < inst.pubs.len() { inst.pubs[k + 1].local } else { inst.clk.local(end) };
+                let l_end = if k + 1 < inst.pubs.len() {
+                    inst.pubs[k + 1].local
+                } else {
+                    inst.clk.local(end)
+                };
                 let (s_a, s_b) = (p.map.to_session(p.local), p.map.to_session(l_end));
                 let mut s = s_a;
                 while let Some(c) = p.timeline.next_click_at_or_after(s) {
@@ -1826,7 +2177,13 @@ impl Sim {
             }
             self.stats.clicks += clicks.len() as u64;
             let who = self.name(i);
-            let tag = |c: &C| format!("{who} beat {} at {:.3} s", c.beat, (c.t - self.t_base) as f64 / 1e9);
+            let tag = |c: &C| {
+                format!(
+                    "{who} beat {} at {:.3} s",
+                    c.beat,
+                    (c.t - self.t_base) as f64 / 1e9
+                )
+            };
             // steps: the first click of a new gen is the beat the note named, a downbeat
             for st in &inst.steps {
                 if let Some(c) = clicks.iter().find(|c| c.gen == st.gen) {
@@ -1850,7 +2207,11 @@ impl Sim {
                     continue;
                 }
                 if b.beat != a.beat + 1 {
-                    let m = format!("inv 3: {} follows beat {} (skipped or doubled beat)", tag(b), a.beat);
+                    let m = format!(
+                        "inv 3: {} follows beat {} (skipped or doubled beat)",
+                        tag(b),
+                        a.beat
+                    );
                     self.fail(m);
                     return;
                 }
@@ -1860,7 +2221,12 @@ impl Sim {
                     self.stats.worst_grid = (grid, format!("seed {} {}", self.seed, tag(b)));
                 }
                 if grid > GRID_TOL_NS {
-                    let m = format!("inv 3: {}: grid interval {} ns vs one beat {:.0} ns", tag(b), b.s - a.s, b.beat_ns);
+                    let m = format!(
+                        "inv 3: {}: grid interval {} ns vs one beat {:.0} ns",
+                        tag(b),
+                        b.s - a.s,
+                        b.beat_ns
+                    );
                     self.fail(m);
                     return;
                 }
@@ -1869,7 +2235,12 @@ impl Sim {
                     self.stats.worst_rate_ppm = (ppm, format!("seed {} {}", self.seed, tag(b)));
                 }
                 if ppm > RATE_BOUND_PPM {
-                    let m = format!("inv 3: {}: interval {} ns is {ppm:.0} ppm off the tempo's {:.0} ns", tag(b), b.t - a.t, b.beat_ns);
+                    let m = format!(
+                        "inv 3: {}: interval {} ns is {ppm:.0} ppm off the tempo's {:.0} ns",
+                        tag(b),
+                        b.t - a.t,
+                        b.beat_ns
+                    );
                     self.fail(m);
                     return;
                 }
@@ -1883,12 +2254,17 @@ impl Sim {
                 let iv2 = (c.t - b.t) as f64;
                 let jump = (iv2 - iv1 * c.beat_ns / b.beat_ns).abs().round() as i64;
                 let settled = self.align_settled_at(i, a.t) && self.align_settled_at(i, c.t);
-                let bound = if settled { JUMP_BOUND } else { (c.beat_ns * JUMP_UNSETTLED_PPM * 1e-6) as i64 };
+                let bound = if settled {
+                    JUMP_BOUND
+                } else {
+                    (c.beat_ns * JUMP_UNSETTLED_PPM * 1e-6) as i64
+                };
                 if settled && jump > self.stats.worst_jump.0 {
                     self.stats.worst_jump = (jump, format!("seed {} {}", self.seed, tag(c)));
                 }
                 if !settled && jump > self.stats.worst_jump_unsettled.0 {
-                    self.stats.worst_jump_unsettled = (jump, format!("seed {} {}", self.seed, tag(c)));
+                    self.stats.worst_jump_unsettled =
+                        (jump, format!("seed {} {}", self.seed, tag(c)));
                 }
                 if jump > bound {
                     let m = format!(
@@ -1915,13 +2291,16 @@ impl Sim {
             let Some(h) = self.topo_at(t) else { continue };
             let comp = &self.topo[h].comp;
             for j in 0..comp.len() {
-                if j == i || comp[j].is_none() || comp[j] != comp[i] || !self.align_settled_at(j, t) {
+                if j == i || comp[j].is_none() || comp[j] != comp[i] || !self.align_settled_at(j, t)
+                {
                     continue;
                 }
                 let y = &self.insts[j];
                 let l = y.clk.local(t);
                 let k = y.pubs.partition_point(|p| p.local <= l);
-                let Some(p) = k.checked_sub(1).map(|k| &y.pubs[k]) else { continue };
+                let Some(p) = k.checked_sub(1).map(|k| &y.pubs[k]) else {
+                    continue;
+                };
                 if p.session != session {
                     continue; // (invariant 1 asks for one session)
                 }
@@ -1932,7 +2311,17 @@ impl Sim {
                 let d = (pos as f64 / (1u64 << 32) as f64 * beat_ns).abs().round() as i64;
                 self.stats.pairs_compared += 1;
                 if d > self.stats.worst_align.0 {
-                    self.stats.worst_align = (d, format!("seed {} beat {} {} vs {} at {:.3} s", self.seed, beat, self.name(i), self.name(j), (t - self.t_base) as f64 / 1e9));
+                    self.stats.worst_align = (
+                        d,
+                        format!(
+                            "seed {} beat {} {} vs {} at {:.3} s",
+                            self.seed,
+                            beat,
+                            self.name(i),
+                            self.name(j),
+                            (t - self.t_base) as f64 / 1e9
+                        ),
+                    );
                 }
                 if d > ALIGN_BOUND {
                     let m = format!(
@@ -1964,11 +2353,21 @@ struct Failure {
 fn run_seed(profile: Profile, seed: u64, verbose: bool) -> (Stats, Result<(), Failure>) {
     let sim = Sim::new(profile, seed, verbose);
     let (stats, r, trace) = sim.run();
-    (stats, r.map_err(|msg| Failure { profile: profile.name, seed, msg, trace }))
+    (
+        stats,
+        r.map_err(|msg| Failure {
+            profile: profile.name,
+            seed,
+            msg,
+            trace,
+        }),
+    )
 }
 
 fn run_many(profile: Profile, seeds: u64) -> (Stats, Vec<Failure>) {
-    let threads = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, 8) as u64;
+    let threads = std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .clamp(1, 8) as u64;
     let results: Vec<(Stats, Vec<Failure>)> = std::thread::scope(|sc| {
         let hs: Vec<_> = (0..threads)
             .map(|k| {
@@ -1988,7 +2387,9 @@ fn run_many(profile: Profile, seeds: u64) -> (Stats, Vec<Failure>) {
                 })
             })
             .collect();
-        hs.into_iter().map(|h| h.join().expect("a simulation thread panicked")).collect()
+        hs.into_iter()
+            .map(|h| h.join().expect("a simulation thread panicked"))
+            .collect()
     });
     let mut st = Stats::default();
     let mut fails = Vec::new();
@@ -2043,22 +2444,37 @@ fn verdict(profile: Profile, seeds: u64) {
     for f in &fails {
         cats.entry(category(&f.msg)).or_default().push(f.seed);
     }
-    println!("room_sim[{}]: {} of {seeds} seeds failed:", profile.name, fails.len());
+    println!(
+        "room_sim[{}]: {} of {seeds} seeds failed:",
+        profile.name,
+        fails.len()
+    );
     for (c, v) in &cats {
-        let ex: Vec<String> = v.iter().take(8).map(|s| format!("{}:{s}", profile.name)).collect();
+        let ex: Vec<String> = v
+            .iter()
+            .take(8)
+            .map(|s| format!("{}:{s}", profile.name))
+            .collect();
         println!("  {:>4} × {c}   e.g. {}", v.len(), ex.join(" "));
     }
     for f in fails.iter().take(60) {
         println!("FAILED {}:{}: {}", f.profile, f.seed, f.msg);
     }
     for f in fails.iter().take(3) {
-        println!("\n=== room_sim FAILURE: profile {} seed {}: {}", f.profile, f.seed, f.msg);
+        println!(
+            "\n=== room_sim FAILURE: profile {} seed {}: {}",
+            f.profile, f.seed, f.msg
+        );
         let from = f.trace.len().saturating_sub(60);
         for l in &f.trace[from..] {
             println!("    {l}");
         }
     }
-    let list: Vec<String> = fails.iter().take(40).map(|f| format!("{}:{}", f.profile, f.seed)).collect();
+    let list: Vec<String> = fails
+        .iter()
+        .take(40)
+        .map(|f| format!("{}:{}", f.profile, f.seed))
+        .collect();
     let knobs = match std::env::var("ROOM_SIM_NO") {
         Ok(v) if !v.is_empty() => format!("ROOM_SIM_NO={v} "),
         _ => String::new(),
@@ -2078,7 +2494,10 @@ fn verdict(profile: Profile, seeds: u64) {
 
 #[test]
 fn broad_many_seeds() {
-    let seeds = std::env::var("ROOM_SIM_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(BROAD_SEEDS);
+    let seeds = std::env::var("ROOM_SIM_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(BROAD_SEEDS);
     verdict(BROAD, seeds);
 }
 
@@ -2091,14 +2510,19 @@ fn deep_large_rooms() {
 /// its whole trace. Without the variable this does nothing.
 #[test]
 fn replay() {
-    let Ok(v) = std::env::var("ROOM_SIM_SEED") else { return };
+    let Ok(v) = std::env::var("ROOM_SIM_SEED") else {
+        return;
+    };
     let (profile, seed) = match v.split_once(':') {
         Some(("deep", s)) => (DEEP, s),
         Some(("broad", s)) => (BROAD, s),
         Some((p, _)) => panic!("ROOM_SIM_SEED: unknown profile {p:?} (broad or deep)"),
         None => (BROAD, v.as_str()),
     };
-    let seed: u64 = seed.trim().parse().expect("ROOM_SIM_SEED: the seed must be an integer");
+    let seed: u64 = seed
+        .trim()
+        .parse()
+        .expect("ROOM_SIM_SEED: the seed must be an integer");
     let (st, r) = run_seed(profile, seed, true);
     println!("{}", st.report(profile.name, 0.0));
     if let Err(f) = r {
@@ -2126,7 +2550,10 @@ fn run_script(name: &str, prios: &[i32], end_ms: i64, steps: &[(i64, Step)]) {
     println!("{}", stats.report(name, 0.0));
     if let Err(msg) = r {
         let from = trace.len().saturating_sub(40);
-        panic!("scenario {name}: {msg}\ntrace (last lines; ROOM_SIM_SCRIPT_TRACE=1 prints all):\n{}", trace[from..].join("\n"));
+        panic!(
+            "scenario {name}: {msg}\ntrace (last lines; ROOM_SIM_SCRIPT_TRACE=1 prints all):\n{}",
+            trace[from..].join("\n")
+        );
     }
 }
 
@@ -2144,7 +2571,17 @@ fn script_pin_a_follower_through_the_leader() {
         "pin a follower via the leader",
         &[0, 0],
         t + 4_000,
-        &[(0, Step::Boot(1)), (300, Step::Boot(0)), (t, Step::Pin { via: 1, target: Some(0) })],
+        &[
+            (0, Step::Boot(1)),
+            (300, Step::Boot(0)),
+            (
+                t,
+                Step::Pin {
+                    via: 1,
+                    target: Some(0),
+                },
+            ),
+        ],
     );
 }
 
@@ -2156,7 +2593,12 @@ fn script_leader_lost_before_the_others_settled() {
         "leader lost before the others settled",
         &[0, 0, 0],
         8_000,
-        &[(0, Step::Boot(2)), (300, Step::Boot(0)), (400, Step::Boot(1)), (4_000, Step::Crash(2))],
+        &[
+            (0, Step::Boot(2)),
+            (300, Step::Boot(0)),
+            (400, Step::Boot(1)),
+            (4_000, Step::Crash(2)),
+        ],
     );
 }
 

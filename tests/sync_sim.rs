@@ -97,7 +97,9 @@ struct SimClock {
 
 impl SimClock {
     fn at(&self, t: i64) -> i64 {
-        (t as i128 + self.off as i128 + (t as i128 - self.t0 as i128) * self.skew_ppb as i128 / 1_000_000_000) as i64
+        (t as i128
+            + self.off as i128
+            + (t as i128 - self.t0 as i128) * self.skew_ppb as i128 / 1_000_000_000) as i64
     }
 }
 
@@ -156,9 +158,18 @@ const WIFI_FAST: Scenario = Scenario {
     ..WIFI
 };
 
-const ASYM: Scenario = Scenario { name: "asymmetric", asym_max_ns: 400 * US, ..LAN };
+const ASYM: Scenario = Scenario {
+    name: "asymmetric",
+    asym_max_ns: 400 * US,
+    ..LAN
+};
 
-const JUMP: Scenario = Scenario { name: "leader jump", jump_ns: Some((200 * US, 3 * MS)), duration_ns: 40 * SEC, ..LAN };
+const JUMP: Scenario = Scenario {
+    name: "leader jump",
+    jump_ns: Some((200 * US, 3 * MS)),
+    duration_ns: 40 * SEC,
+    ..LAN
+};
 
 /// What one seed saw.
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -194,9 +205,21 @@ struct Pong {
 fn simulate(sc: &Scenario, seed: u64) -> Outcome {
     let mut rng = Rng(seed ^ 0x005E_ED0F_C10C);
     let t0 = rng.range(10_000 * SEC, 1_000_000 * SEC);
-    let leader = SimClock { off: rng.range(-SEC, SEC), skew_ppb: rng.range(-200_000, 200_000), t0 };
-    let follower = SimClock { off: rng.range(-SEC, SEC), skew_ppb: rng.range(-200_000, 200_000), t0 };
-    let asym = if sc.asym_max_ns > 0 { rng.range(-sc.asym_max_ns, sc.asym_max_ns) } else { 0 };
+    let leader = SimClock {
+        off: rng.range(-SEC, SEC),
+        skew_ppb: rng.range(-200_000, 200_000),
+        t0,
+    };
+    let follower = SimClock {
+        off: rng.range(-SEC, SEC),
+        skew_ppb: rng.range(-200_000, 200_000),
+        t0,
+    };
+    let asym = if sc.asym_max_ns > 0 {
+        rng.range(-sc.asym_max_ns, sc.asym_max_ns)
+    } else {
+        0
+    };
     let (base_fwd, base_back) = (sc.base_ns + asym.max(0), sc.base_ns + (-asym).max(0));
     let jump = match sc.jump_ns {
         Some((lo, hi)) => rng.range(lo, hi) * if rng.chance(0.5) { 1 } else { -1 },
@@ -211,7 +234,11 @@ fn simulate(sc: &Scenario, seed: u64) -> Outcome {
         if rng.chance(sc.loss) {
             return None;
         }
-        let spike = if rng.chance(sc.spike_p) { rng.range(sc.spike_ns.0, sc.spike_ns.1) } else { 0 };
+        let spike = if rng.chance(sc.spike_p) {
+            rng.range(sc.spike_ns.0, sc.spike_ns.1)
+        } else {
+            0
+        };
         Some(base + rng.range(0, sc.jitter_ns) + spike)
     };
     let mut pongs = Vec::new();
@@ -227,7 +254,12 @@ fn simulate(sc: &Scenario, seed: u64) -> Outcome {
             let s_at = |t: i64| leader.at(t) + if gen == 1 { jump } else { 0 };
             pongs.push(Pong {
                 arrive,
-                sample: Sample { t1: follower.at(ts), t2: s_at(recv), t3: s_at(send), t4: follower.at(arrive) },
+                sample: Sample {
+                    t1: follower.at(ts),
+                    t2: s_at(recv),
+                    t3: s_at(send),
+                    t4: follower.at(arrive),
+                },
                 gen,
             });
         }
@@ -236,7 +268,8 @@ fn simulate(sc: &Scenario, seed: u64) -> Outcome {
     pongs.sort_by_key(|p| p.arrive);
 
     let trace = std::env::var_os("SYNC_SIM_TRACE").is_some();
-    let true_rate_ppm = ((1e9 + leader.skew_ppb as f64) / (1e9 + follower.skew_ppb as f64) - 1.0) * 1e6;
+    let true_rate_ppm =
+        ((1e9 + leader.skew_ppb as f64) / (1e9 + follower.skew_ppb as f64) - 1.0) * 1e6;
     let mut est = Estimator::new(SyncConfig::default());
     let mut slewer = Slewer::new(SlewConfig::default());
     let mut gen = 0u32;
@@ -285,7 +318,8 @@ fn simulate(sc: &Scenario, seed: u64) -> Outcome {
                 out.worst_cont_ns = out.worst_cont_ns.max(cont);
                 let dt = now - pnow;
                 let advanced = pmap.to_session(now) - pmap.to_session(pnow);
-                let expected = dt as i128 + dt as i128 * ptarget.rate_ppt as i128 / 1_000_000_000_000;
+                let expected =
+                    dt as i128 + dt as i128 * ptarget.rate_ppt as i128 / 1_000_000_000_000;
                 let slew = advanced as i128 - expected;
                 assert!(
                     slew.abs() <= dt as i128 * MAX_SLEW_PPM as i128 / 1_000_000 + 2,
@@ -310,7 +344,9 @@ fn simulate(sc: &Scenario, seed: u64) -> Outcome {
             prev = Some((now, published, e.map));
             // (an estimate of the leader's previous map generation is not dishonest)
             if elapsed >= HONEST_FROM && gen == gen_at(t) {
-                out.worst_dishonesty_ns = out.worst_dishonesty_ns.max(est_err.abs() - e.uncertainty_ns);
+                out.worst_dishonesty_ns = out
+                    .worst_dishonesty_ns
+                    .max(est_err.abs() - e.uncertainty_ns);
             }
             let dev = (err - out.bias_ns).abs();
             if jump == 0 || elapsed < JUMP_AT {
@@ -346,7 +382,10 @@ fn reconverged_at(jump: i64) -> i64 {
 fn check(sc: &Scenario, seed: u64, o: &Outcome) {
     let name = sc.name;
     let replay = format!("replay: SYNC_SIM_SEED={seed} cargo test --test sync_sim");
-    assert!(o.first_estimate_s > 0.0, "{name}: seed {seed}: never got an estimate; {replay}");
+    assert!(
+        o.first_estimate_s > 0.0,
+        "{name}: seed {seed}: never got an estimate; {replay}"
+    );
     for (k, &(from, bound)) in sc.bounds.iter().enumerate() {
         assert!(
             o.worst_after[k] <= bound,
@@ -356,13 +395,20 @@ fn check(sc: &Scenario, seed: u64, o: &Outcome) {
             from / SEC
         );
     }
-    assert!(o.worst_cont_ns <= 1, "{name}: seed {seed}: the published map stepped by {} ns; {replay}", o.worst_cont_ns);
+    assert!(
+        o.worst_cont_ns <= 1,
+        "{name}: seed {seed}: the published map stepped by {} ns; {replay}",
+        o.worst_cont_ns
+    );
     assert!(
         o.worst_dishonesty_ns <= 0,
         "{name}: seed {seed}: the estimate's error exceeds its uncertainty by {} ns; {replay}",
         o.worst_dishonesty_ns
     );
-    assert_eq!(o.resyncs, 0, "{name}: seed {seed}: spurious clock-step detection; {replay}");
+    assert_eq!(
+        o.resyncs, 0,
+        "{name}: seed {seed}: spurious clock-step detection; {replay}"
+    );
     if o.jump_ns != 0 {
         let bound = sc.bounds[0].1;
         assert!(
@@ -391,38 +437,73 @@ fn run(sc: &Scenario) {
     let mut all: Vec<(u64, Outcome)> = std::thread::scope(|scope| {
         let seeds = &seeds;
         let halves: Vec<_> = (0..2)
-            .map(|k| scope.spawn(move || seeds.iter().skip(k).step_by(2).map(|&s| (s, simulate(sc, s))).collect::<Vec<_>>()))
+            .map(|k| {
+                scope.spawn(move || {
+                    seeds
+                        .iter()
+                        .skip(k)
+                        .step_by(2)
+                        .map(|&s| (s, simulate(sc, s)))
+                        .collect::<Vec<_>>()
+                })
+            })
             .collect();
-        halves.into_iter().flat_map(|h| h.join().expect("simulation thread panicked")).collect()
+        halves
+            .into_iter()
+            .flat_map(|h| h.join().expect("simulation thread panicked"))
+            .collect()
     });
     all.sort_by_key(|(s, _)| *s);
     for (seed, o) in &all {
         check(sc, *seed, o);
     }
 
-    let max_by = |f: &dyn Fn(&Outcome) -> i64| all.iter().map(|(s, o)| (f(o), *s)).max().unwrap_or((0, 0));
+    let max_by =
+        |f: &dyn Fn(&Outcome) -> i64| all.iter().map(|(s, o)| (f(o), *s)).max().unwrap_or((0, 0));
     let stages: Vec<String> = sc
         .bounds
         .iter()
         .enumerate()
         .map(|(k, &(from, bound))| {
             let (w, s) = max_by(&|o| o.worst_after[k]);
-            format!("from {} s: {} µs (seed {s}; bound {} µs)", from / SEC, w / US, bound / US)
+            format!(
+                "from {} s: {} µs (seed {s}; bound {} µs)",
+                from / SEC,
+                w / US,
+                bound / US
+            )
         })
         .collect();
-    let slots = all.iter().map(|(_, o)| o.worst_by_10s.len()).max().unwrap_or(0);
+    let slots = all
+        .iter()
+        .map(|(_, o)| o.worst_by_10s.len())
+        .max()
+        .unwrap_or(0);
     let by_10s: Vec<String> = (0..slots)
         .map(|k| {
             let (w, s) = max_by(&|o| o.worst_by_10s.get(k).copied().unwrap_or(0));
             format!("{}–{} s: {} µs (seed {s})", k * 10, k * 10 + 10, w / US)
         })
         .collect();
-    let first = all.iter().map(|(_, o)| o.first_estimate_s).fold(0.0, f64::max);
+    let first = all
+        .iter()
+        .map(|(_, o)| o.first_estimate_s)
+        .fold(0.0, f64::max);
     let (first_err, _) = max_by(&|o| o.first_step_err_ns.abs());
     let (honest, _) = max_by(&|o| o.worst_dishonesty_ns);
-    let slew = all.iter().map(|(_, o)| o.worst_slew_ppm).fold(0.0, f64::max);
-    let (rejected, accepted) = all.iter().fold((0, 0), |(r, a), (_, o)| (r + o.rejected, a + o.accepted));
-    println!("{}: {} seeds; worst error {}", sc.name, all.len(), stages.join(", "));
+    let slew = all
+        .iter()
+        .map(|(_, o)| o.worst_slew_ppm)
+        .fold(0.0, f64::max);
+    let (rejected, accepted) = all
+        .iter()
+        .fold((0, 0), |(r, a), (_, o)| (r + o.rejected, a + o.accepted));
+    println!(
+        "{}: {} seeds; worst error {}",
+        sc.name,
+        all.len(),
+        stages.join(", ")
+    );
     println!("{}: worst error by time: {}", sc.name, by_10s.join(", "));
     println!(
         "{}: first estimate by {first:.1} s (worst first-step error {} µs); max slew {slew:.0} ppm; \

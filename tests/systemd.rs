@@ -13,9 +13,13 @@ fn recv_all(sock: &UnixDatagram, until: Instant) -> Vec<(Duration, String)> {
     let mut out = vec![];
     let mut buf = [0u8; 4096];
     while Instant::now() < until {
-        sock.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
         if let Ok(n) = sock.recv(&mut buf) {
-            out.push((start.elapsed(), String::from_utf8_lossy(&buf[..n]).to_string()));
+            out.push((
+                start.elapsed(),
+                String::from_utf8_lossy(&buf[..n]).to_string(),
+            ));
         }
     }
     out
@@ -28,9 +32,23 @@ fn ready_then_watchdog_then_silence_when_frozen() {
     let sock = UnixDatagram::bind(&path).unwrap();
     let t0 = Instant::now();
     let mut child = Command::new(BIN)
-        .args(["run", "--audio", "null", "--play", "--interface", "lo", "--quic", "127.0.0.1:0", "--http", "127.0.0.1:0"])
+        .args([
+            "run",
+            "--audio",
+            "null",
+            "--play",
+            "--interface",
+            "lo",
+            "--quic",
+            "127.0.0.1:0",
+            "--http",
+            "127.0.0.1:0",
+        ])
         .arg("--room")
-        .arg(format!("sd-{}", dir.path().file_name().unwrap().to_string_lossy()))
+        .arg(format!(
+            "sd-{}",
+            dir.path().file_name().unwrap().to_string_lossy()
+        ))
         .arg("--state-dir")
         .arg(dir.path().join("state"))
         .env("NOTIFY_SOCKET", &path)
@@ -44,20 +62,58 @@ fn ready_then_watchdog_then_silence_when_frozen() {
     let msgs = recv_all(&sock, t0 + Duration::from_millis(5000));
     let _ = child.kill();
     let _ = child.wait();
-    let ready = msgs.iter().find(|(_, m)| m.lines().any(|l| l == "READY=1")).expect("READY=1 was sent");
-    assert!(ready.0 < Duration::from_secs(1), "READY=1 after {:?}", ready.0);
-    let dogs: Vec<Duration> = msgs.iter().filter(|(_, m)| m.lines().any(|l| l == "WATCHDOG=1")).map(|x| x.0).collect();
-    let before: Vec<_> = dogs.iter().filter(|t| **t < Duration::from_millis(2900)).collect();
-    let after: Vec<_> = dogs.iter().filter(|t| **t > Duration::from_millis(3400)).collect();
-    assert!(before.len() >= 5, "periodic WATCHDOG=1 before the freeze: {dogs:?}");
-    assert!(after.is_empty(), "no WATCHDOG=1 once the loop froze: {dogs:?}");
-    assert!(msgs.iter().any(|(_, m)| m.starts_with("STATUS=") && m.contains("BPM")), "STATUS= with the tempo: {msgs:?}");
+    let ready = msgs
+        .iter()
+        .find(|(_, m)| m.lines().any(|l| l == "READY=1"))
+        .expect("READY=1 was sent");
+    assert!(
+        ready.0 < Duration::from_secs(1),
+        "READY=1 after {:?}",
+        ready.0
+    );
+    let dogs: Vec<Duration> = msgs
+        .iter()
+        .filter(|(_, m)| m.lines().any(|l| l == "WATCHDOG=1"))
+        .map(|x| x.0)
+        .collect();
+    let before: Vec<_> = dogs
+        .iter()
+        .filter(|t| **t < Duration::from_millis(2900))
+        .collect();
+    let after: Vec<_> = dogs
+        .iter()
+        .filter(|t| **t > Duration::from_millis(3400))
+        .collect();
+    assert!(
+        before.len() >= 5,
+        "periodic WATCHDOG=1 before the freeze: {dogs:?}"
+    );
+    assert!(
+        after.is_empty(),
+        "no WATCHDOG=1 once the loop froze: {dogs:?}"
+    );
+    assert!(
+        msgs.iter()
+            .any(|(_, m)| m.starts_with("STATUS=") && m.contains("BPM")),
+        "STATUS= with the tempo: {msgs:?}"
+    );
 }
 
 #[test]
 fn the_unit_file_verifies() {
-    let o = Command::new("bash").arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/verify-unit.sh")).output().unwrap();
-    assert!(o.status.success(), "{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    let o = Command::new("bash")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/scripts/verify-unit.sh"
+        ))
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
 }
 
 #[test]
@@ -71,12 +127,20 @@ fn install_script_installs_into_a_staging_root_and_uninstalls() {
             .args(args)
             .output()
             .unwrap();
-        assert!(o.status.success(), "{args:?}: {}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+        assert!(
+            o.status.success(),
+            "{args:?}: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
     };
     run(&["--binary", BIN]);
     assert!(root.path().join("usr/local/bin/bandsync").exists());
     assert!(root.path().join("etc/bandsync/bandsync.toml").exists());
-    assert!(root.path().join("etc/systemd/system/bandsync.service").exists());
+    assert!(root
+        .path()
+        .join("etc/systemd/system/bandsync.service")
+        .exists());
     run(&["--binary", BIN]); // idempotent
     run(&["--uninstall", "--purge"]);
     assert!(!root.path().join("usr/local/bin/bandsync").exists());

@@ -31,7 +31,8 @@
 //! in `src/timeline.rs` (now fixed); they assert the correct behaviour.
 
 use bandsync::timeline::{
-    BeatPos, Change, ChangeKind, Click, Meter, Quantum, Scheduled, Segment, Tempo, Timeline, MAX_PENDING,
+    BeatPos, Change, ChangeKind, Click, Meter, Quantum, Scheduled, Segment, Tempo, Timeline,
+    MAX_PENDING,
 };
 use proptest::collection::vec;
 use proptest::prelude::*;
@@ -107,17 +108,33 @@ struct Regime {
 }
 
 /// Changes requested after the timeline started, at random times.
-const NORMAL: Regime = Regime { future_anchor: false, exact: false };
+const NORMAL: Regime = Regime {
+    future_anchor: false,
+    exact: false,
+};
 /// Request/query times sometimes exactly on a beat's time.
-const EXACT: Regime = Regime { future_anchor: false, exact: true };
+const EXACT: Regime = Regime {
+    future_anchor: false,
+    exact: true,
+};
 /// Requests sometimes before the first segment's `t0`.
-const EARLY: Regime = Regime { future_anchor: true, exact: false };
+const EARLY: Regime = Regime {
+    future_anchor: true,
+    exact: false,
+};
 /// Both.
-const EDGE: Regime = Regime { future_anchor: true, exact: true };
+const EDGE: Regime = Regime {
+    future_anchor: true,
+    exact: true,
+};
 
 /// No failure persistence: this suite is one file, no regression files are written.
 fn config() -> ProptestConfig {
-    ProptestConfig { cases: CASES, failure_persistence: None, ..ProptestConfig::default() }
+    ProptestConfig {
+        cases: CASES,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    }
 }
 
 fn snap(regime: Regime) -> BoxedStrategy<Option<i64>> {
@@ -160,8 +177,20 @@ struct Req {
 }
 
 fn req(kind: BoxedStrategy<ChangeKind>, regime: Regime) -> impl Strategy<Value = Req> {
-    (kind, quantum(), prop_oneof![Just(0i64), 0i64..5 * SEC], lead(), snap(regime))
-        .prop_map(|(kind, quantum, delta, lead, snap)| Req { kind, quantum, delta, lead, snap })
+    (
+        kind,
+        quantum(),
+        prop_oneof![Just(0i64), 0i64..5 * SEC],
+        lead(),
+        snap(regime),
+    )
+        .prop_map(|(kind, quantum, delta, lead, snap)| Req {
+            kind,
+            quantum,
+            delta,
+            lead,
+            snap,
+        })
 }
 
 #[derive(Clone, Debug)]
@@ -174,15 +203,28 @@ struct Scenario {
     reqs: Vec<Req>,
 }
 
-fn scenario(kind: BoxedStrategy<ChangeKind>, regime: Regime, playing: BoxedStrategy<bool>) -> impl Strategy<Value = Scenario> {
+fn scenario(
+    kind: BoxedStrategy<ChangeKind>,
+    regime: Regime,
+    playing: BoxedStrategy<bool>,
+) -> impl Strategy<Value = Scenario> {
     let off = if regime.future_anchor {
         prop_oneof![-2 * SEC..0i64, 0i64..30 * SEC].boxed()
     } else {
         (0i64..30 * SEC).boxed()
     };
-    (segment(playing), off, snap(regime), vec(req(kind, regime), 1..=MAX_PENDING)).prop_map(
-        |(seg, start_off, start_snap, reqs)| Scenario { seg, start_off, start_snap, reqs },
+    (
+        segment(playing),
+        off,
+        snap(regime),
+        vec(req(kind, regime), 1..=MAX_PENDING),
     )
+        .prop_map(|(seg, start_off, start_snap, reqs)| Scenario {
+            seg,
+            start_off,
+            start_snap,
+            reqs,
+        })
 }
 
 // ---------------------------------------------------------------------------------------
@@ -255,9 +297,22 @@ fn run(sc: &Scenario) -> Result<(Timeline, Vec<Step>), TestCaseError> {
         }
         let pre = tl;
         let s = tl
-            .schedule(Change { kind: r.kind, quantum: r.quantum }, now, r.lead)
+            .schedule(
+                Change {
+                    kind: r.kind,
+                    quantum: r.quantum,
+                },
+                now,
+                r.lead,
+            )
             .map_err(|e| TestCaseError::fail(format!("schedule failed: {e}")))?;
-        steps.push(Step { req: *r, now, pre, post: tl, s });
+        steps.push(Step {
+            req: *r,
+            now,
+            pre,
+            post: tl,
+            s,
+        });
     }
     Ok((tl, steps))
 }
@@ -378,7 +433,12 @@ fn check_p2(sc: &Scenario, samples: &[u32]) -> Result<(), TestCaseError> {
 
     // change points are where schedule said, and are segment boundaries
     for st in &steps {
-        prop_assert_eq!(tl.beat_time(st.s.beat), st.s.time, "change point moved: {:?}", st);
+        prop_assert_eq!(
+            tl.beat_time(st.s.beat),
+            st.s.time,
+            "change point moved: {:?}",
+            st
+        );
         prop_assert!(
             segs.iter().any(|g| g.b0 == st.s.beat && g.t0 == st.s.time),
             "change at beat {} (t {}) is not a segment boundary: {:?}",
@@ -391,14 +451,30 @@ fn check_p2(sc: &Scenario, samples: &[u32]) -> Result<(), TestCaseError> {
 
     // continuity: the previous segment puts the new segment's first beat at its t0
     for w in segs.windows(2) {
-        prop_assert!(w[1].b0 > w[0].b0 && w[1].t0 > w[0].t0, "segments out of order: {:?}", segs);
-        prop_assert_eq!(w[0].time_at(BeatPos::from_beat(w[1].b0)), w[1].t0, "discontinuity: {:?}", segs);
+        prop_assert!(
+            w[1].b0 > w[0].b0 && w[1].t0 > w[0].t0,
+            "segments out of order: {:?}",
+            segs
+        );
+        prop_assert_eq!(
+            w[0].time_at(BeatPos::from_beat(w[1].b0)),
+            w[1].t0,
+            "discontinuity: {:?}",
+            segs
+        );
         prop_assert_eq!(w[1].pos_at(w[1].t0), BeatPos::from_beat(w[1].b0));
         prop_assert!(tl.beat_at(w[1].t0 - 1) < BeatPos::from_beat(w[1].b0));
-        prop_assert_eq!(tl.beat_time(w[1].b0 - 1), w[0].time_at(BeatPos::from_beat(w[1].b0 - 1)));
+        prop_assert_eq!(
+            tl.beat_time(w[1].b0 - 1),
+            w[0].time_at(BeatPos::from_beat(w[1].b0 - 1))
+        );
     }
     let rebuilt = Timeline::from_segments(segs);
-    prop_assert!(rebuilt.is_some(), "from_segments rejects the scheduled timeline: {:?}", segs);
+    prop_assert!(
+        rebuilt.is_some(),
+        "from_segments rejects the scheduled timeline: {:?}",
+        segs
+    );
     let rebuilt = rebuilt.unwrap();
     prop_assert_eq!(rebuilt.segments(), segs);
 
@@ -413,7 +489,14 @@ fn check_p2(sc: &Scenario, samples: &[u32]) -> Result<(), TestCaseError> {
     ts.dedup();
     for w in ts.windows(2) {
         let (a, b) = (tl.beat_at(w[0]), tl.beat_at(w[1]));
-        prop_assert!(a < b, "beat_at not increasing: beat_at({})={:?} beat_at({})={:?}", w[0], a, w[1], b);
+        prop_assert!(
+            a < b,
+            "beat_at not increasing: beat_at({})={:?} beat_at({})={:?}",
+            w[0],
+            a,
+            w[1],
+            b
+        );
     }
 
     // integer beats: strictly increasing times, each beat is the floor at its own time
@@ -464,43 +547,110 @@ proptest! {
 fn check_p3(sc: &Scenario) -> Result<(), TestCaseError> {
     let (_, steps) = run(sc)?;
     for st in &steps {
-        let Step { req, now, pre, post, s } = *st;
+        let Step {
+            req,
+            now,
+            pre,
+            post,
+            s,
+        } = *st;
         let earliest = st.earliest();
         let pre_segs = pre.segments();
         // the timeline begins here; scheduling never moves the anchor
         let anchor = pre_segs[0];
-        prop_assert_eq!((post.segments()[0].b0, post.segments()[0].t0), (anchor.b0, anchor.t0), "anchor moved: {:?}", st);
+        prop_assert_eq!(
+            (post.segments()[0].b0, post.segments()[0].t0),
+            (anchor.b0, anchor.t0),
+            "anchor moved: {:?}",
+            st
+        );
         prop_assert_eq!(anchor.b0, sc.seg.b0);
 
         // what quantize previewed is what schedule did
-        prop_assert_eq!(pre.quantize(req.quantum, now, req.lead), s, "quantize preview differs from schedule");
+        prop_assert_eq!(
+            pre.quantize(req.quantum, now, req.lead),
+            s,
+            "quantize preview differs from schedule"
+        );
 
         // an integer beat, late enough, at the time the timeline gives it (before and after)
-        prop_assert!(s.time >= earliest, "lands at {} before now+lead {}: {:?}", s.time, earliest, st);
+        prop_assert!(
+            s.time >= earliest,
+            "lands at {} before now+lead {}: {:?}",
+            s.time,
+            earliest,
+            st
+        );
         // never before the timeline's anchor, nor before an already scheduled change
-        prop_assert!(s.beat >= anchor.b0 && s.time >= anchor.t0, "lands before the anchor: {:?}", st);
-        prop_assert!(s.beat >= pre.last().b0, "lands before a pending change: {:?}", st);
+        prop_assert!(
+            s.beat >= anchor.b0 && s.time >= anchor.t0,
+            "lands before the anchor: {:?}",
+            st
+        );
+        prop_assert!(
+            s.beat >= pre.last().b0,
+            "lands before a pending change: {:?}",
+            st
+        );
         prop_assert_eq!(post.beat_time(s.beat), s.time);
-        prop_assert_eq!(pre.beat_time(s.beat), s.time, "scheduling moved its own point: {:?}", st);
+        prop_assert_eq!(
+            pre.beat_time(s.beat),
+            s.time,
+            "scheduling moved its own point: {:?}",
+            st
+        );
         if req.quantum == Quantum::Bar {
-            prop_assert!(pre.segment_at_beat(s.beat).is_downbeat(s.beat), "not a downbeat: {:?}", st);
-            prop_assert!(post.segment_at_beat(s.beat).is_downbeat(s.beat), "not a downbeat after: {:?}", st);
+            prop_assert!(
+                pre.segment_at_beat(s.beat).is_downbeat(s.beat),
+                "not a downbeat: {:?}",
+                st
+            );
+            prop_assert!(
+                post.segment_at_beat(s.beat).is_downbeat(s.beat),
+                "not a downbeat after: {:?}",
+                st
+            );
         }
 
         // the segment governing s.beat starts there and carries the change
         let g = post.segment_at_beat(s.beat);
-        prop_assert_eq!(g.b0, s.beat, "change does not start at its beat: {:?} -> {:?}", st, post.segments());
+        prop_assert_eq!(
+            g.b0,
+            s.beat,
+            "change does not start at its beat: {:?} -> {:?}",
+            st,
+            post.segments()
+        );
         prop_assert_eq!(g.t0, s.time);
-        prop_assert!(carries(g, req.kind, s.beat), "segment at {} lacks {:?}: {:?}", s.beat, req.kind, g);
+        prop_assert!(
+            carries(g, req.kind, s.beat),
+            "segment at {} lacks {:?}: {:?}",
+            s.beat,
+            req.kind,
+            g
+        );
 
         let merged = post.segments().len() == pre_segs.len();
         if merged {
             // only onto an already existing change point
-            prop_assert_eq!(s.beat, pre.last().b0, "merged into a segment starting elsewhere: {:?}", st);
+            prop_assert_eq!(
+                s.beat,
+                pre.last().b0,
+                "merged into a segment starting elsewhere: {:?}",
+                st
+            );
             prop_assert_eq!(*post.last(), apply_kind(*pre.last(), req.kind, s.beat));
         } else {
             prop_assert_eq!(post.segments().len(), pre_segs.len() + 1);
-            let want = apply_kind(Segment { t0: s.time, b0: s.beat, ..*pre.last() }, req.kind, s.beat);
+            let want = apply_kind(
+                Segment {
+                    t0: s.time,
+                    b0: s.beat,
+                    ..*pre.last()
+                },
+                req.kind,
+                s.beat,
+            );
             prop_assert_eq!(*post.last(), want);
             // the beat before is governed by an older segment, which does not carry the change
             let before = post.segment_at_beat(s.beat - 1);
@@ -519,7 +669,13 @@ fn check_p3(sc: &Scenario) -> Result<(), TestCaseError> {
         // move what segment 0 extrapolates before it).
         for x in (s.beat - 3).max(anchor.b0)..s.beat {
             if pre.beat_time(x) >= now {
-                prop_assert_eq!(post.beat_time(x), pre.beat_time(x), "beat {} moved: {:?}", x, st);
+                prop_assert_eq!(
+                    post.beat_time(x),
+                    pre.beat_time(x),
+                    "beat {} moved: {:?}",
+                    x,
+                    st
+                );
                 prop_assert!(
                     same_state(post.segment_at_beat(x), pre.segment_at_beat(x), x),
                     "beat {} (before the change point {}) changed tempo/meter/transport: {:?}",
@@ -532,16 +688,28 @@ fn check_p3(sc: &Scenario) -> Result<(), TestCaseError> {
         let b0_pos = BeatPos::from_beat(anchor.b0);
         for t in [now, earliest, s.time - 1] {
             if t >= anchor.t0 && t < s.time {
-                prop_assert_eq!(post.beat_at(t), pre.beat_at(t), "beat_at({}) moved: {:?}", t, st);
+                prop_assert_eq!(
+                    post.beat_at(t),
+                    pre.beat_at(t),
+                    "beat_at({}) moved: {:?}",
+                    t,
+                    st
+                );
             } else if t < anchor.t0 {
                 // before the anchor: still before it, whatever was merged into segment 0
-                prop_assert!(pre.beat_at(t) < b0_pos && post.beat_at(t) < b0_pos, "beat_at({}) not before the anchor: {:?}", t, st);
+                prop_assert!(
+                    pre.beat_at(t) < b0_pos && post.beat_at(t) < b0_pos,
+                    "beat_at({}) not before the anchor: {:?}",
+                    t,
+                    st
+                );
             }
         }
 
         // the FIRST qualifying beat at or after max(now + lead, anchor), unless a pending
         // change forces it later: computed by search from the beat grid ...
-        let on_grid = |x: i64| req.quantum == Quantum::Beat || pre.segment_at_beat(x).is_downbeat(x);
+        let on_grid =
+            |x: i64| req.quantum == Quantum::Beat || pre.segment_at_beat(x).is_downbeat(x);
         let mut want = first_grid_beat_at_or_after(&pre, earliest).max(pre.last().b0);
         let mut n = 0;
         while !on_grid(want) {
@@ -549,12 +717,30 @@ fn check_p3(sc: &Scenario) -> Result<(), TestCaseError> {
             prop_assert!(n <= 16, "no downbeat within 16 beats of {}", want);
             want += 1;
         }
-        prop_assert_eq!(s.beat, want, "not the first qualifying beat: {:?}; pre {:?}", st, pre_segs);
+        prop_assert_eq!(
+            s.beat,
+            want,
+            "not the first qualifying beat: {:?}; pre {:?}",
+            st,
+            pre_segs
+        );
         if earliest <= anchor.t0 && pre_segs.len() == 1 {
             // requested before the anchor: at `b0` (merged into segment 0), or at the
             // first downbeat at/after it
-            let d = if req.quantum == Quantum::Bar { anchor.downbeat_at_or_after(anchor.b0) } else { anchor.b0 };
-            prop_assert_eq!(s, Scheduled { beat: d, time: pre.beat_time(d) }, "early request: {:?}", st);
+            let d = if req.quantum == Quantum::Bar {
+                anchor.downbeat_at_or_after(anchor.b0)
+            } else {
+                anchor.b0
+            };
+            prop_assert_eq!(
+                s,
+                Scheduled {
+                    beat: d,
+                    time: pre.beat_time(d)
+                },
+                "early request: {:?}",
+                st
+            );
             prop_assert_eq!(post.segments().len(), if d == anchor.b0 { 1 } else { 2 });
         }
         // ... and no earlier beat of the timeline qualified
@@ -609,11 +795,20 @@ fn check_p4(sc: &Scenario) -> Result<(), TestCaseError> {
         n += 1;
         prop_assert!(n < 100_000, "runaway iteration");
         let c = tl.next_click_at_or_after(t);
-        prop_assert!(c.is_some(), "playing timeline gives no click at or after {}", t);
+        prop_assert!(
+            c.is_some(),
+            "playing timeline gives no click at or after {}",
+            t
+        );
         let c = c.unwrap();
         prop_assert!(c.time >= t, "click {:?} before query {}", c, t);
         prop_assert_eq!(c.time, tl.beat_time(c.beat));
-        prop_assert!(c.beat >= sc.seg.b0 && c.time >= sc.seg.t0, "click {:?} before the anchor {:?}", c, sc.seg);
+        prop_assert!(
+            c.beat >= sc.seg.b0 && c.time >= sc.seg.t0,
+            "click {:?} before the anchor {:?}",
+            c,
+            sc.seg
+        );
         match prev {
             Some(p) => {
                 prop_assert_eq!(c.beat, p.beat + 1, "skipped/repeated: {:?} then {:?}", p, c);
@@ -643,13 +838,32 @@ fn check_p4(sc: &Scenario) -> Result<(), TestCaseError> {
         }
         let g = tl.segment_at_beat(c.beat);
         prop_assert!(g.playing);
-        prop_assert!(model_playing(&sc.seg, &steps, c.beat), "click {:?} where the model is stopped", c);
-        prop_assert_eq!(c.accent, is_downbeat(g, c.beat), "accent wrong at {:?} in {:?}", c, g);
+        prop_assert!(
+            model_playing(&sc.seg, &steps, c.beat),
+            "click {:?} where the model is stopped",
+            c
+        );
+        prop_assert_eq!(
+            c.accent,
+            is_downbeat(g, c.beat),
+            "accent wrong at {:?} in {:?}",
+            c,
+            g
+        );
         let m = model_at(&sc.seg, &steps, c.beat);
-        prop_assert_eq!(c.accent, is_downbeat(&m, c.beat), "accent disagrees with the scheduled meters at {:?}", c);
+        prop_assert_eq!(
+            c.accent,
+            is_downbeat(&m, c.beat),
+            "accent disagrees with the scheduled meters at {:?}",
+            c
+        );
         for st in &steps {
             if st.s.beat == c.beat {
-                prop_assert_eq!(c.time, st.s.time, "click at change beat not at the scheduled time");
+                prop_assert_eq!(
+                    c.time,
+                    st.s.time,
+                    "click at change beat not at the scheduled time"
+                );
             }
         }
         if c.beat >= end_beat {
@@ -710,13 +924,29 @@ fn check_p5(sc: &Scenario) -> Result<(), TestCaseError> {
     // expected clicks, from the model of the changes schedule reported: from the first
     // beat at or after t_start, never before the anchor
     let first = first_beat_from(&tl, t_start, sc.seg.b0);
-    let want: Vec<i64> = (first..=end_beat).filter(|&b| model_playing(&sc.seg, &steps, b)).collect();
+    let want: Vec<i64> = (first..=end_beat)
+        .filter(|&b| model_playing(&sc.seg, &steps, b))
+        .collect();
     let got_beats: Vec<i64> = got.iter().map(|c| c.beat).collect();
-    prop_assert_eq!(&got_beats, &want, "clicks differ from the transport model; steps {:?}", steps);
+    prop_assert_eq!(
+        &got_beats,
+        &want,
+        "clicks differ from the transport model; steps {:?}",
+        steps
+    );
 
     for c in &got {
-        prop_assert!(c.beat >= sc.seg.b0 && c.time >= sc.seg.t0, "click {:?} before the anchor {:?}", c, sc.seg);
-        prop_assert!(tl.segment_at_beat(c.beat).playing, "click in a stopped stretch: {:?}", c);
+        prop_assert!(
+            c.beat >= sc.seg.b0 && c.time >= sc.seg.t0,
+            "click {:?} before the anchor {:?}",
+            c,
+            sc.seg
+        );
+        prop_assert!(
+            tl.segment_at_beat(c.beat).playing,
+            "click in a stopped stretch: {:?}",
+            c
+        );
         prop_assert_eq!(c.time, tl.beat_time(c.beat));
     }
     // None exactly when the transport stays stopped
@@ -740,7 +970,8 @@ fn check_p5(sc: &Scenario) -> Result<(), TestCaseError> {
                 );
                 // from any time inside the silence, the next click is the Start's beat
                 let q = st.s.time - 1;
-                let silent_at_q = q < sc.seg.t0 || !tl.segment_at_beat(tl.beat_at(q).floor_beat()).playing;
+                let silent_at_q =
+                    q < sc.seg.t0 || !tl.segment_at_beat(tl.beat_at(q).floor_beat()).playing;
                 if q >= t_start && silent_at_q {
                     let c = tl.next_click_at_or_after(q);
                     prop_assert_eq!(c.map(|c| (c.beat, c.time)), Some((st.s.beat, st.s.time)));
@@ -808,17 +1039,31 @@ proptest! {
 /// `next_click_at_or_after(t)` with `t` exactly the time of beat 1 must return beat 1.
 #[test]
 fn bug_next_click_skips_beat_at_exact_time() {
-    let tl = Timeline::start_at(0, Tempo::from_mbpm(137_500).unwrap(), Meter::new(4).unwrap(), true);
+    let tl = Timeline::start_at(
+        0,
+        Tempo::from_mbpm(137_500).unwrap(),
+        Meter::new(4).unwrap(),
+        true,
+    );
     let t1 = tl.beat_time(1); // 436_363_637 (6e13 / 137_500 = 436_363_636.36.., rounded up)
     let c = tl.next_click_at_or_after(t1).unwrap();
-    assert_eq!((c.beat, c.time), (1, t1), "beat 1 clicks at {t1} but the click at or after {t1} is {c:?}");
+    assert_eq!(
+        (c.beat, c.time),
+        (1, t1),
+        "beat 1 clicks at {t1} but the click at or after {t1} is {c:?}"
+    );
 }
 
 /// A Beat-quantized change requested so that `now + lead` is exactly a beat's time must
 /// land on that beat.
 #[test]
 fn bug_quantize_skips_beat_at_exact_time() {
-    let tl = Timeline::start_at(0, Tempo::from_mbpm(137_500).unwrap(), Meter::new(4).unwrap(), true);
+    let tl = Timeline::start_at(
+        0,
+        Tempo::from_mbpm(137_500).unwrap(),
+        Meter::new(4).unwrap(),
+        true,
+    );
     let t1 = tl.beat_time(1);
     let s = tl.quantize(Quantum::Beat, t1, 0);
     assert_eq!(s, Scheduled { beat: 1, time: t1 });
@@ -831,23 +1076,74 @@ fn bug_quantize_skips_beat_at_exact_time() {
 #[test]
 fn bug_change_before_first_segment_start() {
     // 120 BPM, beat 0 at t = 1 s; tempo 60 requested at now = 0 with no lead.
-    let mut tl = Timeline::start_at(SEC, Tempo::from_bpm(120.0).unwrap(), Meter::new(4).unwrap(), true);
+    let mut tl = Timeline::start_at(
+        SEC,
+        Tempo::from_bpm(120.0).unwrap(),
+        Meter::new(4).unwrap(),
+        true,
+    );
     let sixty = Tempo::from_bpm(60.0).unwrap();
-    let s = tl.schedule(Change { kind: ChangeKind::Tempo(sixty), quantum: Quantum::Beat }, 0, 0).unwrap();
+    let s = tl
+        .schedule(
+            Change {
+                kind: ChangeKind::Tempo(sixty),
+                quantum: Quantum::Beat,
+            },
+            0,
+            0,
+        )
+        .unwrap();
     assert_eq!(s, Scheduled { beat: 0, time: SEC }, "not at the anchor");
-    assert_eq!(tl.segments().len(), 1, "not merged into the first segment: {:?}", tl.segments());
+    assert_eq!(
+        tl.segments().len(),
+        1,
+        "not merged into the first segment: {:?}",
+        tl.segments()
+    );
     let g = tl.segment_at_beat(s.beat);
-    assert_eq!((g.b0, g.t0, g.tempo), (0, SEC, sixty), "change does not start at its beat: {:?}", tl.segments());
-    assert_eq!(tl.beat_time(1), 2 * SEC, "beat 1 does not follow the new tempo");
+    assert_eq!(
+        (g.b0, g.t0, g.tempo),
+        (0, SEC, sixty),
+        "change does not start at its beat: {:?}",
+        tl.segments()
+    );
+    assert_eq!(
+        tl.beat_time(1),
+        2 * SEC,
+        "beat 1 does not follow the new tempo"
+    );
     // nothing clicks before the anchor
     let c = tl.next_click_at_or_after(0).unwrap();
     assert_eq!((c.beat, c.time, c.accent), (0, SEC, true));
     // the same with a lead that still ends before the anchor, and a lead past it
-    let tl0 = Timeline::start_at(SEC, Tempo::from_bpm(120.0).unwrap(), Meter::new(4).unwrap(), true);
-    assert_eq!(tl0.quantize(Quantum::Beat, 0, SEC - 1), Scheduled { beat: 0, time: SEC });
-    assert_eq!(tl0.quantize(Quantum::Beat, 0, SEC), Scheduled { beat: 0, time: SEC });
-    assert_eq!(tl0.quantize(Quantum::Beat, 0, SEC + 1), Scheduled { beat: 1, time: 1_500_000_000 });
-    assert_eq!(tl0.quantize(Quantum::Bar, 0, SEC + 1), Scheduled { beat: 4, time: 3 * SEC });
+    let tl0 = Timeline::start_at(
+        SEC,
+        Tempo::from_bpm(120.0).unwrap(),
+        Meter::new(4).unwrap(),
+        true,
+    );
+    assert_eq!(
+        tl0.quantize(Quantum::Beat, 0, SEC - 1),
+        Scheduled { beat: 0, time: SEC }
+    );
+    assert_eq!(
+        tl0.quantize(Quantum::Beat, 0, SEC),
+        Scheduled { beat: 0, time: SEC }
+    );
+    assert_eq!(
+        tl0.quantize(Quantum::Beat, 0, SEC + 1),
+        Scheduled {
+            beat: 1,
+            time: 1_500_000_000
+        }
+    );
+    assert_eq!(
+        tl0.quantize(Quantum::Bar, 0, SEC + 1),
+        Scheduled {
+            beat: 4,
+            time: 3 * SEC
+        }
+    );
 }
 
 /// A Bar-quantized change requested before the anchor lands on the first downbeat at or
@@ -864,15 +1160,43 @@ fn bug_bar_change_before_first_segment_start_lands_on_first_downbeat() {
         playing: false,
     };
     let mut tl = Timeline::new(seg);
-    let s = tl.schedule(Change { kind: ChangeKind::Start, quantum: Quantum::Bar }, 0, 0).unwrap();
-    assert_eq!(s, Scheduled { beat: 2, time: 2 * SEC });
+    let s = tl
+        .schedule(
+            Change {
+                kind: ChangeKind::Start,
+                quantum: Quantum::Bar,
+            },
+            0,
+            0,
+        )
+        .unwrap();
+    assert_eq!(
+        s,
+        Scheduled {
+            beat: 2,
+            time: 2 * SEC
+        }
+    );
     assert_eq!(tl.segments().len(), 2, "{:?}", tl.segments());
     assert_eq!(tl.segments()[0], seg, "the anchor segment changed");
     let c = tl.next_click_at_or_after(0).unwrap();
-    assert_eq!((c.beat, c.time, c.accent), (2, 2 * SEC, true), "first click {c:?} is not the Start's downbeat");
+    assert_eq!(
+        (c.beat, c.time, c.accent),
+        (2, 2 * SEC, true),
+        "first click {c:?} is not the Start's downbeat"
+    );
     // a Meter change merged at the anchor restarts the bars there
     let mut tl = Timeline::new(seg);
-    let s = tl.schedule(Change { kind: ChangeKind::Meter(Meter::new(3).unwrap()), quantum: Quantum::Beat }, 0, 0).unwrap();
+    let s = tl
+        .schedule(
+            Change {
+                kind: ChangeKind::Meter(Meter::new(3).unwrap()),
+                quantum: Quantum::Beat,
+            },
+            0,
+            0,
+        )
+        .unwrap();
     assert_eq!(s, Scheduled { beat: 0, time: SEC });
     assert_eq!(tl.segments().len(), 1);
     assert!(tl.segment_at_beat(0).is_downbeat(0) && tl.segment_at_beat(3).is_downbeat(3));
@@ -884,13 +1208,36 @@ fn bug_bar_change_before_first_segment_start_lands_on_first_downbeat() {
 #[test]
 fn bug_start_merged_into_future_first_segment_clicks_early() {
     // stopped, 120 BPM 4/4, beat 0 at t = 1 s; Start (Bar) requested at now = 0.
-    let mut tl = Timeline::start_at(SEC, Tempo::from_bpm(120.0).unwrap(), Meter::new(4).unwrap(), false);
-    let s = tl.schedule(Change { kind: ChangeKind::Start, quantum: Quantum::Bar }, 0, 0).unwrap();
+    let mut tl = Timeline::start_at(
+        SEC,
+        Tempo::from_bpm(120.0).unwrap(),
+        Meter::new(4).unwrap(),
+        false,
+    );
+    let s = tl
+        .schedule(
+            Change {
+                kind: ChangeKind::Start,
+                quantum: Quantum::Bar,
+            },
+            0,
+            0,
+        )
+        .unwrap();
     assert_eq!(s, Scheduled { beat: 0, time: SEC });
-    assert_eq!(tl.segments().len(), 1, "not merged into the first segment: {:?}", tl.segments());
+    assert_eq!(
+        tl.segments().len(),
+        1,
+        "not merged into the first segment: {:?}",
+        tl.segments()
+    );
     for q in [i64::MIN, -SEC, 0, SEC / 2, SEC - 1, SEC] {
         let c = tl.next_click_at_or_after(q).unwrap();
-        assert_eq!((c.beat, c.time, c.accent), (s.beat, s.time, true), "first click {c:?} (query {q}) is not the Start's beat");
+        assert_eq!(
+            (c.beat, c.time, c.accent),
+            (s.beat, s.time, true),
+            "first click {c:?} (query {q}) is not the Start's beat"
+        );
     }
     let c = tl.next_click_at_or_after(SEC + 1).unwrap();
     assert_eq!((c.beat, c.time, c.accent), (1, 1_500_000_000, false));

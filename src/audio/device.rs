@@ -33,7 +33,13 @@ impl AudioCtx {
             let (p, c) = rtrb::RingBuffer::new(4096);
             tx.send(c).ok().map(|_| p)
         });
-        Renderer::new(rate, channels, self.cell.clone(), self.stats.clone(), producer)
+        Renderer::new(
+            rate,
+            channels,
+            self.cell.clone(),
+            self.stats.clone(),
+            producer,
+        )
     }
 }
 
@@ -47,19 +53,31 @@ pub struct DeviceInfo {
 /// The output devices cpal can see.
 pub fn list_devices() -> anyhow::Result<Vec<DeviceInfo>> {
     let host = cpal::default_host();
-    let default_id = host.default_output_device().and_then(|d| d.id().ok()).map(|i| i.to_string());
+    let default_id = host
+        .default_output_device()
+        .and_then(|d| d.id().ok())
+        .map(|i| i.to_string());
     let mut out = Vec::new();
     for d in host.output_devices().context("listing output devices")? {
         let id = d.id().map(|i| i.to_string()).unwrap_or_else(|_| "?".into());
-        let description = d.description().map(|x| x.name().to_string()).unwrap_or_default();
-        out.push(DeviceInfo { is_default: Some(&id) == default_id.as_ref(), id, description });
+        let description = d
+            .description()
+            .map(|x| x.name().to_string())
+            .unwrap_or_default();
+        out.push(DeviceInfo {
+            is_default: Some(&id) == default_id.as_ref(),
+            id,
+            description,
+        });
     }
     Ok(out)
 }
 
 fn find_device(host: &cpal::Host, name: Option<&str>) -> anyhow::Result<cpal::Device> {
     let Some(name) = name.filter(|n| *n != "default") else {
-        return host.default_output_device().ok_or_else(|| anyhow!("there is no default output device"));
+        return host
+            .default_output_device()
+            .ok_or_else(|| anyhow!("there is no default output device"));
     };
     let devices = host.output_devices().context("listing output devices")?;
     for d in devices {
@@ -71,7 +89,9 @@ fn find_device(host: &cpal::Host, name: Option<&str>) -> anyhow::Result<cpal::De
             return Ok(d);
         }
     }
-    Err(anyhow!("no output device named {name:?} (see `bandsync devices`)"))
+    Err(anyhow!(
+        "no output device named {name:?} (see `bandsync devices`)"
+    ))
 }
 
 struct Running {
@@ -83,11 +103,18 @@ struct Running {
 fn open_stream(cfg: &AudioConfig, ctx: &AudioCtx, name: Option<&str>) -> anyhow::Result<Running> {
     let host = cpal::default_host();
     let device = find_device(&host, name)?;
-    let desc = device.id().map(|i| i.to_string()).unwrap_or_else(|_| "?".into());
-    let def = device.default_output_config().with_context(|| format!("reading the output config of {desc}"))?;
+    let desc = device
+        .id()
+        .map(|i| i.to_string())
+        .unwrap_or_else(|_| "?".into());
+    let def = device
+        .default_output_config()
+        .with_context(|| format!("reading the output config of {desc}"))?;
     let rate = match device.supported_output_configs() {
         Ok(mut it) => {
-            if it.any(|r| r.min_sample_rate() <= cfg.sample_rate && cfg.sample_rate <= r.max_sample_rate()) {
+            if it.any(|r| {
+                r.min_sample_rate() <= cfg.sample_rate && cfg.sample_rate <= r.max_sample_rate()
+            }) {
                 cfg.sample_rate
             } else {
                 def.sample_rate()
@@ -100,7 +127,11 @@ fn open_stream(cfg: &AudioConfig, ctx: &AudioCtx, name: Option<&str>) -> anyhow:
         cpal::SupportedBufferSize::Unknown => cfg.buffer_frames,
     };
     let channels = def.channels();
-    let sc = cpal::StreamConfig { channels, sample_rate: rate, buffer_size: cpal::BufferSize::Fixed(buffer) };
+    let sc = cpal::StreamConfig {
+        channels,
+        sample_rate: rate,
+        buffer_size: cpal::BufferSize::Fixed(buffer),
+    };
     let failed = Arc::new(AtomicBool::new(false));
     let stream = match def.sample_format() {
         cpal::SampleFormat::F32 => build::<f32>(&device, &sc, ctx, failed.clone()),
@@ -113,10 +144,19 @@ fn open_stream(cfg: &AudioConfig, ctx: &AudioCtx, name: Option<&str>) -> anyhow:
     .with_context(|| format!("opening {desc} at {rate} Hz, {channels} ch, {buffer} frames"))?;
     stream.play().with_context(|| format!("starting {desc}"))?;
     tracing::info!(device = %desc, rate, channels, buffer_frames = buffer, format = ?def.sample_format(), "audio output running");
-    Ok(Running { _stream: stream, failed, desc })
+    Ok(Running {
+        _stream: stream,
+        failed,
+        desc,
+    })
 }
 
-fn build<T>(device: &cpal::Device, sc: &cpal::StreamConfig, ctx: &AudioCtx, failed: Arc<AtomicBool>) -> anyhow::Result<cpal::Stream>
+fn build<T>(
+    device: &cpal::Device,
+    sc: &cpal::StreamConfig,
+    ctx: &AudioCtx,
+    failed: Arc<AtomicBool>,
+) -> anyhow::Result<cpal::Stream>
 where
     T: cpal::SizedSample + cpal::FromSample<f32> + Send + 'static,
 {
@@ -200,7 +240,11 @@ fn sleep_unless_stopped(d: Duration, stop: &AtomicBool) {
 
 fn run_null(cfg: &AudioConfig, ctx: &AudioCtx) {
     ctx.stats.sink.store(2, Relaxed);
-    tracing::info!(rate = null::NULL_RATE, buffer_frames = cfg.buffer_frames, "null audio sink running");
+    tracing::info!(
+        rate = null::NULL_RATE,
+        buffer_frames = cfg.buffer_frames,
+        "null audio sink running"
+    );
     let renderer = ctx.renderer(null::NULL_RATE, 1);
     null::run(cfg.buffer_frames, ctx.clock, renderer, &ctx.stop);
     ctx.stats.sink.store(0, Relaxed);

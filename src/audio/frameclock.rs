@@ -143,7 +143,11 @@ impl FrameClock {
         } else {
             self.big_errors = 0;
             // clip single outliers once a few points are in
-            let y = if *n >= 4.0 { y.clamp(*mean - 150_000.0, *mean + 150_000.0) } else { y };
+            let y = if *n >= 4.0 {
+                y.clamp(*mean - 150_000.0, *mean + 150_000.0)
+            } else {
+                y
+            };
             *n += 1.0;
             *mean += (y - *mean) / *n;
         }
@@ -230,9 +234,19 @@ mod tests {
                     worst_late = worst_late.max((est as f64 - truth).abs());
                 }
             }
-            assert!((fc.rate_ppm() - ppm).abs() < 10.0, "seed {seed}: rate {} vs {ppm}", fc.rate_ppm());
-            eprintln!("seed {seed}: rate {:.2} ppm (true {ppm}), worst error {worst_late:.0} ns", fc.rate_ppm());
-            assert!(worst_late < 20_000.0, "seed {seed}: error {worst_late} ns after lock");
+            assert!(
+                (fc.rate_ppm() - ppm).abs() < 10.0,
+                "seed {seed}: rate {} vs {ppm}",
+                fc.rate_ppm()
+            );
+            eprintln!(
+                "seed {seed}: rate {:.2} ppm (true {ppm}), worst error {worst_late:.0} ns",
+                fc.rate_ppm()
+            );
+            assert!(
+                worst_late < 20_000.0,
+                "seed {seed}: error {worst_late} ns after lock"
+            );
         }
     }
 
@@ -247,7 +261,11 @@ mod tests {
         }
         // one late outlier of 3 ms is clipped, not followed
         let est = fc.update(f, t(f) + 3_000_000);
-        assert!((est - t(f)).abs() < 1_000, "followed an outlier: {}", est - t(f));
+        assert!(
+            (est - t(f)).abs() < 1_000,
+            "followed an outlier: {}",
+            est - t(f)
+        );
         f += 256;
         // a real discontinuity (the stream jumped 50 ms) restarts the loop
         let mut last = 0;

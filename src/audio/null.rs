@@ -13,17 +13,26 @@ use std::sync::atomic::{AtomicBool, Ordering};
 pub const NULL_RATE: u32 = 48_000;
 
 fn sleep_until(true_ns: i64) {
-    let ts = libc::timespec { tv_sec: (true_ns / 1_000_000_000) as _, tv_nsec: (true_ns % 1_000_000_000) as _ };
+    let ts = libc::timespec {
+        tv_sec: (true_ns / 1_000_000_000) as _,
+        tv_nsec: (true_ns % 1_000_000_000) as _,
+    };
     // SAFETY: valid timespec; EINTR just means we wake early and re-check.
     unsafe {
-        libc::clock_nanosleep(libc::CLOCK_MONOTONIC, libc::TIMER_ABSTIME, &ts, std::ptr::null_mut());
+        libc::clock_nanosleep(
+            libc::CLOCK_MONOTONIC,
+            libc::TIMER_ABSTIME,
+            &ts,
+            std::ptr::null_mut(),
+        );
     }
 }
 
 /// Run until `stop` is set.
 pub fn run(period_frames: u32, clock: NodeClock, mut renderer: Renderer, stop: &AtomicBool) {
     let period = period_frames.max(16) as i64;
-    let period_ns = |k: i64| -> i64 { (k as i128 * period as i128 * 1_000_000_000 / NULL_RATE as i128) as i64 };
+    let period_ns =
+        |k: i64| -> i64 { (k as i128 * period as i128 * 1_000_000_000 / NULL_RATE as i128) as i64 };
     let latency = period_ns(2);
     let mut buf = vec![0f32; period as usize];
     let mut t0 = mono_now_ns();

@@ -139,7 +139,9 @@ impl Renderer {
             self.stats.clock_resets.fetch_add(1, Relaxed);
         }
         let npf = self.fclock.ns_per_frame();
-        self.stats.rate_ppb.store((self.fclock.rate_ppm() * 1000.0) as i64, Relaxed);
+        self.stats
+            .rate_ppb
+            .store((self.fclock.rate_ppm() * 1000.0) as i64, Relaxed);
         self.stats.last_callback_ns.store(t_first, Relaxed);
 
         let snap = self.snap;
@@ -167,7 +169,9 @@ impl Renderer {
                 for _ in 0..MAX_ONSETS {
                     match tl.next_click_at_or_after(t) {
                         Some(k) if k.time < limit => {
-                            if self.last_beat.is_none_or(|(lb, lt)| !(k.beat <= lb && k.time < lt + DUP_WINDOW_NS)) {
+                            if self.last_beat.is_none_or(|(lb, lt)| {
+                                !(k.beat <= lb && k.time < lt + DUP_WINDOW_NS)
+                            }) {
                                 self.stats.missed_clicks.fetch_add(1, Relaxed);
                                 self.last_beat = Some((k.beat, k.time));
                             }
@@ -186,7 +190,9 @@ impl Renderer {
             if self.n_onsets == MAX_ONSETS {
                 break;
             }
-            let Some(click) = tl.next_click_at_or_after(from) else { break };
+            let Some(click) = tl.next_click_at_or_after(from) else {
+                break;
+            };
             if click.time >= s1 {
                 break;
             }
@@ -214,7 +220,10 @@ impl Renderer {
                     continue;
                 }
             }
-            self.onsets[self.n_onsets] = Onset { frame: f as usize, accent: click.accent };
+            self.onsets[self.n_onsets] = Onset {
+                frame: f as usize,
+                accent: click.accent,
+            };
             self.n_onsets += 1;
             self.stats.clicks.fetch_add(1, Relaxed);
             let ev = ClickEvent {
@@ -239,7 +248,10 @@ impl Renderer {
         for i in 0..m {
             let f = offset + i;
             while *next_onset < self.n_onsets && self.onsets[*next_onset].frame <= f {
-                self.voice = Some(Voice { accent: self.onsets[*next_onset].accent, pos: 0 });
+                self.voice = Some(Voice {
+                    accent: self.onsets[*next_onset].accent,
+                    pos: 0,
+                });
                 *next_onset += 1;
             }
             let mut x = 0.0;

@@ -51,10 +51,18 @@ impl AudioSnapshot {
         let gain = f32::from_bits(w[o + 5] as u32);
         AudioSnapshot {
             timeline: Timeline::decode(&tw),
-            map: SessionMap { local_ref: w[o] as i64, session_ref: w[o + 1] as i64, rate_ppt: w[o + 2] as i64 },
+            map: SessionMap {
+                local_ref: w[o] as i64,
+                session_ref: w[o + 1] as i64,
+                rate_ppt: w[o + 2] as i64,
+            },
             epoch: w[o + 3],
             latency_offset_ns: w[o + 4] as i64,
-            gain: if gain.is_finite() { gain.clamp(0.0, 1.0) } else { 0.0 },
+            gain: if gain.is_finite() {
+                gain.clamp(0.0, 1.0)
+            } else {
+                0.0
+            },
             gen: w[o + 6],
         }
     }
@@ -132,8 +140,17 @@ mod tests {
 
     fn snap(i: i64) -> AudioSnapshot {
         AudioSnapshot {
-            timeline: Timeline::start_at(i, Tempo::from_mbpm(20_000 + (i as u32 % 1000)).unwrap(), Meter::new(1 + i % 16).unwrap(), i % 2 == 0),
-            map: SessionMap { local_ref: i, session_ref: -i, rate_ppt: i * 3 },
+            timeline: Timeline::start_at(
+                i,
+                Tempo::from_mbpm(20_000 + (i as u32 % 1000)).unwrap(),
+                Meter::new(1 + i % 16).unwrap(),
+                i % 2 == 0,
+            ),
+            map: SessionMap {
+                local_ref: i,
+                session_ref: -i,
+                rate_ppt: i * 3,
+            },
             epoch: i as u64,
             latency_offset_ns: i * 7,
             gain: 0.5,

@@ -12,7 +12,12 @@ pub const RATE: u32 = 48_000;
 
 pub fn snapshot(t0: i64, bpm: f64, meter: i64) -> AudioSnapshot {
     AudioSnapshot {
-        timeline: Timeline::start_at(t0, Tempo::from_bpm(bpm).unwrap(), Meter::new(meter).unwrap(), true),
+        timeline: Timeline::start_at(
+            t0,
+            Tempo::from_bpm(bpm).unwrap(),
+            Meter::new(meter).unwrap(),
+            true,
+        ),
         map: SessionMap::IDENTITY,
         epoch: 0,
         latency_offset_ns: 0,
@@ -37,7 +42,15 @@ impl Rig {
         let stats = Arc::new(AudioStats::default());
         let (p, c) = rtrb::RingBuffer::new(4096);
         let renderer = Renderer::new(RATE, 1, cell.clone(), stats.clone(), Some(p));
-        Rig { cell, stats, renderer, events: c, period, start_ns, k: 0 }
+        Rig {
+            cell,
+            stats,
+            renderer,
+            events: c,
+            period,
+            start_ns,
+            k: 0,
+        }
     }
 
     /// Exact DAC time of frame `f` on an ideal 48 kHz card.
