@@ -1642,14 +1642,17 @@ fn proc_stat(pid: u32) -> (u64, f64) {
     (rss_kb, ticks as f64 / hz)
 }
 
+/// Many phones on one node: every change reaches (at least half of) them. The figures
+/// (RSS, CPU, change→phone delay) are printed, not asserted: this is also the load
+/// benchmark — `PHONES=1000 BANDSYNC_BIN=target/release/bandsync cargo test --release
+/// --test phones load -- --nocapture`. CI runs it with 200 phones.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "load benchmark: run explicitly"]
 async fn load_many_phones() {
     let _turn = HEAVY.lock().await;
     let n: usize = std::env::var("PHONES")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(1000);
+        .unwrap_or(200);
     let d = Daemon::start(&["--play"]);
     let (mut ctl, _) = d.phone().await;
     let pid = d.child.id();
