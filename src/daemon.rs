@@ -25,7 +25,7 @@ use std::time::Duration;
 /// How far ahead of "now" a box alone starts its transport with `--play`: enough for
 /// the audio stream to open and its frame clock to lock (see `audio::frameclock`)
 /// before the first click, and well inside the 1 s start-to-first-click target.
-pub const START_LEAD_NS: i64 = 500_000_000;
+pub const START_LEAD_NS: i64 = 750_000_000;
 
 /// Run the daemon until ctrl-c / SIGTERM.
 pub fn run(cfg: RunConfig, clock: NodeClock) -> anyhow::Result<()> {
@@ -213,6 +213,8 @@ pub fn run(cfg: RunConfig, clock: NodeClock) -> anyhow::Result<()> {
         clicks = stats.clicks.load(Relaxed),
         late = stats.late_clicks.load(Relaxed),
         missed = stats.missed_clicks.load(Relaxed),
+        audio_clock_resets = stats.clock_resets.load(Relaxed),
+        card_rate_ppm = stats.rate_ppb.load(Relaxed) as f64 / 1000.0,
         "bandsync stopped"
     );
     result

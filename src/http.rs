@@ -92,6 +92,7 @@ async fn health(State(st): State<HttpState>) -> impl IntoResponse {
         "late_clicks": st.audio.late_clicks.load(Relaxed),
         "missed_clicks": st.audio.missed_clicks.load(Relaxed),
         "card_rate_ppm": st.audio.rate_ppb.load(Relaxed) as f64 / 1000.0,
+        "rt_priority": st.audio.rt_priority.load(Relaxed).max(0),
     });
     (StatusCode::OK, Json(v))
 }
@@ -112,6 +113,12 @@ async fn metrics(State(st): State<HttpState>) -> impl IntoResponse {
         "Audio callbacks run.",
         "counter",
         vec![(String::new(), a.callbacks.load(Relaxed) as f64)],
+    );
+    put(
+        "audio_rt_priority",
+        "SCHED_FIFO priority of the audio thread (0: normal priority).",
+        "gauge",
+        vec![(String::new(), a.rt_priority.load(Relaxed).max(0) as f64)],
     );
     put(
         "clicks_total",

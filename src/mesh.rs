@@ -435,6 +435,13 @@ fn carry_out(
                 Note::StaleAnnounce { from } => {
                     tracing::debug!(peer = %from, "ignored an announce from an older epoch")
                 }
+                Note::Pinned { node: Some(n) } => {
+                    tracing::info!(node = %n, "pinned: that node leads while it is alive")
+                }
+                Note::Pinned { node: None } => tracing::info!("unpinned: the highest rank leads"),
+                Note::PinRelayed { to } => {
+                    tracing::info!(leader = %to, "pin request relayed to the leader")
+                }
                 Note::Realigned {
                     leader,
                     beat,

@@ -100,6 +100,14 @@ pub enum Note {
     StaleAnnounce {
         from: String,
     },
+    /// The leader applied a pin (or an unpin: `None`).
+    Pinned {
+        node: Option<String>,
+    },
+    /// A pin request went to the leader.
+    PinRelayed {
+        to: String,
+    },
     /// Same session, but this node's grid or clock was off (a healed partition): it
     /// stepped once at a bar boundary.
     Realigned {
@@ -308,12 +316,16 @@ impl Room {
     pub fn request_pin(&mut self, id: Option<String>, out: &mut Vec<Action>) {
         if self.leading {
             if self.pinned != id {
-                self.pinned = id;
+                self.pinned = id.clone();
                 self.version += 1;
                 self.dirty = true;
                 self.persist = true;
+                out.push(Action::Note(Note::Pinned { node: id }));
             }
         } else {
+            out.push(Action::Note(Note::PinRelayed {
+                to: self.leader.clone(),
+            }));
             out.push(Action::Send {
                 to: self.leader.clone(),
                 frame: Frame::Pin(id),

@@ -358,7 +358,8 @@ fn pin_moves_leadership_survives_restarts_and_unpin_returns_to_ranking() {
     assert!(
         wait_until(Duration::from_secs(25), || status(&nodes[1])["role"]
             == "leader"
-            && status(&nodes[2])["role"] == "follower")
+            && status(&nodes[0])["leader"] == id2.as_str()
+            && status(&nodes[2])["leader"] == id2.as_str())
         .is_some(),
         "the pinned node did not lead again after a restart of every box: {} / {}",
         status(&nodes[1]),
@@ -371,6 +372,9 @@ fn pin_moves_leadership_survives_restarts_and_unpin_returns_to_ranking() {
         wait_until(Duration::from_secs(30), || status(&nodes[2])["role"]
             == "leader")
         .is_some(),
-        "unpin did not return leadership to the highest rank"
+        "unpin did not return leadership to the highest rank: {} / {} / {}",
+        status(&nodes[0]),
+        status(&nodes[1]),
+        status(&nodes[2])
     );
 }

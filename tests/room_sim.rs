@@ -1245,6 +1245,7 @@ impl Sim {
                 self.note(format!("{who} refused a change: {reason}"))
             }
             Note::StaleAnnounce { .. } => self.stats.stale_announces += 1,
+            Note::Pinned { .. } | Note::PinRelayed { .. } => {}
         }
     }
 

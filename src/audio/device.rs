@@ -163,10 +163,23 @@ where
     let mut renderer = ctx.renderer(sc.sample_rate, sc.channels);
     let clock = ctx.clock;
     let stats = ctx.stats.clone();
+    let rt_stats = ctx.stats.clone();
+    let mut promoted = false;
+    let mut dump = TimingDump::from_env(sc.channels);
     let data = move |out: &mut [T], info: &cpal::OutputCallbackInfo| {
+        if !promoted {
+            // Once, on the stream's first callback (cpal owns the thread): one syscall
+            // before the steady state, which then makes none.
+            promoted = true;
+            rt_stats.rt_priority.store(promote_to_realtime(), Relaxed);
+        }
         let ts = info.timestamp();
         let delay = ts.playback.duration_since(ts.callback).as_nanos() as i64;
-        renderer.render(out, clock.now_ns() + delay);
+        let now = clock.now_ns();
+        if let Some(d) = dump.as_mut() {
+            d.record(now, delay, out.len());
+        }
+        renderer.render(out, now + delay);
     };
     let on_error = move |e: cpal::Error| {
         stats.device_errors.fetch_add(1, Relaxed);
@@ -177,6 +190,68 @@ where
         tracing::warn!(error = %e, "audio stream error");
     };
     Ok(device.build_output_stream::<T, _, _>(sc.clone(), data, on_error, None)?)
+}
+
+/// Diagnostics for the frame clock: with `BANDSYNC_DEBUG_TIMING_DUMP=PATH`, every
+/// callback's (read time, reported delay, frame) goes into a buffer allocated up front
+/// (full: later callbacks are not recorded), written to PATH as text when the stream is
+/// dropped, off the audio thread's steady state.
+struct TimingDump {
+    path: std::path::PathBuf,
+    channels: usize,
+    frames: u64,
+    rows: Vec<(i64, i64, u64)>,
+}
+
+impl TimingDump {
+    fn from_env(channels: u16) -> Option<TimingDump> {
+        let path = std::env::var_os("BANDSYNC_DEBUG_TIMING_DUMP")?;
+        Some(TimingDump {
+            path: path.into(),
+            channels: channels.max(1) as usize,
+            frames: 0,
+            rows: Vec::with_capacity(1 << 16),
+        })
+    }
+
+    fn record(&mut self, now: i64, delay: i64, samples: usize) {
+        if self.rows.len() < self.rows.capacity() {
+            self.rows.push((now, delay, self.frames));
+        }
+        self.frames += (samples / self.channels) as u64;
+    }
+}
+
+impl Drop for TimingDump {
+    fn drop(&mut self) {
+        let text: String = self
+            .rows
+            .iter()
+            .map(|(n, d, f)| format!("{n} {d} {f}\n"))
+            .collect();
+        let _ = std::fs::write(&self.path, text);
+    }
+}
+
+/// SCHED_FIFO priority the audio thread asks for: above ordinary threads and the
+/// network (which stays SCHED_OTHER), below the kernel's own IRQ threads (50 on
+/// PREEMPT_RT) and JACK's default (70 for the server, 60+ for clients).
+pub const RT_PRIORITY: i32 = 45;
+
+/// Raise the calling thread to SCHED_FIFO [`RT_PRIORITY`]. Returns the priority, or
+/// minus the errno when refused (no CAP_SYS_NICE and no RLIMIT_RTPRIO): the stream
+/// then carries on at normal priority.
+fn promote_to_realtime() -> i64 {
+    let param = libc::sched_param {
+        sched_priority: RT_PRIORITY,
+    };
+    // SAFETY: plain syscall on the current thread with a valid sched_param.
+    let rc = unsafe { libc::pthread_setschedparam(libc::pthread_self(), libc::SCHED_FIFO, &param) };
+    if rc == 0 {
+        RT_PRIORITY as i64
+    } else {
+        -(rc as i64)
+    }
 }
 
 /// The audio thread: open the configured sink and keep it running until `stop`.
@@ -199,8 +274,12 @@ pub fn run(cfg: AudioConfig, ctx: AudioCtx) {
                 first = false;
                 let mut last_cb = ctx.stats.callbacks.load(Relaxed);
                 let mut stalled = 0;
+                let mut rt_reported = false;
                 while !ctx.stop.load(Ordering::Relaxed) {
                     std::thread::sleep(Duration::from_millis(100));
+                    if !rt_reported {
+                        rt_reported = report_rt(&ctx.stats);
+                    }
                     let cb = ctx.stats.callbacks.load(Relaxed);
                     stalled = if cb == last_cb { stalled + 1 } else { 0 };
                     last_cb = cb;
@@ -231,6 +310,22 @@ pub fn run(cfg: AudioConfig, ctx: AudioCtx) {
     }
 }
 
+/// Log the outcome of the audio thread's real-time promotion once it is known.
+fn report_rt(stats: &AudioStats) -> bool {
+    match stats.rt_priority.load(Relaxed) {
+        0 => false,
+        p if p > 0 => {
+            tracing::info!(priority = p, "audio thread runs SCHED_FIFO");
+            true
+        }
+        e => {
+            let err = std::io::Error::from_raw_os_error(-e as i32);
+            tracing::warn!(error = %err, "audio thread stays at normal priority (SCHED_FIFO refused: grant CAP_SYS_NICE or LimitRTPRIO=)");
+            true
+        }
+    }
+}
+
 fn sleep_unless_stopped(d: Duration, stop: &AtomicBool) {
     let end = std::time::Instant::now() + d;
     while std::time::Instant::now() < end && !stop.load(Ordering::Relaxed) {
@@ -246,6 +341,9 @@ fn run_null(cfg: &AudioConfig, ctx: &AudioCtx) {
         "null audio sink running"
     );
     let renderer = ctx.renderer(null::NULL_RATE, 1);
+    // The null sink is paced by sleeping: real time keeps its wake-ups punctual.
+    ctx.stats.rt_priority.store(promote_to_realtime(), Relaxed);
+    report_rt(&ctx.stats);
     null::run(cfg.buffer_frames, ctx.clock, renderer, &ctx.stop);
     ctx.stats.sink.store(0, Relaxed);
 }

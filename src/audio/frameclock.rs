@@ -23,19 +23,38 @@
 //!
 //! `ns_per_frame` converges to the card's rate *as seen by this node's clock* (a card
 //! that runs 30 ppm slow, or a node clock that runs fast, both show up here). The
-//! bandwidth `B` starts wide to lock quickly and narrows to reject callback jitter.
+//! bandwidth `B` is narrow ([`DLL_BW_HZ`]) to reject callback jitter and wander, and
+//! wide ([`DLL_WIDE_BW_HZ`]) only while the loop visibly lags.
 //! An error beyond [`RESET_NS`] (an xrun, a stalled device) restarts the loop.
 //!
 //! Pure: no clock reads, no allocation.
 
-/// Error beyond which the loop restarts from the measurement.
-pub const RESET_NS: f64 = 4_000_000.0;
+/// Error beyond which the loop restarts from the measurement, when [`RESET_AFTER`]
+/// errors in a row all lie beyond it on the same side: a step in the card's timing
+/// (an xrun or a server that lost time), which a restart follows at once where the
+/// loop would take seconds to slew and misplace every click meanwhile. Single late
+/// callbacks (a millisecond or more on a loaded box) lie on the late side only and
+/// are rarely that many in a row.
+pub const RESET_NS: f64 = 1_000_000.0;
 /// Seconds of least-squares acquisition before the DLL takes over.
 pub const ACQUIRE_S: f64 = 0.5;
 /// Measurements ignored at the start of acquisition (buffer prefill).
 pub const ACQUIRE_SKIP_S: f64 = 0.1;
-/// Consecutive errors beyond [`RESET_NS`] that restart the loop.
-pub const RESET_AFTER: u32 = 4;
+/// Loop bandwidth once acquired. Callback timestamps do not only jitter: on a busy or
+/// virtualised box they wander by ±100 µs over about a second, and a wider loop follows
+/// that wander into the click grid (0.1 Hz moved clicks by up to 2.5 samples between
+/// beats on the JACK harness; 0.02 Hz by at most 0.55, replayed from recorded callback
+/// timings). The price: a card's real rate offset (tens of ppm) is learned over tens
+/// of seconds rather than a few.
+pub const DLL_BW_HZ: f64 = 0.02;
+/// Bandwidth while the loop lags: the mean error over [`BIAS_TAU_S`] beyond
+/// [`BIAS_NS`] is a tracking error (a card hundreds of ppm off), which the narrow loop
+/// would take minutes to learn.
+pub const DLL_WIDE_BW_HZ: f64 = 0.1;
+const BIAS_NS: f64 = 80_000.0;
+const BIAS_TAU_S: f64 = 1.0;
+/// Consecutive same-side errors beyond [`RESET_NS`] that restart the loop.
+pub const RESET_AFTER: u32 = 8;
 /// The card's rate is trusted within ±2000 ppm of nominal.
 const MAX_PPM: f64 = 2000.0;
 
@@ -50,7 +69,11 @@ pub struct FrameClock {
     init: bool,
     resets: u64,
     mean_abs_e: f64,
+    /// Mean (signed) error over about [`BIAS_TAU_S`].
+    mean_e: f64,
     big_errors: u32,
+    /// Side of the errors counted in `big_errors` (true: measurements later than the line).
+    big_late: bool,
     /// Acquisition state: [count, mean offset from the nominal line].
     ls: [f64; 2],
     acq_start: u64,
@@ -69,7 +92,9 @@ impl FrameClock {
             init: false,
             resets: 0,
             mean_abs_e: 0.0,
+            mean_e: 0.0,
             big_errors: 0,
+            big_late: false,
             ls: [0.0; 2],
             acq_start: 0,
         }
@@ -89,6 +114,10 @@ impl FrameClock {
         let pred = self.base + df * self.npf;
         let e = (measured - self.origin) as f64 - pred;
         if e.abs() > RESET_NS {
+            if self.big_errors > 0 && (e > 0.0) != self.big_late {
+                self.big_errors = 0;
+            }
+            self.big_late = e > 0.0;
             self.big_errors += 1;
             if self.big_errors >= RESET_AFTER {
                 self.resets += 1;
@@ -100,9 +129,17 @@ impl FrameClock {
         }
         let clip = (3.0 * self.mean_abs_e).max(30_000.0);
         let e_used = e.clamp(-clip, clip);
-        self.mean_abs_e += 0.05 * (e.abs().min(RESET_NS) - self.mean_abs_e);
+        self.mean_abs_e += 0.05 * (e.abs().min(clip) - self.mean_abs_e);
         let e = e_used;
-        let bw = 0.1;
+        // a loop that lags (a card far off its nominal rate) shows a bias, not noise:
+        // widen until it has caught up
+        let a = (df * self.npf * 1e-9 / BIAS_TAU_S).min(1.0);
+        self.mean_e += a * (e - self.mean_e);
+        let bw = if self.mean_e.abs() > BIAS_NS {
+            DLL_WIDE_BW_HZ
+        } else {
+            DLL_BW_HZ
+        };
         let omega = 2.0 * std::f64::consts::PI * bw * df * self.npf * 1e-9;
         let b = std::f64::consts::SQRT_2 * omega;
         let c = omega * omega;
@@ -134,6 +171,11 @@ impl FrameClock {
             *n = 1.0;
             *mean = y;
         } else if (y - *mean).abs() > RESET_NS {
+            let late = y > *mean;
+            if self.big_errors > 0 && late != self.big_late {
+                self.big_errors = 0;
+            }
+            self.big_late = late;
             self.big_errors += 1;
             if self.big_errors >= RESET_AFTER {
                 self.resets += 1;
@@ -175,6 +217,7 @@ impl FrameClock {
         self.locked_frames = 0;
         self.init = true;
         self.mean_abs_e = 0.0;
+        self.mean_e = 0.0;
         self.big_errors = 0;
         self.ls = [0.0; 2];
         self.acq_start = frame;
@@ -275,5 +318,44 @@ mod tests {
         }
         assert_eq!(fc.resets(), 1);
         assert_eq!(last, t(f - 256) + 50_000_000);
+    }
+
+    #[test]
+    fn follows_a_small_step_at_once_but_not_a_burst_of_late_callbacks() {
+        let mut fc = FrameClock::new(48_000);
+        let t = |f: u64| 1_000_000 + (f as i64 * 1_000_000_000) / 48_000;
+        let mut f = 0;
+        for _ in 0..400 {
+            fc.update(f, t(f));
+            f += 256;
+        }
+        // a burst of late callbacks one short of the limit, then on time again
+        for _ in 0..RESET_AFTER - 1 {
+            fc.update(f, t(f) + 2_000_000);
+            f += 256;
+        }
+        // errors beyond the limit on both sides are noise, not a step
+        for k in 0..2 * RESET_AFTER {
+            let sign = if k % 2 == 0 { -1 } else { 1 };
+            fc.update(f, t(f) + sign * 1_500_000);
+            f += 256;
+        }
+        let est = fc.update(f, t(f));
+        assert_eq!(fc.resets(), 0);
+        assert!(
+            (est - t(f)).abs() < 30_000,
+            "pulled off by noise: {}",
+            est - t(f)
+        );
+        f += 256;
+        // the card's timing steps 2 ms early (a server that lost time): a restart
+        // follows it within RESET_AFTER callbacks instead of slewing for seconds
+        for _ in 0..RESET_AFTER {
+            fc.update(f, t(f) - 2_000_000);
+            f += 256;
+        }
+        assert_eq!(fc.resets(), 1);
+        let est = fc.update(f, t(f) - 2_000_000);
+        assert!((est - (t(f) - 2_000_000)).abs() < 5_000, "{}", est - t(f));
     }
 }

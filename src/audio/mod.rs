@@ -58,6 +58,9 @@ pub struct AudioStats {
     pub last_callback_ns: AtomicI64,
     /// 0 = not running, 1 = device, 2 = null sink.
     pub sink: AtomicU64,
+    /// The audio thread's SCHED_FIFO priority once promoted; 0 = not (yet) tried,
+    /// negative = refused (minus the errno).
+    pub rt_priority: AtomicI64,
 }
 
 impl AudioStats {
