@@ -179,6 +179,22 @@ pub fn format_status(s: &Status) -> String {
     out
 }
 
+/// The phone URL as a QR code for a terminal (two modules per character cell, with
+/// the quiet zone), so a musician can point a phone's camera at the stage tech's
+/// screen. `None` when the URL does not fit a QR code.
+pub fn phone_qr(url: &str) -> Option<String> {
+    use qrcode::render::unicode::Dense1x2;
+    let code = qrcode::QrCode::with_error_correction_level(url, qrcode::EcLevel::M).ok()?;
+    Some(
+        code.render::<Dense1x2>()
+            .dark_color(Dense1x2::Light)
+            .light_color(Dense1x2::Dark)
+            .quiet_zone(true)
+            .build()
+            + "\n",
+    )
+}
+
 pub fn format_peers(s: &Status) -> String {
     let mut out = format!(
         "{:<18} {:<16} {:<9} {:>9} {:>11} {:>9}\n",
@@ -200,4 +216,47 @@ pub fn format_peers(s: &Status) -> String {
         out.push_str("(no peers: this box is alone)\n");
     }
     out
+}
+
+#[cfg(test)]
+mod qr_tests {
+    use super::phone_qr;
+
+    /// The terminal rendering holds exactly the code's modules: light cells on a dark
+    /// terminal read as dark modules, two rows per line, inside a 4-module quiet zone.
+    #[test]
+    fn qr_rendering_matches_the_code() {
+        let url = "http://stage-left.local:8380/";
+        let text = phone_qr(url).unwrap();
+        let code = qrcode::QrCode::with_error_correction_level(url, qrcode::EcLevel::M).unwrap();
+        let w = code.width();
+        let colors = code.to_colors();
+        // (the half row past the bottom quiet zone, when the height is odd, is left blank)
+        let dark = |x: i64, y: i64| {
+            y >= w as i64 + 4
+                || x >= 0
+                    && y >= 0
+                    && (x as usize) < w
+                    && (y as usize) < w
+                    && colors[y as usize * w + x as usize] == qrcode::Color::Dark
+        };
+        let lines: Vec<Vec<char>> = text.lines().map(|l| l.chars().collect()).collect();
+        assert_eq!(lines.len(), (w + 8).div_ceil(2));
+        for (row, line) in lines.iter().enumerate() {
+            assert_eq!(line.len(), w + 8, "line {row}");
+            for (col, ch) in line.iter().enumerate() {
+                let x = col as i64 - 4;
+                let (top, bottom) = (dark(x, 2 * row as i64 - 4), dark(x, 2 * row as i64 - 3));
+                // dark modules are drawn as blanks (light on a dark terminal), light as blocks
+                let want = match (top, bottom) {
+                    (true, true) => ' ',
+                    (true, false) => '▄',
+                    (false, true) => '▀',
+                    (false, false) => '█',
+                };
+                assert_eq!(*ch, want, "module at column {x}, row pair {row}");
+            }
+        }
+        assert!(phone_qr(&"x".repeat(5000)).is_none());
+    }
 }

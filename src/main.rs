@@ -39,6 +39,13 @@ enum Cmd {
         /// Print JSON (the SPEC §5 fields) instead of a table.
         #[arg(long)]
         json: bool,
+        /// Print the phone page's address as a QR code (default: when stdout is a
+        /// terminal).
+        #[arg(long, overrides_with = "no_qr")]
+        qr: bool,
+        /// Never print the QR code.
+        #[arg(long)]
+        no_qr: bool,
     },
     /// List the room's boxes with their clock figures (rtt, offset, uncertainty).
     Peers {
@@ -232,7 +239,13 @@ fn done(r: Reply) -> anyhow::Result<()> {
     }
 }
 
-fn status(to: &To, file: &FileConfig, json: bool, peers_only: bool) -> anyhow::Result<()> {
+fn status(
+    to: &To,
+    file: &FileConfig,
+    json: bool,
+    peers_only: bool,
+    qr: bool,
+) -> anyhow::Result<()> {
     match ask(to, file, Query::Status)? {
         Reply::Status(j) => {
             let s: bandsync::room::Status =
@@ -247,6 +260,14 @@ fn status(to: &To, file: &FileConfig, json: bool, peers_only: bool) -> anyhow::R
                 print!("{}", bandsync::cli::format_peers(&s));
             } else {
                 print!("{}", bandsync::cli::format_status(&s));
+                if let Some(code) = s
+                    .phone_url
+                    .as_deref()
+                    .filter(|_| qr)
+                    .and_then(bandsync::cli::phone_qr)
+                {
+                    print!("\nphones: scan to follow the beat\n{code}");
+                }
             }
             Ok(())
         }
@@ -289,15 +310,29 @@ fn main() {
                     })?;
                 bandsync::daemon::run(cfg, clock)
             }
-            Cmd::Status { to, json } => status(
+            Cmd::Status {
+                to,
+                json,
+                qr,
+                no_qr,
+            } => {
+                let qr =
+                    !json && !no_qr && (qr || std::io::IsTerminal::is_terminal(&std::io::stdout()));
+                status(
+                    &to,
+                    &FileConfig::load(cli.config.as_deref())?.0,
+                    json,
+                    false,
+                    qr,
+                )
+            }
+            Cmd::Peers { to, json } => status(
                 &to,
                 &FileConfig::load(cli.config.as_deref())?.0,
                 json,
+                true,
                 false,
             ),
-            Cmd::Peers { to, json } => {
-                status(&to, &FileConfig::load(cli.config.as_deref())?.0, json, true)
-            }
             Cmd::Pin { who, to } => {
                 pin_confirmed(&to, &FileConfig::load(cli.config.as_deref())?.0, Some(who))
             }

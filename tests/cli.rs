@@ -177,6 +177,15 @@ fn status_health_and_changes() {
         "{}",
         text(&o)
     );
+    // piped: no QR code unless asked; --qr prints the phone URL as one
+    assert!(!text(&o).contains("scan to follow"), "{}", text(&o));
+    let o = d.cli(&["status", "--qr"]);
+    let qr = bandsync::cli::phone_qr(&format!("http://stage-left.local:{}/", d.http)).unwrap();
+    assert!(
+        o.status.success() && text(&o).contains("scan to follow") && text(&o).contains(&qr),
+        "{}",
+        text(&o)
+    );
 
     let o = d.cli(&["tempo", "132", "--now"]);
     assert!(o.status.success(), "{}", text(&o));
