@@ -203,7 +203,7 @@ fn pin_confirmed(to: &To, file: &FileConfig, who: Option<String>) -> anyhow::Res
                     serde_json::from_str(&j).context("the node sent an unreadable status")?;
                 leader = s.leader.clone();
                 let want = who.as_deref().map(|w| resolve_in_status(&s, w));
-                if s.pinned.as_deref() == want.as_ref().map(|w| w.as_str()) {
+                if s.pinned.as_deref() == want.as_deref() {
                     println!("{msg}");
                     return Ok(());
                 }

@@ -189,7 +189,7 @@ where
         // The error callback runs outside the data callback: logging is allowed here.
         tracing::warn!(error = %e, "audio stream error");
     };
-    Ok(device.build_output_stream::<T, _, _>(sc.clone(), data, on_error, None)?)
+    Ok(device.build_output_stream::<T, _, _>(*sc, data, on_error, None)?)
 }
 
 /// Diagnostics for the frame clock: with `BANDSYNC_DEBUG_TIMING_DUMP=PATH`, every
