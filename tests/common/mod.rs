@@ -91,3 +91,20 @@ pub fn onsets(samples: &[f32], gap: usize) -> Vec<(usize, f32)> {
     }
     out
 }
+
+/// A free loopback port (UDP for QUIC, TCP for HTTP) for a daemon under test.
+pub fn free_port(udp: bool) -> u16 {
+    if udp {
+        std::net::UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    } else {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    }
+}
