@@ -222,21 +222,7 @@ impl Frame {
 
     /// Decode a frame body (the bytes after the length prefix).
     pub fn decode_body(b: &[u8]) -> Result<Frame, WireError> {
-        if b.len() > MAX_FRAME {
-            return Err(WireError::TooLarge(b.len()));
-        }
-        if b.len() < 2 {
-            return Err(WireError::Truncated);
-        }
-        let v = u16::from_be_bytes([b[0], b[1]]);
-        if v != PROTOCOL_VERSION {
-            return Err(WireError::Version(v));
-        }
-        let (f, rest): (Frame, &[u8]) =
-            postcard::take_from_bytes(&b[2..]).map_err(|e| WireError::Decode(e.to_string()))?;
-        if !rest.is_empty() {
-            return Err(WireError::Decode(format!("{} trailing bytes", rest.len())));
-        }
+        let f: Frame = decode_versioned(b, MAX_FRAME)?;
         f.validate()?;
         Ok(f)
     }
@@ -255,6 +241,27 @@ impl Frame {
         }
         Frame::decode_body(&b[4..])
     }
+}
+
+/// The shared preamble of frames and datagrams: at most `max` bytes, the protocol
+/// version, then exactly one postcard value with nothing after it.
+fn decode_versioned<T: serde::de::DeserializeOwned>(b: &[u8], max: usize) -> Result<T, WireError> {
+    if b.len() > max {
+        return Err(WireError::TooLarge(b.len()));
+    }
+    if b.len() < 2 {
+        return Err(WireError::Truncated);
+    }
+    let v = u16::from_be_bytes([b[0], b[1]]);
+    if v != PROTOCOL_VERSION {
+        return Err(WireError::Version(v));
+    }
+    let (x, rest): (T, &[u8]) =
+        postcard::take_from_bytes(&b[2..]).map_err(|e| WireError::Decode(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(WireError::Decode(format!("{} trailing bytes", rest.len())));
+    }
+    Ok(x)
 }
 
 /// Read one frame from a QUIC stream. `Ok(None)` at a clean end of stream.
@@ -295,22 +302,7 @@ impl Datagram {
         out
     }
     pub fn decode(b: &[u8]) -> Result<Datagram, WireError> {
-        if b.len() > MAX_DATAGRAM {
-            return Err(WireError::TooLarge(b.len()));
-        }
-        if b.len() < 2 {
-            return Err(WireError::Truncated);
-        }
-        let v = u16::from_be_bytes([b[0], b[1]]);
-        if v != PROTOCOL_VERSION {
-            return Err(WireError::Version(v));
-        }
-        let (d, rest): (Datagram, &[u8]) =
-            postcard::take_from_bytes(&b[2..]).map_err(|e| WireError::Decode(e.to_string()))?;
-        if !rest.is_empty() {
-            return Err(WireError::Decode(format!("{} trailing bytes", rest.len())));
-        }
-        Ok(d)
+        decode_versioned(b, MAX_DATAGRAM)
     }
 }
 
