@@ -26,13 +26,11 @@ fn main() {
             .iter()
             .map(|r| (r.2 as f64 - mx) * ((r.0 + r.1) as f64 - t0 - my))
             .sum();
-        let sxx: f64 = sel.iter().map(|r| (r.2 as f64 - mx).powi(2)).sum();
         let k = if std::env::var("LS_SLOPE").is_ok() {
-            sxy / sxx
+            sxy / sel.iter().map(|r| (r.2 as f64 - mx).powi(2)).sum::<f64>()
         } else {
             1e9 / 48000.0
         };
-        let _ = sxx;
         let line = |f: u64| t0 + my + (f as f64 - mx) * k;
         let mut fc = FrameClock::new(48000);
         let mut errs = Vec::new();

@@ -64,7 +64,6 @@ pub fn sync_config() -> SyncConfig {
     // leader once the window fills, against ±400 µs with 512).
     SyncConfig {
         window: 2048,
-        rate_prior_ppm: 200.0,
         ..SyncConfig::default()
     }
 }

@@ -4,6 +4,8 @@
 //! click log names.
 //!
 //! Needs jackd2, libasound2-plugins and jack-capture (scripts/test installs them).
+//! `ALSA_TEST_KEEP=DIR` keeps the recording, the click log and the daemon's callback
+//! timings (for `examples/frameclock_replay.rs`) of the last attempt in DIR.
 //! Its own jack server name and $HOME keep it away from anything else on the machine.
 
 use std::path::Path;

@@ -114,12 +114,7 @@ impl FrameClock {
         let pred = self.base + df * self.npf;
         let e = (measured - self.origin) as f64 - pred;
         if e.abs() > RESET_NS {
-            if self.big_errors > 0 && (e > 0.0) != self.big_late {
-                self.big_errors = 0;
-            }
-            self.big_late = e > 0.0;
-            self.big_errors += 1;
-            if self.big_errors >= RESET_AFTER {
+            if self.big_error(e > 0.0) {
                 self.resets += 1;
                 self.restart(frame, measured);
                 return measured;
@@ -172,12 +167,7 @@ impl FrameClock {
             *mean = y;
         } else if (y - *mean).abs() > RESET_NS {
             let late = y > *mean;
-            if self.big_errors > 0 && late != self.big_late {
-                self.big_errors = 0;
-            }
-            self.big_late = late;
-            self.big_errors += 1;
-            if self.big_errors >= RESET_AFTER {
+            if self.big_error(late) {
                 self.resets += 1;
                 self.restart(frame, measured);
                 return measured;
@@ -201,6 +191,17 @@ impl FrameClock {
             self.mean_abs_e = 0.0;
         }
         self.origin + est.round() as i64
+    }
+
+    /// Count an error beyond [`RESET_NS`] on the `late` side; true once [`RESET_AFTER`]
+    /// in a row lie on one side (a step: restart the loop).
+    fn big_error(&mut self, late: bool) -> bool {
+        if self.big_errors > 0 && late != self.big_late {
+            self.big_errors = 0;
+        }
+        self.big_late = late;
+        self.big_errors += 1;
+        self.big_errors >= RESET_AFTER
     }
 
     fn acq_frame(&self) -> u64 {
@@ -293,15 +294,25 @@ mod tests {
         }
     }
 
-    #[test]
-    fn restarts_after_discontinuity_but_not_after_one_outlier() {
+    /// A card exactly at 48 kHz: frame `f` is heard at `t(f)`.
+    fn t(f: u64) -> i64 {
+        1_000_000 + (f as i64 * 1_000_000_000) / 48_000
+    }
+
+    /// A frame clock locked onto [`t`] for 400 callbacks of 256 frames, and the next frame.
+    fn locked() -> (FrameClock, u64) {
         let mut fc = FrameClock::new(48_000);
-        let t = |f: u64| 1_000_000 + (f as i64 * 1_000_000_000) / 48_000;
         let mut f = 0;
         for _ in 0..400 {
             fc.update(f, t(f));
             f += 256;
         }
+        (fc, f)
+    }
+
+    #[test]
+    fn restarts_after_discontinuity_but_not_after_one_outlier() {
+        let (mut fc, mut f) = locked();
         // one late outlier of 3 ms is clipped, not followed
         let est = fc.update(f, t(f) + 3_000_000);
         assert!(
@@ -322,13 +333,7 @@ mod tests {
 
     #[test]
     fn follows_a_small_step_at_once_but_not_a_burst_of_late_callbacks() {
-        let mut fc = FrameClock::new(48_000);
-        let t = |f: u64| 1_000_000 + (f as i64 * 1_000_000_000) / 48_000;
-        let mut f = 0;
-        for _ in 0..400 {
-            fc.update(f, t(f));
-            f += 256;
-        }
+        let (mut fc, mut f) = locked();
         // a burst of late callbacks one short of the limit, then on time again
         for _ in 0..RESET_AFTER - 1 {
             fc.update(f, t(f) + 2_000_000);
