@@ -431,6 +431,8 @@ start_node() {
     local envs=(-u BANDSYNC_TEST_CLOCK -u BANDSYNC_TEST_IMPAIR "BANDSYNC_LOG=$LOG_FILTER")
     [ -n "$clock" ] && envs+=("BANDSYNC_TEST_CLOCK=$clock")
     [ -n "$impair" ] && envs+=("BANDSYNC_TEST_IMPAIR=$impair")
+    # every clock exchange, for examples/sync_replay.rs
+    [ -n "${LAB_SYNC_DUMP:-}" ] && envs+=("BANDSYNC_DEBUG_SYNC_DUMP=$OUT/node$i/sync.txt")
     local args=(run --name "node$i" --room "$ROOM" --room-key-file "$(key_of "$i")"
         --state-dir "$OUT/node$i/state" --interface "$ifn" --quic "$(ip_of "$i"):$QUIC_PORT"
         --audio null --tempo "$TEMPO" --meter "$METER" --play

@@ -179,6 +179,18 @@ impl SessionMap {
         let d = session as i128 - self.session_ref as i128;
         (self.local_ref as i128 + d * PPT / (PPT + self.rate_ppt as i128)) as i64
     }
+    /// `self`, then `outer`: local → (self) → intermediate → (outer) → session. A
+    /// follower reads a peer's session clock as its estimate of the peer's local clock
+    /// followed by the peer's own map.
+    pub fn then(&self, outer: &SessionMap) -> SessionMap {
+        let (a, b) = (self.rate_ppt as i128, outer.rate_ppt as i128);
+        let rate = a + b + a * b / PPT;
+        SessionMap {
+            local_ref: self.local_ref,
+            session_ref: outer.to_session(self.session_ref),
+            rate_ppt: rate.clamp(i64::MIN as i128, i64::MAX as i128) as i64,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -208,6 +220,29 @@ mod tests {
         let p = c.perceive(t);
         assert_eq!(p, t + 5_000_000 + 10_000_000);
         assert!((c.to_true(p) - t).abs() <= 1);
+    }
+
+    #[test]
+    fn maps_compose() {
+        let inner = SessionMap {
+            local_ref: 1_000_000_000,
+            session_ref: 7_000_000_000,
+            rate_ppt: 150_000_000, // +150 ppm
+        };
+        let outer = SessionMap {
+            local_ref: 6_000_000_000,
+            session_ref: -2_000_000_000,
+            rate_ppt: -80_000_000, // −80 ppm
+        };
+        let both = inner.then(&outer);
+        for l in [0, 1_000_000_000, 60_000_000_000, 3_600_000_000_000] {
+            let direct = outer.to_session(inner.to_session(l));
+            assert!(
+                (both.to_session(l) - direct).abs() <= 2,
+                "at {l}: {} vs {direct}",
+                both.to_session(l)
+            );
+        }
     }
 
     #[test]

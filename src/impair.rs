@@ -10,16 +10,17 @@
 //!   `try_send` never blocks: it splits the transmit into single datagrams (GSO is also
 //!   switched off by reporting `max_transmit_segments() == 1`), draws the loss decision and
 //!   the jitter from a seeded SplitMix64 generator, copies the bytes and queues them, with
-//!   their due time, destination, ECN mark and source address, to a background task.
-//! * The task keeps the pending datagrams in a heap ordered by due time (ties in send
+//!   their due time, destination, ECN mark and source address, to a background thread.
+//! * A thread keeps the pending datagrams in a heap ordered by due time (ties in send
 //!   order), sleeps until the earliest is due and hands it to the inner socket. Jitter can
 //!   therefore reorder datagrams, as real Wi-Fi does; with no jitter the order is kept.
 //! * At most [`MAX_QUEUED`] datagrams wait at once; beyond that, new ones are dropped and
 //!   counted ([`ImpairStats::overflow`]), like a full router queue.
 //! * Receiving passes through unchanged.
 //!
-//! Timing is as good as the Tokio timer: a datagram leaves at or after its due time,
-//! normally within about a millisecond of it; never early.
+//! A datagram leaves at or after its due time, normally within tens of microseconds of
+//! it (a thread with a deadline, not the Tokio timer, whose millisecond rounding would
+//! add up to 1 ms to every delay); never early.
 //!
 //! The PRNG is seeded by `seed`, so the same traffic yields the same drops and delays
 //! (traffic itself depends on timing, so whole runs are only roughly repeatable).
@@ -37,8 +38,8 @@ use std::time::Duration;
 
 use quinn::udp::{EcnCodepoint, RecvMeta, Transmit};
 use quinn::{AsyncUdpSocket, Runtime, UdpPoller};
-use tokio::sync::mpsc;
-use tokio::time::Instant;
+use std::sync::mpsc;
+use std::time::Instant;
 
 /// The environment variable read by [`Impairment::from_env`].
 pub const ENV_VAR: &str = "BANDSYNC_TEST_IMPAIR";
@@ -283,20 +284,23 @@ pub struct ImpairedSocket {
     rng: SplitMix,
     seq: AtomicU64,
     queued: Arc<AtomicUsize>,
-    tx: mpsc::UnboundedSender<Pending>,
+    tx: mpsc::Sender<Pending>,
     stats: Arc<ImpairStats>,
     warned_overflow: AtomicBool,
 }
 
 impl ImpairedSocket {
-    /// Wrap `inner` and start the sending task. Must run inside a Tokio runtime.
+    /// Wrap `inner` and start the sending thread.
     pub fn new(inner: Arc<dyn AsyncUdpSocket>, imp: Impairment) -> io::Result<Arc<ImpairedSocket>> {
-        let handle = tokio::runtime::Handle::try_current()
-            .map_err(|_| io::Error::other("the QUIC impairment needs a Tokio runtime"))?;
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel();
         let queued = Arc::new(AtomicUsize::new(0));
         let stats = Arc::new(ImpairStats::default());
-        handle.spawn(send_task(inner.clone(), rx, queued.clone(), stats.clone()));
+        {
+            let (inner, queued, stats) = (inner.clone(), queued.clone(), stats.clone());
+            std::thread::Builder::new()
+                .name("bandsync-impair".into())
+                .spawn(move || send_thread(inner, rx, queued, stats))?;
+        }
         Ok(Arc::new(ImpairedSocket {
             inner,
             imp,
@@ -356,7 +360,7 @@ impl ImpairedSocket {
             // Only if the runtime is shutting down: nothing can go out any more.
             self.queued.fetch_sub(1, Ordering::Relaxed);
             return Err(io::Error::other(
-                "the impairment's sending task has stopped",
+                "the impairment's sending thread has stopped",
             ));
         }
         Ok(())
@@ -417,51 +421,61 @@ impl UdpPoller for AlwaysWritable {
     }
 }
 
-/// Sends each pending datagram through `inner` at its due time. Ends once the socket is
-/// gone (channel closed) and everything queued has been sent.
-async fn send_task(
+/// Sends each pending datagram through `inner` at its due time, on its own thread: the
+/// Tokio timer rounds every sleep up to the next millisecond, which would add a
+/// uniform 0–1 ms to every delay and change the shape of the delay distribution near its
+/// floor (the part clock sync lives on). A thread waiting on the channel with a
+/// deadline (and a 1 µs timer slack) wakes within tens of microseconds. Ends once the
+/// socket is gone (channel closed) and everything queued has been sent.
+fn send_thread(
     inner: Arc<dyn AsyncUdpSocket>,
-    mut rx: mpsc::UnboundedReceiver<Pending>,
+    rx: mpsc::Receiver<Pending>,
     queued: Arc<AtomicUsize>,
     stats: Arc<ImpairStats>,
 ) {
-    let mut poller = inner.clone().create_io_poller();
+    // SAFETY: PR_SET_TIMERSLACK only changes this thread's timer slack; no pointers.
+    unsafe {
+        libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong, 0, 0, 0);
+    }
     let mut heap: BinaryHeap<Pending> = BinaryHeap::new();
     let mut open = true;
     loop {
         let now = Instant::now();
         while heap.peek().is_some_and(|p| p.due <= now) {
             let p = heap.pop().expect("peeked");
-            send_now(&*inner, &mut poller, &p, &stats).await;
+            send_now(&*inner, &p, &stats);
             queued.fetch_sub(1, Ordering::Relaxed);
         }
         if !open && heap.is_empty() {
             return;
         }
-        let next_due = heap.peek().map(|p| p.due);
-        tokio::select! {
-            biased;
-            got = rx.recv(), if open => match got {
-                Some(p) => {
+        let got = match heap.peek() {
+            Some(p) if open => rx.recv_timeout(p.due.saturating_duration_since(Instant::now())),
+            Some(p) => {
+                std::thread::sleep(p.due.saturating_duration_since(Instant::now()));
+                continue;
+            }
+            None => rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected),
+        };
+        match got {
+            Ok(p) => {
+                heap.push(p);
+                // Take whatever else is already waiting without another wakeup.
+                while let Ok(p) = rx.try_recv() {
                     heap.push(p);
-                    // Take whatever else is already waiting without another wakeup.
-                    while let Ok(p) = rx.try_recv() {
-                        heap.push(p);
-                    }
                 }
-                None => open = false,
-            },
-            _ = tokio::time::sleep_until(next_due.unwrap_or(now)), if next_due.is_some() => {}
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => open = false,
         }
     }
 }
 
-async fn send_now(
-    inner: &dyn AsyncUdpSocket,
-    poller: &mut Pin<Box<dyn UdpPoller>>,
-    p: &Pending,
-    stats: &ImpairStats,
-) {
+/// A full socket buffer is retried every 100 µs for at most this long, then the
+/// datagram is counted as a send error (the network dropped it).
+const SEND_RETRY_FOR: Duration = Duration::from_millis(5);
+
+fn send_now(inner: &dyn AsyncUdpSocket, p: &Pending, stats: &ImpairStats) {
     let t = Transmit {
         destination: p.destination,
         ecn: p.ecn,
@@ -469,18 +483,15 @@ async fn send_now(
         segment_size: None,
         src_ip: p.src_ip,
     };
+    let give_up = Instant::now() + SEND_RETRY_FOR;
     loop {
         match inner.try_send(&t) {
             Ok(()) => {
                 stats.sent.fetch_add(1, Ordering::Relaxed);
                 return;
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                if let Err(e) = std::future::poll_fn(|cx| poller.as_mut().poll_writable(cx)).await {
-                    stats.send_errors.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(error = %e, "impaired socket: waiting to send failed");
-                    return;
-                }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && Instant::now() < give_up => {
+                std::thread::sleep(Duration::from_micros(100));
             }
             Err(e) => {
                 stats.send_errors.fetch_add(1, Ordering::Relaxed);

@@ -115,7 +115,7 @@ pub enum Event {
     Pong {
         from: String,
         sample: Sample,
-        gen: u32,
+        map: crate::clock::SessionMap,
     },
 }
 
@@ -216,6 +216,18 @@ pub async fn run(
         .ok()
         .and_then(|v| v.parse::<u64>().ok())
         .map(|ms| tokio::time::Instant::now() + Duration::from_millis(ms));
+    // Diagnostics: `BANDSYNC_DEBUG_SYNC_DUMP=PATH` appends every clock exchange
+    // (`peer t1 t2 t3 t4 map.local_ref map.session_ref map.rate_ppt accepted`) to
+    // PATH, for replaying through the estimator offline.
+    let mut sync_dump = std::env::var_os("BANDSYNC_DEBUG_SYNC_DUMP").and_then(|p| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&p)
+            .map(std::io::BufWriter::new)
+            .map_err(|e| tracing::warn!(error = %e, "BANDSYNC_DEBUG_SYNC_DUMP: cannot open"))
+            .ok()
+    });
 
     loop {
         tokio::select! {
@@ -288,9 +300,25 @@ pub async fn run(
                         };
                         let _ = reply.send(r);
                     }
-                    Event::Pong { from, sample, gen } => {
-                        if let Some(crate::sync::SampleVerdict::Rejected(_)) = room.on_pong(&from, sample, gen) {
+                    Event::Pong { from, sample, map } => {
+                        let verdict = room.on_pong(&from, sample, map);
+                        if let Some(crate::sync::SampleVerdict::Rejected(_)) = verdict {
                             shared.stats.rejected_samples.fetch_add(1, Relaxed);
+                        }
+                        if let Some(d) = sync_dump.as_mut() {
+                            use std::io::Write;
+                            let _ = writeln!(
+                                d,
+                                "{from} {} {} {} {} {} {} {} {}",
+                                sample.t1,
+                                sample.t2,
+                                sample.t3,
+                                sample.t4,
+                                map.local_ref,
+                                map.session_ref,
+                                map.rate_ppt,
+                                matches!(verdict, Some(crate::sync::SampleVerdict::Accepted))
+                            );
                         }
                     }
                 }
@@ -723,19 +751,17 @@ async fn serve(shared: Arc<Shared>, conn: quinn::Connection, dialer: bool, expec
                 match Datagram::decode(&b) {
                     Ok(Datagram::Ping { seq, t1 }) => {
                         let s = shared.cell.read();
-                        let t2 = s.map.to_session(now);
-                        let t3 = s.map.to_session(shared.clock.now_ns());
                         let pong = Datagram::Pong {
                             seq,
                             t1,
-                            t2,
-                            t3,
-                            gen: s.gen as u32,
+                            t2: now,
+                            t3: shared.clock.now_ns(),
+                            map: s.map,
                         };
                         let _ = conn.send_datagram(pong.encode().into());
                     }
                     Ok(Datagram::Pong {
-                        t1, t2, t3, gen, ..
+                        t1, t2, t3, map, ..
                     }) => {
                         let _ = shared
                             .events
@@ -747,7 +773,7 @@ async fn serve(shared: Arc<Shared>, conn: quinn::Connection, dialer: bool, expec
                                     t3,
                                     t4: now,
                                 },
-                                gen,
+                                map,
                             })
                             .await;
                     }

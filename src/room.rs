@@ -24,7 +24,7 @@
 //!   [`CHANGE_LEAD_NS`] ahead, so every box has them before they apply.
 
 use crate::clock::SessionMap;
-use crate::sync::{Estimator, Sample, SampleVerdict, Slewer, SyncConfig};
+use crate::sync::{Estimate, Estimator, Sample, SampleVerdict, Slewer, SyncConfig};
 use crate::timeline::{Change, ChangeKind, Quantum, Scheduled, Timeline, TimelineError};
 use crate::wire::{Announce, ChangeRequest, Frame, SessionId};
 use std::collections::BTreeMap;
@@ -147,9 +147,29 @@ pub enum Action {
 struct Peer {
     name: String,
     announce: Option<Announce>,
+    /// Our estimate of the peer's *local* clock (a straight line: it never slews or
+    /// steps), from clock exchanges with it.
     est: Estimator,
-    gen: Option<u32>,
+    /// The peer's session map (its local → session) from its newest answer, and that
+    /// answer's time on the peer's local clock (answers arrive out of order).
+    map: Option<(i64, SessionMap)>,
     last_heard: i64,
+}
+
+impl Peer {
+    /// The peer's session clock as we see it: our estimate of its local clock, then
+    /// its map. A peer whose map slews (a follower), steps (it joined a session) or is
+    /// taken over (it became leader) is read at once through the new map; the
+    /// estimate of its local clock, as old as the connection, stays valid.
+    fn leads(&self) -> bool {
+        self.announce.as_ref().is_some_and(|a| a.leading)
+    }
+
+    fn clock(&self) -> Option<(Estimate, SessionMap)> {
+        let est = self.est.estimate()?;
+        let (_, map) = self.map?;
+        Some((est, est.map.then(&map)))
+    }
 }
 
 struct Switch {
@@ -237,10 +257,10 @@ pub struct Persisted {
     pub epoch: u64,
 }
 
-/// A node that joined a session follows for this long before it counts as synced
-/// (and so may lead): its clock estimate must mature first, because a node that takes
-/// over hands its estimate of the old leader's clock to the whole room. On a jittery
-/// (Wi-Fi) path the estimate needs ~10 s of 20 Hz pings to get within a millisecond.
+/// A node that joined a session follows for at least this long, and until its estimate
+/// of the leader's clock has [settled](crate::sync::Estimate::settled), before it counts
+/// as synced (and so may lead): a node that takes over hands its estimate of the old
+/// leader's clock to the whole room. On a jittery (Wi-Fi) path that takes ~20 s.
 pub const SETTLE_NS: i64 = 10_000_000_000;
 /// A pinned node that just joined leads after this much following (its estimate of the
 /// old leader's clock becomes the room's).
@@ -372,7 +392,7 @@ impl Room {
             name: name.to_string(),
             announce: None,
             est: Estimator::new(sync_config()),
-            gen: None,
+            map: None,
             last_heard: i64::MIN / 2,
         });
         self.dirty = true;
@@ -389,19 +409,13 @@ impl Room {
         self.peers.keys().cloned().collect()
     }
 
-    /// A clock exchange with `id` completed. `gen` is the peer's map generation.
-    pub fn on_pong(&mut self, id: &str, s: Sample, gen: u32) -> Option<SampleVerdict> {
+    /// A clock exchange with `id` completed: `s` in our and the peer's local clocks,
+    /// `map` the peer's session map when it answered (at its local time `s.t3`).
+    pub fn on_pong(&mut self, id: &str, s: Sample, map: SessionMap) -> Option<SampleVerdict> {
         let p = self.peers.get_mut(id)?;
         p.last_heard = p.last_heard.max(s.t4);
-        match p.gen {
-            // a late pong from before the peer's clock stepped: worthless
-            Some(g) if gen < g => return None,
-            Some(g) if gen == g => {}
-            _ => {
-                // the peer's session clock stepped (or this is the first pong): start over
-                p.est.reset();
-                p.gen = Some(gen);
-            }
+        if p.map.is_none_or(|(at, _)| s.t3 >= at) {
+            p.map = Some((s.t3, map));
         }
         Some(p.est.handle_sample(s))
     }
@@ -611,8 +625,8 @@ impl Room {
         else {
             return None;
         };
-        if let Some(est) = p.est.estimate() {
-            let err = est.map.to_session(now) - self.map.to_session(now);
+        if let Some((_, target)) = p.clock() {
+            let err = target.to_session(now) - self.map.to_session(now);
             if err.abs() > REALIGN_NS {
                 self.realign = true;
             }
@@ -634,7 +648,9 @@ impl Room {
             .announce
             .as_ref()
             .expect("switch targets are announced peers");
-        let Some(est) = p.est.estimate() else {
+        // Stepping onto a young estimate over a jittery path would leave the clock
+        // milliseconds off, then seconds of slewing: wait until it is mature.
+        let Some((_, target)) = p.clock().filter(|(e, _)| e.mature()) else {
             if self.switch.is_none() {
                 out.push(Action::Note(Note::WaitingForClock {
                     leader: leader.clone(),
@@ -651,7 +667,6 @@ impl Room {
         let Some(room_tl) = Timeline::from_segments(&a.timeline) else {
             return;
         };
-        let target = est.map;
         let s_now = target.to_session(now);
         let stale = match &self.switch {
             Some(sw) => {
@@ -826,16 +841,35 @@ impl Room {
         self.started_at.get_or_insert(now);
         self.try_switch(now, out);
         if !self.synced && now - self.joined_at >= SETTLE_NS {
-            self.synced = true;
-            self.dirty = true;
+            let settled = self
+                .peers
+                .get(&self.leader)
+                .and_then(|p| p.est.estimate())
+                .is_none_or(|e| e.settled());
+            if settled {
+                self.synced = true;
+                self.dirty = true;
+            }
         }
         if self.switch.is_none() {
             self.elect(now, out);
         }
         if !self.leading && self.switch.is_none() {
-            if let Some(est) = self.peers.get(&self.leader).and_then(|p| p.est.estimate()) {
-                self.followed_rate = Some(est.map.rate_ppt);
-                let m = self.slewer.step(now, &est.map, false);
+            // A leading peer's map is its own. One that does not lead yet (a pinned or
+            // higher-ranked box about to take over) may still be following us, and two
+            // boxes reading each other's maps would chase each other: the higher-ranked
+            // one follows, the other lets its clock run on as it is until the new
+            // leader takes over (a cycle of three always has one that holds, too).
+            let me = self.rank_of(&self.cfg.me, self.cfg.priority);
+            let leader = self.peers.get(&self.leader).filter(|p| {
+                p.leads()
+                    || p.announce
+                        .as_ref()
+                        .is_some_and(|a| self.rank_of(&self.leader, a.priority) < me)
+            });
+            if let Some((_, target)) = leader.and_then(Peer::clock) {
+                self.followed_rate = Some(target.rate_ppt);
+                let m = self.slewer.step(now, &target, false);
                 if m != self.map {
                     self.map = m;
                     self.publish = true;
@@ -879,13 +913,14 @@ impl Room {
         self.peers
             .iter()
             .map(|(id, p)| {
-                let est = p.est.estimate();
+                let clock = p.clock();
+                let est = clock.map(|(e, _)| e);
                 PeerStatus {
                     id: id.clone(),
                     name: p.name.clone(),
                     rtt_us: est.map(|e| e.rtt_ns / 1000),
-                    offset_us: est
-                        .map(|e| (e.map.to_session(now) - self.map.to_session(now)) / 1000),
+                    offset_us: clock
+                        .map(|(_, m)| (m.to_session(now) - self.map.to_session(now)) / 1000),
                     uncertainty_us: est.map(|e| e.uncertainty_ns / 1000),
                     role: match &p.announce {
                         Some(a) if a.leading => "leader",

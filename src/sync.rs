@@ -168,14 +168,25 @@
 //!
 //! # Driving it
 //!
+//! The room estimates each peer's *local* clock (pongs carry the peer's local `t2`/`t3`
+//! and its session map): a straight line that never slews or steps, so one estimator
+//! lasts as long as the connection, and the peer's session clock is the estimate
+//! followed by the peer's newest map (`SessionMap::then`). A leader's map that steps,
+//! or a follower's that becomes the room's when it takes over, is read at once.
+//!
 //! ```text
-//! on pong (s, gen):  gen newer than before → est.reset()      (the leader's map stepped)
-//!                    gen older than before → drop s           (a late pong of the old map)
-//!                    est.handle_sample(s)                     (count rejections by reason)
+//! on pong (s, map):  est.handle_sample(s)                     (count rejections by reason)
+//!                    keep map if it is the newest (by s.t3)
 //! every tick (now):  if let Some(e) = est.estimate() {
-//!                        publish(slewer.step(now, &e.map, just_joined))
+//!                        target = e.map.then(&map)
+//!                        publish(slewer.step(now, &target, first && e.mature()))
 //!                    }
 //! ```
+//!
+//! The first map (the join, the only step) waits for a [mature](Estimate::mature)
+//! estimate: over Wi-Fi the first few samples can be milliseconds off, and a clock
+//! stepped onto them then slews for seconds. A follower counts as synced (may lead)
+//! once its estimate has [settled](Estimate::settled).
 
 use crate::clock::SessionMap;
 use std::collections::VecDeque;
@@ -389,6 +400,41 @@ pub struct Estimate {
     pub uncertainty_ns: i64,
     /// Samples in the window.
     pub samples: usize,
+    /// How far the estimate is typically off (not a bound): the corridor's noise `δ`
+    /// plus the rate's uncertainty over half the window's span. Falls as samples
+    /// accumulate; callers wait for it before stepping onto the estimate.
+    pub precision_ns: i64,
+    /// Local time between the oldest and newest sample in the window.
+    pub span_ns: i64,
+}
+
+/// An estimate is [`mature`](Estimate::mature) — good enough to *step* a clock onto —
+/// once its [`precision_ns`](Estimate::precision_ns) is below this…
+pub const MATURE_PRECISION_NS: i64 = 150_000;
+/// …or once its window spans this long (a path too jittery ever to get there: step on
+/// the best estimate there is, and slew from then on).
+pub const MATURE_SPAN_NS: i64 = 8 * SEC;
+
+/// An estimate is [`settled`](Estimate::settled) — good enough to hand to the whole room
+/// (a follower that takes over leads with its estimate of the old leader's clock) —
+/// once its precision is below this…
+pub const SETTLED_PRECISION_NS: i64 = 75_000;
+/// …or once its window spans this long.
+pub const SETTLED_SPAN_NS: i64 = 30 * SEC;
+
+impl Estimate {
+    /// Good enough to become the room's clock: on a LAN at once; over Wi-Fi (40 Hz
+    /// pings, 3–23 ms each way) after ~20 s, when it is typically within 50–100 µs.
+    pub fn settled(&self) -> bool {
+        self.precision_ns <= SETTLED_PRECISION_NS || self.span_ns >= SETTLED_SPAN_NS
+    }
+
+    /// Good enough to step onto. A clock stepped onto an estimate that is still off by
+    /// milliseconds (a few samples over Wi-Fi) then needs seconds of slewing to pull
+    /// in: wait instead. On a LAN this holds from the first estimate.
+    pub fn mature(&self) -> bool {
+        self.precision_ns <= MATURE_PRECISION_NS || self.span_ns >= MATURE_SPAN_NS
+    }
 }
 
 /// A validated sample.
@@ -833,6 +879,8 @@ impl Estimator {
             uncertainty_ns: f64_to_i128(((a - b) / 2.0).max(0.0).round()).clamp(0, i64::MAX as i128)
                 as i64,
             samples: n,
+            precision_ns: (delta + sigma_r * (hi - lo) as f64 / 2.0).min(1e15) as i64,
+            span_ns: hi.saturating_sub(lo),
         });
     }
 }

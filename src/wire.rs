@@ -10,10 +10,12 @@
 //! panic, and every field is validated here (ids, names, timelines) so the room core
 //! only ever sees well-formed messages.
 
+use crate::clock::SessionMap;
 use crate::timeline::{ChangeKind, Quantum, Segment, Timeline};
 use serde::{Deserialize, Serialize};
 
-pub const PROTOCOL_VERSION: u16 = 1;
+/// 2: pongs carry the responder's local times and its session map.
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Largest frame body accepted (bytes after the length prefix).
 pub const MAX_FRAME: usize = 16 * 1024;
 pub const MAX_DATAGRAM: usize = 256;
@@ -130,8 +132,11 @@ pub enum Frame {
     Pin(Option<String>),
 }
 
-/// Clock pings. Times: `t1` the pinger's local ns; `t2`/`t3` the responder's session
-/// ns; `gen` the responder's session-map generation (changes when its map steps).
+/// Clock pings. Times: `t1` the pinger's local ns; `t2`/`t3` the responder's *local*
+/// ns (its monotonic clock, which never steps or slews); `map` the responder's session
+/// map (local → session) when it answered. The pinger estimates the responder's local clock, a straight line,
+/// and reads the responder's session clock through `map`: a map that slews, steps or
+/// is taken over by a new leader never invalidates the estimate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Datagram {
     Ping {
@@ -143,9 +148,12 @@ pub enum Datagram {
         t1: i64,
         t2: i64,
         t3: i64,
-        gen: u32,
+        map: SessionMap,
     },
 }
+
+/// Largest session-map rate a peer may announce: 1 % (a clock off by more is broken).
+pub const MAX_MAP_RATE_PPT: i64 = 10_000_000_000;
 
 fn check_id(field: &'static str, s: &str) -> Result<(), WireError> {
     if s.len() == 16
@@ -302,7 +310,16 @@ impl Datagram {
         out
     }
     pub fn decode(b: &[u8]) -> Result<Datagram, WireError> {
-        decode_versioned(b, MAX_DATAGRAM)
+        let d = decode_versioned(b, MAX_DATAGRAM)?;
+        if let Datagram::Pong { map, .. } = d {
+            if map.rate_ppt.abs() > MAX_MAP_RATE_PPT {
+                return Err(WireError::Invalid {
+                    field: "map.rate_ppt",
+                    why: format!("{} ppt is beyond ±1 %", map.rate_ppt),
+                });
+            }
+        }
+        Ok(d)
     }
 }
 
@@ -341,9 +358,26 @@ mod tests {
             t1: -5,
             t2: i64::MAX,
             t3: 0,
-            gen: 7,
+            map: SessionMap {
+                local_ref: -3,
+                session_ref: i64::MIN,
+                rate_ppt: -MAX_MAP_RATE_PPT,
+            },
         };
         assert_eq!(Datagram::decode(&d.encode()).unwrap(), d);
+        let wild = Datagram::Pong {
+            seq: 1,
+            t1: 0,
+            t2: 0,
+            t3: 0,
+            map: SessionMap {
+                local_ref: 0,
+                session_ref: 0,
+                rate_ppt: MAX_MAP_RATE_PPT + 1,
+            },
+        };
+        let e = Datagram::decode(&wild.encode()).unwrap_err().to_string();
+        assert!(e.contains("map.rate_ppt"), "{e}");
     }
 
     #[test]

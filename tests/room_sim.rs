@@ -20,9 +20,9 @@
 //! * **Mesh** (as `mesh.rs`). A connection comes up on both sides at once (`peer_up`);
 //!   `Broadcast` goes to the instance's connected peers, `Send` to one (dropped when not
 //!   connected). Each side pings every `PING_EVERY` (`Ping { t1 = local }`); the responder
-//!   answers `t2`/`t3` = its *published* session map at receipt / at send (5–60 µs later)
-//!   and its published `gen`; the pinger feeds `on_pong(Sample { t1, t2, t3, t4 = local },
-//!   gen)`. A connection dies U(1, 3) s (QUIC idle) after its peer crashed or its link was
+//!   answers `t2`/`t3` = its *local* clock at receipt / at send (5–60 µs later) and its
+//!   published session map; the pinger feeds `on_pong(Sample { t1, t2, t3, t4 = local },
+//!   map)`. A connection dies U(1, 3) s (QUIC idle) after its peer crashed or its link was
 //!   cut, and both sides get `peer_down`; a box dials 0.1–1.5 s after booting (mDNS) and
 //!   redials 0.05–1.2 s after a loss or a heal; a survivor refuses a reconnect while it
 //!   still holds the dead connection (a duplicate), so the dialer backs off 1 s.
@@ -631,7 +631,7 @@ struct Sim {
     topo: Vec<TopoEntry>,
     failovers: Vec<PendingFailover>,
     /// Debugging (`ROOM_SIM_CLOCKS`): a copy of every (instance, peer) estimator.
-    shadow: BTreeMap<(usize, usize), (u32, bandsync::sync::Estimator)>,
+    shadow: BTreeMap<(usize, usize), (SessionMap, bandsync::sync::Estimator)>,
     /// A scripted scenario's steps (empty: a random one).
     script: Vec<Step>,
     failure: Option<String>,
@@ -1349,9 +1349,9 @@ impl Sim {
             Datagram::Ping { seq, t1 } => {
                 let hold = self.rng.range(5 * US, 60 * US);
                 let inst = &self.insts[r];
-                let t2 = inst.pub_map.to_session(inst.clk.local(self.now));
-                let t3 = inst.pub_map.to_session(inst.clk.local(self.now + hold));
-                let gen = inst.pub_gen as u32;
+                let t2 = inst.clk.local(self.now);
+                let t3 = inst.clk.local(self.now + hold);
+                let map = inst.pub_map;
                 self.send_dgram(
                     c,
                     to,
@@ -1360,27 +1360,25 @@ impl Sim {
                         t1,
                         t2,
                         t3,
-                        gen,
+                        map,
                     },
                     self.now + hold,
                 );
             }
             Datagram::Pong {
-                t1, t2, t3, gen, ..
+                t1, t2, t3, map, ..
             } => {
                 let from = self.slots[conn.slot[1 - to]].id.clone();
                 let t4 = self.insts[r].clk.local(self.now);
                 let _ = self.insts[r]
                     .room
-                    .on_pong(&from, Sample { t1, t2, t3, t4 }, gen);
+                    .on_pong(&from, Sample { t1, t2, t3, t4 }, map);
                 if self.verbose && std::env::var("ROOM_SIM_CLOCKS").is_ok() {
                     let peer = self.conns[c].inst[1 - to];
                     let e = self.shadow.entry((r, peer)).or_insert_with(|| {
-                        (gen, bandsync::sync::Estimator::new(Default::default()))
+                        (map, bandsync::sync::Estimator::new(Default::default()))
                     });
-                    if e.0 != gen {
-                        *e = (gen, bandsync::sync::Estimator::new(Default::default()));
-                    }
+                    e.0 = map;
                     e.1.handle_sample(Sample { t1, t2, t3, t4 });
                 }
             }
@@ -1961,11 +1959,15 @@ impl Sim {
             };
             let mut sh = String::new();
             if let Some(l) = lead.filter(|&l| l != i) {
-                if let Some(est) = self.shadow.get(&(i, l)).and_then(|e| e.1.estimate()) {
+                if let Some((map, est)) = self
+                    .shadow
+                    .get(&(i, l))
+                    .and_then(|e| Some((e.1.estimate()?.map.then(&e.0), e.1.estimate()?)))
+                {
                     let y = &self.insts[l];
                     let lx = x.clk.local(self.now);
                     let truth = |t: i64| y.pub_map.to_session(y.clk.local(t));
-                    let err = est.map.to_session(lx) - truth(self.now);
+                    let err = map.to_session(lx) - truth(self.now);
                     let t2 = self.now + SEC;
                     let true_rate = ((truth(t2) - truth(self.now)) as f64
                         / (x.clk.local(t2) - lx) as f64

@@ -120,6 +120,9 @@ struct Scenario {
     /// `(from, bound)`: from `from` on (virtual time since the start; before the jump,
     /// if any), `|error − a/2| ≤ bound`.
     bounds: &'static [(i64, i64)],
+    /// Use the room's estimator and slewer settings (`room::sync_config`,
+    /// `room::slew_config`) instead of the defaults.
+    room: bool,
 }
 
 const LAN: Scenario = Scenario {
@@ -134,6 +137,7 @@ const LAN: Scenario = Scenario {
     jump_ns: None,
     duration_ns: 30 * SEC,
     bounds: &[(10 * SEC, 20 * US)],
+    room: false,
 };
 
 const WIFI: Scenario = Scenario {
@@ -148,6 +152,7 @@ const WIFI: Scenario = Scenario {
     jump_ns: None,
     duration_ns: 60 * SEC,
     bounds: &[(10 * SEC, 3_500 * US), (40 * SEC, MS)],
+    room: false,
 };
 
 const WIFI_FAST: Scenario = Scenario {
@@ -155,6 +160,15 @@ const WIFI_FAST: Scenario = Scenario {
     ping_every_ns: 50 * MS,
     duration_ns: 20 * SEC,
     bounds: &[(10 * SEC, MS)],
+    ..WIFI
+};
+
+const WIFI_ROOM: Scenario = Scenario {
+    name: "Wi-Fi-like, the room's 40 Hz pings and settings",
+    ping_every_ns: 25 * MS,
+    duration_ns: 60 * SEC,
+    bounds: &[(10 * SEC, 600 * US), (30 * SEC, 250 * US)],
+    room: true,
     ..WIFI
 };
 
@@ -270,8 +284,13 @@ fn simulate(sc: &Scenario, seed: u64) -> Outcome {
     let trace = std::env::var_os("SYNC_SIM_TRACE").is_some();
     let true_rate_ppm =
         ((1e9 + leader.skew_ppb as f64) / (1e9 + follower.skew_ppb as f64) - 1.0) * 1e6;
-    let mut est = Estimator::new(SyncConfig::default());
-    let mut slewer = Slewer::new(SlewConfig::default());
+    let (sync, slew) = if sc.room {
+        (bandsync::room::sync_config(), bandsync::room::slew_config())
+    } else {
+        (SyncConfig::default(), SlewConfig::default())
+    };
+    let mut est = Estimator::new(sync);
+    let mut slewer = Slewer::new(slew);
     let mut gen = 0u32;
     let mut next = 0;
     let mut prev: Option<(i64, SessionMap, SessionMap)> = None; // (now, published, target)
@@ -304,7 +323,8 @@ fn simulate(sc: &Scenario, seed: u64) -> Outcome {
         let now = follower.at(t);
         let elapsed = t - t0;
         let truth = session(t);
-        if let Some(e) = est.estimate() {
+        // The first (stepping) map waits for a mature estimate, as the room does.
+        if let Some(e) = est.estimate().filter(|e| prev.is_some() || e.mature()) {
             let first = prev.is_none();
             let published = slewer.step(now, &e.map, first);
             let err = published.to_session(now) - truth;
@@ -538,6 +558,11 @@ fn scenario_2_wifi_like() {
 #[test]
 fn scenario_2b_wifi_like_fast_pings() {
     run(&WIFI_FAST);
+}
+
+#[test]
+fn scenario_2c_wifi_like_room_settings() {
+    run(&WIFI_ROOM);
 }
 
 #[test]
