@@ -49,6 +49,14 @@ Options:
   --heal-at T           bring those links back up at T seconds
   --partition-nodes L   comma-separated node numbers on the cut-off side, e.g. "3" or "2,3"
   --wrong-key-node I    node I gets a different room key
+  --redis               run redis-server on a host of its own on the bridge
+                        (${SUBNET_PREFIX}.2, in namespace ${PREFIX%%[0-9]*}<PID>-rd) and give every node
+                        --redis redis://${SUBNET_PREFIX}.2:6379/0
+  --redis-stop-at T     (with --redis) stop redis-server at T seconds, change the tempo
+                        (+7 BPM, through node 1) while it is down, start it again
+                        --redis-stop-for S later (default 10); then poll the room's hash
+                        until it shows the new tempo and the leader's epoch, and report
+                        how long after the restart that took
   --tempo BPM           initial tempo (default 120)
   --meter N             beats per bar (default 4)
   --priority-list LIST  per-node priorities, e.g. "0,0,5" (node 1 first; missing = none)
@@ -99,6 +107,7 @@ CLOCKS=()
 NO_CLOCK=0
 IMPAIR=""
 KILL_AT=""
+REDIS=0 REDIS_STOP_AT="" REDIS_STOP_FOR=10
 JOIN_AT=""
 PART_AT=""
 HEAL_AT=""
@@ -128,6 +137,9 @@ while [ $# -gt 0 ]; do
         --no-clock) NO_CLOCK=1; shift ;;
         --impair) need_arg "$@"; IMPAIR=$2; shift 2 ;;
         --kill-leader-at) need_arg "$@"; KILL_AT=$2; shift 2 ;;
+        --redis) REDIS=1; shift ;;
+        --redis-stop-at) need_arg "$@"; REDIS_STOP_AT=$2; shift 2 ;;
+        --redis-stop-for) need_arg "$@"; REDIS_STOP_FOR=$2; shift 2 ;;
         --join-at) need_arg "$@"; JOIN_AT=$2; shift 2 ;;
         --partition-at) need_arg "$@"; PART_AT=$2; shift 2 ;;
         --heal-at) need_arg "$@"; HEAL_AT=$2; shift 2 ;;
@@ -190,6 +202,20 @@ is_uint "$METER" || die "--meter must be an integer, got '$METER'"
 DURATION_US=$(secs_to_us "$DURATION")
 [ "$DURATION_US" -gt 0 ] || die "-t must be > 0"
 KILL_US=""
+REDIS_STOP_US="" REDIS_START_US=""
+if [ -n "$REDIS_STOP_AT" ]; then
+    [ "$REDIS" = 1 ] || die "--redis-stop-at needs --redis"
+    is_secs "$REDIS_STOP_AT" || die "--redis-stop-at must be a number of seconds, got '$REDIS_STOP_AT'"
+    is_secs "$REDIS_STOP_FOR" || die "--redis-stop-for must be a number of seconds, got '$REDIS_STOP_FOR'"
+    REDIS_STOP_US=$(secs_to_us "$REDIS_STOP_AT")
+    REDIS_START_US=$(( REDIS_STOP_US + $(secs_to_us "$REDIS_STOP_FOR") ))
+    [ "$REDIS_START_US" -lt "$DURATION_US" ] || die "redis must be back before the end (-t $DURATION)"
+fi
+if [ "$REDIS" = 1 ]; then
+    command -v redis-server >/dev/null && command -v redis-cli >/dev/null \
+        || die "--redis needs redis-server and redis-cli (apt-get install -y redis-server)"
+fi
+
 if [ -n "$KILL_AT" ]; then
     is_secs "$KILL_AT" || die "--kill-leader-at must be a number of seconds, got '$KILL_AT'"
     KILL_US=$(secs_to_us "$KILL_AT")
@@ -279,6 +305,8 @@ ns_of() { echo "${PREFIX}-n$1"; }
 if_of() { echo "${PREFIX}n$1"; }     # the node's end of its veth, inside its namespace
 swif_of() { echo "${PREFIX}s$1"; }   # the bridge's end, inside the switch namespace
 ip_of() { echo "$SUBNET_PREFIX.$((10 + $1))"; }
+RD_NS="${PREFIX}-rd"; RD_IF="${PREFIX}rd"; RD_SWIF="${PREFIX}sr"; RD_IP="$SUBNET_PREFIX.2"
+RD_PORT=6379
 
 clock_of() {   # BANDSYNC_TEST_CLOCK of node i ("" = none)
     local i=$1 c
@@ -420,7 +448,34 @@ setup_network() {
         # mDNS (224.0.0.251) needs a multicast route; there is deliberately no default route.
         run ip -n "$ns" route add 224.0.0.0/4 dev "$ifn"
     done
+    if [ "$REDIS" = 1 ]; then
+        make_ns "$RD_NS"
+        run ip link add name "$RD_IF" netns "$RD_NS" type veth peer name "$RD_SWIF" netns "$SW_NS"
+        CREATED_LINKS+=("$RD_NS $RD_IF")
+        run ip -n "$SW_NS" link set dev "$RD_SWIF" master "$BRIDGE"
+        run ip -n "$SW_NS" link set dev "$RD_SWIF" up
+        run ip -n "$RD_NS" addr add "$RD_IP/24" dev "$RD_IF"
+        run ip -n "$RD_NS" link set dev "$RD_IF" up
+    fi
 }
+
+# redis-server in its namespace (killed with the namespace at cleanup)
+REDIS_PID=""
+redis_start() {
+    ip netns exec "$RD_NS" redis-server --bind "$RD_IP" --port "$RD_PORT" --save "" \
+        --protected-mode no --appendonly no --daemonize no >>"$OUT/redis.log" 2>&1 &
+    REDIS_PID=$!
+    local deadline=$(( $(now_us) + 5000000 ))
+    until ip netns exec "$RD_NS" redis-cli -h "$RD_IP" -p "$RD_PORT" ping >/dev/null 2>&1; do
+        [ "$(now_us)" -lt "$deadline" ] || die "redis-server did not start (see $OUT/redis.log)"
+        sleep 0.05
+    done
+}
+redis_stop() {
+    [ -n "$REDIS_PID" ] && kill -TERM "$REDIS_PID" 2>/dev/null && wait "$REDIS_PID" 2>/dev/null
+    REDIS_PID=""
+}
+rcli() { ip netns exec "$RD_NS" redis-cli -h "$RD_IP" -p "$RD_PORT" --raw "$@"; }
 
 # ------------------------------------------------------------------------------ nodes
 
@@ -438,6 +493,7 @@ start_node() {
         --audio null --tempo "$TEMPO" --meter "$METER" --play
         --click-log "$OUT/node$i/clicks.jsonl")
     [ -n "$prio" ] && args+=(--priority "$prio")
+    [ "$REDIS" = 1 ] && args+=(--redis "redis://$RD_IP:$RD_PORT/0")
     args+=("${EXTRA[@]}")
     mkdir -p "$OUT/node$i/state"
     # `ip netns exec` and `env` both exec: $! is the daemon itself.
@@ -554,6 +610,13 @@ echo "network: bridge $BRIDGE in $SW_NS, nodes $(ns_of 1)..$(ns_of "$N") on $SUB
 
 T0_US=$(now_us)
 event lab_start "\"nodes\":$N" "\"prefix\":\"$PREFIX\""
+if [ "$REDIS" = 1 ]; then
+    redis_start
+    log "redis-server running at $RD_IP:$RD_PORT (pid $REDIS_PID)"
+fi
+RSTOP_DONE=1; RSTART_DONE=1; RWATCH=0
+[ -n "$REDIS_STOP_US" ] && RSTOP_DONE=0 && RSTART_DONE=0
+RKEY="bandsync:room:$ROOM"
 start_node 1
 declare -A PENDING=()   # node -> start time (µs into the run)
 for ((i = 2; i <= N; i++)); do PENDING[$i]=1000000; done
@@ -595,6 +658,48 @@ while :; do
         event heal "\"nodes\":\"$PART_NODES\""
         log "heal: node(s) $PART_NODES reconnected"
     fi
+    if [ $RSTOP_DONE -eq 0 ] && [ "$now" -ge "$REDIS_STOP_US" ]; then
+        RSTOP_DONE=1
+        log "redis: hash before the outage: $(rcli HGETALL "$RKEY" | paste -sd' ')"
+        redis_stop
+        event redis_stop
+        log "redis-server stopped"
+        NEW_TEMPO=$(( TEMPO + 7 ))
+        if ip netns exec "$(ns_of 1)" "$BIN" tempo "$NEW_TEMPO" --node "$(ip_of 1):$QUIC_PORT" \
+            --room "$ROOM" --room-key-file "$(key_of 1)" >>"$OUT/cli.log" 2>&1; then
+            log "tempo changed to $NEW_TEMPO through node1 while redis is down"
+        else
+            log "could not change the tempo (see $OUT/cli.log)"
+        fi
+    fi
+    if [ $RSTART_DONE -eq 0 ] && [ "$now" -ge "$REDIS_START_US" ]; then
+        RSTART_DONE=1
+        redis_start
+        event redis_start
+        log "redis-server started again (empty: it saves nothing)"
+        RWATCH=1; RWATCH_FROM=$(now_us)
+    fi
+    if [ $RWATCH -eq 1 ]; then
+        want_epoch=$("$PY" -S -I -c '
+import json, sys, glob
+e = 0
+for f in glob.glob(sys.argv[1] + "/node*/state/status.json"):
+    try:
+        st = json.load(open(f))
+        if st.get("role") == "leader": e = max(e, int(st.get("epoch", 0)))
+    except Exception: pass
+print(e)' "$OUT")
+        got=$(rcli HMGET "$RKEY" epoch tempo_mbpm | paste -sd' ')
+        if [ "$got" = "$want_epoch $(( NEW_TEMPO * 1000 ))" ]; then
+            RWATCH=0
+            took=$(( $(now_us) - RWATCH_FROM ))
+            event redis_current "\"after_us\":$took"
+            log "redis: the room's hash is current again $(( took / 1000 )) ms after the restart (epoch $want_epoch, tempo ${NEW_TEMPO})"
+        elif [ $(( $(now_us) - RWATCH_FROM )) -gt 5000000 ] && [ "${RWARNED:-0}" = 0 ]; then
+            RWARNED=1
+            log "redis: hash NOT current 5 s after the restart: $got (want epoch $want_epoch, tempo_mbpm $(( NEW_TEMPO * 1000 )))"
+        fi
+    fi
     check_nodes
     if [ ${#PENDING[@]} -eq 0 ]; then
         running=0
@@ -604,6 +709,10 @@ while :; do
     sleep 0.05
 done
 
+if [ "$REDIS" = 1 ] && [ -n "$REDIS_PID" ]; then
+    log "redis: hash at the end: $(rcli HGETALL "$RKEY" | paste -sd' ')"
+fi
+redis_stop
 log "run over: stopping the nodes (SIGTERM, then SIGKILL after 3 s)"
 event stop
 stop_nodes
