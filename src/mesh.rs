@@ -204,6 +204,7 @@ pub async fn run(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut redial = tokio::time::interval(Duration::from_secs(1));
     let mut last_status = 0i64;
+    let mut status_written = (Vec::new(), 0i64);
     let (dial_done_tx, mut dial_done) = mpsc::channel::<String>(64);
     let mut actions = Vec::new();
     let mut ready = false;
@@ -361,7 +362,7 @@ pub async fn run(
                 }
                 if now - last_status >= 500_000_000 {
                     last_status = now;
-                    write_status(&shared, &room, now);
+                    write_status(&shared, &room, now, &mut status_written);
                 }
             }
         }
@@ -492,21 +493,30 @@ fn phone_url(shared: &Shared) -> Option<String> {
     })
 }
 
-fn write_status(shared: &Shared, room: &Room, now: i64) {
+/// Rewrite `status.json` when anything but the clock (`session_ns`, `beat`) changed
+/// since the last write, and at least every 5 s: an idle box alone mostly writes nothing.
+fn write_status(shared: &Shared, room: &Room, now: i64, last: &mut (Vec<u8>, i64)) {
     let mut st = room.status(now);
     st.phone_url = phone_url(shared);
-    let Ok(json) = serde_json::to_vec_pretty(&st) else {
+    let mut still = st.clone();
+    (still.session_ns, still.beat) = (0, 0.0);
+    let (Ok(json), Ok(key)) = (serde_json::to_vec_pretty(&st), serde_json::to_vec(&still)) else {
         return;
     };
+    if key == last.0 && now - last.1 < 5_000_000_000 {
+        return;
+    }
     let p = shared.cfg.state_dir.join("status.json");
     let tmp = shared.cfg.state_dir.join(".status.json.tmp");
     // Not fsynced: it is a view, rebuilt every half second.
-    if std::fs::write(&tmp, json)
+    if std::fs::write(&tmp, &json)
         .and_then(|_| std::fs::rename(&tmp, &p))
         .is_err()
     {
         tracing::debug!(path = %p.display(), "cannot write status file");
+        return;
     }
+    *last = (key, now);
 }
 
 /// systemd: READY=1 once the endpoint is bound and the click runs, WATCHDOG=1 from this
