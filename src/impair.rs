@@ -357,7 +357,7 @@ impl ImpairedSocket {
             bytes: bytes.into(),
         };
         if self.tx.send(pending).is_err() {
-            // Only if the runtime is shutting down: nothing can go out any more.
+            // Only if the sending thread has ended: nothing can go out any more.
             self.queued.fetch_sub(1, Ordering::Relaxed);
             return Err(io::Error::other(
                 "the impairment's sending thread has stopped",

@@ -12,7 +12,7 @@ use crate::auth::{self, RoomKey};
 use crate::clock::{Clock, NodeClock};
 use crate::discovery::{self, Discovery, DiscoveryConfig, PeerEvent};
 use crate::impair::Impairment;
-use crate::room::{Action, Note, Room};
+use crate::room::{Action, Note, Room, Status};
 use crate::sync::Sample;
 use crate::wire::{self, Datagram, Frame, Hello, Query, Reply};
 use anyhow::Context;
@@ -204,7 +204,7 @@ pub async fn run(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut redial = tokio::time::interval(Duration::from_secs(1));
     let mut last_status = 0i64;
-    let mut status_written = (Vec::new(), 0i64);
+    let mut status_written = None;
     let (dial_done_tx, mut dial_done) = mpsc::channel::<String>(64);
     let mut actions = Vec::new();
     let mut ready = false;
@@ -495,17 +495,20 @@ fn phone_url(shared: &Shared) -> Option<String> {
 
 /// Rewrite `status.json` when anything but the clock (`session_ns`, `beat`) changed
 /// since the last write, and at least every 5 s: an idle box alone mostly writes nothing.
-fn write_status(shared: &Shared, room: &Room, now: i64, last: &mut (Vec<u8>, i64)) {
+fn write_status(shared: &Shared, room: &Room, now: i64, last: &mut Option<(Status, i64)>) {
     let mut st = room.status(now);
     st.phone_url = phone_url(shared);
     let mut still = st.clone();
     (still.session_ns, still.beat) = (0, 0.0);
-    let (Ok(json), Ok(key)) = (serde_json::to_vec_pretty(&st), serde_json::to_vec(&still)) else {
-        return;
-    };
-    if key == last.0 && now - last.1 < 5_000_000_000 {
+    if last
+        .as_ref()
+        .is_some_and(|(s, at)| *s == still && now - at < 5_000_000_000)
+    {
         return;
     }
+    let Ok(json) = serde_json::to_vec_pretty(&st) else {
+        return;
+    };
     let p = shared.cfg.state_dir.join("status.json");
     let tmp = shared.cfg.state_dir.join(".status.json.tmp");
     // Not fsynced: it is a view, rebuilt every half second.
@@ -516,7 +519,7 @@ fn write_status(shared: &Shared, room: &Room, now: i64, last: &mut (Vec<u8>, i64
         tracing::debug!(path = %p.display(), "cannot write status file");
         return;
     }
-    *last = (key, now);
+    *last = Some((still, now));
 }
 
 /// systemd: READY=1 once the endpoint is bound and the click runs, WATCHDOG=1 from this

@@ -157,14 +157,14 @@ struct Peer {
 }
 
 impl Peer {
-    /// The peer's session clock as we see it: our estimate of its local clock, then
-    /// its map. A peer whose map slews (a follower), steps (it joined a session) or is
-    /// taken over (it became leader) is read at once through the new map; the
-    /// estimate of its local clock, as old as the connection, stays valid.
     fn leads(&self) -> bool {
         self.announce.as_ref().is_some_and(|a| a.leading)
     }
 
+    /// The peer's session clock as we see it: our estimate of its local clock, then
+    /// its map. A peer whose map slews (a follower), steps (it joined a session) or is
+    /// taken over (it became leader) is read at once through the new map; the
+    /// estimate of its local clock, as old as the connection, stays valid.
     fn clock(&self) -> Option<(Estimate, SessionMap)> {
         let est = self.est.estimate()?;
         let (_, map) = self.map?;

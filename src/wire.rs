@@ -134,9 +134,10 @@ pub enum Frame {
 
 /// Clock pings. Times: `t1` the pinger's local ns; `t2`/`t3` the responder's *local*
 /// ns (its monotonic clock, which never steps or slews); `map` the responder's session
-/// map (local → session) when it answered. The pinger estimates the responder's local clock, a straight line,
-/// and reads the responder's session clock through `map`: a map that slews, steps or
-/// is taken over by a new leader never invalidates the estimate.
+/// map (local → session) when it answered. The pinger estimates the responder's local
+/// clock, a straight line, and reads the responder's session clock through `map`: a
+/// map that slews, steps or is taken over by a new leader never invalidates the
+/// estimate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Datagram {
     Ping {

@@ -1959,11 +1959,10 @@ impl Sim {
             };
             let mut sh = String::new();
             if let Some(l) = lead.filter(|&l| l != i) {
-                if let Some((map, est)) = self
-                    .shadow
-                    .get(&(i, l))
-                    .and_then(|e| Some((e.1.estimate()?.map.then(&e.0), e.1.estimate()?)))
-                {
+                if let Some((map, est)) = self.shadow.get(&(i, l)).and_then(|(peer_map, e)| {
+                    let est = e.estimate()?;
+                    Some((est.map.then(peer_map), est))
+                }) {
                     let y = &self.insts[l];
                     let lx = x.clk.local(self.now);
                     let truth = |t: i64| y.pub_map.to_session(y.clk.local(t));

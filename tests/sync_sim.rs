@@ -16,7 +16,8 @@
 //!   `t3`. Pongs may arrive out of order.
 //! * The control loop ticks every 50 ms: it feeds the pongs that have arrived, then
 //!   calls `Slewer::step` with the latest estimate, allowing a step only at the first
-//!   estimate. The error is `published.to_session(F(t)) − L(t)` at every tick (the
+//!   [mature](bandsync::sync::Estimate::mature) one, which it waits for, as the room
+//!   does. The error is `published.to_session(F(t)) − L(t)` at every tick (the
 //!   published map is linear between ticks and continuous at them, so the extremes are
 //!   at ticks).
 //!
@@ -27,6 +28,7 @@
 //! | 1 | clean LAN | 100 µs each way + U(0, 50 µs), no loss, 0.5 % spikes of 1–20 ms | ≤ 20 µs from 10 s |
 //! | 2 | Wi-Fi-like (SPEC §6), 5 Hz pings | 3 ms each way + U(0, 20 ms), 2 % loss, 1 % spikes of 50–300 ms | ≤ 3.5 ms from 10 s, ≤ 1 ms from 40 s |
 //! | 2b | the same, 20 Hz pings | as 2 | ≤ 1 ms from 10 s |
+//! | 2c | the same, the room's settings (40 Hz pings, 2048-sample window, 200 ppm slew) | as 2 | ≤ 600 µs from 10 s, ≤ 250 µs from 30 s |
 //! | 3 | asymmetric path | as 1, but one direction slower by `a`, uniform in ±400 µs | `|err − a/2| ≤ 20 µs` from 10 s (so `|err| ≤ |a|/2 + 20 µs`: the `a/2` bias is inherent to two-way sync) |
 //! | 4 | leader clock jumps | as 1, and at 15 s the leader's session clock jumps by `J`, `|J|` in 0.2–3 ms (a new leader; new map generation ⇒ `Estimator::reset`) | ≤ 20 µs in 10–15 s; `|err| ≤ |J| + 20 µs` after the jump (it slews, never overshoots); ≤ 20 µs again from 15 s + `|J|`/500 ppm + 8 s |
 //!
