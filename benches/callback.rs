@@ -4,8 +4,8 @@
 use bandsync::audio::render::Renderer;
 use bandsync::audio::snapshot::{AudioSnapshot, SnapshotCell};
 use bandsync::audio::AudioStats;
-use bandsync::clock::SessionMap;
-use bandsync::timeline::{Meter, Tempo, Timeline};
+use bandsync::core::time::SessionMap;
+use bandsync::core::timeline::{Meter, Tempo, Timeline};
 use criterion::{criterion_group, criterion_main, Criterion};
 use std::hint::black_box;
 use std::sync::Arc;

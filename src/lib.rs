@@ -1,35 +1,25 @@
 //! bandsync: every box in the rehearsal room plays the same click on the same sample.
 //!
-//! Modules, core first (the core does no IO and reads no clock):
+//! The folders are the architecture (see ARCHITECTURE.md):
 //!
-//! * [`timeline`] — *core*: tempo, meter, anchor, transport and quantized changes;
-//!   `beat_at`, `time_at`, next click.
-//! * [`clock`] — the clock trait, the `BANDSYNC_TEST_CLOCK` distortion, and the map
-//!   from local time to session time.
-//! * [`audio`] — the engine: lock-free snapshot, frame clock, renderer, null and
-//!   cpal sinks.
-//! * [`clicklog`] — the SPEC §5 click log, written off the audio thread.
-//! * [`config`] — flags over file over defaults, validated.
-//! * [`state`] — the state dir: node id, atomic writes.
-//! * [`daemon`] — `bandsync run`: wires the pieces together and owns shutdown.
+//! * [`core`] — *pure*: timeline, clock sync, the room (election, epochs, merge), wire
+//!   encoding, mDNS adverts. Takes `now` and messages, returns actions; no IO.
+//! * [`sys`] — the OS layer every driver shares: the node's clock, the state dir,
+//!   systemd notify.
+//! * [`audio`] — the click: lock-free snapshot, frame clock, renderer, sinks, click log.
+//! * [`net`] — QUIC endpoint, handshake, peer tasks, the CLI's server side, mDNS,
+//!   impairment; the room task's inbox and [`net::RoomHandle`].
+//! * [`web`] — HTTP: the phone page and its WebSocket gateway, `/health`, `/metrics`.
+//! * [`mirror`] — the optional Redis mirror.
+//! * [`node`] — `bandsync run`: configuration, hw profiles, the room task, wiring and
+//!   shutdown.
+//! * [`cli`] — the stage tech's client.
 
 pub mod audio;
-pub mod auth;
 pub mod cli;
-pub mod clicklog;
-pub mod clock;
-pub mod config;
-pub mod daemon;
-pub mod discovery;
-pub mod gateway;
-pub mod http;
-pub mod hw;
-pub mod impair;
-pub mod mesh;
+pub mod core;
 pub mod mirror;
-pub mod notify;
-pub mod room;
-pub mod state;
-pub mod sync;
-pub mod timeline;
-pub mod wire;
+pub mod net;
+pub mod node;
+pub mod sys;
+pub mod web;

@@ -1,10 +1,10 @@
 //! The `bandsync` binary: the daemon (`bandsync run`) and the stage tech's CLI.
 
 use anyhow::Context;
-use bandsync::clock::NodeClock;
-use bandsync::config::{FileConfig, RunArgs, RunConfig};
-use bandsync::timeline::{ChangeKind, Meter, Quantum, Tempo};
-use bandsync::wire::{Query, Reply};
+use bandsync::sys::clock::NodeClock;
+use bandsync::node::config::{FileConfig, RunArgs, RunConfig};
+use bandsync::core::timeline::{ChangeKind, Meter, Quantum, Tempo};
+use bandsync::core::wire::{Query, Reply};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
@@ -131,15 +131,15 @@ fn target(to: &To, file: &FileConfig) -> anyhow::Result<bandsync::cli::Target> {
         .state_dir
         .clone()
         .or(file.state_dir.clone())
-        .unwrap_or_else(bandsync::config::default_state_dir);
+        .unwrap_or_else(bandsync::node::config::default_state_dir);
     let key_file = to.room_key_file.clone().or(file.room_key_file.clone());
     let key = match key_file {
-        Some(p) => bandsync::auth::RoomKey::load(Some(&p), &dir)?,
+        Some(p) => bandsync::net::auth::RoomKey::load(Some(&p), &dir)?,
         None => {
             if std::env::var("BANDSYNC_ROOM_KEY").is_ok_and(|k| !k.trim().is_empty())
                 || dir.join("room-key").exists()
             {
-                bandsync::auth::RoomKey::load(None, &dir)?
+                bandsync::net::auth::RoomKey::load(None, &dir)?
             } else {
                 anyhow::bail!("no room key: pass --room-key-file PATH or set BANDSYNC_ROOM_KEY (no key in {})", dir.display());
             }
@@ -199,7 +199,7 @@ fn pin_confirmed(to: &To, file: &FileConfig, who: Option<String>) -> anyhow::Res
             }
             tokio::time::sleep(std::time::Duration::from_millis(150)).await;
             if let Reply::Status(j) = bandsync::cli::request(&t, Query::Status).await? {
-                let s: bandsync::room::Status =
+                let s: bandsync::core::room::Status =
                     serde_json::from_str(&j).context("the node sent an unreadable status")?;
                 leader = s.leader.clone();
                 let want = who.as_deref().map(|w| resolve_in_status(&s, w));
@@ -217,7 +217,7 @@ fn pin_confirmed(to: &To, file: &FileConfig, who: Option<String>) -> anyhow::Res
 }
 
 /// The node id a pin target names in a status (an id, or a node's name).
-fn resolve_in_status(s: &bandsync::room::Status, who: &str) -> String {
+fn resolve_in_status(s: &bandsync::core::room::Status, who: &str) -> String {
     if s.node == who || s.name == who {
         return s.node.clone();
     }
@@ -248,7 +248,7 @@ fn status(
 ) -> anyhow::Result<()> {
     match ask(to, file, Query::Status)? {
         Reply::Status(j) => {
-            let s: bandsync::room::Status =
+            let s: bandsync::core::room::Status =
                 serde_json::from_str(&j).context("the node sent an unreadable status")?;
             if json {
                 if peers_only {
@@ -279,7 +279,7 @@ fn status(
 /// Errors found while reading flags, the config file or the environment, before the
 /// daemon started anything.
 fn is_config_error(e: &anyhow::Error) -> bool {
-    e.downcast_ref::<bandsync::config::ConfigError>().is_some()
+    e.downcast_ref::<bandsync::node::config::ConfigError>().is_some()
 }
 
 fn init_logs() {
@@ -300,15 +300,15 @@ fn main() {
     init_logs();
     let result = (|| -> anyhow::Result<()> {
         let clock =
-            clock.map_err(|e| anyhow::Error::new(bandsync::config::ConfigError(e.to_string())))?;
+            clock.map_err(|e| anyhow::Error::new(bandsync::node::config::ConfigError(e.to_string())))?;
         match cli.cmd {
             Cmd::Run(args) => {
                 let cfg = FileConfig::load(cli.config.as_deref())
                     .and_then(|(file, origin)| RunConfig::build(&args, &file, origin.as_deref()))
                     .map_err(|e| {
-                        anyhow::Error::new(bandsync::config::ConfigError(format!("{e:#}")))
+                        anyhow::Error::new(bandsync::node::config::ConfigError(format!("{e:#}")))
                     })?;
-                bandsync::daemon::run(cfg, clock)
+                bandsync::node::run::run(cfg, clock)
             }
             Cmd::Status {
                 to,
@@ -378,9 +378,9 @@ fn main() {
                 state_dir,
                 room_key_file,
             } => {
-                let dir = state_dir.unwrap_or_else(bandsync::config::default_state_dir);
-                bandsync::state::ensure_dir(&dir)?;
-                let key = bandsync::auth::RoomKey::load(room_key_file.as_deref(), &dir)?;
+                let dir = state_dir.unwrap_or_else(bandsync::node::config::default_state_dir);
+                bandsync::sys::state::ensure_dir(&dir)?;
+                let key = bandsync::net::auth::RoomKey::load(room_key_file.as_deref(), &dir)?;
                 println!("{}", key.to_hex());
                 Ok(())
             }

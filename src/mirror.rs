@@ -100,7 +100,7 @@ impl MirrorRecord {
     /// Check that the record is one bandsync can write and read back.
     pub fn validate(&self) -> Result<(), String> {
         check_room(&self.room)?;
-        if !(crate::timeline::Tempo::MIN_MBPM..=crate::timeline::Tempo::MAX_MBPM)
+        if !(crate::core::timeline::Tempo::MIN_MBPM..=crate::core::timeline::Tempo::MAX_MBPM)
             .contains(&self.tempo_mbpm)
         {
             return Err(format!(

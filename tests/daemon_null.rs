@@ -1,6 +1,6 @@
 //! End to end: `bandsync run --audio null` as a process, read through its click log.
 
-use bandsync::clock::mono_now_ns;
+use bandsync::sys::clock::mono_now_ns;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;

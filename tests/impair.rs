@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bandsync::impair::{make_endpoint, make_endpoint_with_stats, Impairment};
+use bandsync::net::impair::{make_endpoint, make_endpoint_with_stats, Impairment};
 
 const LOOPBACK: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 0);
 

@@ -12,11 +12,12 @@
 
 use bandsync::audio::snapshot::{AudioSnapshot, SnapshotCell};
 use bandsync::audio::AudioStats;
-use bandsync::clock::{mono_now_ns, NodeClock, SessionMap};
-use bandsync::gateway::{GatewayLimits, GatewayStats};
-use bandsync::http::HttpState;
-use bandsync::mesh::{self, MeshStats};
-use bandsync::timeline::{Meter, Tempo, Timeline};
+use bandsync::core::time::SessionMap;
+use bandsync::sys::clock::{mono_now_ns, NodeClock};
+use bandsync::web::gateway::{GatewayLimits, GatewayStats};
+use bandsync::web::http::HttpState;
+use bandsync::net::{self, MeshStats};
+use bandsync::core::timeline::{Meter, Tempo, Timeline};
 use serde_json::{json, Value};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
@@ -320,7 +321,7 @@ struct Fake {
     changes: tokio::sync::watch::Sender<u64>,
     stats: Arc<GatewayStats>,
     _shutdown: tokio::sync::watch::Sender<bool>,
-    _inbox: Option<mesh::Inbox>,
+    _inbox: Option<net::Inbox>,
 }
 
 fn timeline(bpm: f64, meter: i64, playing: bool) -> Timeline {
@@ -347,7 +348,7 @@ fn snapshot(tl: Timeline) -> AudioSnapshot {
 async fn fake(limits: GatewayLimits, pin: Option<&str>) -> Fake {
     let cell = Arc::new(SnapshotCell::new(snapshot(timeline(120.0, 4, true))));
     let (changes, changes_rx) = tokio::sync::watch::channel(0u64);
-    let (room, inbox) = mesh::channel();
+    let (room, inbox) = net::channel();
     drop(inbox); // no room task: status unknown, changes refused
     let stats = Arc::new(GatewayStats::default());
     let state = HttpState {
@@ -362,7 +363,7 @@ async fn fake(limits: GatewayLimits, pin: Option<&str>) -> Fake {
         stats: stats.clone(),
     };
     let (sd_tx, sd_rx) = tokio::sync::watch::channel(false);
-    let addr = bandsync::http::serve("127.0.0.1:0".parse().unwrap(), state, sd_rx)
+    let addr = bandsync::web::http::serve("127.0.0.1:0".parse().unwrap(), state, sd_rx)
         .await
         .unwrap();
     Fake {
@@ -772,9 +773,9 @@ async fn changes_are_pushed_to_every_joined_phone() {
     let now = mono_now_ns();
     let at = tl
         .schedule(
-            bandsync::timeline::Change {
-                kind: bandsync::timeline::ChangeKind::Tempo(Tempo::from_bpm(90.0).unwrap()),
-                quantum: bandsync::timeline::Quantum::Bar,
+            bandsync::core::timeline::Change {
+                kind: bandsync::core::timeline::ChangeKind::Tempo(Tempo::from_bpm(90.0).unwrap()),
+                quantum: bandsync::core::timeline::Quantum::Bar,
             },
             now,
             200_000_000,

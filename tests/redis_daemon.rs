@@ -130,10 +130,10 @@ fn the_leader_mirrors_to_redis_and_outages_never_touch_the_click() {
 
     // outage: stop redis for 10 s, change the meter meanwhile, bring it back
     drop(srv.take());
-    let down_at = bandsync::clock::mono_now_ns();
+    let down_at = bandsync::sys::clock::mono_now_ns();
     cli(quic, &key, &room, &["meter", "5"]);
     std::thread::sleep(Duration::from_secs(10));
-    let up_at = bandsync::clock::mono_now_ns();
+    let up_at = bandsync::sys::clock::mono_now_ns();
     srv = Some(redis(rport));
     let back = wait_for("meter", "5", Duration::from_secs(5));
     eprintln!("mirror current again {back:?} after redis came back");

@@ -2,7 +2,7 @@
 
 mod common;
 use bandsync::audio::sound::{ACCENT_PEAK, PLAIN_PEAK};
-use bandsync::timeline::{Change, ChangeKind, Quantum, Tempo};
+use bandsync::core::timeline::{Change, ChangeKind, Quantum, Tempo};
 use common::*;
 use std::sync::atomic::Ordering::Relaxed;
 

@@ -161,7 +161,7 @@ fn three_boxes_share_one_timeline() {
     );
     // c outranks the others; it may lead only after it settled (room::SETTLE_NS, 10 s)
     std::thread::sleep(Duration::from_secs(15));
-    let t_check = bandsync::clock::mono_now_ns() - 5_000_000_000;
+    let t_check = bandsync::sys::clock::mono_now_ns() - 5_000_000_000;
     a.stop();
     b.stop();
     c.stop();
@@ -319,7 +319,7 @@ fn pin_moves_leadership_survives_restarts_and_unpin_returns_to_ranking() {
         .unwrap()
         .trim()
         .to_string();
-    let pin_at = bandsync::clock::mono_now_ns();
+    let pin_at = bandsync::sys::clock::mono_now_ns();
     cli(&["pin", "node2"]);
     let took = wait_until(Duration::from_secs(3), || {
         status(&nodes[1])["role"] == "leader"

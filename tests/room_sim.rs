@@ -112,13 +112,13 @@
 //! not yet synced). A replay must be given the same knobs as the run that failed.
 //! `ROOM_SIM_SCRIPT_TRACE=1` prints a scripted scenario's whole trace.
 
-use bandsync::clock::SessionMap;
-use bandsync::room::{
+use bandsync::core::time::SessionMap;
+use bandsync::core::room::{
     Action, Note, Persisted, Room, RoomConfig, LOSS_NS, SETTLE_NS, SWITCH_LEAD_NS, YOUNG_NS,
 };
-use bandsync::sync::Sample;
-use bandsync::timeline::{ChangeKind, Meter, Quantum, Tempo, Timeline};
-use bandsync::wire::{Datagram, Frame, SessionId};
+use bandsync::core::sync::Sample;
+use bandsync::core::timeline::{ChangeKind, Meter, Quantum, Tempo, Timeline};
+use bandsync::core::wire::{Datagram, Frame, SessionId};
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, BinaryHeap, VecDeque};
 use std::fmt::Write as _;
@@ -241,35 +241,16 @@ fn deep_seeds() -> u64 {
 // Randomness and clocks
 // ---------------------------------------------------------------------------------------
 
-/// SplitMix64.
-#[derive(Clone)]
-struct Rng(u64);
+use bandsync::core::rng::SplitMix64 as Rng;
 
-impl Rng {
-    fn u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// Uniform in `lo..=hi`.
-    fn range(&mut self, lo: i64, hi: i64) -> i64 {
-        assert!(lo <= hi);
-        let span = (hi as i128 - lo as i128 + 1) as u128;
-        (lo as i128 + (self.u64() as u128 % span) as i128) as i64
-    }
-    fn unit(&mut self) -> f64 {
-        (self.u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-    fn chance(&mut self, p: f64) -> bool {
-        self.unit() < p
-    }
+/// Picking from a slice, on the crate's seeded generator.
+trait Pick {
+    fn pick<T: Copy>(&mut self, v: &[T]) -> T;
+}
+
+impl Pick for Rng {
     fn pick<T: Copy>(&mut self, v: &[T]) -> T {
         v[self.range(0, v.len() as i64 - 1) as usize]
-    }
-    fn fork(&mut self) -> Rng {
-        Rng(self.u64())
     }
 }
 
@@ -631,7 +612,7 @@ struct Sim {
     topo: Vec<TopoEntry>,
     failovers: Vec<PendingFailover>,
     /// Debugging (`ROOM_SIM_CLOCKS`): a copy of every (instance, peer) estimator.
-    shadow: BTreeMap<(usize, usize), (SessionMap, bandsync::sync::Estimator)>,
+    shadow: BTreeMap<(usize, usize), (SessionMap, bandsync::core::sync::Estimator)>,
     /// A scripted scenario's steps (empty: a random one).
     script: Vec<Step>,
     failure: Option<String>,
@@ -652,7 +633,7 @@ impl Sim {
         let mut slots = Vec::new();
         for _ in 0..n {
             slots.push(Slot {
-                id: format!("{:016x}", srng.u64()),
+                id: format!("{:016x}", srng.next_u64()),
                 priority: srng.pick(&[0, 0, 0, 1, 2]),
                 quantum: if srng.chance(0.7) {
                     Quantum::Bar
@@ -1301,12 +1282,9 @@ impl Sim {
             let from = self.slots[conn.slot[dir]].id.clone();
             let l = self.insts[r].clk.local(self.now);
             let room = &mut self.insts[r].room;
-            match frame {
-                Frame::Announce(a) => room.on_announce(&from, a, l, out),
-                Frame::Pin(id) => room.on_pin(&from, id, out),
-                Frame::Change(req) => room.on_change(&from, req, l, out),
-                _ => {}
-            }
+            // The driver's own dispatch; the simulation only ever sends peer frames.
+            room.handle_frame(&from, frame, l, out)
+                .expect("the simulation sends only peer frames");
             self.carry_out(r, l, out);
         }
     }
@@ -1376,7 +1354,7 @@ impl Sim {
                 if self.verbose && std::env::var("ROOM_SIM_CLOCKS").is_ok() {
                     let peer = self.conns[c].inst[1 - to];
                     let e = self.shadow.entry((r, peer)).or_insert_with(|| {
-                        (map, bandsync::sync::Estimator::new(Default::default()))
+                        (map, bandsync::core::sync::Estimator::new(Default::default()))
                     });
                     e.0 = map;
                     e.1.handle_sample(Sample { t1, t2, t3, t4 });

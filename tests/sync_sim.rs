@@ -16,7 +16,7 @@
 //!   `t3`. Pongs may arrive out of order.
 //! * The control loop ticks every 50 ms: it feeds the pongs that have arrived, then
 //!   calls `Slewer::step` with the latest estimate, allowing a step only at the first
-//!   [mature](bandsync::sync::Estimate::mature) one, which it waits for, as the room
+//!   [mature](bandsync::core::sync::Estimate::mature) one, which it waits for, as the room
 //!   does. The error is `published.to_session(F(t)) − L(t)` at every tick (the
 //!   published map is linear between ticks and continuous at them, so the extremes are
 //!   at ticks).
@@ -52,8 +52,8 @@
 //! and `-- --nocapture` to print every tick). `-- --nocapture` alone prints the worst
 //! errors of each scenario.
 
-use bandsync::clock::SessionMap;
-use bandsync::sync::{Estimator, Sample, SampleVerdict, SlewConfig, Slewer, SyncConfig};
+use bandsync::core::time::SessionMap;
+use bandsync::core::sync::{Estimator, Sample, SampleVerdict, SlewConfig, Slewer, SyncConfig};
 
 const US: i64 = 1_000;
 const MS: i64 = 1_000_000;
@@ -67,27 +67,7 @@ const JUMP_AT: i64 = 15 * SEC;
 /// Honesty is checked from here on.
 const HONEST_FROM: i64 = 10 * SEC;
 
-/// SplitMix64: tiny, seeded, good enough for a simulation.
-struct Rng(u64);
-
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// Uniform in `lo..=hi`.
-    fn range(&mut self, lo: i64, hi: i64) -> i64 {
-        assert!(lo <= hi);
-        let span = (hi as i128 - lo as i128 + 1) as u128;
-        (lo as i128 + (self.next_u64() as u128 % span) as i128) as i64
-    }
-    fn chance(&mut self, p: f64) -> bool {
-        ((self.next_u64() >> 11) as f64 / (1u64 << 53) as f64) < p
-    }
-}
+use bandsync::core::rng::SplitMix64 as Rng;
 
 /// A distorted clock: `c(t) = t + off + skew·(t − t0)`.
 #[derive(Clone, Copy, Debug)]
@@ -287,7 +267,7 @@ fn simulate(sc: &Scenario, seed: u64) -> Outcome {
     let true_rate_ppm =
         ((1e9 + leader.skew_ppb as f64) / (1e9 + follower.skew_ppb as f64) - 1.0) * 1e6;
     let (sync, slew) = if sc.room {
-        (bandsync::room::sync_config(), bandsync::room::slew_config())
+        (bandsync::core::room::sync_config(), bandsync::core::room::slew_config())
     } else {
         (SyncConfig::default(), SlewConfig::default())
     };

@@ -30,7 +30,7 @@
 //! The `bug_*` tests at the end are regression tests for bugs the last two regimes found
 //! in `src/timeline.rs` (now fixed); they assert the correct behaviour.
 
-use bandsync::timeline::{
+use bandsync::core::timeline::{
     BeatPos, Change, ChangeKind, Click, Meter, Quantum, Scheduled, Segment, Tempo, Timeline,
     MAX_PENDING,
 };

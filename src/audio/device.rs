@@ -9,7 +9,7 @@ use super::null;
 use super::render::Renderer;
 use super::snapshot::SnapshotCell;
 use super::{AudioBackend, AudioConfig, AudioStats, ClickEvent};
-use crate::clock::{Clock, NodeClock};
+use crate::sys::clock::{Clock, NodeClock};
 use anyhow::{anyhow, Context};
 use cpal::traits::{DeviceTrait, HostTrait, StreamTrait};
 use std::sync::atomic::{AtomicBool, Ordering, Ordering::Relaxed};

@@ -13,6 +13,7 @@
 //! Invariant: inside [`render::Renderer::render`] there is no allocation, no lock,
 //! no syscall and no logging (`tests/no_alloc.rs` proves the first).
 
+pub mod clicklog;
 pub mod device;
 pub mod frameclock;
 pub mod null;

@@ -7,7 +7,7 @@
 //! (`BANDSYNC_TEST_CLOCK`) sees it drift and the frame clock must track it.
 
 use super::render::Renderer;
-use crate::clock::{mono_now_ns, NodeClock};
+use crate::sys::clock::{mono_now_ns, NodeClock};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 pub const NULL_RATE: u32 = 48_000;

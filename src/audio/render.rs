@@ -6,7 +6,7 @@
 //! 1. read the latest [`AudioSnapshot`] (lock-free; keep the previous one if busy);
 //! 2. smooth `m` through the [`FrameClock`] → `t_first`, `ns_per_frame`;
 //! 3. the buffer is *heard* over `[h0, h1)` with `h0 = t_first + latency_offset`;
-//!    map that to session time `[s0, s1)` with the [`SessionMap`](crate::clock::SessionMap);
+//!    map that to session time `[s0, s1)` with the [`SessionMap`](crate::core::time::SessionMap);
 //! 4. every click the timeline has in that range lands on frame
 //!    `round((local(click) − h0) / ns_per_frame)`;
 //! 5. synthesize: the click sound starts on exactly that frame.

@@ -6,8 +6,8 @@
 //! Every field is an atomic, so there is no data race even on a torn read (which the
 //! sequence check then discards).
 
-use crate::clock::SessionMap;
-use crate::timeline::{Timeline, TIMELINE_WORDS};
+use crate::core::time::SessionMap;
+use crate::core::timeline::{Timeline, TIMELINE_WORDS};
 use std::sync::atomic::{fence, AtomicU64, Ordering};
 use std::sync::Mutex;
 
@@ -135,7 +135,7 @@ impl SnapshotCell {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::timeline::{Meter, Tempo};
+    use crate::core::timeline::{Meter, Tempo};
     use std::sync::Arc;
 
     fn snap(i: i64) -> AudioSnapshot {

@@ -4,8 +4,8 @@
 use bandsync::audio::render::Renderer;
 use bandsync::audio::snapshot::{AudioSnapshot, SnapshotCell};
 use bandsync::audio::{AudioStats, ClickEvent};
-use bandsync::clock::SessionMap;
-use bandsync::timeline::{Meter, Tempo, Timeline};
+use bandsync::core::time::SessionMap;
+use bandsync::core::timeline::{Meter, Tempo, Timeline};
 use std::sync::Arc;
 
 pub const RATE: u32 = 48_000;

@@ -10,8 +10,8 @@
 //! panic, and every field is validated here (ids, names, timelines) so the room core
 //! only ever sees well-formed messages.
 
-use crate::clock::SessionMap;
-use crate::timeline::{ChangeKind, Quantum, Segment, Timeline};
+use crate::core::time::SessionMap;
+use crate::core::timeline::{ChangeKind, Quantum, Segment, Timeline};
 use serde::{Deserialize, Serialize};
 
 /// 2: pongs carry the responder's local times and its session map.
@@ -273,35 +273,6 @@ fn decode_versioned<T: serde::de::DeserializeOwned>(b: &[u8], max: usize) -> Res
     Ok(x)
 }
 
-/// Read one frame from a QUIC stream. `Ok(None)` at a clean end of stream.
-pub async fn read_frame(r: &mut quinn::RecvStream) -> Result<Option<Frame>, FrameReadError> {
-    let mut len = [0u8; 4];
-    match r.read_exact(&mut len).await {
-        Ok(()) => {}
-        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
-        Err(e) => return Err(FrameReadError::Stream(e.to_string())),
-    }
-    let len = u32::from_be_bytes(len) as usize;
-    if len > MAX_FRAME {
-        return Err(FrameReadError::Wire(WireError::TooLarge(len)));
-    }
-    let mut body = vec![0u8; len];
-    r.read_exact(&mut body)
-        .await
-        .map_err(|e| FrameReadError::Stream(e.to_string()))?;
-    Frame::decode_body(&body)
-        .map(Some)
-        .map_err(FrameReadError::Wire)
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum FrameReadError {
-    #[error("{0}")]
-    Wire(WireError),
-    #[error("stream: {0}")]
-    Stream(String),
-}
-
 impl Datagram {
     pub fn encode(&self) -> Vec<u8> {
         let mut out = PROTOCOL_VERSION.to_be_bytes().to_vec();
@@ -327,7 +298,7 @@ impl Datagram {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::timeline::{Meter, Tempo};
+    use crate::core::timeline::{Meter, Tempo};
     use proptest::prelude::*;
 
     fn announce() -> Frame {

@@ -16,19 +16,19 @@ use std::path::{Path, PathBuf};
 const BUILTIN: &[(&str, &str)] = &[
     (
         "hw/rpi-headphones.toml",
-        include_str!("../hw/rpi-headphones.toml"),
+        include_str!("../../hw/rpi-headphones.toml"),
     ),
     (
         "hw/rpi-i2s-dac.toml",
-        include_str!("../hw/rpi-i2s-dac.toml"),
+        include_str!("../../hw/rpi-i2s-dac.toml"),
     ),
     (
         "hw/usb-class-compliant.toml",
-        include_str!("../hw/usb-class-compliant.toml"),
+        include_str!("../../hw/usb-class-compliant.toml"),
     ),
     (
         "hw/x86-mini-pc.toml",
-        include_str!("../hw/x86-mini-pc.toml"),
+        include_str!("../../hw/x86-mini-pc.toml"),
     ),
 ];
 

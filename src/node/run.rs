@@ -7,16 +7,18 @@
 use crate::audio::device::{self, AudioCtx};
 use crate::audio::snapshot::{AudioSnapshot, SnapshotCell};
 use crate::audio::{AudioConfig, AudioStats};
-use crate::auth::RoomKey;
-use crate::clicklog;
-use crate::clock::{Clock, NodeClock, SessionMap};
-use crate::config::RunConfig;
-use crate::impair::Impairment;
-use crate::mesh::{self, MeshConfig, MeshStats};
-use crate::room::{Persisted, Room, RoomConfig};
-use crate::state;
-use crate::timeline::{Meter, Tempo, Timeline};
-use crate::wire::SessionId;
+use crate::net::auth::RoomKey;
+use crate::audio::clicklog;
+use crate::core::time::SessionMap;
+use crate::sys::clock::{Clock, NodeClock};
+use crate::node::config::RunConfig;
+use crate::net::impair::Impairment;
+use crate::net::{self, MeshStats};
+use crate::node::room_task::{self, MeshConfig};
+use crate::core::room::{Persisted, Room, RoomConfig};
+use crate::sys::state;
+use crate::core::timeline::{Meter, Tempo, Timeline};
+use crate::core::wire::SessionId;
 use anyhow::Context;
 use std::sync::atomic::{AtomicBool, Ordering, Ordering::Relaxed};
 use std::sync::Arc;
@@ -147,7 +149,7 @@ pub fn run(cfg: RunConfig, clock: NodeClock) -> anyhow::Result<()> {
         impair,
         http_port: None,
         mirror: None,
-        notify: crate::notify::Notifier::from_env(),
+        notify: crate::sys::notify::Notifier::from_env(),
         audio: stats.clone(),
     };
     let session = SessionId {
@@ -170,9 +172,9 @@ pub fn run(cfg: RunConfig, clock: NodeClock) -> anyhow::Result<()> {
     let http_addr = cfg.http;
     let control_pin = cfg.control_pin.clone();
     let result = rt.block_on(async {
-        let (handle, inbox) = mesh::channel();
+        let (handle, inbox) = net::channel();
         let (published_tx, published_rx) = tokio::sync::watch::channel(0u64);
-        let http_state = crate::http::HttpState {
+        let http_state = crate::web::http::HttpState {
             room: handle,
             audio: stats.clone(),
             mesh: mesh_stats.clone(),
@@ -180,10 +182,10 @@ pub fn run(cfg: RunConfig, clock: NodeClock) -> anyhow::Result<()> {
             clock,
             changes: published_rx,
             control_pin: control_pin.clone(),
-            limits: crate::gateway::GatewayLimits::default(),
-            stats: Arc::new(crate::gateway::GatewayStats::default()),
+            limits: crate::web::gateway::GatewayLimits::default(),
+            stats: Arc::new(crate::web::gateway::GatewayStats::default()),
         };
-        let http_port = match crate::http::serve(http_addr, http_state, shutdown.clone()).await {
+        let http_port = match crate::web::http::serve(http_addr, http_state, shutdown.clone()).await {
             Ok(a) => Some(a.port()),
             Err(e) => {
                 tracing::error!(error = %format!("{e:#}"), "no HTTP: phones, /health and /metrics are unavailable (the click goes on)");
@@ -199,7 +201,7 @@ pub fn run(cfg: RunConfig, clock: NodeClock) -> anyhow::Result<()> {
             tracing::info!(url = %url, "mirroring the session to Redis");
             tokio::spawn(crate::mirror::run(url, cfg.room.clone(), rx, mirror_stats.clone(), shutdown.clone()));
         }
-        let r = mesh::run(mesh_cfg, inbox, room, clock, cell.clone(), mesh_stats, published_tx, shutdown).await;
+        let r = room_task::run(mesh_cfg, inbox, room, clock, cell.clone(), mesh_stats, published_tx, shutdown).await;
         reporter.abort();
         r
     });

@@ -37,7 +37,7 @@
 //! ## Node → client
 //!
 //! Joined phones get a `snapshot` every time the room task publishes a new timeline,
-//! session map or epoch (the `changes` watch of [`crate::http::HttpState`]), queued for
+//! session map or epoch (the `changes` watch of [`crate::web::http::HttpState`]), queued for
 //! every phone at once from one serialization.
 //!
 //! * `snapshot` — the whole timeline:
@@ -50,7 +50,7 @@
 //!   `beat(t) = b0 + (t − t0_us)·bpm/60e6`; beat `n` is at `t0_us + (n − b0)·60e6/bpm` in
 //!   the last segment with `b0 ≤ n`, and clicks when that segment is `playing`;
 //!   beat `n` starts a bar when `(n − downbeat) mod meter = 0`. (This is
-//!   `crate::timeline`, in floating point.) `gen` changes when this node's session
+//!   `crate::core::timeline`, in floating point.) `gen` changes when this node's session
 //!   clock steps (it joined a room): clock samples taken before are void. `boxes` counts
 //!   the live boxes of the room, this one included.
 //! * `pong` — `{"type":"pong","t0","t1","t2","gen"}`: `t0` echoed, `t1` the node's
@@ -119,10 +119,10 @@
 //! `uncertainty_us`, `rate_ppm`, `samples`).
 
 use crate::audio::snapshot::{AudioSnapshot, SnapshotCell};
-use crate::clock::{Clock, NodeClock};
-use crate::mesh::RoomHandle;
-use crate::timeline::{ChangeKind, Meter, Quantum, Tempo};
-use crate::wire::{Query, Reply};
+use crate::sys::clock::{Clock, NodeClock};
+use crate::net::RoomHandle;
+use crate::core::timeline::{ChangeKind, Meter, Quantum, Tempo};
+use crate::core::wire::{Query, Reply};
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -137,7 +137,7 @@ use tokio::sync::{mpsc, Notify, Semaphore};
 use tokio::time::Instant;
 
 /// The phone page (one self-contained file: no CDN, works offline).
-pub const PAGE: &str = include_str!("phone/index.html");
+pub const PAGE: &str = include_str!("../phone/index.html");
 
 /// Close codes (RFC 6455).
 pub const CLOSE_NORMAL: u16 = 1000;
@@ -355,7 +355,7 @@ struct PeerOut {
 }
 
 impl Meta {
-    fn from_status(s: crate::room::Status) -> Meta {
+    fn from_status(s: crate::core::room::Status) -> Meta {
         let leader_name = if s.leader == s.node {
             s.name.clone()
         } else {
@@ -447,8 +447,8 @@ struct Inner {
 pub struct Gateway(Arc<Inner>);
 
 impl Gateway {
-    /// Build from the HTTP state (see [`crate::http::HttpState`]).
-    pub fn new(st: &crate::http::HttpState) -> Gateway {
+    /// Build from the HTTP state (see [`crate::web::http::HttpState`]).
+    pub fn new(st: &crate::web::http::HttpState) -> Gateway {
         let limits = st.limits.clone();
         Gateway(Arc::new(Inner {
             cell: st.cell.clone(),

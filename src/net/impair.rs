@@ -229,21 +229,14 @@ impl ImpairStats {
 struct SplitMix(AtomicU64);
 
 impl SplitMix {
-    const GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
-
     fn next_u64(&self) -> u64 {
-        let mut z = self
-            .0
-            .fetch_add(Self::GAMMA, Ordering::Relaxed)
-            .wrapping_add(Self::GAMMA);
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        use crate::core::rng;
+        rng::mix(self.0.fetch_add(rng::STEP, Ordering::Relaxed).wrapping_add(rng::STEP))
     }
 
     /// Uniform in [0, 1).
     fn next_f64(&self) -> f64 {
-        (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+        crate::core::rng::unit_of(self.next_u64())
     }
 }
 

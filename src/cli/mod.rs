@@ -2,9 +2,9 @@
 //! authenticates with the room key over QUIC exactly like a node (but never joins the
 //! room), asks one [`Query`] and prints the [`Reply`].
 
-use crate::auth::{self, RoomKey};
-use crate::room::Status;
-use crate::wire::{self, Frame, Hello, Query, Reply};
+use crate::net::auth::{self, RoomKey};
+use crate::core::room::Status;
+use crate::core::wire::{Frame, Hello, Query, Reply};
 use anyhow::{anyhow, bail, Context};
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -39,7 +39,7 @@ async fn resolve(target: &Target) -> anyhow::Result<Vec<SocketAddr>> {
         }
         return Ok(addrs);
     }
-    let found = crate::discovery::browse_once(
+    let found = crate::net::discovery::browse_once(
         &target.room,
         &target.interfaces,
         Duration::from_millis(2500),
@@ -91,12 +91,12 @@ async fn ask(target: &Target, addr: SocketAddr, q: Query) -> anyhow::Result<Repl
     .await
     .map_err(|_| unreachable("timed out".into()))?
     .map_err(|e| unreachable(e.to_string()))?;
-    let me = crate::state::random_id()?;
+    let me = crate::sys::state::random_id()?;
     let ekm = auth::exporter(&conn)?;
     let hello = Frame::Hello(Hello {
         node: me.clone(),
         name: "cli".into(),
-        room: crate::discovery::room_hash(&target.room),
+        room: crate::net::discovery::room_hash(&target.room),
         priority: 0,
         cli: true,
         mac: target.key.mac("c", &ekm, &me),
@@ -124,7 +124,7 @@ async fn ask(target: &Target, addr: SocketAddr, q: Query) -> anyhow::Result<Repl
         }
     };
     let first =
-        match tokio::time::timeout(Duration::from_secs(3), wire::read_frame(&mut recv)).await {
+        match tokio::time::timeout(Duration::from_secs(3), crate::net::frames::read_frame(&mut recv)).await {
             Ok(Ok(Some(f))) => f,
             Ok(_) => {
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -148,7 +148,7 @@ async fn ask(target: &Target, addr: SocketAddr, q: Query) -> anyhow::Result<Repl
         .await
         .map_err(|e| unreachable(e.to_string()))?;
     let reply =
-        match tokio::time::timeout(Duration::from_secs(5), wire::read_frame(&mut recv)).await {
+        match tokio::time::timeout(Duration::from_secs(5), crate::net::frames::read_frame(&mut recv)).await {
             Ok(Ok(Some(Frame::Reply(r)))) => r,
             Ok(Ok(Some(_))) => bail!("the node at {addr} sent something other than a reply"),
             Ok(Ok(None)) => {

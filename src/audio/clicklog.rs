@@ -7,7 +7,7 @@
 //! CLOCK_MONOTONIC (undoing `BANDSYNC_TEST_CLOCK`) and appends the lines.
 
 use crate::audio::ClickEvent;
-use crate::clock::NodeClock;
+use crate::sys::clock::NodeClock;
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::sync::atomic::{AtomicBool, Ordering};

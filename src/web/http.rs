@@ -1,8 +1,8 @@
 //! The node's HTTP listener: the phone page (`/`), its WebSocket (`/ws`, see
-//! [`crate::gateway`]), `/health` and `/metrics`.
+//! [`crate::web::gateway`]), `/health` and `/metrics`.
 
 use crate::audio::AudioStats;
-use crate::mesh::{MeshStats, RoomHandle};
+use crate::net::{MeshStats, RoomHandle};
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
@@ -19,28 +19,28 @@ pub struct HttpState {
     pub mesh: Arc<MeshStats>,
     /// The current timeline, session map and epoch (what the audio thread plays).
     pub cell: Arc<crate::audio::snapshot::SnapshotCell>,
-    pub clock: crate::clock::NodeClock,
+    pub clock: crate::sys::clock::NodeClock,
     /// Bumped by the room task every time it publishes a new snapshot.
     pub changes: tokio::sync::watch::Receiver<u64>,
     /// Control PIN for changes from phones (None: no PIN).
     pub control_pin: Option<String>,
     /// The phone gateway's limits (connections, message size, rate, send queues).
-    pub limits: crate::gateway::GatewayLimits,
+    pub limits: crate::web::gateway::GatewayLimits,
     /// The phone gateway's counters (shown on `/metrics`).
-    pub stats: Arc<crate::gateway::GatewayStats>,
+    pub stats: Arc<crate::web::gateway::GatewayStats>,
 }
 
 pub fn router(state: HttpState) -> Router {
-    let gw = crate::gateway::Gateway::new(&state);
+    let gw = crate::web::gateway::Gateway::new(&state);
     Router::new()
-        .route("/", get(crate::gateway::page))
-        .route("/index.html", get(crate::gateway::page))
+        .route("/", get(crate::web::gateway::page))
+        .route("/index.html", get(crate::web::gateway::page))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .with_state(state)
         .merge(
             Router::new()
-                .route("/ws", get(crate::gateway::ws_handler))
+                .route("/ws", get(crate::web::gateway::ws_handler))
                 .with_state(gw),
         )
 }
@@ -320,7 +320,7 @@ async fn metrics(State(st): State<HttpState>) -> impl IntoResponse {
             "gauge",
             vec![(String::new(), s.peers.len() as f64)],
         );
-        let lab = |p: &crate::room::PeerStatus| {
+        let lab = |p: &crate::core::room::PeerStatus| {
             format!(
                 "{{peer=\"{}\",name=\"{}\"}}",
                 p.id,

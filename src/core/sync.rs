@@ -188,7 +188,7 @@
 //! stepped onto them then slews for seconds. A follower counts as synced (may lead)
 //! once its estimate has [settled](Estimate::settled).
 
-use crate::clock::SessionMap;
+use crate::core::time::SessionMap;
 use std::collections::VecDeque;
 
 const PPT: i128 = 1_000_000_000_000;

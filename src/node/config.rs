@@ -4,7 +4,7 @@
 //! Unknown keys and bad values are errors that name the key, the value and the file.
 
 use crate::audio::AudioBackend;
-use crate::timeline::{Meter, Quantum, Tempo};
+use crate::core::timeline::{Meter, Quantum, Tempo};
 use anyhow::{anyhow, bail, Context};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
@@ -176,7 +176,7 @@ pub struct RunConfig {
     pub control_pin: Option<String>,
     pub redis: Option<String>,
     /// The board profile in use, if any.
-    pub hw: Option<crate::hw::HwProfile>,
+    pub hw: Option<crate::node::hw::HwProfile>,
 }
 
 /// Default QUIC port of the room mesh.
@@ -284,10 +284,10 @@ impl RunConfig {
             .or(file.hw.clone())
             .unwrap_or_else(|| "auto".into());
         let hw = match hw_spec.as_str() {
-            "auto" => crate::hw::detect_system(),
+            "auto" => crate::node::hw::detect_system(),
             "none" => None,
             spec => Some(
-                crate::hw::load(spec)
+                crate::node::hw::load(spec)
                     .map_err(|e| anyhow!("{}: {e}", src(args.hw.is_some(), "hw")))?,
             ),
         };

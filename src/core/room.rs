@@ -17,16 +17,16 @@
 //!   at its current estimate of the old leader's), so nobody's click moves; it bumps
 //!   the epoch.
 //! * **Following.** A follower maps its local clock to session time with its estimate
-//!   of the leader's clock ([`crate::sync::Estimator`]), through a [`Slewer`] that never
+//!   of the leader's clock ([`crate::core::sync::Estimator`]), through a [`Slewer`] that never
 //!   steps. It adopts the leader's timeline when the leader's `(epoch, version)` is
 //!   newer than its own: an older epoch never overwrites a newer one.
 //! * **Changes** are scheduled by the leader at a quantized point at least
 //!   [`CHANGE_LEAD_NS`] ahead, so every box has them before they apply.
 
-use crate::clock::SessionMap;
-use crate::sync::{Estimate, Estimator, Sample, SampleVerdict, Slewer, SyncConfig};
-use crate::timeline::{Change, ChangeKind, Quantum, Scheduled, Timeline, TimelineError};
-use crate::wire::{Announce, ChangeRequest, Frame, SessionId};
+use crate::core::time::SessionMap;
+use crate::core::sync::{Estimate, Estimator, Sample, SampleVerdict, Slewer, SyncConfig};
+use crate::core::timeline::{Change, ChangeKind, Quantum, Scheduled, Timeline, TimelineError};
+use crate::core::wire::{Announce, ChangeRequest, Frame, SessionId};
 use std::collections::BTreeMap;
 
 /// A change lands at least this far ahead (network propagation to every box).
@@ -70,8 +70,8 @@ pub fn sync_config() -> SyncConfig {
 
 /// The slewer the room uses: corrections of at most 200 ppm, so that a click interval
 /// never moves by more than 100 µs at 120 BPM while the clock is pulled in.
-pub fn slew_config() -> crate::sync::SlewConfig {
-    crate::sync::SlewConfig {
+pub fn slew_config() -> crate::core::sync::SlewConfig {
+    crate::core::sync::SlewConfig {
         max_slew_ppm: 200.0,
         ..Default::default()
     }
@@ -172,6 +172,11 @@ impl Peer {
     }
 }
 
+/// A peer frame that has no place in the room (see [`Room::handle_frame`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unexpected frame: {0}")]
+pub struct FrameRefused(pub &'static str);
+
 struct Switch {
     session: SessionId,
     leader: String,
@@ -250,15 +255,15 @@ pub struct Room {
 /// back with the session it had.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Persisted {
-    pub tempo: crate::timeline::Tempo,
-    pub meter: crate::timeline::Meter,
+    pub tempo: crate::core::timeline::Tempo,
+    pub meter: crate::core::timeline::Meter,
     pub playing: bool,
     pub pinned: Option<String>,
     pub epoch: u64,
 }
 
 /// A node that joined a session follows for at least this long, and until its estimate
-/// of the leader's clock has [settled](crate::sync::Estimate::settled), before it counts
+/// of the leader's clock has [settled](crate::core::sync::Estimate::settled), before it counts
 /// as synced (and so may lead): a node that takes over hands its estimate of the old
 /// leader's clock to the whole room. On a jittery (Wi-Fi) path that takes ~20 s.
 pub const SETTLE_NS: i64 = 10_000_000_000;
@@ -551,6 +556,35 @@ impl Room {
             peers: self.peer_status(now),
             phone_url: None,
         }
+    }
+
+    /// An authenticated peer's frame: the one dispatch the mesh driver and the
+    /// simulation share. Frames that have no place between peers (a second `Hello`, a
+    /// CLI's `Query` or `Reply`) are refused with [`FrameRefused`] and change nothing;
+    /// `Bye` only ends the peer's liveness early.
+    pub fn handle_frame(
+        &mut self,
+        from: &str,
+        frame: Frame,
+        now: i64,
+        out: &mut Vec<Action>,
+    ) -> Result<(), FrameRefused> {
+        match frame {
+            Frame::Announce(a) => self.on_announce(from, a, now, out),
+            Frame::Pin(id) => self.on_pin(from, id, out),
+            Frame::Change(req) => self.on_change(from, req, now, out),
+            Frame::Bye(_) => {
+                // gone for leadership at once; the connection's end removes it
+                if let Some(p) = self.peers.get_mut(from) {
+                    p.last_heard = i64::MIN / 2;
+                    self.dirty = true;
+                }
+            }
+            Frame::Hello(_) => return Err(FrameRefused("a second Hello")),
+            Frame::Query(_) => return Err(FrameRefused("a CLI Query from a peer")),
+            Frame::Reply(_) => return Err(FrameRefused("a CLI Reply from a peer")),
+        }
+        Ok(())
     }
 
     /// A follower relayed a change to us.
@@ -944,5 +978,5 @@ impl Room {
 fn phase_differs(a: &Timeline, b: &Timeline, t: i64) -> bool {
     let pa = a.beat_at(t).0 as i128;
     let pb = b.beat_at(t).0 as i128;
-    (pa - pb).abs() > (1i128 << crate::timeline::FRAC_BITS) / 1000
+    (pa - pb).abs() > (1i128 << crate::core::timeline::FRAC_BITS) / 1000
 }

@@ -52,7 +52,7 @@
 //!   refreshed; [`Tracker`] reports `Found` only for what is new or changed.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr, SocketAddrV6};
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -62,11 +62,20 @@ use mdns_sd::{
 };
 use tokio::sync::mpsc;
 
+pub use crate::core::advert::{parse_advert, AdvertError, PeerInfo, Txt};
+use crate::core::id::is_node_id;
+
+impl Txt for TxtProperties {
+    fn get(&self, key: &str) -> Option<&[u8]> {
+        self.get_property_val(key).flatten()
+    }
+}
+
 /// The DNS-SD service type every node advertises.
 pub const SERVICE_TYPE: &str = "_bandsync._udp.local.";
 
-/// The peer protocol version, advertised as TXT `v`.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// The peer protocol version, advertised as TXT `v`: the wire's.
+pub use crate::core::wire::PROTOCOL_VERSION;
 
 /// What is hashed in front of the room name, so the hash means nothing elsewhere.
 const ROOM_HASH_DOMAIN: &str = "bandsync-room:";
@@ -126,15 +135,6 @@ pub fn dns_label(name: &str) -> String {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PeerInfo {
-    pub node_id: String,
-    pub name: String,
-    /// QUIC addresses: resolved IPs + the advertised QUIC port; IPv4 first, sorted.
-    pub addrs: Vec<SocketAddr>,
-    pub proto: u16,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PeerEvent {
     /// A new peer, or a known peer whose name, addresses, port or version changed.
     Found(PeerInfo),
@@ -160,98 +160,6 @@ pub enum DiscoveryError {
 
 fn mdns(what: &'static str) -> impl FnOnce(mdns_sd::Error) -> DiscoveryError {
     move |source| DiscoveryError::Mdns { what, source }
-}
-
-/// Why an advertisement from the network was ignored.
-#[derive(Debug, PartialEq, Eq, thiserror::Error)]
-pub enum AdvertError {
-    #[error("TXT `{0}` is missing")]
-    Missing(&'static str),
-    #[error("TXT `{key}` = {value:?} is invalid")]
-    Invalid { key: &'static str, value: String },
-    #[error("room hash {0:?} is another room's")]
-    OtherRoom(String),
-    #[error("no usable address")]
-    NoAddress,
-}
-
-fn is_node_id(s: &str) -> bool {
-    s.len() == 16 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-}
-
-/// A TXT value as text, or why not.
-fn txt<'a>(props: &'a TxtProperties, key: &'static str) -> Result<&'a str, AdvertError> {
-    let val = props
-        .get_property_val(key)
-        .ok_or(AdvertError::Missing(key))?
-        .ok_or(AdvertError::Missing(key))?;
-    std::str::from_utf8(val).map_err(|_| AdvertError::Invalid {
-        key,
-        value: String::from_utf8_lossy(val).into_owned(),
-    })
-}
-
-/// A decimal number in 1..=u16::MAX, digits only (no sign, no spaces).
-fn txt_u16(props: &TxtProperties, key: &'static str) -> Result<u16, AdvertError> {
-    let s = txt(props, key)?;
-    let bad = || AdvertError::Invalid {
-        key,
-        value: s.to_string(),
-    };
-    if s.is_empty() || s.len() > 5 || !s.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(bad());
-    }
-    match s.parse::<u16>() {
-        Ok(n) if n > 0 => Ok(n),
-        _ => Err(bad()),
-    }
-}
-
-/// Validate the TXT fields of an advertisement and build the peer it describes.
-/// `ips` are the resolved addresses with their interface scope (see [`usable_ips`]).
-pub fn parse_advert(
-    props: &TxtProperties,
-    room_hash: &str,
-    ips: &[(IpAddr, u32)],
-) -> Result<PeerInfo, AdvertError> {
-    let proto = txt_u16(props, "v")?;
-    let id = txt(props, "id")?;
-    if !is_node_id(id) {
-        return Err(AdvertError::Invalid {
-            key: "id",
-            value: id.to_string(),
-        });
-    }
-    let name = txt(props, "name")?;
-    if name.trim().is_empty() || name.chars().any(char::is_control) {
-        return Err(AdvertError::Invalid {
-            key: "name",
-            value: name.to_string(),
-        });
-    }
-    let room = txt(props, "room")?;
-    if room != room_hash {
-        return Err(AdvertError::OtherRoom(room.to_string()));
-    }
-    let port = txt_u16(props, "port")?;
-    let mut addrs: Vec<SocketAddr> = ips
-        .iter()
-        .map(|&(ip, scope)| match ip {
-            IpAddr::V4(_) => SocketAddr::new(ip, port),
-            IpAddr::V6(v6) => SocketAddr::V6(SocketAddrV6::new(v6, port, 0, scope)),
-        })
-        .collect();
-    addrs.sort_by_key(|a| (a.is_ipv6(), *a));
-    addrs.dedup();
-    if addrs.is_empty() {
-        return Err(AdvertError::NoAddress);
-    }
-    Ok(PeerInfo {
-        node_id: id.to_string(),
-        name: name.to_string(),
-        addrs,
-        proto,
-    })
 }
 
 /// Link-local IPv6 (fe80::/10) needs its interface as scope id to be dialled.
@@ -662,7 +570,7 @@ mod tests {
     use super::*;
     use mdns_sd::{IntoTxtProperties, TxtProperty};
     use std::hash::{BuildHasher, Hasher};
-    use std::net::Ipv4Addr;
+    use std::net::{Ipv4Addr, SocketAddr};
     use tokio::time::Instant;
 
     const ROOM: &str = "test-room";

@@ -10,7 +10,7 @@
 //! mac = HMAC-SHA256(room_key, "bandsync/1" ‖ role ‖ ekm ‖ node_id)      role = "c" | "s"
 //! ```
 //!
-//! Each side sends its `mac` in its first frame ([`crate::wire::Hello`]) and checks
+//! Each side sends its `mac` in its first frame ([`crate::core::wire::Hello`]) and checks
 //! the other's before accepting anything else. Certificates are not verified (there
 //! is no PKI in a rehearsal room); the exporter binding is what makes a relay fail.
 
@@ -71,7 +71,7 @@ impl RoomKey {
             Ok(t) => RoomKey::parse(&t, &p.display().to_string()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let k = RoomKey::generate()?;
-                crate::state::write_atomic(&p, format!("{}\n", k.to_hex()).as_bytes())?;
+                crate::sys::state::write_atomic(&p, format!("{}\n", k.to_hex()).as_bytes())?;
                 tracing::info!(path = %p.display(), "generated a new room key (print it with `bandsync room-key`)");
                 Ok(k)
             }
@@ -148,8 +148,8 @@ pub fn load_identity(
         .context("generating the node certificate")?;
     let c = cert.cert.der().to_vec();
     let k = cert.signing_key.serialize_der();
-    crate::state::write_atomic(&kp, &k)?;
-    crate::state::write_atomic(&cp, &c)?;
+    crate::sys::state::write_atomic(&kp, &k)?;
+    crate::sys::state::write_atomic(&cp, &c)?;
     Ok((
         rustls::pki_types::CertificateDer::from(c),
         rustls::pki_types::PrivateKeyDer::Pkcs8(rustls::pki_types::PrivatePkcs8KeyDer::from(k)),

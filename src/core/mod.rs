@@ -1,0 +1,21 @@
+//! The pure core: plain state machines and encodings that take `now` and messages and
+//! return actions. Nothing under `src/core/` reads a clock, touches a socket or a file,
+//! reads the environment, spawns a thread or a task, or draws an unseeded random number
+//! (`tests/core_purity.rs` fails the build's tests when one does).
+//!
+//! * [`time`] — the `Clock` trait and `SessionMap` (local → session time).
+//! * [`timeline`] — tempo, meter, anchor, transport and quantized changes.
+//! * [`sync`] — the clock-sync estimator and the slewer.
+//! * [`room`] — sessions, election, epochs, pin; turns peer frames into actions.
+//! * [`wire`] — peer frames and datagrams, total decoding.
+//! * [`advert`] — mDNS advertisements, validated.
+//! * [`id`], [`rng`] — node ids; the seeded SplitMix64.
+
+pub mod advert;
+pub mod id;
+pub mod rng;
+pub mod room;
+pub mod sync;
+pub mod time;
+pub mod timeline;
+pub mod wire;

@@ -1,0 +1,70 @@
+//! The room task's inbox: what peer tasks, CLI connections and the web layer send it,
+//! and the small [`RoomHandle`] through which the web layer and the CLI server ask it.
+
+use crate::core::sync::Sample;
+use crate::core::time::SessionMap;
+use crate::core::wire::{Frame, Query, Reply};
+use tokio::sync::mpsc;
+
+/// How the web layer and the CLI server ask the room task a [`Query`].
+#[derive(Clone)]
+pub struct RoomHandle(mpsc::Sender<Event>);
+
+impl RoomHandle {
+    pub async fn query(&self, q: Query) -> Reply {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if self.0.send(Event::Query { q, reply: tx }).await.is_err() {
+            return Reply::Error("the node is shutting down".into());
+        }
+        rx.await
+            .unwrap_or_else(|_| Reply::Error("the node is shutting down".into()))
+    }
+
+    pub async fn status(&self) -> Option<crate::core::room::Status> {
+        match self.query(Query::Status).await {
+            Reply::Status(j) => serde_json::from_str(&j).ok(),
+            _ => None,
+        }
+    }
+}
+
+/// The room task's inbox; create it before `run` so HTTP can hold a handle.
+pub struct Inbox(mpsc::Receiver<Event>, mpsc::Sender<Event>);
+
+impl Inbox {
+    /// The receiving end (for the room task) and a sender for the connection tasks.
+    pub fn split(self) -> (mpsc::Receiver<Event>, mpsc::Sender<Event>) {
+        (self.0, self.1)
+    }
+}
+
+pub fn channel() -> (RoomHandle, Inbox) {
+    let (tx, rx) = mpsc::channel(1024);
+    (RoomHandle(tx.clone()), Inbox(rx, tx))
+}
+
+pub enum Event {
+    Query {
+        q: Query,
+        reply: tokio::sync::oneshot::Sender<Reply>,
+    },
+    Up {
+        id: String,
+        name: String,
+        conn: quinn::Connection,
+        tx: mpsc::Sender<Frame>,
+    },
+    Down {
+        id: String,
+        stable: usize,
+    },
+    Frame {
+        from: String,
+        frame: Frame,
+    },
+    Pong {
+        from: String,
+        sample: Sample,
+        map: SessionMap,
+    },
+}

@@ -1,0 +1,533 @@
+//! The room's driver, as seen from the node: the task that owns the [`Room`] core, feeds
+//! it frames, pongs, queries and ticks, and carries out its actions (send, publish to
+//! the audio thread, persist, log), plus dialing the peers mDNS finds.
+
+use crate::audio::snapshot::{AudioSnapshot, SnapshotCell};
+use crate::core::room::{Action, Note, Room};
+use crate::core::wire::{Frame, Query, Reply};
+use crate::net::discovery::{self, Discovery, DiscoveryConfig, PeerEvent};
+use crate::net::auth::RoomKey;
+use crate::net::handle::{Event, Inbox};
+use crate::net::impair::Impairment;
+use crate::net::peer::{self, PeerCtx, CLOSE_BYE, CLOSE_DUP};
+use crate::net::MeshStats;
+use crate::node::status::{phone_url, write_status};
+use crate::sys::clock::{Clock, NodeClock};
+use anyhow::Context;
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+const TICK: Duration = Duration::from_millis(50);
+
+pub struct MeshConfig {
+    /// The HTTP port phones use (advertised as `_http._tcp`, shown by `status`).
+    pub http_port: Option<u16>,
+    /// systemd's notify socket (READY, WATCHDOG, STATUS), when run as a service.
+    pub notify: Option<crate::sys::notify::Notifier>,
+    /// The audio thread's counters: the watchdog is only fed while the click runs.
+    pub audio: Arc<crate::audio::AudioStats>,
+    /// The Redis mirror's input (only the leader writes; followers send `None`).
+    pub mirror: Option<tokio::sync::watch::Sender<Option<crate::mirror::MirrorRecord>>>,
+    pub node_id: String,
+    pub name: String,
+    pub room: String,
+    pub priority: i32,
+    pub quic: SocketAddr,
+    pub interfaces: Vec<String>,
+    pub key: RoomKey,
+    pub state_dir: PathBuf,
+    pub impair: Option<Impairment>,
+}
+
+
+pub(crate) struct Shared {
+    pub(crate) published: tokio::sync::watch::Sender<u64>,
+    pub(crate) cfg: MeshConfig,
+    pub(crate) clock: NodeClock,
+    pub(crate) cell: Arc<SnapshotCell>,
+    /// What the connection tasks share (also the room task's inbox sender).
+    pub(crate) peer: Arc<PeerCtx>,
+}
+
+/// Run the room until `shutdown`. Owns `room`; publishes to `cell`.
+pub async fn run(
+    cfg: MeshConfig,
+    inbox: Inbox,
+    mut room: Room,
+    clock: NodeClock,
+    cell: Arc<SnapshotCell>,
+    stats: Arc<MeshStats>,
+    published: tokio::sync::watch::Sender<u64>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let (endpoint, local) = peer::endpoint(cfg.quic, &cfg.state_dir, cfg.impair)?;
+    tracing::info!(addr = %local, impaired = cfg.impair.is_some(), "QUIC endpoint listening");
+
+    let (disc, mut found) = Discovery::start(DiscoveryConfig {
+        node_id: cfg.node_id.clone(),
+        name: cfg.name.clone(),
+        room: cfg.room.clone(),
+        quic_port: local.port(),
+        interfaces: cfg.interfaces.clone(),
+        advertise: true,
+        http_port: cfg.http_port,
+    })
+    .context("starting mDNS discovery")?;
+
+    let (mut erx, etx) = inbox.split();
+    let ctx = Arc::new(PeerCtx {
+        node_id: cfg.node_id.clone(),
+        name: cfg.name.clone(),
+        room_hash: discovery::room_hash(&cfg.room),
+        priority: cfg.priority,
+        key: cfg.key.clone(),
+        clock,
+        cell: cell.clone(),
+        stats,
+        events: etx,
+    });
+    let shared = Arc::new(Shared {
+        published,
+        cfg,
+        clock,
+        cell: cell.clone(),
+        peer: ctx,
+    });
+
+    // Accept loop.
+    let acceptor = {
+        let ctx = shared.peer.clone();
+        let endpoint = endpoint.clone();
+        tokio::spawn(async move {
+            while let Some(incoming) = endpoint.accept().await {
+                let shared = ctx.clone();
+                tokio::spawn(async move {
+                    let addr = incoming.remote_address();
+                    match incoming.await {
+                        Ok(conn) => peer::serve(shared, conn, false, None).await,
+                        Err(e) => tracing::debug!(%addr, error = %e, "incoming connection failed"),
+                    }
+                });
+            }
+        })
+    };
+
+    let mut peers: HashMap<String, (quinn::Connection, mpsc::Sender<Frame>)> = HashMap::new();
+    let mut dialing: HashSet<String> = HashSet::new();
+    let mut known: HashMap<String, Vec<SocketAddr>> = HashMap::new();
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut redial = tokio::time::interval(Duration::from_secs(1));
+    let mut last_status = 0i64;
+    let mut status_written = None;
+    let (dial_done_tx, mut dial_done) = mpsc::channel::<String>(64);
+    let mut actions = Vec::new();
+    let mut ready = false;
+    let watchdog_every = crate::sys::notify::Notifier::watchdog_interval();
+    let mut last_watchdog = tokio::time::Instant::now();
+    let mut last_callbacks = 0u64;
+    let mut last_notify_status = tokio::time::Instant::now() - Duration::from_secs(10);
+    // Test hook: freeze this loop after N ms (the watchdog must then stop).
+    let freeze_at = std::env::var("BANDSYNC_TEST_FREEZE_AFTER_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .map(|ms| tokio::time::Instant::now() + Duration::from_millis(ms));
+    // Diagnostics: `BANDSYNC_DEBUG_SYNC_DUMP=PATH` appends every clock exchange
+    // (`peer t1 t2 t3 t4 map.local_ref map.session_ref map.rate_ppt accepted`) to
+    // PATH, for replaying through the estimator offline.
+    let mut sync_dump = std::env::var_os("BANDSYNC_DEBUG_SYNC_DUMP").and_then(|p| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&p)
+            .map(std::io::BufWriter::new)
+            .map_err(|e| tracing::warn!(error = %e, "BANDSYNC_DEBUG_SYNC_DUMP: cannot open"))
+            .ok()
+    });
+
+    loop {
+        tokio::select! {
+            _ = shutdown.wait_for(|stop| *stop) => {
+                tracing::info!("shutting down");
+                break;
+            }
+            Some(ev) = found.recv() => match ev {
+                PeerEvent::Found(p) => {
+                    tracing::debug!(peer = %p.node_id, name = %p.name, addrs = ?p.addrs, "discovered");
+                    known.insert(p.node_id.clone(), p.addrs.clone());
+                }
+                PeerEvent::Lost { node_id } => {
+                    tracing::debug!(peer = %node_id, "mDNS lost");
+                    known.remove(&node_id);
+                }
+            },
+            Some(id) = dial_done.recv() => { dialing.remove(&id); }
+            _ = redial.tick() => {}
+            Some(ev) = erx.recv() => {
+                let now = shared.clock.now_ns();
+                match ev {
+                    Event::Up { id, name, conn, tx } => {
+                        if let Some((old, _)) = peers.get(&id) {
+                            if old.close_reason().is_none() {
+                                conn.close(CLOSE_DUP.into(), b"duplicate connection");
+                                continue;
+                            }
+                        }
+                        tracing::info!(peer = %id, %name, addr = %conn.remote_address(), "peer joined the mesh");
+                        shared.peer.stats.connections.fetch_add(1, Relaxed);
+                        if peers.insert(id.clone(), (conn, tx)).is_some() {
+                            // a new connection replaces a dead one (the peer may have
+                            // rebooted): start its clock estimate afresh
+                            room.peer_down(&id);
+                        }
+                        room.peer_up(&id, &name);
+                    }
+                    Event::Down { id, stable } => {
+                        if peers.get(&id).is_some_and(|(c, _)| c.stable_id() == stable) {
+                            peers.remove(&id);
+                            room.peer_down(&id);
+                            tracing::info!(peer = %id, "peer left the mesh");
+                        }
+                    }
+                    Event::Frame { from, frame } => {
+                        if let Err(e) = room.handle_frame(&from, frame, now, &mut actions) {
+                            shared.peer.stats.bad_frames.fetch_add(1, Relaxed);
+                            tracing::warn!(peer = %from, error = %e, "frame ignored");
+                        }
+                    }
+                    Event::Query { q, reply } => {
+                        let r = match answer(&mut room, q, now, &mut actions) {
+                            Reply::Status(j) => match serde_json::from_str::<crate::core::room::Status>(&j) {
+                                Ok(mut st) => {
+                                    st.phone_url = phone_url(&shared);
+                                    serde_json::to_string(&st).map(Reply::Status).unwrap_or(Reply::Status(j))
+                                }
+                                Err(_) => Reply::Status(j),
+                            },
+                            other => other,
+                        };
+                        let _ = reply.send(r);
+                    }
+                    Event::Pong { from, sample, map } => {
+                        let verdict = room.on_pong(&from, sample, map);
+                        if let Some(crate::core::sync::SampleVerdict::Rejected(_)) = verdict {
+                            shared.peer.stats.rejected_samples.fetch_add(1, Relaxed);
+                        }
+                        if let Some(d) = sync_dump.as_mut() {
+                            use std::io::Write;
+                            let _ = writeln!(
+                                d,
+                                "{from} {} {} {} {} {} {} {} {}",
+                                sample.t1,
+                                sample.t2,
+                                sample.t3,
+                                sample.t4,
+                                map.local_ref,
+                                map.session_ref,
+                                map.rate_ppt,
+                                matches!(verdict, Some(crate::core::sync::SampleVerdict::Accepted))
+                            );
+                        }
+                    }
+                }
+            }
+            _ = tick.tick() => {
+                if freeze_at.is_some_and(|t| tokio::time::Instant::now() >= t) {
+                    tracing::warn!("BANDSYNC_TEST_FREEZE_AFTER_MS: freezing the room loop (test hook)");
+                    std::future::pending::<()>().await;
+                }
+                let now = shared.clock.now_ns();
+                room.tick(now, &mut actions);
+                service_manager(&shared, &room, now, &mut ready, watchdog_every, &mut last_watchdog, &mut last_callbacks, &mut last_notify_status);
+                // dial peers we know and are not connected to (the lower id dials)
+                for (id, addrs) in &known {
+                    if *id > shared.cfg.node_id && !peers.contains_key(id) && !dialing.contains(id) {
+                        if let Some(addr) = pick_addr(addrs, shared.cfg.quic) {
+                            dialing.insert(id.clone());
+                            let shared = shared.peer.clone();
+                            let endpoint = endpoint.clone();
+                            let id = id.clone();
+                            let done = dial_done_tx.clone();
+                            tokio::spawn(async move {
+                                match endpoint.connect(addr, "bandsync") {
+                                    Ok(connecting) => match tokio::time::timeout(peer::AUTH_TIMEOUT, connecting).await {
+                                        Ok(Ok(conn)) => peer::serve(shared, conn, true, Some(id.clone())).await,
+                                        Ok(Err(e)) => tracing::debug!(peer = %id, %addr, error = %e, "connect failed"),
+                                        Err(_) => tracing::debug!(peer = %id, %addr, "connect timed out"),
+                                    },
+                                    Err(e) => tracing::warn!(peer = %id, %addr, error = %e, "cannot connect"),
+                                }
+                                // back off before dialing this peer again
+                                tokio::time::sleep(Duration::from_millis(1000)).await;
+                                let _ = done.send(id).await;
+                            });
+                        }
+                    }
+                }
+                if let Some(tx) = &shared.cfg.mirror {
+                    update_mirror(tx, &shared.cfg.room, &room, now);
+                }
+                if now - last_status >= 500_000_000 {
+                    last_status = now;
+                    write_status(&shared, &room, now, &mut status_written);
+                }
+            }
+        }
+        carry_out(&shared, &mut room, &peers, &mut actions);
+    }
+
+    if let Some(n) = &shared.cfg.notify {
+        n.stopping();
+    }
+    // Orderly goodbye: each connection's writer sends `Bye`, waits for the peer to
+    // have it and closes; give them a moment before the endpoint goes.
+    for (conn, tx) in peers.values() {
+        if tx.try_send(Frame::Bye("shutting down".into())).is_err() {
+            conn.close(CLOSE_BYE.into(), b"shutting down");
+        }
+    }
+    let closing = peers.values().map(|(c, _)| c.clone()).collect::<Vec<_>>();
+    let _ = tokio::time::timeout(peer::BYE_WAIT + Duration::from_millis(50), async {
+        for c in closing {
+            c.closed().await;
+        }
+    })
+    .await;
+    disc.shutdown();
+    acceptor.abort();
+    endpoint.close(CLOSE_BYE.into(), b"shutting down");
+    let _ = tokio::time::timeout(Duration::from_millis(300), endpoint.wait_idle()).await;
+    Ok(())
+}
+
+/// Prefer an address of the same family as our bind address.
+fn pick_addr(addrs: &[SocketAddr], bind: SocketAddr) -> Option<SocketAddr> {
+    addrs
+        .iter()
+        .find(|a| a.is_ipv4() == bind.is_ipv4())
+        .or(addrs.first())
+        .copied()
+}
+
+fn carry_out(
+    shared: &Shared,
+    room: &mut Room,
+    peers: &HashMap<String, (quinn::Connection, mpsc::Sender<Frame>)>,
+    actions: &mut Vec<Action>,
+) {
+    for a in actions.drain(..) {
+        match a {
+            Action::Broadcast(f) => {
+                for (id, (_, tx)) in peers {
+                    if tx.try_send(f.clone()).is_err() {
+                        tracing::debug!(peer = %id, "send queue full; frame dropped");
+                    }
+                }
+            }
+            Action::Send { to, frame } => match peers.get(&to) {
+                Some((_, tx)) => {
+                    let _ = tx.try_send(frame);
+                }
+                None => tracing::warn!(peer = %to, "no connection to send to"),
+            },
+            Action::Publish {
+                timeline,
+                map,
+                epoch,
+                gen,
+            } => {
+                let mut s: AudioSnapshot = shared.cell.read();
+                s.timeline = timeline;
+                s.map = map;
+                s.epoch = epoch;
+                s.gen = gen;
+                shared.cell.write(&s);
+                shared.published.send_modify(|v| *v += 1);
+            }
+            Action::Persist(p) => {
+                let path = shared.cfg.state_dir.join("session.json");
+                if let Ok(json) = serde_json::to_vec_pretty(&p) {
+                    // Atomic and fsynced, on the blocking pool: never on the clock loop.
+                    tokio::task::spawn_blocking(move || {
+                        if let Err(e) = crate::sys::state::write_atomic(&path, &json) {
+                            tracing::warn!(error = %format!("{e:#}"), "cannot save the session");
+                        }
+                    });
+                }
+            }
+            Action::Note(n) => match n {
+                Note::BecameLeader { epoch } => {
+                    tracing::info!(epoch, "this node now leads the room")
+                }
+                Note::Following { leader, epoch } => tracing::info!(%leader, epoch, "following"),
+                Note::Joined {
+                    leader,
+                    beat,
+                    step_ns,
+                } => {
+                    tracing::info!(%leader, beat, step_us = step_ns / 1000, "joined the room's session (one clock step, on a beat boundary)")
+                }
+                Note::WaitingForClock { leader } => {
+                    tracing::info!(%leader, "found a running room; syncing clocks before joining")
+                }
+                Note::Scheduled { change, at } => tracing::info!(
+                    ?change,
+                    beat = at.beat,
+                    at_session_ns = at.time,
+                    "change scheduled"
+                ),
+                Note::ChangeRefused { reason } => tracing::warn!(%reason, "change refused"),
+                Note::StaleAnnounce { from } => {
+                    tracing::debug!(peer = %from, "ignored an announce from an older epoch")
+                }
+                Note::Pinned { node: Some(n) } => {
+                    tracing::info!(node = %n, "pinned: that node leads while it is alive")
+                }
+                Note::Pinned { node: None } => tracing::info!("unpinned: the highest rank leads"),
+                Note::PinRelayed { to } => {
+                    tracing::info!(leader = %to, "pin request relayed to the leader")
+                }
+                Note::Realigned {
+                    leader,
+                    beat,
+                    step_ns,
+                } => {
+                    tracing::info!(%leader, beat, step_us = step_ns / 1000, "realigned to the leader's grid at a bar boundary")
+                }
+            },
+        }
+    }
+    let _ = room;
+}
+
+#[allow(clippy::too_many_arguments)]
+fn service_manager(
+    shared: &Shared,
+    room: &Room,
+    now: i64,
+    ready: &mut bool,
+    watchdog_every: Option<Duration>,
+    last_watchdog: &mut tokio::time::Instant,
+    last_callbacks: &mut u64,
+    last_status: &mut tokio::time::Instant,
+) {
+    let Some(n) = &shared.cfg.notify else { return };
+    let callbacks = shared.cfg.audio.callbacks.load(Relaxed);
+    if !*ready && callbacks > 0 {
+        *ready = true;
+        n.ready();
+        tracing::info!("told systemd we are ready");
+    }
+    let t = tokio::time::Instant::now();
+    if let Some(every) = watchdog_every {
+        if t - *last_watchdog >= every {
+            if callbacks != *last_callbacks {
+                n.watchdog();
+            } else {
+                tracing::warn!("the audio callback has not run since the last watchdog period: not feeding the watchdog");
+            }
+            *last_callbacks = callbacks;
+            *last_watchdog = t;
+        }
+    }
+    if t - *last_status >= Duration::from_secs(2) {
+        *last_status = t;
+        let seg = *room.timeline().current(room.session_now(now));
+        n.status(&format!(
+            "{} · {} BPM · {} · {} peer(s)",
+            if room.leading() { "leader" } else { "follower" },
+            seg.tempo,
+            if seg.playing { "playing" } else { "stopped" },
+            room.peer_ids().len()
+        ));
+    }
+}
+
+/// Keep the mirror's latest record current: the leader's session, or nothing.
+fn update_mirror(
+    tx: &tokio::sync::watch::Sender<Option<crate::mirror::MirrorRecord>>,
+    room_name: &str,
+    room: &Room,
+    _now: i64,
+) {
+    let want = room.leading().then(|| {
+        let seg = *room.timeline().last();
+        (
+            room.epoch(),
+            room.version(),
+            seg.tempo.mbpm(),
+            seg.meter.get(),
+            seg.playing,
+            room.pinned().map(str::to_string),
+        )
+    });
+    let current = tx.borrow().as_ref().map(|r| {
+        (
+            r.epoch,
+            r.version,
+            r.tempo_mbpm,
+            r.meter,
+            r.playing,
+            r.pinned.clone(),
+        )
+    });
+    if want == current {
+        return;
+    }
+    let rec = want.map(|(epoch, version, tempo_mbpm, meter, playing, pinned)| {
+        crate::mirror::MirrorRecord {
+            room: room_name.to_string(),
+            epoch,
+            version,
+            leader: room.leader().to_string(),
+            tempo_mbpm,
+            meter,
+            playing,
+            pinned,
+            updated_unix_ms: crate::mirror::now_unix_ms(),
+        }
+    });
+    tx.send_replace(rec);
+}
+
+/// Answer the stage tech's CLI.
+fn answer(room: &mut Room, q: Query, now: i64, actions: &mut Vec<Action>) -> Reply {
+    match q {
+        Query::Status => match serde_json::to_string(&room.status(now)) {
+            Ok(j) => Reply::Status(j),
+            Err(e) => Reply::Error(format!("cannot encode status: {e}")),
+        },
+        Query::Change { kind, quantum } => match room.request_change(kind, quantum, now, actions) {
+            Ok(Some(at)) => Reply::Done(format!("{} at beat {}", describe(kind), at.beat)),
+            Ok(None) => Reply::Done(format!("{}: sent to the leader ({}); it lands on the next {}", describe(kind), room.leader(), if quantum == Some(crate::core::timeline::Quantum::Beat) { "beat" } else { "bar" })),
+            Err(e) => Reply::Error(e.to_string()),
+        },
+        Query::Pin(who) => match room.resolve(&who) {
+            Some(id) => {
+                room.request_pin(Some(id.clone()), actions);
+                Reply::Done(format!("pinned {id}: it leads while it is alive"))
+            }
+            None => Reply::Error(format!("unknown node {who:?}: no node of this room has that id or name (see `bandsync peers`)")),
+        },
+        Query::Unpin => {
+            room.request_pin(None, actions);
+            Reply::Done("unpinned: the highest-ranked box leads".into())
+        }
+    }
+}
+
+fn describe(k: crate::core::timeline::ChangeKind) -> String {
+    use crate::core::timeline::ChangeKind::*;
+    match k {
+        Tempo(t) => format!("tempo {t} BPM"),
+        Meter(m) => format!("meter {}", m.get()),
+        Start => "start".into(),
+        Stop => "stop".into(),
+    }
+}
+

@@ -1,0 +1,43 @@
+//! `status.json` and the phone URL shown by `status`.
+
+use crate::core::room::{Room, Status};
+use crate::node::room_task::Shared;
+
+pub(crate) fn phone_url(shared: &Shared) -> Option<String> {
+    shared.cfg.http_port.map(|p| {
+        format!(
+            "http://{}.local:{p}/",
+            crate::net::discovery::dns_label(&shared.cfg.name)
+        )
+    })
+}
+
+/// Rewrite `status.json` when anything but the clock (`session_ns`, `beat`) changed
+/// since the last write, and at least every 5 s: an idle box alone mostly writes nothing.
+pub(crate) fn write_status(shared: &Shared, room: &Room, now: i64, last: &mut Option<(Status, i64)>) {
+    let mut st = room.status(now);
+    st.phone_url = phone_url(shared);
+    let mut still = st.clone();
+    (still.session_ns, still.beat) = (0, 0.0);
+    if last
+        .as_ref()
+        .is_some_and(|(s, at)| *s == still && now - at < 5_000_000_000)
+    {
+        return;
+    }
+    let Ok(json) = serde_json::to_vec_pretty(&st) else {
+        return;
+    };
+    let p = shared.cfg.state_dir.join("status.json");
+    let tmp = shared.cfg.state_dir.join(".status.json.tmp");
+    // Not fsynced: it is a view, rebuilt every half second.
+    if std::fs::write(&tmp, &json)
+        .and_then(|_| std::fs::rename(&tmp, &p))
+        .is_err()
+    {
+        tracing::debug!(path = %p.display(), "cannot write status file");
+        return;
+    }
+    *last = Some((still, now));
+}
+
