@@ -22,7 +22,7 @@ fn rig(bpm: f64) -> (Renderer, rtrb::Consumer<bandsync::audio::ClickEvent>) {
         epoch: 1,
         latency_offset_ns: 0,
         gain: 0.8,
-        gen: 0,
+        clock_gen: 0,
     };
     let cell = Arc::new(SnapshotCell::new(snap));
     let (p, c) = rtrb::RingBuffer::new(1 << 16);

@@ -2,7 +2,7 @@
 
 use anyhow::Context;
 use bandsync::sys::clock::NodeClock;
-use bandsync::node::config::{FileConfig, RunArgs, RunConfig};
+use bandsync::node::config::{RunConfig, Settings};
 use bandsync::core::timeline::{ChangeKind, Meter, Quantum, Tempo};
 use bandsync::core::wire::{Query, Reply};
 use clap::{Parser, Subcommand};
@@ -29,7 +29,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the daemon: play the room's click on this box.
-    Run(RunArgs),
+    Run(Settings),
     /// List the audio output devices (ids for --audio).
     Devices,
     /// Show the room as a node sees it: role, leader, epoch, pin, tempo, peers.
@@ -126,7 +126,7 @@ struct To {
     interface: Vec<String>,
 }
 
-fn target(to: &To, file: &FileConfig) -> anyhow::Result<bandsync::cli::Target> {
+fn target(to: &To, file: &Settings) -> anyhow::Result<bandsync::cli::Target> {
     let dir = to
         .state_dir
         .clone()
@@ -161,7 +161,7 @@ fn target(to: &To, file: &FileConfig) -> anyhow::Result<bandsync::cli::Target> {
     })
 }
 
-fn ask(to: &To, file: &FileConfig, q: Query) -> anyhow::Result<Reply> {
+fn ask(to: &To, file: &Settings, q: Query) -> anyhow::Result<Reply> {
     let t = target(to, file)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -173,7 +173,7 @@ fn ask(to: &To, file: &FileConfig, q: Query) -> anyhow::Result<Reply> {
 /// request can be lost while leadership moves (it is relayed to the leader), so it is
 /// repeated every second, and the command fails with a plain sentence if the room has
 /// not confirmed it within [`CONFIRM_S`] seconds.
-fn pin_confirmed(to: &To, file: &FileConfig, who: Option<String>) -> anyhow::Result<()> {
+fn pin_confirmed(to: &To, file: &Settings, who: Option<String>) -> anyhow::Result<()> {
     const CONFIRM_S: u64 = 6;
     let t = target(to, file)?;
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -241,7 +241,7 @@ fn done(r: Reply) -> anyhow::Result<()> {
 
 fn status(
     to: &To,
-    file: &FileConfig,
+    file: &Settings,
     json: bool,
     peers_only: bool,
     qr: bool,
@@ -303,7 +303,7 @@ fn main() {
             clock.map_err(|e| anyhow::Error::new(bandsync::node::config::ConfigError(e.to_string())))?;
         match cli.cmd {
             Cmd::Run(args) => {
-                let cfg = FileConfig::load(cli.config.as_deref())
+                let cfg = Settings::load(cli.config.as_deref())
                     .and_then(|(file, origin)| RunConfig::build(&args, &file, origin.as_deref()))
                     .map_err(|e| {
                         anyhow::Error::new(bandsync::node::config::ConfigError(format!("{e:#}")))
@@ -320,7 +320,7 @@ fn main() {
                     !json && !no_qr && (qr || std::io::IsTerminal::is_terminal(&std::io::stdout()));
                 status(
                     &to,
-                    &FileConfig::load(cli.config.as_deref())?.0,
+                    &Settings::load(cli.config.as_deref())?.0,
                     json,
                     false,
                     qr,
@@ -328,16 +328,16 @@ fn main() {
             }
             Cmd::Peers { to, json } => status(
                 &to,
-                &FileConfig::load(cli.config.as_deref())?.0,
+                &Settings::load(cli.config.as_deref())?.0,
                 json,
                 true,
                 false,
             ),
             Cmd::Pin { who, to } => {
-                pin_confirmed(&to, &FileConfig::load(cli.config.as_deref())?.0, Some(who))
+                pin_confirmed(&to, &Settings::load(cli.config.as_deref())?.0, Some(who))
             }
             Cmd::Unpin { to } => {
-                pin_confirmed(&to, &FileConfig::load(cli.config.as_deref())?.0, None)
+                pin_confirmed(&to, &Settings::load(cli.config.as_deref())?.0, None)
             }
             Cmd::Tempo { bpm, to, now } => {
                 let t = Tempo::from_bpm(bpm)?;
@@ -345,13 +345,13 @@ fn main() {
                     kind: ChangeKind::Tempo(t),
                     quantum: Some(if now { Quantum::Beat } else { Quantum::Bar }),
                 };
-                done(ask(&to, &FileConfig::load(cli.config.as_deref())?.0, q)?)
+                done(ask(&to, &Settings::load(cli.config.as_deref())?.0, q)?)
             }
             Cmd::Meter { beats, to } => {
                 let m = Meter::new(beats)?;
                 done(ask(
                     &to,
-                    &FileConfig::load(cli.config.as_deref())?.0,
+                    &Settings::load(cli.config.as_deref())?.0,
                     Query::Change {
                         kind: ChangeKind::Meter(m),
                         quantum: Some(Quantum::Bar),
@@ -360,7 +360,7 @@ fn main() {
             }
             Cmd::Start { to } => done(ask(
                 &to,
-                &FileConfig::load(cli.config.as_deref())?.0,
+                &Settings::load(cli.config.as_deref())?.0,
                 Query::Change {
                     kind: ChangeKind::Start,
                     quantum: Some(Quantum::Bar),
@@ -368,7 +368,7 @@ fn main() {
             )?),
             Cmd::Stop { to } => done(ask(
                 &to,
-                &FileConfig::load(cli.config.as_deref())?.0,
+                &Settings::load(cli.config.as_deref())?.0,
                 Query::Change {
                     kind: ChangeKind::Stop,
                     quantum: Some(Quantum::Beat),

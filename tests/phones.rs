@@ -341,7 +341,7 @@ fn snapshot(tl: Timeline) -> AudioSnapshot {
         epoch: 1,
         latency_offset_ns: 0,
         gain: 1.0,
-        gen: 0,
+        clock_gen: 0,
     }
 }
 

@@ -43,7 +43,7 @@
 //! under snapshot `k` when its session time (`timeline.beat_time`) falls in
 //! `[map_k(p_k), map_k(p_{k+1}))`, at the true time where the instance's clock reads
 //! `map_k.to_local(beat_time)`. (Maps are exactly continuous at publishes except at a
-//! join/realign step, which bumps `gen`, so the ranges tile session time.)
+//! join/realign step, which bumps `clock_gen`, so the ranges tile session time.)
 //!
 //! # Groups and settling
 //!
@@ -71,7 +71,7 @@
 //! 2. **Failover**: when the leader of a settled group crashes (and nothing else happens
 //!    meanwhile), the survivors agree on one new, leading leader within `FAILOVER_BOUND`
 //!    (1 s; SPEC target 500 ms; the observed distribution is printed).
-//! 3. **Continuous grid**: between consecutive clicks of an instance with the same `gen`
+//! 3. **Continuous grid**: between consecutive clicks of an instance with the same `clock_gen`
 //!    (so excluding its join/realign step, announced by `Note::Joined`/`Note::Realigned`):
 //!    beats are consecutive integers; their session times are exactly one beat of the
 //!    governing tempo apart (≤ `GRID_TOL_NS`: tempo changes land on beats); the true
@@ -86,7 +86,7 @@
 //!    apart are caught too, not only two clicks of the same index).
 //!
 //! Besides: the map pongs are stamped with (the published one) is always the room's
-//! (`room.map()`, `gen()`), and nothing panics.
+//! (`room.map()`, `clock_gen()`), and nothing panics.
 //!
 //! # Running
 //!
@@ -305,13 +305,13 @@ struct Pub {
     local: i64,
     timeline: Timeline,
     map: SessionMap,
-    gen: u64,
+    clock_gen: u64,
     session: SessionId,
 }
 
 #[derive(Clone, Copy, Debug)]
 struct StepNote {
-    gen: u64,
+    clock_gen: u64,
     beat: i64,
     joined: bool,
     /// A bar boundary is required (a realign, or a join by a box that is not young).
@@ -1024,14 +1024,14 @@ impl Sim {
         self.insts[i].room.tick(l, out);
         self.carry_out(i, l, out);
         let inst = &self.insts[i];
-        if inst.pub_map != inst.room.map() || inst.pub_gen != inst.room.gen() {
+        if inst.pub_map != inst.room.map() || inst.pub_gen != inst.room.clock_gen() {
             let msg = format!(
-                "{}: published map/gen {:?}/{} differ from the room's {:?}/{}",
+                "{}: published map/clock_gen {:?}/{} differ from the room's {:?}/{}",
                 self.name(i),
                 inst.pub_map,
                 inst.pub_gen,
                 inst.room.map(),
-                inst.room.gen()
+                inst.room.clock_gen()
             );
             self.fail(msg);
         }
@@ -1074,27 +1074,27 @@ impl Sim {
                     timeline,
                     map,
                     epoch: _,
-                    gen,
+                    clock_gen,
                 } => {
                     let inst = &mut self.insts[i];
                     inst.pub_map = map;
-                    inst.pub_gen = gen;
+                    inst.pub_gen = clock_gen;
                     let session = inst.room.session();
                     let changed = inst
                         .pubs
                         .last()
-                        .is_none_or(|p| p.timeline != timeline || p.gen != gen);
+                        .is_none_or(|p| p.timeline != timeline || p.clock_gen != clock_gen);
                     inst.pubs.push(Pub {
                         local: l,
                         timeline,
                         map,
-                        gen,
+                        clock_gen,
                         session,
                     });
                     if changed && self.verbose && std::env::var("ROOM_SIM_DEBUG").is_ok() {
                         let sess = map.to_session(l);
                         self.note(format!(
-                            "{} publishes gen {gen} at session {sess} beat {:.3}: {:?}",
+                            "{} publishes clock_gen {clock_gen} at session {sess} beat {:.3}: {:?}",
                             self.name(i),
                             timeline.beat_at(sess).as_f64(),
                             timeline.segments()
@@ -1112,7 +1112,7 @@ impl Sim {
 
     fn room_note(&mut self, i: usize, n: Note) {
         let who = self.name(i);
-        let gen = self.insts[i].room.gen();
+        let clock_gen = self.insts[i].room.clock_gen();
         match n {
             Note::Joined {
                 leader,
@@ -1124,7 +1124,7 @@ impl Sim {
                 let inst = &self.insts[i];
                 let age = inst.clk.local(self.now) - inst.first_tick.unwrap_or(i64::MIN / 2);
                 self.insts[i].steps.push(StepNote {
-                    gen,
+                    clock_gen,
                     beat,
                     joined: true,
                     on_bar: age >= YOUNG_NS + SEC,
@@ -1158,7 +1158,7 @@ impl Sim {
                 self.stats.realigns += 1;
                 self.stats.max_step_realign = self.stats.max_step_realign.max(step_ns.abs());
                 self.insts[i].steps.push(StepNote {
-                    gen,
+                    clock_gen,
                     beat,
                     joined: false,
                     on_bar: true,
@@ -2118,7 +2118,7 @@ impl Sim {
             beat: i64,
             s: i64,
             t: i64,
-            gen: u64,
+            clock_gen: u64,
             /// One beat of the governing tempo (session ns, f64).
             beat_ns: f64,
             session: SessionId,
@@ -2147,7 +2147,7 @@ impl Sim {
                         beat: c.beat,
                         s: c.time,
                         t: inst.clk.true_at(p.map.to_local(c.time)),
-                        gen: p.gen,
+                        clock_gen: p.clock_gen,
                         beat_ns: 60e12 / prev.tempo.mbpm() as f64,
                         session: p.session,
                         downbeat: c.accent,
@@ -2164,9 +2164,9 @@ impl Sim {
                     (c.t - self.t_base) as f64 / 1e9
                 )
             };
-            // steps: the first click of a new gen is the beat the note named, a downbeat
+            // steps: the first click of a new clock_gen is the beat the note named, a downbeat
             for st in &inst.steps {
-                if let Some(c) = clicks.iter().find(|c| c.gen == st.gen) {
+                if let Some(c) = clicks.iter().find(|c| c.clock_gen == st.clock_gen) {
                     if c.beat != st.beat || (st.on_bar && !c.downbeat) {
                         let m = format!(
                             "inv 3: after its {} at beat {} the first click of {} is {} (downbeat: {})",
@@ -2183,7 +2183,7 @@ impl Sim {
             }
             for w in clicks.windows(2) {
                 let (a, b) = (&w[0], &w[1]);
-                if a.gen != b.gen {
+                if a.clock_gen != b.clock_gen {
                     continue;
                 }
                 if b.beat != a.beat + 1 {
@@ -2227,7 +2227,7 @@ impl Sim {
             }
             for w in clicks.windows(3) {
                 let (a, b, c) = (&w[0], &w[1], &w[2]);
-                if a.gen != c.gen {
+                if a.clock_gen != c.clock_gen {
                     continue;
                 }
                 let iv1 = (b.t - a.t) as f64;

@@ -195,7 +195,7 @@ struct Outcome {
 struct Pong {
     arrive: i64,
     sample: Sample,
-    gen: u32,
+    clock_gen: u32,
 }
 
 fn simulate(sc: &Scenario, seed: u64) -> Outcome {
@@ -246,8 +246,8 @@ fn simulate(sc: &Scenario, seed: u64) -> Outcome {
         if let (Some(d1), Some(d2)) = (d1, d2) {
             let (recv, send, arrive) = (ts + d1, ts + d1 + hold, ts + d1 + hold + d2);
             // one snapshot of the leader's map for both timestamps
-            let gen = gen_at(recv);
-            let s_at = |t: i64| leader.at(t) + if gen == 1 { jump } else { 0 };
+            let clock_gen = gen_at(recv);
+            let s_at = |t: i64| leader.at(t) + if clock_gen == 1 { jump } else { 0 };
             pongs.push(Pong {
                 arrive,
                 sample: Sample {
@@ -256,7 +256,7 @@ fn simulate(sc: &Scenario, seed: u64) -> Outcome {
                     t3: s_at(send),
                     t4: follower.at(arrive),
                 },
-                gen,
+                clock_gen,
             });
         }
         ts += sc.ping_every_ns;
@@ -273,7 +273,7 @@ fn simulate(sc: &Scenario, seed: u64) -> Outcome {
     };
     let mut est = Estimator::new(sync);
     let mut slewer = Slewer::new(slew);
-    let mut gen = 0u32;
+    let mut clock_gen = 0u32;
     let mut next = 0;
     let mut prev: Option<(i64, SessionMap, SessionMap)> = None; // (now, published, target)
     let mut out = Outcome {
@@ -290,12 +290,12 @@ fn simulate(sc: &Scenario, seed: u64) -> Outcome {
             next += 1;
             // A new generation of the leader's map: start over. Late pongs of an older
             // generation are ignored.
-            if p.gen < gen {
+            if p.clock_gen < clock_gen {
                 continue;
             }
-            if p.gen > gen {
+            if p.clock_gen > clock_gen {
                 est.reset();
-                gen = p.gen;
+                clock_gen = p.clock_gen;
             }
             match est.handle_sample(p.sample) {
                 SampleVerdict::Accepted => out.accepted += 1,
@@ -345,7 +345,7 @@ fn simulate(sc: &Scenario, seed: u64) -> Outcome {
             }
             prev = Some((now, published, e.map));
             // (an estimate of the leader's previous map generation is not dishonest)
-            if elapsed >= HONEST_FROM && gen == gen_at(t) {
+            if elapsed >= HONEST_FROM && clock_gen == gen_at(t) {
                 out.worst_dishonesty_ns = out
                     .worst_dishonesty_ns
                     .max(est_err.abs() - e.uncertainty_ns);

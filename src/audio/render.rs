@@ -55,7 +55,7 @@ pub struct Renderer {
     voice: Option<Voice>,
     last_beat: Option<(i64, i64)>,
     cursor: Option<i64>,
-    gen: u64,
+    clock_gen: u64,
     snap: AudioSnapshot,
     cell: Arc<SnapshotCell>,
     stats: Arc<AudioStats>,
@@ -83,7 +83,7 @@ impl Renderer {
             voice: None,
             last_beat: None,
             cursor: None,
-            gen: snap.gen,
+            clock_gen: snap.clock_gen,
             snap,
             cell,
             stats,
@@ -145,10 +145,10 @@ impl Renderer {
         self.stats.last_callback_ns.store(t_first, Relaxed);
 
         let snap = self.snap;
-        if snap.gen != self.gen {
+        if snap.clock_gen != self.clock_gen {
             // The session clock stepped (this box joined a room): beats and session
             // times before and after are unrelated. Start afresh from this buffer.
-            self.gen = snap.gen;
+            self.clock_gen = snap.clock_gen;
             self.last_beat = None;
             self.cursor = None;
         }

@@ -23,7 +23,7 @@ pub struct AudioSnapshot {
     pub gain: f32,
     /// Session-map generation: changes when the session clock steps (a box joining a
     /// room). The renderer forgets which beats it played when it changes.
-    pub gen: u64,
+    pub clock_gen: u64,
 }
 
 const WORDS: usize = TIMELINE_WORDS + 7;
@@ -41,7 +41,7 @@ impl AudioSnapshot {
         w[o + 3] = self.epoch;
         w[o + 4] = self.latency_offset_ns as u64;
         w[o + 5] = self.gain.to_bits() as u64;
-        w[o + 6] = self.gen;
+        w[o + 6] = self.clock_gen;
         w
     }
     fn decode(w: &[u64; WORDS]) -> AudioSnapshot {
@@ -63,7 +63,7 @@ impl AudioSnapshot {
             } else {
                 0.0
             },
-            gen: w[o + 6],
+            clock_gen: w[o + 6],
         }
     }
 }
@@ -154,7 +154,7 @@ mod tests {
             epoch: i as u64,
             latency_offset_ns: i * 7,
             gain: 0.5,
-            gen: i as u64 * 11,
+            clock_gen: i as u64 * 11,
         }
     }
 

@@ -137,7 +137,7 @@ pub enum Action {
         timeline: Timeline,
         map: SessionMap,
         epoch: u64,
-        gen: u64,
+        clock_gen: u64,
     },
     Note(Note),
     /// Save this (atomically, off the clock loop).
@@ -180,9 +180,36 @@ pub struct FrameRefused(pub &'static str);
 struct Switch {
     session: SessionId,
     leader: String,
-    beat: i64,
+    /// The beat to switch at; `None` while waiting for a mature clock estimate.
+    beat: Option<i64>,
     /// The room's (epoch, version) the beat was computed from.
     basis: (u64, u64),
+}
+
+/// A node's role in its room, as `status` and `/health` show it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Leader,
+    Follower,
+    /// A peer that has not announced itself yet.
+    Unknown,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Leader => "leader",
+            Role::Follower => "follower",
+            Role::Unknown => "unknown",
+        }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// The status object of `bandsync status --json`, `/health` and `status.json`.
@@ -190,7 +217,7 @@ struct Switch {
 pub struct Status {
     pub node: String,
     pub name: String,
-    pub role: String,
+    pub role: Role,
     pub leader: String,
     pub epoch: u64,
     pub pinned: Option<String>,
@@ -214,7 +241,7 @@ pub struct PeerStatus {
     pub rtt_us: Option<i64>,
     pub offset_us: Option<i64>,
     pub uncertainty_us: Option<i64>,
-    pub role: String,
+    pub role: Role,
     pub synced: bool,
     pub alive: bool,
 }
@@ -229,7 +256,7 @@ pub struct Room {
     leading: bool,
     synced: bool,
     map: SessionMap,
-    gen: u64,
+    clock_gen: u64,
     slewer: Slewer,
     peers: BTreeMap<String, Peer>,
     switch: Option<Switch>,
@@ -284,7 +311,7 @@ impl Room {
             leading: true,
             synced: true,
             map: SessionMap::IDENTITY,
-            gen: 0,
+            clock_gen: 0,
             slewer: {
                 let mut s = Slewer::new(slew_config());
                 s.adopt(SessionMap::IDENTITY);
@@ -370,8 +397,8 @@ impl Room {
     pub fn map(&self) -> SessionMap {
         self.map
     }
-    pub fn gen(&self) -> u64 {
-        self.gen
+    pub fn clock_gen(&self) -> u64 {
+        self.clock_gen
     }
     pub fn epoch(&self) -> u64 {
         self.epoch
@@ -543,7 +570,11 @@ impl Room {
         Status {
             node: self.cfg.me.clone(),
             name: self.cfg.name.clone(),
-            role: if self.leading { "leader" } else { "follower" }.to_string(),
+            role: if self.leading {
+                Role::Leader
+            } else {
+                Role::Follower
+            },
             leader: self.leader.clone(),
             epoch: self.epoch,
             pinned: self.pinned.clone(),
@@ -692,7 +723,7 @@ impl Room {
                 self.switch = Some(Switch {
                     session,
                     leader,
-                    beat: i64::MIN,
+                    beat: None,
                     basis: (0, 0),
                 });
             }
@@ -703,13 +734,15 @@ impl Room {
         };
         let s_now = target.to_session(now);
         let stale = match &self.switch {
-            Some(sw) => {
-                sw.session != session
-                    || sw.leader != leader
-                    || sw.beat == i64::MIN
-                    || sw.basis != (a.epoch, a.version)
-                    || target.to_local(room_tl.beat_time(sw.beat)) - now < PUBLISH_AHEAD_NS / 3
-            }
+            Some(sw) => match sw.beat {
+                None => true,
+                Some(b) => {
+                    sw.session != session
+                        || sw.leader != leader
+                        || sw.basis != (a.epoch, a.version)
+                        || target.to_local(room_tl.beat_time(b)) - now < PUBLISH_AHEAD_NS / 3
+                }
+            },
             None => true,
         };
         if stale {
@@ -720,18 +753,21 @@ impl Room {
             self.switch = Some(Switch {
                 session,
                 leader: leader.clone(),
-                beat: at.beat,
+                beat: Some(at.beat),
                 basis: (a.epoch, a.version),
             });
         }
-        let sw = self.switch.as_ref().expect("set above");
-        let d_local = target.to_local(room_tl.beat_time(sw.beat));
+        let beat = self
+            .switch
+            .as_ref()
+            .and_then(|sw| sw.beat)
+            .expect("set above");
+        let d_local = target.to_local(room_tl.beat_time(beat));
         if now < d_local - PUBLISH_AHEAD_NS {
             return;
         }
         // Switch now: step once onto the leader's clock, begin its timeline at the bar.
         let step = target.to_session(now) - self.map.to_session(now);
-        let beat = sw.beat;
         let joining = session != self.session;
         self.session = session;
         self.epoch = a.epoch;
@@ -746,7 +782,7 @@ impl Room {
             self.joined_at = now;
         }
         self.map = self.slewer.step(now, &target, true);
-        self.gen += 1;
+        self.clock_gen += 1;
         self.switch = None;
         self.realign = false;
         self.dirty = true;
@@ -925,7 +961,7 @@ impl Room {
                 timeline: self.timeline,
                 map: self.map,
                 epoch: self.epoch,
-                gen: self.gen,
+                clock_gen: self.clock_gen,
             });
             self.publish = false;
         }
@@ -957,11 +993,10 @@ impl Room {
                         .map(|(_, m)| (m.to_session(now) - self.map.to_session(now)) / 1000),
                     uncertainty_us: est.map(|e| e.uncertainty_ns / 1000),
                     role: match &p.announce {
-                        Some(a) if a.leading => "leader",
-                        Some(_) => "follower",
-                        None => "unknown",
-                    }
-                    .to_string(),
+                        Some(a) if a.leading => Role::Leader,
+                        Some(_) => Role::Follower,
+                        None => Role::Unknown,
+                    },
                     synced: p
                         .announce
                         .as_ref()

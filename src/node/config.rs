@@ -16,58 +16,12 @@ pub const DEFAULT_CONFIG: &str = "/etc/bandsync/bandsync.toml";
 #[error("{0}")]
 pub struct ConfigError(pub String);
 
-/// The config file. Every key is optional.
-#[derive(Debug, Default, Deserialize, Clone)]
+/// The settings of `bandsync run`: one struct for both the config file (TOML keys are
+/// the field names) and the flags (`--field-name`). Every value is optional here;
+/// [`RunConfig::build`] lays flags over the file over defaults and validates.
+#[derive(Debug, Default, Clone, Deserialize, clap::Args)]
 #[serde(deny_unknown_fields)]
-pub struct FileConfig {
-    pub name: Option<String>,
-    pub room: Option<String>,
-    pub state_dir: Option<PathBuf>,
-    pub audio: Option<String>,
-    pub tempo: Option<f64>,
-    pub meter: Option<i64>,
-    pub play: Option<bool>,
-    pub click_log: Option<PathBuf>,
-    pub latency_offset_ms: Option<f64>,
-    pub volume: Option<f64>,
-    pub buffer_frames: Option<u32>,
-    pub sample_rate: Option<u32>,
-    pub quantum: Option<Quantum>,
-    pub priority: Option<i32>,
-    pub quic: Option<String>,
-    pub http: Option<String>,
-    pub interface: Option<Vec<String>>,
-    pub room_key_file: Option<PathBuf>,
-    pub control_pin: Option<String>,
-    pub redis: Option<String>,
-    pub hw: Option<String>,
-}
-
-impl FileConfig {
-    pub fn parse(text: &str, origin: &Path) -> anyhow::Result<FileConfig> {
-        toml::from_str(text)
-            .map_err(|e| anyhow!("config {}: {}", origin.display(), e.to_string().trim()))
-    }
-
-    /// Load `--config PATH` (must exist) or the default path (if present).
-    pub fn load(explicit: Option<&Path>) -> anyhow::Result<(FileConfig, Option<PathBuf>)> {
-        let (path, must) = match explicit {
-            Some(p) => (p.to_path_buf(), true),
-            None => (PathBuf::from(DEFAULT_CONFIG), false),
-        };
-        match std::fs::read_to_string(&path) {
-            Ok(text) => Ok((FileConfig::parse(&text, &path)?, Some(path))),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !must => {
-                Ok((FileConfig::default(), None))
-            }
-            Err(e) => Err(e).with_context(|| format!("cannot read config {}", path.display())),
-        }
-    }
-}
-
-/// Flags of `bandsync run` (all optional so the file can fill them in).
-#[derive(Debug, Default, Clone, clap::Args)]
-pub struct RunArgs {
+pub struct Settings {
     /// Human name of this box (default: the hostname).
     #[arg(long)]
     pub name: Option<String>,
@@ -90,8 +44,8 @@ pub struct RunArgs {
     #[arg(long, value_name = "N")]
     pub meter: Option<i64>,
     /// Start the transport at once.
-    #[arg(long)]
-    pub play: bool,
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub play: Option<bool>,
     /// Append one JSON line per click to PATH (SPEC §5 format).
     #[arg(long, value_name = "PATH")]
     pub click_log: Option<PathBuf>,
@@ -123,7 +77,7 @@ pub struct RunArgs {
     pub http: Option<String>,
     /// Network interface for mDNS and QUIC (repeatable; default: all).
     #[arg(long = "interface", value_name = "NAME")]
-    pub interface: Vec<String>,
+    pub interface: Option<Vec<String>>,
     /// File holding the room key (default: the state dir's `room-key`, generated on
     /// first start).
     #[arg(long, value_name = "PATH")]
@@ -140,6 +94,28 @@ pub struct RunArgs {
     /// sample rate and output-latency offset unless flags or the config file set them.
     #[arg(long, value_name = "PROFILE")]
     pub hw: Option<String>,
+}
+
+impl Settings {
+    pub fn parse(text: &str, origin: &Path) -> anyhow::Result<Settings> {
+        toml::from_str(text)
+            .map_err(|e| anyhow!("config {}: {}", origin.display(), e.to_string().trim()))
+    }
+
+    /// Load `--config PATH` (must exist) or the default path (if present).
+    pub fn load(explicit: Option<&Path>) -> anyhow::Result<(Settings, Option<PathBuf>)> {
+        let (path, must) = match explicit {
+            Some(p) => (p.to_path_buf(), true),
+            None => (PathBuf::from(DEFAULT_CONFIG), false),
+        };
+        match std::fs::read_to_string(&path) {
+            Ok(text) => Ok((Settings::parse(&text, &path)?, Some(path))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !must => {
+                Ok((Settings::default(), None))
+            }
+            Err(e) => Err(e).with_context(|| format!("cannot read config {}", path.display())),
+        }
+    }
 }
 
 fn parse_quantum(s: &str) -> Result<Quantum, String> {
@@ -223,8 +199,8 @@ fn check_name(what: &str, v: &str) -> anyhow::Result<()> {
 impl RunConfig {
     /// Merge flags over the file over defaults, validating every value.
     pub fn build(
-        args: &RunArgs,
-        file: &FileConfig,
+        args: &Settings,
+        file: &Settings,
         origin: Option<&Path>,
     ) -> anyhow::Result<RunConfig> {
         let src = |flag_set: bool, key: &str| -> String {
@@ -276,7 +252,7 @@ impl RunConfig {
             ),
             None => None,
         };
-        let play = args.play || file.play.unwrap_or(false);
+        let play = args.play.or(file.play).unwrap_or(false);
         let click_log = args.click_log.clone().or(file.click_log.clone());
         let hw_spec = args
             .hw
@@ -349,11 +325,11 @@ impl RunConfig {
         let http: std::net::SocketAddr = http_s.parse().map_err(|_| {
             anyhow!("{}: {http_s:?} is not an ADDR:PORT socket address (e.g. 0.0.0.0:{DEFAULT_HTTP_PORT})", src(args.http.is_some(), "http"))
         })?;
-        let interfaces = if args.interface.is_empty() {
-            file.interface.clone().unwrap_or_default()
-        } else {
-            args.interface.clone()
-        };
+        let interfaces = args
+            .interface
+            .clone()
+            .or(file.interface.clone())
+            .unwrap_or_default();
         for i in &interfaces {
             if i.is_empty()
                 || i.len() > 15
@@ -362,7 +338,7 @@ impl RunConfig {
             {
                 bail!(
                     "{}: {i:?} is not a network interface name",
-                    src(!args.interface.is_empty(), "interface")
+                    src(args.interface.is_some(), "interface")
                 );
             }
         }
@@ -380,6 +356,36 @@ impl RunConfig {
             }
         }
         let redis = args.redis.clone().or(file.redis.clone());
+        if let Some(u) = &redis {
+            crate::mirror::RedisUrl::parse(u)
+                .map_err(|e| anyhow!("{}: {e}", src(args.redis.is_some(), "redis")))?;
+        }
+        if let Some(k) = &room_key_file {
+            if !k.is_file() {
+                bail!(
+                    "{}: {} is not a readable file",
+                    src(args.room_key_file.is_some(), "room_key_file"),
+                    k.display()
+                );
+            }
+        }
+        if let Some(l) = &click_log {
+            let parent = l.parent().filter(|p| !p.as_os_str().is_empty());
+            if parent.is_some_and(|p| !p.is_dir()) || l.is_dir() {
+                bail!(
+                    "{}: {} cannot be written (its directory does not exist, or it is a directory)",
+                    src(args.click_log.is_some(), "click_log"),
+                    l.display()
+                );
+            }
+        }
+        if state_dir.as_os_str().is_empty() || (state_dir.exists() && !state_dir.is_dir()) {
+            bail!(
+                "{}: {} is not a directory",
+                src(args.state_dir.is_some(), "state_dir"),
+                state_dir.display()
+            );
+        }
         Ok(RunConfig {
             name,
             room,
@@ -412,12 +418,12 @@ mod tests {
 
     #[test]
     fn flags_override_file_override_defaults() {
-        let file = FileConfig::parse(
+        let file = Settings::parse(
             "tempo = 90.5\nmeter = 3\nname = \"left\"\n",
             Path::new("t.toml"),
         )
         .unwrap();
-        let args = RunArgs {
+        let args = Settings {
             meter: Some(7),
             ..Default::default()
         };
@@ -431,19 +437,19 @@ mod tests {
 
     #[test]
     fn bad_values_name_the_source_and_value() {
-        let file = FileConfig::parse("tempo = 500\n", Path::new("/etc/x.toml")).unwrap();
-        let e = RunConfig::build(&RunArgs::default(), &file, Some(Path::new("/etc/x.toml")))
+        let file = Settings::parse("tempo = 500\n", Path::new("/etc/x.toml")).unwrap();
+        let e = RunConfig::build(&Settings::default(), &file, Some(Path::new("/etc/x.toml")))
             .unwrap_err()
             .to_string();
         assert!(
             e.contains("/etc/x.toml (tempo)") && e.contains("500"),
             "{e}"
         );
-        let args = RunArgs {
+        let args = Settings {
             volume: Some(3.0),
             ..Default::default()
         };
-        let e = RunConfig::build(&args, &FileConfig::default(), None)
+        let e = RunConfig::build(&args, &Settings::default(), None)
             .unwrap_err()
             .to_string();
         assert!(e.contains("--volume") && e.contains('3'), "{e}");
@@ -451,11 +457,11 @@ mod tests {
 
     #[test]
     fn unknown_keys_are_errors() {
-        let e = FileConfig::parse("tempoo = 100\n", Path::new("c.toml"))
+        let e = Settings::parse("tempoo = 100\n", Path::new("c.toml"))
             .unwrap_err()
             .to_string();
         assert!(e.contains("c.toml") && e.contains("tempoo"), "{e}");
-        let e = FileConfig::parse("tempo = \"fast\"\n", Path::new("c.toml"))
+        let e = Settings::parse("tempo = \"fast\"\n", Path::new("c.toml"))
             .unwrap_err()
             .to_string();
         assert!(e.contains("tempo"), "{e}");

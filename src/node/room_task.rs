@@ -339,13 +339,13 @@ fn carry_out(
                 timeline,
                 map,
                 epoch,
-                gen,
+                clock_gen,
             } => {
                 let mut s: AudioSnapshot = shared.cell.read();
                 s.timeline = timeline;
                 s.map = map;
                 s.epoch = epoch;
-                s.gen = gen;
+                s.clock_gen = clock_gen;
                 shared.cell.write(&s);
                 shared.published.send_modify(|v| *v += 1);
             }

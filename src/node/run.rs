@@ -92,7 +92,7 @@ pub fn run(cfg: RunConfig, clock: NodeClock) -> anyhow::Result<()> {
         epoch: 1,
         latency_offset_ns: cfg.latency_offset_ns,
         gain: cfg.volume,
-        gen: 0,
+        clock_gen: 0,
     };
     let cell = Arc::new(SnapshotCell::new(snap));
     let stats = Arc::new(AudioStats::default());

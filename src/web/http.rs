@@ -1,8 +1,7 @@
 //! The node's HTTP listener: the phone page (`/`), its WebSocket (`/ws`, see
 //! [`crate::web::gateway`]), `/health` and `/metrics`.
 
-use crate::audio::AudioStats;
-use crate::net::{MeshStats, RoomHandle};
+pub use crate::web::state::HttpState;
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
@@ -10,25 +9,6 @@ use axum::routing::get;
 use axum::{Json, Router};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::Arc;
-
-#[derive(Clone)]
-pub struct HttpState {
-    pub room: RoomHandle,
-    pub audio: Arc<AudioStats>,
-    pub mesh: Arc<MeshStats>,
-    /// The current timeline, session map and epoch (what the audio thread plays).
-    pub cell: Arc<crate::audio::snapshot::SnapshotCell>,
-    pub clock: crate::sys::clock::NodeClock,
-    /// Bumped by the room task every time it publishes a new snapshot.
-    pub changes: tokio::sync::watch::Receiver<u64>,
-    /// Control PIN for changes from phones (None: no PIN).
-    pub control_pin: Option<String>,
-    /// The phone gateway's limits (connections, message size, rate, send queues).
-    pub limits: crate::web::gateway::GatewayLimits,
-    /// The phone gateway's counters (shown on `/metrics`).
-    pub stats: Arc<crate::web::gateway::GatewayStats>,
-}
 
 pub fn router(state: HttpState) -> Router {
     let gw = crate::web::gateway::Gateway::new(&state);
@@ -300,7 +280,7 @@ async fn metrics(State(st): State<HttpState>) -> impl IntoResponse {
             "leader",
             "1 when this node leads.",
             "gauge",
-            vec![(String::new(), if s.role == "leader" { 1.0 } else { 0.0 })],
+            vec![(String::new(), if s.role == crate::core::room::Role::Leader { 1.0 } else { 0.0 })],
         );
         put(
             "epoch",

@@ -22,7 +22,7 @@ pub fn snapshot(t0: i64, bpm: f64, meter: i64) -> AudioSnapshot {
         epoch: 0,
         latency_offset_ns: 0,
         gain: 1.0,
-        gen: 0,
+        clock_gen: 0,
     }
 }
 

@@ -37,7 +37,7 @@
 //! ## Node → client
 //!
 //! Joined phones get a `snapshot` every time the room task publishes a new timeline,
-//! session map or epoch (the `changes` watch of [`crate::web::http::HttpState`]), queued for
+//! session map or epoch (the `changes` watch of [`crate::web::state::HttpState`]), queued for
 //! every phone at once from one serialization.
 //!
 //! * `snapshot` — the whole timeline:
@@ -136,6 +136,14 @@ use std::time::Duration;
 use tokio::sync::{mpsc, Notify, Semaphore};
 use tokio::time::Instant;
 
+mod limits;
+mod protocol;
+
+pub use limits::{GatewayLimits, GatewayStats, Histogram};
+pub use protocol::ErrorCode;
+use limits::hard_cap;
+use protocol::{bad, bad_field, check_id, check_text, ct_eq, fields_of, integer, number, Bad};
+
 /// The phone page (one self-contained file: no CDN, works offline).
 pub const PAGE: &str = include_str!("../phone/index.html");
 
@@ -154,180 +162,6 @@ const CONTROL_TIMEOUT: Duration = Duration::from_secs(3);
 const STATUS_EVERY: Duration = Duration::from_secs(2);
 /// `room_stats` is pushed at least this often.
 const STATS_EVERY: Duration = Duration::from_secs(10);
-/// Largest safe integer of a JSON/JS number.
-const MAX_SAFE: f64 = 9_007_199_254_740_991.0;
-
-/// The gateway's limits. `Default` gives the documented values.
-#[derive(Clone, Debug, PartialEq)]
-pub struct GatewayLimits {
-    /// Open WebSockets at most; more are refused with 503.
-    pub max_connections: usize,
-    /// Largest message accepted, bytes.
-    pub max_message_bytes: usize,
-    /// Sustained messages per second per connection.
-    pub per_second: u32,
-    /// Messages a connection may send at once above the sustained rate.
-    pub burst: u32,
-    /// Rate-limited messages (decaying by one per second) before the connection is closed.
-    pub abuse_after: u32,
-    /// Messages queued for one client before it counts as too slow and is dropped.
-    pub send_queue: usize,
-    /// Longest a client's socket may take to accept one message.
-    pub send_timeout: Duration,
-    /// A connection silent for this long is closed.
-    pub idle_timeout: Duration,
-    /// Wrong PINs before a connection is closed.
-    pub max_bad_pins: u32,
-    /// Change requests waiting on the room at once (all connections).
-    pub max_control_in_flight: usize,
-}
-
-impl Default for GatewayLimits {
-    fn default() -> Self {
-        GatewayLimits {
-            max_connections: 2000,
-            max_message_bytes: 4096,
-            per_second: 20,
-            burst: 40,
-            abuse_after: 50,
-            send_queue: 32,
-            send_timeout: Duration::from_secs(5),
-            idle_timeout: Duration::from_secs(90),
-            max_bad_pins: 5,
-            max_control_in_flight: 8,
-        }
-    }
-}
-
-/// What an `error` says went wrong.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ErrorCode {
-    BadJson,
-    BadMessage,
-    UnknownType,
-    UnknownField,
-    BadField,
-    TooLarge,
-    PinRequired,
-    BadPin,
-    NotSupported,
-    Busy,
-    Refused,
-}
-
-impl ErrorCode {
-    pub const ALL: [ErrorCode; 11] = [
-        ErrorCode::BadJson,
-        ErrorCode::BadMessage,
-        ErrorCode::UnknownType,
-        ErrorCode::UnknownField,
-        ErrorCode::BadField,
-        ErrorCode::TooLarge,
-        ErrorCode::PinRequired,
-        ErrorCode::BadPin,
-        ErrorCode::NotSupported,
-        ErrorCode::Busy,
-        ErrorCode::Refused,
-    ];
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ErrorCode::BadJson => "bad_json",
-            ErrorCode::BadMessage => "bad_message",
-            ErrorCode::UnknownType => "unknown_type",
-            ErrorCode::UnknownField => "unknown_field",
-            ErrorCode::BadField => "bad_field",
-            ErrorCode::TooLarge => "too_large",
-            ErrorCode::PinRequired => "pin_required",
-            ErrorCode::BadPin => "bad_pin",
-            ErrorCode::NotSupported => "not_supported",
-            ErrorCode::Busy => "busy",
-            ErrorCode::Refused => "refused",
-        }
-    }
-}
-
-/// Counters for `/metrics`.
-#[derive(Debug, Default)]
-pub struct GatewayStats {
-    /// WebSockets accepted since start.
-    pub connections_total: AtomicU64,
-    /// WebSockets open now.
-    pub connections_open: AtomicU64,
-    /// Upgrades refused at the connection cap.
-    pub refused_full: AtomicU64,
-    /// Messages received (all kinds, WebSocket pings included).
-    pub messages_in: AtomicU64,
-    /// Messages sent.
-    pub messages_out: AtomicU64,
-    /// Snapshots / room stats pushed to every joined phone.
-    pub broadcasts: AtomicU64,
-    /// Time the last broadcast took to queue for every client, µs.
-    pub broadcast_last_us: AtomicU64,
-    /// `error`s sent, by [`ErrorCode`] (indexed like [`ErrorCode::ALL`]).
-    pub errors: [AtomicU64; 11],
-    /// Messages dropped by the rate limit.
-    pub rate_limited: AtomicU64,
-    /// Connections closed for flooding or PIN guessing.
-    pub closed_abuse: AtomicU64,
-    /// Connections closed because they could not keep up.
-    pub dropped_slow: AtomicU64,
-    /// Connections closed for silence.
-    pub closed_idle: AtomicU64,
-    /// Change requests passed to the room.
-    pub changes_requested: AtomicU64,
-    /// From a broadcast to its message written into each phone's socket.
-    pub delivery: Histogram,
-}
-
-/// A fixed-bucket latency histogram (Prometheus style: cumulative on output).
-#[derive(Debug, Default)]
-pub struct Histogram {
-    counts: [AtomicU64; Histogram::BOUNDS_US.len() + 1],
-    sum_us: AtomicU64,
-}
-
-impl Histogram {
-    /// Upper bounds of the buckets, µs (the last bucket is +Inf).
-    pub const BOUNDS_US: [u64; 12] = [
-        100, 250, 500, 1_000, 2_000, 3_000, 5_000, 10_000, 25_000, 50_000, 100_000, 1_000_000,
-    ];
-
-    pub fn observe(&self, d: Duration) {
-        let us = d.as_micros().min(u64::MAX as u128) as u64;
-        let i = Self::BOUNDS_US
-            .iter()
-            .position(|b| us <= *b)
-            .unwrap_or(Self::BOUNDS_US.len());
-        self.counts[i].fetch_add(1, Relaxed);
-        self.sum_us.fetch_add(us, Relaxed);
-    }
-    /// `(upper bound in seconds or None for +Inf, cumulative count)`, then the sum in
-    /// seconds and the total count.
-    pub fn cumulative(&self) -> (Vec<(Option<f64>, u64)>, f64, u64) {
-        let mut acc = 0;
-        let mut out = Vec::new();
-        for (i, c) in self.counts.iter().enumerate() {
-            acc += c.load(Relaxed);
-            out.push((Self::BOUNDS_US.get(i).map(|b| *b as f64 / 1e6), acc));
-        }
-        (out, self.sum_us.load(Relaxed) as f64 / 1e6, acc)
-    }
-}
-
-impl GatewayStats {
-    fn error(&self, code: ErrorCode) {
-        let i = ErrorCode::ALL.iter().position(|c| *c == code).unwrap_or(0);
-        self.errors[i].fetch_add(1, Relaxed);
-    }
-    /// `(code, count)` for every error code.
-    pub fn errors_by_code(&self) -> Vec<(&'static str, u64)> {
-        ErrorCode::ALL
-            .iter()
-            .zip(self.errors.iter())
-            .map(|(c, n)| (c.as_str(), n.load(Relaxed)))
-            .collect()
-    }
-}
 
 /// What the room's status says, cached for snapshots and `room_stats`.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -374,7 +208,7 @@ impl Meta {
                 .map(|p| PeerOut {
                     id: p.id.clone(),
                     name: p.name.clone(),
-                    role: p.role.clone(),
+                    role: p.role.to_string(),
                     alive: p.alive,
                     rtt_us: p.rtt_us,
                     offset_us: p.offset_us,
@@ -382,7 +216,7 @@ impl Meta {
                 .collect(),
             node: s.node,
             name: s.name,
-            role: s.role,
+            role: s.role.to_string(),
             leader: s.leader,
             leader_name,
             epoch: s.epoch,
@@ -447,8 +281,8 @@ struct Inner {
 pub struct Gateway(Arc<Inner>);
 
 impl Gateway {
-    /// Build from the HTTP state (see [`crate::web::http::HttpState`]).
-    pub fn new(st: &crate::web::http::HttpState) -> Gateway {
+    /// Build from the HTTP state (see [`crate::web::state::HttpState`]).
+    pub fn new(st: &crate::web::state::HttpState) -> Gateway {
         let limits = st.limits.clone();
         Gateway(Arc::new(Inner {
             cell: st.cell.clone(),
@@ -621,7 +455,7 @@ fn snapshot_value(
         "type": "snapshot",
         "segments": segments,
         "epoch": snap.epoch,
-        "gen": snap.gen,
+        "gen": snap.clock_gen,
         "node": m.node, "name": m.name, "role": m.role,
         "leader": m.leader, "leader_name": m.leader_name,
         "boxes": m.boxes.max(1),
@@ -716,36 +550,6 @@ pub async fn ws_handler(State(gw): State<Gateway>, ws: WebSocketUpgrade) -> Resp
             Conn::new(gw, socket).run().await;
             drop(slot);
         })
-}
-
-/// The WebSocket layer's own cap: messages between `max_message_bytes` and this are
-/// read whole (so the socket stays in sync for a clean close) and refused; bigger ones
-/// are cut off unread.
-fn hard_cap(l: &GatewayLimits) -> usize {
-    l.max_message_bytes
-        .max(64)
-        .saturating_mul(16)
-        .max(64 * 1024)
-}
-
-/// A message-level failure: an `error` to send.
-#[derive(Debug)]
-struct Bad {
-    code: ErrorCode,
-    field: Option<String>,
-    reason: String,
-}
-
-fn bad(code: ErrorCode, field: Option<&str>, reason: impl Into<String>) -> Bad {
-    Bad {
-        code,
-        field: field.map(str::to_string),
-        reason: reason.into(),
-    }
-}
-
-fn bad_field(field: &str, reason: impl Into<String>) -> Bad {
-    bad(ErrorCode::BadField, Some(field), reason)
 }
 
 /// What to do after a message.
@@ -1172,9 +976,9 @@ impl Conn {
             }
             "ping" => {
                 let t0 = number("t0", obj.get("t0"), true)?.unwrap_or(0.0);
-                let gen = self.inner().cell.read().gen;
+                let clock_gen = self.inner().cell.read().clock_gen;
                 let t2 = self.inner().session_ns();
-                let mut v = serde_json::json!({"type": "pong", "t0": t0, "t1": to_us(t1), "t2": to_us(t2), "gen": gen});
+                let mut v = serde_json::json!({"type": "pong", "t0": t0, "t1": to_us(t1), "t2": to_us(t2), "gen": clock_gen});
                 if let Some(id) = id {
                     v["id"] = id.clone();
                 }
@@ -1183,9 +987,9 @@ impl Conn {
             "sync_request" => {
                 let t0 = number("t0", obj.get("t0"), false)?;
                 let snap = self.inner().snapshot(None);
-                let gen = snap["gen"].clone();
+                let clock_gen = snap["gen"].clone();
                 let t2 = self.inner().session_ns();
-                let mut v = serde_json::json!({"type": "sync_response", "t1": to_us(t1), "t2": to_us(t2), "gen": gen, "snapshot": snap});
+                let mut v = serde_json::json!({"type": "sync_response", "t1": to_us(t1), "t2": to_us(t2), "gen": clock_gen, "snapshot": snap});
                 if let Some(t0) = t0 {
                     v["t0"] = serde_json::json!(t0);
                 }
@@ -1363,81 +1167,6 @@ impl Conn {
         });
         Ok(Next::Go)
     }
-}
-
-/// The fields (besides `type` and `id`) each message type may carry; `None`: unknown type.
-fn fields_of(ty: &str) -> Option<&'static [&'static str]> {
-    Some(match ty {
-        "join_session" => &["name"],
-        "ping" => &["t0"],
-        "sync_request" => &["t0"],
-        "set_tempo" => &["bpm", "pin", "quantum"],
-        "set_meter" => &["meter", "pin", "quantum"],
-        "play" | "pause" => &["pin", "quantum"],
-        "seek" => &["beat", "pin"],
-        "heartbeat" => &[],
-        _ => return None,
-    })
-}
-
-fn check_id(obj: &Map<String, Value>) -> Result<Option<Value>, Bad> {
-    match obj.get("id") {
-        None => Ok(None),
-        Some(Value::Number(n)) if n.as_i64().is_some_and(|x| (x as f64).abs() <= MAX_SAFE) => {
-            Ok(Some(Value::Number(n.clone())))
-        }
-        Some(Value::String(s)) if s.chars().count() <= 64 && !s.chars().any(char::is_control) => {
-            Ok(Some(Value::String(s.clone())))
-        }
-        Some(_) => Err(bad_field(
-            "id",
-            "id must be an integer or a string of at most 64 printable characters",
-        )),
-    }
-}
-
-fn check_text(field: &str, v: &Value, max: usize) -> Result<(), Bad> {
-    match v {
-        Value::String(s) if s.chars().count() <= max && !s.chars().any(char::is_control) => Ok(()),
-        _ => Err(bad_field(
-            field,
-            format!("{field} must be a string of at most {max} printable characters"),
-        )),
-    }
-}
-
-/// A finite JSON number within ±2⁵³.
-fn number(field: &str, v: Option<&Value>, required: bool) -> Result<Option<f64>, Bad> {
-    match v {
-        None if required => Err(bad_field(field, format!("missing {field}"))),
-        None => Ok(None),
-        Some(Value::Number(n)) => match n.as_f64() {
-            Some(x) if x.is_finite() && x.abs() <= MAX_SAFE => Ok(Some(x)),
-            _ => Err(bad_field(field, format!("{field} is out of range"))),
-        },
-        Some(_) => Err(bad_field(field, format!("{field} must be a number"))),
-    }
-}
-
-/// A whole JSON number within ±2⁵³ (`4` and `4.0` both do).
-fn integer(field: &str, v: Option<&Value>) -> Result<i64, Bad> {
-    let x = number(field, v, true)?.unwrap_or(0.0);
-    if x.fract() != 0.0 {
-        return Err(bad_field(
-            field,
-            format!("{field} must be a whole number (got {x})"),
-        ));
-    }
-    Ok(x as i64)
-}
-
-/// Constant-time comparison (the PIN).
-fn ct_eq(a: &[u8], b: &[u8]) -> bool {
-    let mut d = (a.len() ^ b.len()) as u8 | ((a.len() ^ b.len()) >> 8) as u8;
-    for (i, x) in a.iter().enumerate() {
-        d |= x ^ b.get(i % b.len().max(1)).copied().unwrap_or(0);
-    }
-    d == 0 && a.len() == b.len()
 }
 
 /// `GET /` — the phone page.
