@@ -1,14 +1,11 @@
 //! The stage tech's CLI against a running node, and the node's /health.
 
-use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
-
-const BIN: &str = env!("CARGO_BIN_EXE_bandsync");
+use std::process::{Child, Command, Output};
+use std::time::Duration;
 
 mod common;
-use common::free_port;
+use common::{free_port, http_get, json_body, wait_health, NodeCmd, BIN};
 
 struct Daemon {
     child: Child,
@@ -26,33 +23,15 @@ impl Daemon {
         std::fs::write(&key, "c3".repeat(32)).unwrap();
         let (quic, http) = (free_port(true), free_port(false));
         let room = format!("cli-{}", dir.path().file_name().unwrap().to_string_lossy());
-        let log = std::fs::File::create(dir.path().join("node.log")).unwrap();
-        let child = Command::new(BIN)
-            .args([
-                "run",
-                "--audio",
-                "null",
-                "--interface",
-                "lo",
-                "--name",
-                "stage-left",
-                "--room",
-                &room,
-            ])
-            .arg("--quic")
-            .arg(format!("127.0.0.1:{quic}"))
-            .arg("--http")
-            .arg(format!("127.0.0.1:{http}"))
-            .arg("--room-key-file")
-            .arg(&key)
-            .arg("--state-dir")
-            .arg(dir.path().join("state"))
+        let child = NodeCmd::new(dir.path().join("state"))
+            .name("stage-left")
+            .room(&room)
+            .quic_port(quic)
+            .http_port(http)
+            .key_file(&key)
             .args(args)
-            .env_remove("BANDSYNC_TEST_CLOCK")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
+            .stderr_to(dir.path().join("node.log"))
+            .spawn();
         let d = Daemon {
             child,
             quic,
@@ -61,15 +40,11 @@ impl Daemon {
             room,
             dir,
         };
-        let t = Instant::now();
-        while get(d.http, "/health").is_none() {
-            assert!(
-                t.elapsed() < Duration::from_secs(10),
-                "daemon did not come up: {}",
-                d.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        assert!(
+            wait_health(d.http, Duration::from_secs(10)),
+            "daemon did not come up: {}",
+            d.log()
+        );
         d
     }
     fn log(&self) -> String {
@@ -99,25 +74,6 @@ impl Drop for Daemon {
     }
 }
 
-/// A plain HTTP/1.1 GET on loopback; `None` while nothing listens.
-fn get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).ok()?;
-    let code = buf.split_whitespace().nth(1)?.parse().ok()?;
-    let body = buf
-        .split_once("\r\n\r\n")
-        .map(|x| x.1.to_string())
-        .unwrap_or_default();
-    Some((code, body))
-}
-
 fn text(o: &Output) -> String {
     format!(
         "{}{}",
@@ -126,17 +82,10 @@ fn text(o: &Output) -> String {
     )
 }
 
-fn json_body(body: &str) -> serde_json::Value {
-    // tolerate chunked encoding: take the outermost JSON object
-    let a = body.find('{').expect("a JSON object");
-    let b = body.rfind('}').expect("a JSON object");
-    serde_json::from_str(&body[a..=b]).unwrap()
-}
-
 #[test]
 fn status_health_and_changes() {
     let d = Daemon::start(&["--tempo", "100"]);
-    let (code, body) = get(d.http, "/health").unwrap();
+    let (code, body) = http_get(d.http, "/health").unwrap();
     assert_eq!(code, 200);
     let h = json_body(&body);
     for k in [
@@ -185,7 +134,7 @@ fn status_health_and_changes() {
     assert_eq!(s["tempo"], 132.0, "{s}");
     assert_eq!(s["playing"], true, "{s}");
 
-    let (code, metrics) = get(d.http, "/metrics").unwrap();
+    let (code, metrics) = http_get(d.http, "/metrics").unwrap();
     assert_eq!(code, 200);
     assert!(
         metrics.contains("bandsync_clicks_total") && metrics.contains("bandsync_epoch"),

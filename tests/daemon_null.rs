@@ -2,10 +2,11 @@
 
 use bandsync::sys::clock::mono_now_ns;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
-const BIN: &str = env!("CARGO_BIN_EXE_bandsync");
+mod common;
+use common::{NodeCmd, BIN};
 
 #[derive(Debug)]
 struct Line {
@@ -42,34 +43,20 @@ fn run_null(
 ) -> (i64, Vec<Line>, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("clicks.jsonl");
-    let mut cmd = Command::new(BIN);
-    cmd.args([
-        "run",
-        "--audio",
-        "null",
-        "--play",
-        "--interface",
-        "lo",
-        "--quic",
-        "127.0.0.1:0",
-        "--room",
-    ])
-    .arg(format!(
-        "null-{}",
-        dir.path().file_name().unwrap().to_string_lossy()
-    ))
-    .arg("--state-dir")
-    .arg(dir.path().join("state"))
-    .arg("--click-log")
-    .arg(&log)
-    .args(args)
-    .env("HOME", dir.path())
-    .env_remove("BANDSYNC_TEST_CLOCK")
-    .stdout(Stdio::null())
-    .stderr(Stdio::piped());
-    for (k, v) in extra_env {
-        cmd.env(k, v);
-    }
+    // no --http: the daemon's default (it only logs when that port is taken)
+    let mut cmd = NodeCmd::new(dir.path().join("state"))
+        .no_http()
+        .room(&format!(
+            "null-{}",
+            dir.path().file_name().unwrap().to_string_lossy()
+        ))
+        .click_log(&log)
+        .arg("--play")
+        .args(args)
+        .env("HOME", dir.path())
+        .envs(extra_env.iter().copied())
+        .stderr_piped()
+        .command();
     let t_spawn = mono_now_ns();
     let child = cmd.spawn().unwrap();
     std::thread::sleep(Duration::from_secs_f64(secs));

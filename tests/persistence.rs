@@ -1,30 +1,12 @@
 //! The session survives `kill -9`: the state file always parses and holds a state the
 //! node actually committed, and a box alone comes back with its last session.
 
-use std::io::{Read, Write};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_bandsync");
-
 mod common;
-use common::free_port;
-
-fn get(port: u16, path: &str) -> Option<String> {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut b = String::new();
-    s.read_to_string(&mut b).ok()?;
-    let body = b.split_once("\r\n\r\n")?.1;
-    let (a, z) = (body.find('{')?, body.rfind('}')?);
-    Some(body[a..=z].to_string())
-}
+use common::{free_port, http_get, json_body, wait_health, NodeCmd, BIN};
 
 struct Box_ {
     child: Child,
@@ -34,39 +16,18 @@ struct Box_ {
 
 fn start(state: &Path, key: &Path, room: &str, extra: &[&str]) -> Box_ {
     let (quic, http) = (free_port(true), free_port(false));
-    let child = Command::new(BIN)
-        .args([
-            "run",
-            "--audio",
-            "null",
-            "--interface",
-            "lo",
-            "--room",
-            room,
-        ])
-        .arg("--quic")
-        .arg(format!("127.0.0.1:{quic}"))
-        .arg("--http")
-        .arg(format!("127.0.0.1:{http}"))
-        .arg("--room-key-file")
-        .arg(key)
-        .arg("--state-dir")
-        .arg(state)
+    let child = NodeCmd::new(state)
+        .room(room)
+        .quic_port(quic)
+        .http_port(http)
+        .key_file(key)
         .args(extra)
-        .env_remove("BANDSYNC_TEST_CLOCK")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+        .spawn();
     let b = Box_ { child, quic, http };
-    let t = Instant::now();
-    while get(b.http, "/health").is_none() {
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "node did not come up"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    assert!(
+        wait_health(b.http, Duration::from_secs(10)),
+        "node did not come up"
+    );
     b
 }
 
@@ -85,7 +46,7 @@ fn cli(b: &Box_, key: &Path, room: &str, args: &[&str]) -> bool {
 }
 
 fn health(b: &Box_) -> serde_json::Value {
-    serde_json::from_str(&get(b.http, "/health").unwrap()).unwrap()
+    json_body(&http_get(b.http, "/health").unwrap().1)
 }
 
 #[test]

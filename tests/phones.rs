@@ -27,7 +27,9 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-const BIN: &str = env!("CARGO_BIN_EXE_bandsync");
+mod common;
+use common::{free_port, NodeCmd};
+
 const WAIT: Duration = Duration::from_secs(5);
 
 /// CPU-hungry or timing-sensitive tests take turns (the others run alongside).
@@ -969,43 +971,22 @@ impl Daemon {
     }
     fn start_env(args: &[&str], env: &[(&str, &str)]) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port(false);
         let room = format!(
             "phones-{}",
             dir.path().file_name().unwrap().to_string_lossy()
         );
-        let log = std::fs::File::create(dir.path().join("node.log")).unwrap();
-        let bin = std::env::var("BANDSYNC_BIN").unwrap_or_else(|_| BIN.to_string());
-        let child = Command::new(bin)
-            .args([
-                "run",
-                "--audio",
-                "null",
-                "--interface",
-                "lo",
-                "--quic",
-                "127.0.0.1:0",
-                "--name",
-                "phonebox",
-                "--room",
-                &room,
-            ])
-            .arg("--http")
-            .arg(format!("127.0.0.1:{port}"))
-            .arg("--state-dir")
-            .arg(dir.path().join("state"))
+        let mut cmd = NodeCmd::new(dir.path().join("state"))
+            .name("phonebox")
+            .room(&room)
+            .http_port(port)
             .args(args)
-            .env_remove("BANDSYNC_TEST_CLOCK")
-            .env_remove("BANDSYNC_TEST_IMPAIR")
             .envs(env.iter().copied())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
+            .stderr_to(dir.path().join("node.log"));
+        if let Ok(bin) = std::env::var("BANDSYNC_BIN") {
+            cmd = cmd.bin(bin);
+        }
+        let child = cmd.spawn();
         Daemon {
             child,
             http: SocketAddr::from(([127, 0, 0, 1], port)),

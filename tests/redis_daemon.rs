@@ -5,10 +5,8 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_bandsync");
-
 mod common;
-use common::free_port;
+use common::{free_port, NodeCmd, BIN};
 
 struct Kill(Child);
 impl Drop for Kill {
@@ -72,36 +70,16 @@ fn the_leader_mirrors_to_redis_and_outages_never_touch_the_click() {
     let (quic, http) = (free_port(true), free_port(false));
     let log = dir.path().join("clicks.jsonl");
     let _node = Kill(
-        Command::new(BIN)
-            .args([
-                "run",
-                "--audio",
-                "null",
-                "--interface",
-                "lo",
-                "--room",
-                &room,
-                "--play",
-                "--tempo",
-                "150",
-            ])
-            .arg("--quic")
-            .arg(format!("127.0.0.1:{quic}"))
-            .arg("--http")
-            .arg(format!("127.0.0.1:{http}"))
-            .arg("--redis")
+        NodeCmd::new(dir.path().join("state"))
+            .room(&room)
+            .quic_port(quic)
+            .http_port(http)
+            .key_file(&key)
+            .click_log(&log)
+            .args(["--play", "--tempo", "150", "--redis"])
             .arg(format!("redis://127.0.0.1:{rport}/0"))
-            .arg("--room-key-file")
-            .arg(&key)
-            .arg("--state-dir")
-            .arg(dir.path().join("state"))
-            .arg("--click-log")
-            .arg(&log)
-            .env_remove("BANDSYNC_TEST_CLOCK")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.path().join("node.log")).unwrap())
-            .spawn()
-            .unwrap(),
+            .stderr_to(dir.path().join("node.log"))
+            .spawn(),
     );
     let wait_for = |field: &str, want: &str, limit: Duration| -> Duration {
         let t = Instant::now();

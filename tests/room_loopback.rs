@@ -5,10 +5,11 @@
 //! precision targets are measured in the lab (`scripts/lab.sh`).
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::Duration;
 
-const BIN: &str = env!("CARGO_BIN_EXE_bandsync");
+mod common;
+use common::{free_port, NodeCmd, BIN};
 
 struct Node {
     child: Option<Child>,
@@ -24,49 +25,34 @@ impl Node {
         extra_env: &[(&str, &str)],
         args: &[&str],
     ) -> Node {
+        Node::start_on(base, i, room, key, extra_env, args, None)
+    }
+    /// As [`Node::start`], on `--quic quic` instead of an ephemeral port.
+    fn start_on(
+        base: &Path,
+        i: usize,
+        room: &str,
+        key: &Path,
+        extra_env: &[(&str, &str)],
+        args: &[&str],
+        quic: Option<&str>,
+    ) -> Node {
         let dir = base.join(format!("node{i}"));
         std::fs::create_dir_all(&dir).unwrap();
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(dir.join("node.log"))
-            .unwrap();
-        let mut cmd = Command::new(BIN);
-        cmd.args([
-            "run",
-            "--audio",
-            "null",
-            "--interface",
-            "lo",
-            "--http",
-            "127.0.0.1:0",
-            "--room",
-            room,
-            "--name",
-        ])
-        .arg(format!("node{i}"))
-        .arg("--room-key-file")
-        .arg(key)
-        .arg("--state-dir")
-        .arg(dir.join("state"))
-        .arg("--click-log")
-        .arg(dir.join("clicks.jsonl"))
-        .args(if args.contains(&"--quic") {
-            &[][..]
-        } else {
-            &["--quic", "127.0.0.1:0"][..]
-        })
-        .args(args)
-        .env("BANDSYNC_LOG", "info,bandsync=debug")
-        .env_remove("BANDSYNC_TEST_CLOCK")
-        .env_remove("BANDSYNC_TEST_IMPAIR")
-        .stdout(Stdio::null())
-        .stderr(log);
-        for (k, v) in extra_env {
-            cmd.env(k, v);
+        let mut cmd = NodeCmd::new(dir.join("state"))
+            .room(room)
+            .name(&format!("node{i}"))
+            .key_file(key)
+            .click_log(dir.join("clicks.jsonl"))
+            .args(args)
+            .env("BANDSYNC_LOG", "info,bandsync=debug")
+            .envs(extra_env.iter().copied())
+            .stderr_append(dir.join("node.log"));
+        if let Some(q) = quic {
+            cmd = cmd.quic(q);
         }
         Node {
-            child: Some(cmd.spawn().unwrap()),
+            child: Some(cmd.spawn()),
             dir,
         }
     }
@@ -261,26 +247,18 @@ fn pin_moves_leadership_survives_restarts_and_unpin_returns_to_ranking() {
     let dir = tempfile::tempdir().unwrap();
     let key = key_file(dir.path(), "room.key", &"3c".repeat(32));
     let room = room_name("pin");
-    let ports: Vec<u16> = (0..3)
-        .map(|_| {
-            std::net::UdpSocket::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port()
-        })
-        .collect();
+    let ports: Vec<u16> = (0..3).map(|_| free_port(true)).collect();
     let quic = |i: usize| format!("127.0.0.1:{}", ports[i]);
     let prio = ["0", "0", "9"]; // node3 leads by rank
     let start_all = |play: bool| -> Vec<Node> {
         (0..3)
             .map(|i| {
                 let q = quic(i);
-                let mut a = vec!["--quic", q.as_str(), "--priority", prio[i]];
+                let mut a = vec!["--priority", prio[i]];
                 if play {
                     a.push("--play");
                 }
-                let n = Node::start(dir.path(), i + 1, &room, &key, &[], &a);
+                let n = Node::start_on(dir.path(), i + 1, &room, &key, &[], &a, Some(&q));
                 std::thread::sleep(Duration::from_millis(300));
                 n
             })

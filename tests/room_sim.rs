@@ -118,6 +118,7 @@ use bandsync::core::room::{
 };
 use bandsync::core::sync::Sample;
 use bandsync::core::timeline::{ChangeKind, Meter, Quantum, Tempo, Timeline};
+use bandsync::core::decision::Stamp;
 use bandsync::core::wire::{Datagram, Frame, SessionId};
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, BinaryHeap, VecDeque};
@@ -137,6 +138,11 @@ const TICK: i64 = 50 * MS;
 const PING_EVERY: i64 = 25 * MS;
 /// Invariant 1 is checked this often (true time).
 const CHECK_EVERY: i64 = 50 * MS;
+/// Invariant 5b waits this long after a change or a pin (an announce's round trip)…
+const DECIDED_GRACE: i64 = 1_000 * MS;
+/// …and this long after groups meet: one second plus the next bar, and the bar after
+/// it for the followers of a leader that moved onto a later decision.
+const MERGE_GRACE: i64 = 6_000 * MS;
 /// Invariant 2: leader crash → survivors agree (SPEC target 500 ms).
 const FAILOVER_BOUND: i64 = SEC;
 /// Invariant 3: phase jump between consecutive clicks (SPEC: no shift > 100 µs).
@@ -322,6 +328,8 @@ struct StepNote {
 struct Inst {
     slot: usize,
     room: Room,
+    /// The latest decision this instance has held (its `decided()` never goes back).
+    max_decided: Stamp,
     clk: Clk,
     alive: bool,
     died: i64,
@@ -465,6 +473,10 @@ struct Stats {
     worst_failover: (i64, String),
     failovers_skipped: u64,
     inv1_checks: u64,
+    inv5_checks: u64,
+    merges: u64,
+    /// Scripts: what every live box plays when the run ends (slot, BPM, playing).
+    final_state: Vec<(usize, f64, bool)>,
     clicks: u64,
     pairs_compared: u64,
     worst_align: (i64, String),
@@ -498,6 +510,8 @@ impl Stats {
         }
         self.failovers_skipped += o.failovers_skipped;
         self.inv1_checks += o.inv1_checks;
+        self.inv5_checks += o.inv5_checks;
+        self.merges += o.merges;
         self.clicks += o.clicks;
         self.pairs_compared += o.pairs_compared;
         if o.worst_align.0 > self.worst_align.0 {
@@ -617,6 +631,9 @@ struct Sim {
     script: Vec<Step>,
     failure: Option<String>,
     stats: Stats,
+    /// Until then a settled group may still be passing a decision around (a change,
+    /// a pin, a heal's merge at the next bar): invariant 5b waits.
+    decided_grace: i64,
 }
 
 /// Wall clock of the boxes at `T0` (only for `SessionId::born_ms`).
@@ -681,6 +698,7 @@ impl Sim {
             script: Vec::new(),
             shadow: BTreeMap::new(),
             failure: None,
+            decided_grace: 0,
             stats: Stats {
                 runs: 1,
                 nodes: n as u64,
@@ -840,6 +858,17 @@ impl Sim {
             None => Ok(()),
             Some(f) => Err(f),
         };
+        // what every live box plays at the end: (slot, tempo in BPM, playing)
+        let end = self.end;
+        self.stats.final_state = self
+            .insts
+            .iter()
+            .filter(|x| x.alive)
+            .map(|x| {
+                let seg = *x.room.timeline().current(x.room.session_now(x.clk.local(end)));
+                (x.slot, seg.tempo.bpm(), seg.playing)
+            })
+            .collect();
         (self.stats, r, self.trace)
     }
 
@@ -871,6 +900,7 @@ impl Sim {
                     self.print_clocks();
                 }
                 self.check_leadership();
+                self.check_decisions();
                 self.at(self.now + CHECK_EVERY, Kind::Check);
             }
         }
@@ -908,11 +938,19 @@ impl Sim {
                 name: format!("box{s}"),
                 priority: slot.priority,
                 quantum: slot.quantum,
+                // the box's wall clock (off by its `wall_err`) minus its local clock
+                wall_offset_ns: WALL_EPOCH_MS * MS + (self.now - self.t_base) + slot.wall_err - l,
             },
             session,
             timeline,
         );
         room.set_pinned(pinned.clone());
+        // as the driver does: a restored session keeps its epoch and decisions
+        if let Some(p) = &slot.persisted {
+            room.restore_epoch(p.epoch);
+            room.set_decided(p.decided.clone(), p.pin_decided.clone(), p.hlc);
+        }
+        let max_decided = room.decided().clone();
         let first_tick = l + self.rng.range(0, TICK);
         let idx = self.insts.len();
         self.insts.push(Inst {
@@ -925,6 +963,7 @@ impl Sim {
             pubs: Vec::new(),
             pub_map: SessionMap::IDENTITY,
             pub_gen: 0,
+            max_decided,
             tick_local: first_tick,
             first_tick: None,
             last_leader: None,
@@ -1132,6 +1171,15 @@ impl Sim {
                 let l = self.insts[i].clk.local(self.now);
                 self.insts[i].synced_at = self.insts[i].clk.true_at(l + SETTLE_NS);
                 self.unsettle(i, STEP_ALIGN_SETTLE);
+                // a pinned box that joins a session takes the lead after following for
+                // PIN_SETTLE_NS (the old leader leads until then)
+                if self.insts[i].room.pinned() == Some(self.slots[self.insts[i].slot].id.as_str()) {
+                    let until = self.now + bandsync::core::room::PIN_SETTLE_NS + PIN_SETTLE;
+                    for m in self.alive() {
+                        let inst = &mut self.insts[m];
+                        inst.lead_settled = inst.lead_settled.max(until);
+                    }
+                }
                 self.note(format!(
                     "{who} JOINED {}'s session at beat {beat}, step {:.3} ms",
                     &leader[..4],
@@ -1169,6 +1217,20 @@ impl Sim {
                     &leader[..4],
                     step_ns as f64 / 1e6
                 ));
+            }
+            Note::Merged {
+                record,
+                from,
+                stamp,
+            } => {
+                self.stats.merges += 1;
+                self.note(format!(
+                    "{who} MERGED {record}: {}'s decision {stamp} wins",
+                    &from[..4]
+                ));
+            }
+            Note::StampRefused { from, reason } => {
+                self.fail(format!("{who} refused {}'s stamp: {reason}", &from[..4]));
             }
             Note::BecameLeader { epoch } => {
                 let mut off = String::new();
@@ -1529,8 +1591,9 @@ impl Sim {
             self.name(i)
         ));
         self.stats.pins += 1;
-        self.insts[i].room.request_pin(target, out);
         let l = self.insts[i].clk.local(self.now);
+        self.insts[i].room.request_pin(target, l, out);
+        self.decided_grace = self.decided_grace.max(self.now + DECIDED_GRACE);
         self.carry_out(i, l, out);
         for m in self.alive() {
             let inst = &mut self.insts[m];
@@ -1649,6 +1712,7 @@ impl Sim {
     ) {
         let l = self.insts[i].clk.local(self.now);
         let r = self.insts[i].room.request_change(kind, quantum, l, out);
+        self.decided_grace = self.decided_grace.max(self.now + DECIDED_GRACE);
         self.note(format!(
             "change {kind:?} q {quantum:?} via {}: {r:?}",
             self.name(i)
@@ -1720,6 +1784,8 @@ impl Sim {
     /// Recompute the groups; settle clocks restart for groups that grew (or contain
     /// the fresh connection `fresh`) and leadership settles again for groups that shrank.
     fn topo_changed(&mut self, fresh: Option<(usize, usize)>) {
+        // groups meet: a later decision moves across at the next bar (or two)
+        self.decided_grace = self.decided_grace.max(self.now + MERGE_GRACE);
         let n = self.slots.len();
         let mut parent: Vec<usize> = (0..n).collect();
         fn find(p: &mut [usize], x: usize) -> usize {
@@ -2090,6 +2156,74 @@ impl Sim {
                 return;
             }
             self.stats.inv1_checks += 1;
+        }
+    }
+
+    /// Invariant 5: (a) no instance's decision ever goes back (a decision that follows
+    /// another never loses to it; restarts restore theirs from disk); (b) in a settled
+    /// group, once decisions have had time to travel, every member holds the same one,
+    /// and it is the latest any member holds.
+    fn check_decisions(&mut self) {
+        for i in self.alive() {
+            let d = self.insts[i].room.decided().clone();
+            if d < self.insts[i].max_decided {
+                let m = format!(
+                    "inv 5: {} went back from decision {} to {}",
+                    self.name(i),
+                    self.insts[i].max_decided,
+                    d
+                );
+                self.fail(m);
+                return;
+            }
+            self.insts[i].max_decided = d;
+        }
+        if self.now < self.decided_grace {
+            return;
+        }
+        let mut groups: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+        for i in self.alive() {
+            if let Some(c) = self.insts[i].comp {
+                groups.entry(c).or_default().push(i);
+            }
+        }
+        for members in groups.values() {
+            if members
+                .iter()
+                .any(|&i| self.insts[i].lead_settled > self.now)
+            {
+                continue;
+            }
+            let clique = members.iter().all(|&a| {
+                members.iter().all(|&b| {
+                    a == b
+                        || self
+                            .healthy(self.insts[a].slot, self.insts[b].slot)
+                            .is_some()
+                })
+            });
+            if !clique {
+                continue;
+            }
+            let latest = members
+                .iter()
+                .map(|&i| self.insts[i].room.decided().clone())
+                .max()
+                .expect("groups are not empty");
+            if let Some(&i) = members
+                .iter()
+                .find(|&&i| *self.insts[i].room.decided() != latest)
+            {
+                let m = format!(
+                    "inv 5: in a settled group {} holds decision {} while the latest is {}",
+                    self.name(i),
+                    self.insts[i].room.decided(),
+                    latest
+                );
+                self.fail(m);
+                return;
+            }
+            self.stats.inv5_checks += 1;
         }
     }
 
@@ -2524,7 +2658,7 @@ fn simulation_is_deterministic() {
 // Scripted scenarios: minimal reproductions of what the random runs find
 // ---------------------------------------------------------------------------------------
 
-fn run_script(name: &str, prios: &[i32], end_ms: i64, steps: &[(i64, Step)]) {
+fn run_script(name: &str, prios: &[i32], end_ms: i64, steps: &[(i64, Step)]) -> Stats {
     let verbose = std::env::var("ROOM_SIM_SCRIPT_TRACE").is_ok();
     let (stats, r, trace) = Sim::with_script(prios, end_ms, steps, verbose).run();
     println!("{}", stats.report(name, 0.0));
@@ -2534,6 +2668,68 @@ fn run_script(name: &str, prios: &[i32], end_ms: i64, steps: &[(i64, Step)]) {
             "scenario {name}: {msg}\ntrace (last lines; ROOM_SIM_SCRIPT_TRACE=1 prints all):\n{}",
             trace[from..].join("\n")
         );
+    }
+    stats
+}
+
+/// Every live box plays `bpm` (±0.01) at the end of a script.
+fn assert_all_play(name: &str, stats: &Stats, bpm: f64) {
+    assert!(!stats.final_state.is_empty(), "{name}: no box alive");
+    for (slot, t, playing) in &stats.final_state {
+        assert!(
+            (t - bpm).abs() < 0.01 && *playing,
+            "{name}: box {slot} plays {t} BPM (playing {playing}), expected {bpm}: {:?}",
+            stats.final_state
+        );
+    }
+}
+
+#[test]
+fn script_heal_keeps_the_tempo_set_while_the_leader_was_cut_off() {
+    // SPEC §3 / issue 18: three boxes at 120; the leading box (highest priority) loses
+    // its network; tempo 90 is set on the other side; the heal must not undo it.
+    let t = settled_ms();
+    for (i, cut_for) in [2_000, 5_000, 9_000].into_iter().enumerate() {
+        let name = format!("heal keeps 90 (cut {cut_for} ms)");
+        let stats = run_script(
+            &name,
+            &[10, 0, 1],
+            t + cut_for + 8_000,
+            &[
+                (0, Step::Boot(0)),
+                (200, Step::Boot(1)),
+                (400, Step::Boot(2)),
+                (t, Step::Partition(vec![0])),
+                (t + 1_000 + i as i64 * 100, Step::Tempo { via: 1, bpm: 90.0 }),
+                (t + cut_for, Step::Heal),
+            ],
+        );
+        assert_all_play(&name, &stats, 90.0);
+    }
+}
+
+#[test]
+fn script_concurrent_decisions_the_later_one_wins() {
+    // Both sides decide: 100 on one, 3 s later 80 on the other — 80 everywhere, on
+    // whichever side the later decision was made (rank decides only who leads).
+    let t = settled_ms();
+    for (first, second) in [(1usize, 0usize), (0, 1)] {
+        let name = format!("later decision wins (100 via {first}, 80 via {second})");
+        let stats = run_script(
+            &name,
+            &[10, 0, 1],
+            t + 14_000,
+            &[
+                (0, Step::Boot(0)),
+                (200, Step::Boot(1)),
+                (400, Step::Boot(2)),
+                (t, Step::Partition(vec![0])),
+                (t + 1_000, Step::Tempo { via: first, bpm: 100.0 }),
+                (t + 4_000, Step::Tempo { via: second, bpm: 80.0 }),
+                (t + 6_000, Step::Heal),
+            ],
+        );
+        assert_all_play(&name, &stats, 80.0);
     }
 }
 
@@ -2588,7 +2784,7 @@ fn script_leader_lost_before_the_others_settled() {
 #[test]
 fn script_heal_with_equal_epochs() {
     let t = settled_ms();
-    run_script(
+    let stats = run_script(
         "heal with equal epochs",
         &[0, 0, 1, 2],
         t + 20_000,
@@ -2605,8 +2801,9 @@ fn script_heal_with_equal_epochs() {
             (t + 2_500, Step::Tempo { via: 0, bpm: 140.0 }),
             (t + 3_500, Step::Tempo { via: 0, bpm: 90.0 }),
             (t + 2_000, Step::Tempo { via: 2, bpm: 150.0 }),
-            // 2 outranks 0: side {0} must adopt 2's timeline
+            // 2 outranks 0 and leads; but 0's 90 is the later decision: everyone plays 90
             (t + 5_000, Step::Heal),
         ],
     );
+    assert_all_play("heal with equal epochs", &stats, 90.0);
 }

@@ -3,10 +3,11 @@
 //! freezes (test hook `BANDSYNC_TEST_FREEZE_AFTER_MS`).
 
 use std::os::unix::net::UnixDatagram;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_bandsync");
+mod common;
+use common::{NodeCmd, BIN};
 
 fn recv_all(sock: &UnixDatagram, until: Instant) -> Vec<(Duration, String)> {
     let start = Instant::now();
@@ -31,34 +32,17 @@ fn ready_then_watchdog_then_silence_when_frozen() {
     let path = dir.path().join("notify.sock");
     let sock = UnixDatagram::bind(&path).unwrap();
     let t0 = Instant::now();
-    let mut child = Command::new(BIN)
-        .args([
-            "run",
-            "--audio",
-            "null",
-            "--play",
-            "--interface",
-            "lo",
-            "--quic",
-            "127.0.0.1:0",
-            "--http",
-            "127.0.0.1:0",
-        ])
-        .arg("--room")
-        .arg(format!(
+    let mut child = NodeCmd::new(dir.path().join("state"))
+        .room(&format!(
             "sd-{}",
             dir.path().file_name().unwrap().to_string_lossy()
         ))
-        .arg("--state-dir")
-        .arg(dir.path().join("state"))
+        .arg("--play")
         .env("NOTIFY_SOCKET", &path)
         .env("WATCHDOG_USEC", "400000")
         .env_remove("WATCHDOG_PID")
         .env("BANDSYNC_TEST_FREEZE_AFTER_MS", "3000")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+        .spawn();
     let msgs = recv_all(&sock, t0 + Duration::from_millis(5000));
     let _ = child.kill();
     let _ = child.wait();

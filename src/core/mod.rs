@@ -7,11 +7,13 @@
 //! * [`timeline`] — tempo, meter, anchor, transport and quantized changes.
 //! * [`sync`] — the clock-sync estimator and the slewer.
 //! * [`room`] — sessions, election, epochs, pin; turns peer frames into actions.
+//! * [`decision`] — decision stamps (a hybrid logical clock): the latest decision wins.
 //! * [`wire`] — peer frames and datagrams, total decoding.
 //! * [`advert`] — mDNS advertisements, validated.
 //! * [`id`], [`rng`] — node ids; the seeded SplitMix64.
 
 pub mod advert;
+pub mod decision;
 pub mod id;
 pub mod rng;
 pub mod room;

@@ -24,9 +24,10 @@
 //!   [`CHANGE_LEAD_NS`] ahead, so every box has them before they apply.
 
 use crate::core::time::SessionMap;
+use crate::core::decision::{Hlc, Stamp};
 use crate::core::sync::{Estimate, Estimator, Sample, SampleVerdict, Slewer, SyncConfig};
 use crate::core::timeline::{Change, ChangeKind, Quantum, Scheduled, Timeline, TimelineError};
-use crate::core::wire::{Announce, ChangeRequest, Frame, SessionId};
+use crate::core::wire::{Announce, ChangeRequest, Frame, PinRequest, SessionId};
 use std::collections::BTreeMap;
 
 /// A change lands at least this far ahead (network propagation to every box).
@@ -55,6 +56,9 @@ pub struct RoomConfig {
     pub name: String,
     pub priority: i32,
     pub quantum: Quantum,
+    /// Wall clock minus the local clock, ns, read once by the driver at start: the
+    /// physical part of decision stamps (see `decision.rs`; it may be hours off).
+    pub wall_offset_ns: i64,
 }
 
 /// The estimator the room uses (pings arrive at 40 Hz; see `sync.rs` for the window).
@@ -113,6 +117,18 @@ pub enum Note {
     /// A pin request went to the leader.
     PinRelayed {
         to: String,
+    },
+    /// Groups met and a record took the latest decision: `record` ("timeline", "pin"),
+    /// from the peer `from`, with its stamp; `adopted` false when ours was kept.
+    Merged {
+        record: &'static str,
+        from: String,
+        stamp: Stamp,
+    },
+    /// A peer's stamp was refused (its clock is out of reach of ours).
+    StampRefused {
+        from: String,
+        reason: String,
     },
     /// Same session, but this node's grid or clock was off (a healed partition): it
     /// stepped once at a bar boundary.
@@ -228,6 +244,10 @@ pub struct Status {
     pub session_ns: i64,
     pub beat: f64,
     pub peers: Vec<PeerStatus>,
+    /// The decision that made the current timeline (`ms` its wall time on the box that
+    /// made it, `node` that box; all zero/empty for a first boot's defaults).
+    #[serde(default)]
+    pub decided: Stamp,
     /// Where phones open the page (`http://<name>.local:<port>/`), when HTTP runs.
     #[serde(default)]
     pub phone_url: Option<String>,
@@ -276,6 +296,19 @@ pub struct Room {
     /// The leader's grid or clock differs from ours: realign at its next bar.
     realign: bool,
     persist: bool,
+    /// The decision that made the timeline, and the one that made the pin.
+    decided: Stamp,
+    pin_decided: Stamp,
+    hlc: Hlc,
+    /// A leader moving onto a peer's newer decision at a bar of the peer's timeline.
+    merge: Option<Merge>,
+}
+
+/// A pending adoption, by the leader, of a same-session peer's newer timeline.
+struct Merge {
+    from: String,
+    beat: i64,
+    stamp: Stamp,
 }
 
 /// What a node keeps on disk so a box alone (or a whole room after a power cut) comes
@@ -287,6 +320,15 @@ pub struct Persisted {
     pub playing: bool,
     pub pinned: Option<String>,
     pub epoch: u64,
+    /// The decision that made the timeline (older files: the default).
+    #[serde(default)]
+    pub decided: Stamp,
+    #[serde(default)]
+    pub pin_decided: Stamp,
+    /// The box's hybrid logical clock, so a decision after a restart is later than
+    /// every one it had seen.
+    #[serde(default)]
+    pub hlc: Hlc,
 }
 
 /// A node that joined a session follows for at least this long, and until its estimate
@@ -331,6 +373,66 @@ impl Room {
             realign: false,
             // save the session a box starts with, so a power cut brings it back (playing)
             persist: true,
+            decided: Stamp::DEFAULT,
+            pin_decided: Stamp::DEFAULT,
+            hlc: Hlc::default(),
+            merge: None,
+        }
+    }
+
+    /// Restore the decisions (from disk, or the start flags) before the first tick.
+    pub fn set_decided(&mut self, timeline: Stamp, pin: Stamp, hlc: Hlc) {
+        self.hlc = hlc;
+        let now_ms = hlc.ms;
+        for s in [&timeline, &pin] {
+            let _ = self.hlc.observe(s, now_ms.max(s.ms));
+        }
+        self.decided = timeline;
+        self.pin_decided = pin;
+    }
+    /// The stamp of the timeline's decision.
+    pub fn decided(&self) -> &Stamp {
+        &self.decided
+    }
+    pub fn pin_decided(&self) -> &Stamp {
+        &self.pin_decided
+    }
+    pub fn hlc(&self) -> Hlc {
+        self.hlc
+    }
+
+    /// This box's wall clock in ms (the physical part of its stamps).
+    fn phys_ms(&self, now: i64) -> u64 {
+        (now.saturating_add(self.cfg.wall_offset_ns) / 1_000_000).max(0) as u64
+    }
+
+    /// Stamp a decision made at this box now.
+    pub fn decide(&mut self, now: i64) -> Stamp {
+        let p = self.phys_ms(now);
+        self.hlc.issue(p, &self.cfg.me)
+    }
+
+    /// Take in a peer's stamp; false (with a note) when its clock is out of reach.
+    fn observe(&mut self, from: &str, s: &Stamp, now: i64, out: &mut Vec<Action>) -> bool {
+        let p = self.phys_ms(now);
+        match self.hlc.observe(s, p) {
+            Ok(()) => true,
+            Err(e) => {
+                out.push(Action::Note(Note::StampRefused {
+                    from: from.to_string(),
+                    reason: e.to_string(),
+                }));
+                false
+            }
+        }
+    }
+
+    /// Restore the epoch (from disk) before the first tick, so a restarted leader's
+    /// records are never older than the ones it wrote before (Redis fencing). Values
+    /// beyond 2⁵³ (a corrupt file) are ignored.
+    pub fn restore_epoch(&mut self, epoch: u64) {
+        if epoch <= crate::core::wire::MAX_COUNTER {
+            self.epoch = self.epoch.max(epoch);
         }
     }
 
@@ -370,15 +472,24 @@ impl Room {
         }
     }
 
-    /// Pin (or unpin with `None`) a node by id. Applied by the leader, relayed otherwise.
-    pub fn request_pin(&mut self, id: Option<String>, out: &mut Vec<Action>) {
+    /// Pin (or unpin with `None`) a node by id: a decision, stamped here. Applied by the
+    /// leader, relayed otherwise.
+    pub fn request_pin(&mut self, id: Option<String>, now: i64, out: &mut Vec<Action>) {
+        let stamp = self.decide(now);
+        self.pin_with(PinRequest { node: id, stamp }, out);
+    }
+
+    fn pin_with(&mut self, req: PinRequest, out: &mut Vec<Action>) {
         if self.leading {
-            if self.pinned != id {
-                self.pinned = id.clone();
-                self.version += 1;
-                self.dirty = true;
+            if req.stamp > self.pin_decided {
+                self.pin_decided = req.stamp;
                 self.persist = true;
-                out.push(Action::Note(Note::Pinned { node: id }));
+                if self.pinned != req.node {
+                    self.pinned = req.node.clone();
+                    self.version += 1;
+                    self.dirty = true;
+                    out.push(Action::Note(Note::Pinned { node: req.node }));
+                }
             }
         } else {
             out.push(Action::Note(Note::PinRelayed {
@@ -386,7 +497,7 @@ impl Room {
             }));
             out.push(Action::Send {
                 to: self.leader.clone(),
-                frame: Frame::Pin(id),
+                frame: Frame::Pin(req),
             });
         }
     }
@@ -453,34 +564,53 @@ impl Room {
     }
 
     pub fn on_announce(&mut self, from: &str, a: Announce, now: i64, out: &mut Vec<Action>) {
-        let Some(p) = self.peers.get_mut(from) else {
+        if !self.peers.contains_key(from) {
             return;
-        };
+        }
+        // Stamps from a clock out of reach are refused: the peer still counts as alive
+        // (it clicks with the room), but none of its records can win here.
+        let stamps_ok = self.observe(from, &a.decided, now, out)
+            && self.observe(from, &a.pin_decided, now, out);
+        let p = self.peers.get_mut(from).expect("checked above");
         p.last_heard = now;
-        // A follower takes its leader's records (timeline, pin) when they are newer —
-        // also from an announce in which the leader just stepped down for a pin it set.
-        // From a leader we had not followed before (a healed partition), its records
-        // win at an equal epoch too: the leader's word is what its followers play.
+        // A follower takes its leader's records when they are newer — also from an
+        // announce in which the leader just stepped down for a pin it set. From a
+        // leader we had not followed before (a healed partition), its records win at an
+        // equal epoch too — unless we hold a later decision: then the leader adopts
+        // ours (see `merge_target`) and we wait for it.
         let adopt = !self.leading
             && from == self.leader
             && a.session == self.session
+            && stamps_ok
+            && a.decided >= self.decided
             && ((a.epoch, a.version) > (self.epoch, self.version)
                 || (a.epoch == self.epoch && self.adopted_from.as_deref() != Some(from)));
         let stale =
             a.leading && a.session == self.session && a.epoch < self.epoch && from == self.leader;
-        // Two leaders of one session (a healed partition): the newer pin wins on both,
-        // so that both rank alike and one steps down.
-        if self.leading
-            && a.leading
-            && a.session == self.session
-            && (a.epoch, a.version) > (self.epoch, self.version)
-            && a.pinned != self.pinned
-        {
-            self.pinned = a.pinned.clone();
-            self.dirty = true;
+        // The pin is a last-writer-wins register: the latest decision wins on every box
+        // of the session, whoever holds it (so two leaders after a heal rank alike).
+        let pin_wins = a.pin_decided > self.pin_decided
+            || (adopt && a.pin_decided == self.pin_decided);
+        if a.session == self.session && stamps_ok && pin_wins {
+            if a.pin_decided > self.pin_decided {
+                out.push(Action::Note(Note::Merged {
+                    record: "pin",
+                    from: from.to_string(),
+                    stamp: a.pin_decided.clone(),
+                }));
+            }
+            self.pin_decided = a.pin_decided.clone();
+            if self.pinned != a.pinned {
+                self.pinned = a.pinned.clone();
+                self.dirty = true;
+            }
             self.persist = true;
         }
-        p.announce = Some(a.clone());
+        let mut kept = a.clone();
+        if !stamps_ok {
+            (kept.decided, kept.pin_decided) = (Stamp::DEFAULT, Stamp::DEFAULT);
+        }
+        p.announce = Some(kept);
         if adopt {
             if let Some(tl) = Timeline::from_segments(&a.timeline) {
                 let s_now = self.map.to_session(now);
@@ -493,20 +623,16 @@ impl Room {
                 if phase_differs(&self.timeline, &tl, s_now)
                     || phase_differs(&self.timeline, &tl, back)
                 {
-                    // The leader's grid is not ours (a healed partition): realign at a
-                    // bar boundary rather than jump now. Its pin counts at once (it
-                    // decides who leads); the timeline comes with the realign.
+                    // The leader's grid is not ours (a healed partition, or the leader
+                    // moved onto a later decision): realign at a bar boundary rather
+                    // than jump now; the timeline comes with the realign.
                     self.realign = true;
-                    if self.pinned != a.pinned {
-                        self.pinned = a.pinned.clone();
-                        self.dirty = true;
-                    }
                 } else {
                     self.timeline = tl;
                     self.epoch = a.epoch;
                     self.version = a.version;
+                    self.decided = a.decided.clone();
                     self.adopted_from = Some(from.to_string());
-                    self.pinned = a.pinned.clone();
                     self.publish = true;
                     self.persist = true;
                 }
@@ -518,11 +644,23 @@ impl Room {
         }
     }
 
-    /// A change asked of this node (CLI, phone, or a follower relaying one).
+    /// A change asked of this node (CLI, phone): a decision, stamped here.
     pub fn request_change(
         &mut self,
         kind: ChangeKind,
         quantum: Option<Quantum>,
+        now: i64,
+        out: &mut Vec<Action>,
+    ) -> Result<Option<Scheduled>, TimelineError> {
+        let stamp = self.decide(now);
+        self.change_with(kind, quantum, stamp, now, out)
+    }
+
+    fn change_with(
+        &mut self,
+        kind: ChangeKind,
+        quantum: Option<Quantum>,
+        stamp: Stamp,
         now: i64,
         out: &mut Vec<Action>,
     ) -> Result<Option<Scheduled>, TimelineError> {
@@ -535,6 +673,7 @@ impl Room {
                 self.session_now(now),
                 CHANGE_LEAD_NS,
             )?;
+            self.decided = self.decided.clone().max(stamp);
             self.version += 1;
             self.dirty = true;
             self.publish = true;
@@ -546,20 +685,28 @@ impl Room {
             self.next_req += 1;
             out.push(Action::Send {
                 to: self.leader.clone(),
-                frame: Frame::Change(ChangeRequest { id, kind, quantum }),
+                frame: Frame::Change(ChangeRequest {
+                    id,
+                    kind,
+                    quantum,
+                    stamp,
+                }),
             });
             Ok(None)
         }
     }
 
     /// A follower relayed a pin to us.
-    pub fn on_pin(&mut self, from: &str, id: Option<String>, out: &mut Vec<Action>) {
+    pub fn on_pin(&mut self, from: &str, req: PinRequest, now: i64, out: &mut Vec<Action>) {
+        if !self.observe(from, &req.stamp, now, out) {
+            return;
+        }
         if self.leading {
-            self.request_pin(id, out);
+            self.pin_with(req, out);
         } else if from != self.leader {
             out.push(Action::Send {
                 to: self.leader.clone(),
-                frame: Frame::Pin(id),
+                frame: Frame::Pin(req),
             });
         }
     }
@@ -585,6 +732,7 @@ impl Room {
             session_ns: self.session_now(now),
             beat: self.timeline.beat_at(self.session_now(now)).as_f64(),
             peers: self.peer_status(now),
+            decided: self.decided.clone(),
             phone_url: None,
         }
     }
@@ -602,7 +750,7 @@ impl Room {
     ) -> Result<(), FrameRefused> {
         match frame {
             Frame::Announce(a) => self.on_announce(from, a, now, out),
-            Frame::Pin(id) => self.on_pin(from, id, out),
+            Frame::Pin(req) => self.on_pin(from, req, now, out),
             Frame::Change(req) => self.on_change(from, req, now, out),
             Frame::Bye(_) => {
                 // gone for leadership at once; the connection's end removes it
@@ -620,6 +768,9 @@ impl Room {
 
     /// A follower relayed a change to us.
     pub fn on_change(&mut self, from: &str, req: ChangeRequest, now: i64, out: &mut Vec<Action>) {
+        if !self.observe(from, &req.stamp, now, out) {
+            return;
+        }
         if !self.leading {
             // not (or no longer) the leader: pass it on, once
             if from != self.leader {
@@ -630,7 +781,7 @@ impl Room {
             }
             return;
         }
-        if let Err(e) = self.request_change(req.kind, req.quantum, now, out) {
+        if let Err(e) = self.change_with(req.kind, req.quantum, req.stamp, now, out) {
             out.push(Action::Note(Note::ChangeRefused {
                 reason: e.to_string(),
             }));
@@ -648,27 +799,34 @@ impl Room {
             timeline: self.timeline.segments().to_vec(),
             version: self.version,
             pinned: self.pinned.clone(),
+            decided: self.decided.clone(),
+            pin_decided: self.pin_decided.clone(),
         }
     }
 
     /// The best session any live peer leads, with its leader, if older than ours.
     fn better_session(&self, now: i64) -> Option<(SessionId, String)> {
-        let mut best: Option<(SessionId, (u64, (bool, i32, &str)))> = None;
+        use std::cmp::Reverse;
+        // Groups meet: the session holding the latest decision wins (a default is
+        // older than any decision); between equal decisions, the older session
+        // ("joining never disturbs the room").
+        let mine = (&self.decided, Reverse(self.session));
+        let mut best: Option<((&Stamp, Reverse<SessionId>), (u64, (bool, i32, &str)))> = None;
         for (id, p) in &self.peers {
             let Some(a) = &p.announce else { continue };
-            if !a.leading || a.session >= self.session || !self.is_alive(p, now) {
+            if !a.leading || a.session == self.session || !self.is_alive(p, now) {
+                continue;
+            }
+            let theirs = (&a.decided, Reverse(a.session));
+            if theirs <= mine {
                 continue;
             }
             let key = (a.epoch, self.rank_of(id, a.priority));
-            let better = match &best {
-                None => true,
-                Some((s, k)) => a.session < *s || (a.session == *s && key > *k),
-            };
-            if better {
-                best = Some((a.session, key));
+            if best.as_ref().is_none_or(|(s, k)| theirs > *s || (theirs == *s && key > *k)) {
+                best = Some((theirs, key));
             }
         }
-        best.map(|(s, (_, (_, _, id)))| (s, id.to_string()))
+        best.map(|((_, Reverse(s)), (_, (_, _, id)))| (s, id.to_string()))
     }
 
     /// Whom to switch to at a bar boundary, if anyone: the leader of an older session
@@ -686,7 +844,7 @@ impl Room {
         let Some(a) = p
             .announce
             .as_ref()
-            .filter(|a| a.leading && a.session == self.session)
+            .filter(|a| a.leading && a.session == self.session && a.decided >= self.decided)
         else {
             return None;
         };
@@ -772,7 +930,18 @@ impl Room {
         self.session = session;
         self.epoch = a.epoch;
         self.version = a.version;
-        self.pinned = a.pinned.clone();
+        if a.pin_decided >= self.pin_decided {
+            self.pinned = a.pinned.clone();
+            self.pin_decided = a.pin_decided.clone();
+        }
+        if a.decided > self.decided {
+            out.push(Action::Note(Note::Merged {
+                record: "timeline",
+                from: leader.clone(),
+                stamp: a.decided.clone(),
+            }));
+        }
+        self.decided = a.decided.clone();
         self.timeline = room_tl.begun_at(beat);
         self.adopted_from = Some(leader.clone());
         self.leader = leader.clone();
@@ -847,7 +1016,10 @@ impl Room {
             if r > best_any {
                 best_any = r.clone();
             }
-            if !a.synced && !pn {
+            // An unsynced pinned peer counts once it leads (it takes over after
+            // PIN_SETTLE_NS of following): until then the current leader stays,
+            // so the room is never without one.
+            if !a.synced && !(pn && a.leading) {
                 continue;
             }
             if best.as_ref().is_none_or(|b| r > *b) {
@@ -906,6 +1078,73 @@ impl Room {
         }
     }
 
+    /// The leader moves onto a later decision held by a peer of its session (groups
+    /// met: a healed partition). Leadership stays with rank; the timeline becomes the
+    /// peer's from one of the peer's bar boundaries on, on this leader's own (unchanged)
+    /// session clock: one quantized change, published [`PUBLISH_AHEAD_NS`] before that
+    /// bar. The beat numbering becomes the peer's, so the click log's `beat` jumps once
+    /// there (`clock_gen` tells the audio thread); no click is doubled.
+    fn try_merge(&mut self, now: i64, out: &mut Vec<Action>) {
+        if !self.leading {
+            self.merge = None;
+            return;
+        }
+        let best = self
+            .peers
+            .iter()
+            .filter(|(_, p)| self.is_alive(p, now))
+            .filter_map(|(id, p)| {
+                p.announce
+                    .as_ref()
+                    .filter(|a| a.session == self.session && a.decided > self.decided)
+                    .map(|a| (id, a))
+            })
+            .max_by(|x, y| x.1.decided.cmp(&y.1.decided));
+        let Some((from, a)) = best else {
+            self.merge = None;
+            return;
+        };
+        let Some(tl) = Timeline::from_segments(&a.timeline) else {
+            return;
+        };
+        let s_now = self.session_now(now);
+        let replan = self.merge.as_ref().is_none_or(|m| {
+            m.from != *from
+                || m.stamp != a.decided
+                || tl.beat_time(m.beat) - s_now < PUBLISH_AHEAD_NS / 3
+        });
+        if replan {
+            let at = tl.quantize(Quantum::Bar, s_now, SWITCH_LEAD_NS);
+            self.merge = Some(Merge {
+                from: from.clone(),
+                beat: at.beat,
+                stamp: a.decided.clone(),
+            });
+        }
+        let m = self.merge.as_ref().expect("set above");
+        if s_now < tl.beat_time(m.beat) - PUBLISH_AHEAD_NS {
+            return;
+        }
+        let m = self.merge.take().expect("set above");
+        self.timeline = tl.begun_at(m.beat);
+        self.decided = m.stamp.clone();
+        self.version += 1;
+        self.clock_gen += 1;
+        self.dirty = true;
+        self.publish = true;
+        self.persist = true;
+        out.push(Action::Note(Note::Merged {
+            record: "timeline",
+            from: m.from.clone(),
+            stamp: m.stamp,
+        }));
+        out.push(Action::Note(Note::Realigned {
+            leader: self.cfg.me.clone(),
+            beat: m.beat,
+            step_ns: 0,
+        }));
+    }
+
     /// Advance: switch sessions, elect, slew the clock, heartbeat, publish.
     pub fn tick(&mut self, now: i64, out: &mut Vec<Action>) {
         self.started_at.get_or_insert(now);
@@ -923,6 +1162,7 @@ impl Room {
         }
         if self.switch.is_none() {
             self.elect(now, out);
+            self.try_merge(now, out);
         }
         if !self.leading && self.switch.is_none() {
             // A leading peer's map is its own. One that does not lead yet (a pinned or
@@ -973,6 +1213,9 @@ impl Room {
                 playing: seg.playing,
                 pinned: self.pinned.clone(),
                 epoch: self.epoch,
+                decided: self.decided.clone(),
+                pin_decided: self.pin_decided.clone(),
+                hlc: self.hlc,
             }));
             self.persist = false;
         }

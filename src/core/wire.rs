@@ -10,12 +10,17 @@
 //! panic, and every field is validated here (ids, names, timelines) so the room core
 //! only ever sees well-formed messages.
 
+use crate::core::decision::{Stamp, MAX_MS};
 use crate::core::time::SessionMap;
 use crate::core::timeline::{ChangeKind, Quantum, Segment, Timeline};
 use serde::{Deserialize, Serialize};
 
 /// 2: pongs carry the responder's local times and its session map.
-pub const PROTOCOL_VERSION: u16 = 2;
+/// 3: records carry decision stamps (announce, change and pin requests).
+pub const PROTOCOL_VERSION: u16 = 3;
+/// Largest epoch or version accepted from a peer (2⁵³): a stranger's `u64::MAX` must
+/// never make `epoch + 1` wrap.
+pub const MAX_COUNTER: u64 = 1 << 53;
 /// Largest frame body accepted (bytes after the length prefix).
 pub const MAX_FRAME: usize = 16 * 1024;
 pub const MAX_DATAGRAM: usize = 256;
@@ -87,6 +92,10 @@ pub struct Announce {
     pub version: u64,
     /// The pinned node (leads while alive), replicated by the leader.
     pub pinned: Option<String>,
+    /// The decision that made `timeline` (tempo, meter, transport).
+    pub decided: Stamp,
+    /// The decision that made `pinned`.
+    pub pin_decided: Stamp,
 }
 
 /// A change asked of the leader (by a follower relaying the CLI or a phone).
@@ -95,6 +104,15 @@ pub struct ChangeRequest {
     pub id: u64,
     pub kind: ChangeKind,
     pub quantum: Option<Quantum>,
+    /// Stamped where the person asked (the box the CLI or phone spoke to).
+    pub stamp: Stamp,
+}
+
+/// A pin or unpin (`node: None`) relayed to the leader, stamped where it was asked.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PinRequest {
+    pub node: Option<String>,
+    pub stamp: Stamp,
 }
 
 /// What the stage tech's CLI asks a node.
@@ -128,8 +146,8 @@ pub enum Frame {
     Bye(String),
     Query(Query),
     Reply(Reply),
-    /// A pin/unpin relayed to the leader (`None` unpins).
-    Pin(Option<String>),
+    /// A pin/unpin relayed to the leader.
+    Pin(PinRequest),
 }
 
 /// Clock pings. Times: `t1` the pinger's local ns; `t2`/`t3` the responder's *local*
@@ -170,6 +188,29 @@ fn check_id(field: &'static str, s: &str) -> Result<(), WireError> {
     }
 }
 
+fn check_counter(field: &'static str, v: u64) -> Result<(), WireError> {
+    if v > MAX_COUNTER {
+        return Err(WireError::Invalid {
+            field,
+            why: format!("{v} is beyond 2^53"),
+        });
+    }
+    Ok(())
+}
+
+fn check_stamp(field: &'static str, s: &Stamp) -> Result<(), WireError> {
+    if s.ms > MAX_MS {
+        return Err(WireError::Invalid {
+            field,
+            why: format!("{} ms is beyond 2^53", s.ms),
+        });
+    }
+    if s.is_default() {
+        return Ok(());
+    }
+    check_id(field, &s.node)
+}
+
 fn check_text(field: &'static str, s: &str, max: usize) -> Result<(), WireError> {
     if s.len() > max || s.chars().any(|c| c.is_control()) {
         return Err(WireError::Invalid {
@@ -191,6 +232,10 @@ impl Frame {
             }
             Frame::Announce(a) => {
                 check_id("announce.leader", &a.leader)?;
+                check_counter("announce.epoch", a.epoch)?;
+                check_counter("announce.version", a.version)?;
+                check_stamp("announce.decided", &a.decided)?;
+                check_stamp("announce.pin_decided", &a.pin_decided)?;
                 if let Some(p) = &a.pinned {
                     check_id("announce.pinned", p)?;
                 }
@@ -201,12 +246,19 @@ impl Frame {
                     });
                 }
             }
-            Frame::Change(_)
-            | Frame::Query(Query::Status | Query::Change { .. } | Query::Unpin) => {}
+            Frame::Change(c) => {
+                check_counter("change.id", c.id)?;
+                check_stamp("change.stamp", &c.stamp)?;
+            }
+            Frame::Query(Query::Status | Query::Change { .. } | Query::Unpin) => {}
             Frame::Bye(r) => check_text("bye", r, 200)?,
             Frame::Query(Query::Pin(n)) => check_text("pin", n, 63)?,
-            Frame::Pin(Some(id)) => check_id("pin", id)?,
-            Frame::Pin(None) => {}
+            Frame::Pin(p) => {
+                if let Some(id) = &p.node {
+                    check_id("pin.node", id)?;
+                }
+                check_stamp("pin.stamp", &p.stamp)?;
+            }
             Frame::Reply(Reply::Status(j)) => {
                 if j.len() > MAX_FRAME {
                     return Err(WireError::TooLarge(j.len()));
@@ -318,7 +370,53 @@ mod tests {
             timeline: tl.segments().to_vec(),
             version: 9,
             pinned: Some("00000000000000ff".into()),
+            decided: Stamp {
+                ms: 1_700_000_000_000,
+                n: 2,
+                node: "0123456789abcdef".into(),
+            },
+            pin_decided: Stamp::DEFAULT,
         })
+    }
+
+    #[test]
+    fn numbers_from_strangers_are_refused_by_name() {
+        let Frame::Announce(good) = announce() else {
+            unreachable!()
+        };
+        let cases: Vec<(&str, Announce)> = vec![
+            ("announce.epoch", Announce { epoch: u64::MAX, ..good.clone() }),
+            ("announce.version", Announce { version: MAX_COUNTER + 1, ..good.clone() }),
+            (
+                "announce.decided",
+                Announce {
+                    decided: Stamp { ms: u64::MAX, n: 0, node: "0123456789abcdef".into() },
+                    ..good.clone()
+                },
+            ),
+            (
+                "announce.pin_decided",
+                Announce {
+                    pin_decided: Stamp { ms: 5, n: 0, node: "not-a-node".into() },
+                    ..good.clone()
+                },
+            ),
+            ("announce.pinned", Announce { pinned: Some("me".into()), ..good.clone() }),
+        ];
+        for (field, a) in cases {
+            match Frame::decode(&Frame::Announce(a).encode()) {
+                Err(WireError::Invalid { field: f, .. }) => assert_eq!(f, field),
+                other => panic!("{field}: {other:?}"),
+            }
+        }
+        let req = Frame::Pin(PinRequest {
+            node: Some("0123456789abcdef".into()),
+            stamp: Stamp { ms: 1 << 60, n: 0, node: "0123456789abcdef".into() },
+        });
+        assert!(matches!(
+            Frame::decode(&req.encode()),
+            Err(WireError::Invalid { field: "pin.stamp", .. })
+        ));
     }
 
     #[test]
@@ -370,6 +468,8 @@ mod tests {
             timeline: vec![],
             version: 0,
             pinned: None,
+            decided: Stamp::DEFAULT,
+            pin_decided: Stamp::DEFAULT,
         });
         assert!(matches!(
             Frame::decode(&bad_tl.encode()),

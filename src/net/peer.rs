@@ -42,6 +42,10 @@ pub struct MeshStats {
     pub rejected_samples: AtomicU64,
     pub connections: AtomicU64,
     pub refused_other_room: AtomicU64,
+    /// Records that took a peer's later decision when groups met.
+    pub merges: AtomicU64,
+    /// Decision stamps refused (a peer's clock out of reach).
+    pub stamps_refused: AtomicU64,
 }
 
 /// What a connection's tasks need: who we are, the room key, the clock and the

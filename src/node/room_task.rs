@@ -389,6 +389,14 @@ fn carry_out(
                     tracing::info!(node = %n, "pinned: that node leads while it is alive")
                 }
                 Note::Pinned { node: None } => tracing::info!("unpinned: the highest rank leads"),
+                Note::Merged { record, from, stamp } => {
+                    shared.peer.stats.merges.fetch_add(1, Relaxed);
+                    tracing::info!(record, peer = %from, %stamp, "groups met: the latest decision wins (that peer's)")
+                }
+                Note::StampRefused { from, reason } => {
+                    shared.peer.stats.stamps_refused.fetch_add(1, Relaxed);
+                    tracing::debug!(peer = %from, %reason, "decision stamp refused")
+                }
                 Note::PinRelayed { to } => {
                     tracing::info!(leader = %to, "pin request relayed to the leader")
                 }
@@ -509,13 +517,13 @@ fn answer(room: &mut Room, q: Query, now: i64, actions: &mut Vec<Action>) -> Rep
         },
         Query::Pin(who) => match room.resolve(&who) {
             Some(id) => {
-                room.request_pin(Some(id.clone()), actions);
+                room.request_pin(Some(id.clone()), now, actions);
                 Reply::Done(format!("pinned {id}: it leads while it is alive"))
             }
             None => Reply::Error(format!("unknown node {who:?}: no node of this room has that id or name (see `bandsync peers`)")),
         },
         Query::Unpin => {
-            room.request_pin(None, actions);
+            room.request_pin(None, now, actions);
             Reply::Done("unpinned: the highest-ranked box leads".into())
         }
     }

@@ -15,6 +15,7 @@ use crate::node::config::RunConfig;
 use crate::net::impair::Impairment;
 use crate::net::{self, MeshStats};
 use crate::node::room_task::{self, MeshConfig};
+use crate::core::decision::{Hlc, Stamp};
 use crate::core::room::{Persisted, Room, RoomConfig};
 use crate::sys::state;
 use crate::core::timeline::{Meter, Tempo, Timeline};
@@ -162,11 +163,39 @@ pub fn run(cfg: RunConfig, clock: NodeClock) -> anyhow::Result<()> {
             name: cfg.name.clone(),
             priority: cfg.priority,
             quantum: cfg.quantum,
+            wall_offset_ns: wall_ms() as i64 * 1_000_000 - clock.now_ns(),
         },
         session,
         timeline,
     );
-    room.set_pinned(saved.and_then(|s| s.pinned));
+    // Decisions: a restored session keeps its stamps; start flags that change what it
+    // would play (or set a first boot's timeline) are a decision made now; a first boot
+    // without flags carries the default, older than any decision.
+    let restored = saved.clone().unwrap_or_else(|| Persisted {
+        tempo,
+        meter,
+        playing: false,
+        pinned: None,
+        epoch: 1,
+        decided: Stamp::DEFAULT,
+        pin_decided: Stamp::DEFAULT,
+        hlc: Hlc::default(),
+    });
+    let mut hlc = restored.hlc;
+    let flags_decide = match &saved {
+        Some(s) => cfg.play && !s.playing,
+        None => cfg.play || cfg.tempo.is_some() || cfg.meter.is_some(),
+    };
+    let decided = if flags_decide {
+        let st = hlc.issue(wall_ms(), &node_id);
+        tracing::info!(stamp = %st, "the start flags are a decision");
+        st
+    } else {
+        restored.decided.clone()
+    };
+    room.set_pinned(restored.pinned.clone());
+    room.restore_epoch(restored.epoch);
+    room.set_decided(decided, restored.pin_decided.clone(), hlc);
     let mesh_stats = Arc::new(MeshStats::default());
     let mirror_stats = Arc::new(crate::mirror::MirrorStats::default());
     let http_addr = cfg.http;
@@ -243,6 +272,9 @@ fn restore_from_redis(url: &crate::mirror::RedisUrl, room: &str) -> Option<Persi
                 playing: r.playing,
                 pinned: r.pinned,
                 epoch: r.epoch,
+                decided: Stamp::DEFAULT,
+                pin_decided: Stamp::DEFAULT,
+                hlc: Hlc::default(),
             })
         }
         Ok(None) => None,

@@ -8,6 +8,10 @@ use bandsync::core::time::SessionMap;
 use bandsync::core::timeline::{Meter, Tempo, Timeline};
 use std::sync::Arc;
 
+mod daemon;
+#[allow(unused_imports)] // each test binary uses its own share of these
+pub use daemon::{http_get, json_body, wait_health, NodeCmd, BIN, TEST_ENV};
+
 pub const RATE: u32 = 48_000;
 
 pub fn snapshot(t0: i64, bpm: f64, meter: i64) -> AudioSnapshot {
