@@ -24,7 +24,9 @@
 //! * **Concurrent decisions** (two sides of a partition) are ordered by their
 //!   physical parts, i.e. by when they were made as well as the boxes' clocks agree;
 //!   equal ones by counter, then node id. A default (first boot) is [`Stamp::DEFAULT`],
-//!   older than any decision.
+//!   older than any decision; a box's start flags are [`Stamp::FLAGS`], newer than a
+//!   default and older than anything decided while the room runs (the same for every
+//!   box, so a box started with flags that joins a running room adopts the room's).
 //!
 //! **A box whose clock is hours off.** If its clock is *ahead*, every box that hears
 //! from it takes its physical part (the HLC never goes back): the room's later stamps
@@ -63,6 +65,17 @@ impl Stamp {
         node: String::new(),
     };
 
+    /// A box's start flags (`--play`, `--tempo`, `--meter` on a first boot, `--play` on
+    /// a stopped saved session): newer than a default, older than any decision made
+    /// while the room runs. Every box's flags carry this same stamp, so when two boxes'
+    /// flags meet the running room (the older session) wins: joining never disturbs
+    /// the room.
+    pub const FLAGS: Stamp = Stamp {
+        ms: 0,
+        n: 1,
+        node: String::new(),
+    };
+
     pub fn is_default(&self) -> bool {
         *self == Stamp::DEFAULT
     }
@@ -72,6 +85,8 @@ impl std::fmt::Display for Stamp {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         if self.is_default() {
             f.write_str("default")
+        } else if *self == Stamp::FLAGS {
+            f.write_str("start flags")
         } else {
             write!(f, "{}.{}@{}", self.ms, self.n, self.node)
         }
@@ -155,6 +170,13 @@ mod tests {
         // and again on the same ms
         let again = slow.issue(1_000, "s");
         assert!(again > next);
+    }
+
+    #[test]
+    fn flags_sit_between_defaults_and_live_decisions() {
+        let mut h = Hlc::default();
+        let live = h.issue(0, "a");
+        assert!(Stamp::DEFAULT < Stamp::FLAGS && Stamp::FLAGS < live);
     }
 
     #[test]

@@ -205,8 +205,8 @@ fn check_stamp(field: &'static str, s: &Stamp) -> Result<(), WireError> {
             why: format!("{} ms is beyond 2^53", s.ms),
         });
     }
-    if s.is_default() {
-        return Ok(());
+    if s.node.is_empty() && s.ms == 0 {
+        return Ok(()); // the default and the start flags
     }
     check_id(field, &s.node)
 }

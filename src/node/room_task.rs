@@ -14,7 +14,7 @@ use crate::net::MeshStats;
 use crate::node::status::{phone_url, write_status};
 use crate::sys::clock::{Clock, NodeClock};
 use anyhow::Context;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering::Relaxed;
@@ -23,6 +23,12 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 const TICK: Duration = Duration::from_millis(50);
+/// A missing peer is dialed again this often…
+const DIAL_EVERY: Duration = Duration::from_millis(250);
+/// …with at most this many attempts in flight…
+const DIAL_PARALLEL: usize = 4;
+/// …each given this long for the QUIC handshake (the room-key proof has its own).
+const DIAL_TIMEOUT: Duration = Duration::from_millis(1_000);
 
 pub struct MeshConfig {
     /// The HTTP port phones use (advertised as `_http._tcp`, shown by `status`).
@@ -118,14 +124,20 @@ pub async fn run(
     };
 
     let mut peers: HashMap<String, (quinn::Connection, mpsc::Sender<Frame>)> = HashMap::new();
-    let mut dialing: HashSet<String> = HashSet::new();
-    let mut known: HashMap<String, Vec<SocketAddr>> = HashMap::new();
+    // Dial attempts in flight per peer, by start time: a new one starts every
+    // DIAL_EVERY while the peer is missing (at most DIAL_PARALLEL at once), so a healed
+    // link is used within DIAL_EVERY + one handshake instead of after a backoff.
+    let mut dialing: HashMap<String, Vec<tokio::time::Instant>> = HashMap::new();
+    // Candidate peers from mDNS: what an advert claims, never trusted for identity (the
+    // authenticated handshake decides who answered). Several addresses per id, so a
+    // spoofed advert adds an address to try but never removes the member's own.
+    let mut known = Candidates::default();
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut redial = tokio::time::interval(Duration::from_secs(1));
     let mut last_status = 0i64;
     let mut status_written = None;
-    let (dial_done_tx, mut dial_done) = mpsc::channel::<String>(64);
+    let (dial_done_tx, mut dial_done) = mpsc::channel::<(String, tokio::time::Instant)>(64);
     let mut actions = Vec::new();
     let mut ready = false;
     let watchdog_every = crate::sys::notify::Notifier::watchdog_interval();
@@ -159,14 +171,27 @@ pub async fn run(
             Some(ev) = found.recv() => match ev {
                 PeerEvent::Found(p) => {
                     tracing::debug!(peer = %p.node_id, name = %p.name, addrs = ?p.addrs, "discovered");
-                    known.insert(p.node_id.clone(), p.addrs.clone());
+                    let usable: Vec<SocketAddr> = p
+                        .addrs
+                        .iter()
+                        .copied()
+                        .filter(|a| dialable(a, &shared.cfg))
+                        .collect();
+                    known.found(&p.node_id, &usable, tokio::time::Instant::now());
                 }
                 PeerEvent::Lost { node_id } => {
+                    // liveness is QUIC's job; a goodbye (or a forged one) only ages the entry
                     tracing::debug!(peer = %node_id, "mDNS lost");
-                    known.remove(&node_id);
                 }
             },
-            Some(id) = dial_done.recv() => { dialing.remove(&id); }
+            Some((id, started)) = dial_done.recv() => {
+                if let Some(v) = dialing.get_mut(&id) {
+                    v.retain(|t| *t != started);
+                    if v.is_empty() {
+                        dialing.remove(&id);
+                    }
+                }
+            }
             _ = redial.tick() => {}
             Some(ev) = erx.recv() => {
                 let now = shared.clock.now_ns();
@@ -245,29 +270,38 @@ pub async fn run(
                 room.tick(now, &mut actions);
                 service_manager(&shared, &room, now, &mut ready, watchdog_every, &mut last_watchdog, &mut last_callbacks, &mut last_notify_status);
                 // dial peers we know and are not connected to (the lower id dials)
-                for (id, addrs) in &known {
-                    if *id > shared.cfg.node_id && !peers.contains_key(id) && !dialing.contains(id) {
-                        if let Some(addr) = pick_addr(addrs, shared.cfg.quic) {
-                            dialing.insert(id.clone());
-                            let shared = shared.peer.clone();
-                            let endpoint = endpoint.clone();
-                            let id = id.clone();
-                            let done = dial_done_tx.clone();
-                            tokio::spawn(async move {
-                                match endpoint.connect(addr, "bandsync") {
-                                    Ok(connecting) => match tokio::time::timeout(peer::AUTH_TIMEOUT, connecting).await {
-                                        Ok(Ok(conn)) => peer::serve(shared, conn, true, Some(id.clone())).await,
-                                        Ok(Err(e)) => tracing::debug!(peer = %id, %addr, error = %e, "connect failed"),
-                                        Err(_) => tracing::debug!(peer = %id, %addr, "connect timed out"),
-                                    },
-                                    Err(e) => tracing::warn!(peer = %id, %addr, error = %e, "cannot connect"),
-                                }
-                                // back off before dialing this peer again
-                                tokio::time::sleep(Duration::from_millis(1000)).await;
-                                let _ = done.send(id).await;
-                            });
-                        }
+                let t_now = tokio::time::Instant::now();
+                known.prune(t_now, |id| peers.contains_key(id));
+                for (id, addrs) in known.iter() {
+                    if *id <= shared.cfg.node_id || peers.contains_key(id) {
+                        continue;
                     }
+                    let inflight = dialing.entry(id.clone()).or_default();
+                    if inflight.len() >= DIAL_PARALLEL
+                        || inflight.iter().any(|t| t_now - *t < DIAL_EVERY)
+                    {
+                        continue;
+                    }
+                    // several addresses per id: try them in turn
+                    let Some(addr) = pick_addr(addrs, shared.cfg.quic, inflight.len()) else {
+                        continue;
+                    };
+                    inflight.push(t_now);
+                    let shared = shared.peer.clone();
+                    let endpoint = endpoint.clone();
+                    let id = id.clone();
+                    let done = dial_done_tx.clone();
+                    tokio::spawn(async move {
+                        match endpoint.connect(addr, "bandsync") {
+                            Ok(connecting) => match tokio::time::timeout(DIAL_TIMEOUT, connecting).await {
+                                Ok(Ok(conn)) => peer::serve(shared, conn, true, Some(id.clone())).await,
+                                Ok(Err(e)) => tracing::debug!(peer = %id, %addr, error = %e, "connect failed"),
+                                Err(_) => tracing::debug!(peer = %id, %addr, "connect timed out"),
+                            },
+                            Err(e) => tracing::debug!(peer = %id, %addr, error = %e, "cannot connect"),
+                        }
+                        let _ = done.send((id, t_now)).await;
+                    });
                 }
                 if let Some(tx) = &shared.cfg.mirror {
                     update_mirror(tx, &shared.cfg.room, &room, now);
@@ -305,13 +339,61 @@ pub async fn run(
     Ok(())
 }
 
-/// Prefer an address of the same family as our bind address.
-fn pick_addr(addrs: &[SocketAddr], bind: SocketAddr) -> Option<SocketAddr> {
-    addrs
+/// Candidate peers (id → addresses) learnt from mDNS, bounded.
+#[derive(Default)]
+struct Candidates(HashMap<String, (Vec<SocketAddr>, tokio::time::Instant)>);
+
+impl Candidates {
+    /// Ids kept at most (a room has a handful of boxes; a flood of adverts is cut).
+    const MAX_IDS: usize = 64;
+    /// Addresses kept per id, newest first.
+    const MAX_ADDRS: usize = 8;
+    /// An id not announced (and not connected) for this long is forgotten.
+    const FORGET: Duration = Duration::from_secs(600);
+
+    fn found(&mut self, id: &str, addrs: &[SocketAddr], now: tokio::time::Instant) {
+        if addrs.is_empty() {
+            return;
+        }
+        if !self.0.contains_key(id) && self.0.len() >= Self::MAX_IDS {
+            // evict the longest-unannounced
+            if let Some(old) = self.0.iter().min_by_key(|(_, (_, t))| *t).map(|(k, _)| k.clone()) {
+                self.0.remove(&old);
+            }
+        }
+        let e = self.0.entry(id.to_string()).or_insert((Vec::new(), now));
+        let mut merged: Vec<SocketAddr> = addrs.to_vec();
+        merged.extend(e.0.iter().filter(|a| !addrs.contains(a)));
+        merged.truncate(Self::MAX_ADDRS);
+        *e = (merged, now);
+    }
+
+    fn prune(&mut self, now: tokio::time::Instant, connected: impl Fn(&str) -> bool) {
+        self.0
+            .retain(|id, (_, t)| connected(id) || now.duration_since(*t) < Self::FORGET);
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&String, &Vec<SocketAddr>)> {
+        self.0.iter().map(|(k, (a, _))| (k, a))
+    }
+}
+
+/// Loopback addresses are dialed only by a node that itself lives on loopback (tests,
+/// one-host labs): an advert must not make a box dial its own services.
+fn dialable(a: &SocketAddr, cfg: &MeshConfig) -> bool {
+    !a.ip().is_loopback() || cfg.quic.ip().is_loopback() || cfg.interfaces.iter().any(|i| i == "lo")
+}
+
+/// The `turn`-th address to try, those of our bind address's family first.
+fn pick_addr(addrs: &[SocketAddr], bind: SocketAddr, turn: usize) -> Option<SocketAddr> {
+    let mut v: Vec<SocketAddr> = addrs
         .iter()
-        .find(|a| a.is_ipv4() == bind.is_ipv4())
-        .or(addrs.first())
+        .filter(|a| a.is_ipv4() == bind.is_ipv4())
+        .chain(addrs.iter().filter(|a| a.is_ipv4() != bind.is_ipv4()))
         .copied()
+        .collect();
+    v.dedup();
+    (!v.is_empty()).then(|| v[turn % v.len()])
 }
 
 fn carry_out(

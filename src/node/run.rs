@@ -181,15 +181,14 @@ pub fn run(cfg: RunConfig, clock: NodeClock) -> anyhow::Result<()> {
         pin_decided: Stamp::DEFAULT,
         hlc: Hlc::default(),
     });
-    let mut hlc = restored.hlc;
+    let hlc = restored.hlc;
     let flags_decide = match &saved {
         Some(s) => cfg.play && !s.playing,
         None => cfg.play || cfg.tempo.is_some() || cfg.meter.is_some(),
     };
     let decided = if flags_decide {
-        let st = hlc.issue(wall_ms(), &node_id);
-        tracing::info!(stamp = %st, "the start flags are a decision");
-        st
+        tracing::info!("the start flags are a decision (newer than defaults, older than any made while the room runs)");
+        restored.decided.clone().max(Stamp::FLAGS)
     } else {
         restored.decided.clone()
     };
