@@ -1,5 +1,6 @@
-//! `bandsync run --redis`: the leader mirrors the session into a real redis-server, an
-//! outage never touches the click, and the mirror is current again after it.
+//! `bandsync run --redis`: the leader mirrors the session into a real redis-server (and
+//! lists its room for the venue), an outage never touches the click, and the mirror is
+//! current again after it.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -105,6 +106,20 @@ fn the_leader_mirrors_to_redis_and_outages_never_touch_the_click() {
     );
     assert!(lag < Duration::from_millis(500), "mirror lag {lag:?}");
     assert_eq!(hget(rport, &rkey, "epoch").as_deref(), Some("1"));
+    // The venue view: the room is listed, with its one box and the leader's heartbeat.
+    assert_eq!(hget(rport, &rkey, "boxes").as_deref(), Some("1"));
+    assert!(hget(rport, &rkey, "seen_unix_ms").is_some());
+    let member = Command::new("redis-cli")
+        .args([
+            "-p",
+            &rport.to_string(),
+            "SISMEMBER",
+            "bandsync:rooms",
+            &room,
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&member.stdout).trim(), "1");
 
     // outage: stop redis for 10 s, change the meter meanwhile, bring it back
     drop(srv.take());

@@ -8,7 +8,12 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bandsync::mirror::{self, Conn, MirrorError, MirrorRecord, MirrorStats, RedisUrl, Value};
+use bandsync::mirror::{
+    self, Conn, MirrorError, MirrorOptions, MirrorRecord, MirrorState, MirrorStats, RedisUrl,
+    WriteOutcome,
+};
+use futures_util::StreamExt;
+use redis::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
@@ -144,17 +149,38 @@ fn record(room: &str, epoch: u64, version: u64, tempo_bpm: u32, meter: u8) -> Mi
         meter,
         playing: true,
         pinned: None,
+        boxes: 2,
         // Deterministic, so that a test can rebuild the record a task was given.
-        updated_unix_ms: 1_750_000_000_000 + epoch * 1000 + version,
+        updated_unix_ms: 1_750_000_000_000u64
+            .wrapping_add(epoch.wrapping_mul(1000))
+            .wrapping_add(version),
     }
 }
 
 async fn hget(c: &mut Conn, room: &str) -> Option<MirrorRecord> {
     let v = c
-        .command(&["HGETALL".to_string(), mirror::room_key(room)])
+        .query(redis::cmd("HGETALL").arg(mirror::room_key(room)))
         .await
         .unwrap();
     mirror::record_from_hash(room, v).unwrap()
+}
+
+/// Run a command that must succeed.
+async fn cmd(c: &mut Conn, args: &[&str]) -> Value {
+    let mut cmd = redis::cmd(args[0]);
+    for a in &args[1..] {
+        cmd.arg(*a);
+    }
+    c.query(&cmd).await.unwrap()
+}
+
+/// A hash field as a string (None: no such field).
+async fn hfield(c: &mut Conn, room: &str, field: &str) -> Option<String> {
+    match cmd(c, &["HGET", &mirror::room_key(room), field]).await {
+        Value::BulkString(b) => Some(String::from_utf8(b).unwrap()),
+        Value::Nil => None,
+        v => panic!("{v:?}"),
+    }
 }
 
 /// Poll (1 ms) until the hash holds `want`; the time it took.
@@ -180,15 +206,25 @@ struct Task {
 }
 
 fn spawn_run(url: &RedisUrl, room: &str, first: Option<MirrorRecord>) -> Task {
+    spawn_run_with(url, room, first, MirrorOptions::default())
+}
+
+fn spawn_run_with(
+    url: &RedisUrl,
+    room: &str,
+    first: Option<MirrorRecord>,
+    opts: MirrorOptions,
+) -> Task {
     let (tx, rx) = watch::channel(first);
     let (stop, stop_rx) = watch::channel(false);
     let stats = Arc::new(MirrorStats::default());
-    let handle = tokio::spawn(mirror::run(
+    let handle = tokio::spawn(mirror::run_with(
         url.clone(),
         room.into(),
         rx,
         stats.clone(),
         stop_rx,
+        opts,
     ));
     Task {
         tx,
@@ -221,18 +257,25 @@ impl Task {
 async fn mirror_follows_changes_and_publishes_them() {
     let redis = Redis::start().await;
     let room = "stage-a";
-    let mut sub = redis.conn().await;
-    sub.send(&["SUBSCRIBE".to_string(), mirror::room_channel(room)])
+    let mut sub = redis
+        .url
+        .client()
+        .unwrap()
+        .get_async_pubsub()
         .await
         .unwrap();
-    let ack = sub.read_reply().await.unwrap();
-    assert!(matches!(&ack, Value::Array(a) if a.len() == 3), "{ack:?}");
+    sub.subscribe(mirror::room_channel(room)).await.unwrap();
 
     let mut rec = record(room, 3, 1, 120, 4);
     let task = spawn_run(&redis.url, room, Some(rec.clone()));
     let mut c = redis.conn().await;
     let first = wait_for(&mut c, &rec, Duration::from_secs(2)).await;
     println!("first record mirrored {first:?} after start");
+    // The room is listed for the venue.
+    assert_eq!(
+        cmd(&mut c, &["SISMEMBER", mirror::ROOMS_KEY, room]).await,
+        Value::Int(1)
+    );
 
     let mut worst = Duration::ZERO;
     for i in 0..20u32 {
@@ -259,15 +302,11 @@ async fn mirror_follows_changes_and_publishes_them() {
     // Every change was published as the JSON record, in order; the last one is `rec`.
     let mut last = None;
     let mut n = 0;
-    while let Ok(Value::Array(m)) = sub.read_reply_within(Duration::from_millis(300)).await {
-        let [Value::Bulk(kind), Value::Bulk(ch), Value::Bulk(json)] = &m[..] else {
-            panic!("{m:?}")
-        };
-        assert_eq!(
-            (kind.as_slice(), ch.as_slice()),
-            (b"message".as_slice(), mirror::room_channel(room).as_bytes())
-        );
-        let r: MirrorRecord = serde_json::from_slice(json).unwrap();
+    let mut messages = sub.on_message();
+    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(300), messages.next()).await
+    {
+        assert_eq!(m.get_channel_name(), mirror::room_channel(room));
+        let r: MirrorRecord = serde_json::from_slice(m.get_payload_bytes()).unwrap();
         if let Some(MirrorRecord { version, .. }) = &last {
             assert!(r.version > *version);
         }
@@ -276,23 +315,36 @@ async fn mirror_follows_changes_and_publishes_them() {
     }
     assert_eq!(last.as_ref(), Some(&rec));
     assert_eq!(n, 21, "one message per change");
+    drop(messages);
 
-    // A refresh with nothing changed publishes nothing and counts no write.
+    // A refresh with nothing changed publishes nothing and counts no write, but it
+    // stamps the leader's heartbeat (Redis's clock).
     let s = task.stats.snapshot();
     assert_eq!(
-        (s.writes, s.errors, s.fenced, s.connected),
-        (21, 0, 0, true),
+        (s.writes, s.errors, s.fenced, s.connected, s.state, s.lag_ms),
+        (21, 0, 0, true, MirrorState::Connected, 0),
         "{s:?}"
     );
+    let seen = |v: Option<String>| v.unwrap().parse::<u64>().unwrap();
+    let seen0 = seen(hfield(&mut c, room, mirror::SEEN_FIELD).await);
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let seen1 = seen(hfield(&mut c, room, mirror::SEEN_FIELD).await);
+    assert!(seen1 > seen0, "heartbeat {seen0} -> {seen1}");
+    assert_eq!(task.stats.snapshot().writes, 21);
+    assert_eq!(hget(&mut c, room).await.as_ref(), Some(&rec));
 
-    // Losing leadership: nothing more is written.
+    // Losing leadership: nothing more is written, and the mirror is off.
     task.set(None);
     tokio::time::sleep(Duration::from_millis(100)).await;
-    c.command(&["DEL".to_string(), mirror::room_key(room)])
-        .await
-        .unwrap();
+    cmd(&mut c, &["DEL", &mirror::room_key(room)]).await;
     tokio::time::sleep(Duration::from_millis(1300)).await;
     assert_eq!(hget(&mut c, room).await, None, "a follower wrote to Redis");
+    let s = task.stats.snapshot();
+    assert_eq!(
+        (s.state, s.connected, s.lag_ms),
+        (MirrorState::Off, false, 0),
+        "{s:?}"
+    );
     task.stop().await;
 }
 
@@ -303,17 +355,29 @@ async fn fencing_refuses_older_epochs() {
     let mut c = redis.conn().await;
     let newer = record(room, 5, 3, 140, 4);
     assert!(mirror::write_fenced(&mut c, room, &newer).await.unwrap());
-    // Older epoch, even with a higher version: refused.
+    // Older epoch, even with a higher version: refused, and Redis's epoch reported.
     assert!(
         !mirror::write_fenced(&mut c, room, &record(room, 4, 100, 90, 3))
             .await
             .unwrap()
+    );
+    assert_eq!(
+        mirror::write_fenced_outcome(&mut c, room, &record(room, 4, 100, 90, 3))
+            .await
+            .unwrap(),
+        WriteOutcome::RefusedNewerEpoch { held_epoch: 5 }
     );
     // Same epoch, older version: refused.
     assert!(
         !mirror::write_fenced(&mut c, room, &record(room, 5, 2, 90, 3))
             .await
             .unwrap()
+    );
+    assert_eq!(
+        mirror::write_fenced_outcome(&mut c, room, &record(room, 5, 2, 90, 3))
+            .await
+            .unwrap(),
+        WriteOutcome::RefusedNewerVersion { held_version: 3 }
     );
     assert_eq!(
         hget(&mut c, room).await,
@@ -325,42 +389,59 @@ async fn fencing_refuses_older_epochs() {
         mirror::write_fenced_outcome(&mut c, room, &newer)
             .await
             .unwrap(),
-        mirror::WriteOutcome::Unchanged
+        WriteOutcome::Unchanged
     );
     let v4 = record(room, 5, 4, 141, 4);
     assert!(mirror::write_fenced(&mut c, room, &v4).await.unwrap());
     // Epochs compare exactly beyond 2^53 (Lua numbers are doubles).
     let huge = record(room, (1 << 53) + 1, 0, 150, 4);
     assert!(mirror::write_fenced(&mut c, room, &huge).await.unwrap());
-    assert!(
-        !mirror::write_fenced(&mut c, room, &record(room, 1 << 53, 9, 90, 4))
+    assert_eq!(
+        mirror::write_fenced_outcome(&mut c, room, &record(room, 1 << 53, 9, 90, 4))
             .await
-            .unwrap()
+            .unwrap(),
+        WriteOutcome::RefusedNewerEpoch {
+            held_epoch: (1 << 53) + 1
+        }
     );
     assert_eq!(hget(&mut c, room).await, Some(huge.clone()));
+    let max = MirrorRecord {
+        epoch: u64::MAX,
+        version: u64::MAX,
+        ..record(room, 9, 9, 150, 4)
+    };
+    assert!(mirror::write_fenced(&mut c, room, &max).await.unwrap());
+    assert_eq!(
+        mirror::write_fenced_outcome(&mut c, room, &record(room, u64::MAX - 1, 0, 150, 4))
+            .await
+            .unwrap()
+            .held_epoch(),
+        Some(u64::MAX)
+    );
+    cmd(&mut c, &["DEL", &mirror::room_key(room)]).await;
+    assert!(mirror::write_fenced(&mut c, room, &huge).await.unwrap());
 
     // The script cache flushed behind our back: EVALSHA fails with NOSCRIPT, EVAL works.
-    c.command(&["SCRIPT", "FLUSH"]).await.unwrap();
+    cmd(&mut c, &["SCRIPT", "FLUSH"]).await;
     let next = record(room, (1 << 53) + 2, 0, 151, 4);
     assert!(mirror::write_fenced(&mut c, room, &next).await.unwrap());
     assert_eq!(hget(&mut c, room).await, Some(next));
 
     // The script refuses malformed arguments itself.
     let r = c
-        .command(&[
-            "EVAL",
-            mirror::FENCE_SCRIPT,
-            "1",
-            "k",
-            "1e3",
-            "0",
-            "ch",
-            "{}",
-            "a",
-            "b",
-        ])
+        .query(
+            redis::cmd("EVAL")
+                .arg(mirror::FENCE_SCRIPT)
+                .arg(2)
+                .arg("k")
+                .arg("rooms")
+                .arg(&["1e3", "0", "ch", "{}", "r", "a", "b"][..]),
+        )
         .await;
-    assert!(matches!(r, Err(MirrorError::Server { .. })), "{r:?}");
+    assert!(
+        matches!(&r, Err(MirrorError::Server { msg, .. }) if msg.contains("bad arguments")),
+        "{r:?}"
+    );
     // And a record for another room is refused before it is sent.
     assert!(matches!(
         mirror::write_fenced(&mut c, "other", &newer).await,
@@ -393,6 +474,11 @@ async fn fencing_refuses_older_epochs() {
     assert_eq!(o.writes, 0);
     assert!(o.fenced >= 3, "{o:?}");
     assert_eq!(o.errors, 0);
+    assert_eq!(o.held_epoch, Some(8), "{o:?}");
+    assert_eq!(
+        (o.state, n.state),
+        (MirrorState::Connected, MirrorState::Connected)
+    );
     assert_eq!((n.writes, n.fenced, n.errors), (2, 0, 0));
     old_leader.stop().await;
     new_leader.stop().await;
@@ -440,6 +526,9 @@ async fn outage_and_recovery() {
     println!("during the outage: {s:?}");
     assert!(s.errors >= 2, "{s:?}");
     assert!(!s.connected);
+    // Redis has been behind since the first change of the outage, 1.5 s ago.
+    assert_eq!(s.state, MirrorState::Stale, "{s:?}");
+    assert!(s.lag_ms >= 1_200, "{s:?}");
 
     // Back on the same port, empty (no persistence): the hash is current within 5 s.
     redis.spawn().await;
@@ -452,6 +541,7 @@ async fn outage_and_recovery() {
     );
     let s = task.stats.snapshot();
     assert!(s.reconnects >= 1 && s.connected, "{s:?}");
+    assert_eq!((s.state, s.lag_ms), (MirrorState::Connected, 0), "{s:?}");
 
     // A restart with no change at all: the refresh notices and resyncs.
     drop(c);
@@ -466,9 +556,7 @@ async fn outage_and_recovery() {
         t0.elapsed()
     );
     // Someone deletes the key: healed by the refresh too.
-    c.command(&["DEL".to_string(), mirror::room_key(room)])
-        .await
-        .unwrap();
+    cmd(&mut c, &["DEL", &mirror::room_key(room)]).await;
     wait_for(&mut c, &changed, Duration::from_secs(3)).await;
     println!("final stats {:?}", task.stats.snapshot());
     task.stop().await;
@@ -520,7 +608,14 @@ async fn garbage_server_is_counted_and_survived() {
     .await;
     let url = RedisUrl::parse(&format!("redis://127.0.0.1:{port}")).unwrap();
     let room = "junk";
-    let task = spawn_run(&url, room, Some(record(room, 1, 1, 120, 4)));
+    // Short deadlines: some junk (a huge length, a line with no CRLF) is only ever cut
+    // by the deadline, and the test wants to see many kinds of junk in 2.5 s.
+    let opts = MirrorOptions {
+        command_timeout: Duration::from_millis(300),
+        backoff_max: Duration::from_millis(200),
+        ..MirrorOptions::default()
+    };
+    let task = spawn_run_with(&url, room, Some(record(room, 1, 1, 120, 4)), opts);
     // The caller goes on at 100 Hz.
     let mut worst = Duration::ZERO;
     let t0 = Instant::now();
@@ -540,6 +635,7 @@ async fn garbage_server_is_counted_and_survived() {
     assert!(s.errors >= 4, "{s:?}");
     assert!(s.bad_replies >= 3, "{s:?}");
     assert_eq!((s.writes, s.reconnects, s.connected), (0, 0, false));
+    assert_eq!(s.state, MirrorState::Stale);
     task.stop().await;
 
     // With AUTH and SELECT in the way too, and fetch: errors, never a panic.
@@ -547,6 +643,7 @@ async fn garbage_server_is_counted_and_survived() {
     for _ in 0..JUNK.len() {
         let r = mirror::fetch(&url, room, Duration::from_millis(500)).await;
         let e = r.expect_err("junk made a record");
+        println!("fetch from a garbage server: {e}");
         assert!(!e.to_string().contains("pw@"), "{e}");
     }
     server.abort();
@@ -623,14 +720,11 @@ async fn fetch_for_restore() {
     assert_eq!(mirror::fetch(&db3, room, T).await.unwrap(), None);
 
     // A hash someone else mangled: a clear error naming the field.
-    c.command(&[
-        "HSET".to_string(),
-        mirror::room_key(room),
-        "tempo_mbpm".into(),
-        "fast".into(),
-    ])
-    .await
-    .unwrap();
+    cmd(
+        &mut c,
+        &["HSET", &mirror::room_key(room), "tempo_mbpm", "fast"],
+    )
+    .await;
     let e = mirror::fetch(&redis.url, room, T).await.unwrap_err();
     println!("mangled hash: {e}");
     assert!(
@@ -638,9 +732,7 @@ async fn fetch_for_restore() {
         "{e}"
     );
     // A key of another type.
-    c.command(&["SET".to_string(), mirror::room_key("str"), "x".into()])
-        .await
-        .unwrap();
+    cmd(&mut c, &["SET", &mirror::room_key("str"), "x"]).await;
     let e = mirror::fetch(&redis.url, "str", T).await.unwrap_err();
     assert!(matches!(e, MirrorError::Server { .. }), "{e}");
 
@@ -689,11 +781,21 @@ async fn auth_password_and_acl_user() {
         RedisUrl::parse(&format!("redis://:not-{secret}@127.0.0.1:{}/1", redis.port)).unwrap();
     let e = mirror::fetch(&wrong, room, T).await.unwrap_err();
     println!("wrong password: {e}; url shown as {wrong}");
-    assert!(matches!(e, MirrorError::Auth(_)), "{e}");
+    assert!(matches!(e, MirrorError::Auth { .. }), "{e}");
     assert!(!e.to_string().contains(secret) && !wrong.to_string().contains(secret));
     let none = RedisUrl::parse(&format!("redis://127.0.0.1:{}/1", redis.port)).unwrap();
     let e = mirror::fetch(&none, room, T).await.unwrap_err();
-    assert!(e.to_string().contains("NOAUTH"), "{e}");
+    println!("no password: {e}");
+    assert!(
+        matches!(e, MirrorError::Auth { .. }) && e.to_string().contains("Authentication required"),
+        "{e}"
+    );
+    // A mirror task with the wrong password: counted, logged, never written.
+    let task = spawn_run(&wrong, "auth2", Some(record("auth2", 1, 1, 120, 4)));
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let s = task.stats.snapshot();
+    assert!(s.errors >= 1 && s.writes == 0 && !s.connected, "{s:?}");
+    task.stop().await;
 }
 
 type Ca = rcgen::CertifiedIssuer<'static, rcgen::KeyPair>;
@@ -786,7 +888,7 @@ async fn tls_rediss() {
     .unwrap();
     let e = mirror::fetch(&wrong_ca, room, T).await.unwrap_err();
     println!("untrusted certificate: {e}");
-    assert!(matches!(e, MirrorError::Tls(_)), "{e}");
+    assert!(matches!(e, MirrorError::Tls { .. }), "{e}");
     // TLS to a plain-text server, and plain text to a TLS server: errors, no hang.
     let plain = Redis::start().await;
     let to_plain =

@@ -189,6 +189,21 @@ pub fn hostname() -> String {
         .unwrap_or_else(|| "bandsync".into())
 }
 
+/// A URL as it may be shown in an error: the password (between `:` and `@` after the
+/// scheme) replaced by `***`.
+fn mask_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    match rest.rsplit_once('@') {
+        Some((user, host)) => match user.split_once(':') {
+            Some((name, _)) => format!("{scheme}://{name}:***@{host}"),
+            None => url.to_string(),
+        },
+        None => url.to_string(),
+    }
+}
+
 fn check_name(what: &str, v: &str) -> anyhow::Result<()> {
     if v.is_empty() || v.len() > 63 || v.chars().any(|c| c.is_control()) {
         bail!("{what} {v:?} is invalid: use 1–63 printable characters");
@@ -357,8 +372,13 @@ impl RunConfig {
         }
         let redis = args.redis.clone().or(file.redis.clone());
         if let Some(u) = &redis {
-            crate::mirror::RedisUrl::parse(u)
-                .map_err(|e| anyhow!("{}: {e}", src(args.redis.is_some(), "redis")))?;
+            crate::mirror::RedisUrl::parse(u).map_err(|e| {
+                anyhow!(
+                    "{} {:?}: {e}",
+                    src(args.redis.is_some(), "redis"),
+                    mask_password(u)
+                )
+            })?;
         }
         if let Some(k) = &room_key_file {
             if !k.is_file() {

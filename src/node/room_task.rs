@@ -554,6 +554,7 @@ fn update_mirror(
             seg.meter.get(),
             seg.playing,
             room.pinned().map(str::to_string),
+            room.peer_ids().len() as u32 + 1,
         )
     });
     let current = tx.borrow().as_ref().map(|r| {
@@ -564,12 +565,13 @@ fn update_mirror(
             r.meter,
             r.playing,
             r.pinned.clone(),
+            r.boxes,
         )
     });
     if want == current {
         return;
     }
-    let rec = want.map(|(epoch, version, tempo_mbpm, meter, playing, pinned)| {
+    let rec = want.map(|(epoch, version, tempo_mbpm, meter, playing, pinned, boxes)| {
         crate::mirror::MirrorRecord {
             room: room_name.to_string(),
             epoch,
@@ -579,6 +581,7 @@ fn update_mirror(
             meter,
             playing,
             pinned,
+            boxes,
             updated_unix_ms: crate::mirror::now_unix_ms(),
         }
     });
