@@ -9,10 +9,12 @@
 //! * [`room`] — sessions, election, epochs, pin; turns peer frames into actions.
 //! * [`wire`] — peer frames and datagrams, total decoding.
 //! * [`advert`] — mDNS advertisements, validated.
+//! * [`link`] — Ableton Link: the room as a Link session's authority.
 //! * [`id`], [`rng`] — node ids; the seeded SplitMix64.
 
 pub mod advert;
 pub mod id;
+pub mod link;
 pub mod rng;
 pub mod room;
 pub mod sync;
