@@ -59,7 +59,10 @@ impl Drop for Netns {
 }
 
 fn ip(args: &[&str]) {
-    let o = Command::new("ip").args(args).output().expect("the `ip` command");
+    let o = Command::new("ip")
+        .args(args)
+        .output()
+        .expect("the `ip` command");
     assert!(
         o.status.success(),
         "ip {}: {}",
@@ -102,7 +105,11 @@ fn scenario(ns: &Netns, dir: &Path, extra: &[&str]) -> serde_json::Value {
                 let p = d.join(n).join("node.log");
                 let l = std::fs::read_to_string(&p).unwrap_or_default();
                 let tail: Vec<&str> = l.lines().rev().take(30).collect();
-                format!("--- {}:\n{}", p.display(), tail.into_iter().rev().collect::<Vec<_>>().join("\n"))
+                format!(
+                    "--- {}:\n{}",
+                    p.display(),
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                )
             })
             .collect::<Vec<_>>()
             .join("\n")
@@ -156,38 +163,66 @@ fn a_link_peer_follows_the_room() {
     // --- skewed clocks: the whole scenario -------------------------------------
     let v = scenario(&ns, &tmp.path().join("skewed"), &[]);
     let join = f(&v, &["join_s"]);
-    assert!(join <= 1.0, "aalink took {join} s to adopt the room's tempo");
+    assert!(
+        join <= 1.0,
+        "aalink took {join} s to adopt the room's tempo"
+    );
     assert!((f(&v, &["tempo_after_join"]) - 123.0).abs() < 1e-3, "{v}");
-    assert_eq!(v["playing_after_join"], true, "aalink learns the room plays: {v}");
+    assert_eq!(
+        v["playing_after_join"], true,
+        "aalink learns the room plays: {v}"
+    );
     for b in ["a", "b"] {
         for phase in ["join", "tempo", "overrule"] {
             let p = &v["phase"][phase][b];
-            assert_eq!(p["offsets_on_bars"], true, "{phase}/{b}: Link beat − room beat must be a multiple of the meter: {p}");
+            assert_eq!(
+                p["offsets_on_bars"], true,
+                "{phase}/{b}: Link beat − room beat must be a multiple of the meter: {p}"
+            );
             assert!(f(p, &["residual_p95_ms"]) < 0.5, "{phase}/{b}: {p}");
-            assert!(f(p, &["drift_ppm"]).abs() < 130.0, "{phase}/{b}: drift beyond the leader's skew: {p}");
+            assert!(
+                f(p, &["drift_ppm"]).abs() < 130.0,
+                "{phase}/{b}: drift beyond the leader's skew: {p}"
+            );
         }
         let p = &v["phase"]["join"][b];
-        assert!(f(p, &["at_start_ms"]).abs() < 1.0, "join/{b}: phase at the join: {p}");
+        assert!(
+            f(p, &["at_start_ms"]).abs() < 1.0,
+            "join/{b}: phase at the join: {p}"
+        );
     }
     let t = f(&v, &["tempo_change_s"]);
     assert!(t <= 2.0, "room tempo change reached aalink after {t} s");
     let t = f(&v, &["overrule_s"]);
     assert!(t <= 2.0, "aalink's tempo change overruled after {t} s");
-    assert!((f(&v, &["tempo_after_overrule"]) - 100.0).abs() < 1e-3, "{v}");
+    assert!(
+        (f(&v, &["tempo_after_overrule"]) - 100.0).abs() < 1e-3,
+        "{v}"
+    );
     let t = f(&v, &["stop_s"]);
     assert!(t <= 2.0, "`bandsync stop` reached aalink after {t} s");
     let t = f(&v, &["start_overrule_s"]);
     assert!(t <= 2.0, "aalink's start overruled after {t} s");
     let t = f(&v, &["start_s"]);
-    assert!(t <= 4.0, "`bandsync start` (next bar) reached aalink after {t} s");
+    assert!(
+        t <= 4.0,
+        "`bandsync start` (next bar) reached aalink after {t} s"
+    );
     let jump = f(&v, &["kill_jump_ms"]);
-    assert!(jump < 1.0, "aalink's phase jumped {jump} ms when the leader died");
+    assert!(
+        jump < 1.0,
+        "aalink's phase jumped {jump} ms when the leader died"
+    );
     assert!((f(&v, &["tempo_after_kill"]) - 100.0).abs() < 1e-3, "{v}");
     assert!(f(&v, &["peers_after_kill"]) >= 1.0, "{v}");
     assert_eq!(v["phase"]["after_kill"]["offsets_on_bars"], true, "{v}");
 
     // --- unskewed clocks: the SPEC's 1 ms p95 ------------------------------------
-    let u = scenario(&ns, &tmp.path().join("unskewed"), &["--short", "--phase-s", "6"]);
+    let u = scenario(
+        &ns,
+        &tmp.path().join("unskewed"),
+        &["--short", "--phase-s", "6"],
+    );
     assert!(f(&u, &["join_s"]) <= 1.0, "{u}");
     for b in ["a", "b"] {
         let p = &u["phase"]["join"][b];

@@ -111,6 +111,9 @@ impl Drop for LinkDriver {
     }
 }
 
+/// Per gateway (`iface/addr`): the Link apps and the boxes it knows.
+type Seen = BTreeMap<String, (BTreeSet<NodeId>, BTreeSet<NodeId>)>;
+
 struct Ctx {
     cfg: LinkConfig,
     ids: LinkIds,
@@ -120,7 +123,7 @@ struct Ctx {
     /// Changes for the room (link_control).
     changes: Option<tokio::sync::mpsc::Sender<ChangeKind>>,
     /// Per gateway: the Link apps and the boxes it knows (for the union counts).
-    seen: Mutex<BTreeMap<String, (BTreeSet<NodeId>, BTreeSet<NodeId>)>>,
+    seen: Mutex<Seen>,
     stop: Arc<AtomicBool>,
 }
 
@@ -156,7 +159,9 @@ pub fn start(
     let supervisor = std::thread::Builder::new()
         .name("link".into())
         .spawn(move || supervise(ctx))
-        .map_err(|e| tracing::error!(error = %e, "Ableton Link: cannot start its thread; Link is off"))
+        .map_err(
+            |e| tracing::error!(error = %e, "Ableton Link: cannot start its thread; Link is off"),
+        )
         .ok();
     LinkDriver { stop, supervisor }
 }
@@ -200,8 +205,8 @@ async fn forward_changes(
 
 /// The gateways' supervisor: (re)scans interfaces, runs one thread per address.
 fn supervise(ctx: Arc<Ctx>) {
-    let mut gateways: BTreeMap<(String, Ipv4Addr), (Arc<AtomicBool>, std::thread::JoinHandle<()>)> =
-        BTreeMap::new();
+    type Running = (Arc<AtomicBool>, std::thread::JoinHandle<()>);
+    let mut gateways: BTreeMap<(String, Ipv4Addr), Running> = BTreeMap::new();
     let mut failed: BTreeSet<(String, Ipv4Addr)> = BTreeSet::new();
     let mut warned_missing: BTreeSet<String> = BTreeSet::new();
     let mut next_scan = Instant::now();
@@ -230,7 +235,10 @@ fn supervise(ctx: Arc<Ctx>) {
                 if let Some((stop, h)) = gateways.remove(&k) {
                     stop.store(true, Relaxed);
                     let _ = h.join();
-                    ctx.seen.lock().unwrap_or_else(|e| e.into_inner()).remove(&gateway_key(&k));
+                    ctx.seen
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&gateway_key(&k));
                     tracing::info!(interface = %k.0, addr = %k.1, "Ableton Link: gateway closed");
                 }
             }
@@ -250,7 +258,9 @@ fn supervise(ctx: Arc<Ctx>) {
                             Ok(h) => {
                                 gateways.insert(k, (stop, h));
                             }
-                            Err(e) => tracing::warn!(error = %e, "Ableton Link: cannot start a gateway thread"),
+                            Err(e) => {
+                                tracing::warn!(error = %e, "Ableton Link: cannot start a gateway thread")
+                            }
                         }
                     }
                     Err(e) => {
@@ -358,7 +368,10 @@ impl Sockets {
         let zero: libc::c_int = 0;
         let m = udp_socket()?;
         setopt(&m, libc::SOL_SOCKET, libc::SO_REUSEADDR, &one)?;
-        bind(&m, SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, MULTICAST_V4.port()))?;
+        bind(
+            &m,
+            SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, MULTICAST_V4.port()),
+        )?;
         let mreq = libc::ip_mreq {
             imr_multiaddr: in_addr(*MULTICAST_V4.ip()),
             imr_interface: in_addr(iface),
@@ -413,7 +426,9 @@ fn interfaces(names: &[String]) -> io::Result<Vec<(String, Ipv4Addr)>> {
             let sin = &*(ifa.ifa_addr as *const libc::sockaddr_in);
             (
                 Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)),
-                std::ffi::CStr::from_ptr(ifa.ifa_name).to_string_lossy().into_owned(),
+                std::ffi::CStr::from_ptr(ifa.ifa_name)
+                    .to_string_lossy()
+                    .into_owned(),
             )
         };
         if names.is_empty() || names.contains(&name) {
@@ -494,7 +509,10 @@ impl Gateway {
         self.peer.set_ghost_xform(GhostXform {
             intercept_us: present::ghost_us(session) - now_us,
         });
-        let prev = self.previous.filter(|(_, until)| session < *until).map(|(l, _)| l);
+        let prev = self
+            .previous
+            .filter(|(_, until)| session < *until)
+            .map(|(l, _)| l);
         let state = present::room_state(&snap.timeline, session, prev);
         if self.room.as_ref() != Some(&state) {
             if let Some(old) = &self.room {
@@ -538,7 +556,11 @@ impl Gateway {
         }
         let actions = self.peer.shutdown(self.ctx.clock.now_ns().div_euclid(1000));
         self.perform(actions);
-        self.ctx.seen.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.key);
+        self.ctx
+            .seen
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.key);
         update_counts(&self.ctx);
         tracing::info!(interface = %self.iface, "Ableton Link: gateway closed (ByeBye sent)");
     }
@@ -723,7 +745,10 @@ mod tests {
     #[test]
     fn loopback_is_listed_and_names_filter() {
         let all = interfaces(&[]).unwrap();
-        assert!(all.iter().any(|(n, a)| n == "lo" && a.is_loopback()), "{all:?}");
+        assert!(
+            all.iter().any(|(n, a)| n == "lo" && a.is_loopback()),
+            "{all:?}"
+        );
         let lo = interfaces(&["lo".into()]).unwrap();
         assert!(lo.iter().all(|(n, _)| n == "lo") && !lo.is_empty());
         assert!(interfaces(&["no-such-if0".into()]).unwrap().is_empty());

@@ -97,7 +97,12 @@ pub struct Settings {
     /// Ableton Link: Link apps on the box's interfaces follow the room's tempo, beat
     /// phase and start/stop (on by default; `--no-link`, or `link = false` in the
     /// file, turns it off).
-    #[arg(long = "no-link", num_args = 0, default_missing_value = "false", value_name = "BOOL")]
+    #[arg(
+        long = "no-link",
+        num_args = 0,
+        default_missing_value = "false",
+        value_name = "BOOL"
+    )]
     pub link: Option<bool>,
     /// Let Link apps change the room's tempo and start/stop (as quantized changes);
     /// by default the room overrules them (default false).
@@ -480,11 +485,17 @@ mod tests {
         }
         let none = Cli::try_parse_from(["x"]).unwrap().s;
         assert_eq!((none.link, none.link_control), (None, None));
-        let off = Cli::try_parse_from(["x", "--no-link", "--link-control"]).unwrap().s;
+        let off = Cli::try_parse_from(["x", "--no-link", "--link-control"])
+            .unwrap()
+            .s;
         assert_eq!((off.link, off.link_control), (Some(false), Some(true)));
         let c = RunConfig::build(&none, &Settings::default(), None).unwrap();
-        assert!(c.link && !c.link_control, "Link is on and overrules by default");
-        let file = Settings::parse("link = false\nlink_control = true\n", Path::new("c.toml")).unwrap();
+        assert!(
+            c.link && !c.link_control,
+            "Link is on and overrules by default"
+        );
+        let file =
+            Settings::parse("link = false\nlink_control = true\n", Path::new("c.toml")).unwrap();
         let c = RunConfig::build(&none, &file, None).unwrap();
         assert!(!c.link && c.link_control);
         let c = RunConfig::build(&off, &Settings::default(), None).unwrap();

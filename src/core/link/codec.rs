@@ -25,8 +25,8 @@
 //! (rule 4), as is an entry whose size runs past the end of the message
 //! (rule 3).
 
-use std::fmt;
 use ::core::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6};
+use std::fmt;
 
 /// Discovery frame magic: ASCII `_asdp_v` + version byte 1 (Ch. 1 §3).
 pub const DISCOVERY_MAGIC: [u8; 8] = *b"_asdp_v\x01";
@@ -333,14 +333,25 @@ impl fmt::Display for DecodeError {
                 write!(f, "unknown measurement message type {t}")
             }
             DecodeError::TruncatedEntryHeader { offset } => {
-                write!(f, "truncated payload entry header at payload offset {offset}")
+                write!(
+                    f,
+                    "truncated payload entry header at payload offset {offset}"
+                )
             }
-            DecodeError::EntryOverrun { key, declared, available } => write!(
+            DecodeError::EntryOverrun {
+                key,
+                declared,
+                available,
+            } => write!(
                 f,
                 "entry '{}' declares {declared} bytes but only {available} remain",
                 fourcc(key)
             ),
-            DecodeError::EntrySizeMismatch { key, expected, declared } => write!(
+            DecodeError::EntrySizeMismatch {
+                key,
+                expected,
+                declared,
+            } => write!(
                 f,
                 "entry '{}' declares {declared} bytes, its value is {expected} bytes",
                 fourcc(key)
@@ -372,7 +383,11 @@ pub fn for_each_entry(
         let body = &rest[ENTRY_HEADER_LEN..];
         let size = declared as usize;
         if size > body.len() {
-            return Err(DecodeError::EntryOverrun { key, declared, available: body.len() });
+            return Err(DecodeError::EntryOverrun {
+                key,
+                declared,
+                available: body.len(),
+            });
         }
         f(key, &body[..size])?;
         off += ENTRY_HEADER_LEN + size;
@@ -384,7 +399,11 @@ fn expect_size(key: u32, value: &[u8], expected: usize) -> Result<(), DecodeErro
     if value.len() == expected {
         Ok(())
     } else {
-        Err(DecodeError::EntrySizeMismatch { key, expected, declared: value.len() })
+        Err(DecodeError::EntrySizeMismatch {
+            key,
+            expected,
+            declared: value.len(),
+        })
     }
 }
 
@@ -401,7 +420,10 @@ fn id_from(b: &[u8]) -> NodeId {
 }
 
 fn ep4_from(b: &[u8]) -> SocketAddrV4 {
-    SocketAddrV4::new(Ipv4Addr::new(b[0], b[1], b[2], b[3]), u16::from_be_bytes([b[4], b[5]]))
+    SocketAddrV4::new(
+        Ipv4Addr::new(b[0], b[1], b[2], b[3]),
+        u16::from_be_bytes([b[4], b[5]]),
+    )
 }
 
 fn ep6_from(b: &[u8]) -> SocketAddrV6 {
@@ -563,12 +585,16 @@ pub fn decode_discovery_header(bytes: &[u8]) -> Result<(DiscoveryHeader, &[u8]),
         if bytes.len() >= 8 && bytes[..8] != DISCOVERY_MAGIC {
             return Err(DecodeError::BadMagic);
         }
-        return Err(DecodeError::TooShort { needed: DISCOVERY_HEADER_LEN, got: bytes.len() });
+        return Err(DecodeError::TooShort {
+            needed: DISCOVERY_HEADER_LEN,
+            got: bytes.len(),
+        });
     }
     if bytes[..8] != DISCOVERY_MAGIC {
         return Err(DecodeError::BadMagic);
     }
-    let kind = DiscoveryKind::from_u8(bytes[8]).ok_or(DecodeError::UnknownDiscoveryType(bytes[8]))?;
+    let kind =
+        DiscoveryKind::from_u8(bytes[8]).ok_or(DecodeError::UnknownDiscoveryType(bytes[8]))?;
     let header = DiscoveryHeader {
         kind,
         ttl: bytes[9],
@@ -648,7 +674,10 @@ pub fn decode_measurement_header(bytes: &[u8]) -> Result<(MeasurementKind, &[u8]
         if bytes.len() >= 8 && bytes[..8] != MEASUREMENT_MAGIC {
             return Err(DecodeError::BadMagic);
         }
-        return Err(DecodeError::TooShort { needed: MEASUREMENT_HEADER_LEN, got: bytes.len() });
+        return Err(DecodeError::TooShort {
+            needed: MEASUREMENT_HEADER_LEN,
+            got: bytes.len(),
+        });
     }
     if bytes[..8] != MEASUREMENT_MAGIC {
         return Err(DecodeError::BadMagic);
@@ -689,7 +718,10 @@ pub fn decode_measurement_payload(payload: &[u8]) -> Result<MeasurementPayload, 
 /// Decode a complete measurement message.
 pub fn decode_measurement(bytes: &[u8]) -> Result<MeasurementMessage, DecodeError> {
     let (kind, payload) = decode_measurement_header(bytes)?;
-    Ok(MeasurementMessage { kind, payload: decode_measurement_payload(payload)? })
+    Ok(MeasurementMessage {
+        kind,
+        payload: decode_measurement_payload(payload)?,
+    })
 }
 
 // ---------------------------------------------------------------------------
@@ -703,7 +735,10 @@ pub fn decode(bytes: &[u8]) -> Result<Message, DecodeError> {
     } else if bytes.len() >= 8 && bytes[..8] == DISCOVERY_MAGIC {
         decode_discovery(bytes).map(Message::Discovery)
     } else if bytes.len() < 8 {
-        Err(DecodeError::TooShort { needed: 8, got: bytes.len() })
+        Err(DecodeError::TooShort {
+            needed: 8,
+            got: bytes.len(),
+        })
     } else {
         Err(DecodeError::BadMagic)
     }
@@ -723,7 +758,10 @@ mod tests {
 
     fn hex(s: &str) -> Vec<u8> {
         let s: String = s.chars().filter(|c| c.is_ascii_hexdigit()).collect();
-        (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect()
     }
 
     const ID_A: NodeId = NodeId([0x45, 0x7a, 0x3b, 0x5f, 0x4c, 0x6e, 0x7b, 0x4c]);
@@ -742,16 +780,30 @@ mod tests {
         assert_eq!(keys::HOST_TIME, 0x5f5f6874);
         assert_eq!(keys::GHOST_TIME, 0x5f5f6774);
         assert_eq!(keys::PREV_GHOST_TIME, 0x5f706774);
-        assert_eq!(DISCOVERY_MAGIC, [0x5F, 0x61, 0x73, 0x64, 0x70, 0x5F, 0x76, 0x01]);
-        assert_eq!(MEASUREMENT_MAGIC, [0x5F, 0x6C, 0x69, 0x6E, 0x6B, 0x5F, 0x76, 0x01]);
+        assert_eq!(
+            DISCOVERY_MAGIC,
+            [0x5F, 0x61, 0x73, 0x64, 0x70, 0x5F, 0x76, 0x01]
+        );
+        assert_eq!(
+            MEASUREMENT_MAGIC,
+            [0x5F, 0x6C, 0x69, 0x6E, 0x6B, 0x5F, 0x76, 0x01]
+        );
     }
 
     fn plain_state() -> PeerState {
         PeerState {
             // 120 bpm -> 500000 us/beat (Ch. 0 §4.7 example)
-            timeline: Some(Timeline { micros_per_beat: 500_000, beat_origin: 999_822, time_origin: 1_234_567 }),
+            timeline: Some(Timeline {
+                micros_per_beat: 500_000,
+                beat_origin: 999_822,
+                time_origin: 1_234_567,
+            }),
             session_id: Some(ID_B),
-            start_stop: Some(StartStopState { is_playing: true, beats: 4_000_000, timestamp: 7_000_000 }),
+            start_stop: Some(StartStopState {
+                is_playing: true,
+                beats: 4_000_000,
+                timestamp: 7_000_000,
+            }),
             measurement_v4: Some(SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, 1), 42802)),
             ..Default::default()
         }
@@ -768,7 +820,12 @@ mod tests {
     fn alive_plain_link_ipv4_is_107_bytes_byte_exact() {
         // Ch. 1 §3 header + §6 entries; §6.1: plain Link on IPv4 = 107 bytes.
         let msg = DiscoveryMessage {
-            header: DiscoveryHeader { kind: DiscoveryKind::Alive, ttl: 5, group_id: 0, node_id: ID_A },
+            header: DiscoveryHeader {
+                kind: DiscoveryKind::Alive,
+                ttl: 5,
+                group_id: 0,
+                node_id: ID_A,
+            },
             state: plain_state(),
         };
         let bytes = encode_discovery(&msg);
@@ -781,7 +838,12 @@ mod tests {
     #[test]
     fn response_differs_from_alive_only_in_type_byte() {
         let msg = DiscoveryMessage {
-            header: DiscoveryHeader { kind: DiscoveryKind::Response, ttl: 5, group_id: 0, node_id: ID_A },
+            header: DiscoveryHeader {
+                kind: DiscoveryKind::Response,
+                ttl: 5,
+                group_id: 0,
+                node_id: ID_A,
+            },
             state: plain_state(),
         };
         let bytes = encode_discovery(&msg);
@@ -795,11 +857,19 @@ mod tests {
     fn byebye_is_20_bytes_ttl_0_empty_payload() {
         // Ch. 1 §4.3: 20-byte ByeBye, ttl 0, empty payload.
         let msg = DiscoveryMessage {
-            header: DiscoveryHeader { kind: DiscoveryKind::ByeBye, ttl: 0, group_id: 0, node_id: ID_A },
+            header: DiscoveryHeader {
+                kind: DiscoveryKind::ByeBye,
+                ttl: 0,
+                group_id: 0,
+                node_id: ID_A,
+            },
             state: PeerState::default(),
         };
         let bytes = encode_discovery(&msg);
-        assert_eq!(bytes, hex("5f 61 73 64 70 5f 76 01 03 00 00 00 45 7a 3b 5f 4c 6e 7b 4c"));
+        assert_eq!(
+            bytes,
+            hex("5f 61 73 64 70 5f 76 01 03 00 00 00 45 7a 3b 5f 4c 6e 7b 4c")
+        );
         assert_eq!(decode_discovery(&bytes).unwrap(), msg);
         // A ByeBye's (unexpected) payload is ignored.
         let mut with_junk = bytes.clone();
@@ -813,12 +883,20 @@ mod tests {
         let mut st = plain_state();
         st.audio_v4 = Some(SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, 1), 40000));
         let mut msg = DiscoveryMessage {
-            header: DiscoveryHeader { kind: DiscoveryKind::Alive, ttl: 5, group_id: 0, node_id: ID_A },
+            header: DiscoveryHeader {
+                kind: DiscoveryKind::Alive,
+                ttl: 5,
+                group_id: 0,
+                node_id: ID_A,
+            },
             state: st,
         };
         let b = encode_discovery(&msg);
         assert_eq!(b.len(), 121);
-        assert_eq!(&b[107..], &hex("61 65 70 34 00 00 00 06 7f 00 00 01 9c 40")[..]);
+        assert_eq!(
+            &b[107..],
+            &hex("61 65 70 34 00 00 00 06 7f 00 00 01 9c 40")[..]
+        );
         assert_eq!(decode_discovery(&b).unwrap(), msg);
 
         msg.state.audio_v4 = None;
@@ -841,7 +919,10 @@ mod tests {
     fn first_ping_is_25_bytes_byte_exact() {
         // Ch. 2 §4.1: first ping = 9 + 16 bytes, {__ht}.
         let b = encode_ping(0x0102030405060708, None);
-        assert_eq!(b, hex("5f 6c 69 6e 6b 5f 76 01 01  5f 5f 68 74 00 00 00 08 01 02 03 04 05 06 07 08"));
+        assert_eq!(
+            b,
+            hex("5f 6c 69 6e 6b 5f 76 01 01  5f 5f 68 74 00 00 00 08 01 02 03 04 05 06 07 08")
+        );
         let m = decode_measurement(&b).unwrap();
         assert_eq!(m.kind, MeasurementKind::Ping);
         assert_eq!(m.payload.host_time, Some(0x0102030405060708));
@@ -858,7 +939,14 @@ mod tests {
                  5f 70 67 74 00 00 00 08 ff ff ff ff ff ff ff fe")
         );
         let m = decode_measurement(&b).unwrap();
-        assert_eq!(m.payload, MeasurementPayload { host_time: Some(1000), prev_ghost_time: Some(-2), ..Default::default() });
+        assert_eq!(
+            m.payload,
+            MeasurementPayload {
+                host_time: Some(1000),
+                prev_ghost_time: Some(-2),
+                ..Default::default()
+            }
+        );
     }
 
     #[test]
@@ -878,7 +966,12 @@ mod tests {
         assert_eq!(m.kind, MeasurementKind::Pong);
         assert_eq!(
             m.payload,
-            MeasurementPayload { session_id: Some(ID_B), ghost_time: Some(5_000_000), host_time: Some(1000), prev_ghost_time: None }
+            MeasurementPayload {
+                session_id: Some(ID_B),
+                ghost_time: Some(5_000_000),
+                host_time: Some(1000),
+                prev_ghost_time: None
+            }
         );
         // Typed encoding produces the same bytes.
         assert_eq!(encode_measurement(&m), pong);
@@ -894,7 +987,10 @@ mod tests {
 
     #[test]
     fn admission_errors() {
-        assert_eq!(decode(&[]), Err(DecodeError::TooShort { needed: 8, got: 0 }));
+        assert_eq!(
+            decode(&[]),
+            Err(DecodeError::TooShort { needed: 8, got: 0 })
+        );
         assert_eq!(decode(b"hello world, not link"), Err(DecodeError::BadMagic));
         assert_eq!(
             decode_discovery(&DISCOVERY_MAGIC),
@@ -935,18 +1031,29 @@ mod tests {
         let cut = &good[..good.len() - 1];
         assert_eq!(
             decode_discovery(cut),
-            Err(DecodeError::EntryOverrun { key: keys::MEP4, declared: 6, available: 5 })
+            Err(DecodeError::EntryOverrun {
+                key: keys::MEP4,
+                declared: 6,
+                available: 5
+            })
         );
         // Truncated entry header.
         let mut t = good.clone();
         t.extend_from_slice(&[0x61, 0x62, 0x63]);
-        assert_eq!(decode_discovery(&t), Err(DecodeError::TruncatedEntryHeader { offset: 87 }));
+        assert_eq!(
+            decode_discovery(&t),
+            Err(DecodeError::TruncatedEntryHeader { offset: 87 })
+        );
         // Recognized entry with the wrong size (sess declared as 9 bytes).
         let bad = hex("5f 61 73 64 70 5f 76 01 01 05 00 00 45 7a 3b 5f 4c 6e 7b 4c
                        73 65 73 73 00 00 00 09 63 3e 26 21 61 54 21 63 00");
         assert_eq!(
             decode_discovery(&bad),
-            Err(DecodeError::EntrySizeMismatch { key: keys::SESS, expected: 8, declared: 9 })
+            Err(DecodeError::EntrySizeMismatch {
+                key: keys::SESS,
+                expected: 8,
+                declared: 9
+            })
         );
         // Header still parses, for the respond-before-process rule.
         assert!(decode_discovery_header(&bad).is_ok());
@@ -968,13 +1075,25 @@ mod tests {
         let off = 20 + 32 + 16 + 8;
         assert_eq!(b[off], 1);
         b[off] = 0x7f;
-        assert!(decode_discovery(&b).unwrap().state.start_stop.unwrap().is_playing);
+        assert!(
+            decode_discovery(&b)
+                .unwrap()
+                .state
+                .start_stop
+                .unwrap()
+                .is_playing
+        );
     }
 
     #[test]
     fn group_id_and_ttl_round_trip() {
         let msg = DiscoveryMessage {
-            header: DiscoveryHeader { kind: DiscoveryKind::Alive, ttl: 200, group_id: 0xbeef, node_id: ID_A },
+            header: DiscoveryHeader {
+                kind: DiscoveryKind::Alive,
+                ttl: 200,
+                group_id: 0xbeef,
+                node_id: ID_A,
+            },
             state: PeerState::default(),
         };
         let b = encode_discovery(&msg);

@@ -11,7 +11,7 @@
 
 use ::core::net::SocketAddrV4;
 
-use crate::core::link::codec::{MeasurementPayload, NodeId, encode_ping};
+use crate::core::link::codec::{encode_ping, MeasurementPayload, NodeId};
 
 /// Retry timer (Ch. 2 §4.2).
 pub const RETRY_PERIOD_US: i64 = 50_000;
@@ -59,7 +59,11 @@ impl Measurement {
     /// Start measuring `target` (a `mep4` endpoint) which is expected to be
     /// in `expected_session`. Returns the measurement and the first ping
     /// `{__ht = now}` to send to `target`.
-    pub fn start(now_host_us: i64, target: SocketAddrV4, expected_session: NodeId) -> (Self, Vec<u8>) {
+    pub fn start(
+        now_host_us: i64,
+        target: SocketAddrV4,
+        expected_session: NodeId,
+    ) -> (Self, Vec<u8>) {
         let m = Measurement {
             target,
             expected_session,
@@ -106,19 +110,26 @@ impl Measurement {
         let ht = now_host_us;
         if gt != 0 && pht != 0 {
             // sample₁ = GT − (HT + PHT)/2
-            self.samples.push(gt as f64 - (ht as f64 + pht as f64) / 2.0);
+            self.samples
+                .push(gt as f64 - (ht as f64 + pht as f64) / 2.0);
             if pgt != 0 {
                 // sample₂ = (GT + PGT)/2 − PHT
-                self.samples.push((gt as f64 + pgt as f64) / 2.0 - pht as f64);
+                self.samples
+                    .push((gt as f64 + pgt as f64) / 2.0 - pht as f64);
             }
         }
         if self.samples.len() > SAMPLES_REQUIRED {
             self.finished = true;
-            return Step::Done { intercept_us: median(&mut self.samples).round() as i64 };
+            return Step::Done {
+                intercept_us: median(&mut self.samples).round() as i64,
+            };
         }
         // Chain the next ping immediately; re-arm the timer (budget not restored).
         self.deadline_us = now_host_us.saturating_add(RETRY_PERIOD_US);
-        Step::Continue(Some(encode_ping(now_host_us, pong.ghost_time.filter(|&g| g != 0))))
+        Step::Continue(Some(encode_ping(
+            now_host_us,
+            pong.ghost_time.filter(|&g| g != 0),
+        )))
     }
 
     /// Drive the retry timer.
@@ -151,7 +162,9 @@ fn median(v: &mut [f64]) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::link::codec::{MeasurementKind, decode_measurement, decode_measurement_header, encode_pong_echo};
+    use crate::core::link::codec::{
+        decode_measurement, decode_measurement_header, encode_pong_echo, MeasurementKind,
+    };
 
     const SESS: NodeId = NodeId([9; 8]);
 
@@ -180,22 +193,40 @@ mod tests {
     #[test]
     fn symmetric_delay_recovers_offset_exactly() {
         let (step, rounds) = run(123_456_789, 300, 300);
-        assert_eq!(step, Step::Done { intercept_us: 123_456_789 });
+        assert_eq!(
+            step,
+            Step::Done {
+                intercept_us: 123_456_789
+            }
+        );
         assert_eq!(rounds, 51); // 1 sample, then 2 per round: 101 at round 51
     }
 
     #[test]
     fn asymmetric_delay_biases_by_half_the_asymmetry() {
         let (step, _) = run(-5_000, 1_000, 200);
-        assert_eq!(step, Step::Done { intercept_us: -5_000 + (1_000 - 200) / 2 });
+        assert_eq!(
+            step,
+            Step::Done {
+                intercept_us: -5_000 + (1_000 - 200) / 2
+            }
+        );
     }
 
     #[test]
     fn session_mismatch_fails() {
         let target: SocketAddrV4 = "10.0.0.2:5000".parse().unwrap();
         let (mut m, _) = Measurement::start(0, target, SESS);
-        let p = MeasurementPayload { session_id: Some(NodeId([1; 8])), ghost_time: Some(5), host_time: Some(1), prev_ghost_time: None };
-        assert_eq!(m.handle_pong(10, &p), Step::Failed(FailReason::SessionMismatch));
+        let p = MeasurementPayload {
+            session_id: Some(NodeId([1; 8])),
+            ghost_time: Some(5),
+            host_time: Some(1),
+            prev_ghost_time: None,
+        };
+        assert_eq!(
+            m.handle_pong(10, &p),
+            Step::Failed(FailReason::SessionMismatch)
+        );
     }
 
     #[test]
@@ -216,7 +247,10 @@ mod tests {
             }
         }
         assert_eq!(t, 250_000);
-        assert_eq!(m.handle_timeout(m.deadline()), Step::Failed(FailReason::Timeout));
+        assert_eq!(
+            m.handle_timeout(m.deadline()),
+            Step::Failed(FailReason::Timeout)
+        );
         assert_eq!(m.deadline(), 300_000);
     }
 }

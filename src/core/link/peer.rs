@@ -62,13 +62,13 @@
 use ::core::net::SocketAddrV4;
 
 use crate::core::link::codec::{
-    DISCOVERY_MAGIC, DiscoveryHeader, DiscoveryKind, DiscoveryMessage, MAX_MESSAGE_SIZE,
-    MAX_PING_PAYLOAD, MEASUREMENT_MAGIC, MeasurementKind, NodeId, PeerState, StartStopState,
-    Timeline, decode_discovery_header, decode_measurement_header, decode_measurement_payload,
-    decode_peer_state, encode_discovery, encode_pong_echo,
+    decode_discovery_header, decode_measurement_header, decode_measurement_payload,
+    decode_peer_state, encode_discovery, encode_pong_echo, DiscoveryHeader, DiscoveryKind,
+    DiscoveryMessage, MeasurementKind, NodeId, PeerState, StartStopState, Timeline,
+    DISCOVERY_MAGIC, MAX_MESSAGE_SIZE, MAX_PING_PAYLOAD, MEASUREMENT_MAGIC,
 };
 use crate::core::link::measurement::{FailReason, Measurement, Step};
-use crate::core::link::timeline::{ExactLine, GhostXform, MICROBEATS_PER_BEAT, div_floor};
+use crate::core::link::timeline::{div_floor, ExactLine, GhostXform, MICROBEATS_PER_BEAT};
 
 /// Recommended ghost-time intercept: 2⁵⁰ µs (≈ 35.7 years) ahead of the host
 /// clock, so the authority's session out-ranks any Link-founded session.
@@ -76,7 +76,8 @@ pub const DEFAULT_GHOST_EPOCH_US: i64 = 1 << 50;
 /// Join threshold ε of Ch. 2 §7.2.
 pub const JOIN_EPSILON_US: i64 = 500_000;
 /// IPv4 discovery multicast group (Ch. 1 §2).
-pub const MULTICAST_V4: SocketAddrV4 = SocketAddrV4::new(::core::net::Ipv4Addr::new(224, 76, 78, 75), 20808);
+pub const MULTICAST_V4: SocketAddrV4 =
+    SocketAddrV4::new(::core::net::Ipv4Addr::new(224, 76, 78, 75), 20808);
 
 /// Configuration. [`Config::new`] gives the spec's constants.
 #[derive(Clone, Debug)]
@@ -141,8 +142,14 @@ impl Config {
     pub fn new(measurement_endpoint: SocketAddrV4) -> Config {
         Config {
             measurement_endpoint,
-            ghost: GhostXform { intercept_us: DEFAULT_GHOST_EPOCH_US },
-            timeline: Timeline { micros_per_beat: 500_000, beat_origin: 0, time_origin: 0 },
+            ghost: GhostXform {
+                intercept_us: DEFAULT_GHOST_EPOCH_US,
+            },
+            timeline: Timeline {
+                micros_per_beat: 500_000,
+                beat_origin: 0,
+                time_origin: 0,
+            },
             playing: None,
             ttl_s: 5,
             alive_period_us: 250_000,
@@ -405,11 +412,15 @@ impl LinkPeer {
     /// Known peers in our session that are not siblings: the Link apps following us.
     pub fn app_peers(&self) -> impl Iterator<Item = &PeerEntry> {
         let s = self.session_id();
-        self.peers.iter().filter(move |p| p.state.session_id == Some(s) && !self.is_sibling(p.node_id))
+        self.peers
+            .iter()
+            .filter(move |p| p.state.session_id == Some(s) && !self.is_sibling(p.node_id))
     }
     /// Known siblings (other boxes of the room), any session.
     pub fn sibling_peers(&self) -> impl Iterator<Item = &PeerEntry> {
-        self.peers.iter().filter(move |p| self.is_sibling(p.node_id))
+        self.peers
+            .iter()
+            .filter(move |p| self.is_sibling(p.node_id))
     }
     /// The configuration in force.
     pub fn config(&self) -> &Config {
@@ -443,7 +454,10 @@ impl LinkPeer {
     /// Number of known peers currently in our session.
     pub fn session_peer_count(&self) -> usize {
         let s = self.session_id();
-        self.peers.iter().filter(|p| p.state.session_id == Some(s)).count()
+        self.peers
+            .iter()
+            .filter(|p| p.state.session_id == Some(s))
+            .count()
     }
     /// Whether [`LinkPeer::start`] ran and [`LinkPeer::shutdown`] did not.
     pub fn is_running(&self) -> bool {
@@ -462,7 +476,11 @@ impl LinkPeer {
         if let Some(playing) = self.cfg.playing {
             if self.start_stop == StartStopState::default() {
                 let g = self.ghost_time(now_us);
-                self.start_stop = StartStopState { is_playing: playing, beats: self.room.beats_at(g), timestamp: g };
+                self.start_stop = StartStopState {
+                    is_playing: playing,
+                    beats: self.room.beats_at(g),
+                    timestamp: g,
+                };
             }
         }
         self.republish(now_us, false);
@@ -521,7 +539,11 @@ impl LinkPeer {
             };
             self.schedule_alive_soon(now_us);
         }
-        if self.is_running() { self.handle_timeout(now_us) } else { Vec::new() }
+        if self.is_running() {
+            self.handle_timeout(now_us)
+        } else {
+            Vec::new()
+        }
     }
 
     /// The room changed (or is re-stated: an unchanged state changes nothing).
@@ -547,11 +569,16 @@ impl LinkPeer {
             }
             urgent = true;
         }
-        if room.playing != self.start_stop.is_playing || self.start_stop == StartStopState::default() {
+        if room.playing != self.start_stop.is_playing
+            || self.start_stop == StartStopState::default()
+        {
             self.start_stop = StartStopState {
                 is_playing: room.playing,
                 beats: room.line.b0.saturating_mul(MICROBEATS_PER_BEAT),
-                timestamp: room.since_us.min(g).max(self.start_stop.timestamp.saturating_add(1)),
+                timestamp: room
+                    .since_us
+                    .min(g)
+                    .max(self.start_stop.timestamp.saturating_add(1)),
             };
             urgent = true;
         }
@@ -567,7 +594,12 @@ impl LinkPeer {
     /// Handle one received datagram (any socket; dispatched on the frame
     /// magic). `from` is the datagram's source endpoint. Input beyond 512
     /// bytes is truncated, as by the reference's receive buffers.
-    pub fn handle_datagram(&mut self, now_us: i64, from: SocketAddrV4, bytes: &[u8]) -> Vec<Action> {
+    pub fn handle_datagram(
+        &mut self,
+        now_us: i64,
+        from: SocketAddrV4,
+        bytes: &[u8],
+    ) -> Vec<Action> {
         if !self.is_running() {
             return Vec::new();
         }
@@ -650,7 +682,10 @@ impl LinkPeer {
         while i < self.peers.len() {
             if self.peers[i].expires_at_us <= now_us {
                 let p = self.peers.remove(i);
-                out.push(Action::Event(Event::PeerLeft { node_id: p.node_id, reason: LeaveReason::Expired }));
+                out.push(Action::Event(Event::PeerLeft {
+                    node_id: p.node_id,
+                    reason: LeaveReason::Expired,
+                }));
             } else {
                 i += 1;
             }
@@ -661,7 +696,8 @@ impl LinkPeer {
     fn forget_empty_foreign(&mut self) {
         let peers = &self.peers;
         self.foreign.retain(|f| {
-            f.status == ForeignStatus::Measuring || peers.iter().any(|p| p.state.session_id == Some(f.id))
+            f.status == ForeignStatus::Measuring
+                || peers.iter().any(|p| p.state.session_id == Some(f.id))
         });
     }
 
@@ -674,7 +710,9 @@ impl LinkPeer {
     }
 
     fn send_alive(&mut self, now_us: i64, out: &mut Vec<Action>) {
-        out.push(Action::SendMulticast(self.state_message(DiscoveryKind::Alive)));
+        out.push(Action::SendMulticast(
+            self.state_message(DiscoveryKind::Alive),
+        ));
         self.last_alive_us = Some(now_us);
         self.next_alive_us = now_us.saturating_add(self.cfg.alive_period_us);
     }
@@ -682,7 +720,12 @@ impl LinkPeer {
     /// Our peer-state message (Ch. 1 §6): tmln, sess, stst, mep4.
     fn state_message(&self, kind: DiscoveryKind) -> Vec<u8> {
         encode_discovery(&DiscoveryMessage {
-            header: DiscoveryHeader { kind, ttl: self.cfg.ttl_s, group_id: 0, node_id: self.node_id },
+            header: DiscoveryHeader {
+                kind,
+                ttl: self.cfg.ttl_s,
+                group_id: 0,
+                node_id: self.node_id,
+            },
             state: PeerState {
                 timeline: Some(self.published),
                 session_id: Some(self.session_id()),
@@ -713,7 +756,9 @@ impl LinkPeer {
             }
         }
         let q = self.cfg.anchor_beats.saturating_mul(MICROBEATS_PER_BEAT);
-        let above_floor = div_floor(self.bo_floor, q).saturating_add(1).saturating_mul(q);
+        let above_floor = div_floor(self.bo_floor, q)
+            .saturating_add(1)
+            .saturating_mul(q);
         let now_beat = self.room_beats_at(self.ghost_time(now_us));
         let near_now = match self.exact {
             Some(_) => div_floor(now_beat.saturating_add(q / 2), q).saturating_mul(q),
@@ -763,14 +808,16 @@ impl LinkPeer {
     /// Whether a sibling currently gossips this very timeline (a Link app
     /// relaying it is not proposing anything).
     fn sibling_publishes(&self, tl: &Timeline) -> bool {
-        self.sibling_peers().any(|p| p.state.session_id == Some(self.session_id()) && p.state.timeline == Some(*tl))
+        self.sibling_peers()
+            .any(|p| p.state.session_id == Some(self.session_id()) && p.state.timeline == Some(*tl))
     }
 
     /// Whether a start/stop state is the room's own: a sibling gossips it, or
     /// it is the room's next transport state, about to begin.
     fn is_room_transport(&self, now_us: i64, ss: &StartStopState) -> bool {
         let s = self.session_id();
-        self.sibling_peers().any(|p| p.state.session_id == Some(s) && p.state.start_stop == Some(*ss))
+        self.sibling_peers()
+            .any(|p| p.state.session_id == Some(s) && p.state.start_stop == Some(*ss))
             || self.next_transport.is_some_and(|(playing, at)| {
                 playing == ss.is_playing
                     && self.ghost_time(now_us) >= at.saturating_sub(self.cfg.transition_window_us)
@@ -778,12 +825,21 @@ impl LinkPeer {
     }
 
     /// Returns false for a malformed datagram.
-    fn on_measurement(&mut self, now_us: i64, from: SocketAddrV4, bytes: &[u8], out: &mut Vec<Action>) -> bool {
-        let Ok((kind, payload)) = decode_measurement_header(bytes) else { return false };
+    fn on_measurement(
+        &mut self,
+        now_us: i64,
+        from: SocketAddrV4,
+        bytes: &[u8],
+        out: &mut Vec<Action>,
+    ) -> bool {
+        let Ok((kind, payload)) = decode_measurement_header(bytes) else {
+            return false;
+        };
         match kind {
             MeasurementKind::Ping => {
                 // Ch. 2 §4.3: stateless; payload ≤ 32 bytes; echo verbatim.
-                if payload.len() > MAX_PING_PAYLOAD || decode_measurement_payload(payload).is_err() {
+                if payload.len() > MAX_PING_PAYLOAD || decode_measurement_payload(payload).is_err()
+                {
                     return false;
                 }
                 let pong = encode_pong_echo(self.session_id(), self.ghost_time(now_us), payload);
@@ -791,7 +847,9 @@ impl LinkPeer {
                 out.push(Action::SendTo(from, pong));
             }
             MeasurementKind::Pong => {
-                let Ok(p) = decode_measurement_payload(payload) else { return false };
+                let Ok(p) = decode_measurement_payload(payload) else {
+                    return false;
+                };
                 // Correlate by source endpoint (allowed by Ch. 2 §4.2 [N]).
                 if let Some(i) = self.measurements.iter().position(|m| m.target() == from) {
                     let step = self.measurements[i].handle_pong(now_us, &p);
@@ -819,14 +877,21 @@ impl LinkPeer {
                 let joins_us = delta.saturating_neg() > JOIN_EPSILON_US
                     || (delta.saturating_abs() < JOIN_EPSILON_US && self.session_id() < session_id);
                 self.set_foreign(session_id, ForeignStatus::Measured);
-                out.push(Action::Event(Event::ForeignSession { session_id, ghost_delta_us: delta, joins_us }));
+                out.push(Action::Event(Event::ForeignSession {
+                    session_id,
+                    ghost_delta_us: delta,
+                    joins_us,
+                }));
                 true
             }
             Step::Failed(reason) => {
                 let m = self.measurements.remove(i);
                 let session_id = m.expected_session();
                 self.set_foreign(session_id, ForeignStatus::FailedAt(now_us));
-                out.push(Action::Event(Event::ForeignSessionMeasurementFailed { session_id, reason }));
+                out.push(Action::Event(Event::ForeignSessionMeasurementFailed {
+                    session_id,
+                    reason,
+                }));
                 true
             }
         }
@@ -841,8 +906,16 @@ impl LinkPeer {
     }
 
     /// Returns false for a malformed datagram.
-    fn on_discovery(&mut self, now_us: i64, from: SocketAddrV4, bytes: &[u8], out: &mut Vec<Action>) -> bool {
-        let Ok((hdr, payload)) = decode_discovery_header(bytes) else { return false };
+    fn on_discovery(
+        &mut self,
+        now_us: i64,
+        from: SocketAddrV4,
+        bytes: &[u8],
+        out: &mut Vec<Action>,
+    ) -> bool {
+        let Ok((hdr, payload)) = decode_discovery_header(bytes) else {
+            return false;
+        };
         // Ch. 1 §3 admission: own NodeId and nonzero groupId are dropped.
         if hdr.node_id == self.node_id || hdr.group_id != 0 {
             return true;
@@ -850,14 +923,20 @@ impl LinkPeer {
         match hdr.kind {
             DiscoveryKind::Alive => {
                 // Respond first, whether or not the payload parses (Ch. 1 §4.2).
-                out.push(Action::SendTo(from, self.state_message(DiscoveryKind::Response)));
+                out.push(Action::SendTo(
+                    from,
+                    self.state_message(DiscoveryKind::Response),
+                ));
                 self.on_peer_state(now_us, from, &hdr, payload, out)
             }
             DiscoveryKind::Response => self.on_peer_state(now_us, from, &hdr, payload, out),
             DiscoveryKind::ByeBye => {
                 if let Some(i) = self.peers.iter().position(|p| p.node_id == hdr.node_id) {
                     self.peers.remove(i);
-                    out.push(Action::Event(Event::PeerLeft { node_id: hdr.node_id, reason: LeaveReason::ByeBye }));
+                    out.push(Action::Event(Event::PeerLeft {
+                        node_id: hdr.node_id,
+                        reason: LeaveReason::ByeBye,
+                    }));
                     self.forget_empty_foreign();
                 }
                 true
@@ -873,7 +952,9 @@ impl LinkPeer {
         payload: &[u8],
         out: &mut Vec<Action>,
     ) -> bool {
-        let Ok(state) = decode_peer_state(payload) else { return false };
+        let Ok(state) = decode_peer_state(payload) else {
+            return false;
+        };
         let expires = now_us.saturating_add(hdr.ttl as i64 * 1_000_000);
         let session = state.session_id;
         let prev_session = match self.peers.iter_mut().find(|p| p.node_id == hdr.node_id) {
@@ -887,15 +968,30 @@ impl LinkPeer {
             None => {
                 if self.peers.len() >= self.cfg.max_peers {
                     // Evict the entry closest to expiry.
-                    if let Some((i, _)) =
-                        self.peers.iter().enumerate().min_by_key(|(_, p)| p.expires_at_us)
+                    if let Some((i, _)) = self
+                        .peers
+                        .iter()
+                        .enumerate()
+                        .min_by_key(|(_, p)| p.expires_at_us)
                     {
                         let p = self.peers.remove(i);
-                        out.push(Action::Event(Event::PeerLeft { node_id: p.node_id, reason: LeaveReason::Evicted }));
+                        out.push(Action::Event(Event::PeerLeft {
+                            node_id: p.node_id,
+                            reason: LeaveReason::Evicted,
+                        }));
                     }
                 }
-                self.peers.push(PeerEntry { node_id: hdr.node_id, addr: from, state: state.clone(), expires_at_us: expires });
-                out.push(Action::Event(Event::PeerJoined { node_id: hdr.node_id, addr: from, session_id: session }));
+                self.peers.push(PeerEntry {
+                    node_id: hdr.node_id,
+                    addr: from,
+                    state: state.clone(),
+                    expires_at_us: expires,
+                });
+                out.push(Action::Event(Event::PeerJoined {
+                    node_id: hdr.node_id,
+                    addr: from,
+                    session_id: session,
+                }));
                 None
             }
         };
@@ -907,7 +1003,10 @@ impl LinkPeer {
                 in_our_session: session == Some(self.session_id()),
             }));
         }
-        if prev_session != Some(session) && session == Some(self.session_id()) && !self.is_sibling(hdr.node_id) {
+        if prev_session != Some(session)
+            && session == Some(self.session_id())
+            && !self.is_sibling(hdr.node_id)
+        {
             // A Link app that joins resets its start/stop state and takes only a
             // later one (Ch. 2 §8 rule 4, and so observed with the real library):
             // re-stamp ours, same state and beat, so it learns the transport.
@@ -918,7 +1017,9 @@ impl LinkPeer {
             }
         }
         match session {
-            Some(s) if s == self.session_id() => self.check_member_state(now_us, hdr.node_id, &state, out),
+            Some(s) if s == self.session_id() => {
+                self.check_member_state(now_us, hdr.node_id, &state, out)
+            }
             // Another box of the room in a session of its own: it joins ours
             // through the room, never through Link.
             Some(_) if self.is_sibling(hdr.node_id) => {}
@@ -931,7 +1032,13 @@ impl LinkPeer {
     /// A member of our session gossiped: detect competing timeline / stst.
     /// Siblings, Link apps relaying a sibling, and the room's own scheduled
     /// lines never compete: they only keep our next origin above theirs.
-    fn check_member_state(&mut self, now_us: i64, node_id: NodeId, state: &PeerState, out: &mut Vec<Action>) {
+    fn check_member_state(
+        &mut self,
+        now_us: i64,
+        node_id: NodeId,
+        state: &PeerState,
+        out: &mut Vec<Action>,
+    ) {
         let sibling = self.is_sibling(node_id);
         if let Some(tl) = state.timeline {
             // Competes iff it differs and its origin is not lower than ours
@@ -944,7 +1051,8 @@ impl LinkPeer {
                 if sibling || self.is_room_line(&tl) || self.sibling_publishes(&tl) {
                     // Our own line from a higher origin: publish exactly that,
                     // so every box of the room gossips the same timeline.
-                    if tl.beat_origin >= self.bo_floor && self.exact.is_some_and(|x| x.matches(&tl)) {
+                    if tl.beat_origin >= self.bo_floor && self.exact.is_some_and(|x| x.matches(&tl))
+                    {
                         self.published = tl;
                     }
                 } else {
@@ -955,7 +1063,11 @@ impl LinkPeer {
                         None
                     };
                     if overruled_with.is_some() || self.last_remote_timeline != Some(tl) {
-                        out.push(Action::Event(Event::RemoteTimelineChange { node_id, timeline: tl, overruled_with }));
+                        out.push(Action::Event(Event::RemoteTimelineChange {
+                            node_id,
+                            timeline: tl,
+                            overruled_with,
+                        }));
                     }
                     self.last_remote_timeline = Some(tl);
                 }
@@ -976,7 +1088,11 @@ impl LinkPeer {
                     None
                 };
                 if overruled_with.is_some() || self.last_remote_start_stop != Some(ss) {
-                    out.push(Action::Event(Event::RemoteStartStopChange { node_id, state: ss, overruled_with }));
+                    out.push(Action::Event(Event::RemoteStartStopChange {
+                        node_id,
+                        state: ss,
+                        overruled_with,
+                    }));
                 }
                 self.last_remote_start_stop = Some(ss);
             }
@@ -991,7 +1107,11 @@ impl LinkPeer {
         if let Some(f) = self.foreign.iter().find(|f| f.id == session) {
             match f.status {
                 ForeignStatus::Measuring | ForeignStatus::Measured => return,
-                ForeignStatus::FailedAt(t) if now_us < t.saturating_add(self.cfg.remeasure_backoff_us) => return,
+                ForeignStatus::FailedAt(t)
+                    if now_us < t.saturating_add(self.cfg.remeasure_backoff_us) =>
+                {
+                    return
+                }
                 ForeignStatus::FailedAt(_) => {}
             }
         }
@@ -1036,5 +1156,9 @@ mod tests;
 
 /// The whole beat (in µbeats) nearest `ub`.
 fn nearest_whole_beat(ub: i64) -> i64 {
-    div_floor(ub.saturating_add(MICROBEATS_PER_BEAT / 2), MICROBEATS_PER_BEAT).saturating_mul(MICROBEATS_PER_BEAT)
+    div_floor(
+        ub.saturating_add(MICROBEATS_PER_BEAT / 2),
+        MICROBEATS_PER_BEAT,
+    )
+    .saturating_mul(MICROBEATS_PER_BEAT)
 }

@@ -175,10 +175,14 @@ mod tests {
         let l = line(&tl.segments()[0]);
         for b in [0i64, 1, 7, 1000] {
             let g_us = ghost_us(tl.beat_time(b));
-            assert!((l.beats_at(g_us) - b * MICROBEATS_PER_BEAT).abs() <= 3, "beat {b}");
+            assert!(
+                (l.beats_at(g_us) - b * MICROBEATS_PER_BEAT).abs() <= 3,
+                "beat {b}"
+            );
         }
         // A meter change to 3 at beat 10: bars start at 10, 13, ... → Link 9, 12, ...
-        tl.apply_at(ChangeKind::Meter(Meter::new(3).unwrap()), 10).unwrap();
+        tl.apply_at(ChangeKind::Meter(Meter::new(3).unwrap()), 10)
+            .unwrap();
         let s = tl.segments()[1];
         assert_eq!(beat_offset(&s), -1);
         for bar in [10i64, 13, 16] {

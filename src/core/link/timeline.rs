@@ -30,7 +30,11 @@ pub const MAX_MICROS_PER_BEAT: i64 = 3_000_000;
 /// Round-to-nearest division, halves away from zero. `d` must be nonzero.
 pub fn div_round(n: i128, d: i128) -> i128 {
     let (n, d) = if d < 0 { (-n, -d) } else { (n, d) };
-    if n >= 0 { (n + d / 2) / d } else { -((-n + d / 2) / d) }
+    if n >= 0 {
+        (n + d / 2) / d
+    } else {
+        -((-n + d / 2) / d)
+    }
 }
 
 fn sat_i64(v: i128) -> i64 {
@@ -40,14 +44,22 @@ fn sat_i64(v: i128) -> i64 {
 /// Floor division for i64 (`d > 0`).
 pub fn div_floor(n: i64, d: i64) -> i64 {
     let q = n / d;
-    if (n % d != 0) && ((n < 0) != (d < 0)) { q - 1 } else { q }
+    if (n % d != 0) && ((n < 0) != (d < 0)) {
+        q - 1
+    } else {
+        q
+    }
 }
 
 /// Tempo in bpm → wire period in µs/beat: round(60·10⁶ / bpm), clamped to
 /// the 20–999 bpm range (Ch. 0 §4.7, Ch. 2 §6 rule 1). Non-finite or
 /// non-positive input clamps to 20 bpm.
 pub fn bpm_to_micros_per_beat(bpm: f64) -> i64 {
-    let bpm = if bpm.is_finite() && bpm > 0.0 { bpm } else { MIN_BPM };
+    let bpm = if bpm.is_finite() && bpm > 0.0 {
+        bpm
+    } else {
+        MIN_BPM
+    };
     let mpb = (60_000_000.0 / bpm).round();
     (mpb as i64).clamp(MIN_MICROS_PER_BEAT, MAX_MICROS_PER_BEAT)
 }
@@ -76,7 +88,10 @@ impl Timeline {
     /// The same timeline with its tempo clamped into 20–999 bpm (what every
     /// receiver does with a decoded `tmln`).
     pub fn clamped(self) -> Timeline {
-        Timeline { micros_per_beat: clamp_micros_per_beat(self.micros_per_beat), ..self }
+        Timeline {
+            micros_per_beat: clamp_micros_per_beat(self.micros_per_beat),
+            ..self
+        }
     }
 
     /// Beats (µbeats) at ghost time `g` (µs): `beatOrigin + (g − timeOrigin)/tempo`.
@@ -135,7 +150,11 @@ impl GhostXform {
 
 /// `phase(b, q)`: `b mod q` in `[0, q)`; 0 when `q <= 0` (Ch. 2 §9). µbeats.
 pub fn phase(b: i64, q: i64) -> i64 {
-    if q <= 0 { 0 } else { b.rem_euclid(q) }
+    if q <= 0 {
+        0
+    } else {
+        b.rem_euclid(q)
+    }
 }
 
 /// `alignUp(x, t, q)`: least value ≥ x with the phase of t (Ch. 2 §9).
@@ -150,7 +169,6 @@ pub fn align_up(x: i64, t: i64, q: i64) -> i64 {
 pub fn align_near(x: i64, t: i64, q: i64) -> i64 {
     align_up(x.saturating_sub(q / 2), t, q)
 }
-
 
 /// ns per minute × 1000: a tempo in milli-BPM gives `NS_MILLI_MIN / mbpm` ns per beat.
 const NS_MILLI_MIN: i128 = 60_000_000_000 * 1000;
@@ -184,14 +202,21 @@ impl ExactLine {
     pub fn ghost_ns_at(&self, ub: i64) -> i128 {
         let d = ub as i128 - self.b0 as i128 * MICROBEATS_PER_BEAT as i128;
         // ns per µbeat = NS_MILLI_MIN / (mbpm · 10⁶)
-        self.t0_ns as i128 + div_round(d * NS_MILLI_MIN, self.mbpm_i() * MICROBEATS_PER_BEAT as i128)
+        self.t0_ns as i128
+            + div_round(
+                d * NS_MILLI_MIN,
+                self.mbpm_i() * MICROBEATS_PER_BEAT as i128,
+            )
     }
     /// Beat position (µbeats) at ghost time `ghost_us`.
     pub fn beats_at(&self, ghost_us: i64) -> i64 {
         let dt = ghost_us as i128 * 1000 - self.t0_ns as i128;
         sat_i64(
             self.b0 as i128 * MICROBEATS_PER_BEAT as i128
-                + div_round(dt * self.mbpm_i() * MICROBEATS_PER_BEAT as i128, NS_MILLI_MIN),
+                + div_round(
+                    dt * self.mbpm_i() * MICROBEATS_PER_BEAT as i128,
+                    NS_MILLI_MIN,
+                ),
         )
     }
     /// The Link timeline that describes this line from beat origin `ub` (µbeats):
@@ -224,14 +249,22 @@ mod tests {
         assert_eq!(bpm_to_micros_per_beat(1.0), 3_000_000);
         assert_eq!(bpm_to_micros_per_beat(f64::NAN), 3_000_000);
         assert_eq!(bpm_to_micros_per_beat(-3.0), 3_000_000);
-        let t = Timeline { micros_per_beat: 0, beat_origin: 0, time_origin: 0 };
+        let t = Timeline {
+            micros_per_beat: 0,
+            beat_origin: 0,
+            time_origin: 0,
+        };
         assert_eq!(t.clamped().micros_per_beat, 60_060);
         assert_eq!(t.beats_at(60_060), 1_000_000); // no division by zero
     }
 
     #[test]
     fn bijection() {
-        let t = Timeline { micros_per_beat: 500_000, beat_origin: 2_000_000, time_origin: 10_000_000 };
+        let t = Timeline {
+            micros_per_beat: 500_000,
+            beat_origin: 2_000_000,
+            time_origin: 10_000_000,
+        };
         assert_eq!(t.beats_at(10_000_000), 2_000_000);
         assert_eq!(t.beats_at(10_500_000), 3_000_000);
         assert_eq!(t.beats_at(9_750_000), 1_500_000);
@@ -269,14 +302,20 @@ mod tests {
 
     #[test]
     fn ghost_xform() {
-        let x = GhostXform { intercept_us: 1 << 50 };
+        let x = GhostXform {
+            intercept_us: 1 << 50,
+        };
         assert_eq!(x.ghost_to_host(x.host_to_ghost(123)), 123);
     }
 
     #[test]
     fn exact_line_stays_exact_far_from_its_origin() {
         // 123 BPM: the wire period 487 805 µs is 0.122 µs long per beat.
-        let l = ExactLine { b0: 8, t0_ns: 5_000_000_000_123, mbpm: 123_000 };
+        let l = ExactLine {
+            b0: 8,
+            t0_ns: 5_000_000_000_123,
+            mbpm: 123_000,
+        };
         assert_eq!(l.micros_per_beat(), 487_805);
         let far = 8 + 10_000;
         let exact_ns = 5_000_000_000_123i128 + (10_000i128 * 60_000_000_000_000) / 123_000;
@@ -284,10 +323,20 @@ mod tests {
         assert_eq!(t.time_origin as i128, (exact_ns + 500) / 1000);
         assert!(l.matches(&t));
         // the plain rebase drifts by 10 000 × 0.122 µs
-        let drift = l.at(8 * MICROBEATS_PER_BEAT).rebased(far * MICROBEATS_PER_BEAT).time_origin - t.time_origin;
+        let drift = l
+            .at(8 * MICROBEATS_PER_BEAT)
+            .rebased(far * MICROBEATS_PER_BEAT)
+            .time_origin
+            - t.time_origin;
         assert!((1_200..=1_240).contains(&drift), "{drift}");
-        assert!(!l.matches(&Timeline { time_origin: t.time_origin + 3, ..t }));
-        assert!(!l.matches(&Timeline { micros_per_beat: 487_804, ..t }));
+        assert!(!l.matches(&Timeline {
+            time_origin: t.time_origin + 3,
+            ..t
+        }));
+        assert!(!l.matches(&Timeline {
+            micros_per_beat: 487_804,
+            ..t
+        }));
         assert_eq!(l.beats_at(l.at(12_345_678).time_origin), 12_345_678);
         assert_eq!(l.beats_at(5_000_000_000), 8 * MICROBEATS_PER_BEAT);
     }

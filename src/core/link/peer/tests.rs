@@ -1,6 +1,7 @@
 use super::*;
 use crate::core::link::codec::{
-    Message, MeasurementMessage, decode, decode_discovery, decode_measurement, encode_ping, encode_pong_echo,
+    decode, decode_discovery, decode_measurement, encode_ping, encode_pong_echo,
+    MeasurementMessage, Message,
 };
 use crate::core::link::measurement::Measurement;
 use crate::core::link::timeline::{bpm_to_micros_per_beat, phase, ExactLine};
@@ -20,7 +21,11 @@ fn link_mep() -> SocketAddrV4 {
 }
 
 fn room_123() -> Timeline {
-    Timeline { micros_per_beat: bpm_to_micros_per_beat(123.0), beat_origin: 0, time_origin: DEFAULT_GHOST_EPOCH_US + T0 }
+    Timeline {
+        micros_per_beat: bpm_to_micros_per_beat(123.0),
+        beat_origin: 0,
+        time_origin: DEFAULT_GHOST_EPOCH_US + T0,
+    }
 }
 
 fn authority() -> LinkPeer {
@@ -31,7 +36,12 @@ fn authority() -> LinkPeer {
 
 fn alive_from(node: NodeId, kind: DiscoveryKind, state: PeerState) -> Vec<u8> {
     encode_discovery(&DiscoveryMessage {
-        header: DiscoveryHeader { kind, ttl: 5, group_id: 0, node_id: node },
+        header: DiscoveryHeader {
+            kind,
+            ttl: 5,
+            group_id: 0,
+            node_id: node,
+        },
         state,
     })
 }
@@ -106,8 +116,16 @@ fn start_sends_alive_immediately_then_every_250ms() {
 fn alive_gets_response_and_peer_joined() {
     let mut p = authority();
     p.start(T0);
-    let st = link_state(LINK, Timeline::from_bpm(90.0, 0.0, 0), StartStopState::default());
-    let a = p.handle_datagram(T0 + 10, link_disc(), &alive_from(LINK, DiscoveryKind::Alive, st.clone()));
+    let st = link_state(
+        LINK,
+        Timeline::from_bpm(90.0, 0.0, 0),
+        StartStopState::default(),
+    );
+    let a = p.handle_datagram(
+        T0 + 10,
+        link_disc(),
+        &alive_from(LINK, DiscoveryKind::Alive, st.clone()),
+    );
     let u = unicasts(&a);
     // Response to the discovery source, then a ping to the foreign session's mep4.
     assert_eq!(u[0].0, link_disc());
@@ -121,11 +139,29 @@ fn alive_gets_response_and_peer_joined() {
     assert_eq!(u[1].0, link_mep());
     assert!(matches!(&u[1].1, Message::Measurement(m) if m.kind == MeasurementKind::Ping));
     let e = events(&a);
-    assert_eq!(e[0], Event::PeerJoined { node_id: LINK, addr: link_disc(), session_id: Some(LINK) });
-    assert_eq!(e[1], Event::PeerSessionChanged { node_id: LINK, session_id: Some(LINK), in_our_session: false });
+    assert_eq!(
+        e[0],
+        Event::PeerJoined {
+            node_id: LINK,
+            addr: link_disc(),
+            session_id: Some(LINK)
+        }
+    );
+    assert_eq!(
+        e[1],
+        Event::PeerSessionChanged {
+            node_id: LINK,
+            session_id: Some(LINK),
+            in_our_session: false
+        }
+    );
     assert_eq!(p.peers().len(), 1);
     // A Response is processed like an Alive but not answered.
-    let a = p.handle_datagram(T0 + 20, link_disc(), &alive_from(LINK, DiscoveryKind::Response, st));
+    let a = p.handle_datagram(
+        T0 + 20,
+        link_disc(),
+        &alive_from(LINK, DiscoveryKind::Response, st),
+    );
     assert!(unicasts(&a).is_empty());
     assert!(events(&a).is_empty());
 }
@@ -145,12 +181,18 @@ fn alive_with_bad_payload_is_still_answered_but_not_tabled() {
 fn own_id_group_and_garbage_are_ignored() {
     let mut p = authority();
     p.start(T0);
-    let a = p.handle_datagram(T0 + 1, link_disc(), &alive_from(ME, DiscoveryKind::Alive, PeerState::default()));
+    let a = p.handle_datagram(
+        T0 + 1,
+        link_disc(),
+        &alive_from(ME, DiscoveryKind::Alive, PeerState::default()),
+    );
     assert!(a.is_empty());
     let mut g = alive_from(LINK, DiscoveryKind::Alive, PeerState::default());
     g[11] = 1; // groupId = 1
     assert!(p.handle_datagram(T0 + 2, link_disc(), &g).is_empty());
-    assert!(p.handle_datagram(T0 + 3, link_disc(), b"garbage").is_empty());
+    assert!(p
+        .handle_datagram(T0 + 3, link_disc(), b"garbage")
+        .is_empty());
     assert!(p.peers().is_empty());
 }
 
@@ -192,12 +234,26 @@ fn byebye_and_ttl_expiry_remove_peers() {
     p.start(T0);
     let other = NodeId([0x22; 8]);
     let st = link_state(ME, p.published_timeline(), StartStopState::default());
-    p.handle_datagram(T0, link_disc(), &alive_from(LINK, DiscoveryKind::Alive, st.clone()));
-    p.handle_datagram(T0 + 100_000, "127.0.0.1:50002".parse().unwrap(), &alive_from(other, DiscoveryKind::Alive, st));
+    p.handle_datagram(
+        T0,
+        link_disc(),
+        &alive_from(LINK, DiscoveryKind::Alive, st.clone()),
+    );
+    p.handle_datagram(
+        T0 + 100_000,
+        "127.0.0.1:50002".parse().unwrap(),
+        &alive_from(other, DiscoveryKind::Alive, st),
+    );
     assert_eq!(p.session_peer_count(), 2);
     let bye = alive_from(LINK, DiscoveryKind::ByeBye, PeerState::default());
     let a = p.handle_datagram(T0 + 200_000, link_disc(), &bye);
-    assert_eq!(events(&a), vec![Event::PeerLeft { node_id: LINK, reason: LeaveReason::ByeBye }]);
+    assert_eq!(
+        events(&a),
+        vec![Event::PeerLeft {
+            node_id: LINK,
+            reason: LeaveReason::ByeBye
+        }]
+    );
     // Unknown ByeBye: no effect.
     assert!(events(&p.handle_datagram(T0 + 200_001, link_disc(), &bye)).is_empty());
     // `other` expires at T0+100ms+5s; prune at that + 1 s.
@@ -214,7 +270,13 @@ fn byebye_and_ttl_expiry_remove_peers() {
         }
     }
     assert_eq!(t, prune_at);
-    assert_eq!(left, vec![Event::PeerLeft { node_id: other, reason: LeaveReason::Expired }]);
+    assert_eq!(
+        left,
+        vec![Event::PeerLeft {
+            node_id: other,
+            reason: LeaveReason::Expired
+        }]
+    );
     assert!(p.peers().is_empty());
 }
 
@@ -228,8 +290,23 @@ fn peer_table_is_bounded() {
     let mut evicted = 0;
     for i in 0..10u8 {
         let id = NodeId([i + 1; 8]);
-        let a = p.handle_datagram(T0 + i as i64, link_disc(), &alive_from(id, DiscoveryKind::Alive, PeerState::default()));
-        evicted += events(&a).iter().filter(|e| matches!(e, Event::PeerLeft { reason: LeaveReason::Evicted, .. })).count();
+        let a = p.handle_datagram(
+            T0 + i as i64,
+            link_disc(),
+            &alive_from(id, DiscoveryKind::Alive, PeerState::default()),
+        );
+        evicted += events(&a)
+            .iter()
+            .filter(|e| {
+                matches!(
+                    e,
+                    Event::PeerLeft {
+                        reason: LeaveReason::Evicted,
+                        ..
+                    }
+                )
+            })
+            .count();
     }
     assert_eq!(p.peers().len(), 4);
     assert_eq!(evicted, 6);
@@ -251,7 +328,9 @@ fn shutdown_sends_byebye_and_goes_quiet() {
     }
     assert!(p.shutdown(T0 + 2).is_empty());
     assert!(p.handle_timeout(T0 + 1_000_000).is_empty());
-    assert!(p.handle_datagram(T0 + 3, link_mep(), &encode_ping(1, None)).is_empty());
+    assert!(p
+        .handle_datagram(T0 + 3, link_mep(), &encode_ping(1, None))
+        .is_empty());
     assert_eq!(p.next_timeout(), None);
 }
 
@@ -263,12 +342,26 @@ fn remote_tempo_change_is_overruled_by_beat_origin() {
     // A Link member changes tempo: larger beat origin, per Ch. 2 §6 rule 3.
     let g = p.ghost_time(T0 + 1_000_000);
     let b_now = ours.beats_at(g);
-    let theirs = Timeline { micros_per_beat: bpm_to_micros_per_beat(90.0), beat_origin: b_now.max(ours.beat_origin + 1), time_origin: g };
+    let theirs = Timeline {
+        micros_per_beat: bpm_to_micros_per_beat(90.0),
+        beat_origin: b_now.max(ours.beat_origin + 1),
+        time_origin: g,
+    };
     let st = link_state(ME, theirs, StartStopState::default());
-    let a = p.handle_datagram(T0 + 1_000_000, link_disc(), &alive_from(LINK, DiscoveryKind::Response, st));
+    let a = p.handle_datagram(
+        T0 + 1_000_000,
+        link_disc(),
+        &alive_from(LINK, DiscoveryKind::Response, st),
+    );
     let ev = events(&a);
-    let Some(Event::RemoteTimelineChange { node_id, timeline, overruled_with: Some(win) }) =
-        ev.iter().find(|e| matches!(e, Event::RemoteTimelineChange { .. })).cloned()
+    let Some(Event::RemoteTimelineChange {
+        node_id,
+        timeline,
+        overruled_with: Some(win),
+    }) = ev
+        .iter()
+        .find(|e| matches!(e, Event::RemoteTimelineChange { .. }))
+        .cloned()
     else {
         panic!("{ev:?}")
     };
@@ -285,11 +378,19 @@ fn remote_tempo_change_is_overruled_by_beat_origin() {
     assert_eq!(p.published_timeline(), win);
     // When the member adopts ours, nothing more happens.
     let st = link_state(ME, win, StartStopState::default());
-    let a = p.handle_datagram(T0 + 1_100_000, link_disc(), &alive_from(LINK, DiscoveryKind::Response, st));
+    let a = p.handle_datagram(
+        T0 + 1_100_000,
+        link_disc(),
+        &alive_from(LINK, DiscoveryKind::Response, st),
+    );
     assert!(events(&a).is_empty());
     // A stale timeline (lower origin) is ignored.
     let st = link_state(ME, ours, StartStopState::default());
-    let a = p.handle_datagram(T0 + 1_200_000, link_disc(), &alive_from(LINK, DiscoveryKind::Response, st));
+    let a = p.handle_datagram(
+        T0 + 1_200_000,
+        link_disc(),
+        &alive_from(LINK, DiscoveryKind::Response, st),
+    );
     assert!(events(&a).is_empty());
 }
 
@@ -298,8 +399,19 @@ fn equal_origin_conflict_is_also_overruled() {
     let mut p = authority();
     p.start(T0);
     let ours = p.published_timeline();
-    let theirs = Timeline { micros_per_beat: 600_000, ..ours };
-    let a = p.handle_datagram(T0 + 10, link_disc(), &alive_from(LINK, DiscoveryKind::Response, link_state(ME, theirs, StartStopState::default())));
+    let theirs = Timeline {
+        micros_per_beat: 600_000,
+        ..ours
+    };
+    let a = p.handle_datagram(
+        T0 + 10,
+        link_disc(),
+        &alive_from(
+            LINK,
+            DiscoveryKind::Response,
+            link_state(ME, theirs, StartStopState::default()),
+        ),
+    );
     assert!(p.published_timeline().beat_origin > ours.beat_origin);
     // Spacing: last Alive at T0, so the overrule Alive waits until T0+50ms.
     assert!(multicasts(&a).is_empty());
@@ -316,13 +428,25 @@ fn no_auto_overrule_reports_once_and_set_timeline_wins() {
     let mut p = LinkPeer::new(ME, 1, cfg);
     p.start(T0);
     let ours = p.published_timeline();
-    let theirs = Timeline { micros_per_beat: 600_000, beat_origin: ours.beat_origin + 5, time_origin: ours.time_origin };
-    let msg = alive_from(LINK, DiscoveryKind::Response, link_state(ME, theirs, StartStopState::default()));
+    let theirs = Timeline {
+        micros_per_beat: 600_000,
+        beat_origin: ours.beat_origin + 5,
+        time_origin: ours.time_origin,
+    };
+    let msg = alive_from(
+        LINK,
+        DiscoveryKind::Response,
+        link_state(ME, theirs, StartStopState::default()),
+    );
     let e1 = events(&p.handle_datagram(T0 + 10, link_disc(), &msg));
     let e2 = events(&p.handle_datagram(T0 + 20, link_disc(), &msg));
     assert_eq!(
         e1.last(),
-        Some(&Event::RemoteTimelineChange { node_id: LINK, timeline: theirs, overruled_with: None })
+        Some(&Event::RemoteTimelineChange {
+            node_id: LINK,
+            timeline: theirs,
+            overruled_with: None
+        })
     );
     assert!(e2.is_empty());
     assert_eq!(p.published_timeline(), ours);
@@ -340,7 +464,11 @@ fn set_timeline_publishes_new_tempo_with_winning_origin() {
     let now = T0 + 10_000_000;
     let g = p.ghost_time(now);
     let room = p.room_timeline();
-    let new_room = Timeline { micros_per_beat: bpm_to_micros_per_beat(140.0), beat_origin: room.beats_at(g), time_origin: g };
+    let new_room = Timeline {
+        micros_per_beat: bpm_to_micros_per_beat(140.0),
+        beat_origin: room.beats_at(g),
+        time_origin: g,
+    };
     let a = p.set_timeline(now, new_room, false);
     let m = multicasts(&a);
     assert_eq!(m.len(), 1);
@@ -362,17 +490,36 @@ fn start_stop_set_and_overrule() {
     assert_eq!(ss.timestamp, p.ghost_time(T0 + 1_000_000));
     assert_eq!(ss.beats, room_123().beats_at(ss.timestamp));
     // A member stops the transport later: overruled with a later timestamp.
-    let theirs = StartStopState { is_playing: false, beats: 0, timestamp: ss.timestamp + 500_000 };
+    let theirs = StartStopState {
+        is_playing: false,
+        beats: 0,
+        timestamp: ss.timestamp + 500_000,
+    };
     let st = link_state(ME, p.published_timeline(), theirs);
-    let a = p.handle_datagram(T0 + 1_400_000, link_disc(), &alive_from(LINK, DiscoveryKind::Response, st));
+    let a = p.handle_datagram(
+        T0 + 1_400_000,
+        link_disc(),
+        &alive_from(LINK, DiscoveryKind::Response, st),
+    );
     let ev = events(&a);
-    let Some(Event::RemoteStartStopChange { overruled_with: Some(win), .. }) = ev.last().cloned() else { panic!("{ev:?}") };
+    let Some(Event::RemoteStartStopChange {
+        overruled_with: Some(win),
+        ..
+    }) = ev.last().cloned()
+    else {
+        panic!("{ev:?}")
+    };
     assert!(win.is_playing);
     assert!(win.timestamp > theirs.timestamp);
     assert_eq!(multicasts(&a)[0].state.start_stop, Some(win));
     // Older state from a member: ignored.
     let st = link_state(ME, p.published_timeline(), ss);
-    assert!(events(&p.handle_datagram(T0 + 1_500_000, link_disc(), &alive_from(LINK, DiscoveryKind::Response, st))).is_empty());
+    assert!(events(&p.handle_datagram(
+        T0 + 1_500_000,
+        link_disc(),
+        &alive_from(LINK, DiscoveryKind::Response, st)
+    ))
+    .is_empty());
     // Stop from the product.
     let a = p.set_timeline(T0 + 2_000_000, room_123(), false);
     let s2 = multicasts(&a)[0].state.start_stop.unwrap();
@@ -406,11 +553,20 @@ impl SimLink {
         }
     }
     fn alive(&self) -> Vec<u8> {
-        alive_from(self.id, DiscoveryKind::Alive, link_state(self.session, self.timeline, self.start_stop))
+        alive_from(
+            self.id,
+            DiscoveryKind::Alive,
+            link_state(self.session, self.timeline, self.start_stop),
+        )
     }
     /// Process what the authority sent; returns datagrams for the authority
     /// (destination, bytes).
-    fn receive(&mut self, now: i64, to: SocketAddrV4, bytes: &[u8]) -> Vec<(SocketAddrV4, Vec<u8>)> {
+    fn receive(
+        &mut self,
+        now: i64,
+        to: SocketAddrV4,
+        bytes: &[u8],
+    ) -> Vec<(SocketAddrV4, Vec<u8>)> {
         let mut out = vec![];
         match decode(bytes).unwrap() {
             Message::Discovery(d) => {
@@ -427,13 +583,17 @@ impl SimLink {
                         }
                     }
                 } else if self.measuring.is_none() {
-                    let (m, ping) = Measurement::start(now, st.measurement_v4.unwrap(), st.session_id.unwrap());
+                    let (m, ping) =
+                        Measurement::start(now, st.measurement_v4.unwrap(), st.session_id.unwrap());
                     self.measuring = Some(m);
                     out.push((st.measurement_v4.unwrap(), ping));
                     self.pending_foreign = Some((st.session_id.unwrap(), st.timeline.unwrap()));
                 }
             }
-            Message::Measurement(MeasurementMessage { kind: MeasurementKind::Pong, payload }) => {
+            Message::Measurement(MeasurementMessage {
+                kind: MeasurementKind::Pong,
+                payload,
+            }) => {
                 assert_eq!(to, link_mep());
                 if let Some(m) = self.measuring.as_mut() {
                     match m.handle_pong(now, &payload) {
@@ -492,7 +652,11 @@ fn simulated_link_app_joins_our_session_and_follows_the_room() {
         now += 100;
         for (to, b) in queue.drain(..).chain(next_queue) {
             for (dest, reply) in link.receive(now, to, &b) {
-                let from = if dest == mep() { link_mep() } else { link_disc() };
+                let from = if dest == mep() {
+                    link_mep()
+                } else {
+                    link_disc()
+                };
                 to_auth.push((from, reply));
             }
         }
@@ -512,27 +676,45 @@ fn simulated_link_app_joins_our_session_and_follows_the_room() {
     );
 }
 
-
 #[test]
 fn foreign_session_is_measured_and_reported() {
     let mut p = authority();
     p.start(T0);
-    let st = link_state(LINK, Timeline::from_bpm(90.0, 0.0, 0), StartStopState::default());
+    let st = link_state(
+        LINK,
+        Timeline::from_bpm(90.0, 0.0, 0),
+        StartStopState::default(),
+    );
     let link_intercept = -(T0 - 2_000_000); // Link founded its session 2 s before T0
     let mut now = T0 + 10;
-    let a = p.handle_datagram(now, link_disc(), &alive_from(LINK, DiscoveryKind::Alive, st));
-    let mut ping = unicasts(&a).into_iter().find(|(to, _)| *to == link_mep()).map(|(_, m)| m);
+    let a = p.handle_datagram(
+        now,
+        link_disc(),
+        &alive_from(LINK, DiscoveryKind::Alive, st),
+    );
+    let mut ping = unicasts(&a)
+        .into_iter()
+        .find(|(to, _)| *to == link_mep())
+        .map(|(_, m)| m);
     let mut report = None;
     for _ in 0..200 {
-        let Some(Message::Measurement(m)) = ping.take() else { break };
+        let Some(Message::Measurement(m)) = ping.take() else {
+            break;
+        };
         assert_eq!(m.kind, MeasurementKind::Ping);
         now += 200;
         let ping_bytes = encode_ping(m.payload.host_time.unwrap(), m.payload.prev_ghost_time);
         let pong = encode_pong_echo(LINK, now + link_intercept, &ping_bytes[9..]);
         now += 200;
         let a = p.handle_datagram(now, link_mep(), &pong);
-        ping = unicasts(&a).into_iter().find(|(to, _)| *to == link_mep()).map(|(_, m)| m);
-        if let Some(e) = events(&a).into_iter().find(|e| matches!(e, Event::ForeignSession { .. })) {
+        ping = unicasts(&a)
+            .into_iter()
+            .find(|(to, _)| *to == link_mep())
+            .map(|(_, m)| m);
+        if let Some(e) = events(&a)
+            .into_iter()
+            .find(|e| matches!(e, Event::ForeignSession { .. }))
+        {
             report = Some(e);
             break;
         }
@@ -546,8 +728,16 @@ fn foreign_session_is_measured_and_reported() {
         })
     );
     // Not measured again while the session is known.
-    let st = link_state(LINK, Timeline::from_bpm(90.0, 0.0, 0), StartStopState::default());
-    let a = p.handle_datagram(now + 1, link_disc(), &alive_from(LINK, DiscoveryKind::Response, st));
+    let st = link_state(
+        LINK,
+        Timeline::from_bpm(90.0, 0.0, 0),
+        StartStopState::default(),
+    );
+    let a = p.handle_datagram(
+        now + 1,
+        link_disc(),
+        &alive_from(LINK, DiscoveryKind::Response, st),
+    );
     assert!(unicasts(&a).is_empty());
 }
 
@@ -557,22 +747,53 @@ fn older_foreign_session_is_reported_as_not_joining() {
     cfg.ghost = GhostXform { intercept_us: 0 }; // a badly configured authority
     let mut p = LinkPeer::new(ME, 1, cfg);
     p.start(T0);
-    let st = link_state(LINK, Timeline::from_bpm(90.0, 0.0, 0), StartStopState::default());
+    let st = link_state(
+        LINK,
+        Timeline::from_bpm(90.0, 0.0, 0),
+        StartStopState::default(),
+    );
     let mut now = T0;
-    let a = p.handle_datagram(now, link_disc(), &alive_from(LINK, DiscoveryKind::Alive, st));
-    let mut ping = unicasts(&a).into_iter().find(|(to, _)| *to == link_mep()).map(|(_, m)| m);
+    let a = p.handle_datagram(
+        now,
+        link_disc(),
+        &alive_from(LINK, DiscoveryKind::Alive, st),
+    );
+    let mut ping = unicasts(&a)
+        .into_iter()
+        .find(|(to, _)| *to == link_mep())
+        .map(|(_, m)| m);
     let mut report = None;
     while let Some(Message::Measurement(m)) = ping.take() {
         now += 100;
         let pb = encode_ping(m.payload.host_time.unwrap(), m.payload.prev_ghost_time);
-        let a = p.handle_datagram(now, link_mep(), &encode_pong_echo(LINK, now + 10_000_000, &pb[9..]));
-        ping = unicasts(&a).into_iter().find(|(to, _)| *to == link_mep()).map(|(_, m)| m);
-        report = events(&a).into_iter().find(|e| matches!(e, Event::ForeignSession { .. })).or(report);
+        let a = p.handle_datagram(
+            now,
+            link_mep(),
+            &encode_pong_echo(LINK, now + 10_000_000, &pb[9..]),
+        );
+        ping = unicasts(&a)
+            .into_iter()
+            .find(|(to, _)| *to == link_mep())
+            .map(|(_, m)| m);
+        report = events(&a)
+            .into_iter()
+            .find(|e| matches!(e, Event::ForeignSession { .. }))
+            .or(report);
     }
-    let Some(Event::ForeignSession { joins_us, ghost_delta_us, .. }) = report else { panic!() };
+    let Some(Event::ForeignSession {
+        joins_us,
+        ghost_delta_us,
+        ..
+    }) = report
+    else {
+        panic!()
+    };
     assert!(!joins_us);
-    assert!((ghost_delta_us - 10_000_000).abs() <= 100, "{ghost_delta_us}"); // one-way test delay → ≤ half-RTT bias
-    // And we never join them: our session and timeline are unchanged.
+    assert!(
+        (ghost_delta_us - 10_000_000).abs() <= 100,
+        "{ghost_delta_us}"
+    ); // one-way test delay → ≤ half-RTT bias
+       // And we never join them: our session and timeline are unchanged.
     assert_eq!(p.session_id(), ME);
 }
 
@@ -580,26 +801,50 @@ fn older_foreign_session_is_reported_as_not_joining() {
 fn foreign_measurement_timeout_is_reported_then_retried_after_backoff() {
     let mut p = authority();
     p.start(T0);
-    let st = link_state(LINK, Timeline::from_bpm(90.0, 0.0, 0), StartStopState::default());
-    p.handle_datagram(T0, link_disc(), &alive_from(LINK, DiscoveryKind::Alive, st.clone()));
+    let st = link_state(
+        LINK,
+        Timeline::from_bpm(90.0, 0.0, 0),
+        StartStopState::default(),
+    );
+    p.handle_datagram(
+        T0,
+        link_disc(),
+        &alive_from(LINK, DiscoveryKind::Alive, st.clone()),
+    );
     let mut t = T0;
     let mut failed = None;
     let mut pings = 1;
     while failed.is_none() && t < T0 + 1_000_000 {
         t = p.next_timeout().unwrap();
         let a = p.handle_timeout(t);
-        pings += unicasts(&a).iter().filter(|(to, _)| *to == link_mep()).count();
-        failed = events(&a).into_iter().find(|e| matches!(e, Event::ForeignSessionMeasurementFailed { .. }));
+        pings += unicasts(&a)
+            .iter()
+            .filter(|(to, _)| *to == link_mep())
+            .count();
+        failed = events(&a)
+            .into_iter()
+            .find(|e| matches!(e, Event::ForeignSessionMeasurementFailed { .. }));
     }
     assert_eq!(t, T0 + 300_000);
     assert_eq!(pings, 6);
     assert_eq!(
         failed,
-        Some(Event::ForeignSessionMeasurementFailed { session_id: LINK, reason: FailReason::Timeout })
+        Some(Event::ForeignSessionMeasurementFailed {
+            session_id: LINK,
+            reason: FailReason::Timeout
+        })
     );
-    let a = p.handle_datagram(t + 10, link_disc(), &alive_from(LINK, DiscoveryKind::Response, st.clone()));
+    let a = p.handle_datagram(
+        t + 10,
+        link_disc(),
+        &alive_from(LINK, DiscoveryKind::Response, st.clone()),
+    );
     assert!(unicasts(&a).is_empty(), "backoff");
-    let a = p.handle_datagram(t + 1_000_000, link_disc(), &alive_from(LINK, DiscoveryKind::Response, st));
+    let a = p.handle_datagram(
+        t + 1_000_000,
+        link_disc(),
+        &alive_from(LINK, DiscoveryKind::Response, st),
+    );
     assert_eq!(unicasts(&a).len(), 1, "re-measured after backoff");
 }
 
@@ -624,7 +869,11 @@ const BOX_A: NodeId = NodeId([0xB0, 0xB1, 0xB2, 0xB3, 0, 0, 0, 1]);
 const BOX_B: NodeId = NodeId([0xB0, 0xB1, 0xB2, 0xB3, 0, 0, 0, 2]);
 
 fn line_123() -> ExactLine {
-    ExactLine { b0: 0, t0_ns: (DEFAULT_GHOST_EPOCH_US + T0) * 1000, mbpm: 123_000 }
+    ExactLine {
+        b0: 0,
+        t0_ns: (DEFAULT_GHOST_EPOCH_US + T0) * 1000,
+        mbpm: 123_000,
+    }
 }
 
 fn room_box(id: NodeId, room: &RoomState) -> LinkPeer {
@@ -638,13 +887,24 @@ fn room_box(id: NodeId, room: &RoomState) -> LinkPeer {
 }
 
 fn playing(line: ExactLine) -> RoomState {
-    RoomState { line, playing: true, since_us: DEFAULT_GHOST_EPOCH_US + T0, accepted: vec![], next_transport: None }
+    RoomState {
+        line,
+        playing: true,
+        since_us: DEFAULT_GHOST_EPOCH_US + T0,
+        accepted: vec![],
+        next_transport: None,
+    }
 }
 
 fn remote_events(a: &[Action]) -> Vec<Event> {
     events(a)
         .into_iter()
-        .filter(|e| matches!(e, Event::RemoteTimelineChange { .. } | Event::RemoteStartStopChange { .. }))
+        .filter(|e| {
+            matches!(
+                e,
+                Event::RemoteTimelineChange { .. } | Event::RemoteStartStopChange { .. }
+            )
+        })
         .collect()
 }
 
@@ -656,7 +916,9 @@ fn the_room_session_is_published_and_pongs_carry_it() {
     assert_eq!(multicasts(&a)[0].state.session_id, Some(SESSION));
     assert_eq!(multicasts(&a)[0].header.node_id, BOX_A);
     let a = p.handle_datagram(T0 + 300_000, link_mep(), &encode_ping(5, None));
-    let (_, Message::Measurement(m)) = &unicasts(&a)[0] else { panic!() };
+    let (_, Message::Measurement(m)) = &unicasts(&a)[0] else {
+        panic!()
+    };
     assert_eq!(m.payload.session_id, Some(SESSION));
     assert_eq!(p.counters().pongs, 1);
 }
@@ -683,26 +945,63 @@ fn siblings_and_relays_of_them_never_count_as_changes() {
     // B publishes the same line from a higher origin: A publishes exactly that.
     let higher = line_123().at(mine.beat_origin + 48 * MICROBEATS_PER_BEAT);
     let st = link_state(SESSION, higher, a.start_stop());
-    let acts = a.handle_datagram(T0 + 10_000, link_disc(), &alive_from(BOX_B, DiscoveryKind::Alive, st));
+    let acts = a.handle_datagram(
+        T0 + 10_000,
+        link_disc(),
+        &alive_from(BOX_B, DiscoveryKind::Alive, st),
+    );
     assert!(remote_events(&acts).is_empty(), "{acts:?}");
     assert_eq!(a.published_timeline(), higher);
     // B on another line (its own group, before the rooms merge), with a later
     // transport state: not a Link app's change...
-    let other = Timeline { micros_per_beat: 600_000, beat_origin: higher.beat_origin + 1, time_origin: higher.time_origin };
-    let b_ss = StartStopState { is_playing: false, beats: 0, timestamp: DEFAULT_GHOST_EPOCH_US + T0 + 5 };
+    let other = Timeline {
+        micros_per_beat: 600_000,
+        beat_origin: higher.beat_origin + 1,
+        time_origin: higher.time_origin,
+    };
+    let b_ss = StartStopState {
+        is_playing: false,
+        beats: 0,
+        timestamp: DEFAULT_GHOST_EPOCH_US + T0 + 5,
+    };
     let st = link_state(SESSION, other, b_ss);
-    let acts = a.handle_datagram(T0 + 20_000, link_disc(), &alive_from(BOX_B, DiscoveryKind::Alive, st));
+    let acts = a.handle_datagram(
+        T0 + 20_000,
+        link_disc(),
+        &alive_from(BOX_B, DiscoveryKind::Alive, st),
+    );
     assert!(remote_events(&acts).is_empty(), "{acts:?}");
     // ... nor a Link app that relays it.
     let st = link_state(SESSION, other, b_ss);
-    let acts = a.handle_datagram(T0 + 30_000, link_disc(), &alive_from(LINK, DiscoveryKind::Response, st));
+    let acts = a.handle_datagram(
+        T0 + 30_000,
+        link_disc(),
+        &alive_from(LINK, DiscoveryKind::Response, st),
+    );
     assert!(remote_events(&acts).is_empty(), "{acts:?}");
     // A Link app's own proposal is overruled.
-    let own = Timeline { micros_per_beat: 666_667, beat_origin: other.beat_origin + 7, time_origin: other.time_origin };
+    let own = Timeline {
+        micros_per_beat: 666_667,
+        beat_origin: other.beat_origin + 7,
+        time_origin: other.time_origin,
+    };
     let st = link_state(SESSION, own, b_ss);
-    let acts = a.handle_datagram(T0 + 40_000, link_disc(), &alive_from(LINK, DiscoveryKind::Response, st));
+    let acts = a.handle_datagram(
+        T0 + 40_000,
+        link_disc(),
+        &alive_from(LINK, DiscoveryKind::Response, st),
+    );
     let ev = remote_events(&acts);
-    assert!(matches!(ev.as_slice(), [Event::RemoteTimelineChange { overruled_with: Some(_), .. }]), "{ev:?}");
+    assert!(
+        matches!(
+            ev.as_slice(),
+            [Event::RemoteTimelineChange {
+                overruled_with: Some(_),
+                ..
+            }]
+        ),
+        "{ev:?}"
+    );
     assert!(line_123().matches(&a.published_timeline()));
     assert!(a.published_timeline().beat_origin > own.beat_origin);
 }
@@ -710,7 +1009,11 @@ fn siblings_and_relays_of_them_never_count_as_changes() {
 #[test]
 fn the_rooms_scheduled_line_and_transport_are_not_changes() {
     let now_g = DEFAULT_GHOST_EPOCH_US + T0 + 1_000_000;
-    let next = ExactLine { b0: 8, t0_ns: (now_g + 2_000_000) * 1000, mbpm: 100_000 };
+    let next = ExactLine {
+        b0: 8,
+        t0_ns: (now_g + 2_000_000) * 1000,
+        mbpm: 100_000,
+    };
     let mut room = playing(line_123());
     room.playing = false;
     room.accepted = vec![next];
@@ -719,18 +1022,37 @@ fn the_rooms_scheduled_line_and_transport_are_not_changes() {
     let ours = a.published_timeline();
     // A Link app relaying the next line (another box switched a moment earlier).
     let tl = next.at(ours.beat_origin + 48 * MICROBEATS_PER_BEAT);
-    let start = StartStopState { is_playing: true, beats: 8 * MICROBEATS_PER_BEAT, timestamp: now_g + 2_000_000 };
+    let start = StartStopState {
+        is_playing: true,
+        beats: 8 * MICROBEATS_PER_BEAT,
+        timestamp: now_g + 2_000_000,
+    };
     let st = link_state(SESSION, tl, a.start_stop());
-    let acts = a.handle_datagram(T0 + 1_000_000, link_disc(), &alive_from(LINK, DiscoveryKind::Response, st));
+    let acts = a.handle_datagram(
+        T0 + 1_000_000,
+        link_disc(),
+        &alive_from(LINK, DiscoveryKind::Response, st),
+    );
     assert!(remote_events(&acts).is_empty(), "{acts:?}");
     // The next transport state, long before it begins: overruled ...
     let st = link_state(SESSION, a.published_timeline(), start);
-    let acts = a.handle_datagram(T0 + 1_100_000, link_disc(), &alive_from(LINK, DiscoveryKind::Response, st.clone()));
+    let acts = a.handle_datagram(
+        T0 + 1_100_000,
+        link_disc(),
+        &alive_from(LINK, DiscoveryKind::Response, st.clone()),
+    );
     assert_eq!(remote_events(&acts).len(), 1, "{acts:?}");
     // ... but not within the transition window before it begins.
-    let late = StartStopState { timestamp: now_g + 2_000_001 + 500_000, ..start };
+    let late = StartStopState {
+        timestamp: now_g + 2_000_001 + 500_000,
+        ..start
+    };
     let st = link_state(SESSION, a.published_timeline(), late);
-    let acts = a.handle_datagram(T0 + 2_900_000, link_disc(), &alive_from(LINK, DiscoveryKind::Response, st));
+    let acts = a.handle_datagram(
+        T0 + 2_900_000,
+        link_disc(),
+        &alive_from(LINK, DiscoveryKind::Response, st),
+    );
     assert!(remote_events(&acts).is_empty(), "{acts:?}");
 }
 
@@ -739,7 +1061,11 @@ fn a_room_change_is_gossiped_at_once_on_the_exact_line() {
     let mut a = room_box(BOX_A, &playing(line_123()));
     a.handle_timeout(T0 + 250_000); // an Alive just went out
     let g = DEFAULT_GHOST_EPOCH_US + T0 + 260_000;
-    let next = ExactLine { b0: 1, t0_ns: g * 1000, mbpm: 100_000 };
+    let next = ExactLine {
+        b0: 1,
+        t0_ns: g * 1000,
+        mbpm: 100_000,
+    };
     let mut room = playing(next);
     room.since_us = g;
     let acts = a.set_room(T0 + 260_000, &room);
@@ -765,14 +1091,22 @@ fn the_published_origin_follows_the_present_and_stays_on_the_exact_line() {
         assert!(line_123().matches(&p));
         assert_eq!(p.beat_origin % q, 0);
         let now_beat = line_123().beats_at(a.ghost_time(now));
-        assert!((now_beat - p.beat_origin).abs() <= q / 2 + MICROBEATS_PER_BEAT, "{now_beat} vs {}", p.beat_origin);
+        assert!(
+            (now_beat - p.beat_origin).abs() <= q / 2 + MICROBEATS_PER_BEAT,
+            "{now_beat} vs {}",
+            p.beat_origin
+        );
         // The app's beat from the published (rounded-tempo) timeline vs the exact line.
         let err_us = (p.beats_at(a.ghost_time(now)) - now_beat) as f64 * 487_805.0 / 1e6;
         assert!(err_us.abs() < 5.0, "{err_us} µs at {i}");
         origins.push(p.beat_origin);
     }
     origins.dedup();
-    assert!(origins.len() > 20, "re-anchored every 48 beats: {}", origins.len());
+    assert!(
+        origins.len() > 20,
+        "re-anchored every 48 beats: {}",
+        origins.len()
+    );
 }
 
 #[test]
@@ -781,13 +1115,21 @@ fn a_link_app_that_joins_gets_a_fresh_transport_stamp() {
     let before = a.start_stop();
     let now = T0 + 30_000_000;
     let st = link_state(SESSION, a.published_timeline(), StartStopState::default());
-    let acts = a.handle_datagram(now, link_disc(), &alive_from(LINK, DiscoveryKind::Alive, st));
+    let acts = a.handle_datagram(
+        now,
+        link_disc(),
+        &alive_from(LINK, DiscoveryKind::Alive, st),
+    );
     let ss = a.start_stop();
     assert_eq!((ss.is_playing, ss.beats), (before.is_playing, before.beats));
     assert_eq!(ss.timestamp, a.ghost_time(now));
     assert!(remote_events(&acts).is_empty());
     // A sibling appearing does not re-stamp.
     let st = link_state(SESSION, a.published_timeline(), ss);
-    a.handle_datagram(now + 1_000, link_disc(), &alive_from(BOX_B, DiscoveryKind::Alive, st));
+    a.handle_datagram(
+        now + 1_000,
+        link_disc(),
+        &alive_from(BOX_B, DiscoveryKind::Alive, st),
+    );
     assert_eq!(a.start_stop(), ss);
 }
