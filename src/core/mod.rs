@@ -10,11 +10,13 @@
 //! * [`decision`] — decision stamps (a hybrid logical clock): the latest decision wins.
 //! * [`wire`] — peer frames and datagrams, total decoding.
 //! * [`advert`] — mDNS advertisements, validated.
+//! * [`link`] — Ableton Link: the room as a Link session's authority.
 //! * [`id`], [`rng`] — node ids; the seeded SplitMix64.
 
 pub mod advert;
 pub mod decision;
 pub mod id;
+pub mod link;
 pub mod rng;
 pub mod room;
 pub mod sync;

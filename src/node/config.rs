@@ -94,6 +94,20 @@ pub struct Settings {
     /// sample rate and output-latency offset unless flags or the config file set them.
     #[arg(long, value_name = "PROFILE")]
     pub hw: Option<String>,
+    /// Ableton Link: Link apps on the box's interfaces follow the room's tempo, beat
+    /// phase and start/stop (on by default; `--no-link`, or `link = false` in the
+    /// file, turns it off).
+    #[arg(
+        long = "no-link",
+        num_args = 0,
+        default_missing_value = "false",
+        value_name = "BOOL"
+    )]
+    pub link: Option<bool>,
+    /// Let Link apps change the room's tempo and start/stop (as quantized changes);
+    /// by default the room overrules them (default false).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub link_control: Option<bool>,
 }
 
 impl Settings {
@@ -153,6 +167,10 @@ pub struct RunConfig {
     pub redis: Option<String>,
     /// The board profile in use, if any.
     pub hw: Option<crate::node::hw::HwProfile>,
+    /// Ableton Link on (default) or off (`--no-link`).
+    pub link: bool,
+    /// Link apps may change the room's tempo and transport (default off).
+    pub link_control: bool,
 }
 
 /// Default QUIC port of the room mesh.
@@ -428,6 +446,8 @@ impl RunConfig {
             control_pin,
             redis,
             hw,
+            link: args.link.or(file.link).unwrap_or(true),
+            link_control: args.link_control.or(file.link_control).unwrap_or(false),
         })
     }
 }
@@ -473,6 +493,33 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("--volume") && e.contains('3'), "{e}");
+    }
+
+    #[test]
+    fn link_flags_and_file_keys() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            s: Settings,
+        }
+        let none = Cli::try_parse_from(["x"]).unwrap().s;
+        assert_eq!((none.link, none.link_control), (None, None));
+        let off = Cli::try_parse_from(["x", "--no-link", "--link-control"])
+            .unwrap()
+            .s;
+        assert_eq!((off.link, off.link_control), (Some(false), Some(true)));
+        let c = RunConfig::build(&none, &Settings::default(), None).unwrap();
+        assert!(
+            c.link && !c.link_control,
+            "Link is on and overrules by default"
+        );
+        let file =
+            Settings::parse("link = false\nlink_control = true\n", Path::new("c.toml")).unwrap();
+        let c = RunConfig::build(&none, &file, None).unwrap();
+        assert!(!c.link && c.link_control);
+        let c = RunConfig::build(&off, &Settings::default(), None).unwrap();
+        assert!(!c.link);
     }
 
     #[test]

@@ -199,8 +199,16 @@ pub fn run(cfg: RunConfig, clock: NodeClock) -> anyhow::Result<()> {
     let mirror_stats = Arc::new(crate::mirror::MirrorStats::default());
     let http_addr = cfg.http;
     let control_pin = cfg.control_pin.clone();
+    let link_stats = Arc::new(crate::net::LinkStats::default());
+    let link_cfg = cfg.link.then(|| crate::net::link::LinkConfig {
+        room: cfg.room.clone(),
+        node_id: node_id.clone(),
+        interfaces: cfg.interfaces.clone(),
+        control: cfg.link_control,
+    });
     let result = rt.block_on(async {
         let (handle, inbox) = net::channel();
+        let link = link_cfg.map(|c| crate::net::link::start(c, clock, cell.clone(), handle.clone(), link_stats.clone()));
         let (published_tx, published_rx) = tokio::sync::watch::channel(0u64);
         let http_state = crate::web::http::HttpState {
             room: handle,
@@ -230,6 +238,9 @@ pub fn run(cfg: RunConfig, clock: NodeClock) -> anyhow::Result<()> {
             tokio::spawn(crate::mirror::run(url, cfg.room.clone(), rx, mirror_stats.clone(), shutdown.clone()));
         }
         let r = room_task::run(mesh_cfg, inbox, room, clock, cell.clone(), mesh_stats, published_tx, shutdown).await;
+        if let Some(l) = link {
+            tokio::task::block_in_place(|| l.stop());
+        }
         reporter.abort();
         r
     });
