@@ -248,9 +248,26 @@ pub struct Status {
     /// made it, `node` that box; all zero/empty for a first boot's defaults).
     #[serde(default)]
     pub decided: Stamp,
+    /// Ableton Link on this box (filled in by the node).
+    #[serde(default)]
+    pub link: LinkInfo,
+    /// The Redis mirror: "connected", "stale" or "off" (filled in by the node).
+    #[serde(default = "off")]
+    pub redis: String,
     /// Where phones open the page (`http://<name>.local:<port>/`), when HTTP runs.
     #[serde(default)]
     pub phone_url: Option<String>,
+}
+
+fn off() -> String {
+    "off".into()
+}
+
+/// `link` of the status: is this box a Link peer, and how many Link apps it sees.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LinkInfo {
+    pub enabled: bool,
+    pub peers: u64,
 }
 
 /// Per-peer figures for `status`.
@@ -733,6 +750,8 @@ impl Room {
             beat: self.timeline.beat_at(self.session_now(now)).as_f64(),
             peers: self.peer_status(now),
             decided: self.decided.clone(),
+            link: LinkInfo::default(),
+            redis: off(),
             phone_url: None,
         }
     }

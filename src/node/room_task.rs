@@ -11,7 +11,7 @@ use crate::net::handle::{Event, Inbox};
 use crate::net::impair::Impairment;
 use crate::net::peer::{self, PeerCtx, CLOSE_BYE, CLOSE_DUP};
 use crate::net::MeshStats;
-use crate::node::status::{phone_url, write_status};
+use crate::node::status::{decorate, write_status};
 use crate::sys::clock::{Clock, NodeClock};
 use anyhow::Context;
 use std::collections::HashMap;
@@ -37,6 +37,10 @@ pub struct MeshConfig {
     pub notify: Option<crate::sys::notify::Notifier>,
     /// The audio thread's counters: the watchdog is only fed while the click runs.
     pub audio: Arc<crate::audio::AudioStats>,
+    /// Link's counters (for `status`), when Link runs.
+    pub link: Option<Arc<crate::net::LinkStats>>,
+    /// The mirror's counters (for `status`), with `--redis`.
+    pub mirror_stats: Option<Arc<crate::mirror::MirrorStats>>,
     /// The Redis mirror's input (only the leader writes; followers send `None`).
     pub mirror: Option<tokio::sync::watch::Sender<Option<crate::mirror::MirrorRecord>>>,
     pub node_id: String,
@@ -229,7 +233,7 @@ pub async fn run(
                         let r = match answer(&mut room, q, now, &mut actions) {
                             Reply::Status(j) => match serde_json::from_str::<crate::core::room::Status>(&j) {
                                 Ok(mut st) => {
-                                    st.phone_url = phone_url(&shared);
+                                    decorate(&shared, &mut st);
                                     serde_json::to_string(&st).map(Reply::Status).unwrap_or(Reply::Status(j))
                                 }
                                 Err(_) => Reply::Status(j),

@@ -150,6 +150,8 @@ pub fn run(cfg: RunConfig, clock: NodeClock) -> anyhow::Result<()> {
         impair,
         http_port: None,
         mirror: None,
+        link: None,
+        mirror_stats: None,
         notify: crate::sys::notify::Notifier::from_env(),
         audio: stats.clone(),
     };
@@ -231,9 +233,11 @@ pub fn run(cfg: RunConfig, clock: NodeClock) -> anyhow::Result<()> {
         let reporter = tokio::spawn(report(cell.clone(), stats.clone(), clock));
         let mut mesh_cfg = mesh_cfg;
         mesh_cfg.http_port = http_port;
+        mesh_cfg.link = link.is_some().then(|| link_stats.clone());
         if let Some(url) = redis {
             let (tx, rx) = tokio::sync::watch::channel(None);
             mesh_cfg.mirror = Some(tx);
+            mesh_cfg.mirror_stats = Some(mirror_stats.clone());
             tracing::info!(url = %url, "mirroring the session to Redis");
             tokio::spawn(crate::mirror::run(url, cfg.room.clone(), rx, mirror_stats.clone(), shutdown.clone()));
         }

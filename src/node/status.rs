@@ -16,7 +16,7 @@ pub(crate) fn phone_url(shared: &Shared) -> Option<String> {
 /// since the last write, and at least every 5 s: an idle box alone mostly writes nothing.
 pub(crate) fn write_status(shared: &Shared, room: &Room, now: i64, last: &mut Option<(Status, i64)>) {
     let mut st = room.status(now);
-    st.phone_url = phone_url(shared);
+    decorate(shared, &mut st);
     let mut still = st.clone();
     (still.session_ns, still.beat) = (0, 0.0);
     if last
@@ -41,3 +41,23 @@ pub(crate) fn write_status(shared: &Shared, room: &Room, now: i64, last: &mut Op
     *last = Some((still, now));
 }
 
+
+/// What the node adds to the room's status: the phone URL, Link and the mirror.
+pub(crate) fn decorate(shared: &Shared, st: &mut Status) {
+    use std::sync::atomic::Ordering::Relaxed;
+    st.phone_url = phone_url(shared);
+    if let Some(l) = &shared.cfg.link {
+        st.link = crate::core::room::LinkInfo {
+            enabled: l.enabled.load(Relaxed),
+            peers: l.peers.load(Relaxed),
+        };
+    }
+    if let Some(m) = &shared.cfg.mirror_stats {
+        st.redis = match m.snapshot().state {
+            crate::mirror::MirrorState::Connected => "connected",
+            crate::mirror::MirrorState::Stale => "stale",
+            crate::mirror::MirrorState::Off => "off",
+        }
+        .into();
+    }
+}
