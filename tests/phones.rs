@@ -360,7 +360,11 @@ async fn fake(limits: GatewayLimits, pin: Option<&str>) -> Fake {
         cell: cell.clone(),
         clock: NodeClock::real(),
         changes: changes_rx,
+        status: tokio::sync::watch::channel(None).1,
         control_pin: pin.map(str::to_string),
+        // no PIN: anyone may change (the room opted out), as these tests expect
+        control_open: true,
+        allowed_hosts: bandsync::web::hosts::AllowedHosts::local_only(),
         limits,
         stats: stats.clone(),
     };
@@ -1027,14 +1031,14 @@ impl Drop for Daemon {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn running_node_serves_phones() {
-    let d = Daemon::start(&["--play"]);
+    let d = Daemon::start(&["--play", "--control-pin", "2468"]);
     let (mut a, snap) = d.phone().await;
     let (mut b, _) = d.phone().await;
     assert_eq!(snap["name"], "phonebox");
     assert_eq!(snap["boxes"], 1);
     assert_eq!(snap["now"]["playing"], true, "{snap}");
     assert_eq!(snap["now"]["bpm"], 120.0);
-    assert_eq!(snap["pin_required"], false);
+    assert_eq!(snap["pin_required"], true);
     let (code, page) = http_get(d.http, "/").await;
     assert_eq!(code, 200);
     assert!(page.contains("window.bandsync"));
@@ -1078,7 +1082,7 @@ async fn running_node_serves_phones() {
 
     // a change from one phone reaches both, on a future beat
     let (mut a, _) = d.phone().await;
-    a.send_json(json!({"type": "set_tempo", "bpm": 133})).await;
+    a.send_json(json!({"type": "set_tempo", "bpm": 133, "pin": "2468"})).await;
     a.expect("ack").await;
     for p in [&mut a, &mut b] {
         let s = loop {
@@ -1645,7 +1649,7 @@ async fn load_many_phones() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(200);
-    let d = Daemon::start(&["--play"]);
+    let d = Daemon::start(&["--play", "--control-pin", "2468"]);
     let (mut ctl, _) = d.phone().await;
     let pid = d.child.id();
     let (rss0, _) = proc_stat(pid);
@@ -1684,7 +1688,7 @@ async fn load_many_phones() {
     let (_, cpu_b) = proc_stat(pid);
     let changes = 20;
     for i in 0..changes {
-        ctl.send_json(json!({"type": "set_tempo", "bpm": 100 + i, "quantum": "beat"}))
+        ctl.send_json(json!({"type": "set_tempo", "bpm": 100 + i, "quantum": "beat", "pin": "2468"}))
             .await;
         ctl.until("ack").await;
         tokio::time::sleep(Duration::from_millis(500)).await;

@@ -212,6 +212,10 @@ pub fn run(cfg: RunConfig, clock: NodeClock) -> anyhow::Result<()> {
         let (handle, inbox) = net::channel();
         let link = link_cfg.map(|c| crate::net::link::start(c, clock, cell.clone(), handle.clone(), link_stats.clone()));
         let (published_tx, published_rx) = tokio::sync::watch::channel(0u64);
+        // TODO(room task): publish the room's Status into `status_tx` every ~250 ms and on
+        // every change (until then the web layer polls the room itself, bounded).
+        #[allow(unused_variables)]
+        let (status_tx, status_rx) = tokio::sync::watch::channel(None);
         let http_state = crate::web::http::HttpState {
             room: handle,
             audio: stats.clone(),
@@ -219,7 +223,11 @@ pub fn run(cfg: RunConfig, clock: NodeClock) -> anyhow::Result<()> {
             cell: cell.clone(),
             clock,
             changes: published_rx,
+            status: status_rx,
             control_pin: control_pin.clone(),
+            // TODO(config): `control_open = true` opts a room out of the PIN
+            control_open: false,
+            allowed_hosts: crate::web::hosts::AllowedHosts::for_box(&[&cfg.name, &node_id]),
             limits: crate::web::gateway::GatewayLimits::default(),
             stats: Arc::new(crate::web::gateway::GatewayStats::default()),
         };

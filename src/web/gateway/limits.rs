@@ -29,6 +29,8 @@ pub struct GatewayLimits {
     pub max_bad_pins: u32,
     /// Change requests waiting on the room at once (all connections).
     pub max_control_in_flight: usize,
+    /// PIN guessing: per-source lockouts and the box's rate of wrong PINs.
+    pub pins: super::pin::PinLimits,
 }
 
 impl Default for GatewayLimits {
@@ -44,6 +46,7 @@ impl Default for GatewayLimits {
             idle_timeout: Duration::from_secs(90),
             max_bad_pins: 5,
             max_control_in_flight: 8,
+            pins: super::pin::PinLimits::default(),
         }
     }
 }
@@ -66,7 +69,7 @@ pub struct GatewayStats {
     /// Time the last broadcast took to queue for every client, µs.
     pub broadcast_last_us: AtomicU64,
     /// `error`s sent, by [`ErrorCode`] (indexed like [`ErrorCode::ALL`]).
-    pub errors: [AtomicU64; 11],
+    pub errors: [AtomicU64; 12],
     /// Messages dropped by the rate limit.
     pub rate_limited: AtomicU64,
     /// Connections closed for flooding or PIN guessing.

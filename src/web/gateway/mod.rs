@@ -23,8 +23,12 @@
 //! | `seek` | `beat` (integer), `pin`? | `error` `not_supported` (see below) |
 //! | `heartbeat` | — | nothing (keeps the connection from idling out) |
 //!
-//! `pin` is a string: required on `set_tempo`, `set_meter`, `play`, `pause` and `seek`
-//! when the node has a control PIN (`--control-pin`), ignored otherwise. `quantum` is
+//! Who may change the room ([`Control`], the snapshot's `control`): with a control PIN
+//! (`--control-pin`, `"pin"`), `pin` (a string) is required on `set_tempo`,
+//! `set_meter`, `play`, `pause` and `seek`; with no PIN, no phone may change anything
+//! (`"off"`: `error` `pin_required`, "this room has no control PIN set; control from
+//! phones is off") unless the room opted out of the PIN (`control_open`, `"open"`: no
+//! `pin` needed, one given is ignored). `quantum` is
 //! `"beat"` or `"bar"` (default: the room's, usually the next bar). Changes are never
 //! applied "now": the leader schedules them on a quantized beat at least 200 ms ahead,
 //! and the `snapshot` that follows carries that beat as a new segment, so every phone
@@ -43,7 +47,8 @@
 //! * `snapshot` — the whole timeline:
 //!   `{"type":"snapshot","segments":[{"t0_us","b0","bpm","mbpm","meter","downbeat","playing"}…],
 //!   "epoch","gen","node","name","leader","leader_name","role","boxes","server_time_us",
-//!   "pin_required","now":{"beat","bpm","meter","playing"}}`.
+//!   "pin_required","control","now":{"beat","bpm","meter","playing"}}`; `control` is
+//!   `"pin"`, `"open"` or `"off"` (see above), `pin_required` is true unless `"open"`.
 //!   Segments are in beat order; the first one also governs every time before its own
 //!   `t0_us`, each later one starts at its integer beat `b0` at `t0_us`. For session time
 //!   `t` the segment is the last with `t0_us ≤ t`, and
@@ -70,8 +75,11 @@
 //!   binary, or invalid UTF-8 (then closed `1007`)), `unknown_type` (field `type`), `unknown_field` (field: its name),
 //!   `bad_field` (a value of the wrong type or out of range; field: its name),
 //!   `too_large` (the connection is then closed), `pin_required`, `bad_pin` (field
-//!   `pin`), `not_supported`, `busy` (too many changes in flight, or the room did not
-//!   answer in time) and `refused` (the room refused the change; reason says why).
+//!   `pin`; with `retry_after_s` when this wrong PIN locked the address out),
+//!   `locked_out` (field `pin`, `retry_after_s`: too many wrong PINs from this address,
+//!   the PIN was not checked; or too many on the whole box), `not_supported`, `busy`
+//!   (too many changes in flight, or the room did not answer in time) and `refused`
+//!   (the room refused the change; reason says why).
 //!   An `error` never changes anything and never closes the connection, except where
 //!   said.
 //! * `rate_limit_exceeded` — `{"type":"rate_limit_exceeded","reason","retry_after_ms",
@@ -79,7 +87,10 @@
 //!
 //! ## Limits ([`GatewayLimits`])
 //!
-//! * **Connections**: at most `max_connections` (2000); beyond it `GET /ws` answers
+//! * **Who**: `GET /ws` is refused (403) unless its `Host` is one of the box's names or
+//!   addresses and its `Origin`, if any, names one of them (see [`crate::web::http`]).
+//! * **Connections**: at most `max_connections` (2000, lowered to fit `RLIMIT_NOFILE`);
+//!   beyond it `GET /ws` answers
 //!   `503 Service Unavailable` with a `Retry-After` header and a plain-text reason.
 //! * **Message size**: `max_message_bytes` (4096) per message: `error` `too_large`,
 //!   then close `1009`. The WebSocket layer itself stops reading at 16× that (at least
@@ -88,7 +99,14 @@
 //!   a `burst` (40); WebSocket pings count too. A message over the limit is dropped with
 //!   `rate_limit_exceeded`. Each dropped message adds one to an abuse score that decays
 //!   by one per second; past `abuse_after` (50) the connection is closed (`1008`).
-//! * **Bad PINs**: after `max_bad_pins` (5) wrong PINs a connection is closed (`1008`).
+//! * **Bad PINs** (`pins`, see [`PinLimits`]): per source address (IPv6: per /64), 3
+//!   wrong PINs are free, then each locks the address out for 1 s, 2 s, 4 s, … up to
+//!   5 min, across connections; a locked-out address gets `locked_out` and its PIN is
+//!   not compared. Beyond 10 wrong PINs per second on the whole box, every further
+//!   wrong PIN locks its address out at once. A right PIN from an address that is not
+//!   locked out always works at once (it is compared first, in constant time). The
+//!   table holds at most 4096 addresses. A connection is closed (`1008`) after
+//!   `max_bad_pins` (5) wrong or refused PINs.
 //! * **Slow clients**: every joined client has a queue of `send_queue` (32) messages.
 //!   Broadcasts `try_send` into it and never wait: a client whose queue is full is
 //!   dropped (closed `1013`), as is one whose socket takes longer than `send_timeout`
@@ -130,6 +148,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use serde_json::{Map, Value};
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, Once, Weak};
 use std::time::Duration;
@@ -137,12 +156,15 @@ use tokio::sync::{mpsc, Notify, Semaphore};
 use tokio::time::Instant;
 
 mod limits;
+mod pin;
 mod protocol;
 
 pub use limits::{GatewayLimits, GatewayStats, Histogram};
+pub use pin::{PinLimits, PinStats};
 pub use protocol::ErrorCode;
+use pin::{PinGuard, Verdict};
 use limits::hard_cap;
-use protocol::{bad, bad_field, check_id, check_text, ct_eq, fields_of, integer, number, Bad};
+use protocol::{bad, bad_field, check_id, check_text, fields_of, integer, number, Bad};
 
 /// The phone page (one self-contained file: no CDN, works offline).
 pub const PAGE: &str = include_str!("../phone/index.html");
@@ -260,19 +282,53 @@ impl Kick {
     }
 }
 
+/// Who may change the room from a phone.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Control {
+    /// Whoever has the PIN.
+    Pin(String),
+    /// Anyone (the room opted out of the PIN: `control_open`).
+    Open,
+    /// No one: the room has no PIN and did not opt out.
+    Off,
+}
+
+impl Control {
+    /// From the PIN (empty: none) and the `control_open` opt-out.
+    pub fn from(pin: Option<&str>, open: bool) -> Control {
+        match pin.filter(|p| !p.is_empty()) {
+            Some(p) => Control::Pin(p.to_string()),
+            None if open => Control::Open,
+            None => Control::Off,
+        }
+    }
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Control::Pin(_) => "pin",
+            Control::Open => "open",
+            Control::Off => "off",
+        }
+    }
+}
+
+/// Why control is off, as phones are told.
+const CONTROL_OFF: &str = "this room has no control PIN set; control from phones is off";
+
 struct Inner {
     cell: Arc<SnapshotCell>,
     clock: NodeClock,
     changes: tokio::sync::watch::Receiver<u64>,
     room: RoomHandle,
-    pin: Option<String>,
+    control: Control,
+    pins: PinGuard,
+    log: crate::web::guard::RateLog,
     limits: GatewayLimits,
     stats: Arc<GatewayStats>,
     clients: Mutex<HashMap<u64, Client>>,
     next_id: AtomicU64,
     open: AtomicUsize,
     meta: Mutex<Meta>,
-    control: Arc<Semaphore>,
+    in_flight: Arc<Semaphore>,
     publisher: Once,
 }
 
@@ -289,8 +345,10 @@ impl Gateway {
             clock: st.clock,
             changes: st.changes.clone(),
             room: st.room.clone(),
-            pin: st.control_pin.clone().filter(|p| !p.is_empty()),
-            control: Arc::new(Semaphore::new(limits.max_control_in_flight.max(1))),
+            control: Control::from(st.control_pin.as_deref(), st.control_open),
+            pins: PinGuard::new(limits.pins.clone()),
+            log: crate::web::guard::RateLog::new(Duration::from_secs(10)),
+            in_flight: Arc::new(Semaphore::new(limits.max_control_in_flight.max(1))),
             limits,
             stats: st.stats.clone(),
             clients: Mutex::new(HashMap::new()),
@@ -304,6 +362,26 @@ impl Gateway {
     /// Open WebSockets.
     pub fn open(&self) -> usize {
         self.0.open.load(Relaxed)
+    }
+
+    /// Who may change the room.
+    pub fn control(&self) -> &Control {
+        &self.0.control
+    }
+
+    /// PIN guessing counters.
+    pub fn pin_stats(&self) -> &PinStats {
+        &self.0.pins.stats
+    }
+
+    /// Sources locked out from PIN guessing now.
+    pub fn locked_sources(&self) -> usize {
+        self.0.pins.locked_sources()
+    }
+
+    /// Log lines about phones left out by the log rate limit.
+    pub fn logs_suppressed(&self) -> u64 {
+        self.0.log.suppressed.load(Relaxed)
     }
 
     fn ensure_publisher(&self) {
@@ -366,7 +444,7 @@ impl Inner {
 
     fn snapshot(&self, id: Option<&Value>) -> Value {
         let (snap, now) = self.now();
-        snapshot_value(&snap, now, &self.meta(), self.pin.is_some(), id)
+        snapshot_value(&snap, now, &self.meta(), &self.control, id)
     }
 
     fn room_stats(&self) -> Value {
@@ -433,7 +511,7 @@ fn snapshot_value(
     snap: &AudioSnapshot,
     now: i64,
     m: &Meta,
-    pin_required: bool,
+    control: &Control,
     id: Option<&Value>,
 ) -> Value {
     let tl = &snap.timeline;
@@ -460,7 +538,8 @@ fn snapshot_value(
         "leader": m.leader, "leader_name": m.leader_name,
         "boxes": m.boxes.max(1),
         "server_time_us": to_us(now),
-        "pin_required": pin_required,
+        "pin_required": *control != Control::Open,
+        "control": control.as_str(),
         "now": {
             "beat": tl.beat_at(now).as_f64(),
             "bpm": cur.tempo.bpm(),
@@ -520,15 +599,27 @@ async fn publisher(weak: Weak<Inner>, mut changes: tokio::sync::watch::Receiver<
     }
 }
 
+/// The address a request came from (set by the HTTP server for every connection).
+#[derive(Clone, Copy, Debug)]
+pub struct Peer(pub std::net::SocketAddr);
+
 /// `GET /ws`.
-pub async fn ws_handler(State(gw): State<Gateway>, ws: WebSocketUpgrade) -> Response {
+pub async fn ws_handler(
+    State(gw): State<Gateway>,
+    peer: Option<axum::Extension<Peer>>,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let peer = peer.map(|p| p.0 .0.ip());
     gw.ensure_publisher();
     let Some(slot) = gw.admit() else {
         gw.0.stats.refused_full.fetch_add(1, Relaxed);
-        tracing::debug!(
-            limit = gw.0.limits.max_connections,
-            "phone refused: connection cap"
-        );
+        if let Some(left_out) = gw.0.log.allow("ws_cap") {
+            tracing::info!(
+                limit = gw.0.limits.max_connections,
+                left_out,
+                "phone refused: connection cap (one line per 10 s)"
+            );
+        }
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             [(header::RETRY_AFTER, "5")],
@@ -547,7 +638,7 @@ pub async fn ws_handler(State(gw): State<Gateway>, ws: WebSocketUpgrade) -> Resp
         .max_write_buffer_size(256 * 1024)
         .on_upgrade(move |socket| async move {
             gw.0.stats.connections_total.fetch_add(1, Relaxed);
-            Conn::new(gw, socket).run().await;
+            Conn::new(gw, socket, peer).run().await;
             drop(slot);
         })
 }
@@ -569,6 +660,8 @@ struct Conn {
     gw: Gateway,
     socket: WebSocket,
     id: u64,
+    /// Where it comes from (PIN lockouts are per source).
+    peer: Option<IpAddr>,
     tx: mpsc::Sender<Out>,
     rx: mpsc::Receiver<Out>,
     kick: Arc<Kick>,
@@ -579,7 +672,7 @@ struct Conn {
 }
 
 impl Conn {
-    fn new(gw: Gateway, socket: WebSocket) -> Conn {
+    fn new(gw: Gateway, socket: WebSocket, peer: Option<IpAddr>) -> Conn {
         let (tx, rx) = mpsc::channel(gw.0.limits.send_queue.max(1));
         let id = gw.0.next_id.fetch_add(1, Relaxed);
         let burst = gw.0.limits.burst.max(1) as f64;
@@ -587,6 +680,7 @@ impl Conn {
             gw,
             socket,
             id,
+            peer,
             tx,
             rx,
             kick: Arc::new(Kick::default()),
@@ -700,7 +794,9 @@ impl Conn {
             Ok(Err(_)) => false,
             Err(_) => {
                 self.inner().stats.dropped_slow.fetch_add(1, Relaxed);
-                tracing::debug!(conn = self.id, "phone too slow to take a message; dropped");
+                if let Some(left_out) = self.inner().log.allow("slow") {
+                    tracing::debug!(conn = self.id, left_out, "phone too slow to take a message; dropped");
+                }
                 false
             }
         }
@@ -716,6 +812,9 @@ impl Conn {
             serde_json::json!({"type": "error", "code": b.code.as_str(), "reason": b.reason});
         if let Some(f) = b.field {
             v["field"] = Value::String(f);
+        }
+        if let Some(s) = b.retry_after_s {
+            v["retry_after_s"] = Value::from(s);
         }
         if let Some(r) = request {
             v["request"] = Value::String(r.to_string());
@@ -758,7 +857,9 @@ impl Conn {
             .await;
             return Next::Close(CLOSE_BAD_DATA, "invalid UTF-8");
         }
-        tracing::debug!(conn = self.id, error = %all, "WebSocket read error");
+        if let Some(left_out) = self.inner().log.allow("ws_read") {
+            tracing::debug!(conn = self.id, error = %all, left_out, "WebSocket read error");
+        }
         Next::Close(CLOSE_PROTOCOL, "WebSocket protocol error")
     }
 
@@ -784,7 +885,9 @@ impl Conn {
         self.gw.0.stats.rate_limited.fetch_add(1, Relaxed);
         if b.abuse > abuse_after {
             self.gw.0.stats.closed_abuse.fetch_add(1, Relaxed);
-            tracing::info!(conn = self.id, "phone flooding; closed");
+            if let Some(left_out) = self.gw.0.log.allow("flood") {
+                tracing::info!(conn = self.id, peer = ?self.peer, left_out, "phone flooding; closed (one line per 10 s)");
+            }
             return Err(Next::Close(CLOSE_POLICY, "rate limit: too many messages"));
         }
         if b.last_notice
@@ -916,6 +1019,7 @@ impl Conn {
                 code: ErrorCode::UnknownField,
                 reason: format!("{ty} has no field {k:?}"),
                 field: Some(k),
+                retry_after_s: None,
             };
             return self.reply_error(b, Some(&ty), id.as_ref()).await;
         }
@@ -1076,33 +1180,57 @@ impl Conn {
             }
             Some(_) => return Err(bad_field("pin", "pin must be a string")),
         };
-        let Some(want) = self.inner().pin.clone() else {
-            return Ok(None);
+        let want = match &self.inner().control {
+            Control::Open => return Ok(None),
+            Control::Off => return Err(bad(ErrorCode::PinRequired, Some("pin"), CONTROL_OFF)),
+            Control::Pin(p) => p.clone(),
         };
-        match given {
-            None => Err(bad(
+        let Some(given) = given else {
+            return Err(bad(
                 ErrorCode::PinRequired,
                 Some("pin"),
                 "this box needs the control PIN to change anything",
-            )),
-            Some(p) if ct_eq(p.as_bytes(), want.as_bytes()) => Ok(None),
-            Some(_) => {
-                self.bad_pins += 1;
-                let max = self.inner().limits.max_bad_pins;
-                self.send_error(
-                    bad(ErrorCode::BadPin, Some("pin"), "wrong control PIN"),
-                    Some(ty),
-                    id,
+            ));
+        };
+        let secs = |d: Duration| d.as_secs() + u64::from(d.subsec_nanos() > 0);
+        let b = match self.inner().pins.check(self.peer, given.as_bytes(), want.as_bytes()) {
+            Verdict::Ok => return Ok(None),
+            Verdict::Wrong(None) => bad(ErrorCode::BadPin, Some("pin"), "wrong control PIN"),
+            Verdict::Wrong(Some(d)) => Bad {
+                retry_after_s: Some(secs(d)),
+                ..bad(
+                    ErrorCode::BadPin,
+                    Some("pin"),
+                    format!("wrong control PIN; too many from your address: wait {} s before the next try", secs(d)),
                 )
-                .await;
-                if self.bad_pins >= max {
-                    self.inner().stats.closed_abuse.fetch_add(1, Relaxed);
-                    tracing::info!(conn = self.id, "too many wrong PINs; phone closed");
-                    return Ok(Some(Next::Close(CLOSE_POLICY, "too many wrong PINs")));
-                }
-                Ok(Some(Next::Go))
+            },
+            Verdict::LockedOut(d) => Bad {
+                retry_after_s: Some(secs(d)),
+                ..bad(
+                    ErrorCode::LockedOut,
+                    Some("pin"),
+                    format!("too many wrong PINs from your address: try again in {} s (this PIN was not checked)", secs(d)),
+                )
+            },
+            Verdict::Throttled(d) => Bad {
+                retry_after_s: Some(secs(d)),
+                ..bad(
+                    ErrorCode::LockedOut,
+                    Some("pin"),
+                    format!("wrong control PIN, and too many wrong PINs on this box right now: try again in {} s", secs(d)),
+                )
+            },
+        };
+        self.bad_pins += 1;
+        self.send_error(b, Some(ty), id).await;
+        if self.bad_pins >= self.inner().limits.max_bad_pins {
+            self.inner().stats.closed_abuse.fetch_add(1, Relaxed);
+            if let Some(left_out) = self.inner().log.allow("bad_pins") {
+                tracing::info!(conn = self.id, peer = ?self.peer, left_out, "too many wrong PINs; phone closed (one line per 10 s)");
             }
+            return Ok(Some(Next::Close(CLOSE_POLICY, "too many wrong PINs")));
         }
+        Ok(Some(Next::Go))
     }
 
     fn request_change(
@@ -1122,7 +1250,7 @@ impl Conn {
         if self.control_busy.swap(true, Relaxed) {
             return Err(busy());
         }
-        let Ok(permit) = self.inner().control.clone().try_acquire_owned() else {
+        let Ok(permit) = self.inner().in_flight.clone().try_acquire_owned() else {
             self.control_busy.store(false, Relaxed);
             return Err(bad(
                 ErrorCode::Busy,
@@ -1187,6 +1315,7 @@ pub async fn page() -> impl IntoResponse {
 
 #[cfg(test)]
 mod tests {
+    use super::protocol::ct_eq;
     use super::*;
 
     #[test]

@@ -20,10 +20,11 @@ pub enum ErrorCode {
     NotSupported,
     Busy,
     Refused,
+    LockedOut,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 11] = [
+    pub const ALL: [ErrorCode; 12] = [
         ErrorCode::BadJson,
         ErrorCode::BadMessage,
         ErrorCode::UnknownType,
@@ -35,6 +36,7 @@ impl ErrorCode {
         ErrorCode::NotSupported,
         ErrorCode::Busy,
         ErrorCode::Refused,
+        ErrorCode::LockedOut,
     ];
     pub fn as_str(self) -> &'static str {
         match self {
@@ -49,6 +51,7 @@ impl ErrorCode {
             ErrorCode::NotSupported => "not_supported",
             ErrorCode::Busy => "busy",
             ErrorCode::Refused => "refused",
+            ErrorCode::LockedOut => "locked_out",
         }
     }
 }
@@ -59,6 +62,8 @@ pub(super) struct Bad {
     pub(super) code: ErrorCode,
     pub(super) field: Option<String>,
     pub(super) reason: String,
+    /// Seconds to wait before trying again (`locked_out`).
+    pub(super) retry_after_s: Option<u64>,
 }
 
 pub(super) fn bad(code: ErrorCode, field: Option<&str>, reason: impl Into<String>) -> Bad {
@@ -66,6 +71,7 @@ pub(super) fn bad(code: ErrorCode, field: Option<&str>, reason: impl Into<String
         code,
         field: field.map(str::to_string),
         reason: reason.into(),
+        retry_after_s: None,
     }
 }
 
