@@ -104,6 +104,14 @@ enum Cmd {
         #[arg(long, value_name = "PATH")]
         room_key_file: Option<PathBuf>,
     },
+    /// Print the room's control PIN: phones need it to change tempo or transport
+    /// (generated on first start, replicated through the room; the state dir holds the
+    /// one in force). Set it with `bandsync run --control-pin`.
+    ControlPin {
+        /// State dir holding the PIN (default as for `bandsync run`).
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+    },
 }
 
 /// How the CLI finds and authenticates to the room.
@@ -382,6 +390,13 @@ fn main() {
                 bandsync::sys::state::ensure_dir(&dir)?;
                 let key = bandsync::net::auth::RoomKey::load(room_key_file.as_deref(), &dir)?;
                 println!("{}", key.to_hex());
+                Ok(())
+            }
+            Cmd::ControlPin { state_dir } => {
+                let dir = state_dir.unwrap_or_else(bandsync::node::config::default_state_dir);
+                bandsync::sys::state::ensure_dir(&dir)?;
+                let pin = bandsync::sys::state::control_pin(&dir)?;
+                println!("{pin}");
                 Ok(())
             }
             Cmd::Devices => {

@@ -364,6 +364,7 @@ async fn fake(limits: GatewayLimits, pin: Option<&str>) -> Fake {
         control_pin: pin.map(str::to_string),
         // no PIN: anyone may change (the room opted out), as these tests expect
         control_open: true,
+        control_updates: None,
         allowed_hosts: bandsync::web::hosts::AllowedHosts::local_only(),
         limits,
         stats: stats.clone(),

@@ -1145,6 +1145,7 @@ impl Sim {
                     self.slots[s].persisted = Some(p);
                 }
                 Action::Note(n) => self.room_note(i, n),
+                Action::ControlPin(_) => {}
             }
         }
     }

@@ -704,6 +704,7 @@ async fn fake(pin: Option<&str>, open: bool, limits: HttpLimits) -> Fake {
         status: status_rx,
         control_pin: pin.map(str::to_string),
         control_open: open,
+        control_updates: None,
         allowed_hosts: AllowedHosts::local_only(),
         limits: GatewayLimits::default(),
         stats: Arc::new(GatewayStats::default()),
@@ -841,6 +842,8 @@ async fn health_reads_the_published_status() {
         decided: Default::default(),
         link: Default::default(),
         redis: "off".into(),
+        control_pin: None,
+        control: "pin".into(),
         phone_url: None,
     };
     f._status.send_replace(Some(st));

@@ -175,6 +175,17 @@ pub fn format_status(s: &Status) -> String {
     if let Some(u) = &s.phone_url {
         out.push_str(&format!("phones   {u}\n"));
     }
+    match (&s.control_pin, s.control.as_str()) {
+        (Some(p), _) => out.push_str(&format!("control  PIN {p} (phones need it to change anything)\n")),
+        (None, "open") => out.push_str("control  open: any phone may change tempo and transport\n"),
+        _ => {}
+    }
+    if !s.decided.is_default() {
+        out.push_str(&format!("decided  {}\n", s.decided));
+    }
+    if s.link.enabled {
+        out.push_str(&format!("link     {} app(s)\n", s.link.peers));
+    }
     out.push_str(&format_peers(s));
     out
 }

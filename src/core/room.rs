@@ -158,6 +158,8 @@ pub enum Action {
     Note(Note),
     /// Save this (atomically, off the clock loop).
     Persist(Persisted),
+    /// The room's control PIN changed (`None`: open): phones now need this one.
+    ControlPin(Option<String>),
 }
 
 struct Peer {
@@ -251,6 +253,13 @@ pub struct Status {
     /// Ableton Link on this box (filled in by the node).
     #[serde(default)]
     pub link: LinkInfo,
+    /// The control PIN: only in answers to the authenticated CLI (`bandsync status`),
+    /// never on `/health`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control_pin: Option<String>,
+    /// Who may change the room from a phone: "pin" or "open".
+    #[serde(default)]
+    pub control: String,
     /// The Redis mirror: "connected", "stale" or "off" (filled in by the node).
     #[serde(default = "off")]
     pub redis: String,
@@ -316,6 +325,10 @@ pub struct Room {
     /// The decision that made the timeline, and the one that made the pin.
     decided: Stamp,
     pin_decided: Stamp,
+    /// The room's control PIN for phones (`None`: the room opted out, control is open),
+    /// a last-writer-wins record like the pin.
+    control_pin: Option<String>,
+    control_decided: Stamp,
     hlc: Hlc,
     /// A leader moving onto a peer's newer decision at a bar of the peer's timeline.
     merge: Option<Merge>,
@@ -342,6 +355,11 @@ pub struct Persisted {
     pub decided: Stamp,
     #[serde(default)]
     pub pin_decided: Stamp,
+    /// The room's control PIN (`None`: open) and the decision that set it.
+    #[serde(default)]
+    pub control_pin: Option<String>,
+    #[serde(default)]
+    pub control_decided: Stamp,
     /// The box's hybrid logical clock, so a decision after a restart is later than
     /// every one it had seen.
     #[serde(default)]
@@ -392,6 +410,8 @@ impl Room {
             persist: true,
             decided: Stamp::DEFAULT,
             pin_decided: Stamp::DEFAULT,
+            control_pin: None,
+            control_decided: Stamp::DEFAULT,
             hlc: Hlc::default(),
             merge: None,
         }
@@ -413,6 +433,17 @@ impl Room {
     }
     pub fn pin_decided(&self) -> &Stamp {
         &self.pin_decided
+    }
+
+    /// Set the control PIN this box starts with (its own, the flag's, or the saved
+    /// room's) and the decision that made it; the room then keeps the latest.
+    pub fn set_control_pin(&mut self, pin: Option<String>, stamp: Stamp) {
+        self.control_pin = pin;
+        self.control_decided = stamp;
+    }
+    /// The room's control PIN (`None`: control from phones is open).
+    pub fn control_pin(&self) -> Option<&str> {
+        self.control_pin.as_deref()
     }
     pub fn hlc(&self) -> Hlc {
         self.hlc
@@ -587,7 +618,8 @@ impl Room {
         // Stamps from a clock out of reach are refused: the peer still counts as alive
         // (it clicks with the room), but none of its records can win here.
         let stamps_ok = self.observe(from, &a.decided, now, out)
-            && self.observe(from, &a.pin_decided, now, out);
+            && self.observe(from, &a.pin_decided, now, out)
+            && self.observe(from, &a.control_decided, now, out);
         let p = self.peers.get_mut(from).expect("checked above");
         p.last_heard = now;
         // A follower takes its leader's records when they are newer — also from an
@@ -623,9 +655,22 @@ impl Room {
             }
             self.persist = true;
         }
+        // The control PIN: last writer wins, like the pin.
+        let control_wins = a.control_decided > self.control_decided
+            || (adopt && a.control_decided == self.control_decided);
+        if a.session == self.session && stamps_ok && control_wins && a.control_pin != self.control_pin {
+            self.control_pin = a.control_pin.clone();
+            self.control_decided = a.control_decided.clone();
+            self.persist = true;
+            self.dirty = true;
+            out.push(Action::ControlPin(self.control_pin.clone()));
+        } else if a.session == self.session && stamps_ok && control_wins {
+            self.control_decided = a.control_decided.clone();
+        }
         let mut kept = a.clone();
         if !stamps_ok {
-            (kept.decided, kept.pin_decided) = (Stamp::DEFAULT, Stamp::DEFAULT);
+            (kept.decided, kept.pin_decided, kept.control_decided) =
+                (Stamp::DEFAULT, Stamp::DEFAULT, Stamp::DEFAULT);
         }
         p.announce = Some(kept);
         if adopt {
@@ -751,6 +796,8 @@ impl Room {
             peers: self.peer_status(now),
             decided: self.decided.clone(),
             link: LinkInfo::default(),
+            control_pin: None,
+            control: if self.control_pin.is_some() { "pin" } else { "open" }.into(),
             redis: off(),
             phone_url: None,
         }
@@ -820,6 +867,8 @@ impl Room {
             pinned: self.pinned.clone(),
             decided: self.decided.clone(),
             pin_decided: self.pin_decided.clone(),
+            control_pin: self.control_pin.clone(),
+            control_decided: self.control_decided.clone(),
         }
     }
 
@@ -952,6 +1001,13 @@ impl Room {
         if a.pin_decided >= self.pin_decided {
             self.pinned = a.pinned.clone();
             self.pin_decided = a.pin_decided.clone();
+        }
+        if a.control_decided >= self.control_decided {
+            if a.control_pin != self.control_pin {
+                out.push(Action::ControlPin(a.control_pin.clone()));
+            }
+            self.control_pin = a.control_pin.clone();
+            self.control_decided = a.control_decided.clone();
         }
         if a.decided > self.decided {
             out.push(Action::Note(Note::Merged {
@@ -1234,6 +1290,8 @@ impl Room {
                 epoch: self.epoch,
                 decided: self.decided.clone(),
                 pin_decided: self.pin_decided.clone(),
+                control_pin: self.control_pin.clone(),
+                control_decided: self.control_decided.clone(),
                 hlc: self.hlc,
             }));
             self.persist = false;

@@ -96,6 +96,10 @@ pub struct Announce {
     pub decided: Stamp,
     /// The decision that made `pinned`.
     pub pin_decided: Stamp,
+    /// The room's control PIN for phones (`None`: open) — only ever sent to peers that
+    /// proved the room key, over the room's TLS connections.
+    pub control_pin: Option<String>,
+    pub control_decided: Stamp,
 }
 
 /// A change asked of the leader (by a follower relaying the CLI or a phone).
@@ -236,6 +240,15 @@ impl Frame {
                 check_counter("announce.version", a.version)?;
                 check_stamp("announce.decided", &a.decided)?;
                 check_stamp("announce.pin_decided", &a.pin_decided)?;
+                check_stamp("announce.control_decided", &a.control_decided)?;
+                if let Some(p) = &a.control_pin {
+                    if p.is_empty() || p.len() > 32 || p.chars().any(|c| c.is_control() || c.is_whitespace()) {
+                        return Err(WireError::Invalid {
+                            field: "announce.control_pin",
+                            why: "must be 1–32 characters without spaces".into(),
+                        });
+                    }
+                }
                 if let Some(p) = &a.pinned {
                     check_id("announce.pinned", p)?;
                 }
@@ -376,6 +389,8 @@ mod tests {
                 node: "0123456789abcdef".into(),
             },
             pin_decided: Stamp::DEFAULT,
+            control_pin: Some("123456".into()),
+            control_decided: Stamp::DEFAULT,
         })
     }
 
@@ -470,6 +485,8 @@ mod tests {
             pinned: None,
             decided: Stamp::DEFAULT,
             pin_decided: Stamp::DEFAULT,
+            control_pin: None,
+            control_decided: Stamp::DEFAULT,
         });
         assert!(matches!(
             Frame::decode(&bad_tl.encode()),

@@ -86,6 +86,11 @@ pub struct Settings {
     /// beat never needs it).
     #[arg(long, value_name = "PIN")]
     pub control_pin: Option<String>,
+    /// Who may change the room from a phone: "pin" (default: phones need the room's
+    /// control PIN, generated on first start, see `bandsync control-pin`) or "open"
+    /// (any phone on the Wi-Fi may change tempo and transport; logged as a warning).
+    #[arg(long, value_name = "pin|open")]
+    pub control: Option<String>,
     /// Mirror the session to Redis: redis://[user:pass@]host:port/db (optional).
     #[arg(long, value_name = "URL")]
     pub redis: Option<String>,
@@ -164,6 +169,8 @@ pub struct RunConfig {
     pub interfaces: Vec<String>,
     pub room_key_file: Option<PathBuf>,
     pub control_pin: Option<String>,
+    /// `control = "open"`: phones need no PIN (an explicit opt-out).
+    pub control_open: bool,
     pub redis: Option<String>,
     /// The board profile in use, if any.
     pub hw: Option<crate::node::hw::HwProfile>,
@@ -388,6 +395,20 @@ impl RunConfig {
                 );
             }
         }
+        let control_open = match args.control.as_deref().or(file.control.as_deref()) {
+            None | Some("pin") => false,
+            Some("open") => true,
+            Some(other) => bail!(
+                "{}: {other:?} is not \"pin\" or \"open\"",
+                src(args.control.is_some(), "control")
+            ),
+        };
+        if control_open && control_pin.is_some() {
+            bail!(
+                "{}: a control PIN and control = \"open\" contradict each other; choose one",
+                src(args.control_pin.is_some(), "control_pin")
+            );
+        }
         let redis = args.redis.clone().or(file.redis.clone());
         if let Some(u) = &redis {
             crate::mirror::RedisUrl::parse(u).map_err(|e| {
@@ -444,6 +465,7 @@ impl RunConfig {
             interfaces,
             room_key_file,
             control_pin,
+            control_open,
             redis,
             hw,
             link: args.link.or(file.link).unwrap_or(true),

@@ -37,6 +37,10 @@ pub struct MeshConfig {
     pub notify: Option<crate::sys::notify::Notifier>,
     /// The audio thread's counters: the watchdog is only fed while the click runs.
     pub audio: Arc<crate::audio::AudioStats>,
+    /// Where the room's status is published for `/health` and `/metrics`.
+    pub status_tx: Option<tokio::sync::watch::Sender<Option<crate::core::room::Status>>>,
+    /// Where the room's control PIN is published for the phone gateway.
+    pub control_tx: Option<tokio::sync::watch::Sender<Option<String>>>,
     /// Link's counters (for `status`), when Link runs.
     pub link: Option<Arc<crate::net::LinkStats>>,
     /// The mirror's counters (for `status`), with `--redis`.
@@ -310,7 +314,7 @@ pub async fn run(
                 if let Some(tx) = &shared.cfg.mirror {
                     update_mirror(tx, &shared.cfg.room, &room, now);
                 }
-                if now - last_status >= 500_000_000 {
+                if now - last_status >= 250_000_000 {
                     last_status = now;
                     write_status(&shared, &room, now, &mut status_written);
                 }
@@ -434,6 +438,20 @@ fn carry_out(
                 s.clock_gen = clock_gen;
                 shared.cell.write(&s);
                 shared.published.send_modify(|v| *v += 1);
+            }
+            Action::ControlPin(pin) => {
+                tracing::info!(open = pin.is_none(), "the room's control PIN changed (a later decision)");
+                if let Some(tx) = &shared.cfg.control_tx {
+                    tx.send_replace(pin.clone());
+                }
+                if let Some(p) = pin {
+                    let path = shared.cfg.state_dir.join("control-pin");
+                    tokio::task::spawn_blocking(move || {
+                        if let Err(e) = crate::sys::state::write_secret(&path, format!("{p}\n").as_bytes()) {
+                            tracing::warn!(error = %format!("{e:#}"), "cannot save the control PIN");
+                        }
+                    });
+                }
             }
             Action::Persist(p) => {
                 let path = shared.cfg.state_dir.join("session.json");
@@ -595,7 +613,11 @@ fn update_mirror(
 /// Answer the stage tech's CLI.
 fn answer(room: &mut Room, q: Query, now: i64, actions: &mut Vec<Action>) -> Reply {
     match q {
-        Query::Status => match serde_json::to_string(&room.status(now)) {
+        Query::Status => match serde_json::to_string(&crate::core::room::Status {
+            // the CLI proved the room key: it may see the PIN
+            control_pin: room.control_pin().map(str::to_string),
+            ..room.status(now)
+        }) {
             Ok(j) => Reply::Status(j),
             Err(e) => Reply::Error(format!("cannot encode status: {e}")),
         },

@@ -152,6 +152,8 @@ pub fn run(cfg: RunConfig, clock: NodeClock) -> anyhow::Result<()> {
         mirror: None,
         link: None,
         mirror_stats: None,
+        status_tx: None,
+        control_tx: None,
         notify: crate::sys::notify::Notifier::from_env(),
         audio: stats.clone(),
     };
@@ -181,6 +183,8 @@ pub fn run(cfg: RunConfig, clock: NodeClock) -> anyhow::Result<()> {
         epoch: 1,
         decided: Stamp::DEFAULT,
         pin_decided: Stamp::DEFAULT,
+        control_pin: None,
+        control_decided: Stamp::DEFAULT,
         hlc: Hlc::default(),
     });
     let hlc = restored.hlc;
@@ -197,10 +201,24 @@ pub fn run(cfg: RunConfig, clock: NodeClock) -> anyhow::Result<()> {
     room.set_pinned(restored.pinned.clone());
     room.restore_epoch(restored.epoch);
     room.set_decided(decided, restored.pin_decided.clone(), hlc);
+    // The control PIN: `control = "open"` and `--control-pin` are start-flag decisions;
+    // else the room's PIN as saved, else this box's own (made on first start). The room
+    // keeps the latest decision (`bandsync control-pin` prints the one in force).
+    let (control_pin, control_stamp) = if cfg.control_open {
+        tracing::warn!("control = \"open\": any phone on the network may change tempo and transport");
+        (None, Stamp::FLAGS)
+    } else if let Some(p) = &cfg.control_pin {
+        state::write_secret(&cfg.state_dir.join("control-pin"), format!("{p}\n").as_bytes())?;
+        (Some(p.clone()), Stamp::FLAGS)
+    } else if restored.control_decided != Stamp::DEFAULT || restored.control_pin.is_some() {
+        (restored.control_pin.clone(), restored.control_decided.clone())
+    } else {
+        (Some(state::control_pin(&cfg.state_dir)?), Stamp::DEFAULT)
+    };
+    room.set_control_pin(control_pin.clone(), control_stamp);
     let mesh_stats = Arc::new(MeshStats::default());
     let mirror_stats = Arc::new(crate::mirror::MirrorStats::default());
     let http_addr = cfg.http;
-    let control_pin = cfg.control_pin.clone();
     let link_stats = Arc::new(crate::net::LinkStats::default());
     let link_cfg = cfg.link.then(|| crate::net::link::LinkConfig {
         room: cfg.room.clone(),
@@ -212,10 +230,10 @@ pub fn run(cfg: RunConfig, clock: NodeClock) -> anyhow::Result<()> {
         let (handle, inbox) = net::channel();
         let link = link_cfg.map(|c| crate::net::link::start(c, clock, cell.clone(), handle.clone(), link_stats.clone()));
         let (published_tx, published_rx) = tokio::sync::watch::channel(0u64);
-        // TODO(room task): publish the room's Status into `status_tx` every ~250 ms and on
-        // every change (until then the web layer polls the room itself, bounded).
-        #[allow(unused_variables)]
+        // The room task publishes its status here (every tick it changes, and every
+        // 250 ms): /health and /metrics never wait on the clock loop.
         let (status_tx, status_rx) = tokio::sync::watch::channel(None);
+        let (control_tx, control_rx) = tokio::sync::watch::channel(control_pin.clone());
         let http_state = crate::web::http::HttpState {
             room: handle,
             audio: stats.clone(),
@@ -225,8 +243,8 @@ pub fn run(cfg: RunConfig, clock: NodeClock) -> anyhow::Result<()> {
             changes: published_rx,
             status: status_rx,
             control_pin: control_pin.clone(),
-            // TODO(config): `control_open = true` opts a room out of the PIN
-            control_open: false,
+            control_open: control_pin.is_none(),
+            control_updates: Some(control_rx),
             allowed_hosts: crate::web::hosts::AllowedHosts::for_box(&[&cfg.name, &node_id]),
             limits: crate::web::gateway::GatewayLimits::default(),
             stats: Arc::new(crate::web::gateway::GatewayStats::default()),
@@ -241,6 +259,8 @@ pub fn run(cfg: RunConfig, clock: NodeClock) -> anyhow::Result<()> {
         let reporter = tokio::spawn(report(cell.clone(), stats.clone(), clock));
         let mut mesh_cfg = mesh_cfg;
         mesh_cfg.http_port = http_port;
+        mesh_cfg.status_tx = Some(status_tx);
+        mesh_cfg.control_tx = Some(control_tx);
         mesh_cfg.link = link.is_some().then(|| link_stats.clone());
         if let Some(url) = redis {
             let (tx, rx) = tokio::sync::watch::channel(None);
@@ -296,6 +316,8 @@ fn restore_from_redis(url: &crate::mirror::RedisUrl, room: &str) -> Option<Persi
                 epoch: r.epoch,
                 decided: Stamp::DEFAULT,
                 pin_decided: Stamp::DEFAULT,
+                control_pin: None,
+                control_decided: Stamp::DEFAULT,
                 hlc: Hlc::default(),
             })
         }

@@ -12,11 +12,16 @@ pub(crate) fn phone_url(shared: &Shared) -> Option<String> {
     })
 }
 
-/// Rewrite `status.json` when anything but the clock (`session_ns`, `beat`) changed
-/// since the last write, and at least every 5 s: an idle box alone mostly writes nothing.
+/// Publish the status for `/health` and `/metrics` (every call), and rewrite
+/// `status.json` when anything but the clock (`session_ns`, `beat`) changed since the
+/// last write, and at least every 5 s: an idle box alone mostly writes nothing. The
+/// file is written on the blocking pool, never on the clock loop.
 pub(crate) fn write_status(shared: &Shared, room: &Room, now: i64, last: &mut Option<(Status, i64)>) {
     let mut st = room.status(now);
     decorate(shared, &mut st);
+    if let Some(tx) = &shared.cfg.status_tx {
+        tx.send_replace(Some(st.clone()));
+    }
     let mut still = st.clone();
     (still.session_ns, still.beat) = (0, 0.0);
     if last
@@ -28,19 +33,19 @@ pub(crate) fn write_status(shared: &Shared, room: &Room, now: i64, last: &mut Op
     let Ok(json) = serde_json::to_vec_pretty(&st) else {
         return;
     };
+    *last = Some((still, now));
     let p = shared.cfg.state_dir.join("status.json");
     let tmp = shared.cfg.state_dir.join(".status.json.tmp");
     // Not fsynced: it is a view, rebuilt every half second.
-    if std::fs::write(&tmp, &json)
-        .and_then(|_| std::fs::rename(&tmp, &p))
-        .is_err()
-    {
-        tracing::debug!(path = %p.display(), "cannot write status file");
-        return;
-    }
-    *last = Some((still, now));
+    tokio::task::spawn_blocking(move || {
+        if std::fs::write(&tmp, &json)
+            .and_then(|_| std::fs::rename(&tmp, &p))
+            .is_err()
+        {
+            tracing::debug!(path = %p.display(), "cannot write status file");
+        }
+    });
 }
-
 
 /// What the node adds to the room's status: the phone URL, Link and the mirror.
 pub(crate) fn decorate(shared: &Shared, st: &mut Status) {

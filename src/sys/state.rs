@@ -38,6 +38,14 @@ pub fn ensure_dir(dir: &Path) -> anyhow::Result<()> {
             .create(dir)
             .with_context(|| format!("cannot create state dir {}", dir.display()))?;
     }
+    // 0700 whoever created it (the keys, certificate and PIN live here)
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(dir)
+        .with_context(|| format!("cannot read state dir {}", dir.display()))?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("cannot make state dir {} private", dir.display()))?;
+    }
     Ok(())
 }
 
@@ -52,6 +60,39 @@ fn valid_id(s: &str) -> bool {
     s.len() == 16
         && s.bytes()
             .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
+}
+
+/// Write a secret (room key, control PIN): atomically, readable by the owner only.
+pub fn write_secret(path: &Path, data: &[u8]) -> anyhow::Result<()> {
+    write_atomic(path, data)?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("cannot make {} private", path.display()))
+}
+
+/// A valid control PIN: 1–32 characters, no spaces or control characters.
+pub fn valid_pin(p: &str) -> bool {
+    !p.is_empty() && p.len() <= 32 && !p.chars().any(|c| c.is_control() || c.is_whitespace())
+}
+
+/// The control PIN kept in the state dir (`control-pin`), if there is a valid one.
+pub fn read_control_pin(dir: &Path) -> Option<String> {
+    let s = std::fs::read_to_string(dir.join("control-pin")).ok()?;
+    let p = s.trim();
+    valid_pin(p).then(|| p.to_string())
+}
+
+/// The box's control PIN: the state dir's, or 6 random digits made (and kept, 0600)
+/// on first start.
+pub fn control_pin(dir: &Path) -> anyhow::Result<String> {
+    if let Some(p) = read_control_pin(dir) {
+        return Ok(p);
+    }
+    let mut b = [0u8; 8];
+    getrandom::fill(&mut b).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
+    let pin = format!("{:06}", u64::from_le_bytes(b) % 1_000_000);
+    write_secret(&dir.join("control-pin"), format!("{pin}\n").as_bytes())?;
+    Ok(pin)
 }
 
 /// The node's stable id: read from `node-id`, or generated once and kept.

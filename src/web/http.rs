@@ -76,6 +76,9 @@ fn app(
     log: Arc<RateLog>,
 ) -> Router {
     let gw = Gateway::new(&state);
+    if let Some(u) = state.control_updates.clone() {
+        gw.follow_control(u);
+    }
     let web = Web {
         st: state,
         gw: gw.clone(),

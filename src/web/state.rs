@@ -31,6 +31,10 @@ pub struct HttpState {
     /// PIN), `false` lets none (`error` `pin_required`: control from phones is off).
     /// Ignored when there is a PIN.
     pub control_open: bool,
+    /// The room's control PIN as it changes (replicated through the room: the latest
+    /// decision wins): `Some(pin)`, or `None` when the room opted out (open). `None`
+    /// here (tests): the PIN above never changes.
+    pub control_updates: Option<tokio::sync::watch::Receiver<Option<String>>>,
     /// The box's own names and addresses: `/ws` and every state-changing request need
     /// a `Host` among them and, if present, an `Origin` naming one of them.
     pub allowed_hosts: crate::web::hosts::AllowedHosts,

@@ -311,6 +311,12 @@ impl Control {
     }
 }
 
+impl Inner {
+    fn control(&self) -> Control {
+        self.control.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
 /// Why control is off, as phones are told.
 const CONTROL_OFF: &str = "this room has no control PIN set; control from phones is off";
 
@@ -319,7 +325,7 @@ struct Inner {
     clock: NodeClock,
     changes: tokio::sync::watch::Receiver<u64>,
     room: RoomHandle,
-    control: Control,
+    control: std::sync::RwLock<Control>,
     pins: PinGuard,
     log: crate::web::guard::RateLog,
     limits: GatewayLimits,
@@ -345,7 +351,10 @@ impl Gateway {
             clock: st.clock,
             changes: st.changes.clone(),
             room: st.room.clone(),
-            control: Control::from(st.control_pin.as_deref(), st.control_open),
+            control: std::sync::RwLock::new(Control::from(
+                st.control_pin.as_deref(),
+                st.control_open,
+            )),
             pins: PinGuard::new(limits.pins.clone()),
             log: crate::web::guard::RateLog::new(Duration::from_secs(10)),
             in_flight: Arc::new(Semaphore::new(limits.max_control_in_flight.max(1))),
@@ -364,9 +373,25 @@ impl Gateway {
         self.0.open.load(Relaxed)
     }
 
-    /// Who may change the room.
-    pub fn control(&self) -> &Control {
-        &self.0.control
+    /// Who may change the room (now).
+    pub fn control(&self) -> Control {
+        self.0.control()
+    }
+
+    /// Follow the room's control PIN as it changes (a std lock: no await while held).
+    pub fn follow_control(&self, mut updates: tokio::sync::watch::Receiver<Option<String>>) {
+        let weak = Arc::downgrade(&self.0);
+        tokio::spawn(async move {
+            while updates.changed().await.is_ok() {
+                let Some(inner) = weak.upgrade() else { return };
+                let pin = updates.borrow_and_update().clone();
+                let c = match pin {
+                    Some(p) => Control::Pin(p),
+                    None => Control::Open,
+                };
+                *inner.control.write().unwrap_or_else(|e| e.into_inner()) = c;
+            }
+        });
     }
 
     /// PIN guessing counters.
@@ -444,7 +469,7 @@ impl Inner {
 
     fn snapshot(&self, id: Option<&Value>) -> Value {
         let (snap, now) = self.now();
-        snapshot_value(&snap, now, &self.meta(), &self.control, id)
+        snapshot_value(&snap, now, &self.meta(), &self.control(), id)
     }
 
     fn room_stats(&self) -> Value {
@@ -1180,7 +1205,7 @@ impl Conn {
             }
             Some(_) => return Err(bad_field("pin", "pin must be a string")),
         };
-        let want = match &self.inner().control {
+        let want = match &self.inner().control() {
             Control::Open => return Ok(None),
             Control::Off => return Err(bad(ErrorCode::PinRequired, Some("pin"), CONTROL_OFF)),
             Control::Pin(p) => p.clone(),
