@@ -9,7 +9,7 @@ use crate::net::discovery::{self, Discovery, DiscoveryConfig, PeerEvent};
 use crate::net::auth::RoomKey;
 use crate::net::handle::{Event, Inbox};
 use crate::net::impair::Impairment;
-use crate::net::peer::{self, PeerCtx, CLOSE_BYE, CLOSE_DUP};
+use crate::net::peer::{self, Admit, PeerCtx, PreAuth, CLOSE_BYE, CLOSE_DUP};
 use crate::net::MeshStats;
 use crate::node::status::{decorate, write_status};
 use crate::sys::clock::{Clock, NodeClock};
@@ -104,6 +104,8 @@ pub async fn run(
         cell: cell.clone(),
         stats,
         events: etx,
+        log: crate::sys::ratelog::RateLog::new(Duration::from_secs(10)),
+        preauth: PreAuth::default(),
     });
     let shared = Arc::new(Shared {
         published,
@@ -120,11 +122,28 @@ pub async fn run(
         tokio::spawn(async move {
             while let Some(incoming) = endpoint.accept().await {
                 let shared = ctx.clone();
+                let addr = incoming.remote_address();
+                let slot = match PreAuth::admit(&shared, addr.ip(), incoming.remote_address_validated()) {
+                    Admit::Go(slot) => slot,
+                    Admit::Retry => {
+                        shared.stats.preauth_retries.fetch_add(1, Relaxed);
+                        let _ = incoming.retry();
+                        continue;
+                    }
+                    Admit::Refuse => {
+                        shared.stats.preauth_refused.fetch_add(1, Relaxed);
+                        if let Some(left_out) = shared.log.allow("preauth_full") {
+                            tracing::warn!(%addr, left_out, "too many unauthenticated connections; refused (one line per 10 s)");
+                        }
+                        incoming.ignore();
+                        continue;
+                    }
+                };
                 tokio::spawn(async move {
-                    let addr = incoming.remote_address();
-                    match incoming.await {
-                        Ok(conn) => peer::serve(shared, conn, false, None).await,
-                        Err(e) => tracing::debug!(%addr, error = %e, "incoming connection failed"),
+                    match tokio::time::timeout(peer::AUTH_TIMEOUT, incoming).await {
+                        Ok(Ok(conn)) => peer::serve(shared, conn, false, None, Some(slot)).await,
+                        Ok(Err(e)) => tracing::debug!(%addr, error = %e, "incoming connection failed"),
+                        Err(_) => tracing::debug!(%addr, "QUIC handshake timed out"),
                     }
                 });
             }
@@ -302,7 +321,7 @@ pub async fn run(
                     tokio::spawn(async move {
                         match endpoint.connect(addr, "bandsync") {
                             Ok(connecting) => match tokio::time::timeout(DIAL_TIMEOUT, connecting).await {
-                                Ok(Ok(conn)) => peer::serve(shared, conn, true, Some(id.clone())).await,
+                                Ok(Ok(conn)) => peer::serve(shared, conn, true, Some(id.clone()), None).await,
                                 Ok(Err(e)) => tracing::debug!(peer = %id, %addr, error = %e, "connect failed"),
                                 Err(_) => tracing::debug!(peer = %id, %addr, "connect timed out"),
                             },

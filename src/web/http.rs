@@ -597,7 +597,27 @@ async fn metrics(State(web): State<Web>) -> impl IntoResponse {
                 "{reason=\"clock_sample\"}".into(),
                 ms.rejected_samples.load(Relaxed) as f64,
             ),
+            (
+                "{reason=\"preauth_full\"}".into(),
+                ms.preauth_refused.load(Relaxed) as f64,
+            ),
+            (
+                "{reason=\"decision_stamp\"}".into(),
+                ms.stamps_refused.load(Relaxed) as f64,
+            ),
         ],
+    );
+    put(
+        "quic_retries_total",
+        "Incoming connections asked to prove their address first (under load).",
+        "counter",
+        vec![(String::new(), ms.preauth_retries.load(Relaxed) as f64)],
+    );
+    put(
+        "merges_total",
+        "Records that took a peer's later decision when groups of boxes met.",
+        "counter",
+        vec![(String::new(), ms.merges.load(Relaxed) as f64)],
     );
     put(
         "peer_connections_total",
