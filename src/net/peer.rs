@@ -225,13 +225,14 @@ pub async fn serve(
     // The span is attached to the futures (never entered across an .await, which
     // would leak it into other tasks' log lines).
     let span = tracing::info_span!("peer", id = %peer.node, name = %peer.name);
-    pump(shared, conn, peer, send, recv).instrument(span).await
+    pump(shared, conn, peer, dialer, send, recv).instrument(span).await
 }
 
 async fn pump(
     shared: Arc<PeerCtx>,
     conn: quinn::Connection,
     peer: Hello,
+    dialer: bool,
     send: quinn::SendStream,
     recv: quinn::RecvStream,
 ) {
@@ -244,6 +245,7 @@ async fn pump(
             name: peer.name.clone(),
             conn: conn.clone(),
             tx,
+            dialer,
         })
         .await
         .is_err()
