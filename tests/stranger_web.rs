@@ -723,6 +723,7 @@ async fn fake(pin: Option<&str>, open: bool, limits: HttpLimits) -> Fake {
         control_pin: pin.map(str::to_string),
         control_open: open,
         control_updates: None,
+        link: None,
         allowed_hosts: AllowedHosts::local_only(),
         limits: GatewayLimits::default(),
         stats: Arc::new(GatewayStats::default()),
