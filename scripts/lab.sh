@@ -820,7 +820,7 @@ check_nodes() {   # notice nodes that exited on their own
 chmod 600 "$OUT"/room*.key
 {
     echo "command: $0 ${ORIG_ARGS[*]}"
-    echo "bin: $BIN"
+    echo "bin: $BIN ($(stat -c '%y' "$BIN" 2>/dev/null | cut -c1-19), sha256 $(sha256sum "$BIN" 2>/dev/null | cut -c1-16))"
     echo "prefix: $PREFIX  bridge: $SW_NS/$BRIDGE  duration: ${DURATION}s  warmup: ${WARMUP}s"
     echo "tempo: $TEMPO  meter: $METER  kill-leader-at: ${KILL_AT:-}  join-at: ${JOIN_AT:-}  wrong-key-node: ${WRONG_KEY:-}"
     for ((i = 1; i <= N; i++)); do

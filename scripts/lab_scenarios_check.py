@@ -120,6 +120,7 @@ def heal_tempo(a):
         # (a node already at it before the heal counts 0)
         lat = [None if t is None else max(0, t - h) / 1e6 for t in per.values()]
         settle = None if any(x is None for x in lat) else max(lat)
+        last = None if settle is None else max(per, key=lambda k: per[k])
         hrk = hr["heals"][k] if k < len(hr["heals"]) else {}
         # one grid from the clicks (every node clicks each beat once, within 1 ms of the
         # others); the status agreement (leader+epoch) is reported apart: status.json lags
@@ -136,15 +137,15 @@ def heal_tempo(a):
                        "grid_ms": grid, "leader_epoch_ms": hrk.get("leader_epoch_ms"),
                        "deadline_ms": None if dl is None else round(dl, 1),
                        "ok": ok_tempo and ok_grid, "ok_tempo": ok_tempo, "ok_grid": ok_grid,
-                       "ok_status": ok_status,
+                       "ok_status": ok_status, "last_node": last,
                        "leader_after": leader,
                        "cli": [(c.get("node"), c.get("args"), c.get("rc"), c.get("ms")) for c in cyc_clis],
                        "not_at_tempo": [lab for lab, t in per.items() if t is None]})
     for c in cycles:
-        print("  heal #%d at %.1fs: expect %g BPM: every box at it %s ms after the heal, one grid %s ms,"
-              " leader+epoch %s ms%s; deadline (1 s + next bar) %s ms: %s; leader after: %s; cli %s%s" % (
+        print("  heal #%d at %.1fs: expect %g BPM: every box at it %s ms after the heal, one grid %s ms"
+              " (last to switch: %s), leader+epoch %s ms%s; deadline (1 s + next bar) %s ms: %s; leader after: %s; cli %s%s" % (
                   c["heal"], c["t_s"], c["expect"], fmt_ms(c["settle_ms"]), fmt_ms(c["grid_ms"]),
-                  fmt_ms(c["leader_epoch_ms"]), "" if c["ok_status"] else " (after the deadline)",
+                  c["last_node"] or "-", fmt_ms(c["leader_epoch_ms"]), "" if c["ok_status"] else " (after the deadline)",
                   fmt_ms(c["deadline_ms"]), "ok" if c["ok"] else "FAIL",
                   ",".join(c["leader_after"]) or "-",
                   "; ".join("node%s '%s' rc %s %s ms" % x for x in c["cli"]) or "-",
