@@ -188,7 +188,9 @@ pub async fn serve(
         Ok(Err(HandshakeError::Closed(e))) => {
             match &e {
                 quinn::ConnectionError::ApplicationClosed(c) => {
-                    tracing::warn!(%addr, reason = %String::from_utf8_lossy(&c.reason), "peer refused us")
+                    if let Some(left_out) = shared.log.allow("refused_us") {
+                        tracing::warn!(%addr, reason = %String::from_utf8_lossy(&c.reason), left_out, "peer refused us (one line per 10 s)")
+                    }
                 }
                 other => {
                     tracing::debug!(%addr, error = %other, "connection closed during handshake")
