@@ -14,8 +14,13 @@ use std::time::{Duration, Instant};
 mod common;
 use common::{free_port, http_get, json_body, wait_health, NodeCmd, BIN};
 
-/// Generous: a command that still waited a fixed browse window would take ≥ 2.5 s.
-const NO_FIXED_WAIT: Duration = Duration::from_millis(1500);
+/// A fixed wait shows in every command, so in the median; noise (two shared cores,
+/// debug builds, other test binaries) shows in the tail. The median bound catches any
+/// fixed wait of a second or more (the old 2.5 s browse window, or the ~1 s an mDNS
+/// answer held back by the once-per-second multicast rate limit costs); the p95 bound
+/// is loose on purpose.
+const MEDIAN_BOUND_MS: f64 = 1000.0;
+const P95_BOUND_MS: f64 = 2000.0;
 
 /// The tests of this binary start daemons and time commands: one at a time (nextest
 /// runs each test in its own process, so a lock file, not a mutex).
@@ -253,15 +258,19 @@ fn status_without_node_has_no_fixed_wait() {
         unpin_t.as_secs_f64() * 1e3
     );
 
+    for (what, p50, p95) in [
+        ("with the last good node", p50, p95),
+        ("mDNS only", c50, c95),
+    ] {
+        assert!(
+            p50 < MEDIAN_BOUND_MS && p95 < P95_BOUND_MS,
+            "status {what}: p50 {p50:.0} ms, p95 {p95:.0} ms"
+        );
+    }
     assert!(
-        p95 < NO_FIXED_WAIT.as_secs_f64() * 1e3,
-        "status p95 {p95:.0} ms (with the last good node)"
+        pin_t.as_secs_f64() * 1e3 < P95_BOUND_MS && unpin_t.as_secs_f64() * 1e3 < P95_BOUND_MS,
+        "pin {pin_t:?}, unpin {unpin_t:?}"
     );
-    assert!(
-        c95 < NO_FIXED_WAIT.as_secs_f64() * 1e3,
-        "status p95 {c95:.0} ms (mDNS only)"
-    );
-    assert!(pin_t < 2 * NO_FIXED_WAIT && unpin_t < 2 * NO_FIXED_WAIT);
 }
 
 #[test]
@@ -346,7 +355,10 @@ fn a_bogus_candidate_does_not_stop_the_cli() {
     }
     let (p50, p95, max) = summary(&times);
     println!("status among bogus candidates ({} commands): p50 {p50:.0} ms, p95 {p95:.0} ms, max {max:.0} ms; each: {:?}", times.len(), times.iter().map(|t| t.as_millis()).collect::<Vec<_>>());
-    assert!(max < 3000.0, "a bogus candidate held the CLI up: {times:?}");
+    assert!(
+        p50 < MEDIAN_BOUND_MS,
+        "bogus candidates held the CLI up: {times:?}"
+    );
 
     // The wrong key everywhere: a plain sentence naming the refusal, after the search.
     let wrong = room.dir.path().join("wrong.key");
@@ -354,7 +366,7 @@ fn a_bogus_candidate_does_not_stop_the_cli() {
     let (o, t) = room.cli_with_key(&["status"], &room.dir.path().join("wrong-cache"), &wrong);
     assert!(!o.status.success());
     assert!(text(&o).contains("wrong room key"), "{}", text(&o));
-    assert!(t < Duration::from_secs(5), "{t:?}");
+    assert!(t < Duration::from_secs(8), "the search has a deadline: {t:?}");
     spoof.shutdown();
     spoof2.shutdown();
 }
