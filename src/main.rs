@@ -242,10 +242,12 @@ fn is_config_error(e: &anyhow::Error) -> bool {
     e.downcast_ref::<bandsync::node::config::ConfigError>().is_some()
 }
 
-fn init_logs() {
+fn init_logs(daemon: bool) {
+    // the daemon logs what it does; a CLI command prints its answer and only warnings
+    let default = if daemon { "info" } else { "warn" };
     let filter = tracing_subscriber::EnvFilter::try_from_env("BANDSYNC_LOG")
         .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -257,7 +259,7 @@ fn main() {
     // First thing: the test clock's "start" is when the process began.
     let clock = NodeClock::from_env();
     let cli = Cli::parse();
-    init_logs();
+    init_logs(matches!(cli.cmd, Cmd::Run(_)));
     let result = (|| -> anyhow::Result<()> {
         let clock =
             clock.map_err(|e| anyhow::Error::new(bandsync::node::config::ConfigError(e.to_string())))?;
