@@ -404,6 +404,7 @@ fn wrong_key_endpoint(rt: &tokio::runtime::Runtime, dir: &Path) -> u16 {
                     room: h.room,
                     priority: 0,
                     cli: false,
+                    boot: 0,
                     mac: other.mac("s", &ekm, &id),
                 });
                 let _ = send.write_all(&reply.encode()).await;

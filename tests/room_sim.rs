@@ -1462,8 +1462,9 @@ impl Sim {
         self.insts[ia].conns.insert(b, c);
         self.insts[ib].conns.insert(a, c);
         let (ida, idb) = (self.slots[a].id.clone(), self.slots[b].id.clone());
-        self.insts[ia].room.peer_up(&idb, &format!("box{b}"));
-        self.insts[ib].room.peer_up(&ida, &format!("box{a}"));
+        // boot ids: the instance index (a restart is a new instance)
+        self.insts[ia].room.peer_up(&idb, &format!("box{b}"), ib as u64);
+        self.insts[ib].room.peer_up(&ida, &format!("box{a}"), ia as u64);
         self.note(format!("connect {} <-> {}", self.name(ia), self.name(ib)));
         for side in 0..2 {
             let d = self.rng.range(0, 5 * MS);

@@ -216,6 +216,7 @@ async fn dial(
         room: room_hash,
         priority: 0,
         cli: true,
+        boot: 0,
         mac: key.mac("c", &ekm, &me),
     });
     let (mut send, mut recv) = conn

@@ -172,6 +172,8 @@ struct Peer {
     /// answer's time on the peer's local clock (answers arrive out of order).
     map: Option<(i64, SessionMap)>,
     last_heard: i64,
+    /// The peer's process (see [`Room::peer_up`]).
+    boot: u64,
 }
 
 impl Peer {
@@ -330,9 +332,14 @@ pub struct Room {
     control_pin: Option<String>,
     control_decided: Stamp,
     hlc: Hlc,
-    /// A leader moving onto a peer's newer decision at a bar of the peer's timeline.
+    /// A node moving onto a peer's newer decision at a bar of the peer's timeline.
     merge: Option<Merge>,
+    /// Clock estimates of peers that disconnected, by id: (boot, estimator, map).
+    parked: BTreeMap<String, (u64, Estimator, Option<(i64, SessionMap)>)>,
 }
+
+/// Disconnected peers whose clock estimates are kept.
+const MAX_PARKED: usize = 32;
 
 /// A pending adoption, by the leader, of a same-session peer's newer timeline.
 struct Merge {
@@ -414,6 +421,7 @@ impl Room {
             control_decided: Stamp::DEFAULT,
             hlc: Hlc::default(),
             merge: None,
+            parked: BTreeMap::new(),
         }
     }
 
@@ -578,19 +586,42 @@ impl Room {
         self.version
     }
 
-    pub fn peer_up(&mut self, id: &str, name: &str) {
-        self.peers.entry(id.to_string()).or_insert_with(|| Peer {
-            name: name.to_string(),
-            announce: None,
-            est: Estimator::new(sync_config()),
-            map: None,
-            last_heard: i64::MIN / 2,
-        });
+    /// A peer connected. `boot` identifies the peer's process: when the same process
+    /// comes back (a healed partition, a dropped connection), its clock estimate is
+    /// still valid (local clocks are straight lines) and is kept, so a healed room
+    /// realigns at once instead of waiting for a new estimate to mature.
+    pub fn peer_up(&mut self, id: &str, name: &str, boot: u64) {
+        if !self.peers.contains_key(id) {
+            let (est, map) = match self.parked.remove(id).filter(|p| p.0 == boot) {
+                Some((_, est, map)) => (est, map),
+                None => (Estimator::new(sync_config()), None),
+            };
+            self.peers.insert(
+                id.to_string(),
+                Peer {
+                    name: name.to_string(),
+                    announce: None,
+                    est,
+                    map,
+                    last_heard: i64::MIN / 2,
+                    boot,
+                },
+            );
+        }
         self.dirty = true;
     }
 
     pub fn peer_down(&mut self, id: &str) {
-        self.peers.remove(id);
+        if let Some(p) = self.peers.remove(id) {
+            if self.parked.len() >= MAX_PARKED {
+                // bounded: forget the smallest id (any will do; peers come back fast)
+                let first = self.parked.keys().next().cloned();
+                if let Some(k) = first {
+                    self.parked.remove(&k);
+                }
+            }
+            self.parked.insert(id.to_string(), (p.boot, p.est, p.map));
+        }
         if self.switch.as_ref().is_some_and(|s| s.leader == id) {
             self.switch = None;
         }

@@ -62,6 +62,9 @@ pub struct Hello {
     pub priority: i32,
     /// true for the stage tech's CLI (never leads, never syncs).
     pub cli: bool,
+    /// Random per process start: the same value on a new connection means the same
+    /// process (its clock estimate is still good).
+    pub boot: u64,
     pub mac: [u8; 32],
 }
 
@@ -498,6 +501,7 @@ mod tests {
             room: "r".into(),
             priority: 0,
             cli: false,
+            boot: 0,
             mac: [0; 32],
         });
         assert!(matches!(

@@ -55,6 +55,8 @@ pub enum Event {
         tx: mpsc::Sender<Frame>,
         /// This node dialed the connection.
         dialer: bool,
+        /// The peer's boot id (from its `Hello`).
+        boot: u64,
     },
     Down {
         id: String,

@@ -69,6 +69,8 @@ pub struct PeerCtx {
     pub log: crate::sys::ratelog::RateLog,
     /// Connections not yet authenticated.
     pub preauth: PreAuth,
+    /// This process's boot id (random per start), sent in `Hello`.
+    pub boot: u64,
 }
 
 /// Connections from strangers cost bounded work: at most [`PreAuth::MAX`] connections
@@ -248,6 +250,7 @@ async fn pump(
             conn: conn.clone(),
             tx,
             dialer,
+            boot: peer.boot,
         })
         .await
         .is_err()
@@ -417,6 +420,7 @@ async fn handshake(
         room: shared.room_hash.clone(),
         priority: shared.priority,
         cli: false,
+        boot: shared.boot,
         mac: shared.key.mac(mine, &ekm, &shared.node_id),
     });
     let (mut send, mut recv) = if dialer {

@@ -108,6 +108,11 @@ pub async fn run(
         events: etx,
         log: crate::sys::ratelog::RateLog::new(Duration::from_secs(10)),
         preauth: PreAuth::default(),
+        boot: {
+            let mut b = [0u8; 8];
+            let _ = getrandom::fill(&mut b);
+            u64::from_le_bytes(b)
+        },
     });
     let shared = Arc::new(Shared {
         published,
@@ -226,7 +231,7 @@ pub async fn run(
             Some(ev) = erx.recv() => {
                 let now = shared.clock.now_ns();
                 match ev {
-                    Event::Up { id, name, conn, tx, dialer } => {
+                    Event::Up { id, name, conn, tx, dialer, boot } => {
                         if let Some((old, _)) = peers.get(&id) {
                             if old.close_reason().is_none() {
                                 // Both sides dialed (the higher id dials too when the
@@ -250,7 +255,7 @@ pub async fn run(
                             // rebooted): start its clock estimate afresh
                             room.peer_down(&id);
                         }
-                        room.peer_up(&id, &name);
+                        room.peer_up(&id, &name, boot);
                     }
                     Event::Down { id, stable } => {
                         if peers.get(&id).is_some_and(|(c, _)| c.stable_id() == stable) {
