@@ -2,6 +2,8 @@
 //! authenticates with the room key over QUIC exactly like a node (but never joins the
 //! room), asks one [`Query`] and prints the [`Reply`].
 
+pub mod venue;
+
 use crate::net::auth::{self, RoomKey};
 use crate::core::room::Status;
 use crate::core::wire::{Frame, Hello, Query, Reply};

@@ -250,6 +250,8 @@ pub fn run(cfg: RunConfig, clock: NodeClock) -> anyhow::Result<()> {
             allowed_hosts: crate::web::hosts::AllowedHosts::for_box(&[&cfg.name, &node_id]),
             limits: crate::web::gateway::GatewayLimits::default(),
             stats: Arc::new(crate::web::gateway::GatewayStats::default()),
+            mirror: redis.is_some().then(|| mirror_stats.clone()),
+            venue: redis.clone(),
         };
         let http_port = match crate::web::http::serve(http_addr, http_state, shutdown.clone()).await {
             Ok(a) => Some(a.port()),
