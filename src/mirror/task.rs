@@ -481,7 +481,7 @@ pub async fn run_with(
                             if let Some(suppressed) = fence_log.allow() {
                                 tracing::warn!(room = %room, epoch = rec.epoch, version = rec.version,
                                     outcome = ?refused, suppressed,
-                                    "redis mirror: write refused, Redis holds a newer record (this node was deposed?)");
+                                    "redis mirror: write refused, Redis holds a newer record of the room");
                             }
                         }
                     }

@@ -462,7 +462,10 @@ impl UsageLog {
     /// One tick of the room task: never blocks.
     pub fn tick(&mut self, room: &crate::core::room::Room, now_ns: i64, appendable: bool) {
         let now_ms = now_unix_ms();
-        let seg = *room.timeline().current(room.session_now(now_ns));
+        let s_now = room.session_now(now_ns);
+        let seg = *room.timeline().current(s_now);
+        // (a box started with --play clicks from its first segment's start on)
+        let playing = seg.playing && s_now >= seg.t0;
         let leading = room.leading();
         if let Some(u) = &self.upstream {
             u.epoch
@@ -470,7 +473,7 @@ impl UsageLog {
         }
         self.tracker.feed(
             now_ms,
-            seg.playing,
+            playing,
             seg.tempo.mbpm(),
             seg.meter.get(),
             leading,
@@ -480,9 +483,12 @@ impl UsageLog {
         if self.recovered.is_some()
             && now_ms.saturating_sub(self.started_ms) >= RECOVERED_UPSTREAM_AFTER_MS
         {
+            // (already in the local log: only Redis has yet to hear of it)
             let stop = self.recovered.take();
-            if leading && room.peer_ids().is_empty() {
-                self.buf.extend(stop);
+            if let (Some(u), Some(stop)) = (&self.upstream, stop) {
+                if leading && appendable && room.peer_ids().is_empty() {
+                    u.send(&stop);
+                }
             }
         }
         self.flush_buf(leading);
