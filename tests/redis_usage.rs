@@ -35,7 +35,10 @@ fn redis(port: u16) -> Kill {
         .expect("redis-server is not installed: run scripts/test (it installs the Debian package redis-server)");
     let t = Instant::now();
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(t.elapsed() < Duration::from_secs(5), "redis-server did not start");
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "redis-server did not start"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     Kill(c)
@@ -97,7 +100,11 @@ impl Box {
         let k = Kill(c.spawn());
         let t = Instant::now();
         while http_get(self.http, "/health").is_none_or(|(code, _)| code != 200) {
-            assert!(t.elapsed() < Duration::from_secs(20), "the box did not come up: {}", self.log_text());
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "the box did not come up: {}",
+                self.log_text()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         k
@@ -116,22 +123,41 @@ impl Box {
             .arg(&self.key)
             .output()
             .unwrap();
-        assert!(o.status.success(), "{args:?}: {}", String::from_utf8_lossy(&o.stderr));
+        assert!(
+            o.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
     }
 
     fn node_id(&self) -> String {
-        std::fs::read_to_string(self.dir.join("node-id")).unwrap().trim().to_string()
+        std::fs::read_to_string(self.dir.join("node-id"))
+            .unwrap()
+            .trim()
+            .to_string()
     }
 }
 
 /// Wait until the room's hash has `field` = `want`; the time it took.
-fn wait_field(port: u16, room: &str, field: &str, want: &str, limit: Duration, why: &dyn Fn() -> String) -> Duration {
+fn wait_field(
+    port: u16,
+    room: &str,
+    field: &str,
+    want: &str,
+    limit: Duration,
+    why: &dyn Fn() -> String,
+) -> Duration {
     let t = Instant::now();
     loop {
         if hget(port, room, field) == want {
             return t.elapsed();
         }
-        assert!(t.elapsed() < limit, "{field} never became {want} in Redis within {limit:?} (it is {:?}); {}", hget(port, room, field), why());
+        assert!(
+            t.elapsed() < limit,
+            "{field} never became {want} in Redis within {limit:?} (it is {:?}); {}",
+            hget(port, room, field),
+            why()
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
 }
@@ -152,22 +178,47 @@ fn a_restarted_leader_is_never_stale() {
     let b = Box::new(dir.path(), "a", room, &key, rport);
     let node = b.start(&["--tempo", "120"], None);
     let why = || b.log_text();
-    wait_field(rport, room, "tempo_mbpm", "120000", Duration::from_secs(5), &why);
+    wait_field(
+        rport,
+        room,
+        "tempo_mbpm",
+        "120000",
+        Duration::from_secs(5),
+        &why,
+    );
     for bpm in ["121", "122", "123"] {
         b.cli(&["tempo", bpm, "--now"]);
     }
-    wait_field(rport, room, "tempo_mbpm", "123000", Duration::from_secs(2), &why);
+    wait_field(
+        rport,
+        room,
+        "tempo_mbpm",
+        "123000",
+        Duration::from_secs(2),
+        &why,
+    );
     let before: u64 = hget(rport, room, "version").parse().unwrap();
     assert!(before >= 3, "version {before}");
     node.kill9();
     let _node = b.start(&[], None);
     let t = Instant::now();
     b.cli(&["tempo", "99", "--now"]);
-    let lag = wait_field(rport, room, "tempo_mbpm", "99000", Duration::from_secs(1), &why);
+    let lag = wait_field(
+        rport,
+        room,
+        "tempo_mbpm",
+        "99000",
+        Duration::from_secs(1),
+        &why,
+    );
     eprintln!("after kill -9 and restart: the change is in Redis {lag:?} after the CLI returned ({:?} in all)", t.elapsed());
     assert!(hget(rport, room, "epoch").parse::<u64>().unwrap() >= 2);
     assert_eq!(hget(rport, room, "leader"), b.node_id());
-    assert!(b.log_text().contains("leading at a higher epoch"), "{}", b.log_text());
+    assert!(
+        b.log_text().contains("leading at a higher epoch"),
+        "{}",
+        b.log_text()
+    );
 }
 
 #[test]
@@ -185,7 +236,14 @@ fn a_whole_room_restarted_is_never_stale() {
     wait_field(rport, room, "boxes", "2", Duration::from_secs(20), &why);
     a.cli(&["tempo", "131", "--now"]);
     a.cli(&["tempo", "132", "--now"]);
-    wait_field(rport, room, "tempo_mbpm", "132000", Duration::from_secs(2), &why);
+    wait_field(
+        rport,
+        room,
+        "tempo_mbpm",
+        "132000",
+        Duration::from_secs(2),
+        &why,
+    );
     // power cut: both at once
     na.kill9();
     nb.kill9();
@@ -194,12 +252,29 @@ fn a_whole_room_restarted_is_never_stale() {
     // whichever leads now: the change reaches Redis within a second
     let t = Instant::now();
     b.cli(&["tempo", "77", "--now"]);
-    let lag = wait_field(rport, room, "tempo_mbpm", "77000", Duration::from_secs(1), &why);
-    eprintln!("whole room restarted: the change is in Redis {lag:?} after the CLI returned ({:?} in all)", t.elapsed());
+    let lag = wait_field(
+        rport,
+        room,
+        "tempo_mbpm",
+        "77000",
+        Duration::from_secs(1),
+        &why,
+    );
+    eprintln!(
+        "whole room restarted: the change is in Redis {lag:?} after the CLI returned ({:?} in all)",
+        t.elapsed()
+    );
     // and once they found each other, the room's leader writes its changes
     wait_field(rport, room, "boxes", "2", Duration::from_secs(20), &why);
     a.cli(&["tempo", "78", "--now"]);
-    let lag = wait_field(rport, room, "tempo_mbpm", "78000", Duration::from_secs(1), &why);
+    let lag = wait_field(
+        rport,
+        room,
+        "tempo_mbpm",
+        "78000",
+        Duration::from_secs(1),
+        &why,
+    );
     eprintln!("…and after the boxes met again: {lag:?}");
 }
 
@@ -210,23 +285,63 @@ fn a_deposed_box_never_overwrites_the_live_leader() {
     let _srv = redis(rport);
     let room = "deposed";
     // Box A leads the room at first.
-    let a = Box::new(dir.path(), "a", room, &key_file(dir.path(), "ka", "11"), rport);
+    let a = Box::new(
+        dir.path(),
+        "a",
+        room,
+        &key_file(dir.path(), "ka", "11"),
+        rport,
+    );
     let na = a.start(&["--tempo", "100", "--play"], None);
     let why = || a.log_text();
-    wait_field(rport, room, "tempo_mbpm", "100000", Duration::from_secs(5), &why);
+    wait_field(
+        rport,
+        room,
+        "tempo_mbpm",
+        "100000",
+        Duration::from_secs(5),
+        &why,
+    );
     a.cli(&["tempo", "101", "--now"]);
-    wait_field(rport, room, "tempo_mbpm", "101000", Duration::from_secs(2), &why);
+    wait_field(
+        rport,
+        room,
+        "tempo_mbpm",
+        "101000",
+        Duration::from_secs(2),
+        &why,
+    );
     let a_epoch: u64 = hget(rport, room, "epoch").parse().unwrap();
     na.kill9();
     // A is gone; B (a box A cannot reach: another room key) takes over the room's
     // record once A's heartbeat is stale, above A's epoch.
     std::thread::sleep(Duration::from_millis(3_500));
-    let b = Box::new(dir.path(), "b", room, &key_file(dir.path(), "kb", "22"), rport);
+    let b = Box::new(
+        dir.path(),
+        "b",
+        room,
+        &key_file(dir.path(), "kb", "22"),
+        rport,
+    );
     let nb = b.start(&["--tempo", "140"], None);
     let whyb = || format!("a: {}\nb: {}", a.log_text(), b.log_text());
-    wait_field(rport, room, "leader", &b.node_id(), Duration::from_secs(3), &whyb);
+    wait_field(
+        rport,
+        room,
+        "leader",
+        &b.node_id(),
+        Duration::from_secs(3),
+        &whyb,
+    );
     b.cli(&["tempo", "141", "--now"]);
-    wait_field(rport, room, "tempo_mbpm", "141000", Duration::from_secs(2), &whyb);
+    wait_field(
+        rport,
+        room,
+        "tempo_mbpm",
+        "141000",
+        Duration::from_secs(2),
+        &whyb,
+    );
     let b_epoch: u64 = hget(rport, room, "epoch").parse().unwrap();
     assert!(b_epoch > a_epoch, "{b_epoch} > {a_epoch}");
 
@@ -242,21 +357,38 @@ fn a_deposed_box_never_overwrites_the_live_leader() {
         assert_eq!(hget(rport, room, "epoch"), b_epoch.to_string());
         std::thread::sleep(Duration::from_millis(50));
     }
-    let want = format!("deposed: Redis shows leader {} at epoch {b_epoch}", b.node_id());
-    assert!(a.log_text().contains(&want), "A's log lacks {want:?}: {}", a.log_text());
+    let want = format!(
+        "deposed: Redis shows leader {} at epoch {b_epoch}",
+        b.node_id()
+    );
+    assert!(
+        a.log_text().contains(&want),
+        "A's log lacks {want:?}: {}",
+        a.log_text()
+    );
     // no usage entry of A's made it into the stream after B took over
     let entries = stream(rport, room);
     assert!(!entries.is_empty());
     for (id, kv) in &entries {
         let epoch: u64 = field(kv, "epoch").unwrap().parse().unwrap();
         let t: u64 = id.split('-').next().unwrap().parse().unwrap();
-        assert!(epoch >= b_epoch || (t as f64) < a_back, "an entry of A's after B took over: {id} {kv:?}");
+        assert!(
+            epoch >= b_epoch || (t as f64) < a_back,
+            "an entry of A's after B took over: {id} {kv:?}"
+        );
     }
 
     // B goes away: once its heartbeat is stale, A leads the room's record again.
     nb.kill9();
     a.cli(&["tempo", "67", "--now"]);
-    let took = wait_field(rport, room, "tempo_mbpm", "67000", Duration::from_secs(6), &whyb);
+    let took = wait_field(
+        rport,
+        room,
+        "tempo_mbpm",
+        "67000",
+        Duration::from_secs(6),
+        &whyb,
+    );
     eprintln!("B gone: A leads the record again after {took:?}");
     assert_eq!(hget(rport, room, "leader"), a.node_id());
     assert!(hget(rport, room, "epoch").parse::<u64>().unwrap() > b_epoch);
@@ -265,7 +397,15 @@ fn a_deposed_box_never_overwrites_the_live_leader() {
 /// The room's usage stream: (id, [field, value, …]).
 fn stream(port: u16, room: &str) -> Vec<(String, Vec<String>)> {
     let out = Command::new("redis-cli")
-        .args(["-p", &port.to_string(), "--json", "XRANGE", &format!("bandsync:room:{room}:usage"), "-", "+"])
+        .args([
+            "-p",
+            &port.to_string(),
+            "--json",
+            "XRANGE",
+            &format!("bandsync:room:{room}:usage"),
+            "-",
+            "+",
+        ])
         .output()
         .unwrap();
     serde_json::from_slice(&out.stdout)
@@ -301,7 +441,11 @@ fn clicks(log: &Path, mono_to_unix_ms: f64) -> (f64, f64) {
     let t: Vec<i64> = std::fs::read_to_string(log)
         .unwrap()
         .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["t_mono_ns"].as_i64().unwrap())
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["t_mono_ns"]
+                .as_i64()
+                .unwrap()
+        })
         .collect();
     assert!(t.len() > 3, "{} clicks in {}", t.len(), log.display());
     let ms = |ns: i64| ns as f64 / 1e6 + mono_to_unix_ms;
@@ -309,7 +453,11 @@ fn clicks(log: &Path, mono_to_unix_ms: f64) -> (f64, f64) {
 }
 
 fn unix_ms() -> f64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as f64 / 1e6
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as f64
+        / 1e6
 }
 
 #[test]
@@ -353,27 +501,51 @@ fn usage_periods_survive_a_kill_and_match_the_stream() {
     eprintln!("{got:#?}");
     assert_eq!(got.len(), 3, "{got:?}");
     let close = |what: &str, a: f64, b: f64| {
-        assert!((a - b).abs() <= 500.0, "{what}: {a} vs {b} ({} ms apart)", a - b);
+        assert!(
+            (a - b).abs() <= 500.0,
+            "{what}: {a} vs {b} ({} ms apart)",
+            a - b
+        );
         eprintln!("{what}: {:+.0} ms", a - b);
     };
     // (start = the first click; a stop lands on the beat after the last click)
     close("period 1 start", got[0].start_unix_ms as f64, p1.0);
-    close("period 1 end", got[0].end_unix_ms.unwrap() as f64, p1.1 + BEAT_MS);
+    close(
+        "period 1 end",
+        got[0].end_unix_ms.unwrap() as f64,
+        p1.1 + BEAT_MS,
+    );
     assert_eq!(got[0].closed, "stop");
     assert_eq!(got[0].tempi, vec![150.0]);
     close("period 2 start", got[1].start_unix_ms as f64, p2.0);
-    close("period 2 end (kill -9)", got[1].end_unix_ms.unwrap() as f64, killed_at);
+    close(
+        "period 2 end (kill -9)",
+        got[1].end_unix_ms.unwrap() as f64,
+        killed_at,
+    );
     assert_eq!(got[1].closed, "crash");
     assert_eq!(got[1].tempi, vec![150.0, 120.0]);
     close("period 3 start", got[2].start_unix_ms as f64, p3.0);
-    close("period 3 end", got[2].end_unix_ms.unwrap() as f64, p3.1 + 500.0);
+    close(
+        "period 3 end",
+        got[2].end_unix_ms.unwrap() as f64,
+        p3.1 + 500.0,
+    );
     for p in &got {
         let d = (p.end_unix_ms.unwrap() - p.start_unix_ms) as f64 / 1000.0;
         assert!((p.duration_s - d).abs() < 0.002, "{p:?}");
     }
     // --since: a day after today lists nothing, today lists all
-    let o = Command::new(BIN).args(["usage", "--csv", "--since", "2999-01-01", "--state-dir"]).arg(&b.dir).output().unwrap();
-    assert_eq!(String::from_utf8_lossy(&o.stdout).lines().count(), 1, "header only");
+    let o = Command::new(BIN)
+        .args(["usage", "--csv", "--since", "2999-01-01", "--state-dir"])
+        .arg(&b.dir)
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).lines().count(),
+        1,
+        "header only"
+    );
 
     // The stream: one stop per period, with the same start and played_ms.
     let entries = stream(rport, room);
@@ -393,14 +565,24 @@ fn usage_periods_survive_a_kill_and_match_the_stream() {
         .map(|p| (p.start_unix_ms, p.end_unix_ms.unwrap() - p.start_unix_ms))
         .collect();
     assert_eq!(stops, local, "stream {entries:?}");
-    let starts = entries.iter().filter(|(_, kv)| field(kv, "event").as_deref() == Some("start")).count();
+    let starts = entries
+        .iter()
+        .filter(|(_, kv)| field(kv, "event").as_deref() == Some("start"))
+        .count();
     assert_eq!(starts, 3, "{entries:?}");
     for (_, kv) in &entries {
-        assert!(field(kv, "epoch").is_some() && field(kv, "t_unix_ms").is_some(), "{kv:?}");
+        assert!(
+            field(kv, "epoch").is_some() && field(kv, "t_unix_ms").is_some(),
+            "{kv:?}"
+        );
     }
     // …which is what the venue's played_today_s sums (unless the test straddled the
     // local midnight: then only today's share)
-    let v = Command::new(BIN).args(["venue", "--json", "--redis"]).arg(format!("redis://127.0.0.1:{rport}/0")).output().unwrap();
+    let v = Command::new(BIN)
+        .args(["venue", "--json", "--redis"])
+        .arg(format!("redis://127.0.0.1:{rport}/0"))
+        .output()
+        .unwrap();
     let v: serde_json::Value = serde_json::from_slice(&v.stdout).unwrap();
     let played = v["rooms"][0]["played_today_s"].as_u64().unwrap();
     let total: u64 = local.iter().map(|(_, ms)| ms).sum::<u64>() / 1000;

@@ -47,7 +47,11 @@ pub fn format_venue(v: &crate::mirror::Venue) -> String {
         ));
     }
     for i in &v.invalid {
-        s.push_str(&format!("unreadable room {}: {}\n", clip(&i.room, 64), i.error));
+        s.push_str(&format!(
+            "unreadable room {}: {}\n",
+            clip(&i.room, 64),
+            i.error
+        ));
     }
     let playing = v.rooms.iter().filter(|r| r.playing && !r.gone).count();
     s.push_str(&format!(
@@ -80,9 +84,8 @@ pub fn usage(dir: &Path, since: Option<&str>, format: UsageFormat) -> anyhow::Re
         .map(crate::node::usage::local_date_ms)
         .transpose()?
         .unwrap_or(0);
-    let periods = crate::node::usage::read_periods(dir, since_ms).map_err(|e| {
-        anyhow::anyhow!("cannot read the usage log in {}: {e}", dir.display())
-    })?;
+    let periods = crate::node::usage::read_periods(dir, since_ms)
+        .map_err(|e| anyhow::anyhow!("cannot read the usage log in {}: {e}", dir.display()))?;
     Ok(match format {
         UsageFormat::Table => crate::node::usage::format_table(&periods),
         UsageFormat::Csv => crate::node::usage::format_csv(&periods),

@@ -244,9 +244,8 @@ async fn holder<C: redis::aio::ConnectionLike>(
             "fewer replies than commands".into(),
         ));
     };
-    let now = super::venue::server_ms(&time).ok_or_else(|| {
-        MirrorError::bad_reply(c.addr(), "TIME", super::error::describe(&time))
-    })?;
+    let now = super::venue::server_ms(&time)
+        .ok_or_else(|| MirrorError::bad_reply(c.addr(), "TIME", super::error::describe(&time)))?;
     Ok(match super::record::hash_record(room, c.addr(), hash) {
         Ok(Some((rec, seen))) => Holder {
             leader: Some(rec.leader),

@@ -236,8 +236,7 @@ impl Tracker {
                         });
                     }
                 }
-                if now_ms.saturating_sub(o.last_alive) >= ALIVE_EVERY_MS || now_ms < o.last_alive
-                {
+                if now_ms.saturating_sub(o.last_alive) >= ALIVE_EVERY_MS || now_ms < o.last_alive {
                     o.last_alive = now_ms;
                     out.push(Event::Alive {
                         t_unix_ms: now_ms,
@@ -468,8 +467,14 @@ impl UsageLog {
         let playing = seg.playing && s_now >= seg.t0;
         let leading = room.leading();
         if let Some(u) = &self.upstream {
-            u.epoch
-                .store(if leading && appendable { room.epoch() } else { 0 }, Relaxed);
+            u.epoch.store(
+                if leading && appendable {
+                    room.epoch()
+                } else {
+                    0
+                },
+                Relaxed,
+            );
         }
         self.tracker.feed(
             now_ms,
@@ -704,7 +709,9 @@ async fn upstream_task(
             }
             queue.push_back(f);
         }
-        let Some(fields) = queue.front() else { continue };
+        let Some(fields) = queue.front() else {
+            continue;
+        };
         let epoch = u.epoch.load(Relaxed);
         if epoch == 0 {
             // no longer the room's writer: what is queued is not ours to say
@@ -737,7 +744,11 @@ async fn upstream_task(
                 warned = false;
             }
             Ok(crate::mirror::UsageOutcome::RefusedNewerEpoch { held_epoch }) => {
-                tracing::info!(epoch, held_epoch, "usage: Redis holds a newer epoch; this box's usage event is not appended");
+                tracing::info!(
+                    epoch,
+                    held_epoch,
+                    "usage: Redis holds a newer epoch; this box's usage event is not appended"
+                );
                 u.refused.fetch_add(1, Relaxed);
                 queue.pop_front();
                 u.queued.fetch_sub(1, Relaxed);
@@ -812,7 +823,9 @@ pub fn format_table(periods: &[Period]) -> String {
         s.push_str(&format!(
             "{:<20} {:<20} {:>9.1}s  {:<8} {:>5}  {}\n",
             local_time(p.start_unix_ms),
-            p.end_unix_ms.map(local_time).unwrap_or_else(|| "(playing)".into()),
+            p.end_unix_ms
+                .map(local_time)
+                .unwrap_or_else(|| "(playing)".into()),
             p.duration_s,
             p.closed,
             p.epoch,
@@ -820,7 +833,11 @@ pub fn format_table(periods: &[Period]) -> String {
         ));
     }
     let total: f64 = periods.iter().map(|p| p.duration_s).sum();
-    s.push_str(&format!("{} period(s), {:.1} s played\n", periods.len(), total));
+    s.push_str(&format!(
+        "{} period(s), {:.1} s played\n",
+        periods.len(),
+        total
+    ));
     s
 }
 
@@ -881,12 +898,49 @@ mod tests {
         let mut t = Tracker::new();
         assert!(feed(&mut t, 1_000, false, 120, false).is_empty());
         let e = feed(&mut t, 1_050, true, 120, false);
-        assert!(matches!(e[..], [Event::Start { t_unix_ms: 1_050, leading: false, .. }]), "{e:?}");
+        assert!(
+            matches!(
+                e[..],
+                [Event::Start {
+                    t_unix_ms: 1_050,
+                    leading: false,
+                    ..
+                }]
+            ),
+            "{e:?}"
+        );
         assert!(feed(&mut t, 1_100, true, 120, false).is_empty());
         let e = feed(&mut t, 1_300, true, 130, true);
-        assert!(matches!(e[0], Event::Leader { t_unix_ms: 1_300, epoch: 3 }), "{e:?}");
-        assert!(matches!(e[1], Event::Tempo { t_unix_ms: 1_300, .. }), "{e:?}");
-        assert!(matches!(e[2], Event::Alive { t_unix_ms: 1_300, start_unix_ms: 1_050 }), "{e:?}");
+        assert!(
+            matches!(
+                e[0],
+                Event::Leader {
+                    t_unix_ms: 1_300,
+                    epoch: 3
+                }
+            ),
+            "{e:?}"
+        );
+        assert!(
+            matches!(
+                e[1],
+                Event::Tempo {
+                    t_unix_ms: 1_300,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert!(
+            matches!(
+                e[2],
+                Event::Alive {
+                    t_unix_ms: 1_300,
+                    start_unix_ms: 1_050
+                }
+            ),
+            "{e:?}"
+        );
         let e = feed(&mut t, 4_050, false, 130, true);
         assert_eq!(
             e,
@@ -931,12 +985,20 @@ mod tests {
             tempo: 90.0,
         };
         let lines = vec![start.clone(), tempo.clone()];
-        let Some(Event::Stop { t_unix_ms, played_ms, tempi, closed, .. }) =
-            recover(&lines, Some((15_400, 10_000)))
+        let Some(Event::Stop {
+            t_unix_ms,
+            played_ms,
+            tempi,
+            closed,
+            ..
+        }) = recover(&lines, Some((15_400, 10_000)))
         else {
             panic!()
         };
-        assert_eq!((t_unix_ms, played_ms, closed), (15_400, 5_400, Closed::Crash));
+        assert_eq!(
+            (t_unix_ms, played_ms, closed),
+            (15_400, 5_400, Closed::Crash)
+        );
         assert_eq!(tempi, vec![120.0, 90.0]);
         // a stamp of another period is not this one's
         let Some(Event::Stop { t_unix_ms, .. }) = recover(&lines, Some((99_000, 5))) else {
