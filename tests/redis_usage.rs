@@ -594,3 +594,47 @@ fn usage_periods_survive_a_kill_and_match_the_stream() {
     }
     drop(node);
 }
+
+#[test]
+fn outbid_epoch_only_raises_a_leaders_epoch() {
+    use bandsync::core::room::{Action, Room, RoomConfig};
+    use bandsync::core::timeline::{Meter, Quantum, Tempo, Timeline};
+    use bandsync::core::wire::SessionId;
+    let mut room = Room::new(
+        RoomConfig {
+            me: "00000000000000aa".into(),
+            name: "a".into(),
+            priority: 0,
+            quantum: Quantum::Bar,
+            wall_offset_ns: 0,
+        },
+        SessionId {
+            born_ms: 1,
+            by: 0xaa,
+        },
+        Timeline::start_at(
+            0,
+            Tempo::from_bpm(120.0).unwrap(),
+            Meter::new(4).unwrap(),
+            false,
+        ),
+    );
+    room.restore_epoch(4);
+    let mut out = Vec::new();
+    room.tick(1_000_000, &mut out);
+    out.clear();
+    assert!(room.leading());
+    assert!(!room.outbid_epoch(4), "not above the epoch it holds");
+    assert!(!room.outbid_epoch(u64::MAX), "beyond what the wire carries");
+    assert!(room.outbid_epoch(9));
+    assert_eq!(room.epoch(), 9);
+    room.tick(2_000_000, &mut out);
+    // announced, published and persisted at the next tick
+    assert!(out
+        .iter()
+        .any(|a| matches!(a, Action::Persist(p) if p.epoch == 9)));
+    assert!(out
+        .iter()
+        .any(|a| matches!(a, Action::Publish { epoch: 9, .. })));
+    assert!(out.iter().any(|a| matches!(a, Action::Broadcast(_))));
+}
