@@ -169,6 +169,19 @@ struct Open {
     last_alive: u64,
 }
 
+/// What the room task sees of the room at a tick.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Seen {
+    /// The click is playing now.
+    pub playing: bool,
+    pub tempo_mbpm: u32,
+    pub meter: u8,
+    /// This box leads the room.
+    pub leading: bool,
+    /// The room's epoch.
+    pub epoch: u64,
+}
+
 /// The pure state machine: what the room did, as usage events. Feed it every tick.
 #[derive(Clone, Debug, Default)]
 pub struct Tracker {
@@ -186,17 +199,15 @@ impl Tracker {
         self.open.is_some()
     }
 
-    /// One observation of the room. `epoch` is the room's.
-    pub fn feed(
-        &mut self,
-        now_ms: u64,
-        playing: bool,
-        tempo_mbpm: u32,
-        meter: u8,
-        leading: bool,
-        epoch: u64,
-        out: &mut Vec<Event>,
-    ) {
+    /// One observation of the room, at `now_ms` (wall clock).
+    pub fn feed(&mut self, now_ms: u64, seen: Seen, out: &mut Vec<Event>) {
+        let Seen {
+            playing,
+            tempo_mbpm,
+            meter,
+            leading,
+            epoch,
+        } = seen;
         // A box that takes over the room says so (not on its first observation: a box
         // alone leads from the start).
         if leading && self.leading == Some(false) {
@@ -478,11 +489,13 @@ impl UsageLog {
         }
         self.tracker.feed(
             now_ms,
-            playing,
-            seg.tempo.mbpm(),
-            seg.meter.get(),
-            leading,
-            room.epoch(),
+            Seen {
+                playing,
+                tempo_mbpm: seg.tempo.mbpm(),
+                meter: seg.meter.get(),
+                leading,
+                epoch: room.epoch(),
+            },
             &mut self.buf,
         );
         if self.recovered.is_some()
@@ -889,7 +902,14 @@ mod tests {
 
     fn feed(t: &mut Tracker, now: u64, playing: bool, bpm: u32, leading: bool) -> Vec<Event> {
         let mut out = Vec::new();
-        t.feed(now, playing, bpm * 1000, 4, leading, 3, &mut out);
+        let seen = Seen {
+            playing,
+            tempo_mbpm: bpm * 1000,
+            meter: 4,
+            leading,
+            epoch: 3,
+        };
+        t.feed(now, seen, &mut out);
         out
     }
 

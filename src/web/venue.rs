@@ -22,10 +22,13 @@ pub const CACHE_FOR: Duration = Duration::from_millis(400);
 /// The venue read's deadline (connect and both round trips).
 pub const READ_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// The last answer: when, its status, its body.
+type Cached = Option<(Instant, StatusCode, Arc<String>)>;
+
 #[derive(Clone)]
 struct VenueWeb {
     url: Option<RedisUrl>,
-    cache: Arc<tokio::sync::Mutex<Option<(Instant, StatusCode, Arc<String>)>>>,
+    cache: Arc<tokio::sync::Mutex<Cached>>,
 }
 
 /// `/venue` and `/venue.json` over the Redis at `url` (`None`: the box has no
