@@ -377,23 +377,36 @@ async fn other_sites_and_rebound_names_are_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn no_pin_means_no_control() {
+async fn a_fresh_box_makes_a_pin_and_no_pin_means_no_control() {
+    // SPEC §2: a box with no configured PIN makes one on first start (6 digits, in the
+    // state dir, printed by `bandsync control-pin`); phones without it change nothing.
     let d = Daemon::start(&["--play"]);
     let (mut ws, snap) = d.phone().await;
-    assert_eq!(snap["control"], "off", "{snap}");
+    let pin_file = d.dir.path().join("state/control-pin");
+    let pin = std::fs::read_to_string(&pin_file).unwrap().trim().to_string();
+    assert!(pin.len() == 6 && pin.bytes().all(|b| b.is_ascii_digit()), "{pin:?}");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&pin_file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0, "control-pin is {mode:o}");
+    }
+    let out = Command::new(BIN)
+        .args(["control-pin", "--state-dir"])
+        .arg(d.dir.path().join("state"))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), pin);
+    assert_eq!(snap["control"], "pin", "{snap}");
     assert_eq!(snap["pin_required"], true);
-    for msg in [
-        json!({"type": "set_tempo", "bpm": 200}),
-        json!({"type": "set_tempo", "bpm": 200, "pin": "1234"}),
-        json!({"type": "pause"}),
+    let wrong = if pin == "000000" { "111111" } else { "000000" };
+    for (msg, code) in [
+        (json!({"type": "set_tempo", "bpm": 200}), "pin_required"),
+        (json!({"type": "set_tempo", "bpm": 200, "pin": wrong}), "bad_pin"),
+        (json!({"type": "pause"}), "pin_required"),
     ] {
         send(&mut ws, msg).await;
         let e = expect(&mut ws, &["error", "ack"]).await;
-        assert_eq!(e["code"], "pin_required", "{e}");
-        assert_eq!(
-            e["reason"],
-            "this room has no control PIN set; control from phones is off"
-        );
+        assert_eq!(e["code"], code, "{e}");
     }
     // nothing changed
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -405,13 +418,18 @@ async fn no_pin_means_no_control() {
         (Some(120.0), Some(true)),
         "{h}"
     );
+    assert!(h.get("control_pin").is_none(), "/health must not show the PIN: {h}");
     let m = metrics(d.http).await;
     assert_eq!(
-        metric(&m, "bandsync_phone_control{mode=\"off\"}"),
+        metric(&m, "bandsync_phone_control{mode=\"pin\"}"),
         1.0,
         "{m}"
     );
     assert_eq!(metric(&m, "bandsync_phone_changes_total"), 0.0, "{m}");
+    // the right PIN works
+    send(&mut ws, json!({"type": "set_tempo", "bpm": 133, "pin": pin})).await;
+    let a = expect(&mut ws, &["error", "ack"]).await;
+    assert_eq!(a["type"], "ack", "{a}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -589,7 +607,12 @@ async fn a_slow_header_flood_leaves_the_page_and_health_answering() {
     let fds = open_fds(pid);
     assert!(fds < 1024 + 200, "the node holds {fds} descriptors");
     let m = metrics(d.http).await;
-    assert!(metric(&m, "bandsync_http_evicted_total") >= 400.0, "{m}");
+    // the flood beyond the cap was shed: evicted to make room, or cut by the header
+    // timeout (on a loaded machine the flood opens slowly enough for the latter)
+    let shed = metric(&m, "bandsync_http_evicted_total")
+        + metric(&m, "bandsync_http_refused_total{reason=\"header_timeout\"}")
+        + metric(&m, "bandsync_http_refused_total{reason=\"conn_cap\"}");
+    assert!(shed >= 400.0, "{m}");
     assert!(metric(&m, "bandsync_http_connections") <= 1024.0, "{m}");
 
     // past the header timeout (5 s) every slow request is gone
@@ -705,6 +728,7 @@ async fn fake(pin: Option<&str>, open: bool, limits: HttpLimits) -> Fake {
         control_pin: pin.map(str::to_string),
         control_open: open,
         control_updates: None,
+        link: None,
         allowed_hosts: AllowedHosts::local_only(),
         limits: GatewayLimits::default(),
         stats: Arc::new(GatewayStats::default()),

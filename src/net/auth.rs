@@ -71,7 +71,7 @@ impl RoomKey {
             Ok(t) => RoomKey::parse(&t, &p.display().to_string()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let k = RoomKey::generate()?;
-                crate::sys::state::write_atomic(&p, format!("{}\n", k.to_hex()).as_bytes())?;
+                crate::sys::state::write_secret(&p, format!("{}\n", k.to_hex()).as_bytes())?;
                 tracing::info!(path = %p.display(), "generated a new room key (print it with `bandsync room-key`)");
                 Ok(k)
             }
@@ -144,11 +144,24 @@ pub fn load_identity(
             ));
         }
     }
+    new_identity(state_dir)
+}
+
+/// Make (and keep, the key 0600) a fresh certificate: on first start, or when the
+/// kept one is unusable (a corrupt file is replaced with a warning, never a restart loop).
+pub fn new_identity(
+    state_dir: &Path,
+) -> anyhow::Result<(
+    rustls::pki_types::CertificateDer<'static>,
+    rustls::pki_types::PrivateKeyDer<'static>,
+)> {
+    let cp = state_dir.join("cert.der");
+    let kp = state_dir.join("key.der");
     let cert = rcgen::generate_simple_self_signed(vec!["bandsync".to_string()])
         .context("generating the node certificate")?;
     let c = cert.cert.der().to_vec();
     let k = cert.signing_key.serialize_der();
-    crate::sys::state::write_atomic(&kp, &k)?;
+    crate::sys::state::write_secret(&kp, &k)?;
     crate::sys::state::write_atomic(&cp, &c)?;
     Ok((
         rustls::pki_types::CertificateDer::from(c),
@@ -166,6 +179,11 @@ fn transport() -> quinn::TransportConfig {
     t.datagram_receive_buffer_size(Some(64 * 1024));
     t.max_concurrent_bidi_streams(4u32.into());
     t.max_concurrent_uni_streams(0u32.into());
+    // Small windows: frames are ≤ 16 KiB and a room exchanges little, so a stranger
+    // (before its proof) or a peer can never make us buffer more than this.
+    t.stream_receive_window(quinn::VarInt::from_u32(64 * 1024));
+    t.receive_window(quinn::VarInt::from_u32(256 * 1024));
+    t.send_window(256 * 1024);
     t
 }
 

@@ -42,6 +42,10 @@ pub struct MeshStats {
     pub rejected_samples: AtomicU64,
     pub connections: AtomicU64,
     pub refused_other_room: AtomicU64,
+    /// Incoming connections refused or sent a Retry before any work (too many
+    /// unauthenticated at once).
+    pub preauth_refused: AtomicU64,
+    pub preauth_retries: AtomicU64,
     /// Records that took a peer's later decision when groups met.
     pub merges: AtomicU64,
     /// Decision stamps refused (a peer's clock out of reach).
@@ -61,6 +65,64 @@ pub struct PeerCtx {
     pub cell: Arc<SnapshotCell>,
     pub stats: Arc<MeshStats>,
     pub events: mpsc::Sender<Event>,
+    /// Log lines about strangers, rate-limited.
+    pub log: crate::sys::ratelog::RateLog,
+    /// Connections not yet authenticated.
+    pub preauth: PreAuth,
+}
+
+/// Connections from strangers cost bounded work: at most [`PreAuth::MAX`] connections
+/// may be in their handshake or room-key proof at once, [`PreAuth::MAX_PER_IP`] from
+/// one address; above [`PreAuth::RETRY_ABOVE`] an address must first prove it can
+/// receive (QUIC Retry). Each is given [`AUTH_TIMEOUT`] for handshake and proof
+/// together, with small flow-control windows (see `auth::transport`).
+#[derive(Debug, Default)]
+pub struct PreAuth(std::sync::Mutex<std::collections::BTreeMap<std::net::IpAddr, usize>>);
+
+/// One unauthenticated connection's place in [`PreAuth`]; released when dropped.
+pub struct PreAuthSlot(Arc<PeerCtx>, std::net::IpAddr);
+
+impl Drop for PreAuthSlot {
+    fn drop(&mut self) {
+        let mut m = self.0.preauth.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = m.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.1);
+            }
+        }
+    }
+}
+
+/// What to do with a new incoming connection.
+pub enum Admit {
+    Go(PreAuthSlot),
+    /// Ask the client to prove its address first (QUIC Retry).
+    Retry,
+    /// Drop it without an answer.
+    Refuse,
+}
+
+impl PreAuth {
+    pub const MAX: usize = 64;
+    pub const MAX_PER_IP: usize = 8;
+    pub const RETRY_ABOVE: usize = 16;
+
+    /// A place for a connection from `ip` (`validated`: the address was proven by a
+    /// Retry round trip).
+    pub fn admit(ctx: &Arc<PeerCtx>, ip: std::net::IpAddr, validated: bool) -> Admit {
+        let mut m = ctx.preauth.0.lock().unwrap_or_else(|e| e.into_inner());
+        let total: usize = m.values().sum();
+        let mine = m.get(&ip).copied().unwrap_or(0);
+        if total >= Self::MAX || mine >= Self::MAX_PER_IP {
+            return Admit::Refuse;
+        }
+        if total >= Self::RETRY_ABOVE && !validated {
+            return Admit::Retry;
+        }
+        *m.entry(ip).or_insert(0) += 1;
+        Admit::Go(PreAuthSlot(ctx.clone(), ip))
+    }
 }
 
 /// Bind the node's QUIC endpoint (its certificate from the state dir; outgoing packets
@@ -72,7 +134,14 @@ pub fn endpoint(
 ) -> anyhow::Result<(quinn::Endpoint, SocketAddr)> {
     auth::install_crypto();
     let (cert, key) = auth::load_identity(state_dir)?;
-    let server = auth::server_config(cert, key)?;
+    let server = match auth::server_config(cert, key) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, dir = %state_dir.display(), "the kept certificate or key is unusable; making a new one");
+            let (cert, key) = auth::new_identity(state_dir)?;
+            auth::server_config(cert, key)?
+        }
+    };
     let socket = std::net::UdpSocket::bind(bind)
         .with_context(|| format!("cannot bind QUIC to {bind}"))?;
     let local = socket.local_addr()?;
@@ -88,7 +157,13 @@ pub fn endpoint(
 }
 
 /// Authenticate a connection, then pump its frames and datagrams until it closes.
-pub async fn serve(shared: Arc<PeerCtx>, conn: quinn::Connection, dialer: bool, expect: Option<String>) {
+pub async fn serve(
+    shared: Arc<PeerCtx>,
+    conn: quinn::Connection,
+    dialer: bool,
+    expect: Option<String>,
+    preauth: Option<PreAuthSlot>,
+) {
     let addr = conn.remote_address();
     let (peer, send, recv) = match tokio::time::timeout(
         AUTH_TIMEOUT,
@@ -100,7 +175,9 @@ pub async fn serve(shared: Arc<PeerCtx>, conn: quinn::Connection, dialer: bool, 
         Ok(Err(HandshakeError::Refused(code, why))) => {
             if code == CLOSE_AUTH {
                 shared.stats.auth_failures.fetch_add(1, Relaxed);
-                tracing::warn!(%addr, reason = %why, "peer failed room-key authentication; connection closed");
+                if let Some(left_out) = shared.log.allow("auth_failed") {
+                    tracing::warn!(%addr, reason = %why, left_out, "peer failed room-key authentication; connection closed (one line per 10 s)");
+                }
             } else if code == CLOSE_ROOM {
                 shared.stats.refused_other_room.fetch_add(1, Relaxed);
                 tracing::debug!(%addr, reason = %why, "peer of another room; connection closed");
@@ -111,7 +188,9 @@ pub async fn serve(shared: Arc<PeerCtx>, conn: quinn::Connection, dialer: bool, 
         Ok(Err(HandshakeError::Closed(e))) => {
             match &e {
                 quinn::ConnectionError::ApplicationClosed(c) => {
-                    tracing::warn!(%addr, reason = %String::from_utf8_lossy(&c.reason), "peer refused us")
+                    if let Some(left_out) = shared.log.allow("refused_us") {
+                        tracing::warn!(%addr, reason = %String::from_utf8_lossy(&c.reason), left_out, "peer refused us (one line per 10 s)")
+                    }
                 }
                 other => {
                     tracing::debug!(%addr, error = %other, "connection closed during handshake")
@@ -121,17 +200,23 @@ pub async fn serve(shared: Arc<PeerCtx>, conn: quinn::Connection, dialer: bool, 
         }
         Ok(Err(HandshakeError::Other(e))) => {
             shared.stats.bad_frames.fetch_add(1, Relaxed);
-            tracing::warn!(%addr, error = %e, "bad handshake; connection closed");
+            if let Some(left_out) = shared.log.allow("bad_handshake") {
+                tracing::warn!(%addr, error = %e, left_out, "bad handshake; connection closed (one line per 10 s)");
+            }
             conn.close(CLOSE_AUTH.into(), b"bad handshake");
             return;
         }
         Err(_) => {
             shared.stats.auth_failures.fetch_add(1, Relaxed);
-            tracing::warn!(%addr, "peer did not authenticate in time; connection closed");
+            if let Some(left_out) = shared.log.allow("auth_timeout") {
+                tracing::warn!(%addr, left_out, "peer did not authenticate in time; connection closed (one line per 10 s)");
+            }
             conn.close(CLOSE_AUTH.into(), b"authentication timeout");
             return;
         }
     };
+    // authenticated: no longer counted against the strangers' budget
+    drop(preauth);
     if let Some(want) = expect.filter(|w| *w != peer.node) {
         tracing::debug!(%addr, expected = %want, got = %peer.node, "a different node answered at this address");
     }
@@ -142,13 +227,14 @@ pub async fn serve(shared: Arc<PeerCtx>, conn: quinn::Connection, dialer: bool, 
     // The span is attached to the futures (never entered across an .await, which
     // would leak it into other tasks' log lines).
     let span = tracing::info_span!("peer", id = %peer.node, name = %peer.name);
-    pump(shared, conn, peer, send, recv).instrument(span).await
+    pump(shared, conn, peer, dialer, send, recv).instrument(span).await
 }
 
 async fn pump(
     shared: Arc<PeerCtx>,
     conn: quinn::Connection,
     peer: Hello,
+    dialer: bool,
     send: quinn::SendStream,
     recv: quinn::RecvStream,
 ) {
@@ -161,6 +247,7 @@ async fn pump(
             name: peer.name.clone(),
             conn: conn.clone(),
             tx,
+            dialer,
         })
         .await
         .is_err()

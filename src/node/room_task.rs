@@ -9,7 +9,7 @@ use crate::net::discovery::{self, Discovery, DiscoveryConfig, PeerEvent};
 use crate::net::auth::RoomKey;
 use crate::net::handle::{Event, Inbox};
 use crate::net::impair::Impairment;
-use crate::net::peer::{self, PeerCtx, CLOSE_BYE, CLOSE_DUP};
+use crate::net::peer::{self, Admit, PeerCtx, PreAuth, CLOSE_BYE, CLOSE_DUP};
 use crate::net::MeshStats;
 use crate::node::status::{decorate, write_status};
 use crate::sys::clock::{Clock, NodeClock};
@@ -27,6 +27,8 @@ const TICK: Duration = Duration::from_millis(50);
 const DIAL_EVERY: Duration = Duration::from_millis(250);
 /// …with at most this many attempts in flight…
 const DIAL_PARALLEL: usize = 4;
+/// A peer of lower id (it should dial us) missing this long is dialed by us too.
+const DIAL_BOTH_AFTER: Duration = Duration::from_millis(1_500);
 /// …each given this long for the QUIC handshake (the room-key proof has its own).
 const DIAL_TIMEOUT: Duration = Duration::from_millis(1_000);
 
@@ -114,6 +116,8 @@ pub async fn run(
         cell: cell.clone(),
         stats,
         events: etx,
+        log: crate::sys::ratelog::RateLog::new(Duration::from_secs(10)),
+        preauth: PreAuth::default(),
     });
     let shared = Arc::new(Shared {
         published,
@@ -130,11 +134,28 @@ pub async fn run(
         tokio::spawn(async move {
             while let Some(incoming) = endpoint.accept().await {
                 let shared = ctx.clone();
+                let addr = incoming.remote_address();
+                let slot = match PreAuth::admit(&shared, addr.ip(), incoming.remote_address_validated()) {
+                    Admit::Go(slot) => slot,
+                    Admit::Retry => {
+                        shared.stats.preauth_retries.fetch_add(1, Relaxed);
+                        let _ = incoming.retry();
+                        continue;
+                    }
+                    Admit::Refuse => {
+                        shared.stats.preauth_refused.fetch_add(1, Relaxed);
+                        if let Some(left_out) = shared.log.allow("preauth_full") {
+                            tracing::warn!(%addr, left_out, "too many unauthenticated connections; refused (one line per 10 s)");
+                        }
+                        incoming.ignore();
+                        continue;
+                    }
+                };
                 tokio::spawn(async move {
-                    let addr = incoming.remote_address();
-                    match incoming.await {
-                        Ok(conn) => peer::serve(shared, conn, false, None).await,
-                        Err(e) => tracing::debug!(%addr, error = %e, "incoming connection failed"),
+                    match tokio::time::timeout(peer::AUTH_TIMEOUT, incoming).await {
+                        Ok(Ok(conn)) => peer::serve(shared, conn, false, None, Some(slot)).await,
+                        Ok(Err(e)) => tracing::debug!(%addr, error = %e, "incoming connection failed"),
+                        Err(_) => tracing::debug!(%addr, "QUIC handshake timed out"),
                     }
                 });
             }
@@ -150,6 +171,7 @@ pub async fn run(
     // authenticated handshake decides who answered). Several addresses per id, so a
     // spoofed advert adds an address to try but never removes the member's own.
     let mut known = Candidates::default();
+    let mut missing_since: HashMap<String, tokio::time::Instant> = HashMap::new();
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut redial = tokio::time::interval(Duration::from_secs(1));
@@ -220,10 +242,20 @@ pub async fn run(
             Some(ev) = erx.recv() => {
                 let now = shared.clock.now_ns();
                 match ev {
-                    Event::Up { id, name, conn, tx } => {
+                    Event::Up { id, name, conn, tx, dialer } => {
                         if let Some((old, _)) = peers.get(&id) {
                             if old.close_reason().is_none() {
-                                conn.close(CLOSE_DUP.into(), b"duplicate connection");
+                                // Both sides dialed (the higher id dials too when the
+                                // lower one has not reached it): keep the connection the
+                                // lower id dialed, as the peer does.
+                                let keep_new = dialer == (shared.cfg.node_id < id);
+                                if keep_new {
+                                    old.close(CLOSE_DUP.into(), b"duplicate connection");
+                                    // the same live peer: its clock estimate stays
+                                    peers.insert(id.clone(), (conn, tx));
+                                } else {
+                                    conn.close(CLOSE_DUP.into(), b"duplicate connection");
+                                }
                                 continue;
                             }
                         }
@@ -296,8 +328,16 @@ pub async fn run(
                 // dial peers we know and are not connected to (the lower id dials)
                 let t_now = tokio::time::Instant::now();
                 known.prune(t_now, |id| peers.contains_key(id));
+                missing_since.retain(|id, _| !peers.contains_key(id));
                 for (id, addrs) in known.iter() {
-                    if *id <= shared.cfg.node_id || peers.contains_key(id) {
+                    if *id == shared.cfg.node_id || peers.contains_key(id) {
+                        continue;
+                    }
+                    // The lower id dials; the higher one too once the peer has been
+                    // missing a while (its view of us may be wrong: a forged advert, a
+                    // stale address after our restart).
+                    let since = *missing_since.entry(id.clone()).or_insert(t_now);
+                    if *id < shared.cfg.node_id && t_now - since < DIAL_BOTH_AFTER {
                         continue;
                     }
                     let inflight = dialing.entry(id.clone()).or_default();
@@ -318,7 +358,7 @@ pub async fn run(
                     tokio::spawn(async move {
                         match endpoint.connect(addr, "bandsync") {
                             Ok(connecting) => match tokio::time::timeout(DIAL_TIMEOUT, connecting).await {
-                                Ok(Ok(conn)) => peer::serve(shared, conn, true, Some(id.clone())).await,
+                                Ok(Ok(conn)) => peer::serve(shared, conn, true, Some(id.clone()), None).await,
                                 Ok(Err(e)) => tracing::debug!(peer = %id, %addr, error = %e, "connect failed"),
                                 Err(_) => tracing::debug!(peer = %id, %addr, "connect timed out"),
                             },

@@ -4,4 +4,5 @@
 
 pub mod clock;
 pub mod notify;
+pub mod ratelog;
 pub mod state;

@@ -272,46 +272,7 @@ impl ConnTable {
     }
 }
 
-/// At most one log line per `every` per kind of event, with the number left out since.
-#[derive(Debug)]
-pub struct RateLog {
-    every: Duration,
-    last: Mutex<HashMap<&'static str, (Instant, u64)>>,
-    /// Lines left out.
-    pub suppressed: AtomicU64,
-}
-
-impl RateLog {
-    pub fn new(every: Duration) -> RateLog {
-        RateLog {
-            every,
-            last: Mutex::new(HashMap::new()),
-            suppressed: AtomicU64::new(0),
-        }
-    }
-
-    /// `Some(n)`: log now (`n` similar events were left out since the last line);
-    /// `None`: leave it out (counted).
-    pub fn allow(&self, kind: &'static str) -> Option<u64> {
-        let now = Instant::now();
-        let mut m = self.last.lock().unwrap_or_else(|e| e.into_inner());
-        match m.get_mut(kind) {
-            Some((at, skipped)) if now.duration_since(*at) < self.every => {
-                *skipped += 1;
-                self.suppressed.fetch_add(1, Relaxed);
-                None
-            }
-            Some((at, skipped)) => {
-                *at = now;
-                Some(std::mem::take(skipped))
-            }
-            None => {
-                m.insert(kind, (now, 0));
-                Some(0)
-            }
-        }
-    }
-}
+pub use crate::sys::ratelog::RateLog;
 
 /// Raise the soft `RLIMIT_NOFILE` towards the hard one (at most 65536) and return the
 /// soft limit in force.
