@@ -104,6 +104,30 @@ enum Cmd {
         #[arg(long, value_name = "PATH")]
         room_key_file: Option<PathBuf>,
     },
+    /// The room's playing periods (start, end, duration, tempi, songs) from this box's
+    /// own log (works without Redis).
+    Usage {
+        /// Only periods that started on or after this local date (YYYY-MM-DD).
+        #[arg(long, value_name = "YYYY-MM-DD")]
+        since: Option<String>,
+        #[arg(long, conflicts_with = "csv")]
+        json: bool,
+        #[arg(long)]
+        csv: bool,
+        /// State dir holding the log (default as for `bandsync run`).
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+    },
+    /// Every room mirrored in a Redis (the venue's front desk): tempo, meter, playing,
+    /// leader, boxes, song, played today; rooms no leader refreshed for a minute are
+    /// gone.
+    Venue {
+        /// The venue's Redis: redis://[user:pass@]host[:port][/db] or rediss://…
+        #[arg(long, value_name = "URL")]
+        redis: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the room's control PIN: phones need it to change tempo or transport
     /// (generated on first start, replicated through the room; the state dir holds the
     /// one in force). Set it with `bandsync run --control-pin`.
@@ -351,6 +375,33 @@ fn main() {
                 bandsync::sys::state::ensure_dir(&dir)?;
                 let pin = bandsync::sys::state::control_pin(&dir)?;
                 println!("{pin}");
+                Ok(())
+            }
+            Cmd::Usage {
+                since,
+                json,
+                csv,
+                state_dir,
+            } => {
+                let file = Settings::load(cli.config.as_deref())?.0;
+                let dir = state_dir
+                    .or(file.state_dir.clone())
+                    .unwrap_or_else(bandsync::node::config::default_state_dir);
+                let format = if json {
+                    bandsync::cli::venue::UsageFormat::Json
+                } else if csv {
+                    bandsync::cli::venue::UsageFormat::Csv
+                } else {
+                    bandsync::cli::venue::UsageFormat::Table
+                };
+                print!("{}", bandsync::cli::venue::usage(&dir, since.as_deref(), format)?);
+                Ok(())
+            }
+            Cmd::Venue { redis, json } => {
+                print!(
+                    "{}",
+                    bandsync::cli::venue::venue(&redis, json, std::time::Duration::from_secs(5))?
+                );
                 Ok(())
             }
             Cmd::Devices => {

@@ -369,6 +369,8 @@ async fn fake(limits: GatewayLimits, pin: Option<&str>) -> Fake {
         allowed_hosts: bandsync::web::hosts::AllowedHosts::local_only(),
         limits,
         stats: stats.clone(),
+        mirror: None,
+        venue: None,
     };
     let (sd_tx, sd_rx) = tokio::sync::watch::channel(false);
     let addr = bandsync::web::http::serve("127.0.0.1:0".parse().unwrap(), state, sd_rx)

@@ -732,6 +732,8 @@ async fn fake(pin: Option<&str>, open: bool, limits: HttpLimits) -> Fake {
         allowed_hosts: AllowedHosts::local_only(),
         limits: GatewayLimits::default(),
         stats: Arc::new(GatewayStats::default()),
+        mirror: None,
+        venue: None,
     };
     let (sd_tx, sd_rx) = tokio::sync::watch::channel(false);
     let addr =

@@ -23,6 +23,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 mod oneshot;
+pub mod venue;
 
 /// How the CLI reaches the room.
 pub struct Target {

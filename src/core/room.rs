@@ -493,6 +493,22 @@ impl Room {
     }
 
     /// Restore the pin (from disk) before the first tick.
+    /// A leader refused by an outside record of a newer epoch (the Redis mirror's
+    /// fence, after a restart or a takeover it did not see) takes an epoch of at least
+    /// `min`, so its records win again; announced and persisted at the next tick.
+    /// Nothing for a follower, nor when the epoch already is `min` or more. Returns
+    /// whether the epoch moved.
+    pub fn outbid_epoch(&mut self, min: u64) -> bool {
+        if !self.leading || min <= self.epoch || min > crate::core::wire::MAX_COUNTER {
+            return false;
+        }
+        self.epoch = min;
+        self.dirty = true;
+        self.publish = true;
+        self.persist = true;
+        true
+    }
+
     pub fn set_pinned(&mut self, pinned: Option<String>) {
         self.pinned = pinned;
     }

@@ -58,7 +58,7 @@ pub use record::{
     FIELDS, MAX_BOXES, ROOMS_KEY, SEEN_FIELD,
 };
 pub use task::{
-    run, run_with, MirrorOptions, MirrorState, MirrorStats, MirrorStatsSnapshot,
+    run, run_with, MirrorOptions, Refusal, LIVE_HOLDER, MirrorState, MirrorStats, MirrorStatsSnapshot,
     DEFAULT_COMMAND_TIMEOUT, STALE_AFTER,
 };
 pub use url::RedisUrl;

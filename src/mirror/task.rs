@@ -181,6 +181,81 @@ pub struct MirrorOptions {
     pub refresh: Duration,
     /// At most one warning per this period (the rest are counted, then summarized).
     pub log_every: Duration,
+    /// Where a refused write is reported, with who holds the room in Redis (the room
+    /// task decides whether to lead above it or to stand down). `try_send`: a full
+    /// channel drops the report (the next refresh sends another).
+    pub refusals: Option<tokio::sync::mpsc::Sender<Refusal>>,
+}
+
+/// A write the fence refused, and who holds the room's record in Redis.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    /// The refused record's epoch and version.
+    pub epoch: u64,
+    pub version: u64,
+    /// The epoch Redis holds (the record's own epoch when the refusal was for a newer
+    /// version at the same epoch).
+    pub held_epoch: u64,
+    /// The leader the stored record names (`None`: the hash could not be read as a
+    /// record).
+    pub held_leader: Option<String>,
+    /// How long ago, by Redis's clock, that leader last refreshed the record
+    /// (`None`: never stamped, or unreadable).
+    pub held_seen_age_ms: Option<u64>,
+}
+
+/// A leader whose heartbeat is at most this old (Redis's clock) is live: a node
+/// refused by its record stands down instead of leading above it.
+pub const LIVE_HOLDER: Duration = Duration::from_secs(3);
+
+impl Refusal {
+    /// Another node than `me` holds the room in Redis and refreshed it within
+    /// [`LIVE_HOLDER`].
+    pub fn held_by_live_other(&self, me: &str) -> bool {
+        self.held_leader.as_deref().is_some_and(|l| l != me)
+            && self
+                .held_seen_age_ms
+                .is_some_and(|a| a <= LIVE_HOLDER.as_millis() as u64)
+    }
+}
+
+/// Who holds a room's record, as read right after a refusal.
+struct Holder {
+    leader: Option<String>,
+    seen_age_ms: Option<u64>,
+}
+
+/// `TIME` and `HGETALL` of the room's hash in one round trip. A hash that is not a
+/// valid record is a holder with no leader (the node may lead above it: its write
+/// replaces the hash).
+async fn holder<C: redis::aio::ConnectionLike>(
+    c: &mut Conn<C>,
+    room: &str,
+) -> Result<Holder, MirrorError> {
+    let mut p = redis::pipe();
+    p.cmd("TIME")
+        .cmd("HGETALL")
+        .arg(super::record::room_key(room));
+    let mut r = c.query_pipeline("TIME, HGETALL", &p).await?.into_iter();
+    let (Some(time), Some(hash)) = (r.next(), r.next()) else {
+        return Err(MirrorError::bad_reply(
+            c.addr(),
+            "TIME, HGETALL",
+            "fewer replies than commands".into(),
+        ));
+    };
+    let now = super::venue::server_ms(&time)
+        .ok_or_else(|| MirrorError::bad_reply(c.addr(), "TIME", super::error::describe(&time)))?;
+    Ok(match super::record::hash_record(room, c.addr(), hash) {
+        Ok(Some((rec, seen))) => Holder {
+            leader: Some(rec.leader),
+            seen_age_ms: seen.map(|s| now.saturating_sub(s)),
+        },
+        Ok(None) | Err(_) => Holder {
+            leader: None,
+            seen_age_ms: None,
+        },
+    })
 }
 
 impl Default for MirrorOptions {
@@ -195,6 +270,7 @@ impl Default for MirrorOptions {
             reconnect_max_delay: Duration::from_secs(1),
             refresh: Duration::from_secs(1),
             log_every: Duration::from_secs(10),
+            refusals: None,
         }
     }
 }
@@ -339,13 +415,17 @@ pub async fn run_with(
                 Some(err) => err,
                 None => {
                     let c = conn.as_mut().expect("made above");
-                    let refused_before = matches!(&done, Some((d, true)) if *d == rec);
+                    // A record refused before is tried again only at the refresh
+                    // (once a second): the fence answers cheaply, and who holds the
+                    // room is read again, so a deposed node learns when the holder's
+                    // heartbeat stops.
                     let step = async {
-                        if refused_before {
-                            // Refused before: do not hammer the fence, just check the link.
-                            c.ping().await.map(|()| None)
+                        let out = write_fenced_outcome(c, &room, &rec).await?;
+                        if out.is_refused() && opts.refusals.is_some() {
+                            let h = holder(c, &room).await?;
+                            Ok(Some((out, Some(h))))
                         } else {
-                            write_fenced_outcome(c, &room, &rec).await.map(Some)
+                            Ok(Some((out, None)))
                         }
                     };
                     tokio::pin!(step);
@@ -373,6 +453,10 @@ pub async fn run_with(
                     ever_ok = true;
                     stats.connected.store(true, Ordering::Relaxed);
                     stats.set_behind(changed_during);
+                    let (out, held) = match out {
+                        Some((o, h)) => (Some(o), h),
+                        None => (None, None),
+                    };
                     match out {
                         Some(WriteOutcome::Written) => {
                             stats.writes.fetch_add(1, Ordering::Relaxed);
@@ -384,10 +468,19 @@ pub async fn run_with(
                                 stats.held_epoch.store(e, Ordering::Relaxed);
                                 stats.refused_newer_epoch.store(true, Ordering::Relaxed);
                             }
+                            if let (Some(tx), Some(h)) = (&opts.refusals, held) {
+                                let _ = tx.try_send(Refusal {
+                                    epoch: rec.epoch,
+                                    version: rec.version,
+                                    held_epoch: refused.held_epoch().unwrap_or(rec.epoch),
+                                    held_leader: h.leader,
+                                    held_seen_age_ms: h.seen_age_ms,
+                                });
+                            }
                             if let Some(suppressed) = fence_log.allow() {
                                 tracing::warn!(room = %room, epoch = rec.epoch, version = rec.version,
                                     outcome = ?refused, suppressed,
-                                    "redis mirror: write refused, Redis holds a newer record (this node was deposed?)");
+                                    "redis mirror: write refused, Redis holds a newer record of the room");
                             }
                         }
                     }

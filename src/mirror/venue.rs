@@ -274,7 +274,7 @@ fn played_ms(addr: &str, room: &str, v: Value) -> Result<u64, MirrorError> {
 }
 
 /// The server's `TIME` reply in ms.
-fn server_ms(v: &Value) -> Option<u64> {
+pub(crate) fn server_ms(v: &Value) -> Option<u64> {
     let Value::Array(a) = v else { return None };
     let num = |v: &Value| match v {
         Value::BulkString(b) => std::str::from_utf8(b).ok()?.parse::<u64>().ok(),

@@ -7,3 +7,4 @@ pub mod hw;
 pub mod room_task;
 pub mod run;
 pub mod status;
+pub mod usage;

@@ -49,6 +49,11 @@ pub struct MeshConfig {
     pub mirror_stats: Option<Arc<crate::mirror::MirrorStats>>,
     /// The Redis mirror's input (only the leader writes; followers send `None`).
     pub mirror: Option<tokio::sync::watch::Sender<Option<crate::mirror::MirrorRecord>>>,
+    /// The mirror's refused writes, with who holds the room in Redis (see
+    /// [`on_refused`]).
+    pub mirror_refusals: Option<mpsc::Receiver<crate::mirror::Refusal>>,
+    /// The room's usage log (and its Redis upstream), fed every tick.
+    pub usage: Option<crate::node::usage::UsageLog>,
     pub node_id: String,
     pub name: String,
     pub room: String,
@@ -81,6 +86,11 @@ pub async fn run(
     published: tokio::sync::watch::Sender<u64>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
+    let mut cfg = cfg;
+    let mut refusals = cfg.mirror_refusals.take();
+    let mut usage = cfg.usage.take();
+    // Redis shows another live leader of this room: do not outbid it (see on_refused).
+    let mut deposed: Option<(String, u64)> = None;
     let (endpoint, local) = peer::endpoint(cfg.quic, &cfg.state_dir, cfg.impair)?;
     tracing::info!(addr = %local, impaired = cfg.impair.is_some(), "QUIC endpoint listening");
 
@@ -228,6 +238,12 @@ pub async fn run(
                 }
             }
             _ = redial.tick() => {}
+            Some(r) = async {
+                match refusals.as_mut() {
+                    Some(rx) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => on_refused(&mut room, &shared.cfg.node_id, r, &mut deposed),
             Some(ev) = erx.recv() => {
                 let now = shared.clock.now_ns();
                 match ev {
@@ -356,8 +372,14 @@ pub async fn run(
                         let _ = done.send((id, t_now)).await;
                     });
                 }
+                if !room.leading() {
+                    deposed = None;
+                }
                 if let Some(tx) = &shared.cfg.mirror {
                     update_mirror(tx, &shared.cfg.room, &room, now);
+                }
+                if let Some(u) = usage.as_mut() {
+                    u.tick(&room, now, deposed.is_none());
                 }
                 if now - last_status >= 250_000_000 {
                     last_status = now;
@@ -370,6 +392,9 @@ pub async fn run(
 
     if let Some(n) = &shared.cfg.notify {
         n.stopping();
+    }
+    if let Some(u) = usage.as_mut() {
+        u.shutdown(room.leading() && deposed.is_none(), Duration::from_millis(500)).await;
     }
     // Orderly goodbye: each connection's writer sends `Bye`, waits for the peer to
     // have it and closes; give them a moment before the endpoint goes.
@@ -602,6 +627,33 @@ fn service_manager(
             if seg.playing { "playing" } else { "stopped" },
             room.peer_ids().len()
         ));
+    }
+}
+
+/// The mirror's write was refused: Redis holds a newer record of the room. A leader
+/// takes an epoch above it ([`Room::outbid_epoch`]) — after its own restart, or a
+/// takeover whose epoch it never saw — unless another live leader holds the room (its
+/// heartbeat is fresh and it is not a box of this mesh): then this box was deposed and
+/// stands down from Redis (it keeps trying the fenced write at each refresh, which
+/// never overwrites, and leads above the record once that leader's heartbeat stops).
+fn on_refused(room: &mut Room, me: &str, r: crate::mirror::Refusal, deposed: &mut Option<(String, u64)>) {
+    if !room.leading() || r.epoch != room.epoch() {
+        return; // a report about an epoch this node no longer holds
+    }
+    let other = r.held_leader.clone().unwrap_or_default();
+    if r.held_by_live_other(me) && !room.peer_ids().contains(&other) {
+        if deposed.as_ref() != Some(&(other.clone(), r.held_epoch)) {
+            tracing::warn!(leader = %other, epoch = r.held_epoch, seen_ms_ago = r.held_seen_age_ms,
+                "deposed: Redis shows leader {other} at epoch {}; this box stops writing the room's record", r.held_epoch);
+            *deposed = Some((other, r.held_epoch));
+        }
+        return;
+    }
+    *deposed = None;
+    let to = r.held_epoch.max(r.epoch) + 1;
+    if room.outbid_epoch(to) {
+        tracing::info!(held_epoch = r.held_epoch, held_leader = %other, epoch = to,
+            "Redis held a newer record of the room (no live leader behind it): leading at a higher epoch");
     }
 }
 

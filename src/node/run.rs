@@ -150,6 +150,8 @@ pub fn run(cfg: RunConfig, clock: NodeClock) -> anyhow::Result<()> {
         impair,
         http_port: None,
         mirror: None,
+        mirror_refusals: None,
+        usage: None,
         link: None,
         mirror_stats: None,
         status_tx: None,
@@ -249,6 +251,8 @@ pub fn run(cfg: RunConfig, clock: NodeClock) -> anyhow::Result<()> {
             allowed_hosts: crate::web::hosts::AllowedHosts::for_box(&[&cfg.name, &node_id]),
             limits: crate::web::gateway::GatewayLimits::default(),
             stats: Arc::new(crate::web::gateway::GatewayStats::default()),
+            mirror: redis.is_some().then(|| mirror_stats.clone()),
+            venue: redis.clone(),
         };
         let http_port = match crate::web::http::serve(http_addr, http_state, shutdown.clone()).await {
             Ok(a) => Some(a.port()),
@@ -263,13 +267,25 @@ pub fn run(cfg: RunConfig, clock: NodeClock) -> anyhow::Result<()> {
         mesh_cfg.status_tx = Some(status_tx);
         mesh_cfg.control_tx = Some(control_tx);
         mesh_cfg.link = link.is_some().then(|| link_stats.clone());
+        let mut upstream = None;
         if let Some(url) = redis {
             let (tx, rx) = tokio::sync::watch::channel(None);
+            let (refused_tx, refused_rx) = tokio::sync::mpsc::channel(4);
             mesh_cfg.mirror = Some(tx);
+            mesh_cfg.mirror_refusals = Some(refused_rx);
             mesh_cfg.mirror_stats = Some(mirror_stats.clone());
             tracing::info!(url = %url, "mirroring the session to Redis");
-            tokio::spawn(crate::mirror::run(url, cfg.room.clone(), rx, mirror_stats.clone(), shutdown.clone()));
+            let opts = crate::mirror::MirrorOptions { refusals: Some(refused_tx), ..Default::default() };
+            upstream = Some(crate::node::usage::Upstream::start(url.clone(), cfg.room.clone(), shutdown.clone()));
+            tokio::spawn(crate::mirror::run_with(url, cfg.room.clone(), rx, mirror_stats.clone(), shutdown.clone(), opts));
         }
+        mesh_cfg.usage = match crate::node::usage::UsageLog::open(&cfg.state_dir, upstream) {
+            Ok(u) => Some(u),
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "no usage log (the click goes on)");
+                None
+            }
+        };
         let r = room_task::run(mesh_cfg, inbox, room, clock, cell.clone(), mesh_stats, published_tx, shutdown).await;
         if let Some(l) = link {
             tokio::task::block_in_place(|| l.stop());

@@ -76,6 +76,7 @@ fn app(
     log: Arc<RateLog>,
 ) -> Router {
     let gw = Gateway::new(&state);
+    let venue = crate::web::venue::routes(state.venue.clone());
     if let Some(u) = state.control_updates.clone() {
         gw.follow_control(u);
     }
@@ -98,6 +99,7 @@ fn app(
                 .route("/ws", get(crate::web::gateway::ws_handler))
                 .with_state(gw),
         )
+        .merge(venue)
         // every request, unknown paths included, goes through the guard
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(web, guard))
@@ -107,7 +109,7 @@ async fn not_found() -> impl IntoResponse {
     (
         StatusCode::NOT_FOUND,
         [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
-        "not found: this box serves /, /ws, /health and /metrics\n",
+        "not found: this box serves /, /ws, /health, /metrics, /venue and /venue.json\n",
     )
 }
 
@@ -795,6 +797,53 @@ async fn metrics(State(web): State<Web>) -> impl IntoResponse {
         "counter",
         one(&p.evicted),
     );
+    if let Some(m) = &st.mirror {
+        let r = m.snapshot();
+        let n = |v: u64| vec![(String::new(), v as f64)];
+        put("redis_writes_total", "Records the Redis mirror wrote.", "counter", n(r.writes));
+        put(
+            "redis_refused_total",
+            "Mirror writes refused by the epoch fence (Redis holds a newer record).",
+            "counter",
+            n(r.fenced),
+        );
+        put(
+            "redis_errors_total",
+            "Failed Redis attempts (connect, command, timeout, bad reply, server error).",
+            "counter",
+            n(r.errors),
+        );
+        put(
+            "redis_reconnects_total",
+            "Times the mirror worked again after losing its connection.",
+            "counter",
+            n(r.reconnects),
+        );
+        put(
+            "redis_lag_seconds",
+            "How long Redis has been behind this node's record (0: current).",
+            "gauge",
+            vec![(String::new(), r.lag_ms as f64 / 1000.0)],
+        );
+        put(
+            "redis_state",
+            "The mirror's state (1 on the state in force).",
+            "gauge",
+            [
+                ("connected", crate::mirror::MirrorState::Connected),
+                ("stale", crate::mirror::MirrorState::Stale),
+                ("off", crate::mirror::MirrorState::Off),
+            ]
+            .iter()
+            .map(|(name, s)| {
+                (
+                    format!("{{state=\"{name}\"}}"),
+                    if r.state == *s { 1.0 } else { 0.0 },
+                )
+            })
+            .collect(),
+        );
+    }
     let h = &web.http;
     put(
         "http_connections",

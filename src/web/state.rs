@@ -44,4 +44,8 @@ pub struct HttpState {
     pub limits: crate::web::gateway::GatewayLimits,
     /// The phone gateway's counters (shown on `/metrics`).
     pub stats: Arc<crate::web::gateway::GatewayStats>,
+    /// The Redis mirror's counters (shown on `/metrics`), with `--redis`.
+    pub mirror: Option<Arc<crate::mirror::MirrorStats>>,
+    /// The venue's Redis (`/venue`, `/venue.json`), with `--redis`.
+    pub venue: Option<crate::mirror::RedisUrl>,
 }
