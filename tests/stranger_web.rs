@@ -729,6 +729,7 @@ async fn fake(pin: Option<&str>, open: bool, limits: HttpLimits) -> Fake {
         control_open: open,
         control_updates: None,
         link: None,
+        board: Default::default(),
         allowed_hosts: AllowedHosts::local_only(),
         limits: GatewayLimits::default(),
         stats: Arc::new(GatewayStats::default()),

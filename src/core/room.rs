@@ -22,12 +22,25 @@
 //!   newer than its own: an older epoch never overwrites a newer one.
 //! * **Changes** are scheduled by the leader at a quantized point at least
 //!   [`CHANGE_LEAD_NS`] ahead, so every box has them before they apply.
+//! * **Setlist and song** are two last-writer-wins records like the pin (the latest
+//!   decision wins, whichever group holds it). Peers fetch a later setlist with
+//!   `SetlistGet` (it is too big for every announce). Choosing a song is one decision:
+//!   it sets the song record where it is made and goes to the leader, which schedules
+//!   the song's tempo and meter as one quantized change at the next bar (one new
+//!   segment: tempo and meter from the same beat), stamped with that decision.
+//!   Choosing a song never starts the transport; `count_in_bars` is carried for the
+//!   page (the click has no special count-in sound: a start lands on a bar, so bar 1
+//!   of the count-in is accented like every bar).
+//! * **Cues** are a merged log with one order; see `cues.rs` for the rule.
 
 use crate::core::time::SessionMap;
 use crate::core::decision::{Hlc, Stamp};
 use crate::core::sync::{Estimate, Estimator, Sample, SampleVerdict, Slewer, SyncConfig};
 use crate::core::timeline::{Change, ChangeKind, Quantum, Scheduled, Timeline, TimelineError};
-use crate::core::wire::{Announce, ChangeRequest, Frame, PinRequest, SessionId};
+use crate::core::cues::{self, Cue, CueError, CueLog, Song};
+use crate::core::wire::{
+    Announce, ChangeRequest, Frame, PinRequest, SessionId, SetlistRecord, SongPick, SongRequest,
+};
 use std::collections::BTreeMap;
 
 /// A change lands at least this far ahead (network propagation to every box).
@@ -160,6 +173,18 @@ pub enum Action {
     Persist(Persisted),
     /// The room's control PIN changed (`None`: open): phones now need this one.
     ControlPin(Option<String>),
+    /// A cue is new here, or its seq, text or deletion changed: tell the phones.
+    Cue(Cue),
+    /// The setlist or the current song changed (phones' snapshots).
+    Setlist {
+        songs: Vec<Song>,
+        song: Option<u16>,
+    },
+    /// Save the cue log (at most once a second, off the clock loop).
+    PersistCues {
+        cues: Vec<Cue>,
+        floor: u64,
+    },
 }
 
 struct Peer {
@@ -172,6 +197,9 @@ struct Peer {
     /// answer's time on the peer's local clock (answers arrive out of order).
     map: Option<(i64, SessionMap)>,
     last_heard: i64,
+    /// When we last sent it our cue inventory, and asked for its setlist.
+    cue_sync_at: i64,
+    setlist_asked_at: i64,
 }
 
 impl Peer {
@@ -266,6 +294,17 @@ pub struct Status {
     /// Where phones open the page (`http://<name>.local:<port>/`), when HTTP runs.
     #[serde(default)]
     pub phone_url: Option<String>,
+    /// The current song of the setlist, if one is chosen.
+    #[serde(default)]
+    pub song: Option<SongStatus>,
+}
+
+/// `song` of the status: 1-based `index`, its `title`, and the setlist's `count`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SongStatus {
+    pub index: u16,
+    pub title: String,
+    pub count: u16,
 }
 
 fn off() -> String {
@@ -332,6 +371,14 @@ pub struct Room {
     hlc: Hlc,
     /// A leader moving onto a peer's newer decision at a bar of the peer's timeline.
     merge: Option<Merge>,
+    setlist: Vec<Song>,
+    setlist_decided: Stamp,
+    song: Option<u16>,
+    song_decided: Stamp,
+    cues: CueLog,
+    /// The cue log changed since it was last saved (saved at most once a second).
+    cues_dirty: bool,
+    cues_saved_at: i64,
 }
 
 /// A pending adoption, by the leader, of a same-session peer's newer timeline.
@@ -364,6 +411,24 @@ pub struct Persisted {
     /// every one it had seen.
     #[serde(default)]
     pub hlc: Hlc,
+    /// The setlist and the current song (0-based), with their decisions.
+    #[serde(default)]
+    pub setlist: Vec<Song>,
+    #[serde(default)]
+    pub setlist_decided: Stamp,
+    #[serde(default)]
+    pub song: Option<u16>,
+    #[serde(default)]
+    pub song_decided: Stamp,
+}
+
+/// The cue log on disk (`cues.json`).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct PersistedCues {
+    #[serde(default)]
+    pub cues: Vec<Cue>,
+    #[serde(default)]
+    pub floor: u64,
 }
 
 /// A node that joined a session follows for at least this long, and until its estimate
@@ -414,6 +479,13 @@ impl Room {
             control_decided: Stamp::DEFAULT,
             hlc: Hlc::default(),
             merge: None,
+            setlist: Vec::new(),
+            setlist_decided: Stamp::DEFAULT,
+            song: None,
+            song_decided: Stamp::DEFAULT,
+            cues: CueLog::default(),
+            cues_dirty: false,
+            cues_saved_at: i64::MIN / 2,
         }
     }
 
@@ -585,6 +657,8 @@ impl Room {
             est: Estimator::new(sync_config()),
             map: None,
             last_heard: i64::MIN / 2,
+            cue_sync_at: i64::MIN / 2,
+            setlist_asked_at: i64::MIN / 2,
         });
         self.dirty = true;
     }
@@ -619,7 +693,9 @@ impl Room {
         // (it clicks with the room), but none of its records can win here.
         let stamps_ok = self.observe(from, &a.decided, now, out)
             && self.observe(from, &a.pin_decided, now, out)
-            && self.observe(from, &a.control_decided, now, out);
+            && self.observe(from, &a.control_decided, now, out)
+            && self.observe(from, &a.setlist_decided, now, out)
+            && self.observe(from, &a.song_decided, now, out);
         let p = self.peers.get_mut(from).expect("checked above");
         p.last_heard = now;
         // A follower takes its leader's records when they are newer — also from an
@@ -673,6 +749,9 @@ impl Room {
                 (Stamp::DEFAULT, Stamp::DEFAULT, Stamp::DEFAULT);
         }
         p.announce = Some(kept);
+        if stamps_ok {
+            self.sync_records(from, &a, now, out);
+        }
         if adopt {
             if let Some(tl) = Timeline::from_segments(&a.timeline) {
                 let s_now = self.map.to_session(now);
@@ -800,6 +879,7 @@ impl Room {
             control: if self.control_pin.is_some() { "pin" } else { "open" }.into(),
             redis: off(),
             phone_url: None,
+            song: self.song_status(),
         }
     }
 
@@ -818,6 +898,25 @@ impl Room {
             Frame::Announce(a) => self.on_announce(from, a, now, out),
             Frame::Pin(req) => self.on_pin(from, req, now, out),
             Frame::Change(req) => self.on_change(from, req, now, out),
+            Frame::SetlistGet => out.push(Action::Send {
+                to: from.to_string(),
+                frame: Frame::Setlist(SetlistRecord {
+                    songs: self.setlist.clone(),
+                    decided: self.setlist_decided.clone(),
+                }),
+            }),
+            Frame::Setlist(r) => self.on_setlist(from, r, now, out),
+            Frame::Song(r) => self.on_song(from, r, now, out),
+            Frame::Cues(v) => self.on_cues(from, v, now, out),
+            Frame::CueHave(inv) => {
+                let v = self.cues.missing_from(&inv);
+                if !v.is_empty() {
+                    out.push(Action::Send {
+                        to: from.to_string(),
+                        frame: Frame::Cues(v),
+                    });
+                }
+            }
             Frame::Bye(_) => {
                 // gone for leadership at once; the connection's end removes it
                 if let Some(p) = self.peers.get_mut(from) {
@@ -869,6 +968,10 @@ impl Room {
             pin_decided: self.pin_decided.clone(),
             control_pin: self.control_pin.clone(),
             control_decided: self.control_decided.clone(),
+            setlist_decided: self.setlist_decided.clone(),
+            song: self.song,
+            song_decided: self.song_decided.clone(),
+            cues: self.cues.summary(),
         }
     }
 
@@ -1241,6 +1344,7 @@ impl Room {
             self.elect(now, out);
             self.try_merge(now, out);
         }
+        self.number_cues(now, out);
         if !self.leading && self.switch.is_none() {
             // A leading peer's map is its own. One that does not lead yet (a pinned or
             // higher-ranked box about to take over) may still be following us, and two
@@ -1295,8 +1399,20 @@ impl Room {
                 control_pin: self.control_pin.clone(),
                 control_decided: self.control_decided.clone(),
                 hlc: self.hlc,
+                setlist: self.setlist.clone(),
+                setlist_decided: self.setlist_decided.clone(),
+                song: self.song,
+                song_decided: self.song_decided.clone(),
             }));
             self.persist = false;
+        }
+        if self.cues_dirty && now - self.cues_saved_at >= 1_000_000_000 {
+            out.push(Action::PersistCues {
+                cues: self.cues.all().cloned().collect(),
+                floor: self.cues.floor(),
+            });
+            self.cues_dirty = false;
+            self.cues_saved_at = now;
         }
     }
 
@@ -1336,4 +1452,299 @@ fn phase_differs(a: &Timeline, b: &Timeline, t: i64) -> bool {
     let pa = a.beat_at(t).0 as i128;
     let pb = b.beat_at(t).0 as i128;
     (pa - pb).abs() > (1i128 << crate::core::timeline::FRAC_BITS) / 1000
+}
+
+/// Setlists, songs and cues (see the module doc and `cues.rs`).
+impl Room {
+    /// Restore the setlist and song records (from disk) before the first tick.
+    pub fn restore_setlist(&mut self, songs: Vec<Song>, decided: Stamp, song: Option<u16>, song_decided: Stamp) {
+        if cues::check_setlist(&songs).is_ok() {
+            self.setlist = songs;
+            self.setlist_decided = decided;
+            self.song = song;
+            self.song_decided = song_decided;
+        }
+    }
+    /// Restore the cue log (from disk) before the first tick.
+    pub fn restore_cues(&mut self, c: Vec<Cue>, floor: u64) {
+        let ok: Vec<Cue> = c
+            .into_iter()
+            .filter(|c| cues::check_text(&c.text).is_ok() && cues::check_author(&c.author).is_ok())
+            .collect();
+        self.cues = CueLog::new(ok, floor);
+    }
+    pub fn setlist(&self) -> &[Song] {
+        &self.setlist
+    }
+    /// The current song, 0-based.
+    pub fn song(&self) -> Option<u16> {
+        self.song.filter(|&i| (i as usize) < self.setlist.len())
+    }
+    pub fn cues(&self) -> &CueLog {
+        &self.cues
+    }
+
+    fn song_status(&self) -> Option<SongStatus> {
+        let i = self.song()?;
+        Some(SongStatus {
+            index: i + 1,
+            title: self.setlist[i as usize].title.clone(),
+            count: self.setlist.len() as u16,
+        })
+    }
+
+    fn setlist_changed(&mut self, out: &mut Vec<Action>) {
+        self.dirty = true;
+        self.persist = true;
+        out.push(Action::Setlist {
+            songs: self.setlist.clone(),
+            song: self.song(),
+        });
+    }
+
+    /// Replace the setlist: a decision made here. No song is current afterwards.
+    pub fn load_setlist(&mut self, songs: Vec<Song>, now: i64, out: &mut Vec<Action>) -> Result<(), CueError> {
+        cues::check_setlist(&songs)?;
+        let stamp = self.decide(now);
+        self.setlist = songs;
+        self.setlist_decided = stamp.clone();
+        self.song = None;
+        self.song_decided = stamp;
+        self.setlist_changed(out);
+        Ok(())
+    }
+
+    /// Choose a song: a decision made here. Its tempo and meter land at the next bar
+    /// (scheduled by the leader; `None` when relayed to it).
+    pub fn choose_song(&mut self, pick: SongPick, now: i64, out: &mut Vec<Action>) -> Result<(u16, Option<Scheduled>), CueError> {
+        let n = self.setlist.len();
+        if n == 0 {
+            return Err(CueError::Pick("no setlist loaded (bandsync setlist load FILE.toml)".into()));
+        }
+        let index = match pick {
+            SongPick::Number(k) if k >= 1 && (k as usize) <= n => k - 1,
+            SongPick::Number(k) => {
+                return Err(CueError::Pick(format!("{k} is not a song of this setlist (1–{n})")))
+            }
+            SongPick::Next => match self.song() {
+                None => 0,
+                Some(i) if (i as usize) + 1 < n => i + 1,
+                Some(_) => return Err(CueError::Pick(format!("already at the last song ({n})"))),
+            },
+            SongPick::Prev => match self.song() {
+                None => return Err(CueError::Pick("no song chosen yet".into())),
+                Some(0) => return Err(CueError::Pick("already at the first song".into())),
+                Some(i) => i - 1,
+            },
+        };
+        let stamp = self.decide(now);
+        let req = SongRequest {
+            index,
+            song: self.setlist[index as usize].clone(),
+            stamp,
+        };
+        let at = self.song_with(req, now, out)?;
+        Ok((index, at))
+    }
+
+    fn take_song(&mut self, index: u16, stamp: &Stamp, out: &mut Vec<Action>) {
+        if *stamp > self.song_decided {
+            self.song = Some(index);
+            self.song_decided = stamp.clone();
+            self.setlist_changed(out);
+        }
+    }
+
+    fn song_with(&mut self, req: SongRequest, now: i64, out: &mut Vec<Action>) -> Result<Option<Scheduled>, CueError> {
+        if !self.leading {
+            self.take_song(req.index, &req.stamp, out);
+            out.push(Action::Send {
+                to: self.leader.clone(),
+                frame: Frame::Song(req),
+            });
+            return Ok(None);
+        }
+        // One quantized change: the tempo at the next bar, and the meter from the same
+        // beat (the same new segment).
+        let mut tl = self.timeline;
+        let at = tl
+            .schedule(
+                Change {
+                    kind: ChangeKind::Tempo(req.song.tempo),
+                    quantum: Quantum::Bar,
+                },
+                self.session_now(now),
+                CHANGE_LEAD_NS,
+            )
+            .map_err(|e| CueError::Pick(e.to_string()))?;
+        if tl.segment_at_beat(at.beat).meter != req.song.meter {
+            tl.apply_at(ChangeKind::Meter(req.song.meter), at.beat)
+                .map_err(|e| CueError::Pick(e.to_string()))?;
+        }
+        self.timeline = tl;
+        self.decided = self.decided.clone().max(req.stamp.clone());
+        self.version += 1;
+        self.dirty = true;
+        self.publish = true;
+        self.persist = true;
+        out.push(Action::Note(Note::Scheduled {
+            change: ChangeKind::Tempo(req.song.tempo),
+            at,
+        }));
+        self.take_song(req.index, &req.stamp, out);
+        Ok(Some(at))
+    }
+
+    fn on_song(&mut self, from: &str, req: SongRequest, now: i64, out: &mut Vec<Action>) {
+        if !self.observe(from, &req.stamp, now, out) {
+            return;
+        }
+        if self.leading {
+            if let Err(e) = self.song_with(req, now, out) {
+                out.push(Action::Note(Note::ChangeRefused { reason: e.to_string() }));
+            }
+        } else {
+            self.take_song(req.index, &req.stamp, out);
+            if from != self.leader {
+                out.push(Action::Send {
+                    to: self.leader.clone(),
+                    frame: Frame::Song(req),
+                });
+            }
+        }
+    }
+
+    fn on_setlist(&mut self, from: &str, r: SetlistRecord, now: i64, out: &mut Vec<Action>) {
+        if !self.observe(from, &r.decided, now, out) {
+            return;
+        }
+        if r.decided > self.setlist_decided {
+            self.setlist = r.songs;
+            self.setlist_decided = r.decided.clone();
+            out.push(Action::Note(Note::Merged {
+                record: "setlist",
+                from: from.to_string(),
+                stamp: r.decided,
+            }));
+            self.setlist_changed(out);
+        }
+    }
+
+    /// Records a peer's announce says we should fetch or take: the song (last writer
+    /// wins), a later setlist (ask for it), a cue log that differs (send our inventory).
+    fn sync_records(&mut self, from: &str, a: &Announce, now: i64, out: &mut Vec<Action>) {
+        if a.song_decided > self.song_decided {
+            self.song = a.song;
+            self.song_decided = a.song_decided.clone();
+            self.setlist_changed(out);
+        }
+        let want_setlist = a.setlist_decided > self.setlist_decided;
+        let want_cues = a.cues.digest != self.cues.summary().digest;
+        let Some(p) = self.peers.get_mut(from) else { return };
+        if want_setlist && now - p.setlist_asked_at >= 500_000_000 {
+            p.setlist_asked_at = now;
+            out.push(Action::Send {
+                to: from.to_string(),
+                frame: Frame::SetlistGet,
+            });
+        }
+        if want_cues && now - p.cue_sync_at >= cues::SYNC_EVERY_NS {
+            p.cue_sync_at = now;
+            out.push(Action::Send {
+                to: from.to_string(),
+                frame: Frame::CueHave(self.cues.inventory()),
+            });
+        }
+    }
+
+    /// Post a cue here (CLI or phone). Numbered at once when this box leads; else it
+    /// goes to every peer and the leader numbers it.
+    pub fn post_cue(&mut self, text: String, author: String, now: i64, out: &mut Vec<Action>) -> Result<Cue, CueError> {
+        cues::check_text(&text)?;
+        cues::check_author(&author)?;
+        let id = self.decide(now);
+        let unix = self.phys_ms(now);
+        let c = self.cues.post(id.clone(), text, author, unix);
+        self.cues_dirty = true;
+        if self.leading {
+            self.number_cues(now, out);
+        } else {
+            out.push(Action::Cue(c.clone()));
+            out.push(Action::Broadcast(Frame::Cues(vec![c])));
+        }
+        Ok(self.cues.get(&id).cloned().expect("just posted"))
+    }
+
+    /// Edit (`Some(text)`) or delete (`None`) the cue `seq`: a decision made here.
+    pub fn edit_cue(&mut self, seq: u64, text: Option<String>, now: i64, out: &mut Vec<Action>) -> Result<Cue, CueError> {
+        if let Some(t) = &text {
+            cues::check_text(t)?;
+        }
+        if self.cues.by_seq(seq).is_none() {
+            return Err(CueError::UnknownSeq(seq));
+        }
+        let stamp = self.decide(now);
+        let unix = self.phys_ms(now);
+        let c = self.cues.edit(seq, text, stamp, unix)?;
+        self.cues_dirty = true;
+        out.push(Action::Cue(c.clone()));
+        out.push(Action::Broadcast(Frame::Cues(vec![c.clone()])));
+        Ok(c)
+    }
+
+    /// A phone acked the cue `seq` on this box (replicated with the next sync).
+    pub fn ack_cue(&mut self, seq: u64) -> Result<(), CueError> {
+        self.cues.ack(seq, &self.cfg.me)?;
+        self.cues_dirty = true;
+        Ok(())
+    }
+
+    fn on_cues(&mut self, from: &str, v: Vec<Cue>, now: i64, out: &mut Vec<Action>) {
+        let mut ok = Vec::with_capacity(v.len());
+        for c in v {
+            if self.observe(from, &c.id, now, out)
+                && self.observe(from, &c.edited, now, out)
+                && self.observe(from, &c.numbered, now, out)
+            {
+                ok.push(c);
+            }
+        }
+        let changed = self.cues.merge(ok);
+        if changed.any {
+            self.cues_dirty = true;
+        }
+        for c in changed.visible {
+            out.push(Action::Cue(c));
+        }
+        self.number_cues(now, out);
+    }
+
+    /// The leader numbers unnumbered cues and resolves collisions — only when no other
+    /// live leader of its session competes (after a heal, the election settles first).
+    fn number_cues(&mut self, now: i64, out: &mut Vec<Action>) {
+        if !self.leading {
+            return;
+        }
+        let competing = self.peers.values().any(|p| {
+            self.is_alive(p, now)
+                && p.announce
+                    .as_ref()
+                    .is_some_and(|a| a.leading && a.session == self.session)
+        });
+        if competing {
+            return;
+        }
+        let p = self.phys_ms(now);
+        let me = self.cfg.me.clone();
+        let hlc = &mut self.hlc;
+        let changed = self.cues.number(|| hlc.issue(p, &me));
+        if changed.is_empty() {
+            return;
+        }
+        self.cues_dirty = true;
+        for c in &changed {
+            out.push(Action::Cue(c.clone()));
+        }
+        out.push(Action::Broadcast(Frame::Cues(changed)));
+    }
 }
