@@ -170,6 +170,86 @@ pub fn check_author(a: &str) -> Result<(), CueError> {
     Ok(())
 }
 
+/// Parse a setlist file: `[[song]]` tables with `title`, `tempo` (BPM, 20–400), `meter`
+/// (1–16) and optional `count_in_bars` (0–4); no other key. Errors name the song (1-based)
+/// and the field.
+pub fn parse_setlist(text: &str) -> Result<Vec<Song>, CueError> {
+    let doc: toml::Table = toml::from_str(text)
+        .map_err(|e| CueError::Setlist(format!("not valid TOML: {}", e.message())))?;
+    if let Some(k) = doc.keys().find(|k| *k != "song") {
+        return Err(CueError::Setlist(format!(
+            "unknown key {k:?} (a setlist is a list of [[song]] tables)"
+        )));
+    }
+    let Some(list) = doc.get("song") else {
+        return Err(CueError::Setlist("no [[song]] tables".into()));
+    };
+    let toml::Value::Array(list) = list else {
+        return Err(CueError::Setlist("`song` must be [[song]] tables".into()));
+    };
+    if list.len() > MAX_SONGS {
+        return Err(CueError::Setlist(format!(
+            "{} songs; a setlist holds at most {MAX_SONGS}",
+            list.len()
+        )));
+    }
+    let mut songs = Vec::with_capacity(list.len());
+    for (i, v) in list.iter().enumerate() {
+        let n = i + 1;
+        let err = |field, why: String| CueError::Song { song: n, field, why };
+        let toml::Value::Table(t) = v else {
+            return Err(err("song", "must be a table".into()));
+        };
+        const KNOWN: [&str; 4] = ["title", "tempo", "meter", "count_in_bars"];
+        if let Some(k) = t.keys().find(|k| !KNOWN.contains(&k.as_str())) {
+            return Err(CueError::Song {
+                song: n,
+                field: "key",
+                why: format!("unknown key {k:?} (known: title, tempo, meter, count_in_bars)"),
+            });
+        }
+        let title = match t.get("title") {
+            Some(toml::Value::String(s)) => s.clone(),
+            Some(_) => return Err(err("title", "must be a string".into())),
+            None => return Err(err("title", "missing".into())),
+        };
+        let bpm = match t.get("tempo") {
+            Some(toml::Value::Integer(x)) => *x as f64,
+            Some(toml::Value::Float(x)) => *x,
+            Some(_) => return Err(err("tempo", "must be a number (BPM)".into())),
+            None => return Err(err("tempo", "missing".into())),
+        };
+        let tempo = Tempo::from_bpm(bpm)
+            .map_err(|_| err("tempo", format!("{bpm} is out of range (20–400 BPM)")))?;
+        let meter = match t.get("meter") {
+            Some(toml::Value::Integer(x)) => Meter::new(*x)
+                .map_err(|_| err("meter", format!("{x} is out of range (1–16 beats per bar)")))?,
+            Some(_) => return Err(err("meter", "must be a whole number (1–16)".into())),
+            None => return Err(err("meter", "missing".into())),
+        };
+        let count_in_bars = match t.get("count_in_bars") {
+            None => 0,
+            Some(toml::Value::Integer(x)) if (0..=MAX_COUNT_IN as i64).contains(x) => *x as u8,
+            Some(x) => {
+                return Err(err(
+                    "count_in_bars",
+                    format!("{x} is out of range (0–{MAX_COUNT_IN} bars)"),
+                ))
+            }
+        };
+        let song = Song {
+            title,
+            tempo,
+            meter,
+            count_in_bars,
+        };
+        check_song(n, &song)?;
+        songs.push(song);
+    }
+    check_setlist(&songs)?;
+    Ok(songs)
+}
+
 /// One cue (see the module doc for how its fields merge).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Cue {
@@ -660,6 +740,25 @@ mod tests {
         assert_eq!(a.by_seq(1).unwrap().seen_total(), 3);
         assert_eq!(a.summary(), b.summary());
         assert_eq!(a.ack(7, "a"), Err(CueError::UnknownSeq(7)));
+    }
+
+    #[test]
+    fn setlist_files_are_checked_by_song_and_field() {
+        let ok = "[[song]]\ntitle = \"Intro\"\ntempo = 96\nmeter = 4\n\n[[song]]\ntitle = \"Waltz\"\ntempo = 152.5\nmeter = 3\ncount_in_bars = 2\n";
+        let v = parse_setlist(ok).unwrap();
+        assert_eq!(v.len(), 2);
+        assert_eq!(v[1].meter.get(), 3);
+        assert_eq!(v[1].count_in_bars, 2);
+        let e = |t: &str| parse_setlist(t).unwrap_err().to_string();
+        let two = |extra: &str| format!("[[song]]\ntitle=\"a\"\ntempo=90\nmeter=4\n[[song]]\ntitle=\"b\"\n{extra}");
+        assert_eq!(e(&two("tempo=500\nmeter=4")), "song 2: tempo: 500 is out of range (20–400 BPM)");
+        assert_eq!(e(&two("tempo=90\nmeter=17")), "song 2: meter: 17 is out of range (1–16 beats per bar)");
+        assert_eq!(e(&two("tempo=90\nmeter=4\ncount_in_bars=5")), "song 2: count_in_bars: 5 is out of range (0–4 bars)");
+        assert!(e(&two("tempo=90\nmeter=4\nbpm=3")).starts_with("song 2: key: unknown key \"bpm\""));
+        assert!(e(&two("meter=4")).contains("song 2: tempo: missing"));
+        assert!(e("title = 3").contains("unknown key \"title\""));
+        let many: String = (0..201).map(|i| format!("[[song]]\ntitle=\"s{i}\"\ntempo=90\nmeter=4\n")).collect();
+        assert!(e(&many).contains("at most 200"));
     }
 
     #[test]
