@@ -159,6 +159,8 @@ enum SetlistCmd {
     Load {
         #[arg(value_name = "FILE.toml")]
         file: PathBuf,
+        #[command(flatten)]
+        to: To,
     },
 }
 
@@ -512,7 +514,7 @@ fn main() {
             Cmd::Setlist { load, to, json } => {
                 let file = Settings::load(cli.config.as_deref())?.0;
                 match load {
-                    Some(SetlistCmd::Load { file: path }) => {
+                    Some(SetlistCmd::Load { file: path, to }) => {
                         let text = std::fs::read_to_string(&path)
                             .with_context(|| format!("cannot read {}", path.display()))?;
                         let songs = bandsync::core::cues::parse_setlist(&text).map_err(|e| {

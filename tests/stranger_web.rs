@@ -870,6 +870,7 @@ async fn health_reads_the_published_status() {
         control_pin: None,
         control: "pin".into(),
         phone_url: None,
+        song: None,
     };
     f._status.send_replace(Some(st));
     let (code, body) = get(f.addr, "/health").await;
