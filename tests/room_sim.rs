@@ -2837,6 +2837,7 @@ fn script_heal_with_equal_epochs() {
 fn assert_cues_converged(name: &str, stats: &Stats, texts: &[&str]) {
     assert!(!stats.final_cues.is_empty(), "{name}: no box alive");
     let first = &stats.final_cues[0].1;
+    println!("{name}: {first:?}");
     for (slot, cues) in &stats.final_cues {
         assert_eq!(cues, first, "{name}: box {slot} holds another order: {:?}", stats.final_cues);
     }
