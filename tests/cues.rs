@@ -407,3 +407,186 @@ fn setlists_and_cues_across_two_boxes_phones_and_a_restart() {
     assert_eq!(cues(&a2, &key, &room), cues_before);
     assert!(ok(&a2, &key, &room, &["cues"]).contains("next: song 3 in E"));
 }
+
+// ---------------------------------------------------------------------------------
+// The page in headless Chromium (skipped, with a note, when there is none).
+
+/// A child process group, killed on drop (chromium forks a family).
+struct Group(Child);
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on the process group of our own child.
+        unsafe { libc::kill(-(self.0.id() as i32), libc::SIGKILL) };
+        let _ = self.0.wait();
+    }
+}
+
+fn chromium() -> Option<String> {
+    if let Ok(b) = std::env::var("BANDSYNC_CHROMIUM") {
+        return Some(b);
+    }
+    let path = std::env::var("PATH").unwrap_or_default();
+    ["chromium", "chromium-browser", "google-chrome"]
+        .iter()
+        .find(|b| path.split(':').any(|d| Path::new(d).join(b).is_file()))
+        .map(|b| b.to_string())
+}
+
+/// GET on Chromium's DevTools HTTP server (it keeps the connection open: read
+/// `Content-Length` bytes).
+fn devtools_get(port: u16, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n").ok()?;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 8192];
+    loop {
+        let n = s.read(&mut chunk).ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&buf).to_string();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_string()))
+                .and_then(|v| v.parse().ok())?;
+            if body.len() >= len {
+                return Some(body.to_string());
+            }
+        }
+    }
+}
+
+struct Cdp {
+    ws: Ws,
+    next: u64,
+}
+
+impl Cdp {
+    async fn eval(&mut self, expr: &str) -> Value {
+        let id = self.next;
+        self.next += 1;
+        send(
+            &mut self.ws,
+            json!({"id": id, "method": "Runtime.evaluate", "params": {"expression": expr, "returnByValue": true}}),
+        )
+        .await;
+        loop {
+            match tokio::time::timeout(Duration::from_secs(5), self.ws.next()).await {
+                Ok(Some(Ok(Message::Text(t)))) => {
+                    let v: Value = serde_json::from_str(t.as_str()).unwrap();
+                    if v["id"] == id {
+                        assert!(v["result"]["exceptionDetails"].is_null(), "{expr}: {v}");
+                        return v["result"]["result"]["value"].clone();
+                    }
+                }
+                Ok(Some(Ok(_))) => {}
+                other => panic!("DevTools: {other:?}"),
+            }
+        }
+    }
+    /// Wait until `expr` is true in the page.
+    async fn until(&mut self, expr: &str, secs: u64) {
+        let t = Instant::now();
+        // the page may still be loading: an exception counts as false
+        let guarded = format!("(function () {{ try {{ return !!({expr}); }} catch (e) {{ return false; }} }})()");
+        while self.eval(&guarded).await != Value::Bool(true) {
+            assert!(t.elapsed() < Duration::from_secs(secs), "the page never showed {expr}");
+            tokio::time::sleep(Duration::from_millis(150)).await;
+        }
+    }
+}
+
+#[test]
+fn the_page_shows_the_song_and_cues_and_moves_to_the_next_song() {
+    use std::os::unix::process::CommandExt;
+    let Some(bin) = chromium() else {
+        eprintln!("SKIPPED: no chromium in PATH (set BANDSYNC_CHROMIUM or install Debian's chromium)");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("room.key");
+    std::fs::write(&key, "4d".repeat(32)).unwrap();
+    let room = format!("test-cuepage-{}", std::process::id());
+    let a = Node::start(dir.path(), 1, &room, &key, &["--play"]);
+    let list = dir.path().join("set.toml");
+    std::fs::write(
+        &list,
+        "[[song]]\ntitle = \"Opener\"\ntempo = 120\nmeter = 4\n\n[[song]]\ntitle = \"Waltz\"\ntempo = 90\nmeter = 3\n",
+    )
+    .unwrap();
+    ok(&a, &key, &room, &["setlist", "load", list.to_str().unwrap()]);
+    ok(&a, &key, &room, &["song", "1"]);
+    ok(&a, &key, &room, &["cue", "from the cli"]);
+
+    let profile = tempfile::tempdir().unwrap();
+    let url = format!("http://127.0.0.1:{}/", a.http);
+    let _chromium = Group(
+        Command::new(bin)
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--disable-background-timer-throttling",
+                "--remote-debugging-port=0",
+            ])
+            .arg(format!("--user-data-dir={}", profile.path().display()))
+            .arg(&url)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .process_group(0)
+            .spawn()
+            .expect("start chromium"),
+    );
+    let mut port = None;
+    wait_for("chromium's DevTools port", 30, || {
+        port = std::fs::read_to_string(profile.path().join("DevToolsActivePort"))
+            .ok()
+            .and_then(|s| s.lines().next()?.parse::<u16>().ok());
+        port.is_some()
+    });
+    let port = port.unwrap();
+    let mut target = String::new();
+    wait_for("the page in chromium", 30, || {
+        let Some(body) = devtools_get(port, "/json/list") else { return false };
+        let pages: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+        let found = pages.as_array().and_then(|a| {
+            a.iter()
+                .find(|p| p["type"] == "page" && p["url"].as_str().is_some_and(|u| u.starts_with(&url)))
+                .and_then(|p| p["webSocketDebuggerUrl"].as_str().map(str::to_string))
+        });
+        // its URL names "localhost" without the port: keep the path
+        found
+            .and_then(|u| u.find("/devtools/").map(|i| u[i..].to_string()))
+            .map(|path| target = format!("ws://127.0.0.1:{port}{path}"))
+            .is_some()
+    });
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let (ws, _) = tokio_tungstenite::client_async(target.as_str(), tcp).await.expect("DevTools WebSocket");
+        let mut b = Cdp { ws, next: 1 };
+        let text = |id: &str| format!("document.getElementById('{id}').textContent");
+        b.until(&format!("{}.includes('Opener') && {}.includes('Waltz')", text("songnow"), text("songnext")), 20).await;
+        b.until(&format!("{}.includes('from the cli')", text("cues")), 10).await;
+        // a cue posted now appears on top, flashing once
+        ok(&a, &key, &room, &["cue", "second cue"]);
+        b.until("document.querySelector('#cues .cue').textContent.includes('second cue')", 10).await;
+        // next song with the PIN (the page asks for it)
+        let asked = b.eval("document.getElementById('songnextbtn').click(); document.getElementById('pinbox').classList.contains('show')").await;
+        assert_eq!(asked, true, "no PIN prompt");
+        b.eval(&format!("document.getElementById('pin').value = '{PIN}'; document.getElementById('pinform').requestSubmit(); true")).await;
+        b.until(&format!("{}.includes('Waltz') && {}.includes('last song')", text("songnow"), text("songnext")), 10).await;
+    });
+    wait_for("song 2 on the box", 5, || a.health()["song"]["index"] == 2);
+    let seen = cues(&a, &key, &room);
+    assert!(seen.iter().all(|c| c["seen"] == 1), "the page acked every cue: {seen:?}");
+}
