@@ -414,11 +414,13 @@ impl CueLog {
         self.cues.get(id)
     }
 
+    /// The summary: the digest is the wrapping sum of every cue's version hash (so one
+    /// cue's change updates it in O(1), see [`CueLog::ack`]).
     fn refresh(&mut self) {
-        let mut d = FNV0;
+        let mut d = 0u64;
         let mut max = 0;
         for c in self.cues.values() {
-            fnv(&mut d, &version_hash(c).to_le_bytes());
+            d = d.wrapping_add(version_hash(c));
             max = max.max(c.seq);
         }
         self.summary = CueSummary {
@@ -502,9 +504,11 @@ impl CueLog {
         if !c.seen.contains_key(me) && c.seen.len() >= MAX_SEEN_BOXES {
             return Ok(());
         }
+        // the hot path (every phone acks every cue): update the digest, not recompute it
+        let old = version_hash(c);
         let n = c.seen.entry(me.to_string()).or_insert(0);
         *n = n.saturating_add(1);
-        self.refresh();
+        self.summary.digest = self.summary.digest.wrapping_sub(old).wrapping_add(version_hash(c));
         Ok(())
     }
 
@@ -739,6 +743,9 @@ mod tests {
         b.merge(a.missing_from(&b.inventory()));
         assert_eq!(a.by_seq(1).unwrap().seen_total(), 3);
         assert_eq!(a.summary(), b.summary());
+        let incremental = a.summary();
+        a.refresh();
+        assert_eq!(a.summary(), incremental, "the digest kept up with the acks");
         assert_eq!(a.ack(7, "a"), Err(CueError::UnknownSeq(7)));
     }
 

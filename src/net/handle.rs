@@ -34,6 +34,9 @@ pub struct Board {
     pub setlist: tokio::sync::watch::Sender<SetlistView>,
     /// Every cue that is new on this box or whose seq, text or deletion changed.
     pub cues: tokio::sync::broadcast::Sender<crate::core::cues::Cue>,
+    /// Every numbered cue in seq order, republished after each such change: phones
+    /// that join read their backlog here, never from the room task.
+    pub all: tokio::sync::watch::Sender<std::sync::Arc<Vec<crate::core::cues::CueView>>>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -47,6 +50,7 @@ impl Default for Board {
         Board {
             setlist: tokio::sync::watch::channel(SetlistView::default()).0,
             cues: tokio::sync::broadcast::channel(256).0,
+            all: tokio::sync::watch::channel(Default::default()).0,
         }
     }
 }

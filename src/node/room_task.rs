@@ -458,6 +458,7 @@ fn carry_out(
     peers: &HashMap<String, (quinn::Connection, mpsc::Sender<Frame>)>,
     actions: &mut Vec<Action>,
 ) {
+    let mut cues_changed = false;
     for a in actions.drain(..) {
         match a {
             Action::Broadcast(f) => {
@@ -504,6 +505,7 @@ fn carry_out(
             Action::Cue(c) => {
                 if let Some(b) = &shared.cfg.board {
                     let _ = b.cues.send(c);
+                    cues_changed = true;
                 }
             }
             Action::Setlist { songs, song } => {
@@ -587,7 +589,23 @@ fn carry_out(
             },
         }
     }
-    let _ = room;
+    if cues_changed {
+        if let Some(b) = &shared.cfg.board {
+            publish_cues(b, room);
+        }
+    }
+}
+
+/// Hand the phone gateway the room's numbered cues, in order (for joining phones).
+pub(crate) fn publish_cues(board: &crate::net::handle::Board, room: &Room) {
+    let all: Vec<_> = room
+        .cues()
+        .ordered()
+        .into_iter()
+        .filter(|c| c.seq != 0)
+        .map(|c| c.view())
+        .collect();
+    board.all.send_replace(Arc::new(all));
 }
 
 #[allow(clippy::too_many_arguments)]

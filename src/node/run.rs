@@ -234,6 +234,7 @@ pub fn run(cfg: RunConfig, clock: NodeClock) -> anyhow::Result<()> {
         songs: Arc::new(room.setlist().to_vec()),
         song: room.song(),
     });
+    crate::node::room_task::publish_cues(&board, &room);
     let mesh_stats = Arc::new(MeshStats::default());
     let mirror_stats = Arc::new(crate::mirror::MirrorStats::default());
     let http_addr = cfg.http;

@@ -1200,27 +1200,14 @@ impl Conn {
                 if !self.send_json(&stats).await {
                     return Ok(Next::Close(CLOSE_NORMAL, ""));
                 }
-                // What the phone missed: every numbered cue after `last_seq`, in order.
-                let mut after = last_seq;
-                for _ in 0..64 {
-                    let r = tokio::time::timeout(
-                        Duration::from_secs(2),
-                        self.inner().room.query(Query::Cues { after }),
-                    )
-                    .await;
-                    let Ok(Reply::Status(j)) = r else { break };
-                    let Ok(v) = serde_json::from_str::<Value>(&j) else { break };
-                    for c in v["cues"].as_array().into_iter().flatten() {
-                        let Ok(c) = serde_json::from_value::<crate::core::cues::CueView>(c.clone()) else {
-                            continue;
-                        };
-                        if c.seq > last_seq && !self.send_json(&message_json(&c)).await {
-                            return Ok(Next::Close(CLOSE_NORMAL, ""));
-                        }
-                    }
-                    match v["next_after"].as_u64() {
-                        Some(n) => after = n,
-                        None => break,
+                // What the phone missed: every numbered cue after `last_seq`, in order
+                // (from the room task's published list: a thousand phones joining never
+                // wait on the clock loop).
+                let all = self.inner().board.all.borrow().clone();
+                let from = all.partition_point(|c| c.seq <= last_seq);
+                for c in &all[from..] {
+                    if !self.send_json(&message_json(c)).await {
+                        return Ok(Next::Close(CLOSE_NORMAL, ""));
                     }
                 }
                 Ok(Next::Go)
