@@ -181,6 +181,23 @@ async fn next_of(ws: &mut Ws, ty: &str) -> Value {
     }
 }
 
+/// The next message of any of `tys` (within 5 s).
+async fn next_of_any(ws: &mut Ws, tys: &[&str]) -> Value {
+    let until = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match tokio::time::timeout_at(until, ws.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => {
+                let v: Value = serde_json::from_str(t.as_str()).unwrap();
+                if tys.iter().any(|ty| v["type"] == *ty) {
+                    return v;
+                }
+            }
+            Ok(Some(Ok(_))) => {}
+            other => panic!("none of {tys:?}: {other:?}"),
+        }
+    }
+}
+
 /// The first beat from which clicks are `period_ns` apart (±1 ms) after being another
 /// spacing: where a tempo change took effect.
 fn change_beat(clicks: &[(i64, i64)], period_ns: i64) -> Option<i64> {
@@ -386,8 +403,15 @@ fn setlists_and_cues_across_two_boxes_phones_and_a_restart() {
     // with the PIN a phone posts, and moves to the next song
     rt.block_on(async {
         send(&mut p2, json!({"type": "post_message", "text": "from a phone", "pin": PIN})).await;
-        assert_eq!(next_of(&mut p2, "ack").await["request"], "post_message");
-        let m = next_of(&mut p2, "message").await;
+        // the ack and the cue's message race (one answers the request, the other is
+        // broadcast): take both, in either order
+        let (mut ack, mut m) = (None, None);
+        while ack.is_none() || m.is_none() {
+            let v = next_of_any(&mut p2, &["ack", "message"]).await;
+            if v["type"] == "ack" { ack = Some(v) } else { m = Some(v) }
+        }
+        assert_eq!(ack.unwrap()["request"], "post_message");
+        let m = m.unwrap();
         assert_eq!((m["seq"].as_u64(), m["author"].as_str()), (Some(5), Some("phone")));
         send(&mut p2, json!({"type": "set_song", "index": "next", "pin": PIN})).await;
         assert_eq!(next_of(&mut p2, "ack").await["request"], "set_song");
