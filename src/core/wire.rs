@@ -651,6 +651,51 @@ mod tests {
         ));
     }
 
+    /// Cue replication stays within a frame at the limits: a full inventory (500 cues),
+    /// a sync answer of the longest cues, and a 200-song setlist.
+    #[test]
+    fn cue_and_setlist_frames_fit_at_the_limits() {
+        use crate::core::cues::{CueLog, MAX_CUES, MAX_CUE_CHARS};
+        let node = |i: u64| format!("{i:016x}");
+        let st = |ms: u64, i: u64| Stamp { ms: 1_700_000_000_000 + ms, n: u32::MAX, node: node(i) };
+        let mut log = CueLog::default();
+        for i in 0..MAX_CUES as u64 {
+            log.post(st(i, i % 7), "ü".repeat(MAX_CUE_CHARS), "x".repeat(64), u64::MAX >> 12);
+            for b in 0..8 {
+                log.ack(0, &node(b)).ok();
+            }
+        }
+        let mut t = 0;
+        log.number(|| {
+            t += 1;
+            st(10_000 + t, 1)
+        });
+        for seq in 1..=MAX_CUES as u64 {
+            for b in 0..8 {
+                log.ack(seq, &node(b)).unwrap();
+            }
+        }
+        let have = Frame::CueHave(log.inventory()).encode();
+        assert!(have.len() <= MAX_FRAME, "inventory: {} bytes", have.len());
+        let batch = log.missing_from(&[]);
+        assert!(batch.len() >= 2, "a batch carries several long cues");
+        let cues = Frame::Cues(batch).encode();
+        assert!(cues.len() <= MAX_FRAME, "sync answer: {} bytes", cues.len());
+        assert!(Frame::decode(&cues).is_ok());
+        let songs: Vec<Song> = (0..200)
+            .map(|i| Song {
+                title: format!("{i:0>60}"),
+                tempo: crate::core::timeline::Tempo::from_bpm(399.999).unwrap(),
+                meter: crate::core::timeline::Meter::new(16).unwrap(),
+                count_in_bars: 4,
+            })
+            .collect();
+        let list = Frame::Setlist(SetlistRecord { songs, decided: st(0, 1) }).encode();
+        assert!(list.len() <= MAX_FRAME, "setlist: {} bytes", list.len());
+        assert!(Frame::decode(&list).is_ok());
+        eprintln!("frame bytes: inventory {} · sync answer {} · 200-song setlist {}", have.len(), cues.len(), list.len());
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(2000))]
         #[test]
