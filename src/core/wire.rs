@@ -693,7 +693,7 @@ mod tests {
         let list = Frame::Setlist(SetlistRecord { songs, decided: st(0, 1) }).encode();
         assert!(list.len() <= MAX_FRAME, "setlist: {} bytes", list.len());
         assert!(Frame::decode(&list).is_ok());
-        eprintln!("frame bytes: inventory {} · sync answer {} · 200-song setlist {}", have.len(), cues.len(), list.len());
+        // (measured: inventory 9511 bytes, sync answer 6543, 200-song setlist 13237)
     }
 
     proptest! {
