@@ -1748,3 +1748,89 @@ impl Room {
         out.push(Action::Broadcast(Frame::Cues(changed)));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::timeline::{Meter, Tempo};
+
+    fn alone() -> Room {
+        let tl = Timeline::start_at(0, Tempo::from_bpm(120.0).unwrap(), Meter::new(4).unwrap(), true);
+        Room::new(
+            RoomConfig {
+                me: "00000000000000aa".into(),
+                name: "a".into(),
+                priority: 0,
+                quantum: Quantum::Bar,
+                wall_offset_ns: 1_700_000_000_000_000_000,
+            },
+            SessionId { born_ms: 1, by: 0xaa },
+            tl,
+        )
+    }
+
+    fn song(title: &str, bpm: f64, meter: i64) -> Song {
+        Song {
+            title: title.into(),
+            tempo: Tempo::from_bpm(bpm).unwrap(),
+            meter: Meter::new(meter).unwrap(),
+            count_in_bars: 0,
+        }
+    }
+
+    #[test]
+    fn a_song_changes_tempo_and_meter_at_one_bar() {
+        let mut r = alone();
+        let mut out = Vec::new();
+        r.tick(0, &mut out);
+        let now = 1_300_000_000; // beat 2.6 of a 4/4 bar at 120
+        assert!(matches!(r.choose_song(SongPick::Next, now, &mut out), Err(CueError::Pick(_))));
+        r.load_setlist(vec![song("A", 120.0, 4), song("B", 90.0, 3)], now, &mut out).unwrap();
+        assert!(r.choose_song(SongPick::Number(3), now, &mut out).is_err());
+        assert!(r.choose_song(SongPick::Prev, now, &mut out).is_err());
+        let before = *r.timeline().last();
+        let (i, at) = r.choose_song(SongPick::Number(2), now, &mut out).unwrap();
+        let at = at.expect("the leader schedules it");
+        assert_eq!(i, 1);
+        assert!(before.is_downbeat(at.beat), "on a bar boundary: {at:?}");
+        assert!(at.time - now >= CHANGE_LEAD_NS);
+        let seg = r.timeline().segment_at_beat(at.beat);
+        assert_eq!((seg.b0, seg.tempo.bpm(), seg.meter.get()), (at.beat, 90.0, 3), "one segment");
+        assert_eq!(r.status(now).song, Some(SongStatus { index: 2, title: "B".into(), count: 2 }));
+        out.clear();
+        r.tick(now, &mut out);
+        let saved = out.iter().find_map(|a| match a {
+            Action::Persist(p) => Some(p.clone()),
+            _ => None,
+        });
+        let saved = saved.expect("persisted");
+        assert_eq!((saved.setlist.len(), saved.song), (2, Some(1)));
+        assert!(saved.song_decided > Stamp::DEFAULT && saved.decided == saved.song_decided);
+        assert!(matches!(r.choose_song(SongPick::Next, now, &mut out), Err(CueError::Pick(_))), "already last");
+    }
+
+    #[test]
+    fn a_leader_numbers_cues_and_bad_ones_change_nothing() {
+        let mut r = alone();
+        let mut out = Vec::new();
+        r.tick(0, &mut out);
+        let c = r.post_cue("chorus twice".into(), "tech".into(), 10, &mut out).unwrap();
+        assert_eq!(c.seq, 1);
+        assert!(out.iter().any(|a| matches!(a, Action::Cue(c) if c.seq == 1)));
+        assert!(out.iter().any(|a| matches!(a, Action::Broadcast(Frame::Cues(v)) if v.len() == 1)));
+        let digest = r.cues().summary();
+        assert!(matches!(r.post_cue("".into(), "t".into(), 20, &mut out), Err(CueError::Text(_))));
+        assert!(matches!(r.post_cue("x".repeat(501), "t".into(), 20, &mut out), Err(CueError::Text(_))));
+        assert_eq!(r.edit_cue(7, None, 20, &mut out).unwrap_err(), CueError::UnknownSeq(7));
+        assert_eq!(r.ack_cue(7), Err(CueError::UnknownSeq(7)));
+        assert_eq!(r.cues().summary(), digest, "refused input changed nothing");
+        let e = r.edit_cue(1, Some("chorus three times".into()), 30, &mut out).unwrap();
+        assert_eq!((e.seq, e.text.as_str()), (1, "chorus three times"));
+        assert_eq!(r.post_cue("next".into(), "t".into(), 40, &mut out).unwrap().seq, 2);
+        r.ack_cue(2).unwrap();
+        assert_eq!(r.cues().by_seq(2).unwrap().seen_total(), 1);
+        out.clear();
+        r.tick(2_000_000_000, &mut out);
+        assert!(out.iter().any(|a| matches!(a, Action::PersistCues { cues, .. } if cues.len() == 2)));
+    }
+}

@@ -1538,9 +1538,15 @@ mod tests {
             "pause",
             "seek",
             "heartbeat",
+            "set_song",
+            "post_message",
+            "update_message",
+            "delete_message",
+            "ack_message",
         ] {
             assert!(fields_of(t).is_some(), "{t}");
         }
+        assert!(fields_of("join_session").unwrap().contains(&"last_seq"));
         assert!(fields_of("pong").is_none());
     }
 }
