@@ -355,6 +355,9 @@ pub struct CueLog {
     /// Highest seq dropped by retention.
     floor: u64,
     summary: CueSummary,
+    /// Cues were posted or merged since the last numbering (only then can a cue be
+    /// unnumbered or collide: the leader's tick stays cheap).
+    to_number: bool,
 }
 
 /// What a merge or a leader's numbering changed.
@@ -372,6 +375,7 @@ impl CueLog {
             cues: BTreeMap::new(),
             floor,
             summary: CueSummary::default(),
+            to_number: true,
         };
         for c in cues {
             l.cues.insert(c.id.clone(), c);
@@ -467,6 +471,7 @@ impl CueLog {
         self.cues.insert(id, c.clone());
         self.trim();
         self.refresh();
+        self.to_number = true;
         c
     }
 
@@ -557,6 +562,7 @@ impl CueLog {
             }
         }
         if out.any {
+            self.to_number = true;
             if self.trim() {
                 out.visible.retain(|c| self.cues.contains_key(&c.id));
             }
@@ -568,6 +574,9 @@ impl CueLog {
     /// The leader's duty: renumber colliding cues, then number unnumbered ones, each
     /// above the current max with a stamp from `stamp()`. Returns the cues it changed.
     pub fn number(&mut self, mut stamp: impl FnMut() -> Stamp) -> Vec<Cue> {
+        if !std::mem::take(&mut self.to_number) {
+            return Vec::new();
+        }
         let mut by_seq: BTreeMap<u64, Vec<Stamp>> = BTreeMap::new();
         for c in self.cues.values().filter(|c| c.seq != 0) {
             by_seq.entry(c.seq).or_default().push(c.id.clone());
