@@ -46,7 +46,10 @@ impl Node {
             .env("BANDSYNC_LOG", "info,bandsync=debug")
             .stderr_append(dir.join("node.log"))
             .spawn();
-        assert!(wait_health(http, Duration::from_secs(10)), "node{i} did not come up");
+        assert!(
+            wait_health(http, Duration::from_secs(10)),
+            "node{i} did not come up"
+        );
         Node {
             child: Some(child),
             dir,
@@ -59,7 +62,12 @@ impl Node {
             // SAFETY: kill(2) on our own child.
             unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
             let out = c.wait_with_output().unwrap();
-            assert!(out.status.success(), "node exited with {:?}: {}", out.status, self.log());
+            assert!(
+                out.status.success(),
+                "node exited with {:?}: {}",
+                out.status,
+                self.log()
+            );
         }
     }
     fn log(&self) -> String {
@@ -70,7 +78,12 @@ impl Node {
             .unwrap_or_default()
             .lines()
             .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .map(|v| (v["beat"].as_i64().unwrap(), v["t_mono_ns"].as_i64().unwrap()))
+            .map(|v| {
+                (
+                    v["beat"].as_i64().unwrap(),
+                    v["t_mono_ns"].as_i64().unwrap(),
+                )
+            })
             .collect();
         v.sort();
         v.dedup_by_key(|x| x.0);
@@ -117,7 +130,11 @@ fn ok(n: &Node, key: &Path, room: &str, args: &[&str]) -> String {
 
 fn fails(n: &Node, key: &Path, room: &str, args: &[&str]) -> String {
     let o = cli(n, key, room, args);
-    assert!(!o.status.success(), "{args:?} should fail: {}", String::from_utf8_lossy(&o.stdout));
+    assert!(
+        !o.status.success(),
+        "{args:?} should fail: {}",
+        String::from_utf8_lossy(&o.stdout)
+    );
     String::from_utf8_lossy(&o.stderr).to_string()
 }
 
@@ -129,7 +146,10 @@ fn cues(n: &Node, key: &Path, room: &str) -> Vec<Value> {
 fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
     let t = Instant::now();
     while !f() {
-        assert!(t.elapsed() < Duration::from_secs(secs), "timed out waiting for {what}");
+        assert!(
+            t.elapsed() < Duration::from_secs(secs),
+            "timed out waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -137,11 +157,15 @@ fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
 type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
 
 async fn phone(http: u16, join: Value) -> Ws {
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", http)).await.unwrap();
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", http))
+        .await
+        .unwrap();
     let (mut ws, _) = tokio_tungstenite::client_async(format!("ws://127.0.0.1:{http}/ws"), tcp)
         .await
         .expect("websocket");
-    ws.send(Message::Text(join.to_string().into())).await.unwrap();
+    ws.send(Message::Text(join.to_string().into()))
+        .await
+        .unwrap();
     ws
 }
 
@@ -218,7 +242,13 @@ fn setlists_and_cues_across_two_boxes_phones_and_a_restart() {
     let key = dir.path().join("room.key");
     std::fs::write(&key, "3c".repeat(32)).unwrap();
     let room = format!("test-cues-{}", std::process::id());
-    let mut a = Node::start(dir.path(), 1, &room, &key, &["--play", "--tempo", "120", "--priority", "5"]);
+    let mut a = Node::start(
+        dir.path(),
+        1,
+        &room,
+        &key,
+        &["--play", "--tempo", "120", "--priority", "5"],
+    );
     let mut b = Node::start(dir.path(), 2, &room, &key, &[]);
     wait_for("b to join a's room", 15, || {
         let h = b.health();
@@ -236,22 +266,43 @@ fn setlists_and_cues_across_two_boxes_phones_and_a_restart() {
     .unwrap();
     let bad = dir.path().join("bad.toml");
     for (text, want) in [
-        ("[[song]]\ntitle=\"a\"\ntempo=90\nmeter=4\n[[song]]\ntitle=\"b\"\ntempo=401\nmeter=4\n", "song 2: tempo"),
-        ("[[song]]\ntitle=\"a\"\ntempo=90\nmeter=0\n", "song 1: meter"),
-        ("[[song]]\ntitle=\"a\"\ntempo=90\nmeter=4\nkey=\"D\"\n", "song 1: key: unknown key \"key\""),
-        ("[[song]]\ntitle=\"a\"\ntempo=90\nmeter=4\ncount_in_bars=9\n", "song 1: count_in_bars"),
+        (
+            "[[song]]\ntitle=\"a\"\ntempo=90\nmeter=4\n[[song]]\ntitle=\"b\"\ntempo=401\nmeter=4\n",
+            "song 2: tempo",
+        ),
+        (
+            "[[song]]\ntitle=\"a\"\ntempo=90\nmeter=0\n",
+            "song 1: meter",
+        ),
+        (
+            "[[song]]\ntitle=\"a\"\ntempo=90\nmeter=4\nkey=\"D\"\n",
+            "song 1: key: unknown key \"key\"",
+        ),
+        (
+            "[[song]]\ntitle=\"a\"\ntempo=90\nmeter=4\ncount_in_bars=9\n",
+            "song 1: count_in_bars",
+        ),
     ] {
         std::fs::write(&bad, text).unwrap();
         let e = fails(&b, &key, &room, &["setlist", "load", bad.to_str().unwrap()]);
         assert!(e.contains(want) && e.contains("nothing changed"), "{e}");
     }
-    let many: String = (0..201).map(|i| format!("[[song]]\ntitle=\"s{i}\"\ntempo=90\nmeter=4\n")).collect();
+    let many: String = (0..201)
+        .map(|i| format!("[[song]]\ntitle=\"s{i}\"\ntempo=90\nmeter=4\n"))
+        .collect();
     std::fs::write(&bad, many).unwrap();
-    assert!(fails(&b, &key, &room, &["setlist", "load", bad.to_str().unwrap()]).contains("at most 200"));
+    assert!(
+        fails(&b, &key, &room, &["setlist", "load", bad.to_str().unwrap()]).contains("at most 200")
+    );
     assert!(ok(&b, &key, &room, &["setlist", "--json"]).contains("\"count\": 0"));
     assert!(fails(&b, &key, &room, &["song", "1"]).contains("no setlist loaded"));
 
-    ok(&b, &key, &room, &["setlist", "load", list.to_str().unwrap()]);
+    ok(
+        &b,
+        &key,
+        &room,
+        &["setlist", "load", list.to_str().unwrap()],
+    );
     wait_for("the setlist on a", 5, || {
         let v: Value = serde_json::from_str(&ok(&a, &key, &room, &["setlist", "--json"])).unwrap();
         v["count"] == 3 && v["songs"][1]["title"] == "Waltz" && v["songs"][1]["count_in_bars"] == 2
@@ -259,8 +310,14 @@ fn setlists_and_cues_across_two_boxes_phones_and_a_restart() {
     assert!(fails(&b, &key, &room, &["song", "4"]).contains("1–3"));
 
     // a phone on b follows the song
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let mut p0 = rt.block_on(phone(b.http, json!({"type": "join_session", "name": "drums"})));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut p0 = rt.block_on(phone(
+        b.http,
+        json!({"type": "join_session", "name": "drums"}),
+    ));
     let snap = rt.block_on(next_of(&mut p0, "snapshot"));
     assert_eq!(snap["setlist"].as_array().unwrap().len(), 3, "{snap}");
     assert_eq!(snap["song"], Value::Null);
@@ -271,7 +328,13 @@ fn setlists_and_cues_across_two_boxes_phones_and_a_restart() {
     let snap = rt.block_on(async {
         loop {
             let s = next_of(&mut p0, "snapshot").await;
-            if s["song"]["index"] == 2 && s["segments"].as_array().unwrap().iter().any(|g| g["meter"] == 3) {
+            if s["song"]["index"] == 2
+                && s["segments"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|g| g["meter"] == 3)
+            {
                 return s;
             }
         }
@@ -295,8 +358,15 @@ fn setlists_and_cues_across_two_boxes_phones_and_a_restart() {
     });
     std::thread::sleep(Duration::from_secs(3)); // a few clicks at the new tempo
     let period_90 = 60_000_000_000 / 90;
-    let (ba, bb) = (change_beat(&a.clicks(), period_90), change_beat(&b.clicks(), period_90));
-    assert_eq!(ba, Some(at), "a's clicks change tempo at the scheduled beat");
+    let (ba, bb) = (
+        change_beat(&a.clicks(), period_90),
+        change_beat(&b.clicks(), period_90),
+    );
+    assert_eq!(
+        ba,
+        Some(at),
+        "a's clicks change tempo at the scheduled beat"
+    );
     assert_eq!(bb, Some(at), "b's clicks change tempo at the same beat");
     let st: Value = serde_json::from_str(&ok(&a, &key, &room, &["status", "--json"])).unwrap();
     assert_eq!(st["song"]["index"], 2);
@@ -304,10 +374,17 @@ fn setlists_and_cues_across_two_boxes_phones_and_a_restart() {
     assert_eq!(st["tempo"], 90.0);
 
     // --- cues: a phone away during three cues gets exactly those, in order ----------
-    let mut p1 = rt.block_on(phone(b.http, json!({"type": "join_session", "name": "keys"})));
+    let mut p1 = rt.block_on(phone(
+        b.http,
+        json!({"type": "join_session", "name": "keys"}),
+    ));
     ok(&a, &key, &room, &["cue", "first"]);
     let m = rt.block_on(next_of(&mut p1, "message"));
-    assert_eq!((m["seq"].as_u64(), m["text"].as_str()), (Some(1), Some("first")), "{m}");
+    assert_eq!(
+        (m["seq"].as_u64(), m["text"].as_str()),
+        (Some(1), Some("first")),
+        "{m}"
+    );
     let last_seq = m["seq"].as_u64().unwrap();
     drop(p1);
     ok(&b, &key, &room, &["cue", "chorus twice"]);
@@ -330,7 +407,12 @@ fn setlists_and_cues_across_two_boxes_phones_and_a_restart() {
     let got = rt.block_on(collect(&mut p1, "message", 1500));
     let got: Vec<(u64, String)> = got
         .iter()
-        .map(|m| (m["seq"].as_u64().unwrap(), m["text"].as_str().unwrap().to_string()))
+        .map(|m| {
+            (
+                m["seq"].as_u64().unwrap(),
+                m["text"].as_str().unwrap().to_string(),
+            )
+        })
         .collect();
     assert_eq!(
         got,
@@ -341,15 +423,32 @@ fn setlists_and_cues_across_two_boxes_phones_and_a_restart() {
         ]
     );
     let mut p2 = rt.block_on(phone(a.http, json!({"type": "join_session"})));
-    assert_eq!(rt.block_on(collect(&mut p2, "message", 1000)).len(), 4, "all of them without last_seq");
+    assert_eq!(
+        rt.block_on(collect(&mut p2, "message", 1000)).len(),
+        4,
+        "all of them without last_seq"
+    );
 
     // edits and deletions reach connected phones (on both boxes)
-    ok(&a, &key, &room, &["cue", "--edit", "3", "next: song 3 in E"]);
+    ok(
+        &a,
+        &key,
+        &room,
+        &["cue", "--edit", "3", "next: song 3 in E"],
+    );
     ok(&b, &key, &room, &["cue", "--delete", "2"]);
     for p in [&mut p1, &mut p2] {
         let ms = rt.block_on(collect(p, "message", 1500));
-        assert!(ms.iter().any(|m| m["seq"] == 3 && m["text"] == "next: song 3 in E" && m["edited_unix_ms"].is_u64()), "{ms:?}");
-        assert!(ms.iter().any(|m| m["seq"] == 2 && m["deleted"] == true), "{ms:?}");
+        assert!(
+            ms.iter().any(|m| m["seq"] == 3
+                && m["text"] == "next: song 3 in E"
+                && m["edited_unix_ms"].is_u64()),
+            "{ms:?}"
+        );
+        assert!(
+            ms.iter().any(|m| m["seq"] == 2 && m["deleted"] == true),
+            "{ms:?}"
+        );
     }
     // acks from a phone on each box add up; a second ack from one phone does not count
     rt.block_on(async {
@@ -386,12 +485,24 @@ fn setlists_and_cues_across_two_boxes_phones_and_a_restart() {
     rt.block_on(async {
         for (msg, field) in [
             (json!({"type": "post_message", "text": "no pin"}), "pin"),
-            (json!({"type": "post_message", "text": "bad pin", "pin": "000000"}), "pin"),
-            (json!({"type": "update_message", "seq": 1, "text": "x"}), "pin"),
+            (
+                json!({"type": "post_message", "text": "bad pin", "pin": "000000"}),
+                "pin",
+            ),
+            (
+                json!({"type": "update_message", "seq": 1, "text": "x"}),
+                "pin",
+            ),
             (json!({"type": "delete_message", "seq": 1}), "pin"),
             (json!({"type": "set_song", "index": "next"}), "pin"),
-            (json!({"type": "post_message", "text": "", "pin": PIN}), "text"),
-            (json!({"type": "post_message", "text": "y".repeat(501), "pin": PIN}), "text"),
+            (
+                json!({"type": "post_message", "text": "", "pin": PIN}),
+                "text",
+            ),
+            (
+                json!({"type": "post_message", "text": "y".repeat(501), "pin": PIN}),
+                "text",
+            ),
             (json!({"type": "set_song", "index": 0, "pin": PIN}), "index"),
         ] {
             send(&mut p2, msg.clone()).await;
@@ -399,24 +510,45 @@ fn setlists_and_cues_across_two_boxes_phones_and_a_restart() {
             assert_eq!(e["field"], field, "{msg}: {e}");
         }
     });
-    assert_eq!(cues(&a, &key, &room), before, "refused input changed nothing");
+    assert_eq!(
+        cues(&a, &key, &room),
+        before,
+        "refused input changed nothing"
+    );
     // with the PIN a phone posts, and moves to the next song
     rt.block_on(async {
-        send(&mut p2, json!({"type": "post_message", "text": "from a phone", "pin": PIN})).await;
+        send(
+            &mut p2,
+            json!({"type": "post_message", "text": "from a phone", "pin": PIN}),
+        )
+        .await;
         // the ack and the cue's message race (one answers the request, the other is
         // broadcast): take both, in either order
         let (mut ack, mut m) = (None, None);
         while ack.is_none() || m.is_none() {
             let v = next_of_any(&mut p2, &["ack", "message"]).await;
-            if v["type"] == "ack" { ack = Some(v) } else { m = Some(v) }
+            if v["type"] == "ack" {
+                ack = Some(v)
+            } else {
+                m = Some(v)
+            }
         }
         assert_eq!(ack.unwrap()["request"], "post_message");
         let m = m.unwrap();
-        assert_eq!((m["seq"].as_u64(), m["author"].as_str()), (Some(5), Some("phone")));
-        send(&mut p2, json!({"type": "set_song", "index": "next", "pin": PIN})).await;
+        assert_eq!(
+            (m["seq"].as_u64(), m["author"].as_str()),
+            (Some(5), Some("phone"))
+        );
+        send(
+            &mut p2,
+            json!({"type": "set_song", "index": "next", "pin": PIN}),
+        )
+        .await;
         assert_eq!(next_of(&mut p2, "ack").await["request"], "set_song");
     });
-    wait_for("song 3 everywhere", 5, || a.health()["song"]["index"] == 3 && b.health()["song"]["index"] == 3);
+    wait_for("song 3 everywhere", 5, || {
+        a.health()["song"]["index"] == 3 && b.health()["song"]["index"] == 3
+    });
     drop((p0, p1, p2));
 
     // --- a restart keeps the setlist, the song and the cues -------------------------------
@@ -426,7 +558,11 @@ fn setlists_and_cues_across_two_boxes_phones_and_a_restart() {
     a.stop();
     let a2 = Node::start(dir.path(), 1, &room, &key, &[]);
     let v: Value = serde_json::from_str(&ok(&a2, &key, &room, &["setlist", "--json"])).unwrap();
-    assert_eq!((v["count"].as_u64(), v["current"].as_u64()), (Some(3), Some(3)), "{v}");
+    assert_eq!(
+        (v["count"].as_u64(), v["current"].as_u64()),
+        (Some(3), Some(3)),
+        "{v}"
+    );
     assert_eq!(a2.health()["song"]["title"], "Closer");
     assert_eq!(cues(&a2, &key, &room), cues_before);
     assert!(ok(&a2, &key, &room, &["cues"]).contains("next: song 3 in E"));
@@ -476,7 +612,11 @@ fn devtools_get(port: u16, path: &str) -> Option<String> {
         if let Some((head, body)) = text.split_once("\r\n\r\n") {
             let len: usize = head
                 .lines()
-                .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_string()))
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().to_string())
+                })
                 .and_then(|v| v.parse().ok())?;
             if body.len() >= len {
                 return Some(body.to_string());
@@ -517,9 +657,14 @@ impl Cdp {
     async fn until(&mut self, expr: &str, secs: u64) {
         let t = Instant::now();
         // the page may still be loading: an exception counts as false
-        let guarded = format!("(function () {{ try {{ return !!({expr}); }} catch (e) {{ return false; }} }})()");
+        let guarded = format!(
+            "(function () {{ try {{ return !!({expr}); }} catch (e) {{ return false; }} }})()"
+        );
         while self.eval(&guarded).await != Value::Bool(true) {
-            assert!(t.elapsed() < Duration::from_secs(secs), "the page never showed {expr}");
+            assert!(
+                t.elapsed() < Duration::from_secs(secs),
+                "the page never showed {expr}"
+            );
             tokio::time::sleep(Duration::from_millis(150)).await;
         }
     }
@@ -529,7 +674,9 @@ impl Cdp {
 fn the_page_shows_the_song_and_cues_and_moves_to_the_next_song() {
     use std::os::unix::process::CommandExt;
     let Some(bin) = chromium() else {
-        eprintln!("SKIPPED: no chromium in PATH (set BANDSYNC_CHROMIUM or install Debian's chromium)");
+        eprintln!(
+            "SKIPPED: no chromium in PATH (set BANDSYNC_CHROMIUM or install Debian's chromium)"
+        );
         return;
     };
     let dir = tempfile::tempdir().unwrap();
@@ -543,7 +690,12 @@ fn the_page_shows_the_song_and_cues_and_moves_to_the_next_song() {
         "[[song]]\ntitle = \"Opener\"\ntempo = 120\nmeter = 4\n\n[[song]]\ntitle = \"Waltz\"\ntempo = 90\nmeter = 3\n",
     )
     .unwrap();
-    ok(&a, &key, &room, &["setlist", "load", list.to_str().unwrap()]);
+    ok(
+        &a,
+        &key,
+        &room,
+        &["setlist", "load", list.to_str().unwrap()],
+    );
     ok(&a, &key, &room, &["song", "1"]);
     ok(&a, &key, &room, &["cue", "from the cli"]);
 
@@ -580,11 +732,15 @@ fn the_page_shows_the_song_and_cues_and_moves_to_the_next_song() {
     let port = port.unwrap();
     let mut target = String::new();
     wait_for("the page in chromium", 30, || {
-        let Some(body) = devtools_get(port, "/json/list") else { return false };
+        let Some(body) = devtools_get(port, "/json/list") else {
+            return false;
+        };
         let pages: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
         let found = pages.as_array().and_then(|a| {
             a.iter()
-                .find(|p| p["type"] == "page" && p["url"].as_str().is_some_and(|u| u.starts_with(&url)))
+                .find(|p| {
+                    p["type"] == "page" && p["url"].as_str().is_some_and(|u| u.starts_with(&url))
+                })
                 .and_then(|p| p["webSocketDebuggerUrl"].as_str().map(str::to_string))
         });
         // its URL names "localhost" without the port: keep the path
@@ -593,7 +749,10 @@ fn the_page_shows_the_song_and_cues_and_moves_to_the_next_song() {
             .map(|path| target = format!("ws://127.0.0.1:{port}{path}"))
             .is_some()
     });
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
         let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
         let (ws, _) = tokio_tungstenite::client_async(target.as_str(), tcp).await.expect("DevTools WebSocket");
@@ -612,5 +771,8 @@ fn the_page_shows_the_song_and_cues_and_moves_to_the_next_song() {
     });
     wait_for("song 2 on the box", 5, || a.health()["song"]["index"] == 2);
     let seen = cues(&a, &key, &room);
-    assert!(seen.iter().all(|c| c["seen"] == 1), "the page acked every cue: {seen:?}");
+    assert!(
+        seen.iter().all(|c| c["seen"] == 1),
+        "the page acked every cue: {seen:?}"
+    );
 }

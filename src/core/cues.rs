@@ -80,7 +80,11 @@ pub struct Song {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CueError {
     #[error("song {song}: {field}: {why}")]
-    Song { song: usize, field: &'static str, why: String },
+    Song {
+        song: usize,
+        field: &'static str,
+        why: String,
+    },
     #[error("setlist: {0}")]
     Setlist(String),
     #[error("song: {0}")]
@@ -107,7 +111,11 @@ impl CueError {
 
 /// Check a song's fields (`n` is its 1-based number, for the message).
 pub fn check_song(n: usize, s: &Song) -> Result<(), CueError> {
-    let err = |field, why: String| CueError::Song { song: n, field, why };
+    let err = |field, why: String| CueError::Song {
+        song: n,
+        field,
+        why,
+    };
     let chars = s.title.chars().count();
     if chars == 0 || chars > MAX_TITLE_CHARS || s.title.chars().any(char::is_control) {
         return Err(err(
@@ -155,7 +163,10 @@ pub fn check_text(text: &str) -> Result<(), CueError> {
             "{n} characters; at most {MAX_CUE_CHARS}"
         )));
     }
-    if text.chars().any(|c| c.is_control() && c != '\n' && c != '\t') {
+    if text
+        .chars()
+        .any(|c| c.is_control() && c != '\n' && c != '\t')
+    {
         return Err(CueError::Text("must not hold control characters".into()));
     }
     Ok(())
@@ -196,7 +207,11 @@ pub fn parse_setlist(text: &str) -> Result<Vec<Song>, CueError> {
     let mut songs = Vec::with_capacity(list.len());
     for (i, v) in list.iter().enumerate() {
         let n = i + 1;
-        let err = |field, why: String| CueError::Song { song: n, field, why };
+        let err = |field, why: String| CueError::Song {
+            song: n,
+            field,
+            why,
+        };
         let toml::Value::Table(t) = v else {
             return Err(err("song", "must be a table".into()));
         };
@@ -401,9 +416,7 @@ impl CueLog {
     /// unnumbered ones.
     pub fn ordered(&self) -> Vec<&Cue> {
         let mut v: Vec<&Cue> = self.cues.values().collect();
-        v.sort_by(|a, b| {
-            (a.seq == 0, a.seq, &a.id).cmp(&(b.seq == 0, b.seq, &b.id))
-        });
+        v.sort_by(|a, b| (a.seq == 0, a.seq, &a.id).cmp(&(b.seq == 0, b.seq, &b.id)));
         v
     }
 
@@ -411,7 +424,10 @@ impl CueLog {
         if seq == 0 {
             return None;
         }
-        self.cues.values().filter(|c| c.seq == seq).min_by(|a, b| a.id.cmp(&b.id))
+        self.cues
+            .values()
+            .filter(|c| c.seq == seq)
+            .min_by(|a, b| a.id.cmp(&b.id))
     }
 
     pub fn get(&self, id: &Stamp) -> Option<&Cue> {
@@ -513,7 +529,11 @@ impl CueLog {
         let old = version_hash(c);
         let n = c.seen.entry(me.to_string()).or_insert(0);
         *n = n.saturating_add(1);
-        self.summary.digest = self.summary.digest.wrapping_sub(old).wrapping_add(version_hash(c));
+        self.summary.digest = self
+            .summary
+            .digest
+            .wrapping_sub(old)
+            .wrapping_add(version_hash(c));
         Ok(())
     }
 
@@ -674,7 +694,10 @@ mod tests {
         assert_eq!(a.summary(), b.summary());
         a.edit(2, Some("TWO".into()), st(200, "a"), 200).unwrap();
         a.edit(1, None, st(201, "a"), 201).unwrap();
-        assert_eq!(a.edit(9, None, st(202, "a"), 202), Err(CueError::UnknownSeq(9)));
+        assert_eq!(
+            a.edit(9, None, st(202, "a"), 202),
+            Err(CueError::UnknownSeq(9))
+        );
         let ch = b.merge(a.missing_from(&b.inventory()));
         assert_eq!(ch.visible.len(), 2);
         assert_eq!(b.by_seq(2).unwrap().text, "TWO");
@@ -766,14 +789,27 @@ mod tests {
         assert_eq!(v[1].meter.get(), 3);
         assert_eq!(v[1].count_in_bars, 2);
         let e = |t: &str| parse_setlist(t).unwrap_err().to_string();
-        let two = |extra: &str| format!("[[song]]\ntitle=\"a\"\ntempo=90\nmeter=4\n[[song]]\ntitle=\"b\"\n{extra}");
-        assert_eq!(e(&two("tempo=500\nmeter=4")), "song 2: tempo: 500 is out of range (20–400 BPM)");
-        assert_eq!(e(&two("tempo=90\nmeter=17")), "song 2: meter: 17 is out of range (1–16 beats per bar)");
-        assert_eq!(e(&two("tempo=90\nmeter=4\ncount_in_bars=5")), "song 2: count_in_bars: 5 is out of range (0–4 bars)");
+        let two = |extra: &str| {
+            format!("[[song]]\ntitle=\"a\"\ntempo=90\nmeter=4\n[[song]]\ntitle=\"b\"\n{extra}")
+        };
+        assert_eq!(
+            e(&two("tempo=500\nmeter=4")),
+            "song 2: tempo: 500 is out of range (20–400 BPM)"
+        );
+        assert_eq!(
+            e(&two("tempo=90\nmeter=17")),
+            "song 2: meter: 17 is out of range (1–16 beats per bar)"
+        );
+        assert_eq!(
+            e(&two("tempo=90\nmeter=4\ncount_in_bars=5")),
+            "song 2: count_in_bars: 5 is out of range (0–4 bars)"
+        );
         assert!(e(&two("tempo=90\nmeter=4\nbpm=3")).starts_with("song 2: key: unknown key \"bpm\""));
         assert!(e(&two("meter=4")).contains("song 2: tempo: missing"));
         assert!(e("title = 3").contains("unknown key \"title\""));
-        let many: String = (0..201).map(|i| format!("[[song]]\ntitle=\"s{i}\"\ntempo=90\nmeter=4\n")).collect();
+        let many: String = (0..201)
+            .map(|i| format!("[[song]]\ntitle=\"s{i}\"\ntempo=90\nmeter=4\n"))
+            .collect();
         assert!(e(&many).contains("at most 200"));
     }
 
@@ -783,7 +819,10 @@ mod tests {
         assert!(matches!(check_text("  "), Err(CueError::Text(_))));
         assert!(check_text(&"x".repeat(500)).is_ok());
         assert!(check_text(&"é".repeat(500)).is_ok());
-        assert!(matches!(check_text(&"x".repeat(501)), Err(CueError::Text(_))));
+        assert!(matches!(
+            check_text(&"x".repeat(501)),
+            Err(CueError::Text(_))
+        ));
         let song = |title: &str, count_in_bars| Song {
             title: title.into(),
             tempo: Tempo::from_bpm(120.0).unwrap(),
@@ -791,13 +830,23 @@ mod tests {
             count_in_bars,
         };
         assert_eq!(
-            check_setlist(&[song("a", 0), song("b", 5)]).unwrap_err().to_string(),
+            check_setlist(&[song("a", 0), song("b", 5)])
+                .unwrap_err()
+                .to_string(),
             "song 2: count_in_bars: must be 0–4 (got 5)"
         );
-        assert!(check_setlist(&[song("", 0)]).unwrap_err().to_string().contains("song 1: title"));
+        assert!(check_setlist(&[song("", 0)])
+            .unwrap_err()
+            .to_string()
+            .contains("song 1: title"));
         let many: Vec<Song> = (0..201).map(|i| song(&format!("s{i}"), 0)).collect();
-        assert!(check_setlist(&many).unwrap_err().to_string().contains("at most 200"));
-        let full: Vec<Song> = (0..200).map(|_| song(&"ü".repeat(MAX_TITLE_CHARS), 4)).collect();
+        assert!(check_setlist(&many)
+            .unwrap_err()
+            .to_string()
+            .contains("at most 200"));
+        let full: Vec<Song> = (0..200)
+            .map(|_| song(&"ü".repeat(MAX_TITLE_CHARS), 4))
+            .collect();
         assert!(check_setlist(&full).is_err(), "too big for a frame");
     }
 }
