@@ -136,6 +136,56 @@ enum Cmd {
         #[arg(long, value_name = "DIR")]
         state_dir: Option<PathBuf>,
     },
+    /// Show the room's setlist and current song, or load one (`setlist load FILE.toml`).
+    Setlist {
+        #[command(subcommand)]
+        load: Option<SetlistCmd>,
+        #[command(flatten)]
+        to: To,
+        /// JSON: {"count","current","songs":[{index,title,tempo,meter,count_in_bars}]}.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Choose a song: `next`, `prev` or its number (1-based); its tempo and meter land
+    /// on the next bar on every box and phone.
+    Song {
+        #[arg(value_name = "next|prev|N")]
+        which: String,
+        #[command(flatten)]
+        to: To,
+    },
+    /// Post a cue to the whole room (`cue TEXT`), edit one (`cue --edit SEQ TEXT`) or
+    /// delete one (`cue --delete SEQ`).
+    Cue {
+        /// The text (1–500 characters).
+        #[arg(value_name = "TEXT")]
+        text: Option<String>,
+        #[arg(long, value_name = "SEQ", conflicts_with = "delete")]
+        edit: Option<u64>,
+        #[arg(long, value_name = "SEQ")]
+        delete: Option<u64>,
+        #[command(flatten)]
+        to: To,
+    },
+    /// The room's cues in order (seq, text, author, posted/edited time, deleted, seen:
+    /// how many phones acked it).
+    Cues {
+        #[command(flatten)]
+        to: To,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum SetlistCmd {
+    /// Load FILE.toml: `[[song]]` tables with title, tempo, meter, count_in_bars (0–4).
+    Load {
+        #[arg(value_name = "FILE.toml")]
+        file: PathBuf,
+        #[command(flatten)]
+        to: To,
+    },
 }
 
 /// How the CLI finds and authenticates to the room.
@@ -262,6 +312,114 @@ fn status(
 
 /// Errors found while reading flags, the config file or the environment, before the
 /// daemon started anything.
+/// Ask for every page of a paged JSON reply (`next` / `next_after` continue it).
+fn pages(
+    to: &To,
+    file: &Settings,
+    first: Query,
+    next: impl Fn(&serde_json::Value) -> Option<Query>,
+) -> anyhow::Result<Vec<serde_json::Value>> {
+    let t = target(to, file)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let mut out = Vec::new();
+        let mut q = Some(first);
+        while let Some(query) = q.take() {
+            match bandsync::cli::request(&t, query).await? {
+                Reply::Status(j) => {
+                    let v: serde_json::Value =
+                        serde_json::from_str(&j).context("the node sent unreadable JSON")?;
+                    q = next(&v);
+                    out.push(v);
+                }
+                Reply::Error(m) => anyhow::bail!("{m}"),
+                Reply::Done(m) => anyhow::bail!("unexpected reply: {m}"),
+            }
+            if out.len() > 1000 {
+                anyhow::bail!("the node keeps sending pages");
+            }
+        }
+        Ok(out)
+    })
+}
+
+fn setlist_show(to: &To, file: &Settings, json: bool) -> anyhow::Result<()> {
+    let pages = pages(to, file, Query::Setlist { from: 0 }, |v| {
+        v["next"].as_u64().map(|n| Query::Setlist { from: n as u16 })
+    })?;
+    let mut all = pages[0].clone();
+    all["songs"] = serde_json::Value::Array(
+        pages
+            .iter()
+            .flat_map(|p| p["songs"].as_array().cloned().unwrap_or_default())
+            .collect(),
+    );
+    if let Some(o) = all.as_object_mut() {
+        o.remove("next");
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&all)?);
+        return Ok(());
+    }
+    let current = all["current"].as_u64();
+    let songs = all["songs"].as_array().cloned().unwrap_or_default();
+    if songs.is_empty() {
+        println!("no setlist loaded (bandsync setlist load FILE.toml)");
+    }
+    for s in songs {
+        let i = s["index"].as_u64().unwrap_or(0);
+        println!(
+            "{} {:>3}. {:<40} {:>6} BPM  {}/4{}",
+            if Some(i) == current { ">" } else { " " },
+            i,
+            s["title"].as_str().unwrap_or(""),
+            s["tempo"].as_f64().unwrap_or(0.0),
+            s["meter"].as_u64().unwrap_or(0),
+            match s["count_in_bars"].as_u64() {
+                Some(n) if n > 0 => format!("  count-in {n}"),
+                _ => String::new(),
+            }
+        );
+    }
+    Ok(())
+}
+
+fn cues_show(to: &To, file: &Settings, json: bool) -> anyhow::Result<()> {
+    let pages = pages(to, file, Query::Cues { after: 0 }, |v| {
+        v["next_after"].as_u64().map(|n| Query::Cues { after: n })
+    })?;
+    let cues: Vec<serde_json::Value> = pages
+        .iter()
+        .flat_map(|p| p["cues"].as_array().cloned().unwrap_or_default())
+        .collect();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&cues)?);
+        return Ok(());
+    }
+    if cues.is_empty() {
+        println!("no cues yet (bandsync cue TEXT)");
+    }
+    for c in cues {
+        let seq = match c["seq"].as_u64() {
+            Some(0) | None => "  ...".to_string(),
+            Some(n) => format!("{n:>5}"),
+        };
+        println!(
+            "{seq}  {:<16} {}{}{}",
+            c["author"].as_str().unwrap_or(""),
+            if c["deleted"].as_bool() == Some(true) { "(deleted) " } else { "" },
+            c["text"].as_str().unwrap_or("").replace('\n', " / "),
+            match c["seen"].as_u64() {
+                Some(n) if n > 0 => format!("  [seen by {n}]"),
+                _ => String::new(),
+            }
+        );
+    }
+    Ok(())
+}
+
 fn is_config_error(e: &anyhow::Error) -> bool {
     e.downcast_ref::<bandsync::node::config::ConfigError>().is_some()
 }
@@ -403,6 +561,73 @@ fn main() {
                     bandsync::cli::venue::venue(&redis, json, std::time::Duration::from_secs(5))?
                 );
                 Ok(())
+            }
+            Cmd::Setlist { load, to, json } => {
+                let file = Settings::load(cli.config.as_deref())?.0;
+                match load {
+                    Some(SetlistCmd::Load { file: path, to }) => {
+                        let text = std::fs::read_to_string(&path)
+                            .with_context(|| format!("cannot read {}", path.display()))?;
+                        let songs = bandsync::core::cues::parse_setlist(&text).map_err(|e| {
+                            anyhow::anyhow!("{}: {e}; nothing changed", path.display())
+                        })?;
+                        done(ask(&to, &file, Query::SetlistLoad(songs))?)
+                    }
+                    None => setlist_show(&to, &file, json),
+                }
+            }
+            Cmd::Song { which, to } => {
+                use bandsync::core::cues::MAX_SONGS;
+                use bandsync::core::wire::SongPick;
+                let pick = match which.as_str() {
+                    "next" => SongPick::Next,
+                    "prev" => SongPick::Prev,
+                    n => match n.parse::<u16>() {
+                        Ok(k) if k >= 1 && (k as usize) <= MAX_SONGS => SongPick::Number(k),
+                        _ => anyhow::bail!(
+                            "song: {n:?} is not next, prev or a song number (1–{MAX_SONGS})"
+                        ),
+                    },
+                };
+                done(ask(&to, &Settings::load(cli.config.as_deref())?.0, Query::Song(pick))?)
+            }
+            Cmd::Cue {
+                text,
+                edit,
+                delete,
+                to,
+            } => {
+                use bandsync::core::cues::{check_text, MAX_AUTHOR_CHARS};
+                let q = match (edit, delete, text) {
+                    (None, Some(seq), None) => Query::CueDelete { seq },
+                    (None, Some(_), Some(_)) => anyhow::bail!("cue --delete SEQ takes no text"),
+                    (Some(seq), None, Some(text)) => {
+                        check_text(&text).map_err(|e| anyhow::anyhow!("cue {e}; nothing changed"))?;
+                        Query::CueEdit { seq, text }
+                    }
+                    (Some(_), None, None) => {
+                        anyhow::bail!("cue --edit SEQ TEXT: the new text is missing")
+                    }
+                    (None, None, Some(text)) => {
+                        check_text(&text).map_err(|e| anyhow::anyhow!("cue {e}; nothing changed"))?;
+                        let who = std::env::var("USER").unwrap_or_else(|_| "cli".into());
+                        let host = bandsync::node::config::hostname();
+                        let author: String = format!("{who}@{host}")
+                            .chars()
+                            .filter(|c| !c.is_control())
+                            .take(MAX_AUTHOR_CHARS)
+                            .collect();
+                        Query::CuePost { text, author }
+                    }
+                    (None, None, None) => anyhow::bail!("cue TEXT: the text is missing"),
+                    (Some(_), Some(_), _) => {
+                        anyhow::bail!("cue: --edit and --delete exclude each other")
+                    }
+                };
+                done(ask(&to, &Settings::load(cli.config.as_deref())?.0, q)?)
+            }
+            Cmd::Cues { to, json } => {
+                cues_show(&to, &Settings::load(cli.config.as_deref())?.0, json)
             }
             Cmd::Devices => {
                 let devs =

@@ -366,6 +366,7 @@ async fn fake(limits: GatewayLimits, pin: Option<&str>) -> Fake {
         control_open: true,
         control_updates: None,
         link: None,
+        board: Default::default(),
         allowed_hosts: bandsync::web::hosts::AllowedHosts::local_only(),
         limits,
         stats: stats.clone(),

@@ -420,6 +420,11 @@ enum Step {
         via: usize,
         bpm: f64,
     },
+    /// Post a cue with this text at box `via`.
+    Cue {
+        via: usize,
+        text: String,
+    },
 }
 
 struct Ev {
@@ -477,6 +482,8 @@ struct Stats {
     merges: u64,
     /// Scripts: what every live box plays when the run ends (slot, BPM, playing).
     final_state: Vec<(usize, f64, bool)>,
+    /// Scripts: every live box's cues at the end (slot, [(seq, text)] in order).
+    final_cues: Vec<(usize, Vec<(u64, String)>)>,
     clicks: u64,
     pairs_compared: u64,
     worst_align: (i64, String),
@@ -869,6 +876,15 @@ impl Sim {
                 (x.slot, seg.tempo.bpm(), seg.playing)
             })
             .collect();
+        self.stats.final_cues = self
+            .insts
+            .iter()
+            .filter(|x| x.alive)
+            .map(|x| {
+                let v = x.room.cues().ordered().iter().map(|c| (c.seq, c.text.clone())).collect();
+                (x.slot, v)
+            })
+            .collect();
         (self.stats, r, self.trace)
     }
 
@@ -1145,7 +1161,8 @@ impl Sim {
                     self.slots[s].persisted = Some(p);
                 }
                 Action::Note(n) => self.room_note(i, n),
-                Action::ControlPin(_) => {}
+                Action::ControlPin(_) | Action::Cue(_) | Action::Setlist { .. } => {}
+                Action::PersistCues { .. } => {}
             }
         }
     }
@@ -1741,6 +1758,13 @@ impl Sim {
                 let i = inst(self, via);
                 let t = target.map(|t| self.slots[t].id.clone());
                 self.pin(i, t, out);
+            }
+            Step::Cue { via, text } => {
+                let i = inst(self, via);
+                let l = self.insts[i].clk.local(self.now);
+                let r = self.insts[i].room.post_cue(text.clone(), "sim".into(), l, out);
+                self.note(format!("cue {text:?} via {}: seq {:?}", self.name(i), r.map(|c| c.seq)));
+                self.carry_out(i, l, out);
             }
             Step::Tempo { via, bpm } => {
                 let i = inst(self, via);
@@ -2808,4 +2832,86 @@ fn script_heal_with_equal_epochs() {
         ],
     );
     assert_all_play("heal with equal epochs", &stats, 90.0);
+}
+
+/// Every live box holds every posted cue, numbered, with distinct seqs, in one order.
+fn assert_cues_converged(name: &str, stats: &Stats, texts: &[&str]) {
+    assert!(!stats.final_cues.is_empty(), "{name}: no box alive");
+    let first = &stats.final_cues[0].1;
+    println!("{name}: {first:?}");
+    for (slot, cues) in &stats.final_cues {
+        assert_eq!(cues, first, "{name}: box {slot} holds another order: {:?}", stats.final_cues);
+    }
+    let seqs: Vec<u64> = first.iter().map(|c| c.0).collect();
+    assert!(seqs.iter().all(|&s| s > 0), "{name}: unnumbered cues left: {first:?}");
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{name}: seqs not distinct and ordered: {first:?}");
+    let mut got: Vec<&str> = first.iter().map(|c| c.1.as_str()).collect();
+    got.sort();
+    let mut want = texts.to_vec();
+    want.sort();
+    assert_eq!(got, want, "{name}: cues lost or doubled");
+}
+
+/// Cues posted on both sides of a partition, one side's leader crashing with cues
+/// still unnumbered on its followers: after the heal every box holds every cue, with
+/// distinct seqs in one order (SPEC §3: cues are merged, never replaced).
+#[test]
+fn script_cues_across_a_partition_and_a_leader_kill() {
+    let t = settled_ms();
+    for (k, gap) in [(0i64, 40i64), (1, 170), (2, 330)] {
+        let name = format!("cues across a partition ({k})");
+        let cue = |via: usize, n: &str| Step::Cue { via, text: n.to_string() };
+        let steps = vec![
+            (0, Step::Boot(0)),
+            (200, Step::Boot(1)),
+            (400, Step::Boot(2)),
+            (600, Step::Boot(3)),
+            (t - 500, cue(1, "before")),
+            (t, Step::Partition(vec![0, 1])),
+            // both sides number from the same max
+            (t + 500, cue(1, "left-1")),
+            (t + 500 + gap, cue(2, "right-1")),
+            (t + 900, cue(0, "left-2")),
+            (t + 900 + gap, cue(3, "right-2")),
+            // the left side's leader dies just after a follower posts
+            (t + 2_000, cue(1, "left-3")),
+            (t + 2_000 + gap / 4, Step::Crash(0)),
+            (t + 3_000, cue(3, "right-3")),
+            (t + 5_000, Step::Heal),
+            (t + 5_000 + gap, cue(2, "after")),
+        ];
+        let stats = run_script(&name, &[10, 0, 5, 1], t + 9_000, &steps);
+        assert_cues_converged(
+            &name,
+            &stats,
+            &["before", "left-1", "right-1", "left-2", "right-2", "left-3", "right-3", "after"],
+        );
+    }
+}
+
+/// Over random seeds: cues posted at random boxes during random partitions and crashes.
+#[test]
+fn cues_converge_over_seeds() {
+    let t = settled_ms();
+    let mut rng = bandsync::core::rng::SplitMix64::new(0xC0E5);
+    for seed in 0..12u64 {
+        let mut steps = vec![(0, Step::Boot(0)), (150, Step::Boot(1)), (300, Step::Boot(2))];
+        let mut texts = Vec::new();
+        let cut = (rng.next_u64() % 3) as usize;
+        steps.push((t, Step::Partition(vec![cut])));
+        let heal = t + 2_000 + (rng.next_u64() % 3_000) as i64;
+        for n in 0..8 {
+            let at = t - 1_000 + (rng.next_u64() % (heal - t + 3_000) as u64) as i64;
+            let via = (rng.next_u64() % 3) as usize;
+            let text = format!("s{seed}-c{n}");
+            texts.push(text.clone());
+            steps.push((at, Step::Cue { via, text }));
+        }
+        steps.push((heal, Step::Heal));
+        steps.sort_by_key(|s| s.0);
+        let name = format!("cues seed {seed}");
+        let stats = run_script(&name, &[(seed % 3) as i32, 1, 2], heal + 4_000, &steps);
+        let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
+        assert_cues_converged(&name, &stats, &texts);
+    }
 }

@@ -729,6 +729,7 @@ async fn fake(pin: Option<&str>, open: bool, limits: HttpLimits) -> Fake {
         control_open: open,
         control_updates: None,
         link: None,
+        board: Default::default(),
         allowed_hosts: AllowedHosts::local_only(),
         limits: GatewayLimits::default(),
         stats: Arc::new(GatewayStats::default()),
@@ -871,6 +872,7 @@ async fn health_reads_the_published_status() {
         control_pin: None,
         control: "pin".into(),
         phone_url: None,
+        song: None,
     };
     f._status.send_replace(Some(st));
     let (code, body) = get(f.addr, "/health").await;

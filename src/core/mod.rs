@@ -7,6 +7,7 @@
 //! * [`timeline`] — tempo, meter, anchor, transport and quantized changes.
 //! * [`sync`] — the clock-sync estimator and the slewer.
 //! * [`room`] — sessions, election, epochs, pin; turns peer frames into actions.
+//! * [`cues`] — setlists and the cue log (one order across the room, merged by union).
 //! * [`decision`] — decision stamps (a hybrid logical clock): the latest decision wins.
 //! * [`wire`] — peer frames and datagrams, total decoding.
 //! * [`advert`] — mDNS advertisements, validated.
@@ -14,6 +15,7 @@
 //! * [`id`], [`rng`] — node ids; the seeded SplitMix64.
 
 pub mod advert;
+pub mod cues;
 pub mod decision;
 pub mod id;
 pub mod link;

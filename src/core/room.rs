@@ -22,12 +22,25 @@
 //!   newer than its own: an older epoch never overwrites a newer one.
 //! * **Changes** are scheduled by the leader at a quantized point at least
 //!   [`CHANGE_LEAD_NS`] ahead, so every box has them before they apply.
+//! * **Setlist and song** are two last-writer-wins records like the pin (the latest
+//!   decision wins, whichever group holds it). Peers fetch a later setlist with
+//!   `SetlistGet` (it is too big for every announce). Choosing a song is one decision:
+//!   it sets the song record where it is made and goes to the leader, which schedules
+//!   the song's tempo and meter as one quantized change at the next bar (one new
+//!   segment: tempo and meter from the same beat), stamped with that decision.
+//!   Choosing a song never starts the transport; `count_in_bars` is carried for the
+//!   page (the click has no special count-in sound: a start lands on a bar, so bar 1
+//!   of the count-in is accented like every bar).
+//! * **Cues** are a merged log with one order; see `cues.rs` for the rule.
 
 use crate::core::time::SessionMap;
 use crate::core::decision::{Hlc, Stamp};
 use crate::core::sync::{Estimate, Estimator, Sample, SampleVerdict, Slewer, SyncConfig};
 use crate::core::timeline::{Change, ChangeKind, Quantum, Scheduled, Timeline, TimelineError};
-use crate::core::wire::{Announce, ChangeRequest, Frame, PinRequest, SessionId};
+use crate::core::cues::{self, Cue, CueError, CueLog, Song};
+use crate::core::wire::{
+    Announce, ChangeRequest, Frame, PinRequest, SessionId, SetlistRecord, SongPick, SongRequest,
+};
 use std::collections::BTreeMap;
 
 /// A change lands at least this far ahead (network propagation to every box).
@@ -160,6 +173,18 @@ pub enum Action {
     Persist(Persisted),
     /// The room's control PIN changed (`None`: open): phones now need this one.
     ControlPin(Option<String>),
+    /// A cue is new here, or its seq, text or deletion changed: tell the phones.
+    Cue(Cue),
+    /// The setlist or the current song changed (phones' snapshots).
+    Setlist {
+        songs: Vec<Song>,
+        song: Option<u16>,
+    },
+    /// Save the cue log (at most once a second, off the clock loop).
+    PersistCues {
+        cues: Vec<Cue>,
+        floor: u64,
+    },
 }
 
 struct Peer {
@@ -174,6 +199,9 @@ struct Peer {
     last_heard: i64,
     /// The peer's process (see [`Room::peer_up`]).
     boot: u64,
+    /// When we last sent it our cue inventory, and asked for its setlist.
+    cue_sync_at: i64,
+    setlist_asked_at: i64,
 }
 
 impl Peer {
@@ -268,6 +296,17 @@ pub struct Status {
     /// Where phones open the page (`http://<name>.local:<port>/`), when HTTP runs.
     #[serde(default)]
     pub phone_url: Option<String>,
+    /// The current song of the setlist, if one is chosen.
+    #[serde(default)]
+    pub song: Option<SongStatus>,
+}
+
+/// `song` of the status: 1-based `index`, its `title`, and the setlist's `count`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SongStatus {
+    pub index: u16,
+    pub title: String,
+    pub count: u16,
 }
 
 fn off() -> String {
@@ -336,6 +375,14 @@ pub struct Room {
     merge: Option<Merge>,
     /// Clock estimates of peers that disconnected, by id: (boot, estimator, map).
     parked: BTreeMap<String, (u64, Estimator, Option<(i64, SessionMap)>)>,
+    setlist: Vec<Song>,
+    setlist_decided: Stamp,
+    song: Option<u16>,
+    song_decided: Stamp,
+    cues: CueLog,
+    /// The cue log changed since it was last saved (saved at most once a second).
+    cues_dirty: bool,
+    cues_saved_at: i64,
 }
 
 /// Disconnected peers whose clock estimates are kept.
@@ -371,6 +418,24 @@ pub struct Persisted {
     /// every one it had seen.
     #[serde(default)]
     pub hlc: Hlc,
+    /// The setlist and the current song (0-based), with their decisions.
+    #[serde(default)]
+    pub setlist: Vec<Song>,
+    #[serde(default)]
+    pub setlist_decided: Stamp,
+    #[serde(default)]
+    pub song: Option<u16>,
+    #[serde(default)]
+    pub song_decided: Stamp,
+}
+
+/// The cue log on disk (`cues.json`).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct PersistedCues {
+    #[serde(default)]
+    pub cues: Vec<Cue>,
+    #[serde(default)]
+    pub floor: u64,
 }
 
 /// A node that joined a session follows for at least this long, and until its estimate
@@ -422,6 +487,13 @@ impl Room {
             hlc: Hlc::default(),
             merge: None,
             parked: BTreeMap::new(),
+            setlist: Vec::new(),
+            setlist_decided: Stamp::DEFAULT,
+            song: None,
+            song_decided: Stamp::DEFAULT,
+            cues: CueLog::default(),
+            cues_dirty: false,
+            cues_saved_at: i64::MIN / 2,
         }
     }
 
@@ -621,6 +693,8 @@ impl Room {
                     map,
                     last_heard: i64::MIN / 2,
                     boot,
+                    cue_sync_at: i64::MIN / 2,
+                    setlist_asked_at: i64::MIN / 2,
                 },
             );
         }
@@ -666,7 +740,9 @@ impl Room {
         // (it clicks with the room), but none of its records can win here.
         let stamps_ok = self.observe(from, &a.decided, now, out)
             && self.observe(from, &a.pin_decided, now, out)
-            && self.observe(from, &a.control_decided, now, out);
+            && self.observe(from, &a.control_decided, now, out)
+            && self.observe(from, &a.setlist_decided, now, out)
+            && self.observe(from, &a.song_decided, now, out);
         let p = self.peers.get_mut(from).expect("checked above");
         p.last_heard = now;
         // A follower takes its leader's records when they are newer — also from an
@@ -720,6 +796,9 @@ impl Room {
                 (Stamp::DEFAULT, Stamp::DEFAULT, Stamp::DEFAULT);
         }
         p.announce = Some(kept);
+        if stamps_ok {
+            self.sync_records(from, &a, now, out);
+        }
         if adopt {
             if let Some(tl) = Timeline::from_segments(&a.timeline) {
                 let s_now = self.map.to_session(now);
@@ -847,6 +926,7 @@ impl Room {
             control: if self.control_pin.is_some() { "pin" } else { "open" }.into(),
             redis: off(),
             phone_url: None,
+            song: self.song_status(),
         }
     }
 
@@ -865,6 +945,25 @@ impl Room {
             Frame::Announce(a) => self.on_announce(from, a, now, out),
             Frame::Pin(req) => self.on_pin(from, req, now, out),
             Frame::Change(req) => self.on_change(from, req, now, out),
+            Frame::SetlistGet => out.push(Action::Send {
+                to: from.to_string(),
+                frame: Frame::Setlist(SetlistRecord {
+                    songs: self.setlist.clone(),
+                    decided: self.setlist_decided.clone(),
+                }),
+            }),
+            Frame::Setlist(r) => self.on_setlist(from, r, now, out),
+            Frame::Song(r) => self.on_song(from, r, now, out),
+            Frame::Cues(v) => self.on_cues(from, v, now, out),
+            Frame::CueHave(inv) => {
+                let v = self.cues.missing_from(&inv);
+                if !v.is_empty() {
+                    out.push(Action::Send {
+                        to: from.to_string(),
+                        frame: Frame::Cues(v),
+                    });
+                }
+            }
             Frame::Bye(_) => {
                 // gone for leadership at once; the connection's end removes it
                 if let Some(p) = self.peers.get_mut(from) {
@@ -916,6 +1015,10 @@ impl Room {
             pin_decided: self.pin_decided.clone(),
             control_pin: self.control_pin.clone(),
             control_decided: self.control_decided.clone(),
+            setlist_decided: self.setlist_decided.clone(),
+            song: self.song,
+            song_decided: self.song_decided.clone(),
+            cues: self.cues.summary(),
         }
     }
 
@@ -1288,6 +1391,7 @@ impl Room {
             self.elect(now, out);
             self.try_merge(now, out);
         }
+        self.number_cues(now, out);
         if !self.leading && self.switch.is_none() {
             // A leading peer's map is its own. One that does not lead yet (a pinned or
             // higher-ranked box about to take over) may still be following us, and two
@@ -1342,8 +1446,20 @@ impl Room {
                 control_pin: self.control_pin.clone(),
                 control_decided: self.control_decided.clone(),
                 hlc: self.hlc,
+                setlist: self.setlist.clone(),
+                setlist_decided: self.setlist_decided.clone(),
+                song: self.song,
+                song_decided: self.song_decided.clone(),
             }));
             self.persist = false;
+        }
+        if self.cues_dirty && now - self.cues_saved_at >= 1_000_000_000 {
+            out.push(Action::PersistCues {
+                cues: self.cues.all().cloned().collect(),
+                floor: self.cues.floor(),
+            });
+            self.cues_dirty = false;
+            self.cues_saved_at = now;
         }
     }
 
@@ -1383,4 +1499,385 @@ fn phase_differs(a: &Timeline, b: &Timeline, t: i64) -> bool {
     let pa = a.beat_at(t).0 as i128;
     let pb = b.beat_at(t).0 as i128;
     (pa - pb).abs() > (1i128 << crate::core::timeline::FRAC_BITS) / 1000
+}
+
+/// Setlists, songs and cues (see the module doc and `cues.rs`).
+impl Room {
+    /// Restore the setlist and song records (from disk) before the first tick.
+    pub fn restore_setlist(&mut self, songs: Vec<Song>, decided: Stamp, song: Option<u16>, song_decided: Stamp) {
+        if cues::check_setlist(&songs).is_ok() {
+            self.setlist = songs;
+            self.setlist_decided = decided;
+            self.song = song;
+            self.song_decided = song_decided;
+        }
+    }
+    /// Restore the cue log (from disk) before the first tick.
+    pub fn restore_cues(&mut self, c: Vec<Cue>, floor: u64) {
+        let ok: Vec<Cue> = c
+            .into_iter()
+            .filter(|c| cues::check_text(&c.text).is_ok() && cues::check_author(&c.author).is_ok())
+            .collect();
+        self.cues = CueLog::new(ok, floor);
+    }
+    pub fn setlist(&self) -> &[Song] {
+        &self.setlist
+    }
+    /// The current song, 0-based.
+    pub fn song(&self) -> Option<u16> {
+        self.song.filter(|&i| (i as usize) < self.setlist.len())
+    }
+    pub fn cues(&self) -> &CueLog {
+        &self.cues
+    }
+
+    fn song_status(&self) -> Option<SongStatus> {
+        let i = self.song()?;
+        Some(SongStatus {
+            index: i + 1,
+            title: self.setlist[i as usize].title.clone(),
+            count: self.setlist.len() as u16,
+        })
+    }
+
+    fn setlist_changed(&mut self, out: &mut Vec<Action>) {
+        self.dirty = true;
+        self.persist = true;
+        out.push(Action::Setlist {
+            songs: self.setlist.clone(),
+            song: self.song(),
+        });
+    }
+
+    /// Replace the setlist: a decision made here. No song is current afterwards.
+    pub fn load_setlist(&mut self, songs: Vec<Song>, now: i64, out: &mut Vec<Action>) -> Result<(), CueError> {
+        cues::check_setlist(&songs)?;
+        let stamp = self.decide(now);
+        self.setlist = songs;
+        self.setlist_decided = stamp.clone();
+        self.song = None;
+        self.song_decided = stamp;
+        self.setlist_changed(out);
+        Ok(())
+    }
+
+    /// Choose a song: a decision made here. Its tempo and meter land at the next bar
+    /// (scheduled by the leader; `None` when relayed to it).
+    pub fn choose_song(&mut self, pick: SongPick, now: i64, out: &mut Vec<Action>) -> Result<(u16, Option<Scheduled>), CueError> {
+        let n = self.setlist.len();
+        if n == 0 {
+            return Err(CueError::Pick("no setlist loaded (bandsync setlist load FILE.toml)".into()));
+        }
+        let index = match pick {
+            SongPick::Number(k) if k >= 1 && (k as usize) <= n => k - 1,
+            SongPick::Number(k) => {
+                return Err(CueError::Pick(format!("{k} is not a song of this setlist (1–{n})")))
+            }
+            SongPick::Next => match self.song() {
+                None => 0,
+                Some(i) if (i as usize) + 1 < n => i + 1,
+                Some(_) => return Err(CueError::Pick(format!("already at the last song ({n})"))),
+            },
+            SongPick::Prev => match self.song() {
+                None => return Err(CueError::Pick("no song chosen yet".into())),
+                Some(0) => return Err(CueError::Pick("already at the first song".into())),
+                Some(i) => i - 1,
+            },
+        };
+        let stamp = self.decide(now);
+        let req = SongRequest {
+            index,
+            song: self.setlist[index as usize].clone(),
+            stamp,
+        };
+        let at = self.song_with(req, now, out)?;
+        Ok((index, at))
+    }
+
+    fn take_song(&mut self, index: u16, stamp: &Stamp, out: &mut Vec<Action>) {
+        if *stamp > self.song_decided {
+            self.song = Some(index);
+            self.song_decided = stamp.clone();
+            self.setlist_changed(out);
+        }
+    }
+
+    fn song_with(&mut self, req: SongRequest, now: i64, out: &mut Vec<Action>) -> Result<Option<Scheduled>, CueError> {
+        if !self.leading {
+            self.take_song(req.index, &req.stamp, out);
+            out.push(Action::Send {
+                to: self.leader.clone(),
+                frame: Frame::Song(req),
+            });
+            return Ok(None);
+        }
+        // One quantized change: the tempo at the next bar, and the meter from the same
+        // beat (the same new segment).
+        let mut tl = self.timeline;
+        let at = tl
+            .schedule(
+                Change {
+                    kind: ChangeKind::Tempo(req.song.tempo),
+                    quantum: Quantum::Bar,
+                },
+                self.session_now(now),
+                CHANGE_LEAD_NS,
+            )
+            .map_err(|e| CueError::Pick(e.to_string()))?;
+        if tl.segment_at_beat(at.beat).meter != req.song.meter {
+            tl.apply_at(ChangeKind::Meter(req.song.meter), at.beat)
+                .map_err(|e| CueError::Pick(e.to_string()))?;
+        }
+        self.timeline = tl;
+        self.decided = self.decided.clone().max(req.stamp.clone());
+        self.version += 1;
+        self.dirty = true;
+        self.publish = true;
+        self.persist = true;
+        out.push(Action::Note(Note::Scheduled {
+            change: ChangeKind::Tempo(req.song.tempo),
+            at,
+        }));
+        self.take_song(req.index, &req.stamp, out);
+        Ok(Some(at))
+    }
+
+    fn on_song(&mut self, from: &str, req: SongRequest, now: i64, out: &mut Vec<Action>) {
+        if !self.observe(from, &req.stamp, now, out) {
+            return;
+        }
+        if self.leading {
+            if let Err(e) = self.song_with(req, now, out) {
+                out.push(Action::Note(Note::ChangeRefused { reason: e.to_string() }));
+            }
+        } else {
+            self.take_song(req.index, &req.stamp, out);
+            if from != self.leader {
+                out.push(Action::Send {
+                    to: self.leader.clone(),
+                    frame: Frame::Song(req),
+                });
+            }
+        }
+    }
+
+    fn on_setlist(&mut self, from: &str, r: SetlistRecord, now: i64, out: &mut Vec<Action>) {
+        if !self.observe(from, &r.decided, now, out) {
+            return;
+        }
+        if r.decided > self.setlist_decided {
+            self.setlist = r.songs;
+            self.setlist_decided = r.decided.clone();
+            out.push(Action::Note(Note::Merged {
+                record: "setlist",
+                from: from.to_string(),
+                stamp: r.decided,
+            }));
+            self.setlist_changed(out);
+        }
+    }
+
+    /// Records a peer's announce says we should fetch or take: the song (last writer
+    /// wins), a later setlist (ask for it), a cue log that differs (send our inventory).
+    fn sync_records(&mut self, from: &str, a: &Announce, now: i64, out: &mut Vec<Action>) {
+        if a.song_decided > self.song_decided {
+            self.song = a.song;
+            self.song_decided = a.song_decided.clone();
+            self.setlist_changed(out);
+        }
+        let want_setlist = a.setlist_decided > self.setlist_decided;
+        let want_cues = a.cues.digest != self.cues.summary().digest;
+        let Some(p) = self.peers.get_mut(from) else { return };
+        if want_setlist && now - p.setlist_asked_at >= 500_000_000 {
+            p.setlist_asked_at = now;
+            out.push(Action::Send {
+                to: from.to_string(),
+                frame: Frame::SetlistGet,
+            });
+        }
+        if want_cues && now - p.cue_sync_at >= cues::SYNC_EVERY_NS {
+            p.cue_sync_at = now;
+            out.push(Action::Send {
+                to: from.to_string(),
+                frame: Frame::CueHave(self.cues.inventory()),
+            });
+        }
+    }
+
+    /// Post a cue here (CLI or phone). Numbered at once when this box leads; else it
+    /// goes to every peer and the leader numbers it.
+    pub fn post_cue(&mut self, text: String, author: String, now: i64, out: &mut Vec<Action>) -> Result<Cue, CueError> {
+        cues::check_text(&text)?;
+        cues::check_author(&author)?;
+        let id = self.decide(now);
+        let unix = self.phys_ms(now);
+        let c = self.cues.post(id.clone(), text, author, unix);
+        self.cues_dirty = true;
+        if self.leading {
+            self.number_cues(now, out);
+        } else {
+            out.push(Action::Cue(c.clone()));
+            out.push(Action::Broadcast(Frame::Cues(vec![c])));
+        }
+        Ok(self.cues.get(&id).cloned().expect("just posted"))
+    }
+
+    /// Edit (`Some(text)`) or delete (`None`) the cue `seq`: a decision made here.
+    pub fn edit_cue(&mut self, seq: u64, text: Option<String>, now: i64, out: &mut Vec<Action>) -> Result<Cue, CueError> {
+        if let Some(t) = &text {
+            cues::check_text(t)?;
+        }
+        if self.cues.by_seq(seq).is_none() {
+            return Err(CueError::UnknownSeq(seq));
+        }
+        let stamp = self.decide(now);
+        let unix = self.phys_ms(now);
+        let c = self.cues.edit(seq, text, stamp, unix)?;
+        self.cues_dirty = true;
+        out.push(Action::Cue(c.clone()));
+        out.push(Action::Broadcast(Frame::Cues(vec![c.clone()])));
+        Ok(c)
+    }
+
+    /// A phone acked the cue `seq` on this box (replicated with the next sync).
+    pub fn ack_cue(&mut self, seq: u64) -> Result<(), CueError> {
+        self.cues.ack(seq, &self.cfg.me)?;
+        self.cues_dirty = true;
+        Ok(())
+    }
+
+    fn on_cues(&mut self, from: &str, v: Vec<Cue>, now: i64, out: &mut Vec<Action>) {
+        let mut ok = Vec::with_capacity(v.len());
+        for c in v {
+            if self.observe(from, &c.id, now, out)
+                && self.observe(from, &c.edited, now, out)
+                && self.observe(from, &c.numbered, now, out)
+            {
+                ok.push(c);
+            }
+        }
+        let changed = self.cues.merge(ok);
+        if changed.any {
+            self.cues_dirty = true;
+        }
+        for c in changed.visible {
+            out.push(Action::Cue(c));
+        }
+        self.number_cues(now, out);
+    }
+
+    /// The leader numbers unnumbered cues and resolves collisions — only when no other
+    /// live leader of its session competes (after a heal, the election settles first).
+    fn number_cues(&mut self, now: i64, out: &mut Vec<Action>) {
+        if !self.leading {
+            return;
+        }
+        let competing = self.peers.values().any(|p| {
+            self.is_alive(p, now)
+                && p.announce
+                    .as_ref()
+                    .is_some_and(|a| a.leading && a.session == self.session)
+        });
+        if competing {
+            return;
+        }
+        let p = self.phys_ms(now);
+        let me = self.cfg.me.clone();
+        let hlc = &mut self.hlc;
+        let changed = self.cues.number(|| hlc.issue(p, &me));
+        if changed.is_empty() {
+            return;
+        }
+        self.cues_dirty = true;
+        for c in &changed {
+            out.push(Action::Cue(c.clone()));
+        }
+        out.push(Action::Broadcast(Frame::Cues(changed)));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::timeline::{Meter, Tempo};
+
+    fn alone() -> Room {
+        let tl = Timeline::start_at(0, Tempo::from_bpm(120.0).unwrap(), Meter::new(4).unwrap(), true);
+        Room::new(
+            RoomConfig {
+                me: "00000000000000aa".into(),
+                name: "a".into(),
+                priority: 0,
+                quantum: Quantum::Bar,
+                wall_offset_ns: 1_700_000_000_000_000_000,
+            },
+            SessionId { born_ms: 1, by: 0xaa },
+            tl,
+        )
+    }
+
+    fn song(title: &str, bpm: f64, meter: i64) -> Song {
+        Song {
+            title: title.into(),
+            tempo: Tempo::from_bpm(bpm).unwrap(),
+            meter: Meter::new(meter).unwrap(),
+            count_in_bars: 0,
+        }
+    }
+
+    #[test]
+    fn a_song_changes_tempo_and_meter_at_one_bar() {
+        let mut r = alone();
+        let mut out = Vec::new();
+        r.tick(0, &mut out);
+        let now = 1_300_000_000; // beat 2.6 of a 4/4 bar at 120
+        assert!(matches!(r.choose_song(SongPick::Next, now, &mut out), Err(CueError::Pick(_))));
+        r.load_setlist(vec![song("A", 120.0, 4), song("B", 90.0, 3)], now, &mut out).unwrap();
+        assert!(r.choose_song(SongPick::Number(3), now, &mut out).is_err());
+        assert!(r.choose_song(SongPick::Prev, now, &mut out).is_err());
+        let before = *r.timeline().last();
+        let (i, at) = r.choose_song(SongPick::Number(2), now, &mut out).unwrap();
+        let at = at.expect("the leader schedules it");
+        assert_eq!(i, 1);
+        assert!(before.is_downbeat(at.beat), "on a bar boundary: {at:?}");
+        assert!(at.time - now >= CHANGE_LEAD_NS);
+        let seg = r.timeline().segment_at_beat(at.beat);
+        assert_eq!((seg.b0, seg.tempo.bpm(), seg.meter.get()), (at.beat, 90.0, 3), "one segment");
+        assert_eq!(r.status(now).song, Some(SongStatus { index: 2, title: "B".into(), count: 2 }));
+        out.clear();
+        r.tick(now, &mut out);
+        let saved = out.iter().find_map(|a| match a {
+            Action::Persist(p) => Some(p.clone()),
+            _ => None,
+        });
+        let saved = saved.expect("persisted");
+        assert_eq!((saved.setlist.len(), saved.song), (2, Some(1)));
+        assert!(saved.song_decided > Stamp::DEFAULT && saved.decided == saved.song_decided);
+        assert!(matches!(r.choose_song(SongPick::Next, now, &mut out), Err(CueError::Pick(_))), "already last");
+    }
+
+    #[test]
+    fn a_leader_numbers_cues_and_bad_ones_change_nothing() {
+        let mut r = alone();
+        let mut out = Vec::new();
+        r.tick(0, &mut out);
+        let c = r.post_cue("chorus twice".into(), "tech".into(), 10, &mut out).unwrap();
+        assert_eq!(c.seq, 1);
+        assert!(out.iter().any(|a| matches!(a, Action::Cue(c) if c.seq == 1)));
+        assert!(out.iter().any(|a| matches!(a, Action::Broadcast(Frame::Cues(v)) if v.len() == 1)));
+        let digest = r.cues().summary();
+        assert!(matches!(r.post_cue("".into(), "t".into(), 20, &mut out), Err(CueError::Text(_))));
+        assert!(matches!(r.post_cue("x".repeat(501), "t".into(), 20, &mut out), Err(CueError::Text(_))));
+        assert_eq!(r.edit_cue(7, None, 20, &mut out).unwrap_err(), CueError::UnknownSeq(7));
+        assert_eq!(r.ack_cue(7), Err(CueError::UnknownSeq(7)));
+        assert_eq!(r.cues().summary(), digest, "refused input changed nothing");
+        let e = r.edit_cue(1, Some("chorus three times".into()), 30, &mut out).unwrap();
+        assert_eq!((e.seq, e.text.as_str()), (1, "chorus three times"));
+        assert_eq!(r.post_cue("next".into(), "t".into(), 40, &mut out).unwrap().seq, 2);
+        r.ack_cue(2).unwrap();
+        assert_eq!(r.cues().by_seq(2).unwrap().seen_total(), 1);
+        out.clear();
+        r.tick(2_000_000_000, &mut out);
+        assert!(out.iter().any(|a| matches!(a, Action::PersistCues { cues, .. } if cues.len() == 2)));
+    }
 }

@@ -10,6 +10,7 @@
 //! panic, and every field is validated here (ids, names, timelines) so the room core
 //! only ever sees well-formed messages.
 
+use crate::core::cues::{self, Cue, CueSummary, Song};
 use crate::core::decision::{Stamp, MAX_MS};
 use crate::core::time::SessionMap;
 use crate::core::timeline::{ChangeKind, Quantum, Segment, Timeline};
@@ -17,7 +18,8 @@ use serde::{Deserialize, Serialize};
 
 /// 2: pongs carry the responder's local times and its session map.
 /// 3: records carry decision stamps (announce, change and pin requests).
-pub const PROTOCOL_VERSION: u16 = 3;
+/// 4: setlists, songs and cues (announce fields; setlist, song and cue frames).
+pub const PROTOCOL_VERSION: u16 = 4;
 /// Largest epoch or version accepted from a peer (2⁵³): a stranger's `u64::MAX` must
 /// never make `epoch + 1` wrap.
 pub const MAX_COUNTER: u64 = 1 << 53;
@@ -103,6 +105,39 @@ pub struct Announce {
     /// proved the room key, over the room's TLS connections.
     pub control_pin: Option<String>,
     pub control_decided: Stamp,
+    /// The decision that loaded the setlist (peers with an older one ask for it).
+    pub setlist_decided: Stamp,
+    /// The current song (0-based index into the setlist) and the decision that chose it.
+    pub song: Option<u16>,
+    pub song_decided: Stamp,
+    /// The cue log's max seq, size and digest (peers whose digest differs sync).
+    pub cues: CueSummary,
+}
+
+/// A song chosen at some box, relayed to the leader (it schedules the tempo and meter).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SongRequest {
+    /// 0-based index into the setlist.
+    pub index: u16,
+    /// The song as the asking box knows it (the leader schedules exactly this).
+    pub song: Song,
+    pub stamp: Stamp,
+}
+
+/// The room's setlist, as a record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SetlistRecord {
+    pub songs: Vec<Song>,
+    pub decided: Stamp,
+}
+
+/// Which song the CLI or a phone asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SongPick {
+    Next,
+    Prev,
+    /// 1-based.
+    Number(u16),
 }
 
 /// A change asked of the leader (by a follower relaying the CLI or a phone).
@@ -133,6 +168,18 @@ pub enum Query {
     /// Pin a node (by id or name) so it leads while alive.
     Pin(String),
     Unpin,
+    /// Replace the room's setlist.
+    SetlistLoad(Vec<Song>),
+    /// The setlist as JSON, songs from 0-based `from` on (paged: a reply is one frame).
+    Setlist { from: u16 },
+    Song(SongPick),
+    CuePost { text: String, author: String },
+    CueEdit { seq: u64, text: String },
+    CueDelete { seq: u64 },
+    /// Cues with seq > `after` as JSON, in order (paged).
+    Cues { after: u64 },
+    /// A phone acked the cue `seq` (from the gateway).
+    CueAck { seq: u64 },
 }
 
 /// A node's answer to a [`Query`].
@@ -155,6 +202,15 @@ pub enum Frame {
     Reply(Reply),
     /// A pin/unpin relayed to the leader.
     Pin(PinRequest),
+    /// Ask a peer for its setlist (its announce showed a later one).
+    SetlistGet,
+    Setlist(SetlistRecord),
+    /// A song choice relayed to the leader.
+    Song(SongRequest),
+    /// Cues, new or changed (pushed, or answering an inventory).
+    Cues(Vec<Cue>),
+    /// This box's cue inventory: (id hash, version hash) per cue.
+    CueHave(Vec<(u64, u64)>),
 }
 
 /// Clock pings. Times: `t1` the pinger's local ns; `t2`/`t3` the responder's *local*
@@ -215,6 +271,37 @@ fn check_stamp(field: &'static str, s: &Stamp) -> Result<(), WireError> {
     check_id(field, &s.node)
 }
 
+fn check_song_list(field: &'static str, songs: &[Song]) -> Result<(), WireError> {
+    cues::check_setlist(songs).map_err(|e| WireError::Invalid {
+        field,
+        why: e.to_string(),
+    })
+}
+
+fn check_cue(c: &Cue) -> Result<(), WireError> {
+    let inv = |field, why: String| WireError::Invalid { field, why };
+    check_stamp("cue.id", &c.id)?;
+    if c.id.node.is_empty() {
+        return Err(inv("cue.id", "a cue's id names its box".into()));
+    }
+    check_counter("cue.seq", c.seq)?;
+    check_stamp("cue.numbered", &c.numbered)?;
+    check_stamp("cue.edited", &c.edited)?;
+    cues::check_text(&c.text).map_err(|e| inv("cue.text", e.to_string()))?;
+    cues::check_author(&c.author).map_err(|e| inv("cue.author", e.to_string()))?;
+    check_counter("cue.posted_unix_ms", c.posted_unix_ms)?;
+    if let Some(t) = c.edited_unix_ms {
+        check_counter("cue.edited_unix_ms", t)?;
+    }
+    if c.seen.len() > cues::MAX_SEEN_BOXES {
+        return Err(inv("cue.seen", format!("more than {} boxes", cues::MAX_SEEN_BOXES)));
+    }
+    for k in c.seen.keys() {
+        check_id("cue.seen", k)?;
+    }
+    Ok(())
+}
+
 fn check_text(field: &'static str, s: &str, max: usize) -> Result<(), WireError> {
     if s.len() > max || s.chars().any(|c| c.is_control()) {
         return Err(WireError::Invalid {
@@ -252,6 +339,15 @@ impl Frame {
                 if let Some(p) = &a.pinned {
                     check_id("announce.pinned", p)?;
                 }
+                check_stamp("announce.setlist_decided", &a.setlist_decided)?;
+                check_stamp("announce.song_decided", &a.song_decided)?;
+                check_counter("announce.cues.max_seq", a.cues.max_seq)?;
+                if a.song.is_some_and(|i| i as usize >= cues::MAX_SONGS) {
+                    return Err(WireError::Invalid {
+                        field: "announce.song",
+                        why: format!("beyond {} songs", cues::MAX_SONGS),
+                    });
+                }
                 if Timeline::from_segments(&a.timeline).is_none() {
                     return Err(WireError::Invalid {
                         field: "announce.timeline",
@@ -264,6 +360,44 @@ impl Frame {
                 check_stamp("change.stamp", &c.stamp)?;
             }
             Frame::Query(Query::Status | Query::Change { .. } | Query::Unpin) => {}
+            Frame::Query(Query::Setlist { .. } | Query::Song(_)) => {}
+            Frame::Query(Query::SetlistLoad(songs)) => check_song_list("setlist", songs)?,
+            Frame::Query(Query::CuePost { text, author }) => {
+                cues::check_text(text).map_err(|e| WireError::Invalid { field: "text", why: e.to_string() })?;
+                cues::check_author(author).map_err(|e| WireError::Invalid { field: "author", why: e.to_string() })?;
+            }
+            Frame::Query(Query::CueEdit { seq, text }) => {
+                check_counter("seq", *seq)?;
+                cues::check_text(text).map_err(|e| WireError::Invalid { field: "text", why: e.to_string() })?;
+            }
+            Frame::Query(Query::CueDelete { seq } | Query::CueAck { seq } | Query::Cues { after: seq }) => {
+                check_counter("seq", *seq)?
+            }
+            Frame::SetlistGet => {}
+            Frame::Setlist(r) => {
+                check_stamp("setlist.decided", &r.decided)?;
+                check_song_list("setlist.songs", &r.songs)?;
+            }
+            Frame::Song(r) => {
+                check_stamp("song.stamp", &r.stamp)?;
+                if r.index as usize >= cues::MAX_SONGS {
+                    return Err(WireError::Invalid { field: "song.index", why: format!("beyond {} songs", cues::MAX_SONGS) });
+                }
+                cues::check_song(r.index as usize + 1, &r.song).map_err(|e| WireError::Invalid { field: "song.song", why: e.to_string() })?;
+            }
+            Frame::Cues(v) => {
+                if v.len() > cues::MAX_CUES {
+                    return Err(WireError::Invalid { field: "cues", why: format!("more than {} cues", cues::MAX_CUES) });
+                }
+                for c in v {
+                    check_cue(c)?;
+                }
+            }
+            Frame::CueHave(v) => {
+                if v.len() > cues::MAX_CUES {
+                    return Err(WireError::Invalid { field: "cue_have", why: format!("more than {} cues", cues::MAX_CUES) });
+                }
+            }
             Frame::Bye(r) => check_text("bye", r, 200)?,
             Frame::Query(Query::Pin(n)) => check_text("pin", n, 63)?,
             Frame::Pin(p) => {
@@ -391,6 +525,10 @@ mod tests {
             pin_decided: Stamp::DEFAULT,
             control_pin: Some("123456".into()),
             control_decided: Stamp::DEFAULT,
+            setlist_decided: Stamp::DEFAULT,
+            song: Some(3),
+            song_decided: Stamp::DEFAULT,
+            cues: CueSummary { max_seq: 7, count: 7, digest: u64::MAX },
         })
     }
 
@@ -487,6 +625,10 @@ mod tests {
             pin_decided: Stamp::DEFAULT,
             control_pin: None,
             control_decided: Stamp::DEFAULT,
+            setlist_decided: Stamp::DEFAULT,
+            song: None,
+            song_decided: Stamp::DEFAULT,
+            cues: CueSummary::default(),
         });
         assert!(matches!(
             Frame::decode(&bad_tl.encode()),
@@ -511,6 +653,51 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    /// Cue replication stays within a frame at the limits: a full inventory (500 cues),
+    /// a sync answer of the longest cues, and a 200-song setlist.
+    #[test]
+    fn cue_and_setlist_frames_fit_at_the_limits() {
+        use crate::core::cues::{CueLog, MAX_CUES, MAX_CUE_CHARS};
+        let node = |i: u64| format!("{i:016x}");
+        let st = |ms: u64, i: u64| Stamp { ms: 1_700_000_000_000 + ms, n: u32::MAX, node: node(i) };
+        let mut log = CueLog::default();
+        for i in 0..MAX_CUES as u64 {
+            log.post(st(i, i % 7), "ü".repeat(MAX_CUE_CHARS), "x".repeat(64), u64::MAX >> 12);
+            for b in 0..8 {
+                log.ack(0, &node(b)).ok();
+            }
+        }
+        let mut t = 0;
+        log.number(|| {
+            t += 1;
+            st(10_000 + t, 1)
+        });
+        for seq in 1..=MAX_CUES as u64 {
+            for b in 0..8 {
+                log.ack(seq, &node(b)).unwrap();
+            }
+        }
+        let have = Frame::CueHave(log.inventory()).encode();
+        assert!(have.len() <= MAX_FRAME, "inventory: {} bytes", have.len());
+        let batch = log.missing_from(&[]);
+        assert!(batch.len() >= 2, "a batch carries several long cues");
+        let cues = Frame::Cues(batch).encode();
+        assert!(cues.len() <= MAX_FRAME, "sync answer: {} bytes", cues.len());
+        assert!(Frame::decode(&cues).is_ok());
+        let songs: Vec<Song> = (0..200)
+            .map(|i| Song {
+                title: format!("{i:0>60}"),
+                tempo: crate::core::timeline::Tempo::from_bpm(399.999).unwrap(),
+                meter: crate::core::timeline::Meter::new(16).unwrap(),
+                count_in_bars: 4,
+            })
+            .collect();
+        let list = Frame::Setlist(SetlistRecord { songs, decided: st(0, 1) }).encode();
+        assert!(list.len() <= MAX_FRAME, "setlist: {} bytes", list.len());
+        assert!(Frame::decode(&list).is_ok());
+        // (measured: inventory 9511 bytes, sync answer 6543, 200-song setlist 13237)
     }
 
     proptest! {

@@ -69,5 +69,10 @@ pub fn frame_name(f: &Frame) -> &'static str {
         Frame::Query(_) => "Query",
         Frame::Reply(_) => "Reply",
         Frame::Pin(_) => "Pin",
+        Frame::SetlistGet => "SetlistGet",
+        Frame::Setlist(_) => "Setlist",
+        Frame::Song(_) => "Song",
+        Frame::Cues(_) => "Cues",
+        Frame::CueHave(_) => "CueHave",
     }
 }

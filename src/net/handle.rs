@@ -28,6 +28,33 @@ impl RoomHandle {
     }
 }
 
+/// What the room task tells the phone gateway about the setlist and the cue board.
+pub struct Board {
+    /// The setlist and the current song (0-based), as they change.
+    pub setlist: tokio::sync::watch::Sender<SetlistView>,
+    /// Every cue that is new on this box or whose seq, text or deletion changed.
+    pub cues: tokio::sync::broadcast::Sender<crate::core::cues::Cue>,
+    /// Every numbered cue in seq order, republished after each such change: phones
+    /// that join read their backlog here, never from the room task.
+    pub all: tokio::sync::watch::Sender<std::sync::Arc<Vec<crate::core::cues::CueView>>>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SetlistView {
+    pub songs: std::sync::Arc<Vec<crate::core::cues::Song>>,
+    pub song: Option<u16>,
+}
+
+impl Default for Board {
+    fn default() -> Board {
+        Board {
+            setlist: tokio::sync::watch::channel(SetlistView::default()).0,
+            cues: tokio::sync::broadcast::channel(256).0,
+            all: tokio::sync::watch::channel(Default::default()).0,
+        }
+    }
+}
+
 /// The room task's inbox; create it before `run` so HTTP can hold a handle.
 pub struct Inbox(mpsc::Receiver<Event>, mpsc::Sender<Event>);
 

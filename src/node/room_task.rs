@@ -43,6 +43,8 @@ pub struct MeshConfig {
     pub status_tx: Option<tokio::sync::watch::Sender<Option<crate::core::room::Status>>>,
     /// Where the room's control PIN is published for the phone gateway.
     pub control_tx: Option<tokio::sync::watch::Sender<Option<String>>>,
+    /// Where the setlist and cue changes are published for the phone gateway.
+    pub board: Option<Arc<crate::net::handle::Board>>,
     /// Link's counters (for `status`), when Link runs.
     pub link: Option<Arc<crate::net::LinkStats>>,
     /// The mirror's counters (for `status`), with `--redis`.
@@ -287,7 +289,13 @@ pub async fn run(
                         }
                     }
                     Event::Query { q, reply } => {
+                        let board_query = !matches!(q, Query::Status | Query::Change { .. } | Query::Pin(_) | Query::Unpin);
                         let r = match answer(&mut room, q, now, &mut actions) {
+                            Reply::Error(e) if board_query => {
+                                shared.peer.stats.bad_requests.fetch_add(1, Relaxed);
+                                tracing::info!(error = %e, "setlist/cue request refused");
+                                Reply::Error(e)
+                            }
                             Reply::Status(j) => match serde_json::from_str::<crate::core::room::Status>(&j) {
                                 Ok(mut st) => {
                                     decorate(&shared, &mut st);
@@ -480,6 +488,7 @@ fn carry_out(
     peers: &HashMap<String, (quinn::Connection, mpsc::Sender<Frame>)>,
     actions: &mut Vec<Action>,
 ) {
+    let mut cues_changed = false;
     for a in actions.drain(..) {
         match a {
             Action::Broadcast(f) => {
@@ -522,6 +531,32 @@ fn carry_out(
                         }
                     });
                 }
+            }
+            Action::Cue(c) => {
+                if let Some(b) = &shared.cfg.board {
+                    let _ = b.cues.send(c);
+                    cues_changed = true;
+                }
+            }
+            Action::Setlist { songs, song } => {
+                if let Some(b) = &shared.cfg.board {
+                    b.setlist.send_replace(crate::net::handle::SetlistView {
+                        songs: Arc::new(songs),
+                        song,
+                    });
+                }
+            }
+            Action::PersistCues { cues, floor } => {
+                let path = shared.cfg.state_dir.join("cues.json");
+                let rec = crate::core::room::PersistedCues { cues, floor };
+                tokio::task::spawn_blocking(move || match serde_json::to_vec(&rec) {
+                    Ok(json) => {
+                        if let Err(e) = crate::sys::state::write_atomic(&path, &json) {
+                            tracing::warn!(error = %format!("{e:#}"), "cannot save the cues");
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot encode the cues"),
+                });
             }
             Action::Persist(p) => {
                 let path = shared.cfg.state_dir.join("session.json");
@@ -584,7 +619,23 @@ fn carry_out(
             },
         }
     }
-    let _ = room;
+    if cues_changed {
+        if let Some(b) = &shared.cfg.board {
+            publish_cues(b, room);
+        }
+    }
+}
+
+/// Hand the phone gateway the room's numbered cues, in order (for joining phones).
+pub(crate) fn publish_cues(board: &crate::net::handle::Board, room: &Room) {
+    let all: Vec<_> = room
+        .cues()
+        .ordered()
+        .into_iter()
+        .filter(|c| c.seq != 0)
+        .map(|c| c.view())
+        .collect();
+    board.all.send_replace(Arc::new(all));
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -734,7 +785,108 @@ fn answer(room: &mut Room, q: Query, now: i64, actions: &mut Vec<Action>) -> Rep
             room.request_pin(None, now, actions);
             Reply::Done("unpinned: the highest-ranked box leads".into())
         }
+        Query::SetlistLoad(songs) => {
+            let n = songs.len();
+            match room.load_setlist(songs, now, actions) {
+                Ok(()) => Reply::Done(format!("setlist loaded: {n} songs (choose one with `bandsync song N`)")),
+                Err(e) => Reply::Error(e.to_string()),
+            }
+        }
+        Query::Setlist { from } => Reply::Status(setlist_json(room, from as usize)),
+        Query::Song(pick) => match room.choose_song(pick, now, actions) {
+            Ok((i, at)) => {
+                let s = &room.setlist()[i as usize];
+                let what = format!(
+                    "song {} {:?} ({} BPM, {}/4{})",
+                    i + 1,
+                    s.title,
+                    s.tempo,
+                    s.meter.get(),
+                    if s.count_in_bars > 0 { format!(", count-in {} bars", s.count_in_bars) } else { String::new() }
+                );
+                match at {
+                    Some(at) => Reply::Done(format!("{what} from beat {} (a bar boundary)", at.beat)),
+                    None => Reply::Done(format!("{what}: sent to the leader ({}); it lands on the next bar", room.leader())),
+                }
+            }
+            Err(e) => Reply::Error(e.to_string()),
+        },
+        Query::CuePost { text, author } => match room.post_cue(text, author, now, actions) {
+            Ok(c) if c.seq != 0 => Reply::Done(format!("cue {} posted", c.seq)),
+            Ok(_) => Reply::Done(format!("cue posted; the leader ({}) numbers it (see `bandsync cues`)", room.leader())),
+            Err(e) => Reply::Error(e.to_string()),
+        },
+        Query::CueEdit { seq, text } => match room.edit_cue(seq, Some(text), now, actions) {
+            Ok(_) => Reply::Done(format!("cue {seq} edited")),
+            Err(e) => Reply::Error(e.to_string()),
+        },
+        Query::CueDelete { seq } => match room.edit_cue(seq, None, now, actions) {
+            Ok(_) => Reply::Done(format!("cue {seq} deleted")),
+            Err(e) => Reply::Error(e.to_string()),
+        },
+        Query::Cues { after } => Reply::Status(cues_json(room, after)),
+        Query::CueAck { seq } => match room.ack_cue(seq) {
+            Ok(()) => Reply::Done(format!("cue {seq} seen")),
+            Err(e) => Reply::Error(e.to_string()),
+        },
     }
+}
+
+/// A reply is one frame: pages of at most this many bytes of JSON.
+const PAGE_BYTES: usize = 12 * 1024;
+
+/// `{"count","current"(1-based|null),"songs":[{index,title,tempo,meter,count_in_bars}],"next"}`
+/// from 0-based song `from`; `next` is where the next page starts (null: done).
+fn setlist_json(room: &Room, from: usize) -> String {
+    let list = room.setlist();
+    let mut songs = Vec::new();
+    let mut bytes = 0;
+    let mut next = None;
+    for (i, s) in list.iter().enumerate().skip(from) {
+        let v = serde_json::json!({
+            "index": i + 1, "title": s.title, "tempo": s.tempo.bpm(),
+            "meter": s.meter.get(), "count_in_bars": s.count_in_bars,
+        });
+        bytes += v.to_string().len() + 1;
+        if bytes > PAGE_BYTES {
+            next = Some(i);
+            break;
+        }
+        songs.push(v);
+    }
+    serde_json::json!({
+        "count": list.len(),
+        "current": room.song().map(|i| i + 1),
+        "songs": songs,
+        "next": next,
+    })
+    .to_string()
+}
+
+/// `{"cues":[{seq,id,text,author,posted_unix_ms,edited_unix_ms,deleted,seen}],"next_after"}`:
+/// numbered cues with seq > `after` in order, then (on the last page) those the leader
+/// has not numbered yet (seq 0); `next_after` continues (null: done).
+fn cues_json(room: &Room, after: u64) -> String {
+    let mut out = Vec::new();
+    let mut bytes = 0;
+    let mut next_after = None;
+    let mut last = after;
+    for c in room.cues().ordered() {
+        if c.seq != 0 && c.seq <= after {
+            continue;
+        }
+        let v = c.view();
+        bytes += serde_json::to_string(&v).map(|j| j.len()).unwrap_or(0) + 1;
+        if bytes > PAGE_BYTES && !out.is_empty() {
+            next_after = Some(last);
+            break;
+        }
+        if c.seq != 0 {
+            last = c.seq;
+        }
+        out.push(v);
+    }
+    serde_json::json!({"cues": out, "next_after": next_after}).to_string()
 }
 
 fn describe(k: crate::core::timeline::ChangeKind) -> String {

@@ -156,6 +156,7 @@ pub fn run(cfg: RunConfig, clock: NodeClock) -> anyhow::Result<()> {
         mirror_stats: None,
         status_tx: None,
         control_tx: None,
+        board: None,
         notify: crate::sys::notify::Notifier::from_env(),
         audio: stats.clone(),
     };
@@ -188,6 +189,10 @@ pub fn run(cfg: RunConfig, clock: NodeClock) -> anyhow::Result<()> {
         control_pin: None,
         control_decided: Stamp::DEFAULT,
         hlc: Hlc::default(),
+        setlist: Vec::new(),
+        setlist_decided: Stamp::DEFAULT,
+        song: None,
+        song_decided: Stamp::DEFAULT,
     });
     let hlc = restored.hlc;
     let flags_decide = match &saved {
@@ -218,6 +223,20 @@ pub fn run(cfg: RunConfig, clock: NodeClock) -> anyhow::Result<()> {
         (Some(state::control_pin(&cfg.state_dir)?), Stamp::DEFAULT)
     };
     room.set_control_pin(control_pin.clone(), control_stamp);
+    room.restore_setlist(
+        restored.setlist.clone(),
+        restored.setlist_decided.clone(),
+        restored.song,
+        restored.song_decided.clone(),
+    );
+    let saved_cues = load_cues(&cfg.state_dir);
+    room.restore_cues(saved_cues.cues, saved_cues.floor);
+    let board = Arc::new(crate::net::handle::Board::default());
+    board.setlist.send_replace(crate::net::handle::SetlistView {
+        songs: Arc::new(room.setlist().to_vec()),
+        song: room.song(),
+    });
+    crate::node::room_task::publish_cues(&board, &room);
     let mesh_stats = Arc::new(MeshStats::default());
     let mirror_stats = Arc::new(crate::mirror::MirrorStats::default());
     let http_addr = cfg.http;
@@ -248,6 +267,7 @@ pub fn run(cfg: RunConfig, clock: NodeClock) -> anyhow::Result<()> {
             control_open: control_pin.is_none(),
             control_updates: Some(control_rx),
             link: link.is_some().then(|| link_stats.clone()),
+            board: board.clone(),
             allowed_hosts: crate::web::hosts::AllowedHosts::for_box(&[&cfg.name, &node_id]),
             limits: crate::web::gateway::GatewayLimits::default(),
             stats: Arc::new(crate::web::gateway::GatewayStats::default()),
@@ -266,6 +286,7 @@ pub fn run(cfg: RunConfig, clock: NodeClock) -> anyhow::Result<()> {
         mesh_cfg.http_port = http_port;
         mesh_cfg.status_tx = Some(status_tx);
         mesh_cfg.control_tx = Some(control_tx);
+        mesh_cfg.board = Some(board.clone());
         mesh_cfg.link = link.is_some().then(|| link_stats.clone());
         let mut upstream = None;
         if let Some(url) = redis {
@@ -336,6 +357,10 @@ fn restore_from_redis(url: &crate::mirror::RedisUrl, room: &str) -> Option<Persi
                 control_pin: None,
                 control_decided: Stamp::DEFAULT,
                 hlc: Hlc::default(),
+        setlist: Vec::new(),
+        setlist_decided: Stamp::DEFAULT,
+        song: None,
+        song_decided: Stamp::DEFAULT,
             })
         }
         Ok(None) => None,
@@ -363,6 +388,22 @@ fn load_session(dir: &std::path::Path) -> Option<Persisted> {
         Err(e) => {
             tracing::warn!(path = %p.display(), error = %e, "the saved session is unreadable (corrupt or from another version); starting from defaults");
             None
+        }
+    }
+}
+
+/// The saved cue log (`cues.json`), if readable; else none (reported).
+fn load_cues(dir: &std::path::Path) -> crate::core::room::PersistedCues {
+    let p = dir.join("cues.json");
+    match std::fs::read(&p) {
+        Ok(b) => serde_json::from_slice(&b).unwrap_or_else(|e| {
+            tracing::warn!(path = %p.display(), error = %e, "the saved cues are unreadable; starting without them");
+            Default::default()
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Default::default(),
+        Err(e) => {
+            tracing::warn!(path = %p.display(), error = %e, "cannot read the saved cues");
+            Default::default()
         }
     }
 }

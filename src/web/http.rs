@@ -588,6 +588,10 @@ async fn metrics(State(web): State<Web>) -> impl IntoResponse {
                 ms.bad_frames.load(Relaxed) as f64,
             ),
             (
+                "{reason=\"bad_request\"}".into(),
+                ms.bad_requests.load(Relaxed) as f64,
+            ),
+            (
                 "{reason=\"bad_datagram\"}".into(),
                 ms.bad_datagrams.load(Relaxed) as f64,
             ),

@@ -37,6 +37,8 @@ pub struct HttpState {
     /// Ableton Link's counters (None: `--no-link`).
     pub link: Option<Arc<crate::net::LinkStats>>,
     pub control_updates: Option<tokio::sync::watch::Receiver<Option<String>>>,
+    /// The setlist and cue board as the room task publishes them.
+    pub board: std::sync::Arc<crate::net::handle::Board>,
     /// The box's own names and addresses: `/ws` and every state-changing request need
     /// a `Host` among them and, if present, an `Origin` naming one of them.
     pub allowed_hosts: crate::web::hosts::AllowedHosts,

@@ -22,6 +22,17 @@
 //! | `pause` | `pin`?, `quantum`? | `ack` (stops the transport) |
 //! | `seek` | `beat` (integer), `pin`? | `error` `not_supported` (see below) |
 //! | `heartbeat` | — | nothing (keeps the connection from idling out) |
+//! | `set_song` | `index` (1-based integer, or `"next"`/`"prev"`), `pin`? | `ack` (the song's tempo and meter land on the next bar; a `snapshot` follows) |
+//! | `post_message` | `text` (1–500 chars), `pin`? | `ack` (then a `message` once the leader numbered it) |
+//! | `update_message` | `seq`, `text`, `pin`? | `ack` (then the edited `message`) |
+//! | `delete_message` | `seq`, `pin`? | `ack` (then the `message` with `deleted: true`) |
+//! | `ack_message` | `seq` | nothing (counted in the cue's `seen`); `error` for an unknown seq |
+//!
+//! `join_session` may carry `last_seq`: after the `snapshot` and `room_stats`, the node
+//! sends every cue (`message`) with a greater seq (all of them without it), in order;
+//! from then on each new cue, edit or deletion as it happens. `set_song`,
+//! `post_message`, `update_message` and `delete_message` need the control PIN like
+//! `set_tempo`.
 //!
 //! Who may change the room ([`Control`], the snapshot's `control`): with a control PIN
 //! (`--control-pin`, `"pin"`), `pin` (a string) is required on `set_tempo`,
@@ -58,6 +69,12 @@
 //!   `crate::core::timeline`, in floating point.) `gen` changes when this node's session
 //!   clock steps (it joined a room): clock samples taken before are void. `boxes` counts
 //!   the live boxes of the room, this one included.
+//!   The snapshot also carries `song` (`{"index" (1-based),"title","count","tempo",
+//!   "meter","count_in_bars"}` or null) and `setlist` (`[{"index","title","tempo",
+//!   "meter","count_in_bars"}…]`); it is pushed again when either changes.
+//! * `message` — a cue: `{"type":"message","seq","id","text","author","posted_unix_ms",
+//!   "edited_unix_ms","deleted"}`. `id` is the cue's identity: after a healed partition
+//!   the room may renumber a cue (see `core::cues`), and the page replaces it by `id`.
 //! * `pong` — `{"type":"pong","t0","t1","t2","gen"}`: `t0` echoed, `t1` the node's
 //!   session time when the ping arrived, `t2` just before the pong left. With `t3` the
 //!   client's receive time: `rtt = (t3 − t0) − (t2 − t1)`,
@@ -140,7 +157,7 @@ use crate::audio::snapshot::{AudioSnapshot, SnapshotCell};
 use crate::sys::clock::{Clock, NodeClock};
 use crate::net::RoomHandle;
 use crate::core::timeline::{ChangeKind, Meter, Quantum, Tempo};
-use crate::core::wire::{Query, Reply};
+use crate::core::wire::{Query, Reply, SongPick};
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -328,6 +345,7 @@ struct Inner {
     clock: NodeClock,
     changes: tokio::sync::watch::Receiver<u64>,
     room: RoomHandle,
+    board: Arc<crate::net::handle::Board>,
     control: std::sync::RwLock<Control>,
     pins: PinGuard,
     log: crate::web::guard::RateLog,
@@ -354,6 +372,7 @@ impl Gateway {
             clock: st.clock,
             changes: st.changes.clone(),
             room: st.room.clone(),
+            board: st.board.clone(),
             control: std::sync::RwLock::new(Control::from(
                 st.control_pin.as_deref(),
                 st.control_open,
@@ -472,7 +491,26 @@ impl Inner {
 
     fn snapshot(&self, id: Option<&Value>) -> Value {
         let (snap, now) = self.now();
-        snapshot_value(&snap, now, &self.meta(), &self.control(), id)
+        let mut v = snapshot_value(&snap, now, &self.meta(), &self.control(), id);
+        let view = self.board.setlist.borrow().clone();
+        let song_json = |i: usize, s: &crate::core::cues::Song| {
+            serde_json::json!({
+                "index": i + 1, "title": s.title, "tempo": s.tempo.bpm(),
+                "meter": s.meter.get(), "count_in_bars": s.count_in_bars,
+            })
+        };
+        v["setlist"] = Value::Array(
+            view.songs.iter().enumerate().map(|(i, s)| song_json(i, s)).collect(),
+        );
+        v["song"] = match view.song.filter(|&i| (i as usize) < view.songs.len()) {
+            Some(i) => {
+                let mut j = song_json(i as usize, &view.songs[i as usize]);
+                j["count"] = Value::from(view.songs.len());
+                j
+            }
+            None => Value::Null,
+        };
+        v
     }
 
     fn room_stats(&self) -> Value {
@@ -584,6 +622,11 @@ fn snapshot_value(
 
 /// Pushes snapshots on every timeline change and `room_stats` when the room changes.
 async fn publisher(weak: Weak<Inner>, mut changes: tokio::sync::watch::Receiver<u64>) {
+    let (mut setlist, mut cues) = match weak.upgrade() {
+        Some(inner) => (inner.board.setlist.subscribe(), inner.board.cues.subscribe()),
+        None => return,
+    };
+    setlist.borrow_and_update();
     let mut tick = tokio::time::interval(STATUS_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_stats = Instant::now();
@@ -613,6 +656,29 @@ async fn publisher(weak: Weak<Inner>, mut changes: tokio::sync::watch::Receiver<
                     last_stats = Instant::now();
                 }
             }
+            r = setlist.changed() => {
+                if r.is_err() {
+                    return;
+                }
+                setlist.borrow_and_update();
+                let Some(inner) = weak.upgrade() else { return };
+                if inner.joined() > 0 {
+                    inner.broadcast(Message::Text(inner.snapshot(None).to_string().into()));
+                }
+            }
+            r = cues.recv() => {
+                let Some(inner) = weak.upgrade() else { return };
+                match r {
+                    Ok(c) if c.seq != 0 => {
+                        inner.broadcast(Message::Text(message_json(&c.view()).to_string().into()));
+                    }
+                    Ok(_) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::warn!(missed = n, "phones: cue broadcasts lagged");
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                }
+            }
             _ = tick.tick() => {
                 let Some(inner) = weak.upgrade() else { return };
                 if inner.joined() == 0 {
@@ -626,6 +692,15 @@ async fn publisher(weak: Weak<Inner>, mut changes: tokio::sync::watch::Receiver<
             }
         }
     }
+}
+
+/// A cue as phones get it.
+fn message_json(c: &crate::core::cues::CueView) -> Value {
+    serde_json::json!({
+        "type": "message", "seq": c.seq, "id": c.id, "text": c.text, "author": c.author,
+        "posted_unix_ms": c.posted_unix_ms, "edited_unix_ms": c.edited_unix_ms,
+        "deleted": c.deleted,
+    })
 }
 
 /// The address a request came from (set by the HTTP server for every connection).
@@ -698,6 +773,10 @@ struct Conn {
     bucket: Bucket,
     bad_pins: u32,
     control_busy: Arc<AtomicBool>,
+    /// The name the phone gave in `join_session` (a cue's author).
+    name: Option<String>,
+    /// Cues this phone acked (each counts once per connection).
+    acked: std::collections::BTreeSet<u64>,
 }
 
 impl Conn {
@@ -722,6 +801,8 @@ impl Conn {
             },
             bad_pins: 0,
             control_busy: Arc::new(AtomicBool::new(false)),
+            name: None,
+            acked: Default::default(),
         }
     }
 
@@ -1035,7 +1116,7 @@ impl Conn {
             let b = bad(
                 ErrorCode::UnknownType,
                 Some("type"),
-                format!("unknown message type {shown:?}; known: join_session, ping, sync_request, set_tempo, set_meter, play, pause, seek, heartbeat"),
+                format!("unknown message type {shown:?}; known: join_session, ping, sync_request, set_tempo, set_meter, play, pause, seek, heartbeat, set_song, post_message, update_message, delete_message, ack_message"),
             );
             return self.reply_error(b, None, id.as_ref()).await;
         };
@@ -1084,7 +1165,18 @@ impl Conn {
             "join_session" => {
                 if let Some(n) = obj.get("name") {
                     check_text("name", n, 64)?;
+                    self.name = n.as_str().map(str::to_string).filter(|n| !n.is_empty());
                 }
+                let last_seq = match obj.get("last_seq") {
+                    None | Some(Value::Null) => 0,
+                    v => {
+                        let n = integer("last_seq", v)?;
+                        if n < 0 {
+                            return Err(bad_field("last_seq", "last_seq must be 0 or more"));
+                        }
+                        n as u64
+                    }
+                };
                 if !self.inner().meta().fetched {
                     self.inner().refresh_meta().await;
                 }
@@ -1105,7 +1197,84 @@ impl Conn {
                     return Ok(Next::Close(CLOSE_NORMAL, ""));
                 }
                 let stats = self.inner().room_stats();
-                Ok(ok(self.send_json(&stats).await))
+                if !self.send_json(&stats).await {
+                    return Ok(Next::Close(CLOSE_NORMAL, ""));
+                }
+                // What the phone missed: every numbered cue after `last_seq`, in order
+                // (from the room task's published list: a thousand phones joining never
+                // wait on the clock loop).
+                let all = self.inner().board.all.borrow().clone();
+                let from = all.partition_point(|c| c.seq <= last_seq);
+                for c in &all[from..] {
+                    if !self.send_json(&message_json(c)).await {
+                        return Ok(Next::Close(CLOSE_NORMAL, ""));
+                    }
+                }
+                Ok(Next::Go)
+            }
+            "ack_message" => {
+                let seq = integer("seq", obj.get("seq"))?;
+                if seq < 1 {
+                    return Err(bad_field("seq", format!("no cue {seq}")));
+                }
+                let seq = seq as u64;
+                if self.acked.contains(&seq) {
+                    return Ok(Next::Go);
+                }
+                match tokio::time::timeout(Duration::from_secs(1), self.inner().room.query(Query::CueAck { seq })).await {
+                    Ok(Reply::Done(_)) => {
+                        if self.acked.len() < 4 * crate::core::cues::MAX_CUES {
+                            self.acked.insert(seq);
+                        }
+                        Ok(Next::Go)
+                    }
+                    Ok(Reply::Error(e)) => Err(bad_field("seq", e)),
+                    _ => Err(bad(ErrorCode::Busy, None, "the room did not answer in time; try again")),
+                }
+            }
+            "set_song" | "post_message" | "update_message" | "delete_message" => {
+                let text = |obj: &Map<String, Value>| -> Result<String, Bad> {
+                    match obj.get("text") {
+                        Some(Value::String(t)) => {
+                            crate::core::cues::check_text(t).map_err(|e| bad_field("text", e.to_string()))?;
+                            Ok(t.clone())
+                        }
+                        Some(_) => Err(bad_field("text", "text must be a string")),
+                        None => Err(bad_field("text", "missing text")),
+                    }
+                };
+                let seq = |obj: &Map<String, Value>| -> Result<u64, Bad> {
+                    let n = integer("seq", obj.get("seq"))?;
+                    if n < 1 {
+                        return Err(bad_field("seq", format!("no cue {n}")));
+                    }
+                    Ok(n as u64)
+                };
+                let q = match ty {
+                    "set_song" => Query::Song(match obj.get("index") {
+                        Some(Value::String(s)) if s == "next" => SongPick::Next,
+                        Some(Value::String(s)) if s == "prev" => SongPick::Prev,
+                        Some(v @ Value::Number(_)) => {
+                            let n = integer("index", Some(v))?;
+                            if !(1..=crate::core::cues::MAX_SONGS as i64).contains(&n) {
+                                return Err(bad_field("index", format!("index must be a song number from 1 (got {n})")));
+                            }
+                            SongPick::Number(n as u16)
+                        }
+                        None => return Err(bad_field("index", "missing index")),
+                        Some(_) => return Err(bad_field("index", "index must be a song number, \"next\" or \"prev\"")),
+                    }),
+                    "post_message" => Query::CuePost {
+                        text: text(obj)?,
+                        author: self.name.clone().unwrap_or_else(|| "phone".into()),
+                    },
+                    "update_message" => Query::CueEdit { seq: seq(obj)?, text: text(obj)? },
+                    _ => Query::CueDelete { seq: seq(obj)? },
+                };
+                if let Some(next) = self.check_pin(obj, ty, id).await? {
+                    return Ok(next);
+                }
+                self.request(ty, q, id)
             }
             "ping" => {
                 let t0 = number("t0", obj.get("t0"), true)?.unwrap_or(0.0);
@@ -1181,7 +1350,7 @@ impl Conn {
                         "seek is not supported: the room's beat count is continuous; pause, then play (it starts on the next bar)",
                     ));
                 };
-                self.request_change(ty, kind, quantum, id)
+                self.request(ty, Query::Change { kind, quantum }, id)
             }
             _ => Err(bad(
                 ErrorCode::UnknownType,
@@ -1262,13 +1431,7 @@ impl Conn {
         Ok(Some(Next::Go))
     }
 
-    fn request_change(
-        &mut self,
-        ty: &str,
-        kind: ChangeKind,
-        quantum: Option<Quantum>,
-        id: Option<&Value>,
-    ) -> Result<Next, Bad> {
+    fn request(&mut self, ty: &str, q: Query, id: Option<&Value>) -> Result<Next, Bad> {
         let busy = || {
             bad(
                 ErrorCode::Busy,
@@ -1296,8 +1459,7 @@ impl Conn {
         let id = id.cloned();
         tokio::spawn(async move {
             let r =
-                tokio::time::timeout(CONTROL_TIMEOUT, room.query(Query::Change { kind, quantum }))
-                    .await;
+                tokio::time::timeout(CONTROL_TIMEOUT, room.query(q)).await;
             drop(permit);
             flag.store(false, Relaxed);
             let mut v = match r {
@@ -1376,9 +1538,15 @@ mod tests {
             "pause",
             "seek",
             "heartbeat",
+            "set_song",
+            "post_message",
+            "update_message",
+            "delete_message",
+            "ack_message",
         ] {
             assert!(fields_of(t).is_some(), "{t}");
         }
+        assert!(fields_of("join_session").unwrap().contains(&"last_seq"));
         assert!(fields_of("pong").is_none());
     }
 }

@@ -82,7 +82,7 @@ pub(super) fn bad_field(field: &str, reason: impl Into<String>) -> Bad {
 /// The fields (besides `type` and `id`) each message type may carry; `None`: unknown type.
 pub(super) fn fields_of(ty: &str) -> Option<&'static [&'static str]> {
     Some(match ty {
-        "join_session" => &["name"],
+        "join_session" => &["name", "last_seq"],
         "ping" => &["t0"],
         "sync_request" => &["t0"],
         "set_tempo" => &["bpm", "pin", "quantum"],
@@ -90,6 +90,11 @@ pub(super) fn fields_of(ty: &str) -> Option<&'static [&'static str]> {
         "play" | "pause" => &["pin", "quantum"],
         "seek" => &["beat", "pin"],
         "heartbeat" => &[],
+        "set_song" => &["index", "pin"],
+        "post_message" => &["text", "pin"],
+        "update_message" => &["seq", "text", "pin"],
+        "delete_message" => &["seq", "pin"],
+        "ack_message" => &["seq"],
         _ => return None,
     })
 }
