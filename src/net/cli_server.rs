@@ -69,5 +69,6 @@ pub fn frame_name(f: &Frame) -> &'static str {
         Frame::Query(_) => "Query",
         Frame::Reply(_) => "Reply",
         Frame::Pin(_) => "Pin",
+        Frame::Rtc(_) => "Rtc",
     }
 }

@@ -50,6 +50,8 @@ pub struct MeshStats {
     pub merges: AtomicU64,
     /// Decision stamps refused (a peer's clock out of reach).
     pub stamps_refused: AtomicU64,
+    /// Talkback signalling dropped between the mesh and the gateway (a queue full).
+    pub rtc_dropped: AtomicU64,
 }
 
 /// What a connection's tasks need: who we are, the room key, the clock and the

@@ -9,3 +9,4 @@ pub mod guard;
 pub mod hosts;
 pub mod http;
 pub mod state;
+pub mod tls;

@@ -158,6 +158,7 @@ use tokio::time::Instant;
 mod limits;
 mod pin;
 mod protocol;
+pub mod talkback;
 
 pub use limits::{GatewayLimits, GatewayStats, Histogram};
 pub use pin::{PinLimits, PinStats};
@@ -336,6 +337,8 @@ struct Inner {
     meta: Mutex<Meta>,
     in_flight: Arc<Semaphore>,
     publisher: Once,
+    /// Talkback signalling ([`talkback`]).
+    talk: Arc<talkback::Hub>,
 }
 
 /// The gateway shared by every connection (cheap to clone).
@@ -346,7 +349,12 @@ impl Gateway {
     /// Build from the HTTP state (see [`crate::web::state::HttpState`]).
     pub fn new(st: &crate::web::state::HttpState) -> Gateway {
         let limits = st.limits.clone();
+        let talk = talkback::Hub::new(st.room.clone());
+        if tokio::runtime::Handle::try_current().is_ok() {
+            talkback::Hub::start(&talk);
+        }
         Gateway(Arc::new(Inner {
+            talk,
             cell: st.cell.clone(),
             clock: st.clock,
             changes: st.changes.clone(),
@@ -402,6 +410,11 @@ impl Gateway {
     /// Sources locked out from PIN guessing now.
     pub fn locked_sources(&self) -> usize {
         self.0.pins.locked_sources()
+    }
+
+    /// Talkback's lines for `/metrics`.
+    pub fn talkback_metrics(&self) -> String {
+        talkback::metrics(&self.0.talk)
     }
 
     /// Log lines about phones left out by the log rate limit.
@@ -694,6 +707,7 @@ struct Conn {
     bucket: Bucket,
     bad_pins: u32,
     control_busy: Arc<AtomicBool>,
+    talk: talkback::ConnTalk,
 }
 
 impl Conn {
@@ -718,6 +732,7 @@ impl Conn {
             },
             bad_pins: 0,
             control_busy: Arc::new(AtomicBool::new(false)),
+            talk: Default::default(),
         }
     }
 
@@ -799,6 +814,7 @@ impl Conn {
     }
 
     fn leave(&mut self) {
+        self.talk_leave();
         if self.joined {
             self.inner()
                 .clients
@@ -959,7 +975,7 @@ impl Conn {
             }
             _ => return Next::Go, // WebSocket pings are answered by the library
         };
-        let max = self.inner().limits.max_message_bytes;
+        let max = talkback::message_cap(self.inner().limits.max_message_bytes, text.as_str());
         if text.len() > max {
             let b = bad(
                 ErrorCode::TooLarge,
@@ -1026,6 +1042,12 @@ impl Conn {
                     .await
             }
         };
+        if ty.starts_with("rtc_") {
+            return match self.on_rtc(&ty, &obj, id.as_ref()).await {
+                Ok(next) => next,
+                Err(b) => self.reply_error(b, Some(&ty), id.as_ref()).await,
+            };
+        }
         let Some(allowed) = fields_of(&ty) else {
             let shown: String = ty.chars().take(40).collect();
             let b = bad(
@@ -1331,7 +1353,7 @@ pub async fn page() -> impl IntoResponse {
             (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
             (
                 header::CONTENT_SECURITY_POLICY,
-                "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self' ws: wss:; img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+                "default-src 'none'; script-src 'self' 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self' ws: wss:; img-src data:; media-src data: blob:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
             ),
         ],
         PAGE,
