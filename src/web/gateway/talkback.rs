@@ -56,8 +56,9 @@ pub const ANNOUNCE_EVERY: Duration = Duration::from_secs(1);
 pub const FORGET_AFTER: Duration = Duration::from_secs(4);
 /// Signalling messages a phone may send per second…
 pub const RTC_PER_SECOND: f64 = 20.0;
-/// …with this burst (an offer and its candidates for every member).
-pub const RTC_BURST: f64 = 60.0;
+/// …with this burst (below the connection's own, so a signalling flood is refused
+/// here, by name; the page paces itself at 10 a second after a burst of 20).
+pub const RTC_BURST: f64 = 30.0;
 /// Largest `/ws` message that carries talkback signalling (an SDP and its envelope).
 pub const MAX_RTC_MESSAGE: usize = MAX_SDP + 2048;
 

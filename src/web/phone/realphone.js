@@ -214,7 +214,21 @@
     log: [],
   };
   function tlog(s) { T.log.push(Math.round(performance.now()) + ' ' + s); if (T.log.length > 200) T.log.shift(); }
-  function sendRtc(m) { B.send(m); }
+  // Signalling is paced under the box's cap (20 a second, burst 30): at most 10 a
+  // second after a burst of 20; the rest waits in order.
+  const Q = { q: [], tokens: 20, at: performance.now(), timer: 0 };
+  function sendRtc(m) {
+    if (Q.q.length >= 400) return;
+    Q.q.push(m);
+    drainRtc();
+  }
+  function drainRtc() {
+    const now = performance.now();
+    Q.tokens = Math.min(20, Q.tokens + (now - Q.at) * 0.01);
+    Q.at = now;
+    while (Q.q.length && Q.tokens >= 1) { Q.tokens -= 1; B.send(Q.q.shift()); }
+    if (Q.q.length && !Q.timer) Q.timer = setTimeout(() => { Q.timer = 0; drainRtc(); }, 100);
+  }
   // the page's own socket: talkback messages come through the page's WebSocket, which
   // this file reads by wrapping the socket's message handler (see hookSocket)
   function onRtc(m) {
