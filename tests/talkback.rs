@@ -304,17 +304,25 @@ async fn talkback_between_boxes_in_a_browser() {
     assert_ne!(alice[..8], bob[..8], "ids name their boxes: {alice} {bob}");
     assert_eq!(sb["peers"][0]["id"], alice.as_str());
     // carol, in another room, sees nobody; nobody sees her
-    let sc = pc.eval(STATE).await;
-    assert_eq!(sc["joined"], true, "{sc}");
+    let sc = pc.until("carol joined", STATE, 10, |v| v["joined"] == true).await;
     assert_eq!(sc["peers"], json!([]), "carol must see no one: {sc}");
     // push to talk: bob's page receives audio (bytes growing, a level)
     let before = pb.eval("window.bandsyncPhone.talk.stats()").await;
     pa.eval("window.bandsyncPhone.talk.press(''); true").await;
-    let got = pb
-        .until("bob hears alice", "window.bandsyncPhone.talk.stats()", 10, |v| {
-            v[0]["bytes"].as_f64() > before[0]["bytes"].as_f64().map(|x| x + 2000.0) && v[0]["level"].as_f64() > Some(0.0)
-        })
-        .await;
+    let t = Instant::now();
+    let got = loop {
+        let v = pb.eval("window.bandsyncPhone.talk.stats()").await;
+        if v[0]["bytes"].as_f64() > before[0]["bytes"].as_f64().map(|x| x + 2000.0) && v[0]["level"].as_f64() > Some(0.0) {
+            break v;
+        }
+        if t.elapsed() > Duration::from_secs(10) {
+            let sa = pa.eval("window.bandsyncPhone.talk.stats()").await;
+            let la = pa.eval(STATE).await;
+            let lb = pb.eval(STATE).await;
+            panic!("bob never heard alice: bob {v}, alice {sa}; alice {la}; bob {lb}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     tokio::time::sleep(Duration::from_millis(500)).await;
     let later = pb.eval("window.bandsyncPhone.talk.stats()").await;
     assert!(later[0]["bytes"].as_f64() > got[0]["bytes"].as_f64(), "bytes keep growing: {got} {later}");

@@ -254,13 +254,17 @@
     for (const p of T.peers) if (!T.pcs.has(p.id) && T.me < p.id) call(p.id);
     paintTalk();
   }
-  function newPc(id) {
+  // The caller adds the audio transceiver; the answerer uses the one the offer made.
+  function useSender(e, id, tr) {
+    tr.direction = 'sendrecv';
+    e.sender = tr.sender;
+    if (T.talking && (T.to === '' || T.to === id) && T.mic) e.sender.replaceTrack(T.mic.getAudioTracks()[0]);
+  }
+  function newPc(id, caller) {
     const pc = new RTCPeerConnection({ iceServers: [] }); // host candidates only: the LAN
     const e = { pc, sender: null, pending: [], remote: false, connectedAt: null };
     T.pcs.set(id, e);
-    const tr = pc.addTransceiver('audio', { direction: 'sendrecv' });
-    e.sender = tr.sender;
-    if (T.talking && (T.to === '' || T.to === id) && T.mic) e.sender.replaceTrack(T.mic.getAudioTracks()[0]);
+    if (caller) useSender(e, id, pc.addTransceiver('audio', { direction: 'sendrecv' }));
     pc.onicecandidate = (ev) => {
       if (!ev.candidate) return;
       if (T.onlyCandidates && !T.onlyCandidates.test(ev.candidate.candidate)) return;
@@ -284,7 +288,7 @@
     return e;
   }
   async function call(id) {
-    const e = newPc(id);
+    const e = newPc(id, true);
     try {
       const o = await e.pc.createOffer();
       await e.pc.setLocalDescription(o);
@@ -295,10 +299,13 @@
   async function onOffer(m) {
     if (!T.joined) return;
     if (T.pcs.has(m.from)) hangUp(m.from, 'renegotiated', true);
-    const e = newPc(m.from);
+    const e = newPc(m.from, false);
     try {
       await e.pc.setRemoteDescription({ type: 'offer', sdp: m.sdp });
       e.remote = true;
+      const tr = e.pc.getTransceivers().find((t) => t.receiver.track && t.receiver.track.kind === 'audio');
+      if (!tr) throw new Error('the offer has no audio');
+      useSender(e, m.from, tr);
       for (const c of e.pending.splice(0)) await e.pc.addIceCandidate(c).catch(() => {});
       const a = await e.pc.createAnswer();
       await e.pc.setLocalDescription(a);
@@ -363,14 +370,14 @@
     T.talking = true;
     T.lastPress = performance.timeOrigin + performance.now();
     const track = T.mic.getAudioTracks()[0];
-    for (const [id, e] of T.pcs) if (T.to === '' || T.to === id) e.sender.replaceTrack(track);
+    for (const [id, e] of T.pcs) if (e.sender && (T.to === '' || T.to === id)) e.sender.replaceTrack(track);
     $('talkbtn').classList.add('on');
     $('talkbtn').textContent = T.to ? 'Talking to ' + nameOf(T.to) : 'Talking to everyone';
   }
   function release() {
     if (!T.talking) return;
     T.talking = false;
-    for (const e of T.pcs.values()) e.sender.replaceTrack(null);
+    for (const e of T.pcs.values()) if (e.sender) e.sender.replaceTrack(null);
     $('talkbtn').classList.remove('on');
     $('talkbtn').textContent = 'Hold to talk';
   }
@@ -446,13 +453,14 @@
       stats: async () => {
         const out = [];
         for (const [id, e] of T.pcs) {
-          const r = { id, bytes: 0, packets: 0, level: 0, energy: 0 };
+          const r = { id, bytes: 0, packets: 0, level: 0, energy: 0, sent: 0, track: e.sender && e.sender.track ? e.sender.track.readyState : null, state: e.pc.connectionState };
           const s = await e.pc.getStats();
           s.forEach((x) => {
             if (x.type === 'inbound-rtp' && (x.kind === 'audio' || x.mediaType === 'audio')) {
               r.bytes += x.bytesReceived || 0; r.packets += x.packetsReceived || 0;
               r.level = Math.max(r.level, x.audioLevel || 0); r.energy += x.totalAudioEnergy || 0;
             }
+            if (x.type === 'outbound-rtp' && (x.kind === 'audio' || x.mediaType === 'audio')) r.sent += x.bytesSent || 0;
           });
           out.push(r);
         }
