@@ -211,6 +211,21 @@ impl Page {
             }
         }
     }
+    /// A DevTools command (no parameters); its result.
+    async fn call(&mut self, method: &str) -> Value {
+        let id = self.next;
+        self.next += 1;
+        self.ws.send(Message::text(json!({"id": id, "method": method}).to_string())).await.unwrap();
+        loop {
+            let m = tokio::time::timeout(Duration::from_secs(30), self.ws.next()).await.unwrap().unwrap().unwrap();
+            if let Message::Text(t) = m {
+                let v: Value = serde_json::from_str(t.as_str()).unwrap();
+                if v["id"] == id {
+                    return v;
+                }
+            }
+        }
+    }
     async fn eval(&mut self, expr: &str) -> Value {
         let id = self.start(expr).await;
         self.result(id, expr).await
@@ -459,12 +474,21 @@ async fn secure_page_wake_lock_calibration_and_beats() {
     let mut p = browser.page(&format!("http://127.0.0.1:{}/", n.http)).await;
     ready(&mut s, "the secure page").await;
     ready(&mut p, "the plain page").await;
-    // the wake lock on the secure page: present, and the browser's answer
+    // the wake lock on the secure page: present, and the browser's answer (the tab in
+    // front: a hidden page is refused)
+    s.call("Page.bringToFront").await;
     let w = s.eval("window.bandsyncPhone.keepAwake()").await;
     eprintln!("wake lock over HTTPS: {w}");
     assert_eq!(w["secure"], true, "{w}");
     assert_eq!(w["has_wake_lock"], true, "{w}");
     assert!(w["answer"].as_str().is_some_and(|a| !a.is_empty()), "granted or the browser's reason: {w}");
+    if w["held"] == true {
+        // dropped (as when the phone locks) → taken again on the next tap
+        let d = s.eval("window.bandsyncPhone.dropWake()").await;
+        assert_eq!((d["held"].clone(), d["answer"].clone()), (json!(false), json!("released")), "{d}");
+        s.eval("document.body.dispatchEvent(new PointerEvent('pointerdown', {bubbles: true})); true").await;
+        s.until("the wake lock again after a tap", "window.bandsyncPhone.wake()", 5, |v| v["held"] == true).await;
+    }
     // the plain page offers the secure one with the fingerprint
     let text = p
         .until("the plain page points to HTTPS", "document.getElementById('securefp').textContent", 10, |v| {
@@ -532,6 +556,53 @@ async fn secure_page_wake_lock_calibration_and_beats() {
         );
         assert!(errs[errs.len() - 1] < 5_000.0, "{what}: {errs:?}");
     }
+}
+
+/// Strangers on the HTTPS port: not TLS, or a TLS hello that never finishes, cost a
+/// bounded time and are counted; the page and /health go on answering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_strangers_are_refused_and_counted() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tmp = tempfile::tempdir().unwrap();
+    let key = key_file(tmp.path());
+    let n = Node::start("foxtrot", "strangers", &key, &[]);
+    // plain HTTP on the TLS port
+    let mut s = TcpStream::connect(("127.0.0.1", n.https)).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let mut buf = [0u8; 64];
+    let r = tokio::time::timeout(Duration::from_secs(3), s.read(&mut buf)).await;
+    assert!(matches!(r, Ok(Ok(_)) | Ok(Err(_))), "closed at once: {r:?}");
+    // a silent connection: closed after the header deadline (5 s)
+    let mut idle = TcpStream::connect(("127.0.0.1", n.https)).await.unwrap();
+    let t = Instant::now();
+    let r = tokio::time::timeout(Duration::from_secs(10), idle.read(&mut buf)).await;
+    assert!(matches!(r, Ok(Ok(0)) | Ok(Err(_))), "{r:?}");
+    let waited = t.elapsed();
+    assert!(waited < Duration::from_secs(8), "held for {waited:?}");
+    let m = n.metrics();
+    for want in ["reason=\"tls_handshake\"} 1", "reason=\"header_timeout\"} 1"] {
+        assert!(m.contains(want), "{want} in {m}");
+    }
+    // the box still serves over TLS: a real handshake through rustls
+    let mut roots = rustls::RootCertStore::empty();
+    let der = std::fs::read(n.dir.path().join("state/https-cert.der")).unwrap();
+    roots.add(rustls::pki_types::CertificateDer::from(der)).unwrap();
+    let cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let c = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg));
+    let tcp = TcpStream::connect(("127.0.0.1", n.https)).await.unwrap();
+    // the certificate names the box's addresses: 127.0.0.1 verifies
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let mut tls = c.connect(name, tcp).await.expect("TLS with the box's own certificate");
+    tls.write_all(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").await.unwrap();
+    let mut out = Vec::new();
+    tls.read_to_end(&mut out).await.ok();
+    let out = String::from_utf8_lossy(&out);
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert!(out.contains("\"status\":\"ok\""), "{out}");
 }
 
 fn ring_sha256(der: &[u8]) -> String {

@@ -437,6 +437,7 @@
   window.bandsyncPhone = {
     wake: () => ({ has_wake_lock: 'wakeLock' in navigator, secure: window.isSecureContext, held: !!W.sentinel, answer: W.answer, fallback: W.fallback }),
     keepAwake: () => keepAwake().then(() => window.bandsyncPhone.wake()),
+    dropWake: () => (W.sentinel ? W.sentinel.release().then(() => window.bandsyncPhone.wake()) : Promise.resolve(window.bandsyncPhone.wake())),
     https: () => H.info,
     offsetMs: () => C.ms,
     setOffset: (ms) => { setOffset(ms); return C.ms; },
