@@ -54,7 +54,11 @@ impl Node {
             .room(room)
             .key_file(key)
             .http_port(http)
-            .args(["--https", &format!("127.0.0.1:{https}")])
+            .args(if extra.contains(&"--https") {
+                vec![]
+            } else {
+                vec!["--https".to_string(), format!("127.0.0.1:{https}")]
+            })
             .args(["--control-pin", "2468", "--play", "--no-link"])
             .args(extra)
             .env("BANDSYNC_LOG", "info,bandsync::web=debug")
@@ -625,6 +629,31 @@ async fn https_strangers_are_refused_and_counted() {
     let out = String::from_utf8_lossy(&out);
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");
     assert!(out.contains("\"status\":\"ok\""), "{out}");
+}
+
+/// `--https` takes ADDR:PORT or "off"; anything else is a configuration error (78)
+/// naming the flag and the value, before the state dir is touched.
+#[test]
+fn https_flag_is_checked() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = NodeCmd::new(tmp.path().join("state"))
+        .args(["--https", "everywhere"])
+        .stderr_piped()
+        .command()
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{err}");
+    assert!(err.contains("--https") && err.contains("everywhere"), "{err}");
+    assert!(!tmp.path().join("state").exists(), "nothing made before the check");
+    // off: no HTTPS, no certificate, no https_url
+    let key = key_file(tmp.path());
+    let n = Node::start("golf", "nohttps", &key, &["--https", "off"]);
+    let h = n.health();
+    assert!(h["https_url"].is_null() && h["cert_sha256"].is_null(), "{h}");
+    assert!(!n.dir.path().join("state/https-cert.der").exists());
+    let (_, info) = common::http_get(n.http, "/https.json").unwrap();
+    assert_eq!(common::json_body(&info)["port"], Value::Null);
 }
 
 fn ring_sha256(der: &[u8]) -> String {

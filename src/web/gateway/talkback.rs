@@ -749,6 +749,46 @@ mod tests {
     }
 
     #[test]
+    fn mesh_frames_round_trip_and_are_validated() {
+        use crate::core::wire::{Frame, WireError};
+        let ok = Frame::Rtc(RtcRelay::Signal {
+            from: "0123abcd-1".into(),
+            to: "89abcdef-2".into(),
+            kind: RtcKind::Offer,
+            body: "v=0\r\n".repeat(2000),
+        });
+        assert_eq!(Frame::decode(&ok.encode()).unwrap(), ok, "an SDP near 16 KiB fits a frame");
+        let big = Frame::Rtc(RtcRelay::Signal {
+            from: "0123abcd-1".into(),
+            to: "89abcdef-2".into(),
+            kind: RtcKind::Ice,
+            body: "x".repeat(MAX_ICE + 1),
+        });
+        assert!(matches!(Frame::decode(&big.encode()), Err(WireError::Invalid { field: "rtc.body", .. })));
+        let forged = Frame::Rtc(RtcRelay::Members(vec![RtcMember { id: "not an id".into(), name: "x".into() }]));
+        assert!(matches!(Frame::decode(&forged.encode()), Err(WireError::Invalid { field: "rtc.members.id", .. })));
+        let many = Frame::Rtc(RtcRelay::Members(
+            (0..=MAX_TALKERS).map(|i| RtcMember { id: format!("0123abcd-{i}"), name: "x".into() }).collect(),
+        ));
+        assert!(Frame::decode(&many.encode()).is_err());
+    }
+
+    #[test]
+    fn another_box_speaks_only_for_its_own_members() {
+        let (room, _inbox) = crate::net::handle::channel();
+        let hub = Hub::new(room);
+        // ids with another box's prefix are refused
+        hub.from_mesh("0123abcd00000000", RtcRelay::Members(vec![RtcMember { id: "89abcdef-1".into(), name: "x".into() }]));
+        assert_eq!(hub.room_count(), 0);
+        hub.from_mesh("0123abcd00000000", RtcRelay::Members(vec![RtcMember { id: "0123abcd-1".into(), name: "x".into() }]));
+        assert_eq!(hub.room_count(), 1);
+        // a box gone (empty list) has none
+        hub.from_mesh("0123abcd00000000", RtcRelay::Members(vec![]));
+        assert_eq!(hub.room_count(), 0);
+        assert_eq!(hub.stats.refused[Refusal::ALL.iter().position(|r| *r == Refusal::Mesh).unwrap()].load(Relaxed), 1);
+    }
+
+    #[test]
     fn rtc_messages_may_be_larger() {
         let sdp = "a".repeat(8000);
         let t = serde_json::json!({"type": "rtc_offer", "to": "0123abcd-1", "sdp": sdp}).to_string();
