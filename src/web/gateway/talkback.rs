@@ -295,7 +295,7 @@ impl Hub {
     }
 
     /// From another box of the room (`from`: its node id, proven by the mesh).
-    fn from_mesh(&self, from: &str, r: RtcRelay) {
+    fn on_mesh(&self, from: &str, r: RtcRelay) {
         let prefix = from.get(..8).unwrap_or(from);
         let mine = |id: &str| id.split_once('-').is_some_and(|(p, _)| p == prefix);
         match r {
@@ -396,7 +396,7 @@ async fn run(hub: Weak<Hub>, mut rx: mpsc::Receiver<(String, RtcRelay)>) {
             m = rx.recv() => {
                 let Some((from, r)) = m else { return };
                 let Some(h) = hub.upgrade() else { return };
-                h.from_mesh(&from, r);
+                h.on_mesh(&from, r);
             }
             _ = tick.tick() => {
                 let Some(h) = hub.upgrade() else { return };
@@ -778,12 +778,12 @@ mod tests {
         let (room, _inbox) = crate::net::handle::channel();
         let hub = Hub::new(room);
         // ids with another box's prefix are refused
-        hub.from_mesh("0123abcd00000000", RtcRelay::Members(vec![RtcMember { id: "89abcdef-1".into(), name: "x".into() }]));
+        hub.on_mesh("0123abcd00000000", RtcRelay::Members(vec![RtcMember { id: "89abcdef-1".into(), name: "x".into() }]));
         assert_eq!(hub.room_count(), 0);
-        hub.from_mesh("0123abcd00000000", RtcRelay::Members(vec![RtcMember { id: "0123abcd-1".into(), name: "x".into() }]));
+        hub.on_mesh("0123abcd00000000", RtcRelay::Members(vec![RtcMember { id: "0123abcd-1".into(), name: "x".into() }]));
         assert_eq!(hub.room_count(), 1);
         // a box gone (empty list) has none
-        hub.from_mesh("0123abcd00000000", RtcRelay::Members(vec![]));
+        hub.on_mesh("0123abcd00000000", RtcRelay::Members(vec![]));
         assert_eq!(hub.room_count(), 0);
         assert_eq!(hub.stats.refused[Refusal::ALL.iter().position(|r| *r == Refusal::Mesh).unwrap()].load(Relaxed), 1);
     }
