@@ -241,7 +241,11 @@
       case 'error':
         if (m.request && String(m.request).startsWith('rtc_')) {
           $('talkmsg').textContent = m.reason || m.code;
-          if (m.request === 'rtc_join') { T.wanted = false; T.joined = false; paintTalk(); }
+          if (m.request === 'rtc_join') {
+            T.wanted = false; T.joined = false; paintTalk();
+            // the page asks for the PIN (its own dialog); join once it is given
+            if (m.code === 'pin_required' || m.code === 'bad_pin') T.afterPin = true;
+          }
         }
         break;
     }
@@ -399,6 +403,8 @@
     if (T.joined) $('talkmsg').textContent = '';
   }
   $('talkjoin').addEventListener('click', () => { join(); });
+  const pinForm = $('pinform');
+  if (pinForm) pinForm.addEventListener('submit', () => { if (T.afterPin) { T.afterPin = false; setTimeout(join, 0); } });
   $('talkleave').addEventListener('click', leave);
   $('talkto').addEventListener('change', (e) => { T.to = e.target.value; if (T.talking) { release(); } });
   const tb = $('talkbtn');
