@@ -22,6 +22,7 @@
 //! | `pause` | `pin`?, `quantum`? | `ack` (stops the transport) |
 //! | `seek` | `beat` (integer), `pin`? | `error` `not_supported` (see below) |
 //! | `heartbeat` | — | nothing (keeps the connection from idling out) |
+//! | `rtc_join`, `rtc_offer`, `rtc_answer`, `rtc_ice`, `rtc_leave` | see [`talkback`] | talkback signalling, relayed within the room |
 //!
 //! Who may change the room ([`Control`], the snapshot's `control`): with a control PIN
 //! (`--control-pin`, `"pin"`), `pin` (a string) is required on `set_tempo`,
