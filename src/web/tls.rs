@@ -3,7 +3,7 @@
 //! A phone page needs a secure origin for the screen wake lock and the microphone
 //! (talkback), and a rehearsal room has no Internet and no public name: the box makes
 //! its own certificate (rcgen, ECDSA P-256), naming `<name>.local`, the hostname (and
-//! its `.local`), `localhost` and every interface address, valid for 800 days (under
+//! its `.local`), `localhost` and every IPv4 interface address, valid for 800 days (under
 //! the 825 days iOS accepts for a server certificate). It is kept in the state dir
 //! (`https-cert.der`, `https-key.der` 0600, and `https-names`: the names it was made
 //! for). A new one is made, with a warning, when the names or addresses change, when
@@ -53,8 +53,11 @@ pub fn wanted_names(box_name: &str) -> Vec<String> {
     }
     let mut ips: Vec<IpAddr> = crate::web::hosts::interface_addrs()
         .into_iter()
-        // link-local v6 needs a zone a certificate cannot name
-        .filter(|ip| !matches!(ip, IpAddr::V6(a) if (a.segments()[0] & 0xffc0) == 0xfe80))
+        // IPv4 and IPv6 loopback only: link-local v6 needs a zone a certificate cannot
+        // name, and global v6 addresses rotate (privacy addresses, daily) — a new
+        // certificate each time would make every phone accept it again. Phones reach
+        // the box by <name>.local or its IPv4 address.
+        .filter(|ip| ip.is_ipv4() || ip.is_loopback())
         .collect();
     ips.sort();
     ips.dedup();
