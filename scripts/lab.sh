@@ -48,7 +48,34 @@ Options:
                         bridge at T seconds (link down in the switch namespace)
   --heal-at T           bring those links back up at T seconds
   --partition-nodes L   comma-separated node numbers on the cut-off side, e.g. "3" or "2,3"
+  --repeat-heal K       do K partition/heal cycles: cycle k (0-based) cuts at
+                        --partition-at + k*S and heals at --heal-at + k*S (S = --heal-every);
+                        -t is stretched to the last heal + 4 s when shorter
+  --heal-every S        period of the cycles (default: 2 x (heal-at - partition-at))
   --wrong-key-node I    node I gets a different room key
+  --at "T:I:ARGS"       at T seconds run \`bandsync ARGS\` as a CLI against node I, inside node
+                        I's namespace, with --room, --room-key-file and --node <node I's QUIC
+                        address> appended (e.g. --at "12:2:tempo 90"); repeatable. Output in
+                        OUT/cli/<k>.txt, events cli_start/cli (rc, ms, first output line)
+  --kill-at "T:I"       kill -9 node I at T seconds (repeatable)
+  --restart-at "T:I"    start node I again at T seconds, same state dir, same click log
+                        (appended), same flags (repeatable)
+  --together            start every node at the same moment (default: node 1, then the
+                        others 1 s later)
+  --node-args "I:ARGS"  extra \`bandsync run\` arguments for node I only (repeatable)
+  --bare-nodes L        comma-separated nodes started without the lab's --tempo, --meter
+                        and --play (a fresh box with its defaults)
+  --status-log          sample every node's <state>/status.json every 50 ms into
+                        OUT/status.jsonl (on by default with partitions, --at, --kill-at,
+                        --restart-at, --stranger-at; the heal report needs it)
+  --stranger-at T       at T seconds start scripts/stranger.py in a namespace of its own on
+                        the bridge (${SUBNET_PREFIX}.3): QUIC handshake flood, HTTP slowloris,
+                        PIN guessing over /ws and spoofed mDNS adverts against node
+                        --stranger-target (default 1) for --stranger-for S seconds
+                        (default 25); needs python3 with aioquic (pip install aioquic)
+  --stranger-for S      how long the stranger attacks
+  --stranger-args "A"   extra scripts/stranger.py arguments (e.g. "--quic-hold 5")
+  --stranger-target I   the node attacked
   --redis               run redis-server on a host of its own on the bridge
                         (${SUBNET_PREFIX}.2, in namespace ${PREFIX%%[0-9]*}<PID>-rd) and give every node
                         --redis redis://${SUBNET_PREFIX}.2:6379/0
@@ -70,7 +97,8 @@ Options:
   -h, --help            this text
 
 Output folder: room.key (room-wrong.key), events.jsonl (lab events with CLOCK_MONOTONIC
-times: start, join, kill, exit, stop), lab.txt (the run's settings), summary.txt, and per
+times: start, join, kill, exit, stop, partition, heal, cli, restart, stranger_*),
+status.jsonl (with --status-log), cli/, stranger.{log,json}, lab.txt (the run's settings), summary.txt, and per
 node node<i>/{node.log, clicks.jsonl, state/}.
 
 Exit status: 0 when the run and the summary completed (whatever the figures); 1 on usage or
@@ -120,6 +148,10 @@ EXTRA=()
 LOG_FILTER=info
 IPV6=0
 CLEANUP_STALE=0
+REPEAT_HEAL=1 HEAL_EVERY=""
+AT_SPECS=() KILL_SPECS=() RESTART_SPECS=() NODE_ARGS_SPECS=()
+TOGETHER=0 BARE_NODES="" STATUS_LOG=0
+STRANGER_AT="" STRANGER_FOR=25 STRANGER_TARGET=1 STRANGER_ARGS=""
 ORIG_ARGS=("$@")
 
 need_arg() { [ $# -ge 2 ] || die "$1 needs a value (see --help)"; }
@@ -152,6 +184,19 @@ while [ $# -gt 0 ]; do
         --log) need_arg "$@"; LOG_FILTER=$2; shift 2 ;;
         --ipv6) IPV6=1; shift ;;
         --cleanup-stale) CLEANUP_STALE=1; shift ;;
+        --repeat-heal) need_arg "$@"; REPEAT_HEAL=$2; shift 2 ;;
+        --heal-every) need_arg "$@"; HEAL_EVERY=$2; shift 2 ;;
+        --at) need_arg "$@"; AT_SPECS+=("$2"); shift 2 ;;
+        --kill-at) need_arg "$@"; KILL_SPECS+=("$2"); shift 2 ;;
+        --restart-at) need_arg "$@"; RESTART_SPECS+=("$2"); shift 2 ;;
+        --together) TOGETHER=1; shift ;;
+        --node-args) need_arg "$@"; NODE_ARGS_SPECS+=("$2"); shift 2 ;;
+        --bare-nodes) need_arg "$@"; BARE_NODES=$2; shift 2 ;;
+        --status-log) STATUS_LOG=1; shift ;;
+        --stranger-at) need_arg "$@"; STRANGER_AT=$2; shift 2 ;;
+        --stranger-for) need_arg "$@"; STRANGER_FOR=$2; shift 2 ;;
+        --stranger-target) need_arg "$@"; STRANGER_TARGET=$2; shift 2 ;;
+        --stranger-args) need_arg "$@"; STRANGER_ARGS=$2; shift 2 ;;
         *) die "unknown option: $1 (see --help)" ;;
     esac
 done
@@ -171,7 +216,7 @@ run_alive() {
 cleanup_stale() {
     local ns pid found=0 p
     while read -r ns _; do
-        [[ $ns =~ ^bsl([0-9]+)-(sw|n[0-9]+)$ ]] || continue
+        [[ $ns =~ ^bsl([0-9]+)-(sw|n[0-9]+|rd|st)$ ]] || continue
         pid=${BASH_REMATCH[1]}
         if [ "$pid" != "$$" ] && run_alive "$pid"; then
             echo "keeping $ns: lab run $pid is still alive"
@@ -235,6 +280,76 @@ if [ -n "$PART_AT" ]; then
         HEAL_US=$(secs_to_us "$HEAL_AT")
         [ "$HEAL_US" -gt "$PART_US" ] || die "--heal-at must come after --partition-at"
     fi
+fi
+PART_LIST=() HEAL_LIST=()   # µs into the run, one per cycle
+is_uint "$REPEAT_HEAL" && [ "$REPEAT_HEAL" -ge 1 ] || die "--repeat-heal must be >= 1, got '$REPEAT_HEAL'"
+if [ "$REPEAT_HEAL" -gt 1 ] || [ -n "$HEAL_EVERY" ]; then
+    [ -n "$PART_US" ] && [ -n "$HEAL_US" ] || die "--repeat-heal/--heal-every need --partition-at and --heal-at"
+fi
+if [ -n "$PART_US" ]; then
+    if [ -n "$HEAL_EVERY" ]; then
+        is_secs "$HEAL_EVERY" || die "--heal-every must be a number of seconds, got '$HEAL_EVERY'"
+        EVERY_US=$(secs_to_us "$HEAL_EVERY")
+    elif [ -n "$HEAL_US" ]; then
+        EVERY_US=$(( 2 * (HEAL_US - PART_US) ))
+    else
+        EVERY_US=0
+    fi
+    [ -z "$HEAL_US" ] || [ "$REPEAT_HEAL" -eq 1 ] || [ "$EVERY_US" -gt $(( HEAL_US - PART_US )) ] \
+        || die "--heal-every must be longer than the partition (heal-at - partition-at)"
+    for ((k = 0; k < REPEAT_HEAL; k++)); do
+        PART_LIST+=($(( PART_US + k * EVERY_US )))
+        [ -n "$HEAL_US" ] && HEAL_LIST+=($(( HEAL_US + k * EVERY_US )))
+    done
+    if [ -n "$HEAL_US" ]; then
+        last=${HEAL_LIST[$((REPEAT_HEAL - 1))]}
+        if [ "$DURATION_US" -lt $(( last + 4000000 )) ]; then
+            DURATION_US=$(( last + 4000000 ))
+            DURATION=$(awk -v u="$DURATION_US" 'BEGIN { printf "%g", u / 1e6 }')
+            echo "lab.sh: -t stretched to ${DURATION}s (the last heal + 4 s)" >&2
+        fi
+    fi
+fi
+is_node_no() { is_uint "$1" && [ "$1" -ge 1 ] && [ "$1" -le "$N" ]; }
+AT_US=() AT_NODE=() AT_ARGS=() AT_DONE=()
+for spec in "${AT_SPECS[@]}"; do
+    [[ $spec =~ ^([0-9]+([.][0-9]+)?):([0-9]+):(.+)$ ]] || die "--at must look like 'T:I:ARGS', got '$spec'"
+    m=("${BASH_REMATCH[@]}")
+    is_node_no "${m[3]}" || die "--at: node '${m[3]}' is not 1..$N"
+    AT_US+=("$(secs_to_us "${m[1]}")"); AT_NODE+=("${m[3]}")
+    AT_ARGS+=("${m[4]}"); AT_DONE+=(0)
+done
+# --kill-at / --restart-at: "T:I" -> parallel arrays of (µs, node, what)
+ACT_US=() ACT_NODE=() ACT_WHAT=() ACT_DONE=()
+add_act() {
+    [[ $2 =~ ^([0-9]+([.][0-9]+)?):([0-9]+)$ ]] || die "--$1-at must look like 'T:I', got '$2'"
+    local m=("${BASH_REMATCH[@]}")
+    is_node_no "${m[3]}" || die "--$1-at: node '${m[3]}' is not 1..$N"
+    ACT_US+=("$(secs_to_us "${m[1]}")"); ACT_NODE+=("${m[3]}")
+    ACT_WHAT+=("$1"); ACT_DONE+=(0)
+}
+for spec in "${KILL_SPECS[@]}"; do add_act kill "$spec"; done
+for spec in "${RESTART_SPECS[@]}"; do add_act restart "$spec"; done
+declare -A NODE_ARGS=()
+for spec in "${NODE_ARGS_SPECS[@]}"; do
+    [[ $spec =~ ^([0-9]+):(.*)$ ]] || die "--node-args must look like 'I:ARGS', got '$spec'"
+    m=("${BASH_REMATCH[@]}")
+    is_node_no "${m[1]}" || die "--node-args: node '${m[1]}' is not 1..$N"
+    NODE_ARGS[${m[1]}]="${NODE_ARGS[${m[1]}]:-} ${m[2]}"
+done
+for p in ${BARE_NODES//,/ }; do is_node_no "$p" || die "--bare-nodes: '$p' is not 1..$N"; done
+is_bare() { [[ ,$BARE_NODES, == *,$1,* ]]; }
+STRANGER_US="" STRANGER_END_US=""
+if [ -n "$STRANGER_AT" ]; then
+    is_secs "$STRANGER_AT" || die "--stranger-at must be a number of seconds, got '$STRANGER_AT'"
+    is_secs "$STRANGER_FOR" || die "--stranger-for must be a number of seconds, got '$STRANGER_FOR'"
+    is_node_no "$STRANGER_TARGET" || die "--stranger-target must be 1..$N"
+    STRANGER_US=$(secs_to_us "$STRANGER_AT")
+    STRANGER_END_US=$(( STRANGER_US + $(secs_to_us "$STRANGER_FOR") ))
+    [ "$STRANGER_END_US" -lt "$DURATION_US" ] || die "the stranger must be done before the end (-t $DURATION)"
+fi
+if [ -n "$PART_US" ] || [ ${#AT_US[@]} -gt 0 ] || [ ${#ACT_US[@]} -gt 0 ] || [ -n "$STRANGER_US" ]; then
+    STATUS_LOG=1
 fi
 if [ -n "$JOIN_AT" ]; then
     is_secs "$JOIN_AT" || die "--join-at must be a number of seconds, got '$JOIN_AT'"
@@ -307,6 +422,7 @@ swif_of() { echo "${PREFIX}s$1"; }   # the bridge's end, inside the switch names
 ip_of() { echo "$SUBNET_PREFIX.$((10 + $1))"; }
 RD_NS="${PREFIX}-rd"; RD_IF="${PREFIX}rd"; RD_SWIF="${PREFIX}sr"; RD_IP="$SUBNET_PREFIX.2"
 RD_PORT=6379
+ST_NS="${PREFIX}-st"; ST_IF="${PREFIX}st"; ST_SWIF="${PREFIX}ss"; ST_IP="$SUBNET_PREFIX.3"
 
 clock_of() {   # BANDSYNC_TEST_CLOCK of node i ("" = none)
     local i=$1 c
@@ -448,6 +564,16 @@ setup_network() {
         # mDNS (224.0.0.251) needs a multicast route; there is deliberately no default route.
         run ip -n "$ns" route add 224.0.0.0/4 dev "$ifn"
     done
+    if [ -n "$STRANGER_AT" ]; then
+        make_ns "$ST_NS"
+        run ip link add name "$ST_IF" netns "$ST_NS" type veth peer name "$ST_SWIF" netns "$SW_NS"
+        CREATED_LINKS+=("$ST_NS $ST_IF")
+        run ip -n "$SW_NS" link set dev "$ST_SWIF" master "$BRIDGE"
+        run ip -n "$SW_NS" link set dev "$ST_SWIF" multicast on up
+        run ip -n "$ST_NS" addr add "$ST_IP/24" dev "$ST_IF"
+        run ip -n "$ST_NS" link set dev "$ST_IF" multicast on up
+        run ip -n "$ST_NS" route add 224.0.0.0/4 dev "$ST_IF"
+    fi
     if [ "$REDIS" = 1 ]; then
         make_ns "$RD_NS"
         run ip link add name "$RD_IF" netns "$RD_NS" type veth peer name "$RD_SWIF" netns "$SW_NS"
@@ -490,17 +616,118 @@ start_node() {
     [ -n "${LAB_SYNC_DUMP:-}" ] && envs+=("BANDSYNC_DEBUG_SYNC_DUMP=$OUT/node$i/sync.txt")
     local args=(run --name "node$i" --room "$ROOM" --room-key-file "$(key_of "$i")"
         --state-dir "$OUT/node$i/state" --interface "$ifn" --quic "$(ip_of "$i"):$QUIC_PORT"
-        --audio null --tempo "$TEMPO" --meter "$METER" --play
-        --click-log "$OUT/node$i/clicks.jsonl")
+        --audio null --click-log "$OUT/node$i/clicks.jsonl")
+    is_bare "$i" || args+=(--tempo "$TEMPO" --meter "$METER" --play)
     [ -n "$prio" ] && args+=(--priority "$prio")
     [ "$REDIS" = 1 ] && args+=(--redis "redis://$RD_IP:$RD_PORT/0")
     args+=("${EXTRA[@]}")
+    local own=()
+    [ -n "${NODE_ARGS[$i]:-}" ] && read -ra own <<<"${NODE_ARGS[$i]}"
+    args+=("${own[@]}")
     mkdir -p "$OUT/node$i/state"
-    # `ip netns exec` and `env` both exec: $! is the daemon itself.
-    ip netns exec "$ns" env "${envs[@]}" "$BIN" "${args[@]}" </dev/null >"$OUT/node$i/node.log" 2>&1 &
+    local what=start redir=">"
+    [ -n "${PID[$i]:-}" ] && what=restart
+    # `ip netns exec` and `env` both exec: $! is the daemon itself. A restart appends to the log.
+    if [ $what = restart ]; then
+        echo "----- lab.sh: restarted at $(elapsed_s)s -----" >>"$OUT/node$i/node.log"
+        ip netns exec "$ns" env "${envs[@]}" "$BIN" "${args[@]}" </dev/null >>"$OUT/node$i/node.log" 2>&1 &
+    else
+        ip netns exec "$ns" env "${envs[@]}" "$BIN" "${args[@]}" </dev/null >"$OUT/node$i/node.log" 2>&1 &
+    fi
     PID[$i]=$!
-    event start "\"node\":$i" "\"label\":\"node$i\"" "\"pid\":${PID[$i]}"
-    log "started node$i (pid ${PID[$i]}, $(ip_of "$i"), clock '${clock:-none}'${impair:+, impair '$impair'}${prio:+, priority $prio})"
+    unset "STOPPED[$i]"
+    echo "${PID[$i]}" >"$OUT/node$i/pid"
+    event $what "\"node\":$i" "\"label\":\"node$i\"" "\"pid\":${PID[$i]}"
+    log "${what}ed node$i (pid ${PID[$i]}, $(ip_of "$i"), clock '${clock:-none}'${impair:+, impair '$impair'}${prio:+, priority $prio}${own[*]:+, args '${own[*]}'}$(is_bare "$i" && echo ', bare'))"
+}
+
+kill_node() {   # kill -9 node i
+    local i=$1
+    if [ -n "${STOPPED[$i]:-}" ] || ! kill -0 "${PID[$i]:-0}" 2>/dev/null; then
+        log "kill-at: node$i is not running"; event kill_skipped "\"node\":$i"; return
+    fi
+    kill -KILL "${PID[$i]}" 2>/dev/null
+    wait "${PID[$i]}" 2>/dev/null
+    STOPPED[$i]=killed
+    rm -f "$OUT/node$i/pid"
+    event kill "\"node\":$i" "\"label\":\"node$i\"" "\"pid\":${PID[$i]}" "\"why\":\"--kill-at\""
+    log "killed node$i (pid ${PID[$i]}) with SIGKILL"
+}
+
+# --at: `bandsync ARGS --node <node i> --room --room-key-file` in node i's namespace, in the
+# background (a slow CLI must not hold up the schedule); output in OUT/cli/<k>.txt.
+run_cli() {
+    local k=$1 i=$2 argstr=$3 a=()
+    read -ra a <<<"$argstr"
+    mkdir -p "$OUT/cli"
+    (
+        local t0 t1 rc first
+        t0=$(now_us)
+        event cli_start "\"k\":$k" "\"node\":$i" "\"args\":\"${argstr//\"/}\""
+        ip netns exec "$(ns_of "$i")" "$BIN" "${a[@]}" --node "$(ip_of "$i"):$QUIC_PORT" \
+            --room "$ROOM" --room-key-file "$(key_of "$i")" >"$OUT/cli/$k.txt" 2>&1 </dev/null
+        rc=$?
+        t1=$(now_us)
+        first=$(head -c 200 "$OUT/cli/$k.txt" | head -n 1 | tr -d '"\\\000-\037')
+        event cli "\"k\":$k" "\"node\":$i" "\"args\":\"${argstr//\"/}\"" "\"rc\":$rc" \
+            "\"ms\":$(( (t1 - t0) / 1000 ))" "\"out\":\"$first\""
+        log "cli #$k on node$i: bandsync $argstr -> rc $rc in $(( (t1 - t0) / 1000 )) ms: $first"
+    ) &
+    CLI_PIDS+=($!)
+}
+CLI_PIDS=()
+
+# status.json of every running node, every 50 ms, into OUT/status.jsonl (a line when
+# anything but the clock changed): the heal report's leader/epoch agreement.
+SAMPLER_PID=""
+start_sampler() {
+    "$PY" -S -I - "$OUT" "$N" >"$OUT/status.jsonl" 2>"$OUT/sampler.err" <<'PYEOF' &
+import json, os, sys, time
+out, n = sys.argv[1], int(sys.argv[2])
+keep = ("role", "leader", "epoch", "tempo", "playing", "meter", "decided", "node", "pinned")
+last = None
+while True:
+    snap = {}
+    for i in range(1, n + 1):
+        d = os.path.join(out, "node%d" % i)
+        try:
+            pid = int(open(os.path.join(d, "pid")).read())
+            os.kill(pid, 0)
+        except (OSError, ValueError):
+            continue
+        try:
+            st = json.load(open(os.path.join(d, "state", "status.json")))
+            mt = os.stat(os.path.join(d, "state", "status.json")).st_mtime_ns
+        except (OSError, ValueError):
+            continue
+        # a status.json older than this life of the node is a previous life's
+        if mt < os.stat(os.path.join(d, "pid")).st_mtime_ns:
+            continue
+        snap["node%d" % i] = {k: st.get(k) for k in keep}
+    if snap != last:
+        last = snap
+        sys.stdout.write(json.dumps({"t_mono_ns": time.monotonic_ns(), "s": snap}, separators=(",", ":")) + "\n")
+        sys.stdout.flush()
+    time.sleep(0.05)
+PYEOF
+    SAMPLER_PID=$!
+}
+stop_sampler() { [ -n "$SAMPLER_PID" ] && kill "$SAMPLER_PID" 2>/dev/null && wait "$SAMPLER_PID" 2>/dev/null; SAMPLER_PID=""; }
+
+STRANGER_PID=""
+start_stranger() {
+    local i=$STRANGER_TARGET nid sargs=()
+    [ -n "$STRANGER_ARGS" ] && read -ra sargs <<<"$STRANGER_ARGS"
+    nid=$("$PY" -S -I -c 'import json,sys; print(json.load(open(sys.argv[1])).get("node",""))' \
+        "$OUT/node$i/state/status.json" 2>/dev/null)
+    [ -n "$nid" ] || nid=$(cat "$OUT/node$i/state/node-id" 2>/dev/null)
+    event stranger_start "\"target\":$i" "\"spoofed_id\":\"$nid\""
+    log "stranger: attacking node$i ($(ip_of "$i"), id $nid) for ${STRANGER_FOR}s from $ST_IP"
+    ip netns exec "$ST_NS" "$PY" "$REPO/scripts/stranger.py" --target "$(ip_of "$i")" \
+        --quic-port "$QUIC_PORT" --http-port 8080 --duration "$STRANGER_FOR" --spoof-id "$nid" \
+        --room "$ROOM" --self "$ST_IP" --iface "$ST_IF" --report "$OUT/stranger.json" "${sargs[@]}" \
+        >"$OUT/stranger.log" 2>&1 </dev/null &
+    STRANGER_PID=$!
 }
 
 # Prints "<index> <how it was found>" of the current leader among the running nodes.
@@ -593,7 +820,7 @@ check_nodes() {   # notice nodes that exited on their own
 chmod 600 "$OUT"/room*.key
 {
     echo "command: $0 ${ORIG_ARGS[*]}"
-    echo "bin: $BIN"
+    echo "bin: $BIN ($(stat -c '%y' "$BIN" 2>/dev/null | cut -c1-19), sha256 $(sha256sum "$BIN" 2>/dev/null | cut -c1-16))"
     echo "prefix: $PREFIX  bridge: $SW_NS/$BRIDGE  duration: ${DURATION}s  warmup: ${WARMUP}s"
     echo "tempo: $TEMPO  meter: $METER  kill-leader-at: ${KILL_AT:-}  join-at: ${JOIN_AT:-}  wrong-key-node: ${WRONG_KEY:-}"
     for ((i = 1; i <= N; i++)); do
@@ -617,15 +844,25 @@ fi
 RSTOP_DONE=1; RSTART_DONE=1; RWATCH=0
 [ -n "$REDIS_STOP_US" ] && RSTOP_DONE=0 && RSTART_DONE=0
 RKEY="bandsync:room:$ROOM"
-start_node 1
 declare -A PENDING=()   # node -> start time (µs into the run)
-for ((i = 2; i <= N; i++)); do PENDING[$i]=1000000; done
+if [ $TOGETHER -eq 1 ]; then
+    for ((i = 1; i <= N; i++)); do PENDING[$i]=0; done
+else
+    start_node 1
+    for ((i = 2; i <= N; i++)); do PENDING[$i]=1000000; done
+fi
 [ -n "$JOIN_US" ] && PENDING[$N]=$JOIN_US
+if [ $TOGETHER -eq 1 ]; then
+    # as close together as bash allows: launch every node due at 0 now
+    for ((i = 1; i <= N; i++)); do
+        [ "${PENDING[$i]:-1}" -eq 0 ] && { unset "PENDING[$i]"; start_node "$i"; }
+    done
+fi
+[ $STATUS_LOG -eq 1 ] && start_sampler
 KILL_DONE=0
 [ -z "$KILL_US" ] && KILL_DONE=1
-PART_DONE=1; HEAL_DONE=1
-[ -n "$PART_US" ] && PART_DONE=0
-[ -n "$HEAL_US" ] && HEAL_DONE=0
+PART_IDX=0; HEAL_IDX=0   # next partition / heal cycle to do
+STRANGER_DONE=1; [ -n "$STRANGER_US" ] && STRANGER_DONE=0
 set_links() {   # set_links up|down: the partitioned nodes' switch-side veths
     for p in ${PART_NODES//,/ }; do
         ip -n "$SW_NS" link set dev "$(swif_of "$p")" "$1" || echo "lab.sh: cannot set ${PREFIX}s$p $1" >&2
@@ -646,17 +883,47 @@ while :; do
         KILL_DONE=1
         kill_leader
     fi
-    if [ $PART_DONE -eq 0 ] && [ "$now" -ge "$PART_US" ]; then
-        PART_DONE=1
+    if [ $PART_IDX -lt ${#PART_LIST[@]} ] && [ "$now" -ge "${PART_LIST[$PART_IDX]}" ]; then
         set_links down
-        event partition "\"nodes\":\"$PART_NODES\""
-        log "partition: node(s) $PART_NODES cut off"
+        event partition "\"nodes\":\"$PART_NODES\"" "\"cycle\":$PART_IDX"
+        log "partition #$PART_IDX: node(s) $PART_NODES cut off"
+        PART_IDX=$((PART_IDX + 1))
     fi
-    if [ $HEAL_DONE -eq 0 ] && [ "$now" -ge "$HEAL_US" ]; then
-        HEAL_DONE=1
+    if [ $HEAL_IDX -lt ${#HEAL_LIST[@]} ] && [ "$now" -ge "${HEAL_LIST[$HEAL_IDX]}" ]; then
         set_links up
-        event heal "\"nodes\":\"$PART_NODES\""
-        log "heal: node(s) $PART_NODES reconnected"
+        event heal "\"nodes\":\"$PART_NODES\"" "\"cycle\":$HEAL_IDX"
+        log "heal #$HEAL_IDX: node(s) $PART_NODES reconnected"
+        HEAL_IDX=$((HEAL_IDX + 1))
+    fi
+    for k in "${!AT_US[@]}"; do
+        if [ "${AT_DONE[$k]}" -eq 0 ] && [ "$now" -ge "${AT_US[$k]}" ]; then
+            AT_DONE[$k]=1
+            run_cli "$k" "${AT_NODE[$k]}" "${AT_ARGS[$k]}"
+        fi
+    done
+    for k in "${!ACT_US[@]}"; do
+        if [ "${ACT_DONE[$k]}" -eq 0 ] && [ "$now" -ge "${ACT_US[$k]}" ]; then
+            ACT_DONE[$k]=1
+            case "${ACT_WHAT[$k]}" in
+                kill) kill_node "${ACT_NODE[$k]}" ;;
+                restart)
+                    if [ -z "${STOPPED[${ACT_NODE[$k]}]:-}" ] && kill -0 "${PID[${ACT_NODE[$k]}]:-0}" 2>/dev/null; then
+                        log "restart-at: node${ACT_NODE[$k]} is still running"
+                    else
+                        start_node "${ACT_NODE[$k]}"
+                    fi ;;
+            esac
+        fi
+    done
+    if [ $STRANGER_DONE -eq 0 ] && [ "$now" -ge "$STRANGER_US" ]; then
+        STRANGER_DONE=1
+        start_stranger
+    fi
+    if [ -n "$STRANGER_PID" ] && ! kill -0 "$STRANGER_PID" 2>/dev/null; then
+        wait "$STRANGER_PID"; src=$?
+        STRANGER_PID=""
+        event stranger_end "\"status\":$src"
+        log "stranger: done (status $src; $OUT/stranger.log)"
     fi
     if [ $RSTOP_DONE -eq 0 ] && [ "$now" -ge "$REDIS_STOP_US" ]; then
         RSTOP_DONE=1
@@ -701,7 +968,7 @@ print(e)' "$OUT")
         fi
     fi
     check_nodes
-    if [ ${#PENDING[@]} -eq 0 ]; then
+    if [ ${#PENDING[@]} -eq 0 ] && [ ${#ACT_US[@]} -eq 0 ]; then
         running=0
         for i in "${!PID[@]}"; do [ -z "${STOPPED[$i]:-}" ] && running=1; done
         if [ $running -eq 0 ]; then log "no node is running any more: ending the run early"; break; fi
@@ -713,8 +980,14 @@ if [ "$REDIS" = 1 ] && [ -n "$REDIS_PID" ]; then
     log "redis: hash at the end: $(rcli HGETALL "$RKEY" | paste -sd' ')"
 fi
 redis_stop
+if [ -n "$STRANGER_PID" ]; then
+    kill "$STRANGER_PID" 2>/dev/null; wait "$STRANGER_PID" 2>/dev/null; STRANGER_PID=""
+    event stranger_end "\"status\":-1"
+fi
+for p in "${CLI_PIDS[@]}"; do wait "$p" 2>/dev/null; done
 log "run over: stopping the nodes (SIGTERM, then SIGKILL after 3 s)"
 event stop
+stop_sampler
 stop_nodes
 LAB_RC=0
 for i in "${!EXITED[@]}"; do LAB_RC=3; done
@@ -731,8 +1004,11 @@ echo
 
 LOGS=()
 for ((i = 1; i <= N; i++)); do LOGS+=("$OUT/node$i/clicks.jsonl"); done
+SUM_ARGS=()
+[ $STATUS_LOG -eq 1 ] && SUM_ARGS+=(--status "$OUT/status.jsonl")
+[ -n "$STRANGER_AT" ] && SUM_ARGS+=(--stranger "$OUT/stranger.json")
 "$PY" "$REPO/scripts/lab_summary.py" --warmup "$WARMUP" --node-warmup "$NODE_WARMUP" \
-    --events "$OUT/events.jsonl" "${LOGS[@]}" >"$OUT/summary.txt"
+    --events "$OUT/events.jsonl" --meter "$METER" "${SUM_ARGS[@]}" "${LOGS[@]}" >"$OUT/summary.txt"
 SUM_RC=$?
 cat "$OUT/summary.txt"
 echo "(outputs: $OUT)"

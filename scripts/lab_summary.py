@@ -286,6 +286,202 @@ def spreads(nodes, only=None):
     return spread_ns, pairs
 
 
+# ---------------------------------------------------------------------------- heals, tempo, stranger
+
+def read_status(path):
+    """lab.sh's status.jsonl: [(t_mono_ns, {label: {role, leader, epoch, tempo, ...}})]."""
+    samples = []
+    if not path:
+        return samples
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    o = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(o, dict) and isinstance(o.get("t_mono_ns"), int) and isinstance(o.get("s"), dict):
+                    samples.append((o["t_mono_ns"], o["s"]))
+    except OSError as e:
+        print("warning: cannot read status samples %s: %s" % (path, e.strerror or e), file=sys.stderr)
+    samples.sort(key=lambda x: x[0])
+    return samples
+
+
+def status_agrees(snap, want_n):
+    """One leader and one epoch named by every sampled node (and at least want_n of them)."""
+    if len(snap) < max(1, want_n):
+        return False
+    leaders = {s.get("leader") for s in snap.values()}
+    epochs = {s.get("epoch") for s in snap.values()}
+    return len(leaders) == 1 and len(epochs) == 1 and None not in leaders
+
+
+def window_states(samples, t0, t1):
+    """The status step function over [t0, t1): the state in force at t0, then every change."""
+    before = [s for s in samples if s[0] <= t0]
+    seq = [(t0, before[-1][1])] if before else []
+    seq += [s for s in samples if t0 < s[0] < t1]
+    return seq
+
+
+def settle_time(seq, ok, t0):
+    """ns after t0 from which ok(state) holds for good (0: it always held; None: never)."""
+    if not seq:
+        return None
+    last_bad = None
+    for i, (t, st) in enumerate(seq):
+        if not ok(st):
+            last_bad = i
+    if last_bad is None:
+        return 0
+    if last_bad + 1 < len(seq):
+        return seq[last_bad + 1][0] - t0
+    return None
+
+
+def click_index(nodes):
+    """label -> {beat: [t...]} over each node's whole log."""
+    idx = {}
+    for nl in nodes:
+        d = {}
+        for t, b, _ in nl.clicks:
+            d.setdefault(b, []).append(t)
+        idx[nl.label] = d
+    return idx
+
+
+def timeline_settle(nodes, idx, t0, t1, tol_ns=ALIGN_NS):
+    """Clicks in [t0, t1): a click is good when it is its node's last click of that beat
+    (within 10 s) and every other node clicking in the window clicked the same beat within tol_ns.
+    Returns (ns after t0 of the first good click after the last bad one, 0 when none was
+    bad, None when no good click follows; number of bad clicks; nodes in the window)."""
+    live = [nl for nl in nodes if any(t0 <= c[0] < t1 for c in nl.clicks)]
+    clicks = sorted((t, b, nl.label) for nl in live for t, b, _ in nl.clicks if t0 <= t < t1)
+    bad_t, bad_n = None, 0
+    goods = []
+    for t, b, lab in clicks:
+        mine = [u for u in idx[lab].get(b, []) if abs(u - t) < 10_000_000_000]
+        # a beat clicked twice (a node realigned backwards): only the later click can be good
+        good = t == max(mine) and all(
+            any(abs(u - t) <= tol_ns for u in idx[o.label].get(b, [])) for o in live if o.label != lab)
+        if good:
+            goods.append(t)
+        else:
+            bad_n += 1
+            bad_t = t
+    if bad_t is None:
+        return (0 if clicks else None), 0, len(live)
+    after = [t for t in goods if t > bad_t]
+    return (after[0] - t0 if after else None), bad_n, len(live)
+
+
+def heal_report(nodes, events, samples, meter=4):
+    heals = sorted(e["t_mono_ns"] for e in events if e.get("event") == "heal")
+    if not heals:
+        return None
+    parts = sorted(e["t_mono_ns"] for e in events if e.get("event") == "partition")
+    stops = [e["t_mono_ns"] for e in events if e.get("event") == "stop"]
+    t_stop = min(stops) if stops else max((c[0] for nl in nodes for c in nl.clicks), default=0)
+    idx = click_index(nodes)
+    res = []
+    for k, h in enumerate(heals):
+        nxt = [p for p in parts if p > h]
+        t1 = min(nxt[0] if nxt else t_stop, t_stop - 1_000_000_000)
+        seq = window_states(samples, h, t1)
+        want = max((len(s) for _, s in seq), default=0)
+        a = settle_time(seq, lambda st: status_agrees(st, want), h) if samples else None
+        b, bad, live = timeline_settle(nodes, idx, h, t1)
+        tot = None if (a is None and samples) or b is None else max(a or 0, b)
+        after = seq[-1][1] if seq else {}
+        # SPEC §6 "groups meet": the latest decision on every box within 1 s plus the next
+        # bar: the first downbeat (beat % meter == 0) of the settled timeline after heal + 1 s.
+        bar = None
+        lead = {s.get("leader") for s in after.values()}
+        refn = [nl for nl in nodes if nl.node_id in lead] or nodes
+        ref = [c for nl in refn for c in nl.clicks if h + 1_000_000_000 <= c[0] < t1 and c[1] % meter == 0]
+        if ref:
+            bar = min(ref)[0]
+        in_bar = None if tot is None or bar is None else h + tot <= bar + ALIGN_NS
+        res.append({"bar_deadline_ms": None if bar is None else round((bar - h) / 1e6, 1),
+                    "within_1s_plus_bar": in_bar,
+                    "heal": k, "t_mono_ns": h, "window_ms": round((t1 - h) / 1e6),
+                    "leader_epoch_ms": None if a is None else round(a / 1e6, 1),
+                    "clicks_ms": None if b is None else round(b / 1e6, 1), "bad_clicks": bad,
+                    "nodes": live, "total_ms": None if tot is None else round(tot / 1e6, 1),
+                    "leader": sorted({s.get("leader") for s in after.values()} - {None}),
+                    "epoch": sorted({s.get("epoch") for s in after.values()} - {None})})
+    tots = sorted(r["total_ms"] for r in res if r["total_ms"] is not None)
+    return {"heals": res, "n": len(res), "settled": len(tots),
+            "p50_ms": percentile(tots, 50), "max_ms": tots[-1] if tots else None,
+            "within_1s": sum(1 for x in tots if x <= 1000),
+            "within_1s_plus_bar": sum(1 for r in res if r["within_1s_plus_bar"])}
+
+
+def tempo_segments(clicks, t_base):
+    """[[t_s, bpm, n_intervals], ...]: runs of successive clicks (one beat apart) at one
+    tempo (BPM to 0.1), t_s = the run's first click in seconds after t_base."""
+    cs = sorted(clicks)
+    segs = []
+    for (ta, ba, _), (tb, bb, _) in zip(cs, cs[1:]):
+        if bb - ba != 1 or tb <= ta:
+            continue
+        bpm = round(60e9 / (tb - ta), 1)
+        if segs and abs(segs[-1][1] - bpm) <= 0.15:
+            segs[-1][2] += 1
+        else:
+            segs.append([round((ta - t_base) / 1e9, 3), bpm, 1])
+    return segs
+
+
+def window_spread(nodes, t0, t1):
+    """Spread per beat whose first click (over nodes) lies in [t0, t1)."""
+    by_beat = {}
+    for nl in nodes:
+        first = {}
+        for t, b, _ in nl.clicks:
+            if b not in first or t < first[b]:
+                first[b] = t
+        for b, t in first.items():
+            by_beat.setdefault(b, []).append(t)
+    vals = [max(ts) - min(ts) for ts in by_beat.values() if len(ts) >= 2 and t0 <= min(ts) < t1]
+    return dist(vals)
+
+
+def stranger_report(nodes, events, samples, path, cut=None):
+    st = [e for e in events if e.get("event") == "stranger_start"]
+    if not st:
+        return None
+    t0 = st[0]["t_mono_ns"]
+    ends = [e["t_mono_ns"] for e in events if e.get("event") == "stranger_end"]
+    stops = [e["t_mono_ns"] for e in events if e.get("event") == "stop"]
+    t_stop = min(stops) if stops else max(c[0] for nl in nodes for c in nl.clicks)
+    t1 = ends[0] if ends else t_stop
+    rep = {"during": window_spread(nodes, t0, t1), "after": window_spread(nodes, t1 + 1, t_stop),
+           "before": window_spread(nodes, max(t0 - 15_000_000_000, cut or 0), t0),
+           "flood_s": round((t1 - t0) / 1e9, 1),
+           "exits": [e.get("label") for e in events if e.get("event") == "exit"]}
+    around = [nl for nl in nodes]
+    mb = {}
+    for nl in around:
+        s = node_stats([c for c in nl.clicks if t0 - 2_000_000_000 <= c[0] < t_stop])
+        mb[nl.label] = {"missed": s["missed"], "doubled": s["doubled"], "backsteps": s["backsteps"],
+                        "tempo": sorted({x[1] for x in tempo_segments(
+                            [c for c in nl.clicks if t0 <= c[0] < t_stop], t0)})}
+    rep["nodes"] = mb
+    seq = window_states(samples, t0, t_stop)
+    rep["leaders_seen"] = sorted({s.get("leader") for _, snap in seq for s in snap.values()} - {None})
+    rep["epochs_seen"] = sorted({s.get("epoch") for _, snap in seq for s in snap.values()} - {None})
+    rep["one_leader_always"] = bool(seq) and all(
+        len({s.get("leader") for s in snap.values()}) == 1 for _, snap in seq)
+    try:
+        with open(path) as f:
+            rep["attack"] = json.load(f)
+    except (OSError, ValueError, TypeError):
+        rep["attack"] = None
+    return rep
+
+
 # ---------------------------------------------------------------------------- report
 
 def fmt(v, width=9):
@@ -297,7 +493,7 @@ def fmt(v, width=9):
 
 
 def summarise(paths, warmup_s=0.0, node_warmup_s=0.0, events_path=None, out=sys.stdout,
-              json_only=False):
+              json_only=False, status_path=None, stranger_path=None, meter=4):
     nodes, problems = read_logs(paths)
     events = read_events(events_path)
     all_t = [c[0] for nl in nodes for c in nl.clicks]
@@ -413,6 +609,24 @@ def summarise(paths, warmup_s=0.0, node_warmup_s=0.0, events_path=None, out=sys.
     if after_join:
         summary["after_join"] = after_join
 
+    # Heals (status.jsonl + click logs), tempo per node, CLI calls, the stranger.
+    samples = read_status(status_path)
+    heal = heal_report(nodes, events, samples, meter)
+    if heal:
+        summary["heal"] = heal
+    lab_start = [e["t_mono_ns"] for e in events if e.get("event") == "lab_start"]
+    t_base = lab_start[0] if lab_start else t_first
+    tempo = {nl.label: tempo_segments(nl.clicks, t_base) for nl in nodes} if t_base is not None else {}
+    summary["tempo"] = tempo
+    clis = [e for e in events if e.get("event") == "cli"]
+    if clis:
+        summary["cli"] = [{"t_s": round((e["t_mono_ns"] - t_base) / 1e9, 2) if t_base else None,
+                           "node": e.get("node"), "args": e.get("args"), "rc": e.get("rc"),
+                           "ms": e.get("ms"), "out": e.get("out")} for e in clis]
+    stranger = stranger_report(nodes, events, samples, stranger_path, cut)
+    if stranger:
+        summary["stranger"] = stranger
+
     if not json_only:
         w = out.write
         w("bandsync lab summary: %d node(s), warm-up %.3g s" % (len(nodes), warmup_s))
@@ -476,6 +690,46 @@ def summarise(paths, warmup_s=0.0, node_warmup_s=0.0, events_path=None, out=sys.
                 w("  %-10s missed %d, doubled %d, backsteps %d, jump max %s µs, epochs %s\n" % (
                     label, s["missed"], s["doubled"], s["backsteps"], fmt(s["jump_max_us"]).strip(),
                     ",".join(str(e) for e in s["epochs"]) or "-"))
+        if clis:
+            w("\nCLI calls (--at):\n")
+            for c in summary["cli"]:
+                w("  %7.2fs node%s bandsync %s -> rc %s in %s ms: %s\n" % (
+                    c["t_s"] or 0, c["node"], c["args"], c["rc"], c["ms"], (c["out"] or "")[:80]))
+        if any(len(v) > 1 for v in tempo.values()):
+            w("\ntempo per node from its clicks (seconds into the run: BPM x intervals):\n")
+            for label, segs in tempo.items():
+                w("  %-10s %s\n" % (label, "  ".join("%.1fs:%g x%d" % (a, b, c) for a, b, c in segs[:40])
+                                     + ("  ..." if len(segs) > 40 else "")))
+        if heal:
+            w("\nheals (leader+epoch: every running node's status.json names one leader and one\n"
+              "epoch, sampled every 50 ms, status.json itself written every <= 250 ms; clicks:\n"
+              "every node clicks each beat once, within %d µs of the others):\n" % (ALIGN_NS // 1000))
+            for r in heal["heals"]:
+                w("  heal #%d → one leader, one timeline: %s ms (leader+epoch %s ms, clicks %s ms, "
+                  "%d bad clicks, %d nodes; leader %s epoch %s; 1 s + next bar: %s ms, %s)\n" % (
+                      r["heal"], fmt(r["total_ms"]).strip(), fmt(r["leader_epoch_ms"]).strip(),
+                      fmt(r["clicks_ms"]).strip(), r["bad_clicks"], r["nodes"],
+                      ",".join(x[:8] for x in r["leader"]) or "-", ",".join(str(x) for x in r["epoch"]) or "-",
+                      fmt(r["bar_deadline_ms"]).strip(), {True: "met", False: "MISSED", None: "-"}[r["within_1s_plus_bar"]]))
+            w("heal → one leader, one timeline: %d heals, settled %d, max %s ms, p50 %s ms, "
+              "within 1 s: %d/%d, within 1 s + next bar: %d/%d\n" % (
+                  heal["n"], heal["settled"], fmt(heal["max_ms"]).strip(), fmt(heal["p50_ms"]).strip(),
+                  heal["within_1s"], heal["n"], heal["within_1s_plus_bar"], heal["n"]))
+        if stranger:
+            sr = stranger
+            w("\nstranger (%.1f s flood; 'before' = up to 15 s before it, after the warm-up):\n" % sr["flood_s"])
+            for k in ("before", "during", "after"):
+                d = sr[k]
+                w("  spread %-7s beats %5d  p50 %s  p99 %s  max %s µs\n" % (
+                    k, d["n"], fmt(d["p50_us"]).strip(), fmt(d["p99_us"]).strip(), fmt(d["max_us"]).strip()))
+            for label, m in sr["nodes"].items():
+                w("  %-10s from 2 s before the flood: missed %d, doubled %d, backsteps %d, tempo %s\n" % (
+                    label, m["missed"], m["doubled"], m["backsteps"], ",".join("%g" % x for x in m["tempo"])))
+            w("  exits/restarts: %s; leaders seen %s, epochs %s, one leader in every sample: %s\n" % (
+                ",".join(sr["exits"]) or "none", ",".join(x[:8] for x in sr["leaders_seen"]) or "-",
+                ",".join(str(x) for x in sr["epochs_seen"]) or "-", sr["one_leader_always"]))
+            if sr["attack"]:
+                w("  attack: %s\n" % json.dumps(sr["attack"], separators=(",", ":"))[:600])
         w("\n")
     out.write("SUMMARY " + json.dumps(summary, separators=(",", ":"), sort_keys=False) + "\n")
     readable = len(paths) - len(problems["missing_files"])
@@ -627,6 +881,9 @@ def main(argv=None):
     ap.add_argument("--node-warmup", type=float, default=0.0, metavar="S",
                     help="also skip each node's clicks before its own first click + S seconds")
     ap.add_argument("--events", metavar="FILE", help="lab.sh's events.jsonl (start/kill/join times)")
+    ap.add_argument("--status", metavar="FILE", help="lab.sh's status.jsonl (heal report)")
+    ap.add_argument("--stranger", metavar="FILE", help="stranger.py's report (JSON)")
+    ap.add_argument("--meter", type=int, default=4, help="beats per bar (heal report; default 4)")
     ap.add_argument("--json-only", action="store_true", help="print only the SUMMARY line")
     ap.add_argument("--self-test", action="store_true", help="check this script on synthetic logs")
     a = ap.parse_args(argv)
@@ -638,7 +895,8 @@ def main(argv=None):
         ap.error("--warmup must be >= 0, got %r" % a.warmup)
     if not (a.node_warmup >= 0 and math.isfinite(a.node_warmup)):
         ap.error("--node-warmup must be >= 0, got %r" % a.node_warmup)
-    _, rc = summarise(a.logs, a.warmup, a.node_warmup, a.events, json_only=a.json_only)
+    _, rc = summarise(a.logs, a.warmup, a.node_warmup, a.events, json_only=a.json_only,
+                      status_path=a.status, stranger_path=a.stranger, meter=a.meter)
     return rc
 
 

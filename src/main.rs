@@ -177,63 +177,15 @@ fn ask(to: &To, file: &Settings, q: Query) -> anyhow::Result<Reply> {
     rt.block_on(bandsync::cli::request(&t, q))
 }
 
-/// Pin (`Some`) or unpin (`None`), and wait until the room's status shows it: a
-/// request can be lost while leadership moves (it is relayed to the leader), so it is
-/// repeated every second, and the command fails with a plain sentence if the room has
-/// not confirmed it within [`CONFIRM_S`] seconds.
+/// Pin (`Some`) or unpin (`None`), and wait until the room's status shows it (see
+/// [`bandsync::cli::pin_confirmed`]: one connection, the status polled every 50 ms).
 fn pin_confirmed(to: &To, file: &Settings, who: Option<String>) -> anyhow::Result<()> {
-    const CONFIRM_S: u64 = 6;
     let t = target(to, file)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    rt.block_on(async {
-        let q = match &who {
-            Some(w) => Query::Pin(w.clone()),
-            None => Query::Unpin,
-        };
-        let start = std::time::Instant::now();
-        let mut msg = String::new();
-        let mut last_sent: Option<std::time::Instant> = None;
-        let mut leader = String::from("?");
-        while start.elapsed() < std::time::Duration::from_secs(CONFIRM_S) {
-            if last_sent.is_none_or(|l| l.elapsed() >= std::time::Duration::from_secs(1)) {
-                match bandsync::cli::request(&t, q.clone()).await? {
-                    Reply::Done(m) => msg = m,
-                    Reply::Error(m) => anyhow::bail!("{m}"),
-                    Reply::Status(_) => anyhow::bail!("unexpected status reply"),
-                }
-                last_sent = Some(std::time::Instant::now());
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(150)).await;
-            if let Reply::Status(j) = bandsync::cli::request(&t, Query::Status).await? {
-                let s: bandsync::core::room::Status =
-                    serde_json::from_str(&j).context("the node sent an unreadable status")?;
-                leader = s.leader.clone();
-                let want = who.as_deref().map(|w| resolve_in_status(&s, w));
-                if s.pinned.as_deref() == want.as_deref() {
-                    println!("{msg}");
-                    return Ok(());
-                }
-            }
-        }
-        anyhow::bail!(
-            "the room did not confirm the {} within {CONFIRM_S} s (leader: {leader}); leadership may be moving: check `bandsync status` and try again",
-            if who.is_some() { "pin" } else { "unpin" }
-        )
-    })
-}
-
-/// The node id a pin target names in a status (an id, or a node's name).
-fn resolve_in_status(s: &bandsync::core::room::Status, who: &str) -> String {
-    if s.node == who || s.name == who {
-        return s.node.clone();
-    }
-    s.peers
-        .iter()
-        .find(|p| p.id == who || p.name == who)
-        .map(|p| p.id.clone())
-        .unwrap_or_else(|| who.to_string())
+    println!("{}", rt.block_on(bandsync::cli::pin_confirmed(&t, who))?);
+    Ok(())
 }
 
 fn done(r: Reply) -> anyhow::Result<()> {
@@ -285,10 +237,12 @@ fn is_config_error(e: &anyhow::Error) -> bool {
     e.downcast_ref::<bandsync::node::config::ConfigError>().is_some()
 }
 
-fn init_logs() {
+fn init_logs(daemon: bool) {
+    // the daemon logs what it does; a CLI command prints its answer and only warnings
+    let default = if daemon { "info" } else { "warn" };
     let filter = tracing_subscriber::EnvFilter::try_from_env("BANDSYNC_LOG")
         .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -300,7 +254,7 @@ fn main() {
     // First thing: the test clock's "start" is when the process began.
     let clock = NodeClock::from_env();
     let cli = Cli::parse();
-    init_logs();
+    init_logs(matches!(cli.cmd, Cmd::Run(_)));
     let result = (|| -> anyhow::Result<()> {
         let clock =
             clock.map_err(|e| anyhow::Error::new(bandsync::node::config::ConfigError(e.to_string())))?;

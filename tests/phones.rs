@@ -365,6 +365,7 @@ async fn fake(limits: GatewayLimits, pin: Option<&str>) -> Fake {
         // no PIN: anyone may change (the room opted out), as these tests expect
         control_open: true,
         control_updates: None,
+        link: None,
         allowed_hosts: bandsync::web::hosts::AllowedHosts::local_only(),
         limits,
         stats: stats.clone(),

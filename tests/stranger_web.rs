@@ -607,7 +607,12 @@ async fn a_slow_header_flood_leaves_the_page_and_health_answering() {
     let fds = open_fds(pid);
     assert!(fds < 1024 + 200, "the node holds {fds} descriptors");
     let m = metrics(d.http).await;
-    assert!(metric(&m, "bandsync_http_evicted_total") >= 400.0, "{m}");
+    // the flood beyond the cap was shed: evicted to make room, or cut by the header
+    // timeout (on a loaded machine the flood opens slowly enough for the latter)
+    let shed = metric(&m, "bandsync_http_evicted_total")
+        + metric(&m, "bandsync_http_refused_total{reason=\"header_timeout\"}")
+        + metric(&m, "bandsync_http_refused_total{reason=\"conn_cap\"}");
+    assert!(shed >= 400.0, "{m}");
     assert!(metric(&m, "bandsync_http_connections") <= 1024.0, "{m}");
 
     // past the header timeout (5 s) every slow request is gone
@@ -723,6 +728,7 @@ async fn fake(pin: Option<&str>, open: bool, limits: HttpLimits) -> Fake {
         control_pin: pin.map(str::to_string),
         control_open: open,
         control_updates: None,
+        link: None,
         allowed_hosts: AllowedHosts::local_only(),
         limits: GatewayLimits::default(),
         stats: Arc::new(GatewayStats::default()),

@@ -1162,17 +1162,15 @@ impl Room {
         }
     }
 
-    /// The leader moves onto a later decision held by a peer of its session (groups
-    /// met: a healed partition). Leadership stays with rank; the timeline becomes the
-    /// peer's from one of the peer's bar boundaries on, on this leader's own (unchanged)
-    /// session clock: one quantized change, published [`PUBLISH_AHEAD_NS`] before that
-    /// bar. The beat numbering becomes the peer's, so the click log's `beat` jumps once
+    /// A node moves onto a later decision held by a peer of its session (groups met: a
+    /// healed partition). Leadership stays with rank; the timeline becomes the peer's
+    /// from one of the peer's bar boundaries on, on this node's own (unchanged) session
+    /// clock: one quantized change, published [`PUBLISH_AHEAD_NS`] before that bar.
+    /// The leader and its followers each do so as soon as they see the peer's announce
+    /// (a follower does not wait to hear it from the leader a bar later); they all land
+    /// on the same grid, the peer's. The beat numbering becomes the peer's, so the click log's `beat` jumps once
     /// there (`clock_gen` tells the audio thread); no click is doubled.
     fn try_merge(&mut self, now: i64, out: &mut Vec<Action>) {
-        if !self.leading {
-            self.merge = None;
-            return;
-        }
         let best = self
             .peers
             .iter()
@@ -1212,7 +1210,11 @@ impl Room {
         let m = self.merge.take().expect("set above");
         self.timeline = tl.begun_at(m.beat);
         self.decided = m.stamp.clone();
-        self.version += 1;
+        if self.leading {
+            // the leader's records changed; a follower keeps its leader's version and
+            // adopts the leader's (same) timeline when the leader has merged too
+            self.version += 1;
+        }
         self.clock_gen += 1;
         self.dirty = true;
         self.publish = true;

@@ -265,10 +265,7 @@ pub enum Datagram {
 pub const MAX_MAP_RATE_PPT: i64 = 10_000_000_000;
 
 fn check_id(field: &'static str, s: &str) -> Result<(), WireError> {
-    if s.len() == 16
-        && s.bytes()
-            .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
-    {
+    if crate::core::id::is_node_id(s) {
         Ok(())
     } else {
         Err(WireError::Invalid {

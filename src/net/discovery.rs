@@ -531,13 +531,15 @@ impl Forwarder {
     }
 }
 
-/// For the CLI: browse for `timeout` and return the room's nodes found.
-pub async fn browse_once(
+/// For the CLI: browse (never advertise) and report each node of the room the moment
+/// it resolves, so the caller can dial it at once instead of waiting for a browse
+/// window to end. Dropping (or shutting down) the handle stops browsing immediately
+/// (a browser has no goodbyes to wait for).
+pub fn browse(
     room: &str,
     interfaces: &[String],
-    timeout: Duration,
-) -> anyhow::Result<Vec<PeerInfo>> {
-    let (disc, mut rx) = Discovery::start(DiscoveryConfig {
+) -> anyhow::Result<(Discovery, mpsc::Receiver<PeerEvent>)> {
+    Discovery::start(DiscoveryConfig {
         node_id: String::new(),
         name: String::new(),
         room: room.to_string(),
@@ -546,7 +548,17 @@ pub async fn browse_once(
         advertise: false,
         http_port: None,
         https_port: None,
-    })?;
+    })
+}
+
+/// Browse for `timeout` and return the room's nodes found (a census; the CLI uses
+/// [`browse`] and stops at the first node that answers).
+pub async fn browse_once(
+    room: &str,
+    interfaces: &[String],
+    timeout: Duration,
+) -> anyhow::Result<Vec<PeerInfo>> {
+    let (disc, mut rx) = browse(room, interfaces)?;
     let mut found: HashMap<String, PeerInfo> = HashMap::new();
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
@@ -803,7 +815,7 @@ mod tests {
             interfaces: vec!["lo".into()],
             advertise: true,
             http_port: None,
-        https_port: None,
+            https_port: None,
         }
     }
 

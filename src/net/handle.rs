@@ -65,6 +65,8 @@ pub enum Event {
         name: String,
         conn: quinn::Connection,
         tx: mpsc::Sender<Frame>,
+        /// This node dialed the connection.
+        dialer: bool,
     },
     Down {
         id: String,

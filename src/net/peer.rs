@@ -190,7 +190,9 @@ pub async fn serve(
         Ok(Err(HandshakeError::Closed(e))) => {
             match &e {
                 quinn::ConnectionError::ApplicationClosed(c) => {
-                    tracing::warn!(%addr, reason = %String::from_utf8_lossy(&c.reason), "peer refused us")
+                    if let Some(left_out) = shared.log.allow("refused_us") {
+                        tracing::warn!(%addr, reason = %String::from_utf8_lossy(&c.reason), left_out, "peer refused us (one line per 10 s)")
+                    }
                 }
                 other => {
                     tracing::debug!(%addr, error = %other, "connection closed during handshake")
@@ -227,13 +229,14 @@ pub async fn serve(
     // The span is attached to the futures (never entered across an .await, which
     // would leak it into other tasks' log lines).
     let span = tracing::info_span!("peer", id = %peer.node, name = %peer.name);
-    pump(shared, conn, peer, send, recv).instrument(span).await
+    pump(shared, conn, peer, dialer, send, recv).instrument(span).await
 }
 
 async fn pump(
     shared: Arc<PeerCtx>,
     conn: quinn::Connection,
     peer: Hello,
+    dialer: bool,
     send: quinn::SendStream,
     recv: quinn::RecvStream,
 ) {
@@ -246,6 +249,7 @@ async fn pump(
             name: peer.name.clone(),
             conn: conn.clone(),
             tx,
+            dialer,
         })
         .await
         .is_err()

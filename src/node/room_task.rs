@@ -27,6 +27,8 @@ const TICK: Duration = Duration::from_millis(50);
 const DIAL_EVERY: Duration = Duration::from_millis(250);
 /// …with at most this many attempts in flight…
 const DIAL_PARALLEL: usize = 4;
+/// A peer of lower id (it should dial us) missing this long is dialed by us too.
+const DIAL_BOTH_AFTER: Duration = Duration::from_millis(1_500);
 /// …each given this long for the QUIC handshake (the room-key proof has its own).
 const DIAL_TIMEOUT: Duration = Duration::from_millis(1_000);
 
@@ -162,6 +164,7 @@ pub async fn run(
     // authenticated handshake decides who answered). Several addresses per id, so a
     // spoofed advert adds an address to try but never removes the member's own.
     let mut known = Candidates::default();
+    let mut missing_since: HashMap<String, tokio::time::Instant> = HashMap::new();
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut redial = tokio::time::interval(Duration::from_secs(1));
@@ -227,10 +230,20 @@ pub async fn run(
             Some(ev) = erx.recv() => {
                 let now = shared.clock.now_ns();
                 match ev {
-                    Event::Up { id, name, conn, tx } => {
+                    Event::Up { id, name, conn, tx, dialer } => {
                         if let Some((old, _)) = peers.get(&id) {
                             if old.close_reason().is_none() {
-                                conn.close(CLOSE_DUP.into(), b"duplicate connection");
+                                // Both sides dialed (the higher id dials too when the
+                                // lower one has not reached it): keep the connection the
+                                // lower id dialed, as the peer does.
+                                let keep_new = dialer == (shared.cfg.node_id < id);
+                                if keep_new {
+                                    old.close(CLOSE_DUP.into(), b"duplicate connection");
+                                    // the same live peer: its clock estimate stays
+                                    peers.insert(id.clone(), (conn, tx));
+                                } else {
+                                    conn.close(CLOSE_DUP.into(), b"duplicate connection");
+                                }
                                 continue;
                             }
                         }
@@ -324,8 +337,16 @@ pub async fn run(
                 // dial peers we know and are not connected to (the lower id dials)
                 let t_now = tokio::time::Instant::now();
                 known.prune(t_now, |id| peers.contains_key(id));
+                missing_since.retain(|id, _| !peers.contains_key(id));
                 for (id, addrs) in known.iter() {
-                    if *id <= shared.cfg.node_id || peers.contains_key(id) {
+                    if *id == shared.cfg.node_id || peers.contains_key(id) {
+                        continue;
+                    }
+                    // The lower id dials; the higher one too once the peer has been
+                    // missing a while (its view of us may be wrong: a forged advert, a
+                    // stale address after our restart).
+                    let since = *missing_since.entry(id.clone()).or_insert(t_now);
+                    if *id < shared.cfg.node_id && t_now - since < DIAL_BOTH_AFTER {
                         continue;
                     }
                     let inflight = dialing.entry(id.clone()).or_default();

@@ -247,6 +247,7 @@ pub fn run(cfg: RunConfig, clock: NodeClock) -> anyhow::Result<()> {
             control_pin: control_pin.clone(),
             control_open: control_pin.is_none(),
             control_updates: Some(control_rx),
+            link: link.is_some().then(|| link_stats.clone()),
             allowed_hosts: crate::web::hosts::AllowedHosts::for_box(&[&cfg.name, &node_id]),
             limits: crate::web::gateway::GatewayLimits::default(),
             stats: Arc::new(crate::web::gateway::GatewayStats::default()),

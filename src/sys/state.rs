@@ -56,11 +56,6 @@ pub fn random_id() -> anyhow::Result<String> {
     Ok(b.iter().map(|x| format!("{x:02x}")).collect())
 }
 
-fn valid_id(s: &str) -> bool {
-    s.len() == 16
-        && s.bytes()
-            .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
-}
 
 /// Write a secret (room key, control PIN): atomically, readable by the owner only.
 pub fn write_secret(path: &Path, data: &[u8]) -> anyhow::Result<()> {
@@ -99,7 +94,7 @@ pub fn control_pin(dir: &Path) -> anyhow::Result<String> {
 pub fn node_id(dir: &Path) -> anyhow::Result<String> {
     let p = dir.join("node-id");
     match std::fs::read_to_string(&p) {
-        Ok(s) if valid_id(s.trim()) => return Ok(s.trim().to_string()),
+        Ok(s) if crate::core::id::is_node_id(s.trim()) => return Ok(s.trim().to_string()),
         Ok(s) => {
             tracing::warn!(path = %p.display(), content = %s.trim(), "node-id file is not 16 hex characters; generating a new id");
         }

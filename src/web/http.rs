@@ -719,6 +719,32 @@ async fn metrics(State(web): State<Web>) -> impl IntoResponse {
         "counter",
         vec![(String::new(), ms.preauth_retries.load(Relaxed) as f64)],
     );
+    if let Some(l) = &st.link {
+        put(
+            "link_enabled",
+            "1 when this box is an Ableton Link peer on at least one interface.",
+            "gauge",
+            vec![(String::new(), l.enabled.load(Relaxed) as u8 as f64)],
+        );
+        put(
+            "link_peers",
+            "Link apps in the room's Link session, seen by this box.",
+            "gauge",
+            vec![(String::new(), l.peers.load(Relaxed) as f64)],
+        );
+        put(
+            "link_messages_total",
+            "Link datagrams received, and what became of them.",
+            "counter",
+            vec![
+                ("{kind=\"received\"}".into(), l.messages.load(Relaxed) as f64),
+                ("{kind=\"pong\"}".into(), l.pongs.load(Relaxed) as f64),
+                ("{kind=\"overruled\"}".into(), l.overruled.load(Relaxed) as f64),
+                ("{kind=\"forwarded\"}".into(), l.forwarded.load(Relaxed) as f64),
+                ("{kind=\"bad\"}".into(), l.bad_datagrams.load(Relaxed) as f64),
+            ],
+        );
+    }
     put(
         "merges_total",
         "Records that took a peer's later decision when groups of boxes met.",

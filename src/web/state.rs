@@ -34,6 +34,8 @@ pub struct HttpState {
     /// The room's control PIN as it changes (replicated through the room: the latest
     /// decision wins): `Some(pin)`, or `None` when the room opted out (open). `None`
     /// here (tests): the PIN above never changes.
+    /// Ableton Link's counters (None: `--no-link`).
+    pub link: Option<Arc<crate::net::LinkStats>>,
     pub control_updates: Option<tokio::sync::watch::Receiver<Option<String>>>,
     /// The box's own names and addresses: `/ws` and every state-changing request need
     /// a `Host` among them and, if present, an `Origin` naming one of them.

@@ -200,6 +200,8 @@ struct Meta {
     boxes: usize,
     synced: bool,
     peers: Vec<PeerOut>,
+    /// Link apps following the room through this box (None: Link is off).
+    link_apps: Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -225,6 +227,7 @@ impl Meta {
         };
         Meta {
             fetched: true,
+            link_apps: s.link.enabled.then_some(s.link.peers),
             boxes: 1 + s.peers.iter().filter(|p| p.alive).count(),
             peers: s
                 .peers
@@ -495,6 +498,7 @@ impl Inner {
             "epoch": m.epoch, "boxes": m.boxes, "synced": m.synced,
             "phones": self.open.load(Relaxed),
             "peers": m.peers,
+            "link": {"enabled": m.link_apps.is_some(), "peers": m.link_apps.unwrap_or(0)},
         })
     }
 
