@@ -294,13 +294,8 @@ fn status(
                 print!("{}", bandsync::cli::format_peers(&s));
             } else {
                 print!("{}", bandsync::cli::format_status(&s));
-                if let Some(code) = s
-                    .phone_url
-                    .as_deref()
-                    .filter(|_| qr)
-                    .and_then(bandsync::cli::phone_qr)
-                {
-                    print!("\nphones: scan to follow the beat\n{code}");
+                if qr {
+                    print!("{}", bandsync::cli::phone_qrs(&s));
                 }
             }
             Ok(())

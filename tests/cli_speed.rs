@@ -290,6 +290,7 @@ fn a_bogus_candidate_does_not_stop_the_cli() {
             interfaces: vec!["lo".into()],
             advertise: true,
             http_port: None,
+            https_port: None,
         })
         .unwrap();
     // ...and a QUIC endpoint advertised in this room that answers the handshake with
@@ -311,6 +312,7 @@ fn a_bogus_candidate_does_not_stop_the_cli() {
             interfaces: vec!["lo".into()],
             advertise: true,
             http_port: None,
+            https_port: None,
         })
         .unwrap();
     std::thread::sleep(Duration::from_millis(300));

@@ -193,6 +193,7 @@ fn a_forged_advert_never_splits_the_room() {
             interfaces: vec!["lo".into()],
             advertise: true,
             http_port: None,
+            https_port: None,
         })
         .expect("the stranger's mDNS");
         spoofs.push(d);

@@ -873,6 +873,8 @@ async fn health_reads_the_published_status() {
         control: "pin".into(),
         phone_url: None,
         song: None,
+        https_url: None,
+        cert_sha256: None,
     };
     f._status.send_replace(Some(st));
     let (code, body) = get(f.addr, "/health").await;

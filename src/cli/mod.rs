@@ -590,6 +590,12 @@ pub fn format_status(s: &Status) -> String {
     if let Some(u) = &s.phone_url {
         out.push_str(&format!("phones   {u}\n"));
     }
+    if let Some(u) = &s.https_url {
+        out.push_str(&format!("secure   {u} (wake lock, talkback)\n"));
+    }
+    if let Some(f) = &s.cert_sha256 {
+        out.push_str(&format!("cert     SHA-256 {f}\n"));
+    }
     match (&s.control_pin, s.control.as_str()) {
         (Some(p), _) => out.push_str(&format!(
             "control  PIN {p} (phones need it to change anything)\n"
@@ -621,6 +627,25 @@ pub fn phone_qr(url: &str) -> Option<String> {
             .build()
             + "\n",
     )
+}
+
+/// QR codes for the phone page: the HTTPS one first (screen wake lock, talkback; the
+/// phone accepts the box's certificate once, whose fingerprint is printed), then the
+/// plain HTTP one (no certificate step).
+pub fn phone_qrs(s: &Status) -> String {
+    let mut out = String::new();
+    if let Some(code) = s.https_url.as_deref().and_then(phone_qr) {
+        out.push_str("\nphones, secure page (keeps the screen on, talkback): scan, then accept the box's certificate once\n");
+        if let Some(f) = &s.cert_sha256 {
+            out.push_str(&format!("(its SHA-256 fingerprint: {f})\n"));
+        }
+        out.push_str(&code);
+    }
+    if let Some(code) = s.phone_url.as_deref().and_then(phone_qr) {
+        out.push_str("\nphones: scan to follow the beat (plain page, no certificate step)\n");
+        out.push_str(&code);
+    }
+    out
 }
 
 pub fn format_peers(s: &Status) -> String {

@@ -296,6 +296,12 @@ pub struct Status {
     /// Where phones open the page (`http://<name>.local:<port>/`), when HTTP runs.
     #[serde(default)]
     pub phone_url: Option<String>,
+    /// The secure phone page (`https://<name>.local:<port>/`), when HTTPS runs.
+    #[serde(default)]
+    pub https_url: Option<String>,
+    /// SHA-256 of the HTTPS certificate (`AB:CD:…`), what a phone shows to accept it.
+    #[serde(default)]
+    pub cert_sha256: Option<String>,
     /// The current song of the setlist, if one is chosen.
     #[serde(default)]
     pub song: Option<SongStatus>,
@@ -927,6 +933,8 @@ impl Room {
             redis: off(),
             phone_url: None,
             song: self.song_status(),
+            https_url: None,
+            cert_sha256: None,
         }
     }
 
@@ -974,6 +982,7 @@ impl Room {
             Frame::Hello(_) => return Err(FrameRefused("a second Hello")),
             Frame::Query(_) => return Err(FrameRefused("a CLI Query from a peer")),
             Frame::Reply(_) => return Err(FrameRefused("a CLI Reply from a peer")),
+            Frame::Rtc(_) => return Err(FrameRefused("talkback signalling (the node routes it)")),
         }
         Ok(())
     }

@@ -23,8 +23,9 @@ pub const PROTOCOL_VERSION: u16 = 4;
 /// Largest epoch or version accepted from a peer (2⁵³): a stranger's `u64::MAX` must
 /// never make `epoch + 1` wrap.
 pub const MAX_COUNTER: u64 = 1 << 53;
-/// Largest frame body accepted (bytes after the length prefix).
-pub const MAX_FRAME: usize = 16 * 1024;
+/// Largest frame body accepted (bytes after the length prefix): a talkback SDP of up
+/// to [`MAX_SDP`] and its envelope fit.
+pub const MAX_FRAME: usize = 24 * 1024;
 pub const MAX_DATAGRAM: usize = 256;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -211,6 +212,91 @@ pub enum Frame {
     Cues(Vec<Cue>),
     /// This box's cue inventory: (id hash, version hash) per cue.
     CueHave(Vec<(u64, u64)>),
+    /// Talkback signalling between the boxes of a room (routed by the node, never
+    /// seen by the room core).
+    Rtc(RtcRelay),
+}
+
+/// Largest talkback SDP (offer or answer), bytes.
+pub const MAX_SDP: usize = 16 * 1024;
+/// Largest talkback ICE candidate, bytes.
+pub const MAX_ICE: usize = 1024;
+/// Most talkback members in a room (and so on one box).
+pub const MAX_TALKERS: usize = 16;
+
+/// Talkback (phones talking over WebRTC, peer to peer): the boxes only relay the
+/// signalling, within the room. A member id is `<first 8 hex digits of its box's node
+/// id>-<n>`, so ids are unique room-wide and name the box a member is on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RtcRelay {
+    /// The sending box's members, all of them (on every change and every 2 s; a box
+    /// not heard from for a while, or gone, has none).
+    Members(Vec<RtcMember>),
+    /// One phone's message to another: `from` on the sending box, `to` anywhere.
+    Signal {
+        from: String,
+        to: String,
+        kind: RtcKind,
+        /// The SDP (offer, answer), the candidate as JSON (ice), empty (leave).
+        body: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RtcMember {
+    pub id: String,
+    pub name: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RtcKind {
+    Offer,
+    Answer,
+    Ice,
+    Leave,
+}
+
+impl RtcKind {
+    /// The WebSocket message type.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RtcKind::Offer => "rtc_offer",
+            RtcKind::Answer => "rtc_answer",
+            RtcKind::Ice => "rtc_ice",
+            RtcKind::Leave => "rtc_leave",
+        }
+    }
+    /// Largest body of this kind.
+    pub fn max_body(self) -> usize {
+        match self {
+            RtcKind::Offer | RtcKind::Answer => MAX_SDP,
+            RtcKind::Ice => MAX_ICE,
+            RtcKind::Leave => 0,
+        }
+    }
+}
+
+/// Is `id` a talkback member id (`xxxxxxxx-n`, n ≤ 2⁵³)?
+pub fn rtc_id_ok(id: &str) -> bool {
+    let Some((node, n)) = id.split_once('-') else {
+        return false;
+    };
+    node.len() == 8
+        && node.bytes().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
+        && !n.is_empty()
+        && n.len() <= 16
+        && n.bytes().all(|c| c.is_ascii_digit())
+}
+
+fn check_rtc_id(field: &'static str, id: &str) -> Result<(), WireError> {
+    if rtc_id_ok(id) {
+        Ok(())
+    } else {
+        Err(WireError::Invalid {
+            field,
+            why: format!("{:?} is not a talkback member id", id.chars().take(40).collect::<String>()),
+        })
+    }
 }
 
 /// Clock pings. Times: `t1` the pinger's local ns; `t2`/`t3` the responder's *local*
@@ -412,6 +498,28 @@ impl Frame {
                 }
             }
             Frame::Reply(Reply::Done(m) | Reply::Error(m)) => check_text("reply", m, 1000)?,
+            Frame::Rtc(RtcRelay::Members(v)) => {
+                if v.len() > MAX_TALKERS {
+                    return Err(WireError::Invalid {
+                        field: "rtc.members",
+                        why: format!("{} members, at most {MAX_TALKERS}", v.len()),
+                    });
+                }
+                for m in v {
+                    check_rtc_id("rtc.members.id", &m.id)?;
+                    check_text("rtc.members.name", &m.name, 64)?;
+                }
+            }
+            Frame::Rtc(RtcRelay::Signal { from, to, kind, body }) => {
+                check_rtc_id("rtc.from", from)?;
+                check_rtc_id("rtc.to", to)?;
+                if body.len() > kind.max_body() {
+                    return Err(WireError::Invalid {
+                        field: "rtc.body",
+                        why: format!("{} bytes, at most {} for {}", body.len(), kind.max_body(), kind.as_str()),
+                    });
+                }
+            }
         }
         Ok(())
     }

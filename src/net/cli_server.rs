@@ -74,5 +74,6 @@ pub fn frame_name(f: &Frame) -> &'static str {
         Frame::Song(_) => "Song",
         Frame::Cues(_) => "Cues",
         Frame::CueHave(_) => "CueHave",
+        Frame::Rtc(_) => "Rtc",
     }
 }

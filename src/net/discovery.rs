@@ -114,6 +114,8 @@ pub struct DiscoveryConfig {
     pub advertise: bool,
     /// Also advertise `_http._tcp` (the phone page) on this port, as `<name>.local`.
     pub http_port: Option<u16>,
+    /// Also advertise `_https._tcp` (the secure phone page) on this port.
+    pub https_port: Option<u16>,
 }
 
 /// `name` as a DNS label (phones reach `http://<label>.local`): lowercase letters,
@@ -348,11 +350,13 @@ impl Discovery {
             me.daemon
                 .register(info)
                 .map_err(mdns("registering our service"))?;
-            if let Some(port) = cfg.http_port {
+            let pages = [("_http._tcp.local.", cfg.http_port), ("_https._tcp.local.", cfg.https_port)];
+            for (service, port) in pages {
+                let Some(port) = port else { continue };
                 // The phone page: a failure here costs the phones' nice name, not the room.
                 let label = dns_label(&cfg.name);
                 match ServiceInfo::new(
-                    "_http._tcp.local.",
+                    service,
                     &label,
                     &format!("{label}.local."),
                     (),
@@ -543,6 +547,7 @@ pub fn browse(
         interfaces: interfaces.to_vec(),
         advertise: false,
         http_port: None,
+        https_port: None,
     })
 }
 
@@ -810,6 +815,7 @@ mod tests {
             interfaces: vec!["lo".into()],
             advertise: true,
             http_port: None,
+            https_port: None,
         }
     }
 

@@ -3,7 +3,7 @@
 
 use crate::core::sync::Sample;
 use crate::core::time::SessionMap;
-use crate::core::wire::{Frame, Query, Reply};
+use crate::core::wire::{Frame, Query, Reply, RtcRelay};
 use tokio::sync::mpsc;
 
 /// How the web layer and the CLI server ask the room task a [`Query`].
@@ -18,6 +18,18 @@ impl RoomHandle {
         }
         rx.await
             .unwrap_or_else(|_| Reply::Error("the node is shutting down".into()))
+    }
+
+    /// Send talkback signalling to the other boxes of the room (never waits; `false`:
+    /// the inbox is full or the node is stopping, and it is dropped).
+    pub fn rtc_send(&self, r: RtcRelay) -> bool {
+        self.0.try_send(Event::RtcOut(r)).is_ok()
+    }
+
+    /// Where the room task hands the talkback signalling that other boxes send
+    /// (`(from node id, relay)`); the last subscriber wins.
+    pub fn rtc_subscribe(&self, tx: mpsc::Sender<(String, RtcRelay)>) -> bool {
+        self.0.try_send(Event::RtcSubscribe(tx)).is_ok()
     }
 
     pub async fn status(&self) -> Option<crate::core::room::Status> {
@@ -98,4 +110,8 @@ pub enum Event {
         sample: Sample,
         map: SessionMap,
     },
+    /// Talkback signalling from this box's phones, for the other boxes.
+    RtcOut(RtcRelay),
+    /// Where to hand the talkback signalling other boxes send.
+    RtcSubscribe(mpsc::Sender<(String, RtcRelay)>),
 }

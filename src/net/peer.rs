@@ -52,6 +52,8 @@ pub struct MeshStats {
     pub stamps_refused: AtomicU64,
     /// Setlist, song and cue requests refused (bad values, unknown seq).
     pub bad_requests: AtomicU64,
+    /// Talkback signalling dropped between the mesh and the gateway (a queue full).
+    pub rtc_dropped: AtomicU64,
 }
 
 /// What a connection's tasks need: who we are, the room key, the clock and the

@@ -75,6 +75,11 @@ pub struct Settings {
     /// HTTP listen address for phones, /health and /metrics (default 0.0.0.0:8080).
     #[arg(long, value_name = "ADDR:PORT")]
     pub http: Option<String>,
+    /// HTTPS listen address for phones (default 0.0.0.0:8443; "off" disables). The
+    /// certificate is the box's own (`https-cert.der` in the state dir): a phone
+    /// accepts it once. Screen wake lock and the microphone (talkback) need it.
+    #[arg(long, value_name = "ADDR:PORT|off")]
+    pub https: Option<String>,
     /// Network interface for mDNS and QUIC (repeatable; default: all).
     #[arg(long = "interface", value_name = "NAME")]
     pub interface: Option<Vec<String>>,
@@ -166,6 +171,8 @@ pub struct RunConfig {
     pub priority: i32,
     pub quic: std::net::SocketAddr,
     pub http: std::net::SocketAddr,
+    /// `None`: `--https off`.
+    pub https: Option<std::net::SocketAddr>,
     pub interfaces: Vec<String>,
     pub room_key_file: Option<PathBuf>,
     pub control_pin: Option<String>,
@@ -184,6 +191,8 @@ pub struct RunConfig {
 pub const DEFAULT_QUIC_PORT: u16 = 47810;
 /// Default HTTP port (phones, /health, /metrics).
 pub const DEFAULT_HTTP_PORT: u16 = 8080;
+/// Default HTTPS port (the phone page over TLS).
+pub const DEFAULT_HTTPS_PORT: u16 = 8443;
 
 /// The default state dir: systemd's `$STATE_DIRECTORY`, else /var/lib/bandsync as
 /// root, else `$XDG_STATE_HOME/bandsync` (or `~/.local/state/bandsync`).
@@ -365,6 +374,18 @@ impl RunConfig {
         let http: std::net::SocketAddr = http_s.parse().map_err(|_| {
             anyhow!("{}: {http_s:?} is not an ADDR:PORT socket address (e.g. 0.0.0.0:{DEFAULT_HTTP_PORT})", src(args.http.is_some(), "http"))
         })?;
+        let https_s = args
+            .https
+            .clone()
+            .or(file.https.clone())
+            .unwrap_or_else(|| format!("0.0.0.0:{DEFAULT_HTTPS_PORT}"));
+        let https: Option<std::net::SocketAddr> = if https_s.trim() == "off" {
+            None
+        } else {
+            Some(https_s.parse().map_err(|_| {
+                anyhow!("{}: {https_s:?} is not an ADDR:PORT socket address (e.g. 0.0.0.0:{DEFAULT_HTTPS_PORT}) or \"off\"", src(args.https.is_some(), "https"))
+            })?)
+        };
         let interfaces = args
             .interface
             .clone()
@@ -462,6 +483,7 @@ impl RunConfig {
             priority,
             quic,
             http,
+            https,
             interfaces,
             room_key_file,
             control_pin,

@@ -35,6 +35,8 @@ const DIAL_TIMEOUT: Duration = Duration::from_millis(1_000);
 pub struct MeshConfig {
     /// The HTTP port phones use (advertised as `_http._tcp`, shown by `status`).
     pub http_port: Option<u16>,
+    /// The HTTPS port (advertised as `_https._tcp`) and the certificate's SHA-256.
+    pub https: Option<(u16, String)>,
     /// systemd's notify socket (READY, WATCHDOG, STATUS), when run as a service.
     pub notify: Option<crate::sys::notify::Notifier>,
     /// The audio thread's counters: the watchdog is only fed while the click runs.
@@ -104,6 +106,7 @@ pub async fn run(
         interfaces: cfg.interfaces.clone(),
         advertise: true,
         http_port: cfg.http_port,
+        https_port: cfg.https.as_ref().map(|h| h.0),
     })
     .context("starting mDNS discovery")?;
 
@@ -186,6 +189,7 @@ pub async fn run(
     let mut status_written = None;
     let (dial_done_tx, mut dial_done) = mpsc::channel::<(String, tokio::time::Instant)>(64);
     let mut actions = Vec::new();
+    let mut rtc_sub: Option<mpsc::Sender<(String, crate::core::wire::RtcRelay)>> = None;
     let mut ready = false;
     let watchdog_every = crate::sys::notify::Notifier::watchdog_interval();
     let mut last_watchdog = tokio::time::Instant::now();
@@ -280,8 +284,29 @@ pub async fn run(
                             peers.remove(&id);
                             room.peer_down(&id);
                             tracing::info!(peer = %id, "peer left the mesh");
+                            // its phones leave talkback at once
+                            if let Some(tx) = &rtc_sub {
+                                let _ = tx.try_send((id.clone(), crate::core::wire::RtcRelay::Members(Vec::new())));
+                            }
                         }
                     }
+                    // Talkback: relayed between the gateway and the other boxes, never
+                    // seen by the room core.
+                    Event::Frame { from, frame: Frame::Rtc(r) } => {
+                        if let Some(tx) = &rtc_sub {
+                            if tx.try_send((from, r)).is_err() {
+                                shared.peer.stats.rtc_dropped.fetch_add(1, Relaxed);
+                            }
+                        }
+                    }
+                    Event::RtcOut(r) => {
+                        for (_, tx) in peers.values() {
+                            if tx.try_send(Frame::Rtc(r.clone())).is_err() {
+                                shared.peer.stats.rtc_dropped.fetch_add(1, Relaxed);
+                            }
+                        }
+                    }
+                    Event::RtcSubscribe(tx) => rtc_sub = Some(tx),
                     Event::Frame { from, frame } => {
                         if let Err(e) = room.handle_frame(&from, frame, now, &mut actions) {
                             shared.peer.stats.bad_frames.fetch_add(1, Relaxed);

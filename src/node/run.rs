@@ -149,6 +149,7 @@ pub fn run(cfg: RunConfig, clock: NodeClock) -> anyhow::Result<()> {
         state_dir: cfg.state_dir.clone(),
         impair,
         http_port: None,
+        https: None,
         mirror: None,
         mirror_refusals: None,
         usage: None,
@@ -240,6 +241,7 @@ pub fn run(cfg: RunConfig, clock: NodeClock) -> anyhow::Result<()> {
     let mesh_stats = Arc::new(MeshStats::default());
     let mirror_stats = Arc::new(crate::mirror::MirrorStats::default());
     let http_addr = cfg.http;
+    let https_addr = cfg.https;
     let link_stats = Arc::new(crate::net::LinkStats::default());
     let link_cfg = cfg.link.then(|| crate::net::link::LinkConfig {
         room: cfg.room.clone(),
@@ -274,16 +276,56 @@ pub fn run(cfg: RunConfig, clock: NodeClock) -> anyhow::Result<()> {
             mirror: redis.is_some().then(|| mirror_stats.clone()),
             venue: redis.clone(),
         };
-        let http_port = match crate::web::http::serve(http_addr, http_state, shutdown.clone()).await {
-            Ok(a) => Some(a.port()),
+        // HTTPS: the box's own certificate (made off the runtime's workers: key
+        // generation and file IO). A failure costs the secure page, never the click.
+        let https = match https_addr {
+            None => None,
+            Some(addr) => {
+                let dir = cfg.state_dir.clone();
+                let name = cfg.name.clone();
+                let made = tokio::task::spawn_blocking(move || {
+                    let names = crate::web::tls::wanted_names(&name);
+                    let id = crate::web::tls::load_or_make(&dir, &names)?;
+                    let config = crate::web::tls::server_config(&id)?;
+                    anyhow::Ok(crate::web::http::HttpsListen { addr, identity: id, config })
+                })
+                .await;
+                match made {
+                    Ok(Ok(h)) => Some(h),
+                    Ok(Err(e)) => {
+                        tracing::error!(error = %format!("{e:#}"), "no HTTPS: the secure phone page (wake lock, talkback) is unavailable");
+                        None
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "no HTTPS: making the certificate failed");
+                        None
+                    }
+                }
+            }
+        };
+        let sha = https.as_ref().map(|h| h.identity.sha256.clone());
+        let limits = crate::web::http::HttpLimits::default();
+        let (http_port, https_port) = match crate::web::http::serve_both(http_addr, https, http_state, limits, shutdown.clone()).await {
+            Ok((a, tls)) => {
+                let tls = match tls {
+                    Some(Ok(t)) => Some(t.port()),
+                    Some(Err(e)) => {
+                        tracing::error!(error = %format!("{e:#}"), "no HTTPS: the secure phone page (wake lock, talkback) is unavailable");
+                        None
+                    }
+                    None => None,
+                };
+                (Some(a.port()), tls)
+            }
             Err(e) => {
                 tracing::error!(error = %format!("{e:#}"), "no HTTP: phones, /health and /metrics are unavailable (the click goes on)");
-                None
+                (None, None)
             }
         };
         let reporter = tokio::spawn(report(cell.clone(), stats.clone(), clock));
         let mut mesh_cfg = mesh_cfg;
         mesh_cfg.http_port = http_port;
+        mesh_cfg.https = https_port.zip(sha);
         mesh_cfg.status_tx = Some(status_tx);
         mesh_cfg.control_tx = Some(control_tx);
         mesh_cfg.board = Some(board.clone());

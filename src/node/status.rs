@@ -51,6 +51,13 @@ pub(crate) fn write_status(shared: &Shared, room: &Room, now: i64, last: &mut Op
 pub(crate) fn decorate(shared: &Shared, st: &mut Status) {
     use std::sync::atomic::Ordering::Relaxed;
     st.phone_url = phone_url(shared);
+    if let Some((port, sha)) = &shared.cfg.https {
+        st.https_url = Some(format!(
+            "https://{}.local:{port}/",
+            crate::net::discovery::dns_label(&shared.cfg.name)
+        ));
+        st.cert_sha256 = Some(sha.clone());
+    }
     if let Some(l) = &shared.cfg.link {
         st.link = crate::core::room::LinkInfo {
             enabled: l.enabled.load(Relaxed),

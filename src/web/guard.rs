@@ -66,10 +66,12 @@ pub enum Refused {
     TooLarge,
     /// Connection older than `max_lifetime`.
     Lifetime,
+    /// HTTPS: the TLS handshake failed (not TLS, no common cipher, a closed socket).
+    TlsHandshake,
 }
 
 impl Refused {
-    pub const ALL: [Refused; 8] = [
+    pub const ALL: [Refused; 9] = [
         Refused::Origin,
         Refused::Host,
         Refused::ConnCap,
@@ -78,6 +80,7 @@ impl Refused {
         Refused::BadRequest,
         Refused::TooLarge,
         Refused::Lifetime,
+        Refused::TlsHandshake,
     ];
     pub fn as_str(self) -> &'static str {
         match self {
@@ -89,6 +92,7 @@ impl Refused {
             Refused::BadRequest => "bad_request",
             Refused::TooLarge => "too_large",
             Refused::Lifetime => "lifetime",
+            Refused::TlsHandshake => "tls_handshake",
         }
     }
 }
@@ -101,7 +105,7 @@ pub struct HttpStats {
     /// HTTP connections open now (WebSockets are counted by the gateway).
     pub connections_open: AtomicU64,
     /// Refusals, indexed like [`Refused::ALL`].
-    pub refused: [AtomicU64; 8],
+    pub refused: [AtomicU64; 9],
     /// Idle connections closed to make room at the global cap.
     pub evicted: AtomicU64,
     /// Keep-alive connections closed after a request for idling past the header timeout.

@@ -228,7 +228,7 @@ fn split_host(h: &str) -> Option<Host> {
 }
 
 /// This machine's hostname.
-fn hostname() -> Option<String> {
+pub fn hostname() -> Option<String> {
     let mut buf = [0u8; 256];
     // SAFETY: gethostname writes at most buf.len() bytes into our buffer.
     let r = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };

@@ -57,6 +57,18 @@ struct Web {
     feed: StatusFeed,
     log: Arc<RateLog>,
     max_body: usize,
+    /// The HTTPS listener's port and certificate fingerprint, when it runs.
+    https: Option<HttpsInfo>,
+}
+
+/// What the HTTP page tells phones about the HTTPS one (`GET /https.json`).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct HttpsInfo {
+    pub port: u16,
+    /// SHA-256 of the certificate, `AB:CD:…`.
+    pub sha256: String,
+    /// The names and addresses the certificate names.
+    pub names: Vec<String>,
 }
 
 /// The router over `state`, with default limits (its counters are its own).
@@ -65,7 +77,7 @@ pub fn router(state: HttpState) -> Router {
     let http = Arc::new(HttpStats::default());
     let feed = StatusFeed::start(state.status.clone(), state.room.clone());
     let log = Arc::new(RateLog::new(Duration::from_secs(10)));
-    app(state, &limits, http, feed, log)
+    app(state, &limits, http, feed, log, None)
 }
 
 fn app(
@@ -74,6 +86,7 @@ fn app(
     http: Arc<HttpStats>,
     feed: StatusFeed,
     log: Arc<RateLog>,
+    https: Option<HttpsInfo>,
 ) -> Router {
     let gw = Gateway::new(&state);
     let venue = crate::web::venue::routes(state.venue.clone());
@@ -87,10 +100,13 @@ fn app(
         feed,
         log,
         max_body: limits.max_body_bytes,
+        https,
     };
     Router::new()
         .route("/", get(crate::web::gateway::page))
         .route("/index.html", get(crate::web::gateway::page))
+        .route("/phone.js", get(crate::web::gateway::talkback::script))
+        .route("/https.json", get(https_info))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .with_state(web.clone())
@@ -111,6 +127,16 @@ async fn not_found() -> impl IntoResponse {
         [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
         "not found: this box serves /, /ws, /health, /metrics, /venue and /venue.json\n",
     )
+}
+
+/// `GET /https.json`: where the secure page is and the fingerprint of its certificate
+/// (`{"port":null}` when HTTPS is off).
+async fn https_info(State(web): State<Web>) -> impl IntoResponse {
+    let v = match &web.https {
+        Some(h) => serde_json::json!({"port": h.port, "sha256": h.sha256, "names": h.names}),
+        None => serde_json::json!({"port": null}),
+    };
+    ([(header::CACHE_CONTROL, "no-cache")], Json(v))
 }
 
 /// Host and Origin checks, the body cap.
@@ -201,14 +227,44 @@ pub async fn serve(
 /// [`serve`] with other limits.
 pub async fn serve_with(
     addr: SocketAddr,
+    state: HttpState,
+    limits: HttpLimits,
+    shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<SocketAddr> {
+    serve_both(addr, None, state, limits, shutdown).await.map(|(a, _)| a)
+}
+
+/// The HTTPS listener: its address, certificate and TLS config.
+pub struct HttpsListen {
+    pub addr: SocketAddr,
+    pub identity: crate::web::tls::HttpsIdentity,
+    pub config: Arc<rustls::ServerConfig>,
+}
+
+/// HTTP on `addr` and, with `https`, HTTPS too: one router (one phone gateway: phones
+/// on either see each other) and one connection table (the same caps for both).
+/// An HTTPS port that cannot be bound is reported in the second result; HTTP goes on.
+pub async fn serve_both(
+    addr: SocketAddr,
+    https: Option<HttpsListen>,
     mut state: HttpState,
     mut limits: HttpLimits,
     shutdown: watch::Receiver<bool>,
-) -> anyhow::Result<SocketAddr> {
+) -> anyhow::Result<(SocketAddr, Option<anyhow::Result<SocketAddr>>)> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| anyhow::anyhow!("cannot bind HTTP to {addr}: {e}"))?;
     let local = listener.local_addr()?;
+    let tls = match https {
+        None => None,
+        Some(h) => match tokio::net::TcpListener::bind(h.addr).await {
+            Ok(l) => match l.local_addr() {
+                Ok(a) => Some(Ok((l, a, h))),
+                Err(e) => Some(Err(anyhow::anyhow!("HTTPS listener: {e}"))),
+            },
+            Err(e) => Some(Err(anyhow::anyhow!("cannot bind HTTPS to {}: {e}", h.addr))),
+        },
+    };
     let nofile = crate::web::guard::raise_nofile();
     let (http_cap, ws_cap) =
         crate::web::guard::fd_budget(nofile, &limits, state.limits.max_connections);
@@ -226,14 +282,46 @@ pub async fn serve_with(
     let stats = Arc::new(HttpStats::default());
     let feed = StatusFeed::start(state.status.clone(), state.room.clone());
     let log = Arc::new(RateLog::new(Duration::from_secs(10)));
-    let router = app(state, &limits, stats.clone(), feed, log.clone());
+    let info = match &tls {
+        Some(Ok((_, a, h))) => Some(HttpsInfo {
+            port: a.port(),
+            sha256: h.identity.sha256.clone(),
+            names: h.identity.names.clone(),
+        }),
+        _ => None,
+    };
+    let router = app(state, &limits, stats.clone(), feed, log.clone(), info);
     let table = ConnTable::new(limits, stats.clone());
-    tokio::spawn(accept_loop(listener, router, table, stats, log, shutdown));
-    Ok(local)
+    tokio::spawn(accept_loop(
+        listener,
+        None,
+        router.clone(),
+        table.clone(),
+        stats.clone(),
+        log.clone(),
+        shutdown.clone(),
+    ));
+    let tls = tls.map(|r| {
+        r.map(|(l, a, h)| {
+            tracing::info!(addr = %a, sha256 = %h.identity.sha256, "HTTPS listening (the same page and limits)");
+            tokio::spawn(accept_loop(
+                l,
+                Some(tokio_rustls::TlsAcceptor::from(h.config)),
+                router,
+                table,
+                stats,
+                log,
+                shutdown,
+            ));
+            a
+        })
+    });
+    Ok((local, tls))
 }
 
 async fn accept_loop(
     listener: tokio::net::TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     router: Router,
     table: Arc<ConnTable>,
     stats: Arc<HttpStats>,
@@ -275,28 +363,46 @@ async fn accept_loop(
         // No Nagle: a phone must get a snapshot the moment it is sent, not after the
         // previous message's (delayed) ACK.
         let _ = tcp.set_nodelay(true);
-        tokio::spawn(serve_conn(
-            tcp,
-            peer,
-            admitted,
-            router.clone(),
-            table.clone(),
-            stats.clone(),
-            shutdown.clone(),
-        ));
+        let (router, table, stats, shutdown) =
+            (router.clone(), table.clone(), stats.clone(), shutdown.clone());
+        match &tls {
+            None => {
+                tokio::spawn(serve_conn(tcp, peer, admitted, router, table, stats, shutdown));
+            }
+            Some(acceptor) => {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    // The handshake has the header deadline too: a stranger that opens
+                    // TLS and stalls costs a slot for at most that long.
+                    let deadline = table.limits().header_timeout;
+                    let kill = admitted.conn.clone();
+                    let hs = tokio::select! {
+                        r = tokio::time::timeout(deadline, acceptor.accept(tcp)) => r,
+                        _ = kill.kill.notified() => return,
+                    };
+                    match hs {
+                        Ok(Ok(s)) => serve_conn(s, peer, admitted, router, table, stats, shutdown).await,
+                        Ok(Err(_)) => stats.refused(Refused::TlsHandshake),
+                        Err(_) => stats.refused(Refused::HeaderTimeout),
+                    }
+                });
+            }
+        }
     }
     table.close_all();
 }
 
-async fn serve_conn(
-    tcp: tokio::net::TcpStream,
+async fn serve_conn<IO>(
+    tcp: IO,
     peer: SocketAddr,
     admitted: Admitted,
     router: Router,
     table: Arc<ConnTable>,
     stats: Arc<HttpStats>,
     mut shutdown: watch::Receiver<bool>,
-) {
+) where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let limits = table.limits().clone();
     let conn: Arc<ConnState> = admitted.conn.clone();
     let served = Arc::new(AtomicBool::new(false));
@@ -975,5 +1081,10 @@ async fn metrics(State(web): State<Web>) -> impl IntoResponse {
                 .collect(),
         );
     }
+    m.push_str(&web.gw.talkback_metrics());
+    m.push_str(&format!(
+        "# HELP bandsync_talkback_mesh_dropped_total Talkback signalling dropped between the mesh and the gateway.\n# TYPE bandsync_talkback_mesh_dropped_total counter\nbandsync_talkback_mesh_dropped_total {}\n",
+        web.st.mesh.rtc_dropped.load(Relaxed)
+    ));
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], m)
 }

@@ -10,3 +10,4 @@ pub mod hosts;
 pub mod http;
 pub mod state;
 pub mod venue;
+pub mod tls;

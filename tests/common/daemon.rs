@@ -194,6 +194,11 @@ impl NodeCmd {
         if let Some(l) = &self.click_log {
             c.arg("--click-log").arg(l);
         }
+        // HTTPS on a free loopback port unless the test says otherwise (the default,
+        // 0.0.0.0:8443, would be shared by every daemon of the test run).
+        if !self.args.iter().any(|a| a == "--https") {
+            c.arg("--https").arg("127.0.0.1:0");
+        }
         c.args(&self.args);
         for k in TEST_ENV {
             c.env_remove(k);

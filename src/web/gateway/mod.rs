@@ -33,6 +33,7 @@
 //! from then on each new cue, edit or deletion as it happens. `set_song`,
 //! `post_message`, `update_message` and `delete_message` need the control PIN like
 //! `set_tempo`.
+//! | `rtc_join`, `rtc_offer`, `rtc_answer`, `rtc_ice`, `rtc_leave` | see [`talkback`] | talkback signalling, relayed within the room |
 //!
 //! Who may change the room ([`Control`], the snapshot's `control`): with a control PIN
 //! (`--control-pin`, `"pin"`), `pin` (a string) is required on `set_tempo`,
@@ -175,6 +176,7 @@ use tokio::time::Instant;
 mod limits;
 mod pin;
 mod protocol;
+pub mod talkback;
 
 pub use limits::{GatewayLimits, GatewayStats, Histogram};
 pub use pin::{PinLimits, PinStats};
@@ -357,6 +359,8 @@ struct Inner {
     meta: Mutex<Meta>,
     in_flight: Arc<Semaphore>,
     publisher: Once,
+    /// Talkback signalling ([`talkback`]).
+    talk: Arc<talkback::Hub>,
 }
 
 /// The gateway shared by every connection (cheap to clone).
@@ -367,7 +371,12 @@ impl Gateway {
     /// Build from the HTTP state (see [`crate::web::state::HttpState`]).
     pub fn new(st: &crate::web::state::HttpState) -> Gateway {
         let limits = st.limits.clone();
+        let talk = talkback::Hub::new(st.room.clone());
+        if tokio::runtime::Handle::try_current().is_ok() {
+            talkback::Hub::start(&talk);
+        }
         Gateway(Arc::new(Inner {
+            talk,
             cell: st.cell.clone(),
             clock: st.clock,
             changes: st.changes.clone(),
@@ -424,6 +433,11 @@ impl Gateway {
     /// Sources locked out from PIN guessing now.
     pub fn locked_sources(&self) -> usize {
         self.0.pins.locked_sources()
+    }
+
+    /// Talkback's lines for `/metrics`.
+    pub fn talkback_metrics(&self) -> String {
+        talkback::metrics(&self.0.talk)
     }
 
     /// Log lines about phones left out by the log rate limit.
@@ -777,6 +791,7 @@ struct Conn {
     name: Option<String>,
     /// Cues this phone acked (each counts once per connection).
     acked: std::collections::BTreeSet<u64>,
+    talk: talkback::ConnTalk,
 }
 
 impl Conn {
@@ -803,6 +818,7 @@ impl Conn {
             control_busy: Arc::new(AtomicBool::new(false)),
             name: None,
             acked: Default::default(),
+            talk: Default::default(),
         }
     }
 
@@ -884,6 +900,7 @@ impl Conn {
     }
 
     fn leave(&mut self) {
+        self.talk_leave();
         if self.joined {
             self.inner()
                 .clients
@@ -1044,7 +1061,7 @@ impl Conn {
             }
             _ => return Next::Go, // WebSocket pings are answered by the library
         };
-        let max = self.inner().limits.max_message_bytes;
+        let max = talkback::message_cap(self.inner().limits.max_message_bytes, text.as_str());
         if text.len() > max {
             let b = bad(
                 ErrorCode::TooLarge,
@@ -1111,6 +1128,12 @@ impl Conn {
                     .await
             }
         };
+        if ty.starts_with("rtc_") {
+            return match self.on_rtc(&ty, &obj, id.as_ref()).await {
+                Ok(next) => next,
+                Err(b) => self.reply_error(b, Some(&ty), id.as_ref()).await,
+            };
+        }
         let Some(allowed) = fields_of(&ty) else {
             let shown: String = ty.chars().take(40).collect();
             let b = bad(
@@ -1497,7 +1520,7 @@ pub async fn page() -> impl IntoResponse {
             (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
             (
                 header::CONTENT_SECURITY_POLICY,
-                "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self' ws: wss:; img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+                "default-src 'none'; script-src 'self' 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self' ws: wss:; img-src data:; media-src data: blob:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
             ),
         ],
         PAGE,
