@@ -2281,6 +2281,10 @@ impl Sim {
             clock_gen: u64,
             /// One beat of the governing tempo (session ns, f64).
             beat_ns: f64,
+            /// One beat of the tempo that governs this beat → the next, as the timeline
+            /// this click was played from says (a follower may adopt, just before the
+            /// next beat, a timeline that begins there: the interval is still this one).
+            next_ns: f64,
             session: SessionId,
             downbeat: bool,
         }
@@ -2309,6 +2313,8 @@ impl Sim {
                         t: inst.clk.true_at(p.map.to_local(c.time)),
                         clock_gen: p.clock_gen,
                         beat_ns: 60e12 / prev.tempo.mbpm() as f64,
+                        next_ns: 60e12
+                            / p.timeline.segment_at_beat(c.beat).tempo.mbpm() as f64,
                         session: p.session,
                         downbeat: c.accent,
                     });
@@ -2355,8 +2361,16 @@ impl Sim {
                     self.fail(m);
                     return;
                 }
-                // beat_ns of b is the tempo governing a → b
-                let grid = ((b.s - a.s) as f64 - b.beat_ns).abs().round() as i64;
+                // the tempo governing a → b, as a's timeline or b's says (a change
+                // received just after a clicked; a timeline adopted that begins at b)
+                let beat_ab = if ((b.s - a.s) as f64 - b.beat_ns).abs()
+                    <= ((b.s - a.s) as f64 - a.next_ns).abs()
+                {
+                    b.beat_ns
+                } else {
+                    a.next_ns
+                };
+                let grid = ((b.s - a.s) as f64 - beat_ab).abs().round() as i64;
                 if grid > self.stats.worst_grid.0 {
                     self.stats.worst_grid = (grid, format!("seed {} {}", self.seed, tag(b)));
                 }
@@ -2365,12 +2379,12 @@ impl Sim {
                         "inv 3: {}: grid interval {} ns vs one beat {:.0} ns",
                         tag(b),
                         b.s - a.s,
-                        b.beat_ns
+                        beat_ab
                     );
                     self.fail(m);
                     return;
                 }
-                let ppm = ((b.t - a.t) as f64 / b.beat_ns - 1.0).abs() * 1e6;
+                let ppm = ((b.t - a.t) as f64 / beat_ab - 1.0).abs() * 1e6;
                 if ppm > self.stats.worst_rate_ppm.0 {
                     self.stats.worst_rate_ppm = (ppm, format!("seed {} {}", self.seed, tag(b)));
                 }
@@ -2379,7 +2393,7 @@ impl Sim {
                         "inv 3: {}: interval {} ns is {ppm:.0} ppm off the tempo's {:.0} ns",
                         tag(b),
                         b.t - a.t,
-                        b.beat_ns
+                        beat_ab
                     );
                     self.fail(m);
                     return;
@@ -2392,7 +2406,16 @@ impl Sim {
                 }
                 let iv1 = (b.t - a.t) as f64;
                 let iv2 = (c.t - b.t) as f64;
-                let jump = (iv2 - iv1 * c.beat_ns / b.beat_ns).abs().round() as i64;
+                // one beat of the tempo governing x → y (as x's timeline or y's says)
+                let beat_of = |x: &C, y: &C| {
+                    let d = (y.s - x.s) as f64;
+                    if (d - y.beat_ns).abs() <= (d - x.next_ns).abs() {
+                        y.beat_ns
+                    } else {
+                        x.next_ns
+                    }
+                };
+                let jump = (iv2 - iv1 * beat_of(b, c) / beat_of(a, b)).abs().round() as i64;
                 let settled = self.align_settled_at(i, a.t) && self.align_settled_at(i, c.t);
                 let bound = if settled {
                     JUMP_BOUND

@@ -1340,6 +1340,35 @@ impl Room {
             return;
         };
         let s_now = self.session_now(now);
+        // The same grid up to now (a change the peer scheduled ahead, e.g. while
+        // leadership moved): take its timeline as it is, at once — its change lands where
+        // it was scheduled, on every box.
+        let back = (s_now - 2_000_000_000)
+            .max(tl.segments()[0].t0)
+            .max(self.timeline.segments()[0].t0)
+            .min(s_now);
+        if tl.segments()[0].t0 <= s_now
+            && !phase_differs(&self.timeline, &tl, s_now)
+            && !phase_differs(&self.timeline, &tl, back)
+        {
+            let from = from.clone();
+            let stamp = a.decided.clone();
+            self.timeline = tl;
+            self.decided = stamp.clone();
+            if self.leading {
+                self.version += 1;
+            }
+            self.merge = None;
+            self.dirty = true;
+            self.publish = true;
+            self.persist = true;
+            out.push(Action::Note(Note::Merged {
+                record: "timeline",
+                from,
+                stamp,
+            }));
+            return;
+        }
         let replan = self.merge.as_ref().is_none_or(|m| {
             m.from != *from
                 || m.stamp != a.decided
