@@ -2063,33 +2063,35 @@ impl Sim {
         self.note(format!("clocks {line}"));
     }
 
-    fn check_leadership(&mut self) {
-        let alive = self.alive();
+    /// The groups whose leadership has settled and in which every member hears every
+    /// other (a group still reconnecting is not a clique).
+    fn settled_cliques(&self) -> Vec<Vec<usize>> {
         let mut groups: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
-        for &i in &alive {
+        for i in self.alive() {
             if let Some(c) = self.insts[i].comp {
                 groups.entry(c).or_default().push(i);
             }
         }
-        for members in groups.values() {
-            if members
-                .iter()
-                .any(|&i| self.insts[i].lead_settled > self.now)
-            {
-                continue;
-            }
-            // (a group still reconnecting is not a clique: not every member hears every other)
-            let clique = members.iter().all(|&a| {
-                members.iter().all(|&b| {
-                    a == b
-                        || self
-                            .healthy(self.insts[a].slot, self.insts[b].slot)
-                            .is_some()
-                })
-            });
-            if !clique {
-                continue;
-            }
+        groups
+            .into_values()
+            .filter(|members| {
+                !members
+                    .iter()
+                    .any(|&i| self.insts[i].lead_settled > self.now)
+                    && members.iter().all(|&a| {
+                        members.iter().all(|&b| {
+                            a == b
+                                || self
+                                    .healthy(self.insts[a].slot, self.insts[b].slot)
+                                    .is_some()
+                        })
+                    })
+            })
+            .collect()
+    }
+
+    fn check_leadership(&mut self) {
+        for members in &self.settled_cliques() {
             let desc = |s: &Sim| -> String {
                 members
                     .iter()
@@ -2207,30 +2209,7 @@ impl Sim {
         if self.now < self.decided_grace {
             return;
         }
-        let mut groups: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
-        for i in self.alive() {
-            if let Some(c) = self.insts[i].comp {
-                groups.entry(c).or_default().push(i);
-            }
-        }
-        for members in groups.values() {
-            if members
-                .iter()
-                .any(|&i| self.insts[i].lead_settled > self.now)
-            {
-                continue;
-            }
-            let clique = members.iter().all(|&a| {
-                members.iter().all(|&b| {
-                    a == b
-                        || self
-                            .healthy(self.insts[a].slot, self.insts[b].slot)
-                            .is_some()
-                })
-            });
-            if !clique {
-                continue;
-            }
+        for members in &self.settled_cliques() {
             let latest = members
                 .iter()
                 .map(|&i| self.insts[i].room.decided().clone())
