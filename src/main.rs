@@ -1,10 +1,10 @@
 //! The `bandsync` binary: the daemon (`bandsync run`) and the stage tech's CLI.
 
 use anyhow::Context;
-use bandsync::sys::clock::NodeClock;
-use bandsync::node::config::{RunConfig, Settings};
 use bandsync::core::timeline::{ChangeKind, Meter, Quantum, Tempo};
 use bandsync::core::wire::{Query, Reply};
+use bandsync::node::config::{RunConfig, Settings};
+use bandsync::sys::clock::NodeClock;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
@@ -273,13 +273,7 @@ fn done(r: Reply) -> anyhow::Result<()> {
     }
 }
 
-fn status(
-    to: &To,
-    file: &Settings,
-    json: bool,
-    peers_only: bool,
-    qr: bool,
-) -> anyhow::Result<()> {
+fn status(to: &To, file: &Settings, json: bool, peers_only: bool, qr: bool) -> anyhow::Result<()> {
     match ask(to, file, Query::Status)? {
         Reply::Status(j) => {
             let s: bandsync::core::room::Status =
@@ -342,7 +336,9 @@ fn pages(
 
 fn setlist_show(to: &To, file: &Settings, json: bool) -> anyhow::Result<()> {
     let pages = pages(to, file, Query::Setlist { from: 0 }, |v| {
-        v["next"].as_u64().map(|n| Query::Setlist { from: n as u16 })
+        v["next"]
+            .as_u64()
+            .map(|n| Query::Setlist { from: n as u16 })
     })?;
     let mut all = pages[0].clone();
     all["songs"] = serde_json::Value::Array(
@@ -404,7 +400,11 @@ fn cues_show(to: &To, file: &Settings, json: bool) -> anyhow::Result<()> {
         println!(
             "{seq}  {:<16} {}{}{}",
             c["author"].as_str().unwrap_or(""),
-            if c["deleted"].as_bool() == Some(true) { "(deleted) " } else { "" },
+            if c["deleted"].as_bool() == Some(true) {
+                "(deleted) "
+            } else {
+                ""
+            },
             c["text"].as_str().unwrap_or("").replace('\n', " / "),
             match c["seen"].as_u64() {
                 Some(n) if n > 0 => format!("  [seen by {n}]"),
@@ -416,7 +416,8 @@ fn cues_show(to: &To, file: &Settings, json: bool) -> anyhow::Result<()> {
 }
 
 fn is_config_error(e: &anyhow::Error) -> bool {
-    e.downcast_ref::<bandsync::node::config::ConfigError>().is_some()
+    e.downcast_ref::<bandsync::node::config::ConfigError>()
+        .is_some()
 }
 
 fn init_logs(daemon: bool) {
@@ -438,8 +439,8 @@ fn main() {
     let cli = Cli::parse();
     init_logs(matches!(cli.cmd, Cmd::Run(_)));
     let result = (|| -> anyhow::Result<()> {
-        let clock =
-            clock.map_err(|e| anyhow::Error::new(bandsync::node::config::ConfigError(e.to_string())))?;
+        let clock = clock
+            .map_err(|e| anyhow::Error::new(bandsync::node::config::ConfigError(e.to_string())))?;
         match cli.cmd {
             Cmd::Run(args) => {
                 let cfg = Settings::load(cli.config.as_deref())
@@ -547,7 +548,10 @@ fn main() {
                 } else {
                     bandsync::cli::venue::UsageFormat::Table
                 };
-                print!("{}", bandsync::cli::venue::usage(&dir, since.as_deref(), format)?);
+                print!(
+                    "{}",
+                    bandsync::cli::venue::usage(&dir, since.as_deref(), format)?
+                );
                 Ok(())
             }
             Cmd::Venue { redis, json } => {
@@ -584,7 +588,11 @@ fn main() {
                         ),
                     },
                 };
-                done(ask(&to, &Settings::load(cli.config.as_deref())?.0, Query::Song(pick))?)
+                done(ask(
+                    &to,
+                    &Settings::load(cli.config.as_deref())?.0,
+                    Query::Song(pick),
+                )?)
             }
             Cmd::Cue {
                 text,
@@ -597,14 +605,16 @@ fn main() {
                     (None, Some(seq), None) => Query::CueDelete { seq },
                     (None, Some(_), Some(_)) => anyhow::bail!("cue --delete SEQ takes no text"),
                     (Some(seq), None, Some(text)) => {
-                        check_text(&text).map_err(|e| anyhow::anyhow!("cue {e}; nothing changed"))?;
+                        check_text(&text)
+                            .map_err(|e| anyhow::anyhow!("cue {e}; nothing changed"))?;
                         Query::CueEdit { seq, text }
                     }
                     (Some(_), None, None) => {
                         anyhow::bail!("cue --edit SEQ TEXT: the new text is missing")
                     }
                     (None, None, Some(text)) => {
-                        check_text(&text).map_err(|e| anyhow::anyhow!("cue {e}; nothing changed"))?;
+                        check_text(&text)
+                            .map_err(|e| anyhow::anyhow!("cue {e}; nothing changed"))?;
                         let who = std::env::var("USER").unwrap_or_else(|_| "cli".into());
                         let host = bandsync::node::config::hostname();
                         let author: String = format!("{who}@{host}")

@@ -368,7 +368,10 @@ fn a_bogus_candidate_does_not_stop_the_cli() {
     let (o, t) = room.cli_with_key(&["status"], &room.dir.path().join("wrong-cache"), &wrong);
     assert!(!o.status.success());
     assert!(text(&o).contains("wrong room key"), "{}", text(&o));
-    assert!(t < Duration::from_secs(8), "the search has a deadline: {t:?}");
+    assert!(
+        t < Duration::from_secs(8),
+        "the search has a deadline: {t:?}"
+    );
     spoof.shutdown();
     spoof2.shutdown();
 }

@@ -27,9 +27,18 @@ const FORBIDDEN: &[(&str, &str)] = &[
     ("getrandom", "unseeded randomness"),
     ("rand::", "unseeded randomness"),
     ("thread_rng", "unseeded randomness"),
-    ("RandomState", "unseeded randomness (HashMap's default hasher)"),
-    ("HashMap", "iteration order from an unseeded hasher (use BTreeMap)"),
-    ("HashSet", "iteration order from an unseeded hasher (use BTreeSet)"),
+    (
+        "RandomState",
+        "unseeded randomness (HashMap's default hasher)",
+    ),
+    (
+        "HashMap",
+        "iteration order from an unseeded hasher (use BTreeMap)",
+    ),
+    (
+        "HashSet",
+        "iteration order from an unseeded hasher (use BTreeSet)",
+    ),
     ("println!", "writes to stdout"),
     ("eprintln!", "writes to stderr"),
     ("std::io::stdin", "reads stdin"),
@@ -67,7 +76,11 @@ fn violations(src: &str, name: &str) -> Vec<String> {
         let c = code(line);
         for (pat, why) in FORBIDDEN {
             if c.contains(pat) {
-                v.push(format!("{name}:{}: `{pat}` ({why}): {}", n + 1, line.trim()));
+                v.push(format!(
+                    "{name}:{}: `{pat}` ({why}): {}",
+                    n + 1,
+                    line.trim()
+                ));
             }
         }
     }
@@ -79,7 +92,10 @@ fn the_core_does_no_io_and_reads_no_clock() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/core");
     let mut files = Vec::new();
     rust_files(&root, &mut files);
-    assert!(files.len() >= 8, "src/core holds the core modules: {files:?}");
+    assert!(
+        files.len() >= 8,
+        "src/core holds the core modules: {files:?}"
+    );
     let mut all = Vec::new();
     for f in &files {
         let src = std::fs::read_to_string(f).unwrap();
@@ -97,21 +113,37 @@ fn the_checker_catches_what_it_forbids() {
     // The check itself could rot into one that passes everything.
     let bad = "fn f() {\n    let t = std::time::Instant::now();\n    let s = tokio::net::UdpSocket::bind(\"x\");\n}\n";
     let v = violations(bad, "x.rs");
-    assert!(v.iter().any(|l| l.contains("x.rs:2") && l.contains("Instant::now")), "{v:?}");
-    assert!(v.iter().any(|l| l.contains("x.rs:3") && l.contains("tokio")), "{v:?}");
+    assert!(
+        v.iter()
+            .any(|l| l.contains("x.rs:2") && l.contains("Instant::now")),
+        "{v:?}"
+    );
+    assert!(
+        v.iter()
+            .any(|l| l.contains("x.rs:3") && l.contains("tokio")),
+        "{v:?}"
+    );
     // ...and ignores comments.
     assert!(violations("// Instant::now() is forbidden\n", "y.rs").is_empty());
 }
 
 /// What the web layer may take from `net`: the room handle and counters (and the
 /// DNS label of the box's name).
-const WEB_MAY_USE: &[&str] = &["handle", "RoomHandle", "MeshStats", "LinkStats", "discovery::dns_label"];
+const WEB_MAY_USE: &[&str] = &[
+    "handle",
+    "RoomHandle",
+    "MeshStats",
+    "LinkStats",
+    "discovery::dns_label",
+];
 
 #[test]
 fn no_cycles_between_folders() {
     // Layers, lowest first: a folder may use only folders to its left (and itself).
     // `web` reaches the room through `net::handle` only.
-    const ORDER: &[&str] = &["core", "sys", "audio", "mirror", "net", "web", "node", "cli"];
+    const ORDER: &[&str] = &[
+        "core", "sys", "audio", "mirror", "net", "web", "node", "cli",
+    ];
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
     let mut bad = Vec::new();
     for (i, layer) in ORDER.iter().enumerate() {
@@ -127,7 +159,9 @@ fn no_cycles_between_folders() {
             for (n, line) in text.lines().enumerate() {
                 let c = code(line);
                 for upper in &ORDER[i + 1..] {
-                    if c.contains(&format!("crate::{upper}::")) || c.contains(&format!("crate::{upper}}}")) {
+                    if c.contains(&format!("crate::{upper}::"))
+                        || c.contains(&format!("crate::{upper}}}"))
+                    {
                         bad.push(format!("{}:{}: {layer} uses {upper}", f.display(), n + 1));
                     }
                 }

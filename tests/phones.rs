@@ -13,11 +13,11 @@
 use bandsync::audio::snapshot::{AudioSnapshot, SnapshotCell};
 use bandsync::audio::AudioStats;
 use bandsync::core::time::SessionMap;
+use bandsync::core::timeline::{Meter, Tempo, Timeline};
+use bandsync::net::{self, MeshStats};
 use bandsync::sys::clock::{mono_now_ns, NodeClock};
 use bandsync::web::gateway::{GatewayLimits, GatewayStats};
 use bandsync::web::http::HttpState;
-use bandsync::net::{self, MeshStats};
-use bandsync::core::timeline::{Meter, Tempo, Timeline};
 use serde_json::{json, Value};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
@@ -1087,7 +1087,8 @@ async fn running_node_serves_phones() {
 
     // a change from one phone reaches both, on a future beat
     let (mut a, _) = d.phone().await;
-    a.send_json(json!({"type": "set_tempo", "bpm": 133, "pin": "2468"})).await;
+    a.send_json(json!({"type": "set_tempo", "bpm": 133, "pin": "2468"}))
+        .await;
     a.expect("ack").await;
     for p in [&mut a, &mut b] {
         let s = loop {
@@ -1693,8 +1694,10 @@ async fn load_many_phones() {
     let (_, cpu_b) = proc_stat(pid);
     let changes = 20;
     for i in 0..changes {
-        ctl.send_json(json!({"type": "set_tempo", "bpm": 100 + i, "quantum": "beat", "pin": "2468"}))
-            .await;
+        ctl.send_json(
+            json!({"type": "set_tempo", "bpm": 100 + i, "quantum": "beat", "pin": "2468"}),
+        )
+        .await;
         ctl.until("ack").await;
         tokio::time::sleep(Duration::from_millis(500)).await;
     }

@@ -112,13 +112,13 @@
 //! not yet synced). A replay must be given the same knobs as the run that failed.
 //! `ROOM_SIM_SCRIPT_TRACE=1` prints a scripted scenario's whole trace.
 
-use bandsync::core::time::SessionMap;
+use bandsync::core::decision::Stamp;
 use bandsync::core::room::{
     Action, Note, Persisted, Room, RoomConfig, LOSS_NS, SETTLE_NS, SWITCH_LEAD_NS, YOUNG_NS,
 };
 use bandsync::core::sync::Sample;
+use bandsync::core::time::SessionMap;
 use bandsync::core::timeline::{ChangeKind, Meter, Quantum, Tempo, Timeline};
-use bandsync::core::decision::Stamp;
 use bandsync::core::wire::{Datagram, Frame, SessionId};
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, BinaryHeap, VecDeque};
@@ -872,7 +872,10 @@ impl Sim {
             .iter()
             .filter(|x| x.alive)
             .map(|x| {
-                let seg = *x.room.timeline().current(x.room.session_now(x.clk.local(end)));
+                let seg = *x
+                    .room
+                    .timeline()
+                    .current(x.room.session_now(x.clk.local(end)));
                 (x.slot, seg.tempo.bpm(), seg.playing)
             })
             .collect();
@@ -881,7 +884,13 @@ impl Sim {
             .iter()
             .filter(|x| x.alive)
             .map(|x| {
-                let v = x.room.cues().ordered().iter().map(|c| (c.seq, c.text.clone())).collect();
+                let v = x
+                    .room
+                    .cues()
+                    .ordered()
+                    .iter()
+                    .map(|c| (c.seq, c.text.clone()))
+                    .collect();
                 (x.slot, v)
             })
             .collect();
@@ -1434,7 +1443,10 @@ impl Sim {
                 if self.verbose && std::env::var("ROOM_SIM_CLOCKS").is_ok() {
                     let peer = self.conns[c].inst[1 - to];
                     let e = self.shadow.entry((r, peer)).or_insert_with(|| {
-                        (map, bandsync::core::sync::Estimator::new(Default::default()))
+                        (
+                            map,
+                            bandsync::core::sync::Estimator::new(Default::default()),
+                        )
                     });
                     e.0 = map;
                     e.1.handle_sample(Sample { t1, t2, t3, t4 });
@@ -1480,8 +1492,12 @@ impl Sim {
         self.insts[ib].conns.insert(a, c);
         let (ida, idb) = (self.slots[a].id.clone(), self.slots[b].id.clone());
         // boot ids: the instance index (a restart is a new instance)
-        self.insts[ia].room.peer_up(&idb, &format!("box{b}"), ib as u64);
-        self.insts[ib].room.peer_up(&ida, &format!("box{a}"), ia as u64);
+        self.insts[ia]
+            .room
+            .peer_up(&idb, &format!("box{b}"), ib as u64);
+        self.insts[ib]
+            .room
+            .peer_up(&ida, &format!("box{a}"), ia as u64);
         self.note(format!("connect {} <-> {}", self.name(ia), self.name(ib)));
         for side in 0..2 {
             let d = self.rng.range(0, 5 * MS);
@@ -1762,8 +1778,14 @@ impl Sim {
             Step::Cue { via, text } => {
                 let i = inst(self, via);
                 let l = self.insts[i].clk.local(self.now);
-                let r = self.insts[i].room.post_cue(text.clone(), "sim".into(), l, out);
-                self.note(format!("cue {text:?} via {}: seq {:?}", self.name(i), r.map(|c| c.seq)));
+                let r = self.insts[i]
+                    .room
+                    .post_cue(text.clone(), "sim".into(), l, out);
+                self.note(format!(
+                    "cue {text:?} via {}: seq {:?}",
+                    self.name(i),
+                    r.map(|c| c.seq)
+                ));
                 self.carry_out(i, l, out);
             }
             Step::Tempo { via, bpm } => {
@@ -2292,8 +2314,7 @@ impl Sim {
                         t: inst.clk.true_at(p.map.to_local(c.time)),
                         clock_gen: p.clock_gen,
                         beat_ns: 60e12 / prev.tempo.mbpm() as f64,
-                        next_ns: 60e12
-                            / p.timeline.segment_at_beat(c.beat).tempo.mbpm() as f64,
+                        next_ns: 60e12 / p.timeline.segment_at_beat(c.beat).tempo.mbpm() as f64,
                         session: p.session,
                         downbeat: c.accent,
                     });
@@ -2728,7 +2749,10 @@ fn script_heal_keeps_the_tempo_set_while_the_leader_was_cut_off() {
                 (200, Step::Boot(1)),
                 (400, Step::Boot(2)),
                 (t, Step::Partition(vec![0])),
-                (t + 1_000 + i as i64 * 100, Step::Tempo { via: 1, bpm: 90.0 }),
+                (
+                    t + 1_000 + i as i64 * 100,
+                    Step::Tempo { via: 1, bpm: 90.0 },
+                ),
                 (t + cut_for, Step::Heal),
             ],
         );
@@ -2752,8 +2776,20 @@ fn script_concurrent_decisions_the_later_one_wins() {
                 (200, Step::Boot(1)),
                 (400, Step::Boot(2)),
                 (t, Step::Partition(vec![0])),
-                (t + 1_000, Step::Tempo { via: first, bpm: 100.0 }),
-                (t + 4_000, Step::Tempo { via: second, bpm: 80.0 }),
+                (
+                    t + 1_000,
+                    Step::Tempo {
+                        via: first,
+                        bpm: 100.0,
+                    },
+                ),
+                (
+                    t + 4_000,
+                    Step::Tempo {
+                        via: second,
+                        bpm: 80.0,
+                    },
+                ),
                 (t + 6_000, Step::Heal),
             ],
         );
@@ -2842,11 +2878,21 @@ fn assert_cues_converged(name: &str, stats: &Stats, texts: &[&str]) {
     let first = &stats.final_cues[0].1;
     println!("{name}: {first:?}");
     for (slot, cues) in &stats.final_cues {
-        assert_eq!(cues, first, "{name}: box {slot} holds another order: {:?}", stats.final_cues);
+        assert_eq!(
+            cues, first,
+            "{name}: box {slot} holds another order: {:?}",
+            stats.final_cues
+        );
     }
     let seqs: Vec<u64> = first.iter().map(|c| c.0).collect();
-    assert!(seqs.iter().all(|&s| s > 0), "{name}: unnumbered cues left: {first:?}");
-    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{name}: seqs not distinct and ordered: {first:?}");
+    assert!(
+        seqs.iter().all(|&s| s > 0),
+        "{name}: unnumbered cues left: {first:?}"
+    );
+    assert!(
+        seqs.windows(2).all(|w| w[0] < w[1]),
+        "{name}: seqs not distinct and ordered: {first:?}"
+    );
     let mut got: Vec<&str> = first.iter().map(|c| c.1.as_str()).collect();
     got.sort();
     let mut want = texts.to_vec();
@@ -2862,7 +2908,10 @@ fn script_cues_across_a_partition_and_a_leader_kill() {
     let t = settled_ms();
     for (k, gap) in [(0i64, 40i64), (1, 170), (2, 330)] {
         let name = format!("cues across a partition ({k})");
-        let cue = |via: usize, n: &str| Step::Cue { via, text: n.to_string() };
+        let cue = |via: usize, n: &str| Step::Cue {
+            via,
+            text: n.to_string(),
+        };
         let steps = vec![
             (0, Step::Boot(0)),
             (200, Step::Boot(1)),
@@ -2886,7 +2935,9 @@ fn script_cues_across_a_partition_and_a_leader_kill() {
         assert_cues_converged(
             &name,
             &stats,
-            &["before", "left-1", "right-1", "left-2", "right-2", "left-3", "right-3", "after"],
+            &[
+                "before", "left-1", "right-1", "left-2", "right-2", "left-3", "right-3", "after",
+            ],
         );
     }
 }
@@ -2897,7 +2948,11 @@ fn cues_converge_over_seeds() {
     let t = settled_ms();
     let mut rng = bandsync::core::rng::SplitMix64::new(0xC0E5);
     for seed in 0..12u64 {
-        let mut steps = vec![(0, Step::Boot(0)), (150, Step::Boot(1)), (300, Step::Boot(2))];
+        let mut steps = vec![
+            (0, Step::Boot(0)),
+            (150, Step::Boot(1)),
+            (300, Step::Boot(2)),
+        ];
         let mut texts = Vec::new();
         let cut = (rng.next_u64() % 3) as usize;
         steps.push((t, Step::Partition(vec![cut])));

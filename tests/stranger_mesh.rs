@@ -38,7 +38,10 @@ fn start(base: &Path, i: usize, room: &str, key: &Path) -> Node {
         .args(["--play", "--no-link"])
         .stderr_to(dir.join("node.log"))
         .spawn();
-    assert!(wait_health(http, Duration::from_secs(10)), "node{i} did not come up");
+    assert!(
+        wait_health(http, Duration::from_secs(10)),
+        "node{i} did not come up"
+    );
     Node {
         child,
         http,
@@ -131,7 +134,8 @@ fn a_thousand_unauthenticated_handshakes_leave_the_room_clicking() {
                     Ok(c) => match tokio::time::timeout(Duration::from_secs(4), c).await {
                         // hold it open without a Hello until the node gives up on us
                         Ok(Ok(conn)) => {
-                            let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
+                            let _ =
+                                tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
                             true
                         }
                         _ => false,
@@ -158,18 +162,33 @@ fn a_thousand_unauthenticated_handshakes_leave_the_room_clicking() {
     std::thread::sleep(Duration::from_millis(600));
     for n in [&a, &b] {
         let beats = beats_after(n, t0);
-        assert!(beats.len() >= 8, "{} clicked only {} times during the flood", n.dir.display(), beats.len());
+        assert!(
+            beats.len() >= 8,
+            "{} clicked only {} times during the flood",
+            n.dir.display(),
+            beats.len()
+        );
         for w in beats.windows(2) {
-            assert_eq!(w[1], w[0] + 1, "a beat was skipped or doubled during the flood: {beats:?}");
+            assert_eq!(
+                w[1],
+                w[0] + 1,
+                "a beat was skipped or doubled during the flood: {beats:?}"
+            );
         }
     }
     let counted = metric(&a, "bandsync_refused_total{reason=\"preauth_full\"}")
         + metric(&a, "bandsync_quic_retries_total")
         + metric(&a, "bandsync_refused_total{reason=\"auth\"}");
-    assert!(counted > 0.0, "the refused strangers were not counted in /metrics");
+    assert!(
+        counted > 0.0,
+        "the refused strangers were not counted in /metrics"
+    );
     // bounded log lines: the node log does not carry a line per stranger
     let log = std::fs::read_to_string(a.dir.join("node.log")).unwrap_or_default();
-    let lines = log.lines().filter(|l| l.contains("authenticat") || l.contains("unauthenticated")).count();
+    let lines = log
+        .lines()
+        .filter(|l| l.contains("authenticat") || l.contains("unauthenticated"))
+        .count();
     assert!(lines < 50, "{lines} log lines about strangers");
 }
 
@@ -185,17 +204,18 @@ fn a_forged_advert_never_splits_the_room() {
     let closed = free_port(true);
     let mut spoofs = Vec::new();
     for id in &ids {
-        let (d, _rx) = bandsync::net::discovery::Discovery::start(bandsync::net::discovery::DiscoveryConfig {
-            node_id: id.clone(),
-            name: "evil".into(),
-            room: room_name.clone(),
-            quic_port: closed,
-            interfaces: vec!["lo".into()],
-            advertise: true,
-            http_port: None,
-            https_port: None,
-        })
-        .expect("the stranger's mDNS");
+        let (d, _rx) =
+            bandsync::net::discovery::Discovery::start(bandsync::net::discovery::DiscoveryConfig {
+                node_id: id.clone(),
+                name: "evil".into(),
+                room: room_name.clone(),
+                quic_port: closed,
+                interfaces: vec!["lo".into()],
+                advertise: true,
+                http_port: None,
+                https_port: None,
+            })
+            .expect("the stranger's mDNS");
         spoofs.push(d);
     }
     std::thread::sleep(Duration::from_secs(2));

@@ -383,8 +383,14 @@ async fn a_fresh_box_makes_a_pin_and_no_pin_means_no_control() {
     let d = Daemon::start(&["--play"]);
     let (mut ws, snap) = d.phone().await;
     let pin_file = d.dir.path().join("state/control-pin");
-    let pin = std::fs::read_to_string(&pin_file).unwrap().trim().to_string();
-    assert!(pin.len() == 6 && pin.bytes().all(|b| b.is_ascii_digit()), "{pin:?}");
+    let pin = std::fs::read_to_string(&pin_file)
+        .unwrap()
+        .trim()
+        .to_string();
+    assert!(
+        pin.len() == 6 && pin.bytes().all(|b| b.is_ascii_digit()),
+        "{pin:?}"
+    );
     {
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(&pin_file).unwrap().permissions().mode();
@@ -401,7 +407,10 @@ async fn a_fresh_box_makes_a_pin_and_no_pin_means_no_control() {
     let wrong = if pin == "000000" { "111111" } else { "000000" };
     for (msg, code) in [
         (json!({"type": "set_tempo", "bpm": 200}), "pin_required"),
-        (json!({"type": "set_tempo", "bpm": 200, "pin": wrong}), "bad_pin"),
+        (
+            json!({"type": "set_tempo", "bpm": 200, "pin": wrong}),
+            "bad_pin",
+        ),
         (json!({"type": "pause"}), "pin_required"),
     ] {
         send(&mut ws, msg).await;
@@ -418,7 +427,10 @@ async fn a_fresh_box_makes_a_pin_and_no_pin_means_no_control() {
         (Some(120.0), Some(true)),
         "{h}"
     );
-    assert!(h.get("control_pin").is_none(), "/health must not show the PIN: {h}");
+    assert!(
+        h.get("control_pin").is_none(),
+        "/health must not show the PIN: {h}"
+    );
     let m = metrics(d.http).await;
     assert_eq!(
         metric(&m, "bandsync_phone_control{mode=\"pin\"}"),
@@ -427,7 +439,11 @@ async fn a_fresh_box_makes_a_pin_and_no_pin_means_no_control() {
     );
     assert_eq!(metric(&m, "bandsync_phone_changes_total"), 0.0, "{m}");
     // the right PIN works
-    send(&mut ws, json!({"type": "set_tempo", "bpm": 133, "pin": pin})).await;
+    send(
+        &mut ws,
+        json!({"type": "set_tempo", "bpm": 133, "pin": pin}),
+    )
+    .await;
     let a = expect(&mut ws, &["error", "ack"]).await;
     assert_eq!(a["type"], "ack", "{a}");
 }

@@ -52,8 +52,8 @@
 //! and `-- --nocapture` to print every tick). `-- --nocapture` alone prints the worst
 //! errors of each scenario.
 
-use bandsync::core::time::SessionMap;
 use bandsync::core::sync::{Estimator, Sample, SampleVerdict, SlewConfig, Slewer, SyncConfig};
+use bandsync::core::time::SessionMap;
 
 const US: i64 = 1_000;
 const MS: i64 = 1_000_000;
@@ -267,7 +267,10 @@ fn simulate(sc: &Scenario, seed: u64) -> Outcome {
     let true_rate_ppm =
         ((1e9 + leader.skew_ppb as f64) / (1e9 + follower.skew_ppb as f64) - 1.0) * 1e6;
     let (sync, slew) = if sc.room {
-        (bandsync::core::room::sync_config(), bandsync::core::room::slew_config())
+        (
+            bandsync::core::room::sync_config(),
+            bandsync::core::room::slew_config(),
+        )
     } else {
         (SyncConfig::default(), SlewConfig::default())
     };

@@ -68,7 +68,12 @@ impl Node {
             common::wait_health(http, Duration::from_secs(20)),
             "{name} never served /health"
         );
-        Node { child, http, https, dir }
+        Node {
+            child,
+            http,
+            https,
+            dir,
+        }
     }
     /// SIGTERM (an orderly stop: its peers hear `Bye`), and wait.
     fn stop(&mut self) {
@@ -84,7 +89,9 @@ impl Node {
         std::fs::read_to_string(self.dir.path().join("node.log")).unwrap_or_default()
     }
     fn metrics(&self) -> String {
-        common::http_get(self.http, "/metrics").map(|x| x.1).unwrap_or_default()
+        common::http_get(self.http, "/metrics")
+            .map(|x| x.1)
+            .unwrap_or_default()
     }
 }
 
@@ -124,9 +131,12 @@ struct Page {
 async fn http_json(port: u16, method: &str, path: &str) -> Value {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    s.write_all(format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
+    s.write_all(
+        format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
     let mut buf = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf)).await;
     let t = String::from_utf8_lossy(&buf).to_string();
@@ -173,20 +183,35 @@ impl Browser {
             {
                 break p;
             }
-            assert!(t.elapsed() < Duration::from_secs(30), "chromium did not open its DevTools port");
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "chromium did not open its DevTools port"
+            );
             std::thread::sleep(Duration::from_millis(100));
         };
-        Browser { _group: group, port, _dir: dir }
+        Browser {
+            _group: group,
+            port,
+            _dir: dir,
+        }
     }
 
     /// A new tab at `url`.
     async fn page(&self, url: &str) -> Page {
         let v = http_json(self.port, "PUT", &format!("/json/new?{url}")).await;
-        let ws_url = v["webSocketDebuggerUrl"].as_str().unwrap_or_else(|| panic!("no tab: {v}")).to_string();
+        let ws_url = v["webSocketDebuggerUrl"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no tab: {v}"))
+            .to_string();
         let req = ws_url.into_client_request().unwrap();
         let tcp = TcpStream::connect(("127.0.0.1", self.port)).await.unwrap();
         let (ws, _) = tokio_tungstenite::client_async(req, tcp).await.unwrap();
-        Page { ws, next: 1, id: v["id"].as_str().unwrap().to_string(), port: self.port }
+        Page {
+            ws,
+            next: 1,
+            id: v["id"].as_str().unwrap().to_string(),
+            port: self.port,
+        }
     }
 }
 
@@ -219,9 +244,18 @@ impl Page {
     async fn call(&mut self, method: &str) -> Value {
         let id = self.next;
         self.next += 1;
-        self.ws.send(Message::text(json!({"id": id, "method": method}).to_string())).await.unwrap();
+        self.ws
+            .send(Message::text(
+                json!({"id": id, "method": method}).to_string(),
+            ))
+            .await
+            .unwrap();
         loop {
-            let m = tokio::time::timeout(Duration::from_secs(30), self.ws.next()).await.unwrap().unwrap().unwrap();
+            let m = tokio::time::timeout(Duration::from_secs(30), self.ws.next())
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
             if let Message::Text(t) = m {
                 let v: Value = serde_json::from_str(t.as_str()).unwrap();
                 if v["id"] == id {
@@ -235,14 +269,23 @@ impl Page {
         self.result(id, expr).await
     }
     /// Poll `expr` until `ok` holds of it.
-    async fn until(&mut self, what: &str, expr: &str, secs: u64, ok: impl Fn(&Value) -> bool) -> Value {
+    async fn until(
+        &mut self,
+        what: &str,
+        expr: &str,
+        secs: u64,
+        ok: impl Fn(&Value) -> bool,
+    ) -> Value {
         let t = Instant::now();
         loop {
             let v = self.eval(expr).await;
             if ok(&v) {
                 return v;
             }
-            assert!(t.elapsed() < Duration::from_secs(secs), "{what}: never; last {v}");
+            assert!(
+                t.elapsed() < Duration::from_secs(secs),
+                "{what}: never; last {v}"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -256,7 +299,12 @@ fn clicks(path: &std::path::Path) -> std::collections::HashMap<i64, i64> {
         .unwrap_or_default()
         .lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .map(|v| (v["beat"].as_i64().unwrap(), v["t_mono_ns"].as_i64().unwrap()))
+        .map(|v| {
+            (
+                v["beat"].as_i64().unwrap(),
+                v["t_mono_ns"].as_i64().unwrap(),
+            )
+        })
         .collect()
 }
 
@@ -284,46 +332,80 @@ async fn talkback_between_boxes_in_a_browser() {
     while a.health()["peers"].as_array().map_or(0, |p| p.len()) < 1
         || b.health()["peers"].as_array().map_or(0, |p| p.len()) < 1
     {
-        assert!(t.elapsed() < Duration::from_secs(20), "the boxes never met: {}", a.log());
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the boxes never met: {}",
+            a.log()
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let browser = Browser::open();
-    let mut pa = browser.page(&format!("https://127.0.0.1:{}/", a.https)).await;
-    let mut pb = browser.page(&format!("https://127.0.0.1:{}/", b.https)).await;
-    let mut pc = browser.page(&format!("https://127.0.0.1:{}/", c.https)).await;
-    for (p, w) in [(&mut pa, "page on alpha"), (&mut pb, "page on bravo"), (&mut pc, "page on charlie")] {
+    let mut pa = browser
+        .page(&format!("https://127.0.0.1:{}/", a.https))
+        .await;
+    let mut pb = browser
+        .page(&format!("https://127.0.0.1:{}/", b.https))
+        .await;
+    let mut pc = browser
+        .page(&format!("https://127.0.0.1:{}/", c.https))
+        .await;
+    for (p, w) in [
+        (&mut pa, "page on alpha"),
+        (&mut pb, "page on bravo"),
+        (&mut pc, "page on charlie"),
+    ] {
         ready(p, w).await;
         // loopback only: the test's traffic stays on 127.0.0.1
-        p.eval(r"window.bandsyncPhone.talk.only('127\\.0\\.0\\.1'); true").await;
+        p.eval(r"window.bandsyncPhone.talk.only('127\\.0\\.0\\.1'); true")
+            .await;
     }
     // a wrong PIN: refused by name
-    pa.eval("window.bandsyncPhone.talk.join('alice', '0000')").await;
-    pa.until("the wrong PIN refused", "document.getElementById('talkmsg').textContent", 10, |v| {
-        v.as_str().is_some_and(|s| s.to_lowercase().contains("pin"))
-    })
+    pa.eval("window.bandsyncPhone.talk.join('alice', '0000')")
+        .await;
+    pa.until(
+        "the wrong PIN refused",
+        "document.getElementById('talkmsg').textContent",
+        10,
+        |v| v.as_str().is_some_and(|s| s.to_lowercase().contains("pin")),
+    )
     .await;
     let join_at = Instant::now();
     for (p, n) in [(&mut pa, "alice"), (&mut pb, "bob"), (&mut pc, "carol")] {
-        assert_eq!(p.eval(&format!("window.bandsyncPhone.talk.join('{n}', '2468')")).await, true);
+        assert_eq!(
+            p.eval(&format!("window.bandsyncPhone.talk.join('{n}', '2468')"))
+                .await,
+            true
+        );
     }
     // alice and bob see each other (across the boxes) and connect
     let sa = pa
         .until("alice sees bob, connected", STATE, 20, |v| {
-            v["peers"].as_array().is_some_and(|p| p.len() == 1 && p[0]["name"] == "bob")
-                && v["calls"].as_array().is_some_and(|c| c.len() == 1 && c[0]["state"] == "connected")
+            v["peers"]
+                .as_array()
+                .is_some_and(|p| p.len() == 1 && p[0]["name"] == "bob")
+                && v["calls"]
+                    .as_array()
+                    .is_some_and(|c| c.len() == 1 && c[0]["state"] == "connected")
         })
         .await;
     let sb = pb
         .until("bob sees alice, connected", STATE, 20, |v| {
-            v["calls"].as_array().is_some_and(|c| c.len() == 1 && c[0]["state"] == "connected")
+            v["calls"]
+                .as_array()
+                .is_some_and(|c| c.len() == 1 && c[0]["state"] == "connected")
         })
         .await;
     let connected_ms = join_at.elapsed().as_millis();
-    let (alice, bob) = (sa["me"].as_str().unwrap().to_string(), sb["me"].as_str().unwrap().to_string());
+    let (alice, bob) = (
+        sa["me"].as_str().unwrap().to_string(),
+        sb["me"].as_str().unwrap().to_string(),
+    );
     assert_ne!(alice[..8], bob[..8], "ids name their boxes: {alice} {bob}");
     assert_eq!(sb["peers"][0]["id"], alice.as_str());
     // carol, in another room, sees nobody; nobody sees her
-    let sc = pc.until("carol joined", STATE, 10, |v| v["joined"] == true).await;
+    let sc = pc
+        .until("carol joined", STATE, 10, |v| v["joined"] == true)
+        .await;
     assert_eq!(sc["peers"], json!([]), "carol must see no one: {sc}");
     // push to talk: bob's page receives audio (bytes growing, a level)
     let before = pb.eval("window.bandsyncPhone.talk.stats()").await;
@@ -331,7 +413,9 @@ async fn talkback_between_boxes_in_a_browser() {
     let t = Instant::now();
     let got = loop {
         let v = pb.eval("window.bandsyncPhone.talk.stats()").await;
-        if v[0]["bytes"].as_f64() > before[0]["bytes"].as_f64().map(|x| x + 2000.0) && v[0]["level"].as_f64() > Some(0.0) {
+        if v[0]["bytes"].as_f64() > before[0]["bytes"].as_f64().map(|x| x + 2000.0)
+            && v[0]["level"].as_f64() > Some(0.0)
+        {
             break v;
         }
         if t.elapsed() > Duration::from_secs(10) {
@@ -344,7 +428,10 @@ async fn talkback_between_boxes_in_a_browser() {
     };
     tokio::time::sleep(Duration::from_millis(500)).await;
     let later = pb.eval("window.bandsyncPhone.talk.stats()").await;
-    assert!(later[0]["bytes"].as_f64() > got[0]["bytes"].as_f64(), "bytes keep growing: {got} {later}");
+    assert!(
+        later[0]["bytes"].as_f64() > got[0]["bytes"].as_f64(),
+        "bytes keep growing: {got} {later}"
+    );
     eprintln!("bob's inbound audio: {later}");
     pa.eval("window.bandsyncPhone.talk.release(); true").await;
     let cold_ms = join_at.elapsed().as_millis();
@@ -356,7 +443,10 @@ async fn talkback_between_boxes_in_a_browser() {
     let idle0 = pb.eval("window.bandsyncPhone.talk.stats()").await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let idle1 = pb.eval("window.bandsyncPhone.talk.stats()").await;
-    eprintln!("while nobody talks, bob receives {} packets in 0.5 s", idle1[0]["packets"].as_f64().unwrap_or(0.0) - idle0[0]["packets"].as_f64().unwrap_or(0.0));
+    eprintln!(
+        "while nobody talks, bob receives {} packets in 0.5 s",
+        idle1[0]["packets"].as_f64().unwrap_or(0.0) - idle0[0]["packets"].as_f64().unwrap_or(0.0)
+    );
     let watch = r#"(async () => {
         const base = (await window.bandsyncPhone.talk.stats())[0].packets;
         const t0 = performance.now();
@@ -371,10 +461,16 @@ async fn talkback_between_boxes_in_a_browser() {
     for _ in 0..10 {
         let id = pb.start(watch).await;
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let pressed = pa.eval("window.bandsyncPhone.talk.press('')").await.as_f64().unwrap();
+        let pressed = pa
+            .eval("window.bandsyncPhone.talk.press('')")
+            .await
+            .as_f64()
+            .unwrap();
         let heard = pb.result(id, "watch").await;
         pa.eval("window.bandsyncPhone.talk.release(); true").await;
-        let heard = heard.as_f64().expect("no audio packet within 5 s of the press");
+        let heard = heard
+            .as_f64()
+            .expect("no audio packet within 5 s of the press");
         setup.push(heard - pressed);
         tokio::time::sleep(Duration::from_millis(400)).await;
     }
@@ -387,45 +483,73 @@ async fn talkback_between_boxes_in_a_browser() {
     );
 
     // "talk to one": a third member on alpha; bob alone hears alice
-    let mut pd = browser.page(&format!("https://127.0.0.1:{}/", a.https)).await;
+    let mut pd = browser
+        .page(&format!("https://127.0.0.1:{}/", a.https))
+        .await;
     ready(&mut pd, "dave's page").await;
     pd.eval(r"window.bandsyncPhone.talk.only('127\\.0\\.0\\.1'); window.bandsyncPhone.talk.join('dave', '2468')").await;
     let sd = pd
         .until("dave connects to both", STATE, 20, |v| {
-            v["calls"].as_array().is_some_and(|c| c.len() == 2 && c.iter().all(|x| x["state"] == "connected"))
+            v["calls"]
+                .as_array()
+                .is_some_and(|c| c.len() == 2 && c.iter().all(|x| x["state"] == "connected"))
         })
         .await;
     let dave = sd["me"].as_str().unwrap().to_string();
-    assert_eq!(pc.eval(STATE).await["peers"], json!([]), "carol still sees no one");
+    assert_eq!(
+        pc.eval(STATE).await["peers"],
+        json!([]),
+        "carol still sees no one"
+    );
     tokio::time::sleep(Duration::from_millis(500)).await;
     let stat_of = |v: &Value, id: &str| {
-        v.as_array().unwrap().iter().find(|x| x["id"] == id).map(|x| x["packets"].as_f64().unwrap()).unwrap_or(-1.0)
+        v.as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["id"] == id)
+            .map(|x| x["packets"].as_f64().unwrap())
+            .unwrap_or(-1.0)
     };
     let d0 = pd.eval("window.bandsyncPhone.talk.stats()").await;
     let b0 = pb.eval("window.bandsyncPhone.talk.stats()").await;
-    pa.eval(&format!("window.bandsyncPhone.talk.press('{bob}'); true")).await;
+    pa.eval(&format!("window.bandsyncPhone.talk.press('{bob}'); true"))
+        .await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let d1 = pd.eval("window.bandsyncPhone.talk.stats()").await;
     let b1 = pb.eval("window.bandsyncPhone.talk.stats()").await;
     pa.eval("window.bandsyncPhone.talk.release(); true").await;
-    assert!(stat_of(&b1, &alice) - stat_of(&b0, &alice) > 20.0, "bob hears alice: {b0} {b1}");
-    assert!(stat_of(&d1, &alice) - stat_of(&d0, &alice) < 5.0, "dave does not: {d0} {d1}");
+    assert!(
+        stat_of(&b1, &alice) - stat_of(&b0, &alice) > 20.0,
+        "bob hears alice: {b0} {b1}"
+    );
+    assert!(
+        stat_of(&d1, &alice) - stat_of(&d0, &alice) < 5.0,
+        "dave does not: {d0} {d1}"
+    );
 
     // ending: dave closes his tab → alice and bob are told (rtc_leave, rtc_peers)
     pd.close().await;
     for (p, w) in [(&mut pa, "alice"), (&mut pb, "bob")] {
         p.until(&format!("{w} forgets dave"), STATE, 10, |v| {
-            v["peers"].as_array().is_some_and(|p| !p.iter().any(|x| x["id"] == dave.as_str()))
+            v["peers"]
+                .as_array()
+                .is_some_and(|p| !p.iter().any(|x| x["id"] == dave.as_str()))
                 && v["calls"].as_array().is_some_and(|c| c.len() == 1)
         })
         .await;
     }
     // bob leaves → alice's call ends; he joins again → a new call
     pb.eval("window.bandsyncPhone.talk.leave(); true").await;
-    pa.until("alice's call with bob ends", STATE, 10, |v| v["calls"] == json!([]) && v["peers"] == json!([])).await;
-    pb.eval("window.bandsyncPhone.talk.join('bob', '2468')").await;
+    pa.until("alice's call with bob ends", STATE, 10, |v| {
+        v["calls"] == json!([]) && v["peers"] == json!([])
+    })
+    .await;
+    pb.eval("window.bandsyncPhone.talk.join('bob', '2468')")
+        .await;
     pa.until("alice and bob again", STATE, 20, |v| {
-        v["calls"].as_array().is_some_and(|c| c.len() == 1 && c[0]["state"] == "connected")
+        v["calls"]
+            .as_array()
+            .is_some_and(|c| c.len() == 1 && c[0]["state"] == "connected")
     })
     .await;
 
@@ -438,13 +562,22 @@ async fn talkback_between_boxes_in_a_browser() {
             .unwrap_or(0.0)
     };
     assert!(relayed("offer") + relayed("answer") >= 2.0, "{m}");
-    assert!(m.contains("bandsync_talkback_refused_total{reason=\"pin\"} 1"), "the wrong PIN is counted: {m}");
+    assert!(
+        m.contains("bandsync_talkback_refused_total{reason=\"pin\"} 1"),
+        "the wrong PIN is counted: {m}"
+    );
 
     // a box going down ends its phones' calls on the others at once
     let t = Instant::now();
     b.stop();
-    pa.until("alice sees bob's box go", STATE, 10, |v| v["peers"] == json!([]) && v["calls"] == json!([])).await;
-    eprintln!("bravo killed → alice's call ended after {} ms", t.elapsed().as_millis());
+    pa.until("alice sees bob's box go", STATE, 10, |v| {
+        v["peers"] == json!([]) && v["calls"] == json!([])
+    })
+    .await;
+    eprintln!(
+        "bravo killed → alice's call ended after {} ms",
+        t.elapsed().as_millis()
+    );
     drop(pa);
     drop(pc);
     drop(c);
@@ -456,17 +589,34 @@ async fn secure_page_wake_lock_calibration_and_beats() {
     let tmp = tempfile::tempdir().unwrap();
     let key = key_file(tmp.path());
     let log = tmp.path().join("clicks.jsonl");
-    let n = Node::start("delta", "alone", &key, &["--click-log", log.to_str().unwrap()]);
+    let n = Node::start(
+        "delta",
+        "alone",
+        &key,
+        &["--click-log", log.to_str().unwrap()],
+    );
     // the status names the secure page and its certificate
     let h = n.health();
-    let sha = h["cert_sha256"].as_str().unwrap_or_else(|| panic!("no cert_sha256: {h}")).to_string();
+    let sha = h["cert_sha256"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no cert_sha256: {h}"))
+        .to_string();
     assert_eq!(sha.len(), 95, "{sha}");
-    assert!(h["https_url"].as_str().unwrap().starts_with("https://delta.local:"), "{h}");
+    assert!(
+        h["https_url"]
+            .as_str()
+            .unwrap()
+            .starts_with("https://delta.local:"),
+        "{h}"
+    );
     let der = std::fs::read(n.dir.path().join("state/https-cert.der")).unwrap();
     let d = ring_sha256(&der);
     assert_eq!(d, sha, "the status shows the certificate's fingerprint");
     use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(n.dir.path().join("state/https-key.der")).unwrap().permissions().mode();
+    let mode = std::fs::metadata(n.dir.path().join("state/https-key.der"))
+        .unwrap()
+        .permissions()
+        .mode();
     assert_eq!(mode & 0o777, 0o600);
     let (_, info) = common::http_get(n.http, "/https.json").unwrap();
     let info = common::json_body(&info);
@@ -474,7 +624,9 @@ async fn secure_page_wake_lock_calibration_and_beats() {
     assert_eq!(info["sha256"], sha.as_str());
 
     let browser = Browser::open();
-    let mut s = browser.page(&format!("https://127.0.0.1:{}/", n.https)).await;
+    let mut s = browser
+        .page(&format!("https://127.0.0.1:{}/", n.https))
+        .await;
     let mut p = browser.page(&format!("http://127.0.0.1:{}/", n.http)).await;
     ready(&mut s, "the secure page").await;
     ready(&mut p, "the plain page").await;
@@ -485,19 +637,38 @@ async fn secure_page_wake_lock_calibration_and_beats() {
     eprintln!("wake lock over HTTPS: {w}");
     assert_eq!(w["secure"], true, "{w}");
     assert_eq!(w["has_wake_lock"], true, "{w}");
-    assert!(w["answer"].as_str().is_some_and(|a| !a.is_empty()), "granted or the browser's reason: {w}");
+    assert!(
+        w["answer"].as_str().is_some_and(|a| !a.is_empty()),
+        "granted or the browser's reason: {w}"
+    );
     if w["held"] == true {
         // dropped (as when the phone locks) → taken again on the next tap
         let d = s.eval("window.bandsyncPhone.dropWake()").await;
-        assert_eq!((d["held"].clone(), d["answer"].clone()), (json!(false), json!("released")), "{d}");
-        s.eval("document.body.dispatchEvent(new PointerEvent('pointerdown', {bubbles: true})); true").await;
-        s.until("the wake lock again after a tap", "window.bandsyncPhone.wake()", 5, |v| v["held"] == true).await;
+        assert_eq!(
+            (d["held"].clone(), d["answer"].clone()),
+            (json!(false), json!("released")),
+            "{d}"
+        );
+        s.eval(
+            "document.body.dispatchEvent(new PointerEvent('pointerdown', {bubbles: true})); true",
+        )
+        .await;
+        s.until(
+            "the wake lock again after a tap",
+            "window.bandsyncPhone.wake()",
+            5,
+            |v| v["held"] == true,
+        )
+        .await;
     }
     // the plain page offers the secure one with the fingerprint
     let text = p
-        .until("the plain page points to HTTPS", "document.getElementById('securefp').textContent", 10, |v| {
-            v.as_str().is_some_and(|t| t.contains(&sha))
-        })
+        .until(
+            "the plain page points to HTTPS",
+            "document.getElementById('securefp').textContent",
+            10,
+            |v| v.as_str().is_some_and(|t| t.contains(&sha)),
+        )
         .await;
     assert!(text.as_str().unwrap().contains(&sha));
     let link = p.eval("document.getElementById('securelink').href").await;
@@ -517,9 +688,16 @@ async fn secure_page_wake_lock_calibration_and_beats() {
     assert_eq!(v["kept"], "182");
     for i in 0..4 {
         assert_eq!(v["a"]["beats"][i]["beat"], v["b"]["beats"][i]["beat"]);
-        assert_eq!(v["a"]["times"][i], v["b"]["times"][i], "the room's beats do not move");
-        let shift = v["a"]["local_ms"][i].as_f64().unwrap() - v["b"]["local_ms"][i].as_f64().unwrap();
-        assert!((shift - 182.0).abs() < 1e-6, "shifted by {shift} ms, not 182: {v}");
+        assert_eq!(
+            v["a"]["times"][i], v["b"]["times"][i],
+            "the room's beats do not move"
+        );
+        let shift =
+            v["a"]["local_ms"][i].as_f64().unwrap() - v["b"]["local_ms"][i].as_f64().unwrap();
+        assert!(
+            (shift - 182.0).abs() < 1e-6,
+            "shifted by {shift} ms, not 182: {v}"
+        );
     }
     // the tap-along test proposes the median of (tap − nearest beat)
     let e = s
@@ -528,7 +706,11 @@ async fn secure_page_wake_lock_calibration_and_beats() {
               return [P.tapError(t[1] + 150e3), P.tapError(t[1] - 40e3)]; })()",
         )
         .await;
-    assert!((e[0].as_f64().unwrap() - 150.0).abs() < 1e-3 && (e[1].as_f64().unwrap() + 40.0).abs() < 1e-3, "{e}");
+    assert!(
+        (e[0].as_f64().unwrap() - 150.0).abs() < 1e-3
+            && (e[1].as_f64().unwrap() + 40.0).abs() < 1e-3,
+        "{e}"
+    );
     s.eval("window.bandsyncPhone.setOffset(0); true").await;
     // the page's beat vs the box's clicks, over HTTPS and over HTTP (a box alone: its
     // session clock is its CLOCK_MONOTONIC)
@@ -548,7 +730,10 @@ async fn secure_page_wake_lock_calibration_and_beats() {
         };
         let mut errs: Vec<f64> = beats
             .iter()
-            .map(|b| (b["t_us"].as_f64().unwrap() - cl[&b["beat"].as_i64().unwrap()] as f64 / 1000.0).abs())
+            .map(|b| {
+                (b["t_us"].as_f64().unwrap() - cl[&b["beat"].as_i64().unwrap()] as f64 / 1000.0)
+                    .abs()
+            })
             .collect();
         errs.sort_by(|x, y| x.partial_cmp(y).unwrap());
         eprintln!(
@@ -594,7 +779,9 @@ async fn https_strangers_are_refused_and_counted() {
     let n = Node::start("foxtrot", "strangers", &key, &[]);
     // plain HTTP on the TLS port
     let mut s = TcpStream::connect(("127.0.0.1", n.https)).await.unwrap();
-    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
     let mut buf = [0u8; 64];
     let r = tokio::time::timeout(Duration::from_secs(3), s.read(&mut buf)).await;
     assert!(matches!(r, Ok(Ok(_)) | Ok(Err(_))), "closed at once: {r:?}");
@@ -606,24 +793,36 @@ async fn https_strangers_are_refused_and_counted() {
     let waited = t.elapsed();
     assert!(waited < Duration::from_secs(8), "held for {waited:?}");
     let m = n.metrics();
-    for want in ["reason=\"tls_handshake\"} 1", "reason=\"header_timeout\"} 1"] {
+    for want in [
+        "reason=\"tls_handshake\"} 1",
+        "reason=\"header_timeout\"} 1",
+    ] {
         assert!(m.contains(want), "{want} in {m}");
     }
     // the box still serves over TLS: a real handshake through rustls
     let mut roots = rustls::RootCertStore::empty();
     let der = std::fs::read(n.dir.path().join("state/https-cert.der")).unwrap();
-    roots.add(rustls::pki_types::CertificateDer::from(der)).unwrap();
-    let cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    roots
+        .add(rustls::pki_types::CertificateDer::from(der))
+        .unwrap();
+    let cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
     let c = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg));
     let tcp = TcpStream::connect(("127.0.0.1", n.https)).await.unwrap();
     // the certificate names the box's addresses: 127.0.0.1 verifies
     let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
-    let mut tls = c.connect(name, tcp).await.expect("TLS with the box's own certificate");
-    tls.write_all(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").await.unwrap();
+    let mut tls = c
+        .connect(name, tcp)
+        .await
+        .expect("TLS with the box's own certificate");
+    tls.write_all(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
     let mut out = Vec::new();
     tls.read_to_end(&mut out).await.ok();
     let out = String::from_utf8_lossy(&out);
@@ -644,13 +843,22 @@ fn https_flag_is_checked() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(78), "{err}");
-    assert!(err.contains("--https") && err.contains("everywhere"), "{err}");
-    assert!(!tmp.path().join("state").exists(), "nothing made before the check");
+    assert!(
+        err.contains("--https") && err.contains("everywhere"),
+        "{err}"
+    );
+    assert!(
+        !tmp.path().join("state").exists(),
+        "nothing made before the check"
+    );
     // off: no HTTPS, no certificate, no https_url
     let key = key_file(tmp.path());
     let n = Node::start("golf", "nohttps", &key, &["--https", "off"]);
     let h = n.health();
-    assert!(h["https_url"].is_null() && h["cert_sha256"].is_null(), "{h}");
+    assert!(
+        h["https_url"].is_null() && h["cert_sha256"].is_null(),
+        "{h}"
+    );
     assert!(!n.dir.path().join("state/https-cert.der").exists());
     let (_, info) = common::http_get(n.http, "/https.json").unwrap();
     assert_eq!(common::json_body(&info)["port"], Value::Null);
@@ -664,7 +872,9 @@ fn ring_sha256(der: &[u8]) -> String {
 // Talkback's bad input, over a plain WebSocket client.
 
 async fn ws(port: u16) -> tokio_tungstenite::WebSocketStream<TcpStream> {
-    let req = format!("ws://127.0.0.1:{port}/ws").into_client_request().unwrap();
+    let req = format!("ws://127.0.0.1:{port}/ws")
+        .into_client_request()
+        .unwrap();
     let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     tokio_tungstenite::client_async(req, tcp).await.unwrap().0
 }
@@ -692,65 +902,158 @@ async fn talkback_refuses_bad_input_by_name() {
     let key = key_file(tmp.path());
     let mut n = Node::start("echo", "bad", &key, &[]);
     let mut w = ws(n.http).await;
-    let e = ask(&mut w, json!({"type": "rtc_offer", "to": "0123abcd-1", "sdp": "v=0"}), "error").await;
+    let e = ask(
+        &mut w,
+        json!({"type": "rtc_offer", "to": "0123abcd-1", "sdp": "v=0"}),
+        "error",
+    )
+    .await;
     assert_eq!(e["code"], "not_joined", "{e}");
     let e = ask(&mut w, json!({"type": "rtc_join", "name": "x"}), "error").await;
     assert_eq!(e["code"], "pin_required", "{e}");
-    let e = ask(&mut w, json!({"type": "rtc_join", "name": "x\u{7}", "pin": "2468"}), "error").await;
+    let e = ask(
+        &mut w,
+        json!({"type": "rtc_join", "name": "x\u{7}", "pin": "2468"}),
+        "error",
+    )
+    .await;
     assert_eq!(e["field"], "name", "{e}");
-    let e = ask(&mut w, json!({"type": "rtc_join", "name": "x", "pin": "2468", "extra": 1}), "error").await;
+    let e = ask(
+        &mut w,
+        json!({"type": "rtc_join", "name": "x", "pin": "2468", "extra": 1}),
+        "error",
+    )
+    .await;
     assert_eq!(e["code"], "unknown_field", "{e}");
-    let peers = ask(&mut w, json!({"type": "rtc_join", "name": "x", "pin": "2468"}), "rtc_peers").await;
+    let peers = ask(
+        &mut w,
+        json!({"type": "rtc_join", "name": "x", "pin": "2468"}),
+        "rtc_peers",
+    )
+    .await;
     let me = peers["you"].as_str().unwrap().to_string();
     assert_eq!(peers["peers"], json!([{"id": me, "name": "x"}]));
-    let e = ask(&mut w, json!({"type": "rtc_offer", "to": "0123abcd-9", "sdp": "v=0"}), "error").await;
+    let e = ask(
+        &mut w,
+        json!({"type": "rtc_offer", "to": "0123abcd-9", "sdp": "v=0"}),
+        "error",
+    )
+    .await;
     assert_eq!(e["code"], "unknown_peer", "{e}");
-    let e = ask(&mut w, json!({"type": "rtc_offer", "to": "nobody", "sdp": "v=0"}), "error").await;
-    assert_eq!((e["code"].as_str(), e["field"].as_str()), (Some("bad_field"), Some("to")), "{e}");
-    let e = ask(&mut w, json!({"type": "rtc_offer", "to": me, "sdp": "a".repeat(16 * 1024 + 1)}), "error").await;
+    let e = ask(
+        &mut w,
+        json!({"type": "rtc_offer", "to": "nobody", "sdp": "v=0"}),
+        "error",
+    )
+    .await;
+    assert_eq!(
+        (e["code"].as_str(), e["field"].as_str()),
+        (Some("bad_field"), Some("to")),
+        "{e}"
+    );
+    let e = ask(
+        &mut w,
+        json!({"type": "rtc_offer", "to": me, "sdp": "a".repeat(16 * 1024 + 1)}),
+        "error",
+    )
+    .await;
     assert_eq!(e["field"], "sdp", "an SDP over 16 KiB: {e}");
-    let e = ask(&mut w, json!({"type": "rtc_ice", "to": me, "candidate": {"candidate": "a".repeat(1100)}}), "error").await;
+    let e = ask(
+        &mut w,
+        json!({"type": "rtc_ice", "to": me, "candidate": {"candidate": "a".repeat(1100)}}),
+        "error",
+    )
+    .await;
     assert_eq!(e["field"], "candidate", "a candidate over 1 KiB: {e}");
-    let e = ask(&mut w, json!({"type": "rtc_ice", "to": me, "candidate": 5}), "error").await;
+    let e = ask(
+        &mut w,
+        json!({"type": "rtc_ice", "to": me, "candidate": 5}),
+        "error",
+    )
+    .await;
     assert_eq!(e["field"], "candidate", "{e}");
     let e = ask(&mut w, json!({"type": "rtc_shout", "to": me}), "error").await;
     assert_eq!(e["code"], "unknown_type", "{e}");
     // a message to oneself is relayed (the page never does it; the box does not care)
-    let r = ask(&mut w, json!({"type": "rtc_ice", "to": me, "candidate": {"candidate": "c"}}), "rtc_ice").await;
+    let r = ask(
+        &mut w,
+        json!({"type": "rtc_ice", "to": me, "candidate": {"candidate": "c"}}),
+        "rtc_ice",
+    )
+    .await;
     assert_eq!(r["from"], me.as_str());
     // the signalling rate cap (30 at once; the connection's own cap is 40)
     for _ in 0..38 {
-        w.send(Message::text(json!({"type": "rtc_leave", "to": "0123abcd-9"}).to_string())).await.unwrap();
+        w.send(Message::text(
+            json!({"type": "rtc_leave", "to": "0123abcd-9"}).to_string(),
+        ))
+        .await
+        .unwrap();
     }
     let r = ask(&mut w, json!({"type": "heartbeat"}), "rate_limit_exceeded").await;
     assert!(r["reason"].as_str().unwrap().contains("talkback"), "{r}");
     tokio::time::sleep(Duration::from_secs(2)).await;
     // still a member, still connected
-    let r = ask(&mut w, json!({"type": "rtc_ice", "to": me, "candidate": {"candidate": "d"}}), "rtc_ice").await;
+    let r = ask(
+        &mut w,
+        json!({"type": "rtc_ice", "to": me, "candidate": {"candidate": "d"}}),
+        "rtc_ice",
+    )
+    .await;
     assert_eq!(r["candidate"]["candidate"], "d");
     // the talker cap: 16 in the room
     let mut others = Vec::new();
     for i in 0..15 {
         let mut o = ws(n.http).await;
-        let p = ask(&mut o, json!({"type": "rtc_join", "name": format!("p{i}"), "pin": "2468"}), "rtc_peers").await;
+        let p = ask(
+            &mut o,
+            json!({"type": "rtc_join", "name": format!("p{i}"), "pin": "2468"}),
+            "rtc_peers",
+        )
+        .await;
         assert!(p["you"].is_string());
         others.push(o);
     }
     let mut last = ws(n.http).await;
-    let e = ask(&mut last, json!({"type": "rtc_join", "name": "one too many", "pin": "2468"}), "error").await;
+    let e = ask(
+        &mut last,
+        json!({"type": "rtc_join", "name": "one too many", "pin": "2468"}),
+        "error",
+    )
+    .await;
     assert_eq!(e["code"], "talkback_full", "{e}");
     // closing a socket frees its place
     drop(others.pop());
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let p = ask(&mut last, json!({"type": "rtc_join", "name": "now", "pin": "2468"}), "rtc_peers").await;
+    let p = ask(
+        &mut last,
+        json!({"type": "rtc_join", "name": "now", "pin": "2468"}),
+        "rtc_peers",
+    )
+    .await;
     assert_eq!(p["peers"].as_array().unwrap().len(), 16);
     let m = n.metrics();
-    for r in ["full", "not_joined", "unknown_peer", "too_large", "bad_field", "rate", "pin"] {
+    for r in [
+        "full",
+        "not_joined",
+        "unknown_peer",
+        "too_large",
+        "bad_field",
+        "rate",
+        "pin",
+    ] {
         let line = m
             .lines()
-            .find(|l| l.starts_with(&format!("bandsync_talkback_refused_total{{reason=\"{r}\"}}")))
+            .find(|l| {
+                l.starts_with(&format!(
+                    "bandsync_talkback_refused_total{{reason=\"{r}\"}}"
+                ))
+            })
             .unwrap_or_else(|| panic!("no {r} in {m}"));
         assert!(!line.ends_with(" 0"), "{r} counted: {line}");
     }
-    assert!(n.child.try_wait().unwrap().is_none(), "the node is still up");
+    assert!(
+        n.child.try_wait().unwrap().is_none(),
+        "the node is still up"
+    );
 }

@@ -19,7 +19,9 @@ pub trait Txt {
 
 impl Txt for [(&str, &str)] {
     fn get(&self, key: &str) -> Option<&[u8]> {
-        self.iter().find(|(k, _)| *k == key).map(|(_, v)| v.as_bytes())
+        self.iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| v.as_bytes())
     }
 }
 
@@ -116,4 +118,3 @@ pub fn parse_advert(
         proto,
     })
 }
-

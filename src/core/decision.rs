@@ -193,10 +193,24 @@ mod tests {
         let mut h = Hlc::default();
         h.issue(1_000, "x");
         let before = h;
-        let far = Stamp { ms: 1_000 + MAX_AHEAD_MS + 1, n: 0, node: "e".into() };
-        assert!(matches!(h.observe(&far, 1_000), Err(StampError::TooFarAhead { .. })));
-        let huge = Stamp { ms: u64::MAX, n: u32::MAX, node: "e".into() };
-        assert_eq!(h.observe(&huge, 1_000), Err(StampError::OutOfRange(u64::MAX)));
+        let far = Stamp {
+            ms: 1_000 + MAX_AHEAD_MS + 1,
+            n: 0,
+            node: "e".into(),
+        };
+        assert!(matches!(
+            h.observe(&far, 1_000),
+            Err(StampError::TooFarAhead { .. })
+        ));
+        let huge = Stamp {
+            ms: u64::MAX,
+            n: u32::MAX,
+            node: "e".into(),
+        };
+        assert_eq!(
+            h.observe(&huge, 1_000),
+            Err(StampError::OutOfRange(u64::MAX))
+        );
         assert_eq!(h, before);
     }
 

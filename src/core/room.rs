@@ -33,11 +33,11 @@
 //!   of the count-in is accented like every bar).
 //! * **Cues** are a merged log with one order; see `cues.rs` for the rule.
 
-use crate::core::time::SessionMap;
+use crate::core::cues::{self, Cue, CueError, CueLog, Song};
 use crate::core::decision::{Hlc, Stamp};
 use crate::core::sync::{Estimate, Estimator, Sample, SampleVerdict, Slewer, SyncConfig};
+use crate::core::time::SessionMap;
 use crate::core::timeline::{Change, ChangeKind, Quantum, Scheduled, Timeline, TimelineError};
-use crate::core::cues::{self, Cue, CueError, CueLog, Song};
 use crate::core::wire::{
     Announce, ChangeRequest, Frame, PinRequest, SessionId, SetlistRecord, SongPick, SongRequest,
 };
@@ -767,8 +767,8 @@ impl Room {
             a.leading && a.session == self.session && a.epoch < self.epoch && from == self.leader;
         // The pin is a last-writer-wins register: the latest decision wins on every box
         // of the session, whoever holds it (so two leaders after a heal rank alike).
-        let pin_wins = a.pin_decided > self.pin_decided
-            || (adopt && a.pin_decided == self.pin_decided);
+        let pin_wins =
+            a.pin_decided > self.pin_decided || (adopt && a.pin_decided == self.pin_decided);
         if a.session == self.session && stamps_ok && pin_wins {
             if a.pin_decided > self.pin_decided {
                 out.push(Action::Note(Note::Merged {
@@ -787,7 +787,11 @@ impl Room {
         // The control PIN: last writer wins, like the pin.
         let control_wins = a.control_decided > self.control_decided
             || (adopt && a.control_decided == self.control_decided);
-        if a.session == self.session && stamps_ok && control_wins && a.control_pin != self.control_pin {
+        if a.session == self.session
+            && stamps_ok
+            && control_wins
+            && a.control_pin != self.control_pin
+        {
             self.control_pin = a.control_pin.clone();
             self.control_decided = a.control_decided.clone();
             self.persist = true;
@@ -929,7 +933,12 @@ impl Room {
             decided: self.decided.clone(),
             link: LinkInfo::default(),
             control_pin: None,
-            control: if self.control_pin.is_some() { "pin" } else { "open" }.into(),
+            control: if self.control_pin.is_some() {
+                "pin"
+            } else {
+                "open"
+            }
+            .into(),
             redis: off(),
             phone_url: None,
             song: self.song_status(),
@@ -1049,7 +1058,10 @@ impl Room {
                 continue;
             }
             let key = (a.epoch, self.rank_of(id, a.priority));
-            if best.as_ref().is_none_or(|(s, k)| theirs > *s || (theirs == *s && key > *k)) {
+            if best
+                .as_ref()
+                .is_none_or(|(s, k)| theirs > *s || (theirs == *s && key > *k))
+            {
                 best = Some((theirs, key));
             }
         }
@@ -1542,7 +1554,13 @@ fn phase_differs(a: &Timeline, b: &Timeline, t: i64) -> bool {
 /// Setlists, songs and cues (see the module doc and `cues.rs`).
 impl Room {
     /// Restore the setlist and song records (from disk) before the first tick.
-    pub fn restore_setlist(&mut self, songs: Vec<Song>, decided: Stamp, song: Option<u16>, song_decided: Stamp) {
+    pub fn restore_setlist(
+        &mut self,
+        songs: Vec<Song>,
+        decided: Stamp,
+        song: Option<u16>,
+        song_decided: Stamp,
+    ) {
         if cues::check_setlist(&songs).is_ok() {
             self.setlist = songs;
             self.setlist_decided = decided;
@@ -1588,7 +1606,12 @@ impl Room {
     }
 
     /// Replace the setlist: a decision made here. No song is current afterwards.
-    pub fn load_setlist(&mut self, songs: Vec<Song>, now: i64, out: &mut Vec<Action>) -> Result<(), CueError> {
+    pub fn load_setlist(
+        &mut self,
+        songs: Vec<Song>,
+        now: i64,
+        out: &mut Vec<Action>,
+    ) -> Result<(), CueError> {
         cues::check_setlist(&songs)?;
         let stamp = self.decide(now);
         self.setlist = songs;
@@ -1601,15 +1624,24 @@ impl Room {
 
     /// Choose a song: a decision made here. Its tempo and meter land at the next bar
     /// (scheduled by the leader; `None` when relayed to it).
-    pub fn choose_song(&mut self, pick: SongPick, now: i64, out: &mut Vec<Action>) -> Result<(u16, Option<Scheduled>), CueError> {
+    pub fn choose_song(
+        &mut self,
+        pick: SongPick,
+        now: i64,
+        out: &mut Vec<Action>,
+    ) -> Result<(u16, Option<Scheduled>), CueError> {
         let n = self.setlist.len();
         if n == 0 {
-            return Err(CueError::Pick("no setlist loaded (bandsync setlist load FILE.toml)".into()));
+            return Err(CueError::Pick(
+                "no setlist loaded (bandsync setlist load FILE.toml)".into(),
+            ));
         }
         let index = match pick {
             SongPick::Number(k) if k >= 1 && (k as usize) <= n => k - 1,
             SongPick::Number(k) => {
-                return Err(CueError::Pick(format!("{k} is not a song of this setlist (1–{n})")))
+                return Err(CueError::Pick(format!(
+                    "{k} is not a song of this setlist (1–{n})"
+                )))
             }
             SongPick::Next => match self.song() {
                 None => 0,
@@ -1640,7 +1672,12 @@ impl Room {
         }
     }
 
-    fn song_with(&mut self, req: SongRequest, now: i64, out: &mut Vec<Action>) -> Result<Option<Scheduled>, CueError> {
+    fn song_with(
+        &mut self,
+        req: SongRequest,
+        now: i64,
+        out: &mut Vec<Action>,
+    ) -> Result<Option<Scheduled>, CueError> {
         if !self.leading {
             self.take_song(req.index, &req.stamp, out);
             out.push(Action::Send {
@@ -1686,7 +1723,9 @@ impl Room {
         }
         if self.leading {
             if let Err(e) = self.song_with(req, now, out) {
-                out.push(Action::Note(Note::ChangeRefused { reason: e.to_string() }));
+                out.push(Action::Note(Note::ChangeRefused {
+                    reason: e.to_string(),
+                }));
             }
         } else {
             self.take_song(req.index, &req.stamp, out);
@@ -1725,7 +1764,9 @@ impl Room {
         }
         let want_setlist = a.setlist_decided > self.setlist_decided;
         let want_cues = a.cues.digest != self.cues.summary().digest;
-        let Some(p) = self.peers.get_mut(from) else { return };
+        let Some(p) = self.peers.get_mut(from) else {
+            return;
+        };
         if want_setlist && now - p.setlist_asked_at >= 500_000_000 {
             p.setlist_asked_at = now;
             out.push(Action::Send {
@@ -1744,7 +1785,13 @@ impl Room {
 
     /// Post a cue here (CLI or phone). Numbered at once when this box leads; else it
     /// goes to every peer and the leader numbers it.
-    pub fn post_cue(&mut self, text: String, author: String, now: i64, out: &mut Vec<Action>) -> Result<Cue, CueError> {
+    pub fn post_cue(
+        &mut self,
+        text: String,
+        author: String,
+        now: i64,
+        out: &mut Vec<Action>,
+    ) -> Result<Cue, CueError> {
         cues::check_text(&text)?;
         cues::check_author(&author)?;
         let id = self.decide(now);
@@ -1761,7 +1808,13 @@ impl Room {
     }
 
     /// Edit (`Some(text)`) or delete (`None`) the cue `seq`: a decision made here.
-    pub fn edit_cue(&mut self, seq: u64, text: Option<String>, now: i64, out: &mut Vec<Action>) -> Result<Cue, CueError> {
+    pub fn edit_cue(
+        &mut self,
+        seq: u64,
+        text: Option<String>,
+        now: i64,
+        out: &mut Vec<Action>,
+    ) -> Result<Cue, CueError> {
         if let Some(t) = &text {
             cues::check_text(t)?;
         }
@@ -1840,7 +1893,12 @@ mod tests {
     use crate::core::timeline::{Meter, Tempo};
 
     fn alone() -> Room {
-        let tl = Timeline::start_at(0, Tempo::from_bpm(120.0).unwrap(), Meter::new(4).unwrap(), true);
+        let tl = Timeline::start_at(
+            0,
+            Tempo::from_bpm(120.0).unwrap(),
+            Meter::new(4).unwrap(),
+            true,
+        );
         Room::new(
             RoomConfig {
                 me: "00000000000000aa".into(),
@@ -1849,7 +1907,10 @@ mod tests {
                 quantum: Quantum::Bar,
                 wall_offset_ns: 1_700_000_000_000_000_000,
             },
-            SessionId { born_ms: 1, by: 0xaa },
+            SessionId {
+                born_ms: 1,
+                by: 0xaa,
+            },
             tl,
         )
     }
@@ -1869,8 +1930,12 @@ mod tests {
         let mut out = Vec::new();
         r.tick(0, &mut out);
         let now = 1_300_000_000; // beat 2.6 of a 4/4 bar at 120
-        assert!(matches!(r.choose_song(SongPick::Next, now, &mut out), Err(CueError::Pick(_))));
-        r.load_setlist(vec![song("A", 120.0, 4), song("B", 90.0, 3)], now, &mut out).unwrap();
+        assert!(matches!(
+            r.choose_song(SongPick::Next, now, &mut out),
+            Err(CueError::Pick(_))
+        ));
+        r.load_setlist(vec![song("A", 120.0, 4), song("B", 90.0, 3)], now, &mut out)
+            .unwrap();
         assert!(r.choose_song(SongPick::Number(3), now, &mut out).is_err());
         assert!(r.choose_song(SongPick::Prev, now, &mut out).is_err());
         let before = *r.timeline().last();
@@ -1880,8 +1945,19 @@ mod tests {
         assert!(before.is_downbeat(at.beat), "on a bar boundary: {at:?}");
         assert!(at.time - now >= CHANGE_LEAD_NS);
         let seg = r.timeline().segment_at_beat(at.beat);
-        assert_eq!((seg.b0, seg.tempo.bpm(), seg.meter.get()), (at.beat, 90.0, 3), "one segment");
-        assert_eq!(r.status(now).song, Some(SongStatus { index: 2, title: "B".into(), count: 2 }));
+        assert_eq!(
+            (seg.b0, seg.tempo.bpm(), seg.meter.get()),
+            (at.beat, 90.0, 3),
+            "one segment"
+        );
+        assert_eq!(
+            r.status(now).song,
+            Some(SongStatus {
+                index: 2,
+                title: "B".into(),
+                count: 2
+            })
+        );
         out.clear();
         r.tick(now, &mut out);
         let saved = out.iter().find_map(|a| match a {
@@ -1891,7 +1967,13 @@ mod tests {
         let saved = saved.expect("persisted");
         assert_eq!((saved.setlist.len(), saved.song), (2, Some(1)));
         assert!(saved.song_decided > Stamp::DEFAULT && saved.decided == saved.song_decided);
-        assert!(matches!(r.choose_song(SongPick::Next, now, &mut out), Err(CueError::Pick(_))), "already last");
+        assert!(
+            matches!(
+                r.choose_song(SongPick::Next, now, &mut out),
+                Err(CueError::Pick(_))
+            ),
+            "already last"
+        );
     }
 
     #[test]
@@ -1899,23 +1981,47 @@ mod tests {
         let mut r = alone();
         let mut out = Vec::new();
         r.tick(0, &mut out);
-        let c = r.post_cue("chorus twice".into(), "tech".into(), 10, &mut out).unwrap();
+        let c = r
+            .post_cue("chorus twice".into(), "tech".into(), 10, &mut out)
+            .unwrap();
         assert_eq!(c.seq, 1);
-        assert!(out.iter().any(|a| matches!(a, Action::Cue(c) if c.seq == 1)));
-        assert!(out.iter().any(|a| matches!(a, Action::Broadcast(Frame::Cues(v)) if v.len() == 1)));
+        assert!(out
+            .iter()
+            .any(|a| matches!(a, Action::Cue(c) if c.seq == 1)));
+        assert!(out
+            .iter()
+            .any(|a| matches!(a, Action::Broadcast(Frame::Cues(v)) if v.len() == 1)));
         let digest = r.cues().summary();
-        assert!(matches!(r.post_cue("".into(), "t".into(), 20, &mut out), Err(CueError::Text(_))));
-        assert!(matches!(r.post_cue("x".repeat(501), "t".into(), 20, &mut out), Err(CueError::Text(_))));
-        assert_eq!(r.edit_cue(7, None, 20, &mut out).unwrap_err(), CueError::UnknownSeq(7));
+        assert!(matches!(
+            r.post_cue("".into(), "t".into(), 20, &mut out),
+            Err(CueError::Text(_))
+        ));
+        assert!(matches!(
+            r.post_cue("x".repeat(501), "t".into(), 20, &mut out),
+            Err(CueError::Text(_))
+        ));
+        assert_eq!(
+            r.edit_cue(7, None, 20, &mut out).unwrap_err(),
+            CueError::UnknownSeq(7)
+        );
         assert_eq!(r.ack_cue(7), Err(CueError::UnknownSeq(7)));
         assert_eq!(r.cues().summary(), digest, "refused input changed nothing");
-        let e = r.edit_cue(1, Some("chorus three times".into()), 30, &mut out).unwrap();
+        let e = r
+            .edit_cue(1, Some("chorus three times".into()), 30, &mut out)
+            .unwrap();
         assert_eq!((e.seq, e.text.as_str()), (1, "chorus three times"));
-        assert_eq!(r.post_cue("next".into(), "t".into(), 40, &mut out).unwrap().seq, 2);
+        assert_eq!(
+            r.post_cue("next".into(), "t".into(), 40, &mut out)
+                .unwrap()
+                .seq,
+            2
+        );
         r.ack_cue(2).unwrap();
         assert_eq!(r.cues().by_seq(2).unwrap().seen_total(), 1);
         out.clear();
         r.tick(2_000_000_000, &mut out);
-        assert!(out.iter().any(|a| matches!(a, Action::PersistCues { cues, .. } if cues.len() == 2)));
+        assert!(out
+            .iter()
+            .any(|a| matches!(a, Action::PersistCues { cues, .. } if cues.len() == 2)));
     }
 }

@@ -172,15 +172,29 @@ pub enum Query {
     /// Replace the room's setlist.
     SetlistLoad(Vec<Song>),
     /// The setlist as JSON, songs from 0-based `from` on (paged: a reply is one frame).
-    Setlist { from: u16 },
+    Setlist {
+        from: u16,
+    },
     Song(SongPick),
-    CuePost { text: String, author: String },
-    CueEdit { seq: u64, text: String },
-    CueDelete { seq: u64 },
+    CuePost {
+        text: String,
+        author: String,
+    },
+    CueEdit {
+        seq: u64,
+        text: String,
+    },
+    CueDelete {
+        seq: u64,
+    },
     /// Cues with seq > `after` as JSON, in order (paged).
-    Cues { after: u64 },
+    Cues {
+        after: u64,
+    },
     /// A phone acked the cue `seq` (from the gateway).
-    CueAck { seq: u64 },
+    CueAck {
+        seq: u64,
+    },
 }
 
 /// A node's answer to a [`Query`].
@@ -282,7 +296,9 @@ pub fn rtc_id_ok(id: &str) -> bool {
         return false;
     };
     node.len() == 8
-        && node.bytes().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
+        && node
+            .bytes()
+            .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
         && !n.is_empty()
         && n.len() <= 16
         && n.bytes().all(|c| c.is_ascii_digit())
@@ -294,7 +310,10 @@ fn check_rtc_id(field: &'static str, id: &str) -> Result<(), WireError> {
     } else {
         Err(WireError::Invalid {
             field,
-            why: format!("{:?} is not a talkback member id", id.chars().take(40).collect::<String>()),
+            why: format!(
+                "{:?} is not a talkback member id",
+                id.chars().take(40).collect::<String>()
+            ),
         })
     }
 }
@@ -380,7 +399,10 @@ fn check_cue(c: &Cue) -> Result<(), WireError> {
         check_counter("cue.edited_unix_ms", t)?;
     }
     if c.seen.len() > cues::MAX_SEEN_BOXES {
-        return Err(inv("cue.seen", format!("more than {} boxes", cues::MAX_SEEN_BOXES)));
+        return Err(inv(
+            "cue.seen",
+            format!("more than {} boxes", cues::MAX_SEEN_BOXES),
+        ));
     }
     for k in c.seen.keys() {
         check_id("cue.seen", k)?;
@@ -415,7 +437,10 @@ impl Frame {
                 check_stamp("announce.pin_decided", &a.pin_decided)?;
                 check_stamp("announce.control_decided", &a.control_decided)?;
                 if let Some(p) = &a.control_pin {
-                    if p.is_empty() || p.len() > 32 || p.chars().any(|c| c.is_control() || c.is_whitespace()) {
+                    if p.is_empty()
+                        || p.len() > 32
+                        || p.chars().any(|c| c.is_control() || c.is_whitespace())
+                    {
                         return Err(WireError::Invalid {
                             field: "announce.control_pin",
                             why: "must be 1–32 characters without spaces".into(),
@@ -449,16 +474,25 @@ impl Frame {
             Frame::Query(Query::Setlist { .. } | Query::Song(_)) => {}
             Frame::Query(Query::SetlistLoad(songs)) => check_song_list("setlist", songs)?,
             Frame::Query(Query::CuePost { text, author }) => {
-                cues::check_text(text).map_err(|e| WireError::Invalid { field: "text", why: e.to_string() })?;
-                cues::check_author(author).map_err(|e| WireError::Invalid { field: "author", why: e.to_string() })?;
+                cues::check_text(text).map_err(|e| WireError::Invalid {
+                    field: "text",
+                    why: e.to_string(),
+                })?;
+                cues::check_author(author).map_err(|e| WireError::Invalid {
+                    field: "author",
+                    why: e.to_string(),
+                })?;
             }
             Frame::Query(Query::CueEdit { seq, text }) => {
                 check_counter("seq", *seq)?;
-                cues::check_text(text).map_err(|e| WireError::Invalid { field: "text", why: e.to_string() })?;
+                cues::check_text(text).map_err(|e| WireError::Invalid {
+                    field: "text",
+                    why: e.to_string(),
+                })?;
             }
-            Frame::Query(Query::CueDelete { seq } | Query::CueAck { seq } | Query::Cues { after: seq }) => {
-                check_counter("seq", *seq)?
-            }
+            Frame::Query(
+                Query::CueDelete { seq } | Query::CueAck { seq } | Query::Cues { after: seq },
+            ) => check_counter("seq", *seq)?,
             Frame::SetlistGet => {}
             Frame::Setlist(r) => {
                 check_stamp("setlist.decided", &r.decided)?;
@@ -467,13 +501,24 @@ impl Frame {
             Frame::Song(r) => {
                 check_stamp("song.stamp", &r.stamp)?;
                 if r.index as usize >= cues::MAX_SONGS {
-                    return Err(WireError::Invalid { field: "song.index", why: format!("beyond {} songs", cues::MAX_SONGS) });
+                    return Err(WireError::Invalid {
+                        field: "song.index",
+                        why: format!("beyond {} songs", cues::MAX_SONGS),
+                    });
                 }
-                cues::check_song(r.index as usize + 1, &r.song).map_err(|e| WireError::Invalid { field: "song.song", why: e.to_string() })?;
+                cues::check_song(r.index as usize + 1, &r.song).map_err(|e| {
+                    WireError::Invalid {
+                        field: "song.song",
+                        why: e.to_string(),
+                    }
+                })?;
             }
             Frame::Cues(v) => {
                 if v.len() > cues::MAX_CUES {
-                    return Err(WireError::Invalid { field: "cues", why: format!("more than {} cues", cues::MAX_CUES) });
+                    return Err(WireError::Invalid {
+                        field: "cues",
+                        why: format!("more than {} cues", cues::MAX_CUES),
+                    });
                 }
                 for c in v {
                     check_cue(c)?;
@@ -481,7 +526,10 @@ impl Frame {
             }
             Frame::CueHave(v) => {
                 if v.len() > cues::MAX_CUES {
-                    return Err(WireError::Invalid { field: "cue_have", why: format!("more than {} cues", cues::MAX_CUES) });
+                    return Err(WireError::Invalid {
+                        field: "cue_have",
+                        why: format!("more than {} cues", cues::MAX_CUES),
+                    });
                 }
             }
             Frame::Bye(r) => check_text("bye", r, 200)?,
@@ -510,13 +558,23 @@ impl Frame {
                     check_text("rtc.members.name", &m.name, 64)?;
                 }
             }
-            Frame::Rtc(RtcRelay::Signal { from, to, kind, body }) => {
+            Frame::Rtc(RtcRelay::Signal {
+                from,
+                to,
+                kind,
+                body,
+            }) => {
                 check_rtc_id("rtc.from", from)?;
                 check_rtc_id("rtc.to", to)?;
                 if body.len() > kind.max_body() {
                     return Err(WireError::Invalid {
                         field: "rtc.body",
-                        why: format!("{} bytes, at most {} for {}", body.len(), kind.max_body(), kind.as_str()),
+                        why: format!(
+                            "{} bytes, at most {} for {}",
+                            body.len(),
+                            kind.max_body(),
+                            kind.as_str()
+                        ),
                     });
                 }
             }
@@ -636,7 +694,11 @@ mod tests {
             setlist_decided: Stamp::DEFAULT,
             song: Some(3),
             song_decided: Stamp::DEFAULT,
-            cues: CueSummary { max_seq: 7, count: 7, digest: u64::MAX },
+            cues: CueSummary {
+                max_seq: 7,
+                count: 7,
+                digest: u64::MAX,
+            },
         })
     }
 
@@ -646,23 +708,49 @@ mod tests {
             unreachable!()
         };
         let cases: Vec<(&str, Announce)> = vec![
-            ("announce.epoch", Announce { epoch: u64::MAX, ..good.clone() }),
-            ("announce.version", Announce { version: MAX_COUNTER + 1, ..good.clone() }),
+            (
+                "announce.epoch",
+                Announce {
+                    epoch: u64::MAX,
+                    ..good.clone()
+                },
+            ),
+            (
+                "announce.version",
+                Announce {
+                    version: MAX_COUNTER + 1,
+                    ..good.clone()
+                },
+            ),
             (
                 "announce.decided",
                 Announce {
-                    decided: Stamp { ms: u64::MAX, n: 0, node: "0123456789abcdef".into() },
+                    decided: Stamp {
+                        ms: u64::MAX,
+                        n: 0,
+                        node: "0123456789abcdef".into(),
+                    },
                     ..good.clone()
                 },
             ),
             (
                 "announce.pin_decided",
                 Announce {
-                    pin_decided: Stamp { ms: 5, n: 0, node: "not-a-node".into() },
+                    pin_decided: Stamp {
+                        ms: 5,
+                        n: 0,
+                        node: "not-a-node".into(),
+                    },
                     ..good.clone()
                 },
             ),
-            ("announce.pinned", Announce { pinned: Some("me".into()), ..good.clone() }),
+            (
+                "announce.pinned",
+                Announce {
+                    pinned: Some("me".into()),
+                    ..good.clone()
+                },
+            ),
         ];
         for (field, a) in cases {
             match Frame::decode(&Frame::Announce(a).encode()) {
@@ -672,11 +760,18 @@ mod tests {
         }
         let req = Frame::Pin(PinRequest {
             node: Some("0123456789abcdef".into()),
-            stamp: Stamp { ms: 1 << 60, n: 0, node: "0123456789abcdef".into() },
+            stamp: Stamp {
+                ms: 1 << 60,
+                n: 0,
+                node: "0123456789abcdef".into(),
+            },
         });
         assert!(matches!(
             Frame::decode(&req.encode()),
-            Err(WireError::Invalid { field: "pin.stamp", .. })
+            Err(WireError::Invalid {
+                field: "pin.stamp",
+                ..
+            })
         ));
     }
 
@@ -769,10 +864,19 @@ mod tests {
     fn cue_and_setlist_frames_fit_at_the_limits() {
         use crate::core::cues::{CueLog, MAX_CUES, MAX_CUE_CHARS};
         let node = |i: u64| format!("{i:016x}");
-        let st = |ms: u64, i: u64| Stamp { ms: 1_700_000_000_000 + ms, n: u32::MAX, node: node(i) };
+        let st = |ms: u64, i: u64| Stamp {
+            ms: 1_700_000_000_000 + ms,
+            n: u32::MAX,
+            node: node(i),
+        };
         let mut log = CueLog::default();
         for i in 0..MAX_CUES as u64 {
-            log.post(st(i, i % 7), "ü".repeat(MAX_CUE_CHARS), "x".repeat(64), u64::MAX >> 12);
+            log.post(
+                st(i, i % 7),
+                "ü".repeat(MAX_CUE_CHARS),
+                "x".repeat(64),
+                u64::MAX >> 12,
+            );
             for b in 0..8 {
                 log.ack(0, &node(b)).ok();
             }
@@ -802,7 +906,11 @@ mod tests {
                 count_in_bars: 4,
             })
             .collect();
-        let list = Frame::Setlist(SetlistRecord { songs, decided: st(0, 1) }).encode();
+        let list = Frame::Setlist(SetlistRecord {
+            songs,
+            decided: st(0, 1),
+        })
+        .encode();
         assert!(list.len() <= MAX_FRAME, "setlist: {} bytes", list.len());
         assert!(Frame::decode(&list).is_ok());
         // (measured: inventory 9511 bytes, sync answer 6543, 200-song setlist 13237)

@@ -58,8 +58,8 @@ pub use record::{
     FIELDS, MAX_BOXES, ROOMS_KEY, SEEN_FIELD,
 };
 pub use task::{
-    run, run_with, MirrorOptions, Refusal, LIVE_HOLDER, MirrorState, MirrorStats, MirrorStatsSnapshot,
-    DEFAULT_COMMAND_TIMEOUT, STALE_AFTER,
+    run, run_with, MirrorOptions, MirrorState, MirrorStats, MirrorStatsSnapshot, Refusal,
+    DEFAULT_COMMAND_TIMEOUT, LIVE_HOLDER, STALE_AFTER,
 };
 pub use url::RedisUrl;
 pub use venue::{

@@ -17,8 +17,7 @@ pub(crate) async fn serve_cli(
 ) {
     tracing::debug!(cli = %hello.node, addr = %conn.remote_address(), "CLI connected");
     loop {
-        let frame = match tokio::time::timeout(Duration::from_secs(10), read_frame(&mut recv))
-            .await
+        let frame = match tokio::time::timeout(Duration::from_secs(10), read_frame(&mut recv)).await
         {
             Ok(Ok(Some(f))) => f,
             Ok(Ok(None)) | Err(_) => break,

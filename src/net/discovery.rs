@@ -350,7 +350,10 @@ impl Discovery {
             me.daemon
                 .register(info)
                 .map_err(mdns("registering our service"))?;
-            let pages = [("_http._tcp.local.", cfg.http_port), ("_https._tcp.local.", cfg.https_port)];
+            let pages = [
+                ("_http._tcp.local.", cfg.http_port),
+                ("_https._tcp.local.", cfg.https_port),
+            ];
             for (service, port) in pages {
                 let Some(port) = port else { continue };
                 // The phone page: a failure here costs the phones' nice name, not the room.

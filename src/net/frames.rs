@@ -30,4 +30,3 @@ pub enum FrameReadError {
     #[error("stream: {0}")]
     Stream(String),
 }
-

@@ -231,7 +231,11 @@ struct SplitMix(AtomicU64);
 impl SplitMix {
     fn next_u64(&self) -> u64 {
         use crate::core::rng;
-        rng::mix(self.0.fetch_add(rng::STEP, Ordering::Relaxed).wrapping_add(rng::STEP))
+        rng::mix(
+            self.0
+                .fetch_add(rng::STEP, Ordering::Relaxed)
+                .wrapping_add(rng::STEP),
+        )
     }
 
     /// Uniform in [0, 1).

@@ -21,8 +21,8 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
-use tracing::Instrument;
 use tokio::sync::mpsc;
+use tracing::Instrument;
 
 pub const AUTH_TIMEOUT: Duration = Duration::from_secs(3);
 /// Close codes.
@@ -148,8 +148,8 @@ pub fn endpoint(
             auth::server_config(cert, key)?
         }
     };
-    let socket = std::net::UdpSocket::bind(bind)
-        .with_context(|| format!("cannot bind QUIC to {bind}"))?;
+    let socket =
+        std::net::UdpSocket::bind(bind).with_context(|| format!("cannot bind QUIC to {bind}"))?;
     let local = socket.local_addr()?;
     let mut endpoint = crate::net::impair::make_endpoint(
         quinn::EndpointConfig::default(),
@@ -233,7 +233,9 @@ pub async fn serve(
     // The span is attached to the futures (never entered across an .await, which
     // would leak it into other tasks' log lines).
     let span = tracing::info_span!("peer", id = %peer.node, name = %peer.name);
-    pump(shared, conn, peer, dialer, send, recv).instrument(span).await
+    pump(shared, conn, peer, dialer, send, recv)
+        .instrument(span)
+        .await
 }
 
 async fn pump(
@@ -289,68 +291,76 @@ async fn pump(
     let pinger = {
         let conn = conn.clone();
         let clock = shared.clock;
-        tokio::spawn(async move {
-            let mut seq = 0u32;
-            loop {
-                let d = Datagram::Ping {
-                    seq,
-                    t1: clock.now_ns(),
-                };
-                if conn.send_datagram(d.encode().into()).is_err() && conn.close_reason().is_some() {
-                    break;
+        tokio::spawn(
+            async move {
+                let mut seq = 0u32;
+                loop {
+                    let d = Datagram::Ping {
+                        seq,
+                        t1: clock.now_ns(),
+                    };
+                    if conn.send_datagram(d.encode().into()).is_err()
+                        && conn.close_reason().is_some()
+                    {
+                        break;
+                    }
+                    seq = seq.wrapping_add(1);
+                    // 40 Hz: on a Wi-Fi-like path the estimate's accuracy grows with the
+                    // number of samples (see sync.rs); a ping is ~60 bytes
+                    let every = 25;
+                    tokio::time::sleep(Duration::from_millis(every)).await;
                 }
-                seq = seq.wrapping_add(1);
-                // 40 Hz: on a Wi-Fi-like path the estimate's accuracy grows with the
-                // number of samples (see sync.rs); a ping is ~60 bytes
-                let every = 25;
-                tokio::time::sleep(Duration::from_millis(every)).await;
             }
-        }.in_current_span())
+            .in_current_span(),
+        )
     };
     // Datagrams: answer pings, hand pongs to the room.
     let dgrams = {
         let conn = conn.clone();
         let shared = shared.clone();
         let id = id.clone();
-        tokio::spawn(async move {
-            while let Ok(b) = conn.read_datagram().await {
-                let now = shared.clock.now_ns();
-                match Datagram::decode(&b) {
-                    Ok(Datagram::Ping { seq, t1 }) => {
-                        let s = shared.cell.read();
-                        let pong = Datagram::Pong {
-                            seq,
-                            t1,
-                            t2: now,
-                            t3: shared.clock.now_ns(),
-                            map: s.map,
-                        };
-                        let _ = conn.send_datagram(pong.encode().into());
-                    }
-                    Ok(Datagram::Pong {
-                        t1, t2, t3, map, ..
-                    }) => {
-                        let _ = shared
-                            .events
-                            .send(Event::Pong {
-                                from: id.clone(),
-                                sample: Sample {
-                                    t1,
-                                    t2,
-                                    t3,
-                                    t4: now,
-                                },
-                                map,
-                            })
-                            .await;
-                    }
-                    Err(e) => {
-                        shared.stats.bad_datagrams.fetch_add(1, Relaxed);
-                        tracing::debug!(error = %e, "bad datagram dropped");
+        tokio::spawn(
+            async move {
+                while let Ok(b) = conn.read_datagram().await {
+                    let now = shared.clock.now_ns();
+                    match Datagram::decode(&b) {
+                        Ok(Datagram::Ping { seq, t1 }) => {
+                            let s = shared.cell.read();
+                            let pong = Datagram::Pong {
+                                seq,
+                                t1,
+                                t2: now,
+                                t3: shared.clock.now_ns(),
+                                map: s.map,
+                            };
+                            let _ = conn.send_datagram(pong.encode().into());
+                        }
+                        Ok(Datagram::Pong {
+                            t1, t2, t3, map, ..
+                        }) => {
+                            let _ = shared
+                                .events
+                                .send(Event::Pong {
+                                    from: id.clone(),
+                                    sample: Sample {
+                                        t1,
+                                        t2,
+                                        t3,
+                                        t4: now,
+                                    },
+                                    map,
+                                })
+                                .await;
+                        }
+                        Err(e) => {
+                            shared.stats.bad_datagrams.fetch_add(1, Relaxed);
+                            tracing::debug!(error = %e, "bad datagram dropped");
+                        }
                     }
                 }
             }
-        }.in_current_span())
+            .in_current_span(),
+        )
     };
     // Reader: frames from the peer.
     let mut recv = recv;
@@ -480,4 +490,3 @@ async fn handshake(
     }
     Ok((h, send, recv))
 }
-

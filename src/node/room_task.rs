@@ -5,8 +5,8 @@
 use crate::audio::snapshot::{AudioSnapshot, SnapshotCell};
 use crate::core::room::{Action, Note, Room};
 use crate::core::wire::{Frame, Query, Reply};
-use crate::net::discovery::{self, Discovery, DiscoveryConfig, PeerEvent};
 use crate::net::auth::RoomKey;
+use crate::net::discovery::{self, Discovery, DiscoveryConfig, PeerEvent};
 use crate::net::handle::{Event, Inbox};
 use crate::net::impair::Impairment;
 use crate::net::peer::{self, Admit, PeerCtx, PreAuth, CLOSE_BYE, CLOSE_DUP};
@@ -68,7 +68,6 @@ pub struct MeshConfig {
     pub state_dir: PathBuf,
     pub impair: Option<Impairment>,
 }
-
 
 pub(crate) struct Shared {
     pub(crate) published: tokio::sync::watch::Sender<u64>,
@@ -145,7 +144,11 @@ pub async fn run(
             while let Some(incoming) = endpoint.accept().await {
                 let shared = ctx.clone();
                 let addr = incoming.remote_address();
-                let slot = match PreAuth::admit(&shared, addr.ip(), incoming.remote_address_validated()) {
+                let slot = match PreAuth::admit(
+                    &shared,
+                    addr.ip(),
+                    incoming.remote_address_validated(),
+                ) {
                     Admit::Go(slot) => slot,
                     Admit::Retry => {
                         shared.stats.preauth_retries.fetch_add(1, Relaxed);
@@ -164,7 +167,9 @@ pub async fn run(
                 tokio::spawn(async move {
                     match tokio::time::timeout(peer::AUTH_TIMEOUT, incoming).await {
                         Ok(Ok(conn)) => peer::serve(shared, conn, false, None, Some(slot)).await,
-                        Ok(Err(e)) => tracing::debug!(%addr, error = %e, "incoming connection failed"),
+                        Ok(Err(e)) => {
+                            tracing::debug!(%addr, error = %e, "incoming connection failed")
+                        }
                         Err(_) => tracing::debug!(%addr, "QUIC handshake timed out"),
                     }
                 });
@@ -427,7 +432,11 @@ pub async fn run(
         n.stopping();
     }
     if let Some(u) = usage.as_mut() {
-        u.shutdown(room.leading() && deposed.is_none(), Duration::from_millis(500)).await;
+        u.shutdown(
+            room.leading() && deposed.is_none(),
+            Duration::from_millis(500),
+        )
+        .await;
     }
     // Orderly goodbye: each connection's writer sends `Bye`, waits for the peer to
     // have it and closes; give them a moment before the endpoint goes.
@@ -468,7 +477,12 @@ impl Candidates {
         }
         if !self.0.contains_key(id) && self.0.len() >= Self::MAX_IDS {
             // evict the longest-unannounced
-            if let Some(old) = self.0.iter().min_by_key(|(_, (_, t))| *t).map(|(k, _)| k.clone()) {
+            if let Some(old) = self
+                .0
+                .iter()
+                .min_by_key(|(_, (_, t))| *t)
+                .map(|(k, _)| k.clone())
+            {
                 self.0.remove(&old);
             }
         }
@@ -544,14 +558,19 @@ fn carry_out(
                 shared.published.send_modify(|v| *v += 1);
             }
             Action::ControlPin(pin) => {
-                tracing::info!(open = pin.is_none(), "the room's control PIN changed (a later decision)");
+                tracing::info!(
+                    open = pin.is_none(),
+                    "the room's control PIN changed (a later decision)"
+                );
                 if let Some(tx) = &shared.cfg.control_tx {
                     tx.send_replace(pin.clone());
                 }
                 if let Some(p) = pin {
                     let path = shared.cfg.state_dir.join("control-pin");
                     tokio::task::spawn_blocking(move || {
-                        if let Err(e) = crate::sys::state::write_secret(&path, format!("{p}\n").as_bytes()) {
+                        if let Err(e) =
+                            crate::sys::state::write_secret(&path, format!("{p}\n").as_bytes())
+                        {
                             tracing::warn!(error = %format!("{e:#}"), "cannot save the control PIN");
                         }
                     });
@@ -623,7 +642,11 @@ fn carry_out(
                     tracing::info!(node = %n, "pinned: that node leads while it is alive")
                 }
                 Note::Pinned { node: None } => tracing::info!("unpinned: the highest rank leads"),
-                Note::Merged { record, from, stamp } => {
+                Note::Merged {
+                    record,
+                    from,
+                    stamp,
+                } => {
                     shared.peer.stats.merges.fetch_add(1, Relaxed);
                     tracing::info!(record, peer = %from, %stamp, "groups met: the latest decision wins (that peer's)")
                 }
@@ -712,7 +735,12 @@ fn service_manager(
 /// heartbeat is fresh and it is not a box of this mesh): then this box was deposed and
 /// stands down from Redis (it keeps trying the fenced write at each refresh, which
 /// never overwrites, and leads above the record once that leader's heartbeat stops).
-fn on_refused(room: &mut Room, me: &str, r: crate::mirror::Refusal, deposed: &mut Option<(String, u64)>) {
+fn on_refused(
+    room: &mut Room,
+    me: &str,
+    r: crate::mirror::Refusal,
+    deposed: &mut Option<(String, u64)>,
+) {
     if !room.leading() || r.epoch != room.epoch() {
         return; // a report about an epoch this node no longer holds
     }
@@ -766,8 +794,8 @@ fn update_mirror(
     if want == current {
         return;
     }
-    let rec = want.map(|(epoch, version, tempo_mbpm, meter, playing, pinned, boxes)| {
-        crate::mirror::MirrorRecord {
+    let rec = want.map(
+        |(epoch, version, tempo_mbpm, meter, playing, pinned, boxes)| crate::mirror::MirrorRecord {
             room: room_name.to_string(),
             epoch,
             version,
@@ -778,8 +806,8 @@ fn update_mirror(
             pinned,
             boxes,
             updated_unix_ms: crate::mirror::now_unix_ms(),
-        }
-    });
+        },
+    );
     tx.send_replace(rec);
 }
 
@@ -923,4 +951,3 @@ fn describe(k: crate::core::timeline::ChangeKind) -> String {
         Stop => "stop".into(),
     }
 }
-

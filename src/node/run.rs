@@ -4,22 +4,22 @@
 //! lock-free snapshot; the click-log thread writes the log; the tokio runtime runs the
 //! control loop, which owns the timeline and republishes the snapshot.
 
+use crate::audio::clicklog;
 use crate::audio::device::{self, AudioCtx};
 use crate::audio::snapshot::{AudioSnapshot, SnapshotCell};
 use crate::audio::{AudioConfig, AudioStats};
-use crate::net::auth::RoomKey;
-use crate::audio::clicklog;
-use crate::core::time::SessionMap;
-use crate::sys::clock::{Clock, NodeClock};
-use crate::node::config::RunConfig;
-use crate::net::impair::Impairment;
-use crate::net::{self, MeshStats};
-use crate::node::room_task::{self, MeshConfig};
 use crate::core::decision::{Hlc, Stamp};
 use crate::core::room::{Persisted, Room, RoomConfig};
-use crate::sys::state;
+use crate::core::time::SessionMap;
 use crate::core::timeline::{Meter, Tempo, Timeline};
 use crate::core::wire::SessionId;
+use crate::net::auth::RoomKey;
+use crate::net::impair::Impairment;
+use crate::net::{self, MeshStats};
+use crate::node::config::RunConfig;
+use crate::node::room_task::{self, MeshConfig};
+use crate::sys::clock::{Clock, NodeClock};
+use crate::sys::state;
 use anyhow::Context;
 use std::sync::atomic::{AtomicBool, Ordering, Ordering::Relaxed};
 use std::sync::Arc;
@@ -213,13 +213,21 @@ pub fn run(cfg: RunConfig, clock: NodeClock) -> anyhow::Result<()> {
     // else the room's PIN as saved, else this box's own (made on first start). The room
     // keeps the latest decision (`bandsync control-pin` prints the one in force).
     let (control_pin, control_stamp) = if cfg.control_open {
-        tracing::warn!("control = \"open\": any phone on the network may change tempo and transport");
+        tracing::warn!(
+            "control = \"open\": any phone on the network may change tempo and transport"
+        );
         (None, Stamp::FLAGS)
     } else if let Some(p) = &cfg.control_pin {
-        state::write_secret(&cfg.state_dir.join("control-pin"), format!("{p}\n").as_bytes())?;
+        state::write_secret(
+            &cfg.state_dir.join("control-pin"),
+            format!("{p}\n").as_bytes(),
+        )?;
         (Some(p.clone()), Stamp::FLAGS)
     } else if restored.control_decided != Stamp::DEFAULT || restored.control_pin.is_some() {
-        (restored.control_pin.clone(), restored.control_decided.clone())
+        (
+            restored.control_pin.clone(),
+            restored.control_decided.clone(),
+        )
     } else {
         (Some(state::control_pin(&cfg.state_dir)?), Stamp::DEFAULT)
     };
@@ -399,10 +407,10 @@ fn restore_from_redis(url: &crate::mirror::RedisUrl, room: &str) -> Option<Persi
                 control_pin: None,
                 control_decided: Stamp::DEFAULT,
                 hlc: Hlc::default(),
-        setlist: Vec::new(),
-        setlist_decided: Stamp::DEFAULT,
-        song: None,
-        song_decided: Stamp::DEFAULT,
+                setlist: Vec::new(),
+                setlist_decided: Stamp::DEFAULT,
+                song: None,
+                song_decided: Stamp::DEFAULT,
             })
         }
         Ok(None) => None,

@@ -16,7 +16,12 @@ pub(crate) fn phone_url(shared: &Shared) -> Option<String> {
 /// `status.json` when anything but the clock (`session_ns`, `beat`) changed since the
 /// last write, and at least every 5 s: an idle box alone mostly writes nothing. The
 /// file is written on the blocking pool, never on the clock loop.
-pub(crate) fn write_status(shared: &Shared, room: &Room, now: i64, last: &mut Option<(Status, i64)>) {
+pub(crate) fn write_status(
+    shared: &Shared,
+    room: &Room,
+    now: i64,
+    last: &mut Option<(Status, i64)>,
+) {
     let mut st = room.status(now);
     decorate(shared, &mut st);
     if let Some(tx) = &shared.cfg.status_tx {

@@ -56,7 +56,6 @@ pub fn random_id() -> anyhow::Result<String> {
     Ok(b.iter().map(|x| format!("{x:02x}")).collect())
 }
 
-
 /// Write a secret (room key, control PIN): atomically, readable by the owner only.
 pub fn write_secret(path: &Path, data: &[u8]) -> anyhow::Result<()> {
     write_atomic(path, data)?;

@@ -29,8 +29,9 @@
 //! `/health` and `/metrics` read the room's published status
 //! ([`HttpState::status`]), never waiting on the room task per request.
 
-pub use crate::web::guard::HttpLimits;
+use crate::sys::clock::Clock;
 use crate::web::gateway::{Gateway, Peer};
+pub use crate::web::guard::HttpLimits;
 use crate::web::guard::{Admitted, ConnState, ConnTable, HttpStats, RateLog, Refused};
 pub use crate::web::state::HttpState;
 use axum::body::Body;
@@ -40,7 +41,6 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use crate::sys::clock::Clock;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
@@ -165,7 +165,10 @@ async fn guard(State(web): State<Web>, req: Request, next: Next) -> Response {
             .map(str::to_string)
             .or_else(|| req.uri().authority().map(|a| a.to_string()));
         let origins = req.headers().get_all(header::ORIGIN).iter().count();
-        let origin = req.headers().get(header::ORIGIN).map(|v| v.to_str().unwrap_or("\u{fffd}"));
+        let origin = req
+            .headers()
+            .get(header::ORIGIN)
+            .map(|v| v.to_str().unwrap_or("\u{fffd}"));
         let verdict = if hosts > 1 {
             Err(crate::web::hosts::Refusal::Host)
         } else if origins > 1 {
@@ -200,7 +203,11 @@ impl Web {
     fn refuse(&self, why: Refused, code: StatusCode, text: String) -> Response {
         self.http.refused(why);
         if let Some(left_out) = self.log.allow(why.as_str()) {
-            tracing::info!(reason = why.as_str(), left_out, "HTTP request refused (one line per 10 s; all are counted in /metrics)");
+            tracing::info!(
+                reason = why.as_str(),
+                left_out,
+                "HTTP request refused (one line per 10 s; all are counted in /metrics)"
+            );
         }
         (
             code,
@@ -231,7 +238,9 @@ pub async fn serve_with(
     limits: HttpLimits,
     shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<SocketAddr> {
-    serve_both(addr, None, state, limits, shutdown).await.map(|(a, _)| a)
+    serve_both(addr, None, state, limits, shutdown)
+        .await
+        .map(|(a, _)| a)
 }
 
 /// The HTTPS listener: its address, certificate and TLS config.
@@ -354,7 +363,11 @@ async fn accept_loop(
             Err(why) => {
                 stats.refused(why);
                 if let Some(left_out) = log.allow(why.as_str()) {
-                    tracing::info!(reason = why.as_str(), left_out, "HTTP connection refused (one line per 10 s; all are counted in /metrics)");
+                    tracing::info!(
+                        reason = why.as_str(),
+                        left_out,
+                        "HTTP connection refused (one line per 10 s; all are counted in /metrics)"
+                    );
                 }
                 drop(tcp);
                 continue;
@@ -363,11 +376,17 @@ async fn accept_loop(
         // No Nagle: a phone must get a snapshot the moment it is sent, not after the
         // previous message's (delayed) ACK.
         let _ = tcp.set_nodelay(true);
-        let (router, table, stats, shutdown) =
-            (router.clone(), table.clone(), stats.clone(), shutdown.clone());
+        let (router, table, stats, shutdown) = (
+            router.clone(),
+            table.clone(),
+            stats.clone(),
+            shutdown.clone(),
+        );
         match &tls {
             None => {
-                tokio::spawn(serve_conn(tcp, peer, admitted, router, table, stats, shutdown));
+                tokio::spawn(serve_conn(
+                    tcp, peer, admitted, router, table, stats, shutdown,
+                ));
             }
             Some(acceptor) => {
                 let acceptor = acceptor.clone();
@@ -381,7 +400,9 @@ async fn accept_loop(
                         _ = kill.kill.notified() => return,
                     };
                     match hs {
-                        Ok(Ok(s)) => serve_conn(s, peer, admitted, router, table, stats, shutdown).await,
+                        Ok(Ok(s)) => {
+                            serve_conn(s, peer, admitted, router, table, stats, shutdown).await
+                        }
                         Ok(Err(_)) => stats.refused(Refused::TlsHandshake),
                         Err(_) => stats.refused(Refused::HeaderTimeout),
                     }
@@ -571,7 +592,8 @@ async fn poller(
         let Some(f) = feed.upgrade() else { return };
         match r {
             Ok(Some(s)) => {
-                f.polled.send_replace(Some((tokio::time::Instant::now(), s)));
+                f.polled
+                    .send_replace(Some((tokio::time::Instant::now(), s)));
             }
             Ok(None) => {
                 // the room task is gone: the node is stopping
@@ -590,7 +612,11 @@ async fn poller(
 async fn health(State(web): State<Web>) -> impl IntoResponse {
     let st = &web.st;
     let Some(s) = web.feed.get(Duration::from_secs(1)).await else {
-        let status = if web.feed.stopping() { "stopping" } else { "starting" };
+        let status = if web.feed.stopping() {
+            "stopping"
+        } else {
+            "starting"
+        };
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             Json(serde_json::json!({"status": status})),
@@ -743,11 +769,23 @@ async fn metrics(State(web): State<Web>) -> impl IntoResponse {
             "Link datagrams received, and what became of them.",
             "counter",
             vec![
-                ("{kind=\"received\"}".into(), l.messages.load(Relaxed) as f64),
+                (
+                    "{kind=\"received\"}".into(),
+                    l.messages.load(Relaxed) as f64,
+                ),
                 ("{kind=\"pong\"}".into(), l.pongs.load(Relaxed) as f64),
-                ("{kind=\"overruled\"}".into(), l.overruled.load(Relaxed) as f64),
-                ("{kind=\"forwarded\"}".into(), l.forwarded.load(Relaxed) as f64),
-                ("{kind=\"bad\"}".into(), l.bad_datagrams.load(Relaxed) as f64),
+                (
+                    "{kind=\"overruled\"}".into(),
+                    l.overruled.load(Relaxed) as f64,
+                ),
+                (
+                    "{kind=\"forwarded\"}".into(),
+                    l.forwarded.load(Relaxed) as f64,
+                ),
+                (
+                    "{kind=\"bad\"}".into(),
+                    l.bad_datagrams.load(Relaxed) as f64,
+                ),
             ],
         );
     }
@@ -856,7 +894,11 @@ async fn metrics(State(web): State<Web>) -> impl IntoResponse {
             .map(|m| {
                 (
                     format!("{{mode=\"{m}\"}}"),
-                    if web.gw.control().as_str() == *m { 1.0 } else { 0.0 },
+                    if web.gw.control().as_str() == *m {
+                        1.0
+                    } else {
+                        0.0
+                    },
                 )
             })
             .collect(),
@@ -910,7 +952,12 @@ async fn metrics(State(web): State<Web>) -> impl IntoResponse {
     if let Some(m) = &st.mirror {
         let r = m.snapshot();
         let n = |v: u64| vec![(String::new(), v as f64)];
-        put("redis_writes_total", "Records the Redis mirror wrote.", "counter", n(r.writes));
+        put(
+            "redis_writes_total",
+            "Records the Redis mirror wrote.",
+            "counter",
+            n(r.writes),
+        );
         put(
             "redis_refused_total",
             "Mirror writes refused by the epoch fence (Redis holds a newer record).",
@@ -1035,7 +1082,14 @@ async fn metrics(State(web): State<Web>) -> impl IntoResponse {
             "leader",
             "1 when this node leads.",
             "gauge",
-            vec![(String::new(), if s.role == crate::core::room::Role::Leader { 1.0 } else { 0.0 })],
+            vec![(
+                String::new(),
+                if s.role == crate::core::room::Role::Leader {
+                    1.0
+                } else {
+                    0.0
+                },
+            )],
         );
         put(
             "epoch",

@@ -9,5 +9,5 @@ pub mod guard;
 pub mod hosts;
 pub mod http;
 pub mod state;
-pub mod venue;
 pub mod tls;
+pub mod venue;

@@ -47,7 +47,10 @@ pub fn wanted_names(box_name: &str) -> Vec<String> {
         let h = h.trim().trim_end_matches('.').to_ascii_lowercase();
         if !h.is_empty() && h.len() <= 253 {
             let first = h.split('.').next().unwrap_or("").to_string();
-            v.push(format!("{}.local", crate::net::discovery::dns_label(&first)));
+            v.push(format!(
+                "{}.local",
+                crate::net::discovery::dns_label(&first)
+            ));
             v.push(h);
         }
     }
@@ -108,9 +111,13 @@ pub fn load_or_make(state_dir: &Path, names: &[String]) -> anyhow::Result<HttpsI
     let kept = (|| -> Result<HttpsIdentity, String> {
         let c = std::fs::read(&cp).map_err(|e| format!("cannot read {}: {e}", cp.display()))?;
         let k = std::fs::read(&kp).map_err(|e| format!("cannot read {}: {e}", kp.display()))?;
-        let n = std::fs::read_to_string(&np).map_err(|e| format!("cannot read {}: {e}", np.display()))?;
+        let n = std::fs::read_to_string(&np)
+            .map_err(|e| format!("cannot read {}: {e}", np.display()))?;
         let (names_line, until) = n.rsplit_once("until ").ok_or("no expiry recorded")?;
-        let until: i64 = until.trim().parse().map_err(|_| "bad expiry recorded".to_string())?;
+        let until: i64 = until
+            .trim()
+            .parse()
+            .map_err(|_| "bad expiry recorded".to_string())?;
         if names_line != want {
             return Err("the box's names or addresses changed".into());
         }
@@ -128,8 +135,8 @@ pub fn load_or_make(state_dir: &Path, names: &[String]) -> anyhow::Result<HttpsI
         }
         Err(_) => tracing::info!("making the box's HTTPS certificate (first start)"),
     }
-    let mut params = rcgen::CertificateParams::new(names.to_vec())
-        .context("naming the HTTPS certificate")?;
+    let mut params =
+        rcgen::CertificateParams::new(names.to_vec()).context("naming the HTTPS certificate")?;
     let mut dn = rcgen::DistinguishedName::new();
     dn.push(
         rcgen::DnType::CommonName,
@@ -143,12 +150,17 @@ pub fn load_or_make(state_dir: &Path, names: &[String]) -> anyhow::Result<HttpsI
     params.not_after = rcgen::date_time_ymd(y, m, d);
     params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
     let key = rcgen::KeyPair::generate().context("generating the HTTPS key")?;
-    let cert = params.self_signed(&key).context("signing the HTTPS certificate")?;
+    let cert = params
+        .self_signed(&key)
+        .context("signing the HTTPS certificate")?;
     let c = cert.der().to_vec();
     let k = key.serialize_der();
     write_secret(&kp, &k)?;
     write_atomic(&cp, &c)?;
-    write_atomic(&np, format!("{want}until {}\n", today + VALID_DAYS).as_bytes())?;
+    write_atomic(
+        &np,
+        format!("{want}until {}\n", today + VALID_DAYS).as_bytes(),
+    )?;
     Ok(identity(c, k, names.to_vec()))
 }
 
@@ -188,7 +200,11 @@ mod tests {
     #[test]
     fn kept_reused_changed_or_corrupt_replaced() {
         let d = tempfile::tempdir().unwrap();
-        let names = vec!["localhost".to_string(), "box.local".into(), "127.0.0.1".into()];
+        let names = vec![
+            "localhost".to_string(),
+            "box.local".into(),
+            "127.0.0.1".into(),
+        ];
         let a = load_or_make(d.path(), &names).unwrap();
         let b = load_or_make(d.path(), &names).unwrap();
         assert_eq!(a.sha256, b.sha256, "kept");
@@ -201,7 +217,10 @@ mod tests {
         assert_ne!(e.sha256, c.sha256, "corrupt key replaced");
         server_config(&e).unwrap();
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(d.path().join("https-key.der")).unwrap().permissions().mode();
+        let mode = std::fs::metadata(d.path().join("https-key.der"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
         assert_eq!(e.sha256.len(), 32 * 3 - 1);
     }

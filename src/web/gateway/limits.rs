@@ -143,4 +143,3 @@ pub(super) fn hard_cap(l: &GatewayLimits) -> usize {
         .saturating_mul(16)
         .max(64 * 1024)
 }
-

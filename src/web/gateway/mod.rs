@@ -155,10 +155,10 @@
 //! `uncertainty_us`, `rate_ppm`, `samples`).
 
 use crate::audio::snapshot::{AudioSnapshot, SnapshotCell};
-use crate::sys::clock::{Clock, NodeClock};
-use crate::net::RoomHandle;
 use crate::core::timeline::{ChangeKind, Meter, Quantum, Tempo};
 use crate::core::wire::{Query, Reply, SongPick};
+use crate::net::RoomHandle;
+use crate::sys::clock::{Clock, NodeClock};
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -178,11 +178,11 @@ mod pin;
 mod protocol;
 pub mod talkback;
 
+use limits::hard_cap;
 pub use limits::{GatewayLimits, GatewayStats, Histogram};
+use pin::{PinGuard, Verdict};
 pub use pin::{PinLimits, PinStats};
 pub use protocol::ErrorCode;
-use pin::{PinGuard, Verdict};
-use limits::hard_cap;
 use protocol::{bad, bad_field, check_id, check_text, fields_of, integer, number, Bad};
 
 /// The phone page (one self-contained file: no CDN, works offline).
@@ -335,7 +335,10 @@ impl Control {
 
 impl Inner {
     fn control(&self) -> Control {
-        self.control.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.control
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }
 
@@ -514,7 +517,11 @@ impl Inner {
             })
         };
         v["setlist"] = Value::Array(
-            view.songs.iter().enumerate().map(|(i, s)| song_json(i, s)).collect(),
+            view.songs
+                .iter()
+                .enumerate()
+                .map(|(i, s)| song_json(i, s))
+                .collect(),
         );
         v["song"] = match view.song.filter(|&i| (i as usize) < view.songs.len()) {
             Some(i) => {
@@ -637,7 +644,10 @@ fn snapshot_value(
 /// Pushes snapshots on every timeline change and `room_stats` when the room changes.
 async fn publisher(weak: Weak<Inner>, mut changes: tokio::sync::watch::Receiver<u64>) {
     let (mut setlist, mut cues) = match weak.upgrade() {
-        Some(inner) => (inner.board.setlist.subscribe(), inner.board.cues.subscribe()),
+        Some(inner) => (
+            inner.board.setlist.subscribe(),
+            inner.board.cues.subscribe(),
+        ),
         None => return,
     };
     setlist.borrow_and_update();
@@ -922,7 +932,11 @@ impl Conn {
             Err(_) => {
                 self.inner().stats.dropped_slow.fetch_add(1, Relaxed);
                 if let Some(left_out) = self.inner().log.allow("slow") {
-                    tracing::debug!(conn = self.id, left_out, "phone too slow to take a message; dropped");
+                    tracing::debug!(
+                        conn = self.id,
+                        left_out,
+                        "phone too slow to take a message; dropped"
+                    );
                 }
                 false
             }
@@ -1244,7 +1258,12 @@ impl Conn {
                 if self.acked.contains(&seq) {
                     return Ok(Next::Go);
                 }
-                match tokio::time::timeout(Duration::from_secs(1), self.inner().room.query(Query::CueAck { seq })).await {
+                match tokio::time::timeout(
+                    Duration::from_secs(1),
+                    self.inner().room.query(Query::CueAck { seq }),
+                )
+                .await
+                {
                     Ok(Reply::Done(_)) => {
                         if self.acked.len() < 4 * crate::core::cues::MAX_CUES {
                             self.acked.insert(seq);
@@ -1252,14 +1271,19 @@ impl Conn {
                         Ok(Next::Go)
                     }
                     Ok(Reply::Error(e)) => Err(bad_field("seq", e)),
-                    _ => Err(bad(ErrorCode::Busy, None, "the room did not answer in time; try again")),
+                    _ => Err(bad(
+                        ErrorCode::Busy,
+                        None,
+                        "the room did not answer in time; try again",
+                    )),
                 }
             }
             "set_song" | "post_message" | "update_message" | "delete_message" => {
                 let text = |obj: &Map<String, Value>| -> Result<String, Bad> {
                     match obj.get("text") {
                         Some(Value::String(t)) => {
-                            crate::core::cues::check_text(t).map_err(|e| bad_field("text", e.to_string()))?;
+                            crate::core::cues::check_text(t)
+                                .map_err(|e| bad_field("text", e.to_string()))?;
                             Ok(t.clone())
                         }
                         Some(_) => Err(bad_field("text", "text must be a string")),
@@ -1280,18 +1304,29 @@ impl Conn {
                         Some(v @ Value::Number(_)) => {
                             let n = integer("index", Some(v))?;
                             if !(1..=crate::core::cues::MAX_SONGS as i64).contains(&n) {
-                                return Err(bad_field("index", format!("index must be a song number from 1 (got {n})")));
+                                return Err(bad_field(
+                                    "index",
+                                    format!("index must be a song number from 1 (got {n})"),
+                                ));
                             }
                             SongPick::Number(n as u16)
                         }
                         None => return Err(bad_field("index", "missing index")),
-                        Some(_) => return Err(bad_field("index", "index must be a song number, \"next\" or \"prev\"")),
+                        Some(_) => {
+                            return Err(bad_field(
+                                "index",
+                                "index must be a song number, \"next\" or \"prev\"",
+                            ))
+                        }
                     }),
                     "post_message" => Query::CuePost {
                         text: text(obj)?,
                         author: self.name.clone().unwrap_or_else(|| "phone".into()),
                     },
-                    "update_message" => Query::CueEdit { seq: seq(obj)?, text: text(obj)? },
+                    "update_message" => Query::CueEdit {
+                        seq: seq(obj)?,
+                        text: text(obj)?,
+                    },
                     _ => Query::CueDelete { seq: seq(obj)? },
                 };
                 if let Some(next) = self.check_pin(obj, ty, id).await? {
@@ -1481,8 +1516,7 @@ impl Conn {
         let request = ty.to_string();
         let id = id.cloned();
         tokio::spawn(async move {
-            let r =
-                tokio::time::timeout(CONTROL_TIMEOUT, room.query(q)).await;
+            let r = tokio::time::timeout(CONTROL_TIMEOUT, room.query(q)).await;
             drop(permit);
             flag.store(false, Relaxed);
             let mut v = match r {

@@ -158,4 +158,3 @@ pub(super) fn ct_eq(a: &[u8], b: &[u8]) -> bool {
     }
     d == 0 && a.len() == b.len()
 }
-

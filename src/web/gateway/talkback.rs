@@ -421,7 +421,10 @@ pub fn metrics(hub: &Hub) -> String {
         hub.stats.joined_total.load(Relaxed)
     ));
     m.push_str("# HELP bandsync_talkback_relayed_total Talkback signalling relayed, by kind.\n# TYPE bandsync_talkback_relayed_total counter\n");
-    for (k, n) in ["offer", "answer", "ice", "leave"].iter().zip(hub.stats.relayed.iter()) {
+    for (k, n) in ["offer", "answer", "ice", "leave"]
+        .iter()
+        .zip(hub.stats.relayed.iter())
+    {
         m.push_str(&format!(
             "bandsync_talkback_relayed_total{{kind=\"{k}\"}} {}\n",
             n.load(Relaxed)
@@ -465,8 +468,15 @@ fn only(obj: &Map<String, Value>, ty: &str, allowed: &[&str]) -> Result<(), Bad>
 fn member_field(obj: &Map<String, Value>, field: &str) -> Result<String, Bad> {
     match obj.get(field) {
         Some(Value::String(s)) if rtc_id_ok(s) => Ok(s.clone()),
-        Some(_) => Err(bad_field(field, format!("{field} must be a talkback member id (from rtc_peers)"))),
-        None => Err(bad(super::ErrorCode::BadMessage, Some(field), format!("missing {field:?}"))),
+        Some(_) => Err(bad_field(
+            field,
+            format!("{field} must be a talkback member id (from rtc_peers)"),
+        )),
+        None => Err(bad(
+            super::ErrorCode::BadMessage,
+            Some(field),
+            format!("missing {field:?}"),
+        )),
     }
 }
 
@@ -483,7 +493,8 @@ impl Conn {
         {
             let t = &mut self.talk;
             let now = Instant::now();
-            t.tokens = (t.tokens + now.duration_since(t.at).as_secs_f64() * RTC_PER_SECOND).min(RTC_BURST);
+            t.tokens =
+                (t.tokens + now.duration_since(t.at).as_secs_f64() * RTC_PER_SECOND).min(RTC_BURST);
             t.at = now;
             if t.tokens < 1.0 {
                 hub.stats.refuse(Refusal::Rate);
@@ -511,7 +522,11 @@ impl Conn {
                     None => String::new(),
                 };
                 if self.talk.member.is_none() {
-                    if let Some(next) = self.check_pin(obj, ty, id).await.map_err(|b| refuse(Refusal::Pin, b))? {
+                    if let Some(next) = self
+                        .check_pin(obj, ty, id)
+                        .await
+                        .map_err(|b| refuse(Refusal::Pin, b))?
+                    {
                         hub.stats.refuse(Refusal::Pin);
                         return Ok(next);
                     }
@@ -521,7 +536,12 @@ impl Conn {
                 }
                 let node = self.inner().meta().node;
                 let Some(prefix) = node.get(..8).map(str::to_string) else {
-                    let v = talk_error("busy", "this box does not know its room yet; try again", ty, id);
+                    let v = talk_error(
+                        "busy",
+                        "this box does not know its room yet; try again",
+                        ty,
+                        id,
+                    );
                     return Ok(self.sent(v).await);
                 };
                 let joined = {
@@ -614,10 +634,21 @@ impl Conn {
                         Some(Value::String(s)) => {
                             return Err(refuse(
                                 Refusal::TooLarge,
-                                bad_field("sdp", format!("sdp of {} bytes exceeds the {MAX_SDP}-byte limit", s.len())),
+                                bad_field(
+                                    "sdp",
+                                    format!(
+                                        "sdp of {} bytes exceeds the {MAX_SDP}-byte limit",
+                                        s.len()
+                                    ),
+                                ),
                             ))
                         }
-                        Some(_) => return Err(refuse(Refusal::BadField, bad_field("sdp", "sdp must be a string"))),
+                        Some(_) => {
+                            return Err(refuse(
+                                Refusal::BadField,
+                                bad_field("sdp", "sdp must be a string"),
+                            ))
+                        }
                         None => {
                             return Err(refuse(
                                 Refusal::BadField,
@@ -645,7 +676,11 @@ impl Conn {
                         None => {
                             return Err(refuse(
                                 Refusal::BadField,
-                                bad(super::ErrorCode::BadMessage, Some("candidate"), "missing \"candidate\""),
+                                bad(
+                                    super::ErrorCode::BadMessage,
+                                    Some("candidate"),
+                                    "missing \"candidate\"",
+                                ),
                             ))
                         }
                     },
@@ -668,7 +703,11 @@ impl Conn {
                             }
                             None => Where::BadBody,
                         },
-                        None if st.remote.values().any(|(v, _)| v.iter().any(|m| m.id == to)) => {
+                        None if st
+                            .remote
+                            .values()
+                            .any(|(v, _)| v.iter().any(|m| m.id == to)) =>
+                        {
                             Where::Remote
                         }
                         None => Where::Nowhere,
@@ -680,7 +719,10 @@ impl Conn {
                         return Ok(Next::Go);
                     }
                     Where::BadBody => {
-                        return Err(refuse(Refusal::BadField, bad_field("candidate", "not JSON")))
+                        return Err(refuse(
+                            Refusal::BadField,
+                            bad_field("candidate", "not JSON"),
+                        ))
                     }
                     Where::Nowhere => {
                         hub.stats.refuse(Refusal::UnknownPeer);
@@ -703,7 +745,12 @@ impl Conn {
                     hub.stats.relayed[kind_index(kind)].fetch_add(1, Relaxed);
                 } else {
                     hub.stats.refuse(Refusal::Dropped);
-                    let v = talk_error("busy", "the box is too busy to relay this; try again", ty, id);
+                    let v = talk_error(
+                        "busy",
+                        "the box is too busy to relay this; try again",
+                        ty,
+                        id,
+                    );
                     return Ok(self.sent(v).await);
                 }
                 Ok(Next::Go)
@@ -757,18 +804,42 @@ mod tests {
             kind: RtcKind::Offer,
             body: "v=0\r\n".repeat(2000),
         });
-        assert_eq!(Frame::decode(&ok.encode()).unwrap(), ok, "an SDP near 16 KiB fits a frame");
+        assert_eq!(
+            Frame::decode(&ok.encode()).unwrap(),
+            ok,
+            "an SDP near 16 KiB fits a frame"
+        );
         let big = Frame::Rtc(RtcRelay::Signal {
             from: "0123abcd-1".into(),
             to: "89abcdef-2".into(),
             kind: RtcKind::Ice,
             body: "x".repeat(MAX_ICE + 1),
         });
-        assert!(matches!(Frame::decode(&big.encode()), Err(WireError::Invalid { field: "rtc.body", .. })));
-        let forged = Frame::Rtc(RtcRelay::Members(vec![RtcMember { id: "not an id".into(), name: "x".into() }]));
-        assert!(matches!(Frame::decode(&forged.encode()), Err(WireError::Invalid { field: "rtc.members.id", .. })));
+        assert!(matches!(
+            Frame::decode(&big.encode()),
+            Err(WireError::Invalid {
+                field: "rtc.body",
+                ..
+            })
+        ));
+        let forged = Frame::Rtc(RtcRelay::Members(vec![RtcMember {
+            id: "not an id".into(),
+            name: "x".into(),
+        }]));
+        assert!(matches!(
+            Frame::decode(&forged.encode()),
+            Err(WireError::Invalid {
+                field: "rtc.members.id",
+                ..
+            })
+        ));
         let many = Frame::Rtc(RtcRelay::Members(
-            (0..=MAX_TALKERS).map(|i| RtcMember { id: format!("0123abcd-{i}"), name: "x".into() }).collect(),
+            (0..=MAX_TALKERS)
+                .map(|i| RtcMember {
+                    id: format!("0123abcd-{i}"),
+                    name: "x".into(),
+                })
+                .collect(),
         ));
         assert!(Frame::decode(&many.encode()).is_err());
     }
@@ -778,20 +849,40 @@ mod tests {
         let (room, _inbox) = crate::net::handle::channel();
         let hub = Hub::new(room);
         // ids with another box's prefix are refused
-        hub.on_mesh("0123abcd00000000", RtcRelay::Members(vec![RtcMember { id: "89abcdef-1".into(), name: "x".into() }]));
+        hub.on_mesh(
+            "0123abcd00000000",
+            RtcRelay::Members(vec![RtcMember {
+                id: "89abcdef-1".into(),
+                name: "x".into(),
+            }]),
+        );
         assert_eq!(hub.room_count(), 0);
-        hub.on_mesh("0123abcd00000000", RtcRelay::Members(vec![RtcMember { id: "0123abcd-1".into(), name: "x".into() }]));
+        hub.on_mesh(
+            "0123abcd00000000",
+            RtcRelay::Members(vec![RtcMember {
+                id: "0123abcd-1".into(),
+                name: "x".into(),
+            }]),
+        );
         assert_eq!(hub.room_count(), 1);
         // a box gone (empty list) has none
         hub.on_mesh("0123abcd00000000", RtcRelay::Members(vec![]));
         assert_eq!(hub.room_count(), 0);
-        assert_eq!(hub.stats.refused[Refusal::ALL.iter().position(|r| *r == Refusal::Mesh).unwrap()].load(Relaxed), 1);
+        assert_eq!(
+            hub.stats.refused[Refusal::ALL
+                .iter()
+                .position(|r| *r == Refusal::Mesh)
+                .unwrap()]
+            .load(Relaxed),
+            1
+        );
     }
 
     #[test]
     fn rtc_messages_may_be_larger() {
         let sdp = "a".repeat(8000);
-        let t = serde_json::json!({"type": "rtc_offer", "to": "0123abcd-1", "sdp": sdp}).to_string();
+        let t =
+            serde_json::json!({"type": "rtc_offer", "to": "0123abcd-1", "sdp": sdp}).to_string();
         assert_eq!(message_cap(4096, &t), MAX_RTC_MESSAGE);
         let t = serde_json::json!({"type": "set_tempo", "x": sdp}).to_string();
         assert_eq!(message_cap(4096, &t), 4096);
