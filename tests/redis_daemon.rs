@@ -3,37 +3,11 @@
 //! current again after it.
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{free_port, NodeCmd, BIN};
-
-struct Kill(Child);
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn redis(port: u16) -> Kill {
-    let c = Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--daemonize", "no"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("redis-server is not installed: run scripts/test (it installs the Debian package redis-server)");
-    let t = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            t.elapsed() < Duration::from_secs(5),
-            "redis-server did not start"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Kill(c)
-}
+use common::{free_port, redis_server, Kill, NodeCmd, BIN};
 
 fn hget(port: u16, key: &str, field: &str) -> Option<String> {
     let o = Command::new("redis-cli")
@@ -67,7 +41,7 @@ fn the_leader_mirrors_to_redis_and_outages_never_touch_the_click() {
     );
     let rkey = format!("bandsync:room:{room}");
     let rport = free_port(false);
-    let mut srv = Some(redis(rport));
+    let mut srv = Some(redis_server(rport));
     let (quic, http) = (free_port(true), free_port(false));
     let log = dir.path().join("clicks.jsonl");
     let _node = Kill(
@@ -127,7 +101,7 @@ fn the_leader_mirrors_to_redis_and_outages_never_touch_the_click() {
     cli(quic, &key, &room, &["meter", "5"]);
     std::thread::sleep(Duration::from_secs(10));
     let up_at = bandsync::sys::clock::mono_now_ns();
-    srv = Some(redis(rport));
+    srv = Some(redis_server(rport));
     let back = wait_for("meter", "5", Duration::from_secs(5));
     eprintln!("mirror current again {back:?} after redis came back");
     drop(srv);

@@ -5,44 +5,11 @@
 //! room's Redis stream.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{free_port, http_get, NodeCmd, BIN};
-
-struct Kill(Child);
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-impl Kill {
-    /// SIGKILL: no goodbye, no flush.
-    fn kill9(mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn redis(port: u16) -> Kill {
-    let c = Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--daemonize", "no"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("redis-server is not installed: run scripts/test (it installs the Debian package redis-server)");
-    let t = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            t.elapsed() < Duration::from_secs(5),
-            "redis-server did not start"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Kill(c)
-}
+use common::{free_port, http_get, redis_server, Kill, NodeCmd, BIN};
 
 fn redis_cli(port: u16, args: &[&str]) -> String {
     let o = Command::new("redis-cli")
@@ -173,7 +140,7 @@ fn a_restarted_leader_is_never_stale() {
     let dir = tempfile::tempdir().unwrap();
     let key = key_file(dir.path(), "k", "ab");
     let rport = free_port(false);
-    let _srv = redis(rport);
+    let _srv = redis_server(rport);
     let room = "restart";
     let b = Box::new(dir.path(), "a", room, &key, rport);
     let node = b.start(&["--tempo", "120"], None);
@@ -226,7 +193,7 @@ fn a_whole_room_restarted_is_never_stale() {
     let dir = tempfile::tempdir().unwrap();
     let key = key_file(dir.path(), "k", "cd");
     let rport = free_port(false);
-    let _srv = redis(rport);
+    let _srv = redis_server(rport);
     let room = "whole";
     let a = Box::new(dir.path(), "a", room, &key, rport);
     let b = Box::new(dir.path(), "b", room, &key, rport);
@@ -291,7 +258,7 @@ fn a_whole_room_restarted_is_never_stale() {
 fn a_deposed_box_never_overwrites_the_live_leader() {
     let dir = tempfile::tempdir().unwrap();
     let rport = free_port(false);
-    let _srv = redis(rport);
+    let _srv = redis_server(rport);
     let room = "deposed";
     // Box A leads the room at first.
     let a = Box::new(
@@ -474,7 +441,7 @@ fn usage_periods_survive_a_kill_and_match_the_stream() {
     let dir = tempfile::tempdir().unwrap();
     let key = key_file(dir.path(), "k", "ef");
     let rport = free_port(false);
-    let _srv = redis(rport);
+    let _srv = redis_server(rport);
     let room = "usage";
     let b = Box::new(dir.path(), "a", room, &key, rport);
     let offset = unix_ms() - bandsync::sys::clock::mono_now_ns() as f64 / 1e6;

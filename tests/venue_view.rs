@@ -2,39 +2,13 @@
 //! `bandsync venue --json` over hundreds of rooms, and a box's `/venue` and
 //! `/venue.json` following a room's change live.
 
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use bandsync::mirror::{self, Conn, MirrorRecord, RedisUrl};
 
 mod common;
-use common::{free_port, http_get, json_body, NodeCmd, BIN};
-
-struct Kill(Child);
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn redis(port: u16) -> Kill {
-    let c = Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--daemonize", "no"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("redis-server is not installed: run scripts/test (it installs the Debian package redis-server)");
-    let t = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            t.elapsed() < Duration::from_secs(5),
-            "redis-server did not start"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Kill(c)
-}
+use common::{free_port, http_get, json_body, redis_server, Kill, NodeCmd, BIN};
 
 /// `n` rooms written through the mirror's fenced write, as their leaders would; room
 /// `i` plays at 60 + i/2 BPM when `i` is odd.
@@ -89,7 +63,7 @@ fn venue_json(port: u16) -> (serde_json::Value, Duration) {
 #[test]
 fn venue_lists_hundreds_of_rooms_within_a_second() {
     let port = free_port(false);
-    let _srv = redis(port);
+    let _srv = redis_server(port);
     seed(port, 250);
     // one room's leader went quiet long ago
     let o = Command::new("redis-cli")
@@ -162,7 +136,7 @@ fn a_box_serves_the_venue_live() {
     let key = dir.path().join("k");
     std::fs::write(&key, "9a".repeat(32)).unwrap();
     let port = free_port(false);
-    let mut srv = Some(redis(port));
+    let mut srv = Some(redis_server(port));
     seed(port, 30);
     let (quic, http) = (free_port(true), free_port(false));
     let _node = Kill(
@@ -267,7 +241,7 @@ fn a_box_serves_the_venue_live() {
     assert_eq!(code, 503, "{body}");
     assert!(json_body(&body)["error"].as_str().is_some(), "{body}");
     assert_eq!(http_get(http, "/health").unwrap().0, 200);
-    srv = Some(redis(port));
+    srv = Some(redis_server(port));
     let t = Instant::now();
     while http_get(http, "/venue.json").is_none_or(|(c, _)| c != 200) {
         assert!(

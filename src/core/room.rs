@@ -814,13 +814,7 @@ impl Room {
                 let s_now = self.map.to_session(now);
                 // A leader's update only changes the future; a grid that differs now or
                 // two seconds ago is another grid (a healed partition).
-                let back = (s_now - 2_000_000_000)
-                    .max(tl.segments()[0].t0)
-                    .max(self.timeline.segments()[0].t0)
-                    .min(s_now);
-                if phase_differs(&self.timeline, &tl, s_now)
-                    || phase_differs(&self.timeline, &tl, back)
-                {
+                if !same_grid(&self.timeline, &tl, s_now) {
                     // The leader's grid is not ours (a healed partition, or the leader
                     // moved onto a later decision): realign at a bar boundary rather
                     // than jump now; the timeline comes with the realign.
@@ -1355,14 +1349,7 @@ impl Room {
         // The same grid up to now (a change the peer scheduled ahead, e.g. while
         // leadership moved): take its timeline as it is, at once — its change lands where
         // it was scheduled, on every box.
-        let back = (s_now - 2_000_000_000)
-            .max(tl.segments()[0].t0)
-            .max(self.timeline.segments()[0].t0)
-            .min(s_now);
-        if tl.segments()[0].t0 <= s_now
-            && !phase_differs(&self.timeline, &tl, s_now)
-            && !phase_differs(&self.timeline, &tl, back)
-        {
+        if tl.segments()[0].t0 <= s_now && same_grid(&self.timeline, &tl, s_now) {
             let from = from.clone();
             let stamp = a.decided.clone();
             self.timeline = tl;
@@ -1541,6 +1528,17 @@ impl Room {
             })
             .collect()
     }
+}
+
+/// True when `b` is `a`'s grid, now and over the last two seconds, so that taking `b`
+/// only changes the future (a leader's update); a grid that differs now or two seconds
+/// ago is another grid (a healed partition, a later decision on another grid).
+fn same_grid(a: &Timeline, b: &Timeline, s_now: i64) -> bool {
+    let back = (s_now - 2_000_000_000)
+        .max(b.segments()[0].t0)
+        .max(a.segments()[0].t0)
+        .min(s_now);
+    !phase_differs(a, b, s_now) && !phase_differs(a, b, back)
 }
 
 /// True when two timelines put the beat grid in different places at session time `t`

@@ -9,8 +9,11 @@ use bandsync::core::timeline::{Meter, Tempo, Timeline};
 use std::sync::Arc;
 
 mod daemon;
+mod redis;
 #[allow(unused_imports)] // each test binary uses its own share of these
 pub use daemon::{http_get, json_body, wait_health, NodeCmd, BIN, TEST_ENV};
+#[allow(unused_imports)]
+pub use redis::{redis_server, Kill};
 
 pub const RATE: u32 = 48_000;
 
