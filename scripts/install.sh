@@ -58,10 +58,12 @@ SERVICE=bandsync
 USER_NAME=bandsync
 BIN_DST="$PREFIX/bin/bandsync"
 UNIT_DST=/etc/systemd/system/bandsync.service
+SYSCTL_DST=/etc/sysctl.d/60-bandsync-net.conf
 CONF_DIR=/etc/bandsync
 CONF_DST=$CONF_DIR/bandsync.toml
 STATE_DIRS=(/var/lib/bandsync /var/lib/private/bandsync /var/log/bandsync)
 UNIT_SRC="$REPO/systemd/bandsync.service"
+SYSCTL_SRC="$REPO/systemd/60-bandsync-net.conf"
 
 say() { printf '[install] %s\n' "$*"; }
 die() { printf '[install] ERROR: %s\n' "$*" >&2; exit 1; }
@@ -118,6 +120,7 @@ if [ "$UNINSTALL" = 1 ]; then
     remove_path "$(r "$BIN_DST")"
     remove_path "$(r "$UNIT_DST")"
     remove_path "$(r "$UNIT_DST").d"
+    remove_path "$(r "$SYSCTL_DST")"
     if systemd_running; then run systemctl daemon-reload; fi
     if [ "$PURGE" = 1 ]; then
         remove_path "$(r "$CONF_DIR")"
@@ -166,6 +169,12 @@ trap 'rm -rf "$tmpd"' EXIT
 sed "s#^ExecStart=/usr/local/bin/bandsync#ExecStart=$BIN_DST#" "$UNIT_SRC" >"$tmpd/bandsync.service"
 grep -q "^ExecStart=$BIN_DST " "$tmpd/bandsync.service" || die "cannot point ExecStart at $BIN_DST (unit changed?)"
 CHANGED=0; put_file "$tmpd/bandsync.service" "$(r "$UNIT_DST")" 0644; UNIT_CHANGED=$CHANGED
+# The kernel settings a box runs with (systemd/60-bandsync-net.conf: fast ARP re-probe,
+# so a healed link rejoins the room at once), applied now when systemd runs.
+CHANGED=0; put_file "$SYSCTL_SRC" "$(r "$SYSCTL_DST")" 0644
+if [ "$CHANGED" = 1 ] && systemd_running && command -v sysctl >/dev/null; then
+    run sysctl -q -e -p "$SYSCTL_DST" || say "warning: could not apply $SYSCTL_DST now (it applies at the next boot)"
+fi
 
 # 3. The system user (the unit runs as it), in the audio group.
 if grep -q "^User=$USER_NAME\$" "$UNIT_SRC"; then

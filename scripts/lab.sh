@@ -90,6 +90,8 @@ Options:
   --extra "ARGS"        extra \`bandsync run\` arguments for every node (split on spaces;
                         repeatable)
   --log FILTER          BANDSYNC_LOG of the nodes (default info)
+  --kernel-defaults     leave the nodes' namespaces at the kernel's defaults instead of the
+                        settings an installed box has (systemd/60-bandsync-net.conf)
   --ipv6                keep IPv6 on in the namespaces (default: off, so only
                         ${SUBNET_PREFIX}.0/24 addresses exist)
   --cleanup-stale       delete leftover ${PREFIX%%[0-9]*}<PID>-* namespaces of runs that are no
@@ -146,6 +148,7 @@ METER=4
 PRIO_LIST=""
 EXTRA=()
 LOG_FILTER=info
+BOX_SYSCTL=1
 IPV6=0
 CLEANUP_STALE=0
 REPEAT_HEAL=1 HEAL_EVERY=""
@@ -182,6 +185,7 @@ while [ $# -gt 0 ]; do
         --priority-list) need_arg "$@"; PRIO_LIST=$2; shift 2 ;;
         --extra) need_arg "$@"; read -ra _x <<<"$2"; EXTRA+=("${_x[@]}"); shift 2 ;;
         --log) need_arg "$@"; LOG_FILTER=$2; shift 2 ;;
+        --kernel-defaults) BOX_SYSCTL=0; shift ;;
         --ipv6) IPV6=1; shift ;;
         --cleanup-stale) CLEANUP_STALE=1; shift ;;
         --repeat-heal) need_arg "$@"; REPEAT_HEAL=$2; shift 2 ;;
@@ -563,6 +567,8 @@ setup_network() {
         run ip -n "$ns" link set dev "$ifn" multicast on up
         # mDNS (224.0.0.251) needs a multicast route; there is deliberately no default route.
         run ip -n "$ns" route add 224.0.0.0/4 dev "$ifn"
+        # the kernel settings an installed box has (fast ARP re-probe after a heal)
+        [ $BOX_SYSCTL -eq 1 ] && run ip netns exec "$ns" sysctl -q -e -p "$REPO/systemd/60-bandsync-net.conf"
     done
     if [ -n "$STRANGER_AT" ]; then
         make_ns "$ST_NS"

@@ -399,9 +399,25 @@ def heal_report(nodes, events, samples, meter=4):
         bar = None
         lead = {s.get("leader") for s in after.values()}
         refn = [nl for nl in nodes if nl.node_id in lead] or nodes
-        ref = [c for nl in refn for c in nl.clicks if h + 1_000_000_000 <= c[0] < t1 and c[1] % meter == 0]
+        # "the settled timeline": the grid the leader's last two clicks in the window
+        # lie on, extrapolated back (no change is made after a heal in these scenarios);
+        # a downbeat the leader played on the grid it left does not count.
+        ref = []
+        for nl in refn:
+            cs = sorted(c for c in nl.clicks if h <= c[0] < t1)
+            if len(cs) < 2 or cs[-1][1] != cs[-2][1] + 1:
+                continue
+            (ta, ba, _), (tb, bb, _) = cs[-2], cs[-1]
+            period = tb - ta
+            b = bb - (tb - (h + 1_000_000_000)) // period
+            while True:
+                tt = tb - (bb - b) * period
+                if tt >= h + 1_000_000_000 and b % meter == 0:
+                    break
+                b += 1
+            ref.append(tt)
         if ref:
-            bar = min(ref)[0]
+            bar = min(ref)
         in_bar = None if tot is None or bar is None else h + tot <= bar + ALIGN_NS
         res.append({"bar_deadline_ms": None if bar is None else round((bar - h) / 1e6, 1),
                     "within_1s_plus_bar": in_bar,

@@ -482,6 +482,9 @@ struct Stats {
     merges: u64,
     /// Scripts: what every live box plays when the run ends (slot, BPM, playing).
     final_state: Vec<(usize, f64, bool)>,
+    /// Scripts: per box alive at the end, when (ms of the script) its last run of clicks
+    /// at one tempo began: the first click it played at the tempo it ends with.
+    final_since: Vec<(usize, f64)>,
     /// Scripts: every live box's cues at the end (slot, [(seq, text)] in order).
     final_cues: Vec<(usize, Vec<(u64, String)>)>,
     clicks: u64,
@@ -2443,6 +2446,22 @@ impl Sim {
                     return;
                 }
             }
+            if inst.alive {
+                // the last run of clicks one beat of the same tempo apart
+                let mut k = clicks.len().saturating_sub(1);
+                while k > 0 && {
+                    let (a, b) = (&clicks[k - 1], &clicks[k]);
+                    b.beat == a.beat + 1
+                        && (b.beat_ns - a.beat_ns).abs() < 1.0
+                        && a.beat_ns == b.next_ns
+                } {
+                    k -= 1;
+                }
+                if let Some(c) = clicks.get(k) {
+                    let since_ms = (c.t - self.t_base) as f64 / 1e6;
+                    self.stats.final_since.push((inst.slot, since_ms));
+                }
+            }
             all.extend(clicks.iter().map(|c| (c.session, c.beat, c.t, i)));
         }
         // invariant 4: at each click of a settled instance, where is every other settled
@@ -2765,8 +2784,10 @@ fn script_concurrent_decisions_the_later_one_wins() {
     // Both sides decide: 100 on one, 3 s later 80 on the other — 80 everywhere, on
     // whichever side the later decision was made (rank decides only who leads).
     let t = settled_ms();
-    for (first, second) in [(1usize, 0usize), (0, 1)] {
-        let name = format!("later decision wins (100 via {first}, 80 via {second})");
+    // (cut, first, second): the leader (box 0) cut off, or a follower (box 1: the lab's
+    // scenario b, where the leader must move and its follower with it)
+    for (cut, first, second) in [(0, 1usize, 0usize), (0, 0, 1), (1, 0, 1), (1, 1, 0)] {
+        let name = format!("later decision wins (box {cut} cut, 100 via {first}, 80 via {second})");
         let stats = run_script(
             &name,
             &[10, 0, 1],
@@ -2775,7 +2796,7 @@ fn script_concurrent_decisions_the_later_one_wins() {
                 (0, Step::Boot(0)),
                 (200, Step::Boot(1)),
                 (400, Step::Boot(2)),
-                (t, Step::Partition(vec![0])),
+                (t, Step::Partition(vec![cut])),
                 (
                     t + 1_000,
                     Step::Tempo {
@@ -2794,6 +2815,27 @@ fn script_concurrent_decisions_the_later_one_wins() {
             ],
         );
         assert_all_play(&name, &stats, 80.0);
+        // SPEC §6: within 1 s of the heal plus the next bar (4 beats of 80 = 3 s), every
+        // box at the same bar
+        let heal = (t + 6_000) as f64;
+        // (the side that decided 80 does not move; the others move at one bar)
+        let moved: Vec<f64> = stats
+            .final_since
+            .iter()
+            .map(|x| x.1)
+            .filter(|&x| x > heal)
+            .collect();
+        let (lo, hi) = moved
+            .iter()
+            .fold((f64::MAX, f64::MIN), |(l, h), &x| (l.min(x), h.max(x)));
+        assert!(
+            stats.final_since.len() == 3
+                && !moved.is_empty()
+                && hi <= heal + 1_000.0 + 3_000.0
+                && hi - lo < 1.0,
+            "{name}: boxes moved to 80 at {:?} ms (heal at {heal} ms)",
+            stats.final_since
+        );
     }
 }
 

@@ -814,11 +814,36 @@ impl Room {
                 let s_now = self.map.to_session(now);
                 // A leader's update only changes the future; a grid that differs now or
                 // two seconds ago is another grid (a healed partition).
-                if !same_grid(&self.timeline, &tl, s_now) {
+                let near = self.peers[from]
+                    .clock()
+                    .is_some_and(|(_, t)| (t.to_session(now) - s_now).abs() <= REALIGN_NS);
+                if !same_grid(&self.timeline, &tl, s_now) && near && begins_ahead(&tl, s_now) {
+                    // The leader is moving onto another grid at a bar still ahead (it
+                    // merged a later decision): move with it, at the same bar.
+                    let beat = tl.segments()[0].b0;
+                    self.timeline = tl;
+                    self.epoch = a.epoch;
+                    self.version = a.version;
+                    self.decided = a.decided.clone();
+                    self.adopted_from = Some(from.to_string());
+                    self.clock_gen += 1;
+                    self.publish = true;
+                    self.persist = true;
+                    out.push(Action::Note(Note::Realigned {
+                        leader: from.to_string(),
+                        beat,
+                        step_ns: 0,
+                    }));
+                } else if !same_grid(&self.timeline, &tl, s_now) {
                     // The leader's grid is not ours (a healed partition, or the leader
                     // moved onto a later decision): realign at a bar boundary rather
-                    // than jump now; the timeline comes with the realign.
+                    // than jump now; the timeline comes with the realign. The leadership
+                    // term is the leader's at once (status shows one leader, one epoch).
                     self.realign = true;
+                    if a.epoch > self.epoch {
+                        self.epoch = a.epoch;
+                        self.dirty = true;
+                    }
                 } else {
                     self.timeline = tl;
                     self.epoch = a.epoch;
@@ -1337,7 +1362,9 @@ impl Room {
                     .filter(|a| a.session == self.session && a.decided > self.decided)
                     .map(|a| (id, a))
             })
-            .max_by(|x, y| x.1.decided.cmp(&y.1.decided));
+            // equal decisions: the peer already moving onto it (its timeline begins
+            // ahead) goes first, so every box switches at the same bar
+            .max_by_key(|(_, a)| (&a.decided, a.timeline.first().map(|s| s.t0)));
         let Some((from, a)) = best else {
             self.merge = None;
             return;
@@ -1374,10 +1401,16 @@ impl Room {
                 || tl.beat_time(m.beat) - s_now < PUBLISH_AHEAD_NS / 3
         });
         if replan {
-            let at = tl.quantize(Quantum::Bar, s_now, SWITCH_LEAD_NS);
+            // a peer already moving onto it at a bar still ahead: that bar, the same on
+            // every box; otherwise the next bar far enough ahead
+            let beat = if begins_ahead(&tl, s_now) {
+                tl.segments()[0].b0
+            } else {
+                tl.quantize(Quantum::Bar, s_now, SWITCH_LEAD_NS).beat
+            };
             self.merge = Some(Merge {
                 from: from.clone(),
-                beat: at.beat,
+                beat,
                 stamp: a.decided.clone(),
             });
         }
@@ -1533,12 +1566,27 @@ impl Room {
 /// True when `b` is `a`'s grid, now and over the last two seconds, so that taking `b`
 /// only changes the future (a leader's update); a grid that differs now or two seconds
 /// ago is another grid (a healed partition, a later decision on another grid).
+/// A timeline that begins at a bar still far enough ahead to be published before it
+/// (a peer's switch onto another grid, taken at its bar): a box can begin with it there.
+fn begins_ahead(tl: &Timeline, s_now: i64) -> bool {
+    let first = &tl.segments()[0];
+    first.t0 - s_now > PUBLISH_AHEAD_NS / 3 && first.is_downbeat(first.b0)
+}
+
 fn same_grid(a: &Timeline, b: &Timeline, s_now: i64) -> bool {
     let back = (s_now - 2_000_000_000)
         .max(b.segments()[0].t0)
         .max(a.segments()[0].t0)
         .min(s_now);
-    !phase_differs(a, b, s_now) && !phase_differs(a, b, back)
+    // now, `back`, and every change point of either in between (two grids can agree at
+    // two instants by chance; not at every point where one of them changes tempo)
+    !phase_differs(a, b, s_now)
+        && !phase_differs(a, b, back)
+        && a.segments()
+            .iter()
+            .chain(b.segments())
+            .filter(|g| back < g.t0 && g.t0 < s_now)
+            .all(|g| !phase_differs(a, b, g.t0))
 }
 
 /// True when two timelines put the beat grid in different places at session time `t`

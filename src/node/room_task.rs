@@ -398,10 +398,14 @@ pub async fn run(
                     let endpoint = endpoint.clone();
                     let id = id.clone();
                     let done = dial_done_tx.clone();
+                    tracing::debug!(peer = %id, %addr, in_flight = inflight.len(), "dialing");
                     tokio::spawn(async move {
                         match endpoint.connect(addr, "bandsync") {
                             Ok(connecting) => match tokio::time::timeout(DIAL_TIMEOUT, connecting).await {
-                                Ok(Ok(conn)) => peer::serve(shared, conn, true, Some(id.clone()), None).await,
+                                Ok(Ok(conn)) => {
+                                    tracing::debug!(peer = %id, %addr, "connected");
+                                    peer::serve(shared, conn, true, Some(id.clone()), None).await
+                                }
                                 Ok(Err(e)) => tracing::debug!(peer = %id, %addr, error = %e, "connect failed"),
                                 Err(_) => tracing::debug!(peer = %id, %addr, "connect timed out"),
                             },
