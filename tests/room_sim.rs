@@ -114,7 +114,8 @@
 
 use bandsync::core::decision::Stamp;
 use bandsync::core::room::{
-    Action, Note, Persisted, Room, RoomConfig, LOSS_NS, SETTLE_NS, SWITCH_LEAD_NS, YOUNG_NS,
+    Action, Note, Persisted, Room, RoomConfig, LOSS_NS, SETTLE_NS, START_LEAD_NS, SWITCH_LEAD_NS,
+    YOUNG_NS,
 };
 use bandsync::core::sync::Sample;
 use bandsync::core::time::SessionMap;
@@ -328,6 +329,8 @@ struct StepNote {
 struct Inst {
     slot: usize,
     room: Room,
+    /// The session this instance booted with (its own, until it joins another).
+    boot_session: SessionId,
     /// The latest decision this instance has held (its `decided()` never goes back).
     max_decided: Stamp,
     clk: Clk,
@@ -485,6 +488,10 @@ struct Stats {
     /// Scripts: per box alive at the end, when (ms of the script) its last run of clicks
     /// at one tempo began: the first click it played at the tempo it ends with.
     final_since: Vec<(usize, f64)>,
+    /// Per instance that clicked: (slot, clicked its own boot session first).
+    first_click_own: Vec<(usize, bool)>,
+    /// Scripts: connections that came up (slot, slot, ms of the script).
+    connects: Vec<(usize, usize, f64)>,
     /// Scripts: every live box's cues at the end (slot, [(seq, text)] in order).
     final_cues: Vec<(usize, Vec<(u64, String)>)>,
     clicks: u64,
@@ -954,7 +961,7 @@ impl Sim {
             Some(p) => (p.tempo, p.meter, p.pinned.clone()),
             None => (slot.tempo, slot.meter, None),
         };
-        let timeline = Timeline::start_at(l + 500 * MS, tempo, meter, true);
+        let timeline = Timeline::start_at(l + START_LEAD_NS, tempo, meter, true);
         let born_ms = (WALL_EPOCH_MS + (self.now - self.t_base + slot.wall_err) / MS) as u64;
         let session = SessionId {
             born_ms,
@@ -983,6 +990,7 @@ impl Sim {
         let idx = self.insts.len();
         self.insts.push(Inst {
             slot: s,
+            boot_session: session,
             room,
             clk,
             alive: true,
@@ -1502,6 +1510,8 @@ impl Sim {
             .room
             .peer_up(&ida, &format!("box{a}"), ia as u64);
         self.note(format!("connect {} <-> {}", self.name(ia), self.name(ib)));
+        let t_ms = (self.now - self.t_base) as f64 / 1e6;
+        self.stats.connects.push((a, b, t_ms));
         for side in 0..2 {
             let d = self.rng.range(0, 5 * MS);
             self.at(self.now + d, Kind::Ping { c, side });
@@ -2446,6 +2456,11 @@ impl Sim {
                     return;
                 }
             }
+            if let Some(c) = clicks.first() {
+                self.stats
+                    .first_click_own
+                    .push((inst.slot, c.session == inst.boot_session));
+            }
             if inst.alive {
                 // the last run of clicks one beat of the same tempo apart
                 let mut k = clicks.len().saturating_sub(1);
@@ -2837,6 +2852,49 @@ fn script_concurrent_decisions_the_later_one_wins() {
             stats.final_since
         );
     }
+}
+
+/// A box that boots (playing) into a running room joins it without first clicking its
+/// own session (issue 18 scenario d: a restarted box never plays its saved tempo again
+/// when the room moved on).
+#[test]
+fn script_a_box_booting_into_a_room_never_clicks_its_own_session_first() {
+    // The sim dials 0.1–1.5 s after a boot: a box that found the room before its own
+    // first click (START_LEAD_NS after boot) must not click its own session at all.
+    let lead_ms = (START_LEAD_NS / MS) as f64;
+    let mut exercised = 0;
+    for late in [3_000, 4_200, 6_000, 7_300, 9_500, 11_100, 12_700, 14_900] {
+        let name = format!("boot into a running room at {late} ms");
+        let stats = run_script(
+            &name,
+            &[0, 0],
+            late + 6_000,
+            &[(0, Step::Boot(0)), (late, Step::Boot(1))],
+        );
+        let found = stats
+            .connects
+            .iter()
+            .find(|c| c.0 == 1 || c.1 == 1)
+            .map(|c| c.2);
+        let own_first = stats
+            .first_click_own
+            .iter()
+            .find(|(slot, _)| *slot == 1)
+            .map(|x| x.1);
+        // found the room (connected, + an announce) well before its first click
+        if found.is_some_and(|t| t + 100.0 < late as f64 + lead_ms) {
+            exercised += 1;
+            assert_eq!(
+                own_first,
+                Some(false),
+                "{name}: box 1 clicked its own session first (found the room at {found:?} ms)"
+            );
+        }
+    }
+    assert!(
+        exercised >= 2,
+        "only {exercised} boots found the room before their first click"
+    );
 }
 
 /// Time (ms) by which boxes that joined at about 1 s count as synced.

@@ -51,6 +51,17 @@ pub const SWITCH_LEAD_NS: i64 = 200_000_000;
 /// …and publishes the switch this long before that beat (more than any audio buffer's
 /// latency).
 pub const PUBLISH_AHEAD_NS: i64 = 120_000_000;
+
+/// How far ahead of "now" a box alone starts its transport (`--play`, a restored
+/// playing session): enough for the audio stream to open and its frame clock to lock
+/// (see `audio::frameclock`) and for a running room to be found first (then the start
+/// is held, see `Room::hold_first_click`), well inside the 1 s start-to-first-click
+/// target.
+pub const START_LEAD_NS: i64 = 750_000_000;
+
+/// How far ahead a held start is played after all when the join it waited for is
+/// called off (see `Room::hold_first_click`).
+pub const HELD_START_LEAD_NS: i64 = 500_000_000;
 /// A box that started less than this ago joins at the next *beat* rather than the next
 /// bar: it has only just begun clicking on its own, and the room should hear it within
 /// a second. Established groups (a healed partition) always change at a bar.
@@ -361,6 +372,9 @@ pub struct Room {
     joined_at: i64,
     /// First tick (local ns).
     started_at: Option<i64>,
+    /// The start this box was about to play alone, held while it joins a running room
+    /// it found before its first click (see [`Room::hold_first_click`]).
+    held: Option<(crate::core::timeline::Tempo, crate::core::timeline::Meter)>,
     pinned: Option<String>,
     /// Rate of the leader's clock as last estimated (kept when this node takes over).
     followed_rate: Option<i64>,
@@ -480,6 +494,7 @@ impl Room {
             next_req: 1,
             joined_at: i64::MIN / 2,
             started_at: None,
+            held: None,
             pinned: None,
             followed_rate: None,
             adopted_from: None,
@@ -1119,9 +1134,43 @@ impl Room {
         None
     }
 
+    /// A box that starts playing (its flags, a restored session) and finds a running
+    /// room to join before its own first click does not click its own session first:
+    /// its start is held (published stopped) while the join is pending, and played
+    /// after all (at [`HELD_START_LEAD_NS`]) if the join is called off.
+    fn hold_first_click(&mut self, now: i64) {
+        let s_now = self.map.to_session(now);
+        let joining = self
+            .switch
+            .as_ref()
+            .is_some_and(|sw| sw.session != self.session);
+        if joining && self.held.is_none() {
+            let segs = self.timeline.segments();
+            let first = segs[0];
+            // only the box's own first start (no join or realign yet: clock_gen 0)
+            if self.clock_gen == 0
+                && segs.len() == 1
+                && first.b0 == 0
+                && first.playing
+                && first.t0 - s_now > PUBLISH_AHEAD_NS / 3
+            {
+                self.held = Some((first.tempo, first.meter));
+                self.timeline = Timeline::start_at(first.t0, first.tempo, first.meter, false);
+                self.publish = true;
+            }
+        } else if !joining {
+            if let Some((tempo, meter)) = self.held.take() {
+                self.timeline = Timeline::start_at(s_now + HELD_START_LEAD_NS, tempo, meter, true);
+                self.publish = true;
+                self.dirty = true;
+            }
+        }
+    }
+
     fn try_switch(&mut self, now: i64, out: &mut Vec<Action>) {
         let Some((session, leader)) = self.switch_target(now) else {
             self.switch = None;
+            self.hold_first_click(now);
             return;
         };
         let p = &self.peers[&leader];
@@ -1143,6 +1192,7 @@ impl Room {
                     basis: (0, 0),
                 });
             }
+            self.hold_first_click(now);
             return;
         };
         let Some(room_tl) = Timeline::from_segments(&a.timeline) else {
@@ -1180,6 +1230,7 @@ impl Room {
             .expect("set above");
         let d_local = target.to_local(room_tl.beat_time(beat));
         if now < d_local - PUBLISH_AHEAD_NS {
+            self.hold_first_click(now);
             return;
         }
         // Switch now: step once onto the leader's clock, begin its timeline at the bar.
@@ -1208,6 +1259,7 @@ impl Room {
         }
         self.decided = a.decided.clone();
         self.timeline = room_tl.begun_at(beat);
+        self.held = None;
         self.adopted_from = Some(leader.clone());
         self.leader = leader.clone();
         self.leading = false;
@@ -1508,7 +1560,7 @@ impl Room {
             out.push(Action::Persist(Persisted {
                 tempo: seg.tempo,
                 meter: seg.meter,
-                playing: seg.playing,
+                playing: seg.playing || self.held.is_some(),
                 pinned: self.pinned.clone(),
                 epoch: self.epoch,
                 decided: self.decided.clone(),

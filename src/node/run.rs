@@ -25,10 +25,7 @@ use std::sync::atomic::{AtomicBool, Ordering, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// How far ahead of "now" a box alone starts its transport with `--play`: enough for
-/// the audio stream to open and its frame clock to lock (see `audio::frameclock`)
-/// before the first click, and well inside the 1 s start-to-first-click target.
-pub const START_LEAD_NS: i64 = 750_000_000;
+pub use crate::core::room::START_LEAD_NS;
 
 /// Run the daemon until ctrl-c / SIGTERM.
 pub fn run(cfg: RunConfig, clock: NodeClock) -> anyhow::Result<()> {
