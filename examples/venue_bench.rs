@@ -202,6 +202,7 @@ async fn run(a: Args, url: String) {
             meter: 4,
             playing: true,
             pinned: None,
+            song: None,
             boxes: 2,
             updated_unix_ms: mirror::now_unix_ms(),
         };

@@ -104,7 +104,6 @@ fn the_leader_mirrors_to_redis_and_outages_never_touch_the_click() {
     srv = Some(redis_server(rport));
     let back = wait_for("meter", "5", Duration::from_secs(5));
     eprintln!("mirror current again {back:?} after redis came back");
-    drop(srv);
 
     // the click never noticed
     let times: Vec<i64> = std::fs::read_to_string(&log)
@@ -123,4 +122,24 @@ fn the_leader_mirrors_to_redis_and_outages_never_touch_the_click() {
         worst < 460_000_000,
         "a gap of {worst} ns in the clicks during the Redis outage (137 BPM = 438 ms)"
     );
+
+    // (after the click check: the song changes the tempo)
+    // The song: its title is in the record (the venue shows it); no song, no field.
+    assert_eq!(hget(rport, &rkey, "song"), None);
+    let list = dir.path().join("set.toml");
+    std::fs::write(
+        &list,
+        "[[song]]\ntitle = \"Opener\"\ntempo = 120\nmeter = 4\n\n[[song]]\ntitle = \"Waltz\"\ntempo = 90\nmeter = 3\n",
+    )
+    .unwrap();
+    cli(
+        quic,
+        &key,
+        &room,
+        &["setlist", "load", list.to_str().unwrap()],
+    );
+    cli(quic, &key, &room, &["song", "2"]);
+    wait_for("song", "Waltz", Duration::from_secs(2));
+    wait_for("tempo_mbpm", "90000", Duration::from_secs(3));
+    drop(srv);
 }

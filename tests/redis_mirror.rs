@@ -149,6 +149,7 @@ fn record(room: &str, epoch: u64, version: u64, tempo_bpm: u32, meter: u8) -> Mi
         meter,
         playing: true,
         pinned: None,
+        song: None,
         boxes: 2,
         // Deterministic, so that a test can rebuild the record a task was given.
         updated_unix_ms: 1_750_000_000_000u64
@@ -285,6 +286,7 @@ async fn mirror_follows_changes_and_publishes_them() {
             meter: (i % 16 + 1) as u8,
             playing: i % 2 == 0,
             pinned: (i % 3 == 0).then(|| "node-x".to_string()),
+            song: None,
             updated_unix_ms: mirror::now_unix_ms(),
             ..rec
         };
@@ -706,6 +708,7 @@ async fn fetch_for_restore() {
     let mut c = redis.conn().await;
     let rec = MirrorRecord {
         pinned: Some("node-b".into()),
+        song: None,
         playing: false,
         ..record(room, 9, 4, 137, 7)
     };

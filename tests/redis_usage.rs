@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{free_port, http_get, redis_server, Kill, NodeCmd, BIN};
+use common::{free_port, http_get, json_body, redis_server, Kill, NodeCmd, BIN};
 
 fn redis_cli(port: u16, args: &[&str]) -> String {
     let o = Command::new("redis-cli")
@@ -227,16 +227,39 @@ fn a_whole_room_restarted_is_never_stale() {
         room,
         "tempo_mbpm",
         "77000",
-        Duration::from_secs(5),
+        Duration::from_secs(1),
         &why,
     );
     eprintln!(
         "whole room restarted: a change made at once is in Redis {lag:?} after the CLI returned ({:?} in all)",
         t.elapsed()
     );
-    // The room back together: each change is in Redis within a second, whoever leads
-    // (the restored epochs are fenced out: the leader leads above them).
+    // The room back together (one leader, one epoch, one decision on both boxes): each
+    // change is in Redis within a second, whoever leads (the restored epochs are fenced
+    // out: the leader leads above them).
     wait_field(rport, room, "boxes", "2", Duration::from_secs(20), &why);
+    let t = Instant::now();
+    loop {
+        let view = |b: &Box| {
+            let j = http_get(b.http, "/health")
+                .map(|(_, body)| json_body(&body))
+                .unwrap_or_default();
+            (
+                j["leader"].clone(),
+                j["epoch"].clone(),
+                j["decided"].clone(),
+            )
+        };
+        if view(&a) == view(&b) {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the room never came back together: {}",
+            why()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let mut lags = Vec::new();
     for (i, bpm) in ["78", "79", "80"].iter().enumerate() {
         let via = if i % 2 == 0 { &a } else { &b };

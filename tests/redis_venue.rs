@@ -88,6 +88,7 @@ fn record(room: &str, i: u32) -> MirrorRecord {
         meter: (i % 16 + 1) as u8,
         playing: i % 3 != 0,
         pinned: (i % 5 == 0).then(|| format!("node-{i:04}")),
+        song: None,
         boxes: 1 + i % 6,
         updated_unix_ms: mirror::now_unix_ms(),
     }

@@ -31,6 +31,7 @@ fn seed(port: u16, n: u32) {
                 meter: (i % 7 + 2) as u8,
                 playing: i % 2 == 1,
                 pinned: None,
+                song: None,
                 boxes: 1 + i % 4,
                 updated_unix_ms: mirror::now_unix_ms(),
             };

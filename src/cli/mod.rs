@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 
-mod oneshot;
+use crate::net::oneshot;
 pub mod venue;
 
 /// How the CLI reaches the room.

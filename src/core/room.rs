@@ -682,6 +682,13 @@ impl Room {
     pub fn leader(&self) -> &str {
         &self.leader
     }
+    /// Switching to another session (a better one met: a join or a heal) — about to
+    /// follow its leader, so not the room's voice meanwhile (e.g. to Redis).
+    pub fn joining(&self) -> bool {
+        self.switch
+            .as_ref()
+            .is_some_and(|sw| sw.session != self.session)
+    }
     pub fn leading(&self) -> bool {
         self.leading
     }

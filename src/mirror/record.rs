@@ -18,6 +18,9 @@ pub struct MirrorRecord {
     pub meter: u8,
     pub playing: bool,
     pub pinned: Option<String>,
+    /// The current song's title (a setlist's song chosen), if any.
+    #[serde(default)]
+    pub song: Option<String>,
     /// Boxes in the room as the leader sees it (itself included); 0 = unknown (a hash
     /// written before the field existed).
     #[serde(default)]
@@ -27,7 +30,7 @@ pub struct MirrorRecord {
 }
 
 /// The names of the record's hash fields, in the order they are written.
-pub const FIELDS: [&str; 10] = [
+pub const FIELDS: [&str; 11] = [
     "room",
     "epoch",
     "version",
@@ -36,6 +39,7 @@ pub const FIELDS: [&str; 10] = [
     "meter",
     "playing",
     "pinned",
+    "song",
     "boxes",
     "updated_unix_ms",
 ];
@@ -48,7 +52,7 @@ pub const SEEN_FIELD: &str = "seen_unix_ms";
 pub const MAX_BOXES: u32 = 1024;
 
 impl MirrorRecord {
-    /// The hash fields, as strings. `pinned` is omitted when `None`.
+    /// The hash fields, as strings. `pinned` and `song` are omitted when `None`.
     pub fn fields(&self) -> Vec<(&'static str, String)> {
         let mut f = vec![
             ("room", self.room.clone()),
@@ -61,6 +65,9 @@ impl MirrorRecord {
         ];
         if let Some(p) = &self.pinned {
             f.push(("pinned", p.clone()));
+        }
+        if let Some(s) = &self.song {
+            f.push(("song", s.clone()));
         }
         f.push(("boxes", self.boxes.to_string()));
         f.push(("updated_unix_ms", self.updated_unix_ms.to_string()));
@@ -89,6 +96,9 @@ impl MirrorRecord {
         check_text("leader", &self.leader)?;
         if let Some(p) = &self.pinned {
             check_text("pinned", p)?;
+        }
+        if let Some(s) = &self.song {
+            check_text("song", s)?;
         }
         Ok(())
     }
@@ -259,6 +269,7 @@ pub(crate) fn hash_record(
             }
         },
         pinned: map.get("pinned").cloned(),
+        song: map.get("song").cloned(),
         boxes: match map.get("boxes") {
             Some(b) => num("boxes", b).map_err(bad)?,
             None => 0,
@@ -291,6 +302,7 @@ mod tests {
             meter: 7,
             playing: true,
             pinned: None,
+            song: None,
             boxes: 3,
             updated_unix_ms: 1,
         }

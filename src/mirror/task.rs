@@ -204,6 +204,9 @@ pub struct Refusal {
     pub held_seen_age_ms: Option<u64>,
 }
 
+/// How soon a record the fence refused is tried again (the fence answers cheaply).
+pub const REFUSED_RETRY: Duration = Duration::from_millis(250);
+
 /// A leader whose heartbeat is at most this old (Redis's clock) is live: a node
 /// refused by its record stands down instead of leading above it.
 pub const LIVE_HOLDER: Duration = Duration::from_secs(3);
@@ -416,7 +419,7 @@ pub async fn run_with(
                 None => {
                     let c = conn.as_mut().expect("made above");
                     // A record refused before is tried again only at the refresh
-                    // (once a second): the fence answers cheaply, and who holds the
+                    // (REFUSED_RETRY): the fence answers cheaply, and who holds the
                     // room is read again, so a deposed node learns when the holder's
                     // heartbeat stops.
                     let step = async {
@@ -487,8 +490,17 @@ pub async fn run_with(
                     if let Some(out) = out {
                         done = Some((rec.clone(), out.is_refused()));
                     }
+                    // A refused record is asked again sooner: who holds the room may
+                    // change at any moment (two boxes of one room that just met, the
+                    // one that wrote last now following the other).
+                    let refused = matches!(done, Some((_, true)));
                     confirmed = Some(rec);
-                    next_refresh = Instant::now() + opts.refresh;
+                    next_refresh = Instant::now()
+                        + if refused {
+                            opts.refresh.min(REFUSED_RETRY)
+                        } else {
+                            opts.refresh
+                        };
                     backoff = opts.backoff_min;
                     if let Some(t) = failing_since.take() {
                         tracing::info!(room = %room, redis = %url, after_ms = t.elapsed().as_millis() as u64,

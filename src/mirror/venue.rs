@@ -42,7 +42,7 @@ pub struct VenueRoom {
     pub leader: String,
     /// Boxes in the room (0: unknown).
     pub boxes: u32,
-    /// The current song (not mirrored yet: always null).
+    /// The current song's title (from the room's setlist), if one is chosen.
     pub song: Option<String>,
     pub epoch: u64,
     /// When the room's state last changed (the leader's clock).
@@ -214,7 +214,7 @@ fn venue_room(
         playing: rec.playing,
         leader: rec.leader,
         boxes: rec.boxes,
-        song: None,
+        song: rec.song,
         epoch: rec.epoch,
         updated_unix_ms: rec.updated_unix_ms,
         seen_unix_ms: seen,

@@ -10,6 +10,7 @@ pub mod frames;
 pub mod handle;
 pub mod impair;
 pub mod link;
+pub mod oneshot;
 pub mod peer;
 
 pub use handle::{channel, Event, Inbox, RoomHandle};

@@ -23,6 +23,9 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 const TICK: Duration = Duration::from_millis(50);
+/// When a starting node sends its one-shot mDNS query, and how long it listens.
+const START_QUERY_AFTER: Duration = Duration::from_millis(150);
+const START_QUERY_FOR: Duration = Duration::from_secs(3);
 /// A missing peer is dialed again this often…
 const DIAL_EVERY: Duration = Duration::from_millis(250);
 /// …with at most this many attempts in flight…
@@ -186,6 +189,13 @@ pub async fn run(
     // authenticated handshake decides who answered). Several addresses per id, so a
     // spoofed advert adds an address to try but never removes the member's own.
     let mut known = Candidates::default();
+    // A room started together (after a power cut) may each have queried before the
+    // others announced; mDNS answers a record just announced only a second later
+    // (RFC 6762 §6). A one-shot unicast query shortly after the start gets the answers
+    // at once (net::oneshot; sent at START_QUERY_AFTER and 250 ms later).
+    let mut fast_at = Some(tokio::time::Instant::now() + START_QUERY_AFTER);
+    let mut fast: Option<tokio::sync::mpsc::Receiver<crate::core::advert::PeerInfo>> = None;
+    let fast_until = tokio::time::Instant::now() + START_QUERY_FOR;
     let mut missing_since: HashMap<String, tokio::time::Instant> = HashMap::new();
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -224,6 +234,27 @@ pub async fn run(
                 tracing::info!("shutting down");
                 break;
             }
+            _ = async { tokio::time::sleep_until(fast_at.expect("guarded")).await }, if fast_at.is_some() => {
+                fast_at = None;
+                fast = Some(crate::net::oneshot::spawn(
+                    discovery::room_hash(&shared.cfg.room),
+                    shared.cfg.interfaces.clone(),
+                ));
+            }
+            got = async { fast.as_mut().expect("guarded").recv().await }, if fast.is_some() => match got {
+                Some(p) if p.node_id != shared.cfg.node_id && tokio::time::Instant::now() < fast_until => {
+                    tracing::debug!(peer = %p.node_id, name = %p.name, addrs = ?p.addrs, "discovered (one-shot query)");
+                    let usable: Vec<SocketAddr> =
+                        p.addrs.iter().copied().filter(|a| dialable(a, &shared.cfg)).collect();
+                    known.found(&p.node_id, &usable, tokio::time::Instant::now());
+                }
+                Some(_) => {
+                    if tokio::time::Instant::now() >= fast_until {
+                        fast = None; // dropping the receiver ends the query task
+                    }
+                }
+                None => fast = None,
+            },
             Some(ev) = found.recv() => match ev {
                 PeerEvent::Found(p) => {
                     tracing::debug!(peer = %p.node_id, name = %p.name, addrs = ?p.addrs, "discovered");
@@ -370,6 +401,9 @@ pub async fn run(
                 service_manager(&shared, &room, now, &mut ready, watchdog_every, &mut last_watchdog, &mut last_callbacks, &mut last_notify_status);
                 // dial peers we know and are not connected to (the lower id dials)
                 let t_now = tokio::time::Instant::now();
+                if t_now >= fast_until {
+                    fast = None; // the start's one-shot query is over
+                }
                 known.prune(t_now, |id| peers.contains_key(id));
                 missing_since.retain(|id, _| !peers.contains_key(id));
                 for (id, addrs) in known.iter() {
@@ -417,6 +451,7 @@ pub async fn run(
                 if !room.leading() {
                     deposed = None;
                 }
+                holder_joined(&mut room, &mut deposed);
                 if let Some(tx) = &shared.cfg.mirror {
                     update_mirror(tx, &shared.cfg.room, &room, now);
                 }
@@ -765,6 +800,24 @@ fn on_refused(
     }
 }
 
+/// The leader Redis named when it deposed us has joined this mesh (a whole room came
+/// back: each box alone first, then together): it is one of ours, not a leader
+/// elsewhere, so lead above its epoch now rather than at the mirror's next refresh.
+fn holder_joined(room: &mut Room, deposed: &mut Option<(String, u64)>) {
+    let Some((other, held)) = deposed.as_ref() else {
+        return;
+    };
+    if !room.peer_ids().contains(other) || room.joining() {
+        return; // (joining: that session's leader speaks for the room)
+    }
+    let (other, held) = (other.clone(), *held);
+    *deposed = None;
+    if room.leading() && room.outbid_epoch(held + 1) {
+        tracing::info!(held_leader = %other, epoch = held + 1,
+            "the leader Redis showed has joined this mesh: leading above its epoch");
+    }
+}
+
 /// Keep the mirror's latest record current: the leader's session, or nothing.
 fn update_mirror(
     tx: &tokio::sync::watch::Sender<Option<crate::mirror::MirrorRecord>>,
@@ -772,6 +825,8 @@ fn update_mirror(
     room: &Room,
     _now: i64,
 ) {
+    // The leader of the room's session; a leader about to join another session (two
+    // boxes of one room that just met) leaves Redis to that session's leader.
     let want = room.leading().then(|| {
         let seg = *room.timeline().last();
         (
@@ -782,6 +837,9 @@ fn update_mirror(
             seg.playing,
             room.pinned().map(str::to_string),
             room.peer_ids().len() as u32 + 1,
+            room.song()
+                .and_then(|i| room.setlist().get(i as usize))
+                .map(|s| s.title.clone()),
         )
     });
     let current = tx.borrow().as_ref().map(|r| {
@@ -793,23 +851,27 @@ fn update_mirror(
             r.playing,
             r.pinned.clone(),
             r.boxes,
+            r.song.clone(),
         )
     });
     if want == current {
         return;
     }
     let rec = want.map(
-        |(epoch, version, tempo_mbpm, meter, playing, pinned, boxes)| crate::mirror::MirrorRecord {
-            room: room_name.to_string(),
-            epoch,
-            version,
-            leader: room.leader().to_string(),
-            tempo_mbpm,
-            meter,
-            playing,
-            pinned,
-            boxes,
-            updated_unix_ms: crate::mirror::now_unix_ms(),
+        |(epoch, version, tempo_mbpm, meter, playing, pinned, boxes, song)| {
+            crate::mirror::MirrorRecord {
+                room: room_name.to_string(),
+                epoch,
+                version,
+                leader: room.leader().to_string(),
+                tempo_mbpm,
+                meter,
+                playing,
+                pinned,
+                song,
+                boxes,
+                updated_unix_ms: crate::mirror::now_unix_ms(),
+            }
         },
     );
     tx.send_replace(rec);

@@ -1,4 +1,4 @@
-//! One-shot mDNS queries (RFC 6762 §5.1) for the CLI.
+//! One-shot mDNS queries (RFC 6762 §5.1): the CLI's fast path, and a starting node's.
 //!
 //! A querier that sends from a port other than 5353 gets its answers by unicast, at
 //! once: no shared-record delay (10–50 ms in mdns-sd) and no once-per-second multicast
@@ -123,7 +123,7 @@ fn txt_record(rdata: &[u8]) -> TxtRecord {
 }
 
 /// The adverts of `room_hash` in one response packet (all its sections).
-pub(crate) fn parse_response(pkt: &[u8], room_hash: &str) -> Vec<PeerInfo> {
+pub fn parse_response(pkt: &[u8], room_hash: &str) -> Vec<PeerInfo> {
     let (Some(flags), Some(qd)) = (u16_at(pkt, 2), u16_at(pkt, 4)) else {
         return Vec::new();
     };
@@ -206,7 +206,7 @@ pub(crate) fn parse_response(pkt: &[u8], room_hash: &str) -> Vec<PeerInfo> {
 /// Send the one-shot query (on each of `interfaces`, or by the default route) now and
 /// once more after 250 ms, and report every advert of the room that comes back until
 /// the receiver is dropped. Errors end the fast path quietly: the browse goes on.
-pub(crate) fn spawn(room_hash: String, interfaces: Vec<String>) -> mpsc::Receiver<PeerInfo> {
+pub fn spawn(room_hash: String, interfaces: Vec<String>) -> mpsc::Receiver<PeerInfo> {
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(async move {
         if let Err(e) = run(&room_hash, &interfaces, &tx).await {
