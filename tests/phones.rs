@@ -1227,6 +1227,8 @@ impl Browser {
                 "--disable-background-timer-throttling",
                 "--autoplay-policy=no-user-gesture-required",
                 "--remote-debugging-port=0",
+                // the box's own certificate (test only: a phone accepts it once)
+                "--ignore-certificate-errors",
             ])
             .arg(format!("--user-data-dir={}", dir.path().display()))
             .arg(url)
@@ -1515,18 +1517,41 @@ fn fit(pts: &[(f64, f64)]) -> (f64, f64, f64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_page_keeps_time_over_a_jittery_link() {
+    page_keeps_time_over_a_jittery_link(false).await;
+}
+
+/// The same over HTTPS (issue 16: the secure page keeps time as the plain one does).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_secure_page_keeps_time_over_a_jittery_link() {
+    page_keeps_time_over_a_jittery_link(true).await;
+}
+
+async fn page_keeps_time_over_a_jittery_link(https: bool) {
     let _turn = HEAVY.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("clicks.jsonl");
+    let https_port = free_port(false);
+    let https_addr = format!("127.0.0.1:{https_port}");
     // the box's clock is off by 250 ms and runs 100 ppm fast: the page must follow
     // the session clock's rate, not just its offset
     let d = Daemon::start_env(
-        &["--play", "--click-log", log.to_str().unwrap()],
+        &[
+            "--play",
+            "--click-log",
+            log.to_str().unwrap(),
+            "--https",
+            &https_addr,
+        ],
         &[("BANDSYNC_TEST_CLOCK", "offset_ms=250,skew_ppm=100")],
     );
     let (_phone, _) = d.phone().await;
-    let proxy = jittery_proxy(d.http, 0x5eed).await;
-    let Some(mut b) = Browser::open(&format!("http://{proxy}/")).await else {
+    let (scheme, to) = if https {
+        ("https", SocketAddr::from(([127, 0, 0, 1], https_port)))
+    } else {
+        ("http", d.http)
+    };
+    let proxy = jittery_proxy(to, 0x5eed).await;
+    let Some(mut b) = Browser::open(&format!("{scheme}://{proxy}/")).await else {
         return;
     };
     // The page's beat times are session times from the snapshot; what the link can
@@ -1599,7 +1624,7 @@ async fn the_page_keeps_time_over_a_jittery_link() {
     e.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let (p50, p95) = (e[e.len() / 2], e[e.len() * 95 / 100]);
     eprintln!(
-        "page vs box, link delayed 3–23 ms each way, box clock +250 ms/+100 ppm: p50 {p50:.0} µs, p95 {p95:.0} µs, max {:.0} µs ({} readings)",
+        "page vs box over {scheme}, link delayed 3–23 ms each way, box clock +250 ms/+100 ppm: p50 {p50:.0} µs, p95 {p95:.0} µs, max {:.0} µs ({} readings)",
         e.last().unwrap(),
         e.len()
     );
