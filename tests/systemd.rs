@@ -125,7 +125,13 @@ fn install_script_installs_into_a_staging_root_and_uninstalls() {
         .path()
         .join("etc/systemd/system/bandsync.service")
         .exists());
+    // the box's kernel settings (fast ARP re-probe after a heal)
+    let sysctl = root.path().join("etc/sysctl.d/60-bandsync-net.conf");
+    assert!(std::fs::read_to_string(&sysctl)
+        .unwrap()
+        .contains("retrans_time_ms = 100"));
     run(&["--binary", BIN]); // idempotent
     run(&["--uninstall", "--purge"]);
     assert!(!root.path().join("usr/local/bin/bandsync").exists());
+    assert!(!sysctl.exists());
 }
