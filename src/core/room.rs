@@ -836,27 +836,31 @@ impl Room {
                 let s_now = self.map.to_session(now);
                 // A leader's update only changes the future; a grid that differs now or
                 // two seconds ago is another grid (a healed partition).
-                let near = self.peers[from]
-                    .clock()
-                    .is_some_and(|(_, t)| (t.to_session(now) - s_now).abs() <= REALIGN_NS);
-                if !same_grid(&self.timeline, &tl, s_now) && near && begins_ahead(&tl, s_now) {
-                    // The leader is moving onto another grid at a bar still ahead (it
-                    // merged a later decision): move with it, at the same bar.
-                    let beat = tl.segments()[0].b0;
+                let same = same_grid(&self.timeline, &tl, s_now);
+                // The leader moving onto another grid at a bar still ahead (it merged a
+                // later decision): move with it, at the same bar.
+                let with_leader = !same
+                    && begins_ahead(&tl, s_now)
+                    && self.peers[from]
+                        .clock()
+                        .is_some_and(|(_, t)| (t.to_session(now) - s_now).abs() <= REALIGN_NS);
+                if same || with_leader {
+                    if with_leader {
+                        self.clock_gen += 1;
+                        out.push(Action::Note(Note::Realigned {
+                            leader: from.to_string(),
+                            beat: tl.segments()[0].b0,
+                            step_ns: 0,
+                        }));
+                    }
                     self.timeline = tl;
                     self.epoch = a.epoch;
                     self.version = a.version;
                     self.decided = a.decided.clone();
                     self.adopted_from = Some(from.to_string());
-                    self.clock_gen += 1;
                     self.publish = true;
                     self.persist = true;
-                    out.push(Action::Note(Note::Realigned {
-                        leader: from.to_string(),
-                        beat,
-                        step_ns: 0,
-                    }));
-                } else if !same_grid(&self.timeline, &tl, s_now) {
+                } else {
                     // The leader's grid is not ours (a healed partition, or the leader
                     // moved onto a later decision): realign at a bar boundary rather
                     // than jump now; the timeline comes with the realign. The leadership
@@ -866,14 +870,6 @@ impl Room {
                         self.epoch = a.epoch;
                         self.dirty = true;
                     }
-                } else {
-                    self.timeline = tl;
-                    self.epoch = a.epoch;
-                    self.version = a.version;
-                    self.decided = a.decided.clone();
-                    self.adopted_from = Some(from.to_string());
-                    self.publish = true;
-                    self.persist = true;
                 }
             }
         } else if stale {
@@ -1147,10 +1143,7 @@ impl Room {
     /// after all (at [`HELD_START_LEAD_NS`]) if the join is called off.
     fn hold_first_click(&mut self, now: i64) {
         let s_now = self.map.to_session(now);
-        let joining = self
-            .switch
-            .as_ref()
-            .is_some_and(|sw| sw.session != self.session);
+        let joining = self.joining();
         if joining && self.held.is_none() {
             let segs = self.timeline.segments();
             let first = segs[0];
@@ -1177,7 +1170,6 @@ impl Room {
     fn try_switch(&mut self, now: i64, out: &mut Vec<Action>) {
         let Some((session, leader)) = self.switch_target(now) else {
             self.switch = None;
-            self.hold_first_click(now);
             return;
         };
         let p = &self.peers[&leader];
@@ -1199,7 +1191,6 @@ impl Room {
                     basis: (0, 0),
                 });
             }
-            self.hold_first_click(now);
             return;
         };
         let Some(room_tl) = Timeline::from_segments(&a.timeline) else {
@@ -1237,7 +1228,6 @@ impl Room {
             .expect("set above");
         let d_local = target.to_local(room_tl.beat_time(beat));
         if now < d_local - PUBLISH_AHEAD_NS {
-            self.hold_first_click(now);
             return;
         }
         // Switch now: step once onto the leader's clock, begin its timeline at the bar.
@@ -1505,6 +1495,7 @@ impl Room {
     pub fn tick(&mut self, now: i64, out: &mut Vec<Action>) {
         self.started_at.get_or_insert(now);
         self.try_switch(now, out);
+        self.hold_first_click(now);
         if !self.synced && now - self.joined_at >= SETTLE_NS {
             let settled = self
                 .peers

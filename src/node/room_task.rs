@@ -242,29 +242,17 @@ pub async fn run(
                 ));
             }
             got = async { fast.as_mut().expect("guarded").recv().await }, if fast.is_some() => match got {
-                Some(p) if p.node_id != shared.cfg.node_id && tokio::time::Instant::now() < fast_until => {
+                Some(p) if p.node_id != shared.cfg.node_id => {
                     tracing::debug!(peer = %p.node_id, name = %p.name, addrs = ?p.addrs, "discovered (one-shot query)");
-                    let usable: Vec<SocketAddr> =
-                        p.addrs.iter().copied().filter(|a| dialable(a, &shared.cfg)).collect();
-                    known.found(&p.node_id, &usable, tokio::time::Instant::now());
+                    known.found_dialable(&p, &shared.cfg);
                 }
-                Some(_) => {
-                    if tokio::time::Instant::now() >= fast_until {
-                        fast = None; // dropping the receiver ends the query task
-                    }
-                }
+                Some(_) => {}
                 None => fast = None,
             },
             Some(ev) = found.recv() => match ev {
                 PeerEvent::Found(p) => {
                     tracing::debug!(peer = %p.node_id, name = %p.name, addrs = ?p.addrs, "discovered");
-                    let usable: Vec<SocketAddr> = p
-                        .addrs
-                        .iter()
-                        .copied()
-                        .filter(|a| dialable(a, &shared.cfg))
-                        .collect();
-                    known.found(&p.node_id, &usable, tokio::time::Instant::now());
+                    known.found_dialable(&p, &shared.cfg);
                 }
                 PeerEvent::Lost { node_id } => {
                     // liveness is QUIC's job; a goodbye (or a forged one) only ages the entry
@@ -402,7 +390,7 @@ pub async fn run(
                 // dial peers we know and are not connected to (the lower id dials)
                 let t_now = tokio::time::Instant::now();
                 if t_now >= fast_until {
-                    fast = None; // the start's one-shot query is over
+                    fast = None; // the start's one-shot query is over (dropping the receiver ends its task)
                 }
                 known.prune(t_now, |id| peers.contains_key(id));
                 missing_since.retain(|id, _| !peers.contains_key(id));
@@ -530,6 +518,17 @@ impl Candidates {
         merged.extend(e.0.iter().filter(|a| !addrs.contains(a)));
         merged.truncate(Self::MAX_ADDRS);
         *e = (merged, now);
+    }
+
+    /// An advert (mDNS or the one-shot query): its addresses this node may dial.
+    fn found_dialable(&mut self, p: &crate::core::advert::PeerInfo, cfg: &MeshConfig) {
+        let usable: Vec<SocketAddr> = p
+            .addrs
+            .iter()
+            .copied()
+            .filter(|a| dialable(a, cfg))
+            .collect();
+        self.found(&p.node_id, &usable, tokio::time::Instant::now());
     }
 
     fn prune(&mut self, now: tokio::time::Instant, connected: impl Fn(&str) -> bool) {
