@@ -159,6 +159,8 @@ pub struct ConnTable {
     origin: Instant,
     stats: Arc<HttpStats>,
     inner: Mutex<TableInner>,
+    /// Signalled each time a connection leaves the table.
+    released: Notify,
 }
 
 #[derive(Debug, Default)]
@@ -196,6 +198,8 @@ impl Drop for Admitted {
             }
             self.table.stats.connections_open.fetch_sub(1, Relaxed);
         }
+        drop(t);
+        self.table.released.notify_one();
     }
 }
 
@@ -206,7 +210,32 @@ impl ConnTable {
             origin: Instant::now(),
             stats,
             inner: Mutex::new(TableInner::default()),
+            released: Notify::new(),
         })
+    }
+
+    /// Connections told to close are still in the table until their tasks run; at most
+    /// this many beyond the cap.
+    const DRAINING: usize = 64;
+
+    fn overfull(&self) -> bool {
+        let t = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        t.conns.len() >= self.limits.max_connections.max(1) + Self::DRAINING
+    }
+
+    /// Back-pressure for the accept loop: while evicted connections have not gone yet,
+    /// wait for them (at most `max`) instead of accepting and refusing a newcomer. The
+    /// kernel's backlog holds the next connections meanwhile.
+    pub async fn wait_for_room(&self, max: Duration) {
+        let until = tokio::time::Instant::now() + max;
+        while self.overfull() {
+            if tokio::time::timeout_at(until, self.released.notified())
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
     }
 
     pub fn limits(&self) -> &HttpLimits {
@@ -242,7 +271,7 @@ impl ConnTable {
             v.kill.notify_one();
             self.stats.evicted.fetch_add(1, Relaxed);
         }
-        if t.conns.len() >= self.limits.max_connections.max(1) + 64 {
+        if t.conns.len() >= self.limits.max_connections.max(1) + Self::DRAINING {
             // Evicted connections are slow to go: do not pile up more.
             return Err(Refused::ConnCap);
         }
@@ -347,6 +376,41 @@ mod tests {
         assert_eq!(stats.connections_open.load(Relaxed), 3);
         // a1's place is free again for its address
         assert!(t.admit(ip("10.0.0.1")).is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_accept_loop_waits_while_evicted_connections_drain() {
+        let t = ConnTable::new(
+            HttpLimits {
+                max_connections: 1,
+                ..HttpLimits::default()
+            },
+            Arc::new(HttpStats::default()),
+        );
+        // every admission evicts the one before, but none has gone yet
+        let mut held: Vec<Admitted> = (0..=ConnTable::DRAINING)
+            .map(|i| {
+                t.admit(ip(&format!("10.0.{}.{}", i / 200, i % 200 + 1)))
+                    .unwrap()
+            })
+            .collect();
+        assert!(t.overfull());
+        assert_eq!(t.admit(ip("10.1.0.1")).unwrap_err(), Refused::ConnCap);
+        // nothing leaves: the wait is bounded
+        let start = tokio::time::Instant::now();
+        t.wait_for_room(Duration::from_millis(300)).await;
+        assert_eq!(start.elapsed(), Duration::from_millis(300));
+        // one evicted connection goes: the wait ends at once and a newcomer is admitted
+        let t2 = t.clone();
+        let waiter = tokio::spawn(async move {
+            let start = tokio::time::Instant::now();
+            t2.wait_for_room(Duration::from_secs(5)).await;
+            start.elapsed()
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        drop(held.remove(0));
+        assert_eq!(waiter.await.unwrap(), Duration::from_millis(20));
+        assert!(t.admit(ip("10.1.0.1")).is_ok());
     }
 
     #[test]

@@ -338,6 +338,7 @@ async fn accept_loop(
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
+        table.wait_for_room(Duration::from_millis(500)).await;
         let accepted = tokio::select! {
             _ = shutdown.wait_for(|stop| *stop) => None,
             r = listener.accept() => Some(r),
