@@ -403,6 +403,9 @@ pub struct Room {
     /// The cue log changed since it was last saved (saved at most once a second).
     cues_dirty: bool,
     cues_saved_at: i64,
+    /// The room's Link ghost clock shift (ns): steered by the leader from its Link
+    /// apps' clocks, taken from the leader by its followers (`core::link::steer`).
+    link_shift_ns: i64,
 }
 
 /// Disconnected peers whose clock estimates are kept.
@@ -515,6 +518,7 @@ impl Room {
             cues: CueLog::default(),
             cues_dirty: false,
             cues_saved_at: i64::MIN / 2,
+            link_shift_ns: 0,
         }
     }
 
@@ -773,6 +777,10 @@ impl Room {
             && self.observe(from, &a.song_decided, now, out);
         let p = self.peers.get_mut(from).expect("checked above");
         p.last_heard = now;
+        // The Link ghost clock is the leader's (it steers it; not a decision).
+        if !self.leading && from == self.leader && a.leading && a.session == self.session {
+            self.link_shift_ns = a.link_shift_ns;
+        }
         // A follower takes its leader's records when they are newer — also from an
         // announce in which the leader just stepped down for a pin it set. From a
         // leader we had not followed before (a healed partition), its records win at an
@@ -1074,7 +1082,28 @@ impl Room {
             song: self.song,
             song_decided: self.song_decided.clone(),
             cues: self.cues.summary(),
+            link_shift_ns: self.link_shift_ns,
         }
+    }
+
+    /// The room's Link ghost clock shift, ns.
+    pub fn link_shift_ns(&self) -> i64 {
+        self.link_shift_ns
+    }
+
+    /// Step the room's Link ghost clock: from `base` (the shift the step was measured
+    /// against) to `new`. Only the leader steers, and only from the shift it holds
+    /// (a step measured against an older shift is dropped); returns whether it took.
+    pub fn steer_link(&mut self, base: i64, new: i64) -> bool {
+        if !self.leading
+            || base != self.link_shift_ns
+            || new.unsigned_abs() > crate::core::wire::MAX_LINK_SHIFT_NS as u64
+        {
+            return false;
+        }
+        self.link_shift_ns = new;
+        self.dirty = true;
+        true
     }
 
     /// The best session any live peer leads, with its leader, if older than ours.

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 /// 2: pongs carry the responder's local times and its session map.
 /// 3: records carry decision stamps (announce, change and pin requests).
 /// 4: setlists, songs and cues (announce fields; setlist, song and cue frames).
-pub const PROTOCOL_VERSION: u16 = 4;
+pub const PROTOCOL_VERSION: u16 = 5;
 /// Largest epoch or version accepted from a peer (2⁵³): a stranger's `u64::MAX` must
 /// never make `epoch + 1` wrap.
 pub const MAX_COUNTER: u64 = 1 << 53;
@@ -113,7 +113,13 @@ pub struct Announce {
     pub song_decided: Stamp,
     /// The cue log's max seq, size and digest (peers whose digest differs sync).
     pub cues: CueSummary,
+    /// The room's Link ghost clock steering shift, ns (`core::link::steer`; the
+    /// leader's is the room's).
+    pub link_shift_ns: i64,
 }
+
+/// The largest Link ghost clock shift a box accepts (1 hour), ns.
+pub const MAX_LINK_SHIFT_NS: i64 = 3_600_000_000_000;
 
 /// A song chosen at some box, relayed to the leader (it schedules the tempo and meter).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -459,6 +465,12 @@ impl Frame {
                         why: format!("beyond {} songs", cues::MAX_SONGS),
                     });
                 }
+                if a.link_shift_ns.unsigned_abs() > MAX_LINK_SHIFT_NS as u64 {
+                    return Err(WireError::Invalid {
+                        field: "announce.link_shift_ns",
+                        why: "beyond one hour".into(),
+                    });
+                }
                 if Timeline::from_segments(&a.timeline).is_none() {
                     return Err(WireError::Invalid {
                         field: "announce.timeline",
@@ -699,6 +711,7 @@ mod tests {
                 count: 7,
                 digest: u64::MAX,
             },
+            link_shift_ns: -1_234_567,
         })
     }
 
@@ -748,6 +761,13 @@ mod tests {
                 "announce.pinned",
                 Announce {
                     pinned: Some("me".into()),
+                    ..good.clone()
+                },
+            ),
+            (
+                "announce.link_shift_ns",
+                Announce {
+                    link_shift_ns: i64::MIN,
                     ..good.clone()
                 },
             ),
@@ -832,6 +852,7 @@ mod tests {
             song: None,
             song_decided: Stamp::DEFAULT,
             cues: CueSummary::default(),
+            link_shift_ns: 0,
         });
         assert!(matches!(
             Frame::decode(&bad_tl.encode()),

@@ -32,6 +32,12 @@ impl RoomHandle {
         self.0.try_send(Event::RtcSubscribe(tx)).is_ok()
     }
 
+    /// Step the room's Link ghost clock (never waits; `false`: the inbox is full or
+    /// the node is stopping).
+    pub fn link_steer(&self, base: i64, new: i64) -> bool {
+        self.0.try_send(Event::LinkSteer { base, new }).is_ok()
+    }
+
     pub async fn status(&self) -> Option<crate::core::room::Status> {
         match self.query(Query::Status).await {
             Reply::Status(j) => serde_json::from_str(&j).ok(),
@@ -114,4 +120,7 @@ pub enum Event {
     RtcOut(RtcRelay),
     /// Where to hand the talkback signalling other boxes send.
     RtcSubscribe(mpsc::Sender<(String, RtcRelay)>),
+    /// Step the room's Link ghost clock from shift `base` to `new` (ns); the room
+    /// takes it when this box leads and still holds `base`.
+    LinkSteer { base: i64, new: i64 },
 }

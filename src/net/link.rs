@@ -26,6 +26,7 @@ use crate::audio::snapshot::SnapshotCell;
 use crate::core::link::codec::NodeId;
 use crate::core::link::peer::{Action, Config, Event, LinkPeer, MULTICAST_V4};
 use crate::core::link::present::{self, LinkIds};
+use crate::core::link::steer;
 use crate::core::link::timeline::{ExactLine, GhostXform};
 use crate::core::link::RoomState;
 use crate::core::timeline::{ChangeKind, Tempo};
@@ -36,7 +37,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -76,6 +77,12 @@ pub struct LinkStats {
     pub bad_datagrams: AtomicU64,
     /// Datagrams that could not be sent.
     pub send_errors: AtomicU64,
+    /// The room's Link ghost clock shift, ns (published by the room task).
+    pub shift_ns: AtomicI64,
+    /// Steps of the room's ghost clock this box proposed (the leader's take).
+    pub steps: AtomicU64,
+    /// Samples of Link apps' clocks taken (our pings to them).
+    pub app_samples: AtomicU64,
 }
 
 /// What the driver needs from the node's configuration.
@@ -122,6 +129,8 @@ struct Ctx {
     stats: Arc<LinkStats>,
     /// Changes for the room (link_control).
     changes: Option<tokio::sync::mpsc::Sender<ChangeKind>>,
+    /// The room (steps of its Link ghost clock).
+    room: RoomHandle,
     /// Per gateway: the Link apps and the boxes it knows (for the union counts).
     seen: Mutex<Seen>,
     stop: Arc<AtomicBool>,
@@ -140,7 +149,7 @@ pub fn start(
     let stop = Arc::new(AtomicBool::new(false));
     let changes = if cfg.control {
         let (tx, rx) = tokio::sync::mpsc::channel(16);
-        tokio::spawn(forward_changes(rx, room, stats.clone()));
+        tokio::spawn(forward_changes(rx, room.clone(), stats.clone()));
         Some(tx)
     } else {
         None
@@ -153,6 +162,7 @@ pub fn start(
         cell,
         stats,
         changes,
+        room,
         seen: Mutex::new(BTreeMap::new()),
         stop: stop.clone(),
     });
@@ -475,12 +485,18 @@ struct Gateway {
     tempo_log: RateLog,
     transport_log: RateLog,
     last_counters: crate::core::link::peer::Counters,
+    /// The room's ghost clock shift in force here, ns.
+    shift_ns: i64,
+    /// Host time (µs) of this gateway's last proposed step.
+    last_step_us: Option<i64>,
+    samples_seen: u64,
 }
 
 fn gateway(ctx: Arc<Ctx>, k: (String, Ipv4Addr), sockets: Sockets, stop: Arc<AtomicBool>) {
     let mut cfg = Config::new(sockets.mep);
     cfg.session_id = Some(ctx.ids.session);
     cfg.sibling_tag = Some(ctx.ids.sibling_tag);
+    cfg.steer_apps = true;
     let seed = u64::from_be_bytes(ctx.ids.node.0) ^ ctx.clock.now_ns() as u64;
     let peer = LinkPeer::new(ctx.ids.node, seed, cfg);
     tracing::info!(interface = %k.0, addr = %k.1, mep = %sockets.mep, "Ableton Link: gateway open");
@@ -495,25 +511,35 @@ fn gateway(ctx: Arc<Ctx>, k: (String, Ipv4Addr), sockets: Sockets, stop: Arc<Ato
         tempo_log: RateLog::default(),
         transport_log: RateLog::default(),
         last_counters: Default::default(),
+        shift_ns: 0,
+        last_step_us: None,
+        samples_seen: 0,
     };
     g.run(&stop);
 }
 
 impl Gateway {
-    /// Set the ghost transform for `now_ns` (local): ghost = session + 2⁵⁰ µs.
+    /// Set the ghost transform for `now_ns` (local): ghost = session + shift + 2⁵⁰
+    /// µs, with the room's current shift (the probes' history moves with a step).
     /// Returns the peer's host time (µs) and the room's next change (local ns).
     fn sync_room(&mut self, now_ns: i64) -> (i64, Option<i64>) {
         let snap = self.ctx.cell.read();
         let now_us = now_ns.div_euclid(1000);
         let session = snap.map.to_session(now_ns);
+        let shift = self.ctx.stats.shift_ns.load(Relaxed);
+        if shift != self.shift_ns {
+            self.peer
+                .rebase_app_clocks((shift - self.shift_ns).div_euclid(1000));
+            self.shift_ns = shift;
+        }
         self.peer.set_ghost_xform(GhostXform {
-            intercept_us: present::ghost_us(session) - now_us,
+            intercept_us: present::ghost_us(session, shift) - now_us,
         });
         let prev = self
             .previous
             .filter(|(_, until)| session < *until)
             .map(|(l, _)| l);
-        let state = present::room_state(&snap.timeline, session, prev);
+        let state = present::room_state(&snap.timeline, session, prev, shift);
         if self.room.as_ref() != Some(&state) {
             if let Some(old) = &self.room {
                 if old.line != state.line {
@@ -539,6 +565,7 @@ impl Gateway {
             let (now_us, next_change) = self.sync_room(now);
             let actions = self.peer.handle_timeout(now_us);
             self.perform(actions);
+            self.steer(now_us);
             let mut wake = now + MAX_SLEEP_NS;
             if let Some(t) = self.peer.next_timeout() {
                 wake = wake.min(t.saturating_mul(1000));
@@ -592,10 +619,32 @@ impl Gateway {
             let snap_map = self.ctx.cell.read().map;
             let now_us = now.div_euclid(1000);
             self.peer.set_ghost_xform(GhostXform {
-                intercept_us: present::ghost_us(snap_map.to_session(now)) - now_us,
+                intercept_us: present::ghost_us(snap_map.to_session(now), self.shift_ns) - now_us,
             });
             let actions = self.peer.handle_datagram(now_us, from, &buf[..n]);
             self.perform(actions);
+        }
+    }
+
+    /// Propose a step of the room's ghost clock onto the Link apps' clocks
+    /// ([`crate::core::link::steer`]); the room takes it when this box leads.
+    fn steer(&mut self, now_us: i64) {
+        let taken = self.peer.app_clocks().samples_taken;
+        self.ctx
+            .stats
+            .app_samples
+            .fetch_add(taken.saturating_sub(self.samples_seen), Relaxed);
+        self.samples_seen = taken;
+        let est = self.peer.app_offset(now_us);
+        let Some(d_us) = steer::step(est, now_us, self.last_step_us) else {
+            return;
+        };
+        let base = self.shift_ns;
+        let new = base.saturating_add(d_us.saturating_mul(1000));
+        if self.ctx.room.link_steer(base, new) {
+            self.last_step_us = Some(now_us);
+            self.ctx.stats.steps.fetch_add(1, Relaxed);
+            tracing::trace!(interface = %self.iface, step_us = d_us, apps = est.map(|e| e.apps), "Ableton Link: steering the room's ghost clock onto the apps'");
         }
     }
 

@@ -331,6 +331,12 @@ pub async fn run(
                         }
                     }
                     Event::RtcSubscribe(tx) => rtc_sub = Some(tx),
+                    Event::LinkSteer { base, new } => {
+                        if room.steer_link(base, new) {
+                            tracing::debug!(shift_us = new as f64 / 1e3, step_us = (new - base) as f64 / 1e3, "Link: the room's ghost clock steered onto the apps'");
+                        }
+                        publish_link_shift(&shared, &room);
+                    }
                     Event::Frame { from, frame } => {
                         if let Err(e) = room.handle_frame(&from, frame, now, &mut actions) {
                             shared.peer.stats.bad_frames.fetch_add(1, Relaxed);
@@ -386,6 +392,7 @@ pub async fn run(
                 }
                 let now = shared.clock.now_ns();
                 room.tick(now, &mut actions);
+                publish_link_shift(&shared, &room);
                 service_manager(&shared, &room, now, &mut ready, watchdog_every, &mut last_watchdog, &mut last_callbacks, &mut last_notify_status);
                 // dial peers we know and are not connected to (the lower id dials)
                 let t_now = tokio::time::Instant::now();
@@ -713,6 +720,13 @@ fn carry_out(
 }
 
 /// Hand the phone gateway the room's numbered cues, in order (for joining phones).
+/// The room's Link ghost clock shift, for the Link driver (read lock-free).
+fn publish_link_shift(shared: &Shared, room: &Room) {
+    if let Some(l) = &shared.cfg.link {
+        l.shift_ns.store(room.link_shift_ns(), Relaxed);
+    }
+}
+
 pub(crate) fn publish_cues(board: &crate::net::handle::Board, room: &Room) {
     let all: Vec<_> = room
         .cues()

@@ -29,6 +29,7 @@ pub mod codec;
 pub mod measurement;
 pub mod peer;
 pub mod present;
+pub mod steer;
 pub mod timeline;
 
 pub use codec::{NodeId, StartStopState, Timeline};

@@ -68,6 +68,7 @@ use crate::core::link::codec::{
     DISCOVERY_MAGIC, MAX_MESSAGE_SIZE, MAX_PING_PAYLOAD, MEASUREMENT_MAGIC,
 };
 use crate::core::link::measurement::{FailReason, Measurement, Step};
+use crate::core::link::steer::{AppClocks, Estimate};
 use crate::core::link::timeline::{div_floor, ExactLine, GhostXform, MICROBEATS_PER_BEAT};
 
 /// Recommended ghost-time intercept: 2⁵⁰ µs (≈ 35.7 years) ahead of the host
@@ -134,6 +135,9 @@ pub struct Config {
     /// may already announce it without being overruled: a sibling box whose
     /// clock switched a little earlier than ours.
     pub transition_window_us: i64,
+    /// Probe the Link apps' ghost clocks ([`crate::core::link::steer`]): the product
+    /// reads [`LinkPeer::app_offset`] and steers its ghost clock onto theirs.
+    pub steer_apps: bool,
 }
 
 impl Config {
@@ -164,6 +168,7 @@ impl Config {
             session_id: None,
             sibling_tag: None,
             transition_window_us: 250_000,
+            steer_apps: false,
         }
     }
 }
@@ -324,6 +329,8 @@ pub struct LinkPeer {
     /// The highest-origin timeline seen in our session (ours included).
     top_seen: Option<Timeline>,
     counters: Counters,
+    /// The Link apps' clocks ([`Config::steer_apps`]).
+    clocks: AppClocks,
 }
 
 /// Counters of what a [`LinkPeer`] received.
@@ -387,6 +394,7 @@ impl LinkPeer {
             next_transport: None,
             top_seen: None,
             counters: Counters::default(),
+            clocks: AppClocks::default(),
             cfg,
         }
     }
@@ -446,6 +454,20 @@ impl LinkPeer {
     /// Our ghost time at host time `now_us`.
     pub fn ghost_time(&self, now_us: i64) -> i64 {
         self.ghost.host_to_ghost(now_us)
+    }
+    /// The Link apps' ghost clock minus ours now, from our probes
+    /// ([`Config::steer_apps`]).
+    pub fn app_offset(&self, now_us: i64) -> Option<Estimate> {
+        self.clocks.estimate(self.ghost_time(now_us))
+    }
+    /// The apps' probes.
+    pub fn app_clocks(&self) -> &AppClocks {
+        &self.clocks
+    }
+    /// Our ghost clock was stepped by `delta_us` (the product moved its transform):
+    /// the probes' history moves with it.
+    pub fn rebase_app_clocks(&mut self, delta_us: i64) {
+        self.clocks.rebase(delta_us);
     }
     /// Known peers (all sessions).
     pub fn peers(&self) -> &[PeerEntry] {
@@ -645,6 +667,17 @@ impl LinkPeer {
             i += 1;
         }
         self.maybe_reanchor(now_us);
+        if self.cfg.steer_apps {
+            let apps: Vec<(NodeId, SocketAddrV4)> = self
+                .app_peers()
+                .filter_map(|p| p.state.measurement_v4.map(|ep| (p.node_id, ep)))
+                .collect();
+            self.clocks.set_apps(now_us, apps.into_iter());
+            let g = self.ghost_time(now_us);
+            for (to, ping) in self.clocks.on_timeout(now_us, g) {
+                out.push(Action::SendTo(to, ping));
+            }
+        }
         if now_us >= self.next_alive_us {
             self.send_alive(now_us, &mut out);
         }
@@ -663,6 +696,9 @@ impl LinkPeer {
         }
         for m in &self.measurements {
             t = t.min(m.deadline());
+        }
+        if let Some(c) = self.clocks.next_timeout() {
+            t = t.min(c);
         }
         Some(t)
     }
@@ -764,7 +800,15 @@ impl LinkPeer {
             Some(_) => div_floor(now_beat.saturating_add(q / 2), q).saturating_mul(q),
             None => div_floor(now_beat, q).saturating_mul(q),
         };
-        let anchor = above_floor.max(near_now);
+        // An exact line is re-described from an origin just above the floor when the
+        // floor is already past the present's anchor multiple: origins never run ahead
+        // of the present (the wire tempo's rounding grows with that distance), however
+        // often the room re-describes its line (a steered ghost clock does, every
+        // fraction of a second).
+        let anchor = match self.exact {
+            Some(_) if near_now <= self.bo_floor => self.bo_floor.saturating_add(1),
+            _ => above_floor.max(near_now),
+        };
         self.published = self.room_at(anchor);
         self.bo_floor = self.bo_floor.max(anchor);
         self.top_seen = Some(self.published);
@@ -845,6 +889,8 @@ impl LinkPeer {
                 let pong = encode_pong_echo(self.session_id(), self.ghost_time(now_us), payload);
                 self.counters.pongs += 1;
                 out.push(Action::SendTo(from, pong));
+                // an app we probe is re-measuring us
+                self.clocks.on_their_ping(now_us, from);
             }
             MeasurementKind::Pong => {
                 let Ok(p) = decode_measurement_payload(payload) else {
@@ -854,6 +900,12 @@ impl LinkPeer {
                 if let Some(i) = self.measurements.iter().position(|m| m.target() == from) {
                     let step = self.measurements[i].handle_pong(now_us, &p);
                     self.apply_step(now_us, i, step, out);
+                } else {
+                    let g = self.ghost_time(now_us);
+                    if let Some(ping) = self.clocks.on_pong(now_us, g, from, &p, self.session_id())
+                    {
+                        out.push(Action::SendTo(from, ping));
+                    }
                 }
             }
         }

@@ -7,10 +7,13 @@
 //!   own NodeId ([`LinkIds::node`]), whose first four bytes are the room's
 //!   [`LinkIds::sibling_tag`]: a box never takes another box of its room for a Link
 //!   app that changes the tempo.
-//! * **Ghost time is session time:** `ghost_us = session_ns / 1000 + 2⁵⁰`
-//!   ([`ghost_us`]). Every box answers Link's clock pings with it, so every box
-//!   presents the same clock, and the 2⁵⁰ µs intercept makes the room's session
-//!   older than any session a Link app founds: apps join it (Ch. 2 §7.2).
+//! * **Ghost time is session time,** plus the room's steering shift:
+//!   `ghost_us = (session_ns + shift_ns) / 1000 + 2⁵⁰` ([`ghost_us`]). Every box
+//!   answers Link's clock pings with it, so every box presents the same clock, and
+//!   the 2⁵⁰ µs intercept makes the room's session older than any session a Link app
+//!   founds: apps join it (Ch. 2 §7.2). The shift (replicated by the leader) keeps
+//!   the apps' clocks on the room's between their measurements
+//!   ([`crate::core::link::steer`]).
 //! * **The room's beats are Link beats:** a segment's beat `b` is Link beat
 //!   `b + k`, where `k` ([`beat_offset`]) puts the segment's bar starts on multiples
 //!   of its meter (`k = 0` unless a meter change moved the downbeat). A Link app
@@ -29,17 +32,21 @@ use crate::core::timeline::{Segment, Timeline};
 /// Ghost time minus session time, µs (see the module docs).
 pub const GHOST_INTERCEPT_US: i64 = DEFAULT_GHOST_EPOCH_US;
 
-/// Ghost time (µs) of session time `session_ns`, rounded to the nearest µs.
-pub fn ghost_us(session_ns: i64) -> i64 {
+/// Ghost time (µs) of session time `session_ns` under steering shift `shift_ns`,
+/// rounded to the nearest µs.
+pub fn ghost_us(session_ns: i64, shift_ns: i64) -> i64 {
     session_ns
+        .saturating_add(shift_ns)
         .saturating_add(500)
         .div_euclid(1000)
         .saturating_add(GHOST_INTERCEPT_US)
 }
 
-/// Ghost time in ns of session time `session_ns` (exact).
-pub fn ghost_ns(session_ns: i64) -> i64 {
-    session_ns.saturating_add(GHOST_INTERCEPT_US.saturating_mul(1000))
+/// Ghost time in ns of session time `session_ns` under shift `shift_ns` (exact).
+pub fn ghost_ns(session_ns: i64, shift_ns: i64) -> i64 {
+    session_ns
+        .saturating_add(shift_ns)
+        .saturating_add(GHOST_INTERCEPT_US.saturating_mul(1000))
 }
 
 /// A box's Link identity.
@@ -90,11 +97,11 @@ pub fn beat_offset(seg: &Segment) -> i64 {
     -seg.downbeat.rem_euclid(seg.meter.get() as i64)
 }
 
-/// A segment as a Link line.
-pub fn line(seg: &Segment) -> ExactLine {
+/// A segment as a Link line (ghost time under shift `shift_ns`).
+pub fn line(seg: &Segment, shift_ns: i64) -> ExactLine {
     ExactLine {
         b0: seg.b0.saturating_add(beat_offset(seg)),
-        t0_ns: ghost_ns(seg.t0),
+        t0_ns: ghost_ns(seg.t0, shift_ns),
         mbpm: seg.tempo.mbpm(),
     }
 }
@@ -102,14 +109,19 @@ pub fn line(seg: &Segment) -> ExactLine {
 /// The room as Link should see it at session time `now_ns`: the segment governing
 /// `now_ns`, its transport state, the room's other lines (scheduled segments, and
 /// `previous`: the line that governed until a moment ago), and the next transport
-/// state with the ghost time it begins.
-pub fn room_state(tl: &Timeline, now_ns: i64, previous: Option<ExactLine>) -> RoomState {
+/// state with the ghost time it begins; ghost time under shift `shift_ns`.
+pub fn room_state(
+    tl: &Timeline,
+    now_ns: i64,
+    previous: Option<ExactLine>,
+    shift_ns: i64,
+) -> RoomState {
     let cur = tl.segment_at_time(now_ns);
-    let l = line(cur);
+    let l = line(cur, shift_ns);
     let mut accepted: Vec<ExactLine> = tl
         .segments()
         .iter()
-        .map(line)
+        .map(|s| line(s, shift_ns))
         .chain(previous)
         .filter(|x| *x != l)
         .collect();
@@ -118,11 +130,11 @@ pub fn room_state(tl: &Timeline, now_ns: i64, previous: Option<ExactLine>) -> Ro
         .segments()
         .iter()
         .find(|s| s.t0 > now_ns)
-        .map(|s| (s.playing, ghost_us(s.t0)));
+        .map(|s| (s.playing, ghost_us(s.t0, shift_ns)));
     RoomState {
         line: l,
         playing: cur.playing,
-        since_us: ghost_us(cur.t0),
+        since_us: ghost_us(cur.t0, shift_ns),
         accepted,
         next_transport,
     }
@@ -156,11 +168,25 @@ mod tests {
 
     #[test]
     fn ghost_time_is_session_time_plus_the_intercept() {
-        assert_eq!(ghost_us(0), GHOST_INTERCEPT_US);
-        assert_eq!(ghost_us(1_499), GHOST_INTERCEPT_US + 1);
-        assert_eq!(ghost_us(1_500), GHOST_INTERCEPT_US + 2);
-        assert_eq!(ghost_us(-1_600), GHOST_INTERCEPT_US - 2);
-        assert_eq!(ghost_ns(7), GHOST_INTERCEPT_US * 1000 + 7);
+        assert_eq!(ghost_us(0, 0), GHOST_INTERCEPT_US);
+        assert_eq!(ghost_us(1_499, 0), GHOST_INTERCEPT_US + 1);
+        assert_eq!(ghost_us(1_500, 0), GHOST_INTERCEPT_US + 2);
+        assert_eq!(ghost_us(-1_600, 0), GHOST_INTERCEPT_US - 2);
+        assert_eq!(ghost_ns(7, 0), GHOST_INTERCEPT_US * 1000 + 7);
+        // the steering shift moves ghost time, and the room's lines with it: a beat
+        // keeps its beat number at the shifted ghost time
+        assert_eq!(ghost_us(0, 40_000), GHOST_INTERCEPT_US + 40);
+        assert_eq!(ghost_ns(7, -7), GHOST_INTERCEPT_US * 1000);
+        let tl = Timeline::start_at(
+            2_000_000_000,
+            Tempo::from_bpm(97.0).unwrap(),
+            Meter::new(4).unwrap(),
+            true,
+        );
+        let (a, b) = (line(&tl.segments()[0], 0), line(&tl.segments()[0], 55_000));
+        assert_eq!(b.t0_ns - a.t0_ns, 55_000);
+        let t = tl.beat_time(12);
+        assert_eq!(a.beats_at(ghost_us(t, 0)), b.beats_at(ghost_us(t, 55_000)));
     }
 
     #[test]
@@ -172,9 +198,9 @@ mod tests {
             Meter::new(4).unwrap(),
             true,
         );
-        let l = line(&tl.segments()[0]);
+        let l = line(&tl.segments()[0], 0);
         for b in [0i64, 1, 7, 1000] {
-            let g_us = ghost_us(tl.beat_time(b));
+            let g_us = ghost_us(tl.beat_time(b), 0);
             assert!(
                 (l.beats_at(g_us) - b * MICROBEATS_PER_BEAT).abs() <= 3,
                 "beat {b}"
@@ -189,8 +215,8 @@ mod tests {
             assert!(s.is_downbeat(bar));
             assert_eq!((bar + beat_offset(&s)).rem_euclid(3), 0);
         }
-        let l2 = line(&s);
-        let g = ghost_us(tl.beat_time(13));
+        let l2 = line(&s, 0);
+        let g = ghost_us(tl.beat_time(13), 0);
         assert!((l2.beats_at(g) - 12 * MICROBEATS_PER_BEAT).abs() <= 3);
     }
 
@@ -207,16 +233,16 @@ mod tests {
         tl.apply_at(ChangeKind::Tempo(Tempo::from_bpm(100.0).unwrap()), 16)
             .unwrap();
         let (start, change) = (tl.beat_time(8), tl.beat_time(16));
-        let before = room_state(&tl, start - 1, None);
+        let before = room_state(&tl, start - 1, None, 0);
         assert!(!before.playing);
         assert_eq!(before.line.mbpm, 120_000);
-        assert_eq!(before.next_transport, Some((true, ghost_us(start))));
+        assert_eq!(before.next_transport, Some((true, ghost_us(start, 0))));
         assert_eq!(before.accepted.len(), 2, "{before:?}");
-        let playing = room_state(&tl, start, None);
+        let playing = room_state(&tl, start, None, 0);
         assert!(playing.playing);
-        assert_eq!(playing.since_us, ghost_us(start));
+        assert_eq!(playing.since_us, ghost_us(start, 0));
         assert_eq!(playing.line.b0, 8);
-        let after = room_state(&tl, change, Some(playing.line));
+        let after = room_state(&tl, change, Some(playing.line), 0);
         assert_eq!(after.line.mbpm, 100_000);
         assert_eq!(after.line.b0, 16);
         assert_eq!(after.next_transport, None);
