@@ -76,6 +76,15 @@ Options:
   --stranger-for S      how long the stranger attacks
   --stranger-args "A"   extra scripts/stranger.py arguments (e.g. "--quic-hold 5")
   --stranger-target I   the node attacked
+  --link-app-at T       at T seconds start a real Ableton Link app (scripts/link_app.py: the
+                        aalink wheel, at 90 BPM, quantum = --meter) in a namespace of its
+                        own on the bridge (${SUBNET_PREFIX}.4); it samples its beat, tempo
+                        and transport every 20 ms into OUT/link_app.jsonl until the end, and
+                        the summary compares its beats with every node's clicks (needs
+                        python3 with aalink: pip install aalink)
+  --link-app-tempo-at "T:BPM"
+                        the Link app sets its own tempo T seconds after the run's start
+                        (repeatable; the room overrules it unless link_control)
   --redis               run redis-server on a host of its own on the bridge
                         (${SUBNET_PREFIX}.2, in namespace ${PREFIX%%[0-9]*}<PID>-rd) and give every node
                         --redis redis://${SUBNET_PREFIX}.2:6379/0
@@ -155,6 +164,7 @@ REPEAT_HEAL=1 HEAL_EVERY=""
 AT_SPECS=() KILL_SPECS=() RESTART_SPECS=() NODE_ARGS_SPECS=()
 TOGETHER=0 BARE_NODES="" STATUS_LOG=0
 STRANGER_AT="" STRANGER_FOR=25 STRANGER_TARGET=1 STRANGER_ARGS=""
+LINK_APP_AT="" LINK_APP_TEMPO=()
 ORIG_ARGS=("$@")
 
 need_arg() { [ $# -ge 2 ] || die "$1 needs a value (see --help)"; }
@@ -201,6 +211,8 @@ while [ $# -gt 0 ]; do
         --stranger-for) need_arg "$@"; STRANGER_FOR=$2; shift 2 ;;
         --stranger-target) need_arg "$@"; STRANGER_TARGET=$2; shift 2 ;;
         --stranger-args) need_arg "$@"; STRANGER_ARGS=$2; shift 2 ;;
+        --link-app-at) need_arg "$@"; LINK_APP_AT=$2; shift 2 ;;
+        --link-app-tempo-at) need_arg "$@"; LINK_APP_TEMPO+=("$2"); shift 2 ;;
         *) die "unknown option: $1 (see --help)" ;;
     esac
 done
@@ -352,6 +364,21 @@ if [ -n "$STRANGER_AT" ]; then
     STRANGER_END_US=$(( STRANGER_US + $(secs_to_us "$STRANGER_FOR") ))
     [ "$STRANGER_END_US" -lt "$DURATION_US" ] || die "the stranger must be done before the end (-t $DURATION)"
 fi
+LINK_APP_US="" LINK_APP_ARGS=()
+if [ -n "$LINK_APP_AT" ]; then
+    is_secs "$LINK_APP_AT" || die "--link-app-at must be a number of seconds, got '$LINK_APP_AT'"
+    LINK_APP_US=$(secs_to_us "$LINK_APP_AT")
+    [ "$LINK_APP_US" -lt "$DURATION_US" ] || die "--link-app-at must be before the end (-t $DURATION)"
+    for spec in "${LINK_APP_TEMPO[@]}"; do
+        [[ $spec =~ ^([0-9]+([.][0-9]+)?):([0-9]+([.][0-9]+)?)$ ]] || die "--link-app-tempo-at wants T:BPM, got '$spec'"
+        t=${BASH_REMATCH[1]} bpm=${BASH_REMATCH[3]}
+        rel=$(python3 -S -I -c 'import sys; print(float(sys.argv[1]) - float(sys.argv[2]))' "$t" "$LINK_APP_AT" 2>/dev/null || echo -1)
+        [[ $rel != -* ]] || die "--link-app-tempo-at: $t is before --link-app-at $LINK_APP_AT"
+        LINK_APP_ARGS+=(--tempo-at "$rel:$bpm")
+    done
+elif [ ${#LINK_APP_TEMPO[@]} -gt 0 ]; then
+    die "--link-app-tempo-at needs --link-app-at"
+fi
 if [ -n "$PART_US" ] || [ ${#AT_US[@]} -gt 0 ] || [ ${#ACT_US[@]} -gt 0 ] || [ -n "$STRANGER_US" ]; then
     STATUS_LOG=1
 fi
@@ -427,6 +454,7 @@ ip_of() { echo "$SUBNET_PREFIX.$((10 + $1))"; }
 RD_NS="${PREFIX}-rd"; RD_IF="${PREFIX}rd"; RD_SWIF="${PREFIX}sr"; RD_IP="$SUBNET_PREFIX.2"
 RD_PORT=6379
 ST_NS="${PREFIX}-st"; ST_IF="${PREFIX}st"; ST_SWIF="${PREFIX}ss"; ST_IP="$SUBNET_PREFIX.3"
+LK_NS="${PREFIX}-lk"; LK_IF="${PREFIX}lk"; LK_SWIF="${PREFIX}sl"; LK_IP="$SUBNET_PREFIX.4"
 
 clock_of() {   # BANDSYNC_TEST_CLOCK of node i ("" = none)
     local i=$1 c
@@ -579,6 +607,16 @@ setup_network() {
         run ip -n "$ST_NS" addr add "$ST_IP/24" dev "$ST_IF"
         run ip -n "$ST_NS" link set dev "$ST_IF" multicast on up
         run ip -n "$ST_NS" route add 224.0.0.0/4 dev "$ST_IF"
+    fi
+    if [ -n "$LINK_APP_AT" ]; then
+        make_ns "$LK_NS"
+        run ip link add name "$LK_IF" netns "$LK_NS" type veth peer name "$LK_SWIF" netns "$SW_NS"
+        CREATED_LINKS+=("$LK_NS $LK_IF")
+        run ip -n "$SW_NS" link set dev "$LK_SWIF" master "$BRIDGE"
+        run ip -n "$SW_NS" link set dev "$LK_SWIF" multicast on up
+        run ip -n "$LK_NS" addr add "$LK_IP/24" dev "$LK_IF"
+        run ip -n "$LK_NS" link set dev "$LK_IF" multicast on up
+        run ip -n "$LK_NS" route add 224.0.0.0/4 dev "$LK_IF"
     fi
     if [ "$REDIS" = 1 ]; then
         make_ns "$RD_NS"
@@ -734,6 +772,21 @@ start_stranger() {
         --room "$ROOM" --self "$ST_IP" --iface "$ST_IF" --report "$OUT/stranger.json" "${sargs[@]}" \
         >"$OUT/stranger.log" 2>&1 </dev/null &
     STRANGER_PID=$!
+}
+
+LINK_APP_PID=""
+start_link_app() {
+    event link_app_start "\"ip\":\"$LK_IP\""
+    log "link app: aalink at 90 BPM from $LK_IP (OUT/link_app.jsonl)"
+    ip netns exec "$LK_NS" "$PY" "$REPO/scripts/link_app.py" --out "$OUT/link_app.jsonl" \
+        --quantum "$METER" "${LINK_APP_ARGS[@]}" >"$OUT/link_app.log" 2>&1 </dev/null &
+    LINK_APP_PID=$!
+}
+stop_link_app() {
+    [ -n "$LINK_APP_PID" ] || return 0
+    kill -TERM "$LINK_APP_PID" 2>/dev/null; wait "$LINK_APP_PID" 2>/dev/null
+    LINK_APP_PID=""
+    event link_app_stop
 }
 
 # Prints "<index> <how it was found>" of the current leader among the running nodes.
@@ -921,6 +974,10 @@ while :; do
             esac
         fi
     done
+    if [ -n "$LINK_APP_US" ] && [ -z "$LINK_APP_PID" ] && [ "$now" -ge "$LINK_APP_US" ] && [ "${LINK_APP_DONE:-0}" = 0 ]; then
+        LINK_APP_DONE=1
+        start_link_app
+    fi
     if [ $STRANGER_DONE -eq 0 ] && [ "$now" -ge "$STRANGER_US" ]; then
         STRANGER_DONE=1
         start_stranger
@@ -991,6 +1048,7 @@ if [ -n "$STRANGER_PID" ]; then
     event stranger_end "\"status\":-1"
 fi
 for p in "${CLI_PIDS[@]}"; do wait "$p" 2>/dev/null; done
+stop_link_app
 log "run over: stopping the nodes (SIGTERM, then SIGKILL after 3 s)"
 event stop
 stop_sampler
@@ -1013,6 +1071,7 @@ for ((i = 1; i <= N; i++)); do LOGS+=("$OUT/node$i/clicks.jsonl"); done
 SUM_ARGS=()
 [ $STATUS_LOG -eq 1 ] && SUM_ARGS+=(--status "$OUT/status.jsonl")
 [ -n "$STRANGER_AT" ] && SUM_ARGS+=(--stranger "$OUT/stranger.json")
+[ -n "$LINK_APP_AT" ] && SUM_ARGS+=(--link-app "$OUT/link_app.jsonl")
 "$PY" "$REPO/scripts/lab_summary.py" --warmup "$WARMUP" --node-warmup "$NODE_WARMUP" \
     --events "$OUT/events.jsonl" --meter "$METER" "${SUM_ARGS[@]}" "${LOGS[@]}" >"$OUT/summary.txt"
 SUM_RC=$?

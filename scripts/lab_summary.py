@@ -40,6 +40,7 @@ no input file could be read at all.
 """
 
 import argparse
+import bisect
 import json
 import math
 import os
@@ -500,6 +501,113 @@ def stranger_report(nodes, events, samples, path, cut=None):
 
 # ---------------------------------------------------------------------------- report
 
+# ---------------------------------------------------------------------------- the Link app
+
+def read_jsonl(path):
+    out = []
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                try:
+                    o = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(o, dict):
+                    out.append(o)
+    except OSError:
+        pass
+    return out
+
+
+def beat_at(clicks, t):
+    """(beat position, beat length ns) of a node at CLOCK_MONOTONIC t, interpolated
+    between consecutive clicks; None outside them or across a gap."""
+    i = bisect.bisect_right(clicks, (t, float("inf"))) - 1
+    if i < 0 or i + 1 >= len(clicks):
+        return None
+    (t0, b0), (t1, b1) = clicks[i], clicks[i + 1]
+    if b1 != b0 + 1 or t1 <= t0:
+        return None
+    return b0 + (t - t0) / (t1 - t0), t1 - t0
+
+
+def link_report(nodes, events, path, t_base, meter=4):
+    """scripts/link_app.py's samples vs every node's clicks: the app's beat phase
+    (|error| ms, where it plays the room's tempo), when it took the room's tempo, how
+    long the room's tempo changes (CLI) took to reach it, and how long its own tempo
+    changes lasted before the room overruled them."""
+    rows = read_jsonl(path)
+    samples = [r for r in rows if "beat" in r and isinstance(r.get("t_mono_ns"), int)]
+    if not samples:
+        return {"error": "no samples in %s" % path}
+    enabled = next((r["t_mono_ns"] for r in rows if r.get("event") == "enabled"), samples[0]["t_mono_ns"])
+    own = next((r.get("tempo") for r in rows if r.get("event") == "enabled"), None)
+    rep = {"samples": len(samples), "nodes": {}}
+    for nl in nodes:
+        clicks = sorted((c[0], c[1]) for c in read_click_pairs(nl.path, nl.node_id))
+        errs, offsets, away = [], set(), 0
+        for r in samples:
+            got = beat_at(clicks, r["t_mono_ns"])
+            if got is None:
+                continue
+            bb, period = got
+            room_bpm = 60e9 / period
+            if not r.get("playing") or abs(r["tempo"] - room_bpm) > 0.05:
+                away += 1
+                continue
+            k = round(r["beat"] - bb)
+            offsets.add(k)
+            errs.append(abs(r["beat"] - bb - k) * period / 1e6)
+        errs.sort()
+        rep["nodes"][nl.label] = {
+            "n": len(errs), "not_following": away,
+            "p50_ms": percentile(errs, 50) if errs else None,
+            "p95_ms": percentile(errs, 95) if errs else None,
+            "max_ms": errs[-1] if errs else None,
+            "offsets_on_bars": all(k % meter == 0 for k in offsets),
+        }
+    # the room's tempo as the app took it: the first sample off its own start tempo
+    first = next((r for r in samples if own is None or abs(r["tempo"] - own) > 1e-3), None)
+    rep["join_s"] = None if first is None else (first["t_mono_ns"] - enabled) / 1e9
+    rep["tempo_after_join"] = None if first is None else first["tempo"]
+    changes = []
+    for e in events:
+        if e.get("event") != "cli_start":
+            continue
+        words = str(e.get("args", "")).split()
+        if len(words) >= 2 and words[0] == "tempo":
+            try:
+                want = float(words[1])
+            except ValueError:
+                continue
+            hit = next((r for r in samples if r["t_mono_ns"] >= e["t_mono_ns"]
+                        and abs(r["tempo"] - want) < 1e-3), None)
+            changes.append({"tempo": want, "t_s": round((e["t_mono_ns"] - t_base) / 1e9, 2) if t_base else None,
+                            "reached_s": None if hit is None else (hit["t_mono_ns"] - e["t_mono_ns"]) / 1e9})
+    rep["room_changes"] = changes
+    overrules = []
+    for r in rows:
+        if r.get("event") != "set_tempo":
+            continue
+        mine = r.get("tempo")
+        after = [x for x in samples if x["t_mono_ns"] >= r["t_mono_ns"]]
+        back = next((x for x in after if abs(x["tempo"] - mine) > 1e-3), None)
+        overrules.append({"tempo": mine, "overruled_s": None if back is None else
+                          (back["t_mono_ns"] - r["t_mono_ns"]) / 1e9,
+                          "back_to": None if back is None else back["tempo"]})
+    rep["app_changes"] = overrules
+    return rep
+
+
+def read_click_pairs(path, node_id):
+    out = []
+    for o in read_jsonl(path):
+        if (node_id in ("?", None) or o.get("node") == node_id) and isinstance(o.get("t_mono_ns"), int) \
+                and isinstance(o.get("beat"), int):
+            out.append((o["t_mono_ns"], o["beat"]))
+    return out
+
+
 def fmt(v, width=9):
     if v is None:
         return "-".rjust(width)
@@ -509,7 +617,7 @@ def fmt(v, width=9):
 
 
 def summarise(paths, warmup_s=0.0, node_warmup_s=0.0, events_path=None, out=sys.stdout,
-              json_only=False, status_path=None, stranger_path=None, meter=4):
+              json_only=False, status_path=None, stranger_path=None, meter=4, link_path=None):
     nodes, problems = read_logs(paths)
     events = read_events(events_path)
     all_t = [c[0] for nl in nodes for c in nl.clicks]
@@ -642,6 +750,9 @@ def summarise(paths, warmup_s=0.0, node_warmup_s=0.0, events_path=None, out=sys.
     stranger = stranger_report(nodes, events, samples, stranger_path, cut)
     if stranger:
         summary["stranger"] = stranger
+    link = link_report(nodes, events, link_path, t_base, meter) if link_path else None
+    if link:
+        summary["link_app"] = link
 
     if not json_only:
         w = out.write
@@ -746,6 +857,25 @@ def summarise(paths, warmup_s=0.0, node_warmup_s=0.0, events_path=None, out=sys.
                 ",".join(str(x) for x in sr["epochs_seen"]) or "-", sr["one_leader_always"]))
             if sr["attack"]:
                 w("  attack: %s\n" % json.dumps(sr["attack"], separators=(",", ":"))[:600])
+        if link:
+            w("\nLink app (aalink) vs the nodes' clicks:\n")
+            if "error" in link:
+                w("  %s\n" % link["error"])
+            else:
+                ms3 = lambda v: "-" if v is None else "%.3f" % v
+                w("  took the room's tempo %s s after enabling (%s BPM)\n" % (
+                    ms3(link["join_s"]), link["tempo_after_join"]))
+                for label, m in link["nodes"].items():
+                    w("  %-10s phase |error| p50 %s  p95 %s  max %s ms over %d samples "
+                      "(%d while not at the room's tempo); bars aligned: %s\n" % (
+                          label, ms3(m["p50_ms"]), ms3(m["p95_ms"]),
+                          ms3(m["max_ms"]), m["n"], m["not_following"], m["offsets_on_bars"]))
+                for c in link["room_changes"]:
+                    w("  room tempo %g at %s s reached the app after %s s\n" % (
+                        c["tempo"], c["t_s"], ms3(c["reached_s"])))
+                for c in link["app_changes"]:
+                    w("  the app's own tempo %g overruled after %s s (back to %s)\n" % (
+                        c["tempo"], ms3(c["overruled_s"]), c["back_to"]))
         w("\n")
     out.write("SUMMARY " + json.dumps(summary, separators=(",", ":"), sort_keys=False) + "\n")
     readable = len(paths) - len(problems["missing_files"])
@@ -899,6 +1029,7 @@ def main(argv=None):
     ap.add_argument("--events", metavar="FILE", help="lab.sh's events.jsonl (start/kill/join times)")
     ap.add_argument("--status", metavar="FILE", help="lab.sh's status.jsonl (heal report)")
     ap.add_argument("--stranger", metavar="FILE", help="stranger.py's report (JSON)")
+    ap.add_argument("--link-app", metavar="FILE", help="link_app.py's samples (JSON lines)")
     ap.add_argument("--meter", type=int, default=4, help="beats per bar (heal report; default 4)")
     ap.add_argument("--json-only", action="store_true", help="print only the SUMMARY line")
     ap.add_argument("--self-test", action="store_true", help="check this script on synthetic logs")
@@ -912,7 +1043,8 @@ def main(argv=None):
     if not (a.node_warmup >= 0 and math.isfinite(a.node_warmup)):
         ap.error("--node-warmup must be >= 0, got %r" % a.node_warmup)
     _, rc = summarise(a.logs, a.warmup, a.node_warmup, a.events, json_only=a.json_only,
-                      status_path=a.status, stranger_path=a.stranger, meter=a.meter)
+                      status_path=a.status, stranger_path=a.stranger, meter=a.meter,
+                      link_path=a.link_app)
     return rc
 
 

@@ -15,7 +15,9 @@ offset_ms=-250,skew_ppm=-100, both `--play --tempo 123`. Then aalink starts at 9
   join        seconds until aalink's tempo is the room's (123)
   phase       aalink's beat vs each box's click log at the same CLOCK_MONOTONIC
               instant (|error| in ms: p50/p95/max; the Link beat minus the room beat
-              must be a multiple of the meter)
+              must be a multiple of the meter), for 36 s after the join: across
+              aalink's own 30-s clock re-measurement, while the room steers its ghost
+              clock onto aalink's (the boxes' `bandsync_link_*` metrics are reported)
   tempo       `bandsync tempo 100` → seconds until aalink shows 100
   overrule    aalink sets 90 → seconds until it is back to the room's 100
   stop/start  `bandsync stop` / `start` → seconds until aalink follows
@@ -84,6 +86,16 @@ class Box:
                 return json.loads(r.read())
         except Exception:
             return None
+
+    def metric(self, name):
+        try:
+            with urllib.request.urlopen("http://127.0.0.1:%d/metrics" % self.http, timeout=2) as r:
+                for line in r.read().decode().splitlines():
+                    if line.startswith(name + " "):
+                        return float(line.split()[1])
+        except Exception:
+            return None
+        return None
 
     def alive(self):
         return self.p.poll() is None
@@ -245,6 +257,18 @@ async def main(args):
 
     s_join = await sample(link, args.phase_s)
     res["tempo_during_phase"] = link.tempo
+    # The room steers its ghost clock onto aalink's (core::link::steer).
+    res["steering"] = {n: {k: b.metric("bandsync_link_" + k) for k in
+                           ("steps_total", "app_samples_total", "shift_us")}
+                       for n, b in boxes.items()}
+    # every box holds the leader's shift (read both until a read falls between steps)
+    res["shift_agrees"] = False
+    for _ in range(20):
+        sa, sb = (b.metric("bandsync_link_shift_us") for b in boxes.values())
+        if sa is not None and sa == sb:
+            res["shift_agrees"] = True
+            break
+        await asyncio.sleep(0.05)
     if args.short:
         link.enabled = False
         for b in boxes.values():
@@ -356,7 +380,8 @@ if __name__ == "__main__":
     ap.add_argument("--dir", required=True)
     ap.add_argument("--room", default="link-%d" % os.getpid())
     ap.add_argument("--key", help="room key file (written if absent)")
-    ap.add_argument("--phase-s", type=float, default=10.0, help="phase samples after join")
+    ap.add_argument("--phase-s", type=float, default=36.0,
+                    help="phase samples after join (36 s: across aalink's 30-s re-measurement)")
     ap.add_argument("--short", action="store_true",
                     help="only join + phase, with unskewed clocks (offsets ±250 ms)")
     a = ap.parse_args()

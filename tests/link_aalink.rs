@@ -12,11 +12,13 @@
 //!
 //! Link's clock model has no rate: a Link peer measures its offset to the session's
 //! ghost clock when it joins and then every 30 s. The session clock is the leader's
-//! clock, which runs 100 ppm off aalink's here, so aalink's phase error grows by
-//! ~0.1 ms per second between its measurements. The skewed run therefore checks the
-//! phase where it is measured (at the join, < 1 ms), the drift rate (the leader's
-//! skew, nothing more) and the residual around that line; the unskewed run checks
-//! the SPEC's 1 ms p95 itself. Figures are printed (`--no-capture`).
+//! clock, which runs 100 ppm off aalink's here: without steering, aalink's phase error
+//! would grow by ~0.1 ms per second between its measurements (up to 3 ms). The room
+//! measures aalink's clock and steers its ghost clock onto it (`core::link::steer`),
+//! so the skewed run checks the SPEC's 1 ms p95 over 36 s after the join (across
+//! aalink's re-measurement), no drift left (< 20 ppm), and that the boxes did steer;
+//! the unskewed run checks the same without skew. Figures are printed
+//! (`--no-capture`).
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -180,17 +182,31 @@ fn a_link_peer_follows_the_room() {
                 "{phase}/{b}: Link beat − room beat must be a multiple of the meter: {p}"
             );
             assert!(f(p, &["residual_p95_ms"]) < 0.5, "{phase}/{b}: {p}");
-            assert!(
-                f(p, &["drift_ppm"]).abs() < 130.0,
-                "{phase}/{b}: drift beyond the leader's skew: {p}"
-            );
+            assert!(f(p, &["p95_ms"]) < 1.0, "{phase}/{b}: phase p95: {p}");
         }
         let p = &v["phase"]["join"][b];
+        // over the 36 s after the join (the short windows are too short for a slope
+        // against the steps' few tens of µs)
+        assert!(
+            f(p, &["drift_ppm"]).abs() < 20.0,
+            "join/{b}: the room's ghost clock was not steered onto aalink's: {p}"
+        );
         assert!(
             f(p, &["at_start_ms"]).abs() < 1.0,
             "join/{b}: phase at the join: {p}"
         );
     }
+    // the leader steered (the follower's proposals are not the room's), every box
+    // holds the same shift, and samples were taken
+    let leader = v["leader"].as_str().unwrap_or("a");
+    assert!(f(&v, &["steering", leader, "steps_total"]) >= 1.0, "{v}");
+    for b in ["a", "b"] {
+        assert!(f(&v, &["steering", b, "app_samples_total"]) >= 10.0, "{v}");
+    }
+    assert_eq!(
+        v["shift_agrees"], true,
+        "the boxes hold different ghost clocks: {v}"
+    );
     let t = f(&v, &["tempo_change_s"]);
     assert!(t <= 2.0, "room tempo change reached aalink after {t} s");
     let t = f(&v, &["overrule_s"]);
@@ -243,6 +259,10 @@ fn a_link_peer_follows_the_room() {
         )
     };
     println!("LINK FIGURES");
+    println!(
+        "steering: {}",
+        serde_json::to_string(&v["steering"]).unwrap_or_default()
+    );
     println!("skewed (leader {}): join {:.3} s, tempo change {:.3} s, overrule {:.3} s, stop {:.3} s, start {:.3} s, app start overruled {:.3} s, kill jump {}",
         v["leader"], join, f(&v, &["tempo_change_s"]), f(&v, &["overrule_s"]), f(&v, &["stop_s"]), f(&v, &["start_s"]), f(&v, &["start_overrule_s"]), ms(jump));
     for b in ["a", "b"] {

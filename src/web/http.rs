@@ -789,6 +789,24 @@ async fn metrics(State(web): State<Web>) -> impl IntoResponse {
                 ),
             ],
         );
+        put(
+            "link_app_samples_total",
+            "Samples of Link apps' clocks taken by this box's pings.",
+            "counter",
+            vec![(String::new(), l.app_samples.load(Relaxed) as f64)],
+        );
+        put(
+            "link_steps_total",
+            "Steps of the room's Link ghost clock onto the apps' clocks proposed by this box.",
+            "counter",
+            vec![(String::new(), l.steps.load(Relaxed) as f64)],
+        );
+        put(
+            "link_shift_us",
+            "The room's Link ghost clock shift (replicated from the leader), µs.",
+            "gauge",
+            vec![(String::new(), l.shift_ns.load(Relaxed) as f64 / 1e3)],
+        );
     }
     put(
         "merges_total",
