@@ -21,12 +21,17 @@
 #      run, no change during the cut: heal -> one leader, one timeline, max/p50.
 #   s  stranger (issue 12): scripts/stranger.py floods node 1 for 25 s while 3 boxes play
 #      (S_ARGS: extra stranger.py arguments, e.g. "--quic-hold 5").
+#   l  Ableton Link (issue 15): two boxes with the lab's distorted clocks (±100 ppm, ±250 ms)
+#      and a real Link app (aalink) on the bridge from 8 s; `tempo 100` at 30 s, the app
+#      sets 90 at 45 s. The app takes the room's tempo within 1 s, its beat phase against
+#      both boxes' clicks is <= 1 ms p95, the change reaches it within 2 s and its own is
+#      overruled within 2 s. L_RUNS runs (default 1; needs pip install aalink).
 #
-# Usage: scripts/lab-scenarios.sh [--only a,b,c,d,h,s] [--out DIR] [-- extra lab.sh args]
+# Usage: scripts/lab-scenarios.sh [--only a,b,c,d,h,s,l] [--out DIR] [-- extra lab.sh args]
 # Exit status: 0 when every scenario run passed, 1 otherwise.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-ONLY=a,b,c,d,h,s
+ONLY=a,b,c,d,h,s,l
 OUT=""
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -47,6 +52,7 @@ B_CYCLES=${B_CYCLES:-4}
 C_RUNS=${C_RUNS:-10} C_RUNS_ODD=${C_RUNS_ODD:-5}
 D_RUNS=${D_RUNS:-3}
 H_CYCLES=${H_CYCLES:-20}
+L_RUNS=${L_RUNS:-1}
 RC=0
 want() { [[ ,$ONLY, == *,$1,* ]]; }
 lab() {   # lab DIR ARGS...: one lab.sh run, its console output in DIR.txt
@@ -200,6 +206,38 @@ PY
     [[ $line == *" ok" ]] || RC=1
     RESULTS+=("s) stranger flood on node 1 (25 s): $line  [$d]")
     echo "${RESULTS[-1]}"
+fi
+if want l; then
+    for ((r = 0; r < L_RUNS; r++)); do
+        d=$OUT/l$r
+        lab "$d" -n 2 -t 62 --warmup 5 --link-app-at 8 --at "30:1:tempo 100" --link-app-tempo-at "45:90"
+        line=$(python3 - "$(summary_json "$d")" <<'PY'
+import json, sys
+try:
+    s = json.loads(sys.argv[1])
+except ValueError:
+    print("no summary"); sys.exit(0)
+l = s.get("link_app") or {}
+if "nodes" not in l:
+    print("no Link app samples: %s FAIL" % l.get("error")); sys.exit(0)
+n = l["nodes"]
+rc = (l.get("room_changes") or [{}])[0].get("reached_s")
+ov = (l.get("app_changes") or [{}])[0].get("overruled_s")
+ok = (l.get("join_s") is not None and l["join_s"] <= 1.0 and abs(l.get("tempo_after_join", 0) - 120) < 1e-3
+      and all(v["p95_ms"] is not None and v["p95_ms"] <= 1.0 and v["offsets_on_bars"] and v["n"] > 1000
+              for v in n.values())
+      and rc is not None and rc <= 2.0 and ov is not None and ov <= 2.0)
+f = lambda v: "-" if v is None else "%.3f" % v
+print("join %s s; phase %s; room tempo change reached it in %s s; its own change overruled in %s s: %s" % (
+    f(l.get("join_s")), "; ".join("%s p50 %s p95 %s max %s ms (%d samples)" % (
+        k, f(v["p50_ms"]), f(v["p95_ms"]), f(v["max_ms"]), v["n"]) for k, v in n.items()),
+    f(rc), f(ov), "ok" if ok else "FAIL"))
+PY
+)
+        [[ $line == *" ok" ]] || RC=1
+        RESULTS+=("l) Link app with two skewed boxes, run $r: $line  [$d]")
+        echo "${RESULTS[-1]}"
+    done
 fi
 
 echo

@@ -2049,6 +2049,62 @@ mod tests {
         }
     }
 
+    fn named(me: &str, by: u64) -> Room {
+        let mut r = alone();
+        r.cfg.me = me.into();
+        r.leader = me.into();
+        r.session = SessionId { born_ms: 1, by };
+        r
+    }
+
+    /// `x` ticks; its broadcasts reach `y` at once.
+    fn step(x: &mut Room, y: &mut Room, now: i64) {
+        let mut out = Vec::new();
+        x.tick(now, &mut out);
+        let me = x.cfg.me.clone();
+        for act in out {
+            if let Action::Broadcast(f) = act {
+                let _ = y.handle_frame(&me, f, now, &mut Vec::new());
+            }
+        }
+    }
+
+    /// Run both rooms for `ms`, delivering every broadcast frame at once.
+    fn exchange(a: &mut Room, b: &mut Room, from_ms: i64, ms: i64) {
+        for t in (from_ms..from_ms + ms).step_by(10) {
+            let now = t * 1_000_000;
+            step(a, b, now);
+            step(b, a, now);
+        }
+    }
+
+    #[test]
+    fn the_leader_steers_the_link_clock_and_followers_take_it() {
+        let (mut a, mut b) = (named("00000000000000aa", 1), named("00000000000000bb", 1));
+        a.peer_up("00000000000000bb", "b", 1);
+        b.peer_up("00000000000000aa", "a", 1);
+        exchange(&mut a, &mut b, 0, 3_000);
+        let (lead, follow) = if a.leading() { (a, b) } else { (b, a) };
+        let (mut lead, mut follow) = (lead, follow);
+        assert!(lead.leading() && !follow.leading(), "one leader");
+        // only the leader steers, only from the shift it holds, within bounds
+        assert!(!follow.steer_link(0, 50_000));
+        assert!(lead.steer_link(0, 50_000));
+        assert!(
+            !lead.steer_link(0, 90_000),
+            "measured against an older shift"
+        );
+        assert!(!lead.steer_link(50_000, crate::core::wire::MAX_LINK_SHIFT_NS + 1));
+        assert_eq!(lead.link_shift_ns(), 50_000);
+        assert_eq!(follow.link_shift_ns(), 0);
+        exchange(&mut lead, &mut follow, 3_000, 100);
+        assert_eq!(
+            follow.link_shift_ns(),
+            50_000,
+            "the follower takes the leader's"
+        );
+    }
+
     #[test]
     fn a_song_changes_tempo_and_meter_at_one_bar() {
         let mut r = alone();

@@ -122,5 +122,8 @@ pub enum Event {
     RtcSubscribe(mpsc::Sender<(String, RtcRelay)>),
     /// Step the room's Link ghost clock from shift `base` to `new` (ns); the room
     /// takes it when this box leads and still holds `base`.
-    LinkSteer { base: i64, new: i64 },
+    LinkSteer {
+        base: i64,
+        new: i64,
+    },
 }

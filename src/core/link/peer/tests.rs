@@ -4,6 +4,7 @@ use crate::core::link::codec::{
     MeasurementMessage, Message,
 };
 use crate::core::link::measurement::Measurement;
+use crate::core::link::steer::CHAIN_PINGS;
 use crate::core::link::timeline::{bpm_to_micros_per_beat, phase, ExactLine};
 
 const ME: NodeId = NodeId([0xAA; 8]);
@@ -1132,4 +1133,71 @@ fn a_link_app_that_joins_gets_a_fresh_transport_stamp() {
         &alive_from(BOX_B, DiscoveryKind::Alive, st),
     );
     assert_eq!(a.start_stop(), ss);
+}
+
+#[test]
+fn apps_in_our_session_are_probed_and_their_pongs_become_samples() {
+    let mut cfg = Config::new(mep());
+    cfg.timeline = room_123();
+    cfg.steer_apps = true;
+    let mut a = LinkPeer::new(ME, 42, cfg);
+    a.start(T0);
+    let ss = StartStopState::default();
+    // a Link app joins our session
+    a.handle_datagram(
+        T0 + 1_000,
+        link_disc(),
+        &alive_from(LINK, DiscoveryKind::Alive, link_state(ME, room_123(), ss)),
+    );
+    // the app's clock: 300 µs ahead of our ghost clock and 100 ppm fast
+    let app_ghost = |host: i64| {
+        let g = a_ghost(host);
+        g + 300 + (host - T0) / 10_000
+    };
+    let mut now = T0 + 2_000;
+    let mut pings = 0;
+    while now < T0 + 3_000_000 {
+        // (when it was sent, what): each ping is answered 100 µs later, its pong
+        // arrives 100 µs after that
+        let mut out: Vec<(i64, Action)> = a
+            .handle_timeout(now)
+            .into_iter()
+            .map(|x| (now, x))
+            .collect();
+        while let Some((sent, act)) = out.pop() {
+            let Action::SendTo(to, bytes) = act else {
+                continue;
+            };
+            if to != link_mep() {
+                continue;
+            }
+            let Ok(Message::Measurement(m)) = decode(&bytes) else {
+                continue;
+            };
+            if m.kind != MeasurementKind::Ping {
+                continue;
+            }
+            pings += 1;
+            let pong = encode_pong_echo(ME, app_ghost(sent + 100), &bytes[9..]);
+            let back = sent + 200;
+            out.extend(
+                a.handle_datagram(back, link_mep(), &pong)
+                    .into_iter()
+                    .map(|x| (back, x)),
+            );
+        }
+        now += 10_000;
+    }
+    assert!(pings >= 12 * CHAIN_PINGS as usize, "{pings} pings");
+    let e = a.app_offset(now).expect("an estimate");
+    let truth = (app_ghost(now) - a_ghost(now)) as f64;
+    assert!((e.offset_us - truth).abs() < 5.0, "{e:?} vs {truth}");
+    // the app pings us (its 30-s re-measurement): no estimate until new samples
+    a.handle_datagram(now, link_mep(), &encode_ping(5, None));
+    assert_eq!(a.app_offset(now), None);
+}
+
+/// The authority's ghost time at host `h` with the default transform.
+fn a_ghost(h: i64) -> i64 {
+    h + DEFAULT_GHOST_EPOCH_US
 }
