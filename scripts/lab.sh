@@ -563,6 +563,20 @@ trap 'interrupted 143' TERM
 
 run() { "$@" || die "failed: $*"; }
 
+# side_host NS IF SWIF IP: a host of its own on the bridge (multicast on, with the
+# 224.0.0.0/4 route), e.g. the stranger or the Link app.
+side_host() {
+    local ns=$1 ifn=$2 swif=$3 addr=$4
+    make_ns "$ns"
+    run ip link add name "$ifn" netns "$ns" type veth peer name "$swif" netns "$SW_NS"
+    CREATED_LINKS+=("$ns $ifn")
+    run ip -n "$SW_NS" link set dev "$swif" master "$BRIDGE"
+    run ip -n "$SW_NS" link set dev "$swif" multicast on up
+    run ip -n "$ns" addr add "$addr/24" dev "$ifn"
+    run ip -n "$ns" link set dev "$ifn" multicast on up
+    run ip -n "$ns" route add 224.0.0.0/4 dev "$ifn"
+}
+
 make_ns() {
     local ns=$1
     ip netns list | awk '{print $1}' | grep -qx "$ns" \
@@ -598,26 +612,8 @@ setup_network() {
         # the kernel settings an installed box has (fast ARP re-probe after a heal)
         [ $BOX_SYSCTL -eq 1 ] && run ip netns exec "$ns" sysctl -q -e -p "$REPO/systemd/60-bandsync-net.conf"
     done
-    if [ -n "$STRANGER_AT" ]; then
-        make_ns "$ST_NS"
-        run ip link add name "$ST_IF" netns "$ST_NS" type veth peer name "$ST_SWIF" netns "$SW_NS"
-        CREATED_LINKS+=("$ST_NS $ST_IF")
-        run ip -n "$SW_NS" link set dev "$ST_SWIF" master "$BRIDGE"
-        run ip -n "$SW_NS" link set dev "$ST_SWIF" multicast on up
-        run ip -n "$ST_NS" addr add "$ST_IP/24" dev "$ST_IF"
-        run ip -n "$ST_NS" link set dev "$ST_IF" multicast on up
-        run ip -n "$ST_NS" route add 224.0.0.0/4 dev "$ST_IF"
-    fi
-    if [ -n "$LINK_APP_AT" ]; then
-        make_ns "$LK_NS"
-        run ip link add name "$LK_IF" netns "$LK_NS" type veth peer name "$LK_SWIF" netns "$SW_NS"
-        CREATED_LINKS+=("$LK_NS $LK_IF")
-        run ip -n "$SW_NS" link set dev "$LK_SWIF" master "$BRIDGE"
-        run ip -n "$SW_NS" link set dev "$LK_SWIF" multicast on up
-        run ip -n "$LK_NS" addr add "$LK_IP/24" dev "$LK_IF"
-        run ip -n "$LK_NS" link set dev "$LK_IF" multicast on up
-        run ip -n "$LK_NS" route add 224.0.0.0/4 dev "$LK_IF"
-    fi
+    [ -n "$STRANGER_AT" ] && side_host "$ST_NS" "$ST_IF" "$ST_SWIF" "$ST_IP"
+    [ -n "$LINK_APP_AT" ] && side_host "$LK_NS" "$LK_IF" "$LK_SWIF" "$LK_IP"
     if [ "$REDIS" = 1 ]; then
         make_ns "$RD_NS"
         run ip link add name "$RD_IF" netns "$RD_NS" type veth peer name "$RD_SWIF" netns "$SW_NS"
