@@ -68,7 +68,7 @@ use crate::core::link::codec::{
     DISCOVERY_MAGIC, MAX_MESSAGE_SIZE, MAX_PING_PAYLOAD, MEASUREMENT_MAGIC,
 };
 use crate::core::link::measurement::{FailReason, Measurement, Step};
-use crate::core::link::steer::{AppClocks, Estimate};
+use crate::core::link::steer::{AppClocks, Estimate, STEP_MAX_US};
 use crate::core::link::timeline::{div_floor, ExactLine, GhostXform, MICROBEATS_PER_BEAT};
 
 /// Recommended ghost-time intercept: 2⁵⁰ µs (≈ 35.7 years) ahead of the host
@@ -841,9 +841,13 @@ impl LinkPeer {
         }
     }
 
-    /// Whether `tl` is one of the room's own lines: no Link app's proposal.
+    /// Whether `tl` is one of the room's own lines: no Link app's proposal. With
+    /// [`Config::steer_apps`], the room's line a step of the steered ghost clock away
+    /// is too (a box that has not taken the leader's latest step yet, and apps
+    /// relaying either).
     fn is_room_line(&self, tl: &Timeline) -> bool {
         match self.exact {
+            Some(x) if self.cfg.steer_apps && x.within(tl, STEP_MAX_US) => true,
             Some(x) => x.matches(tl) || self.accepted.iter().any(|l| l.matches(tl)),
             None => self.room.same_line(tl),
         }

@@ -231,8 +231,13 @@ impl ExactLine {
     /// Whether `tl` describes this line (the wire tempo, and its origin's time within
     /// 1 µs), as every box of the room computes it.
     pub fn matches(&self, tl: &Timeline) -> bool {
+        self.within(tl, 1)
+    }
+    /// Whether `tl` is this line at most `us` µs earlier or later (same wire tempo).
+    pub fn within(&self, tl: &Timeline, us: i64) -> bool {
         clamp_micros_per_beat(tl.micros_per_beat) == self.micros_per_beat()
-            && (self.at(tl.beat_origin).time_origin as i128 - tl.time_origin as i128).abs() <= 1
+            && (self.at(tl.beat_origin).time_origin as i128 - tl.time_origin as i128).abs()
+                <= us as i128
     }
 }
 

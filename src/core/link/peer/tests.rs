@@ -1201,3 +1201,67 @@ fn apps_in_our_session_are_probed_and_their_pongs_become_samples() {
 fn a_ghost(h: i64) -> i64 {
     h + DEFAULT_GHOST_EPOCH_US
 }
+
+#[test]
+fn the_room_line_a_steering_step_away_is_no_apps_change() {
+    let mut cfg = Config::new(mep());
+    cfg.steer_apps = true;
+    let mut p = LinkPeer::new(ME, 42, cfg);
+    let line = ExactLine {
+        b0: 0,
+        t0_ns: (DEFAULT_GHOST_EPOCH_US + T0) * 1000,
+        mbpm: 123_000,
+    };
+    p.set_room(
+        T0,
+        &RoomState {
+            line,
+            playing: true,
+            since_us: DEFAULT_GHOST_EPOCH_US + T0,
+            accepted: Vec::new(),
+            next_transport: None,
+        },
+    );
+    p.start(T0);
+    let now = T0 + 2_000_000;
+    let origin = p.published_timeline().beat_origin + 1;
+    let shifted = |us: i64| {
+        let t = line.at(origin);
+        Timeline {
+            time_origin: t.time_origin + us,
+            ..t
+        }
+    };
+    // another box a step ahead (or an app relaying it): not an app's change
+    let a = p.handle_datagram(
+        now,
+        link_disc(),
+        &alive_from(
+            LINK,
+            DiscoveryKind::Response,
+            link_state(ME, shifted(150), StartStopState::default()),
+        ),
+    );
+    assert!(
+        !events(&a)
+            .iter()
+            .any(|e| matches!(e, Event::RemoteTimelineChange { .. })),
+        "{a:?}"
+    );
+    // 5 ms off is beyond any step: an app moved the beat, overruled
+    let a = p.handle_datagram(
+        now + 100_000,
+        link_disc(),
+        &alive_from(
+            LINK,
+            DiscoveryKind::Response,
+            link_state(ME, shifted(5_000), StartStopState::default()),
+        ),
+    );
+    assert!(
+        events(&a)
+            .iter()
+            .any(|e| matches!(e, Event::RemoteTimelineChange { .. })),
+        "{a:?}"
+    );
+}
