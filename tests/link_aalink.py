@@ -312,6 +312,11 @@ async def main(args):
     res["start_s"] = None if dt is None else time.monotonic() - t_cmd
     await asyncio.sleep(2.5)  # the start lands on a bar; clicks resume
 
+    # What the boxes counted as Link apps' changes: aalink's tempo and start, nothing
+    # else (the room's own steps are no app's change).
+    res["overruled"] = {n: b.metric('bandsync_link_messages_total{kind="overruled"}')
+                        for n, b in boxes.items()}
+
     # Kill the leader: the Link peer keeps tempo and phase.
     survivor = "b" if leader == "a" else "a"
     s_before = await sample(link, 1.5)
