@@ -211,7 +211,10 @@ fn a_link_peer_follows_the_room() {
     // steps (and a box a step behind) are no app's change
     for b in ["a", "b"] {
         let n = f(&v, &["overruled", b]);
-        assert!((1.0..=4.0).contains(&n), "box {b} counted {n} Link apps' changes: {v}");
+        assert!(
+            (1.0..=4.0).contains(&n),
+            "box {b} counted {n} Link apps' changes: {v}"
+        );
     }
     let t = f(&v, &["tempo_change_s"]);
     assert!(t <= 2.0, "room tempo change reached aalink after {t} s");

@@ -67,6 +67,10 @@ pub const STEP_MAX_US: i64 = 2_000;
 pub const STEP_EVERY_US: i64 = 400_000;
 /// The fitted rate is taken as at most this (ppm).
 const MAX_SLOPE: f64 = 500e-6;
+/// Round-trip excess (over the window's fastest) at which a sample weighs half.
+const RTT_SCALE_US: f64 = 200.0;
+/// A step is taken only when the offset is this many standard errors from 0.
+const STEP_SIGMAS: f64 = 3.0;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 struct Sample {
@@ -74,6 +78,8 @@ struct Sample {
     g: i64,
     /// App ghost − our ghost, µs.
     d: f64,
+    /// The round trip it came from, µs.
+    rtt: i64,
     seg: u32,
 }
 
@@ -103,6 +109,8 @@ struct Track {
 pub struct Estimate {
     /// App ghost − our ghost now, µs (the median app's).
     pub offset_us: f64,
+    /// That app's estimate's standard error, µs.
+    pub se_us: f64,
     /// Apps with an estimate.
     pub apps: usize,
 }
@@ -195,7 +203,7 @@ impl AppClocks {
         let quiet = t
             .their_ping_us
             .is_none_or(|p| now_us.saturating_sub(p) >= QUIET_US);
-        let Some((_, g, d)) = c.best else { return };
+        let Some((rtt, g, d)) = c.best else { return };
         if !quiet {
             return;
         }
@@ -203,7 +211,12 @@ impl AppClocks {
             t.seg = t.seg.wrapping_add(1);
             t.new_segment = false;
         }
-        t.samples.push_back(Sample { g, d, seg: t.seg });
+        t.samples.push_back(Sample {
+            g,
+            d,
+            rtt,
+            seg: t.seg,
+        });
         while t.samples.len() > MAX_SAMPLES {
             t.samples.pop_front();
         }
@@ -265,7 +278,7 @@ impl AppClocks {
 
     /// The apps' offset now (`g_now`: our ghost time), from each app's current segment.
     pub fn estimate(&self, g_now: i64) -> Option<Estimate> {
-        let mut ds: Vec<f64> = self
+        let mut ds: Vec<(f64, f64)> = self
             .apps
             .values()
             .filter(|t| !t.new_segment)
@@ -274,19 +287,23 @@ impl AppClocks {
         if ds.is_empty() {
             return None;
         }
-        ds.sort_by(f64::total_cmp);
+        ds.sort_by(|a, b| a.0.total_cmp(&b.0));
         let n = ds.len();
-        let offset_us = if n % 2 == 1 {
+        let (offset_us, se_us) = if n % 2 == 1 {
             ds[n / 2]
         } else {
             let (a, b) = (ds[n / 2 - 1], ds[n / 2]);
-            if a.abs() <= b.abs() {
+            if a.0.abs() <= b.0.abs() {
                 a
             } else {
                 b
             }
         };
-        Some(Estimate { offset_us, apps: n })
+        Some(Estimate {
+            offset_us,
+            se_us,
+            apps: n,
+        })
     }
 
     /// Apps being probed.
@@ -299,34 +316,56 @@ impl AppClocks {
     }
 }
 
-/// One app's offset at `g_now`: the least-squares line through its current segment's
-/// samples of the last [`WINDOW_US`], extrapolated (slope bounded by 500 ppm).
-fn app_offset(samples: &VecDeque<Sample>, seg: u32, g_now: i64) -> Option<f64> {
-    let pts: Vec<(f64, f64)> = samples
+/// One app's offset at `g_now` and its standard error (µs): the weighted least-squares
+/// line through its current segment's samples of the last [`WINDOW_US`], extrapolated
+/// (slope bounded by 500 ppm). A sample's error is at most half its round trip's excess
+/// over the fastest one (the asymmetry it can hide), so it weighs
+/// `1 / (1 + (excess / RTT_SCALE_US)²)`: on a jittery link the fast round trips decide.
+fn app_offset(samples: &VecDeque<Sample>, seg: u32, g_now: i64) -> Option<(f64, f64)> {
+    let win: Vec<&Sample> = samples
         .iter()
         .filter(|s| s.seg == seg && g_now.saturating_sub(s.g) <= WINDOW_US)
-        .map(|s| ((s.g - g_now) as f64, s.d))
         .collect();
-    if pts.len() < MIN_SAMPLES {
+    if win.len() < MIN_SAMPLES {
         return None;
     }
-    let span = pts.last()?.0 - pts.first()?.0;
-    if span < MIN_SPAN_US as f64 {
+    let span = win.last()?.g - win.first()?.g;
+    if span < MIN_SPAN_US {
         return None;
     }
-    let n = pts.len() as f64;
-    let mx = pts.iter().map(|p| p.0).sum::<f64>() / n;
-    let my = pts.iter().map(|p| p.1).sum::<f64>() / n;
-    let sxx: f64 = pts.iter().map(|p| (p.0 - mx).powi(2)).sum();
-    let sxy: f64 = pts.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum();
+    let min_rtt = win.iter().map(|s| s.rtt).min()?;
+    let pts: Vec<(f64, f64, f64)> = win
+        .iter()
+        .map(|s| {
+            let excess = (s.rtt - min_rtt) as f64 / RTT_SCALE_US;
+            ((s.g - g_now) as f64, s.d, 1.0 / (1.0 + excess * excess))
+        })
+        .collect();
+    let sw: f64 = pts.iter().map(|p| p.2).sum();
+    let mx = pts.iter().map(|p| p.2 * p.0).sum::<f64>() / sw;
+    let my = pts.iter().map(|p| p.2 * p.1).sum::<f64>() / sw;
+    let sxx: f64 = pts.iter().map(|p| p.2 * (p.0 - mx).powi(2)).sum();
+    let sxy: f64 = pts.iter().map(|p| p.2 * (p.0 - mx) * (p.1 - my)).sum();
     let slope = if sxx > 0.0 { sxy / sxx } else { 0.0 };
     let slope = slope.clamp(-MAX_SLOPE, MAX_SLOPE);
     // at x = 0 (now)
-    Some(my - slope * mx)
+    let at_now = my - slope * mx;
+    // residual variance (weighted), then the intercept's standard error at x = 0
+    let dof = (pts.len() as f64 - 2.0).max(1.0);
+    let var = pts
+        .iter()
+        .map(|p| p.2 * (p.1 - (my + slope * (p.0 - mx))).powi(2))
+        .sum::<f64>()
+        / sw
+        * pts.len() as f64
+        / dof;
+    let se = (var * (1.0 / sw + if sxx > 0.0 { mx * mx / sxx } else { 0.0 })).sqrt();
+    Some((at_now, se))
 }
 
 /// The step the room's ghost clock should take now (µs), if any: the apps' offset when
-/// it is at least [`STEP_MIN_US`] and at most [`STEP_MAX_US`], at most once per
+/// it is at least [`STEP_MIN_US`] (and three standard errors of its estimate: noise is
+/// never steered) and at most [`STEP_MAX_US`], at most once per
 /// [`STEP_EVERY_US`] (`last_step_us`: host time of the last step).
 pub fn step(est: Option<Estimate>, now_us: i64, last_step_us: Option<i64>) -> Option<i64> {
     let e = est?;
@@ -334,7 +373,10 @@ pub fn step(est: Option<Estimate>, now_us: i64, last_step_us: Option<i64>) -> Op
         return None;
     }
     let d = e.offset_us.round();
-    if !d.is_finite() || d.abs() < STEP_MIN_US as f64 || d.abs() > STEP_MAX_US as f64 {
+    if !d.is_finite()
+        || d.abs() < (STEP_MIN_US as f64).max(STEP_SIGMAS * e.se_us)
+        || d.abs() > STEP_MAX_US as f64
+    {
         return None;
     }
     Some(d as i64)
@@ -357,9 +399,45 @@ mod tests {
         offset: f64,
         ppm: f64,
         half: i64,
+        /// Extra delay each way, uniform in 0..jitter µs, seeded; with `tail`, only
+        /// one datagram in ten is delayed that much, the others by 0..300 µs (Wi-Fi).
+        jitter: i64,
+        tail: bool,
+        rng: std::cell::Cell<u64>,
+    }
+
+    fn app(offset: f64, ppm: f64, half: i64) -> App {
+        App {
+            offset,
+            ppm,
+            half,
+            jitter: 0,
+            tail: false,
+            rng: std::cell::Cell::new(7),
+        }
     }
 
     impl App {
+        fn rand(&self) -> u64 {
+            let mut z = self.rng.get().wrapping_add(0x9E37_79B9_7F4A_7C15);
+            self.rng.set(z);
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^ (z >> 31)
+        }
+
+        fn delay(&self) -> i64 {
+            if self.jitter == 0 {
+                return self.half;
+            }
+            let span = if self.tail && self.rand() % 10 != 0 {
+                300
+            } else {
+                self.jitter
+            };
+            self.half + (self.rand() % span as u64) as i64
+        }
+
         fn ghost(&self, host: i64) -> i64 {
             (host as f64 * (1.0 + self.ppm * 1e-6) + self.offset).round() as i64
         }
@@ -379,8 +457,8 @@ mod tests {
                 let app = apps.iter().find(|(x, _)| *x == e).unwrap().1;
                 let msg = decode_measurement(&ping).unwrap();
                 assert_eq!(msg.kind, MeasurementKind::Ping);
-                let at_app = sent_at + app.half;
-                let back = sent_at + 2 * app.half;
+                let at_app = sent_at + app.delay();
+                let back = at_app + app.delay();
                 let pong = MeasurementPayload {
                     session_id: Some(SESS),
                     ghost_time: Some(app.ghost(at_app)),
@@ -398,11 +476,7 @@ mod tests {
     #[test]
     fn a_drifting_app_is_estimated_where_it_is_now() {
         let mut c = AppClocks::default();
-        let app = App {
-            offset: 300.0,
-            ppm: 100.0,
-            half: 150,
-        };
+        let app = app(300.0, 100.0, 150);
         run(&mut c, &[(ep(1), &app)], 0, 3_000_000, 0);
         let now = 3_000_000;
         let e = c.estimate(now).expect("an estimate after 3 s");
@@ -415,11 +489,7 @@ mod tests {
     #[test]
     fn no_estimate_before_enough_samples_nor_during_a_re_measurement() {
         let mut c = AppClocks::default();
-        let app = App {
-            offset: 0.0,
-            ppm: 50.0,
-            half: 100,
-        };
+        let app = app(0.0, 50.0, 100);
         run(&mut c, &[(ep(1), &app)], 0, 400_000, 0);
         assert_eq!(c.estimate(400_000), None, "span too short");
         run(&mut c, &[(ep(1), &app)], 400_000, 2_000_000, 0);
@@ -439,20 +509,15 @@ mod tests {
         assert!((e.offset_us - truth).abs() < 3.0, "{e:?} vs {truth}");
     }
 
-    #[test]
-    fn steps_follow_the_app_and_rebase_keeps_the_line() {
+    /// Steer onto `app` for `secs`: (steps, |error| µs after the first step).
+    fn steer_for(app: &App, secs: i64) -> (usize, Vec<f64>) {
         let mut c = AppClocks::default();
-        let app = App {
-            offset: 0.0,
-            ppm: -100.0,
-            half: 200,
-        };
         // our ghost = host + shift; each step moves shift by the estimate
-        let (mut shift, mut last, mut worst_after_first) = (0i64, None, 0.0f64);
+        let (mut shift, mut last, mut errs) = (0i64, None, Vec::new());
         let mut steps = 0;
         let mut now = 0;
-        while now < 30_000_000 {
-            run(&mut c, &[(ep(1), &app)], now, now + 100_000, shift);
+        while now < secs * 1_000_000 {
+            run(&mut c, &[(ep(1), app)], now, now + 100_000, shift);
             now += 100_000;
             let g = now + shift;
             if let Some(d) = step(c.estimate(g), now, last) {
@@ -461,29 +526,58 @@ mod tests {
                 last = Some(now);
                 steps += 1;
             }
-            let err = (app.ghost(now) - (now + shift)) as f64;
             if steps > 0 {
-                worst_after_first = worst_after_first.max(err.abs());
+                errs.push((app.ghost(now) - (now + shift)).abs() as f64);
             }
         }
+        errs.sort_by(f64::total_cmp);
+        (steps, errs)
+    }
+
+    #[test]
+    fn steps_follow_the_app_and_rebase_keeps_the_line() {
+        let (steps, errs) = steer_for(&app(0.0, -100.0, 200), 30);
         assert!(steps >= 10, "{steps} steps");
         // −100 ppm: 40 µs per 0.4 s; never beyond a step and noise
-        assert!(worst_after_first < 120.0, "{worst_after_first} µs");
+        let worst = errs.last().copied().unwrap_or(f64::MAX);
+        assert!(worst < 120.0, "{worst} µs");
+    }
+
+    #[test]
+    fn over_wi_fi_the_fast_round_trips_decide() {
+        // one datagram in ten 0–20 ms late, the others 0–0.3 ms; +100 ppm
+        let mut a = app(0.0, 100.0, 500);
+        (a.jitter, a.tail) = (20_000, true);
+        let (steps, errs) = steer_for(&a, 60);
+        let p95 = errs[errs.len() * 95 / 100];
+        let worst = errs[errs.len() - 1];
+        assert!(steps >= 20, "{steps} steps");
+        assert!(p95 < 200.0 && worst < 500.0, "p95 {p95} µs, max {worst} µs");
+    }
+
+    #[test]
+    fn noise_is_never_steered() {
+        // every datagram 0–5 ms late, independently: the estimates scatter by
+        // hundreds of µs, and steps are taken only where they are sure — never
+        // worse than not steering (the app's drift alone: 100 ppm, here for 60 s)
+        let mut a = app(0.0, 100.0, 500);
+        a.jitter = 5_000;
+        let (_, errs) = steer_for(&a, 60);
+        let p95 = errs[errs.len() * 95 / 100];
+        let unsteered_p95 = 0.95 * 60e6 * 100e-6;
+        assert!(p95 < unsteered_p95 / 3.0, "p95 {p95} µs");
+        // and a still app over the same link: no step at all
+        let mut still = app(0.0, 0.0, 500);
+        still.jitter = 5_000;
+        let (steps, _) = steer_for(&still, 60);
+        assert!(steps <= 1, "{steps} steps on noise");
     }
 
     #[test]
     fn one_lying_app_among_honest_ones_moves_nothing() {
         let mut c = AppClocks::default();
-        let honest = App {
-            offset: 10.0,
-            ppm: 0.0,
-            half: 100,
-        };
-        let liar = App {
-            offset: 1_500.0,
-            ppm: 0.0,
-            half: 100,
-        };
+        let honest = app(10.0, 0.0, 100);
+        let liar = app(1_500.0, 0.0, 100);
         run(
             &mut c,
             &[(ep(1), &honest), (ep(2), &honest), (ep(3), &liar)],
@@ -506,6 +600,7 @@ mod tests {
         let e = |d: f64| {
             Some(Estimate {
                 offset_us: d,
+                se_us: 5.0,
                 apps: 1,
             })
         };
