@@ -14,11 +14,14 @@
 //! trip of a short chain. Between the app's own measurements `d` is a line (the two
 //! crystals' rate difference); each time the app pings us it re-measures and `d` jumps
 //! back near 0, so a new *segment* starts. [`AppClocks::estimate`] fits the line
-//! through the current segment's last seconds and extrapolates it to now.
+//! through the current segment's last seconds (each sample weighed by how close its
+//! round trip was to the fastest: on Wi-Fi the fast ones carry the truth) and
+//! extrapolates it to now, with its standard error.
 //!
 //! The room then **steers its ghost clock onto the apps'**: ghost time is
 //! `session time + 2⁵⁰ µs + shift`, and the leader moves `shift` by the estimated `d`
-//! whenever it exceeds [`STEP_MIN_US`] ([`step`]); the shift is replicated to every box
+//! whenever it exceeds [`STEP_MIN_US`] and three standard errors ([`step`]: noise is
+//! never steered); the shift is replicated to every box
 //! (the leader's `Announce`), so every box answers pings and describes the room's lines
 //! on the same ghost clock. The room's lines are re-described in the new ghost time, so
 //! an app's beats land back on the room's clicks at once, with the room's exact tempo
