@@ -544,7 +544,7 @@ def link_report(nodes, events, path, t_base, meter=4):
     own = next((r.get("tempo") for r in rows if r.get("event") == "enabled"), None)
     rep = {"samples": len(samples), "nodes": {}}
     for nl in nodes:
-        clicks = sorted((c[0], c[1]) for c in read_click_pairs(nl.path, nl.node_id))
+        clicks = sorted((t, b) for t, b, _ in nl.clicks)
         errs, offsets, away = [], set(), 0
         for r in samples:
             got = beat_at(clicks, r["t_mono_ns"])
@@ -597,15 +597,6 @@ def link_report(nodes, events, path, t_base, meter=4):
                           "back_to": None if back is None else back["tempo"]})
     rep["app_changes"] = overrules
     return rep
-
-
-def read_click_pairs(path, node_id):
-    out = []
-    for o in read_jsonl(path):
-        if (node_id in ("?", None) or o.get("node") == node_id) and isinstance(o.get("t_mono_ns"), int) \
-                and isinstance(o.get("beat"), int):
-            out.append((o["t_mono_ns"], o["beat"]))
-    return out
 
 
 def fmt(v, width=9):

@@ -2084,8 +2084,7 @@ mod tests {
         a.peer_up("00000000000000bb", "b", 1);
         b.peer_up("00000000000000aa", "a", 1);
         exchange(&mut a, &mut b, 0, 3_000);
-        let (lead, follow) = if a.leading() { (a, b) } else { (b, a) };
-        let (mut lead, mut follow) = (lead, follow);
+        let (mut lead, mut follow) = if a.leading() { (a, b) } else { (b, a) };
         assert!(lead.leading() && !follow.leading(), "one leader");
         // only the leader steers, only from the shift it holds, within bounds
         assert!(!follow.steer_link(0, 50_000));

@@ -489,7 +489,6 @@ struct Gateway {
     shift_ns: i64,
     /// Host time (µs) of this gateway's last proposed step.
     last_step_us: Option<i64>,
-    samples_seen: u64,
 }
 
 fn gateway(ctx: Arc<Ctx>, k: (String, Ipv4Addr), sockets: Sockets, stop: Arc<AtomicBool>) {
@@ -513,7 +512,6 @@ fn gateway(ctx: Arc<Ctx>, k: (String, Ipv4Addr), sockets: Sockets, stop: Arc<Ato
         last_counters: Default::default(),
         shift_ns: 0,
         last_step_us: None,
-        samples_seen: 0,
     };
     g.run(&stop);
 }
@@ -629,12 +627,6 @@ impl Gateway {
     /// Propose a step of the room's ghost clock onto the Link apps' clocks
     /// ([`crate::core::link::steer`]); the room takes it when this box leads.
     fn steer(&mut self, now_us: i64) {
-        let taken = self.peer.app_clocks().samples_taken;
-        self.ctx
-            .stats
-            .app_samples
-            .fetch_add(taken.saturating_sub(self.samples_seen), Relaxed);
-        self.samples_seen = taken;
         let est = self.peer.app_offset(now_us);
         let Some(d_us) = steer::step(est, now_us, self.last_step_us) else {
             return;
@@ -676,6 +668,10 @@ impl Gateway {
             .stats
             .pongs
             .fetch_add(d(c.pongs, self.last_counters.pongs), Relaxed);
+        self.ctx
+            .stats
+            .app_samples
+            .fetch_add(d(c.app_samples, self.last_counters.app_samples), Relaxed);
         self.last_counters = c;
         if peers_changed {
             let apps: BTreeSet<NodeId> = self.peer.app_peers().map(|p| p.node_id).collect();

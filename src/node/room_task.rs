@@ -719,7 +719,6 @@ fn carry_out(
     }
 }
 
-/// Hand the phone gateway the room's numbered cues, in order (for joining phones).
 /// The room's Link ghost clock shift, for the Link driver (read lock-free).
 fn publish_link_shift(shared: &Shared, room: &Room) {
     if let Some(l) = &shared.cfg.link {
@@ -727,6 +726,7 @@ fn publish_link_shift(shared: &Shared, room: &Room) {
     }
 }
 
+/// Hand the phone gateway the room's numbered cues, in order (for joining phones).
 pub(crate) fn publish_cues(board: &crate::net::handle::Board, room: &Room) {
     let all: Vec<_> = room
         .cues()

@@ -218,9 +218,14 @@ impl ConnTable {
     /// this many beyond the cap.
     const DRAINING: usize = 64;
 
+    /// Evicted connections that have not gone yet fill the table beyond the cap.
+    fn overfull_locked(&self, t: &TableInner) -> bool {
+        t.conns.len() >= self.limits.max_connections.max(1) + Self::DRAINING
+    }
+
     fn overfull(&self) -> bool {
         let t = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        t.conns.len() >= self.limits.max_connections.max(1) + Self::DRAINING
+        self.overfull_locked(&t)
     }
 
     /// Back-pressure for the accept loop: while evicted connections have not gone yet,
@@ -271,7 +276,7 @@ impl ConnTable {
             v.kill.notify_one();
             self.stats.evicted.fetch_add(1, Relaxed);
         }
-        if t.conns.len() >= self.limits.max_connections.max(1) + Self::DRAINING {
+        if self.overfull_locked(&t) {
             // Evicted connections are slow to go: do not pile up more.
             return Err(Refused::ConnCap);
         }

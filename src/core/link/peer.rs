@@ -343,6 +343,8 @@ pub struct Counters {
     pub bad: u64,
     /// Pings answered.
     pub pongs: u64,
+    /// Samples of Link apps' clocks taken ([`Config::steer_apps`]).
+    pub app_samples: u64,
 }
 
 /// The room as the product presents it ([`LinkPeer::set_room`]).
@@ -415,7 +417,10 @@ impl LinkPeer {
     }
     /// What was received so far.
     pub fn counters(&self) -> Counters {
-        self.counters
+        Counters {
+            app_samples: self.clocks.samples_taken,
+            ..self.counters
+        }
     }
     /// Known peers in our session that are not siblings: the Link apps following us.
     pub fn app_peers(&self) -> impl Iterator<Item = &PeerEntry> {
@@ -459,10 +464,6 @@ impl LinkPeer {
     /// ([`Config::steer_apps`]).
     pub fn app_offset(&self, now_us: i64) -> Option<Estimate> {
         self.clocks.estimate(self.ghost_time(now_us))
-    }
-    /// The apps' probes.
-    pub fn app_clocks(&self) -> &AppClocks {
-        &self.clocks
     }
     /// Our ghost clock was stepped by `delta_us` (the product moved its transform):
     /// the probes' history moves with it.

@@ -309,11 +309,7 @@ impl AppClocks {
         })
     }
 
-    /// Apps being probed.
-    pub fn len(&self) -> usize {
-        self.apps.len()
-    }
-
+    /// No app is probed.
     pub fn is_empty(&self) -> bool {
         self.apps.is_empty()
     }
