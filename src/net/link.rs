@@ -8,9 +8,14 @@
 //!   address that sends everything and is the measurement endpoint (`mep4`).
 //! * **Time.** The peer's host clock is the node's [`NodeClock`] in µs; before every
 //!   input the ghost transform is set so that ghost time is the room's *session* time
-//!   plus 2⁵⁰ µs (read lock-free from the published snapshot). The clock is read right
+//!   plus the room's steering shift plus 2⁵⁰ µs (both read lock-free: the published
+//!   snapshot and [`LinkStats::shift_ns`]). The clock is read right
 //!   after `recv` returns, and a ping's pong is sent before anything else: pings are
 //!   answered from this thread, never waiting on the room task.
+//! * **Steering** ([`crate::core::link::steer`]): the peer probes the Link apps' clocks;
+//!   on every wake-up the gateway proposes a step of the shift to the room task
+//!   ([`RoomHandle::link_steer`]), which takes it when this box leads; a new shift
+//!   (the leader's, through the room task) moves the probes' history with it.
 //! * **The room** is read from the snapshot on every wake-up; the thread also wakes
 //!   at the start of the room's next segment, so a tempo change or a start/stop
 //!   reaches Link apps as it takes effect on the boxes.

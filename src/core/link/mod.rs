@@ -15,7 +15,10 @@
 //! * [`measurement`] — the ping/pong initiator (diagnosing foreign sessions only).
 //! * [`peer`] — [`peer::LinkPeer`], the authority state machine of one gateway.
 //! * [`present`] — how a room presents itself: one session per room, ghost time =
-//!   session time + 2⁵⁰ µs, room beat = Link beat, the room's segments as lines.
+//!   session time + the room's shift + 2⁵⁰ µs, room beat = Link beat, the room's
+//!   segments as lines.
+//! * [`steer`] — the Link apps' clocks measured by our own pings, and the step of the
+//!   room's shift that keeps its ghost clock on theirs between their measurements.
 //!
 //! Changes from linkproto: the session id is the room's, not the NodeId
 //! ([`peer::Config::session_id`]); other boxes of the room (*siblings*, by NodeId

@@ -54,10 +54,12 @@
 //! Every `now_us` argument is **host** time in µs (the product's monotonic
 //! clock). Timeline and start/stop values are in **ghost** time; the
 //! [`GhostXform`] given in [`Config::ghost`] / [`LinkPeer::set_ghost_xform`]
-//! converts (`ghost = host + intercept`). Pongs carry `ghost(now)`. The
-//! intercept must stay constant while Link peers are joined: they measure it
-//! only at join and every 30 s (Ch. 2 §7.3), so a jump shifts their phase
-//! until their next re-measurement.
+//! converts (`ghost = host + intercept`). Pongs carry `ghost(now)`. Link peers
+//! measure the intercept only at join and every 30 s (Ch. 2 §7.3), so a jump
+//! alone shifts their phase until their next re-measurement; a product that
+//! moves it on purpose (bandsync steers it onto the apps' clocks,
+//! [`crate::core::link::steer`]) re-describes its line in the new ghost time
+//! ([`LinkPeer::set_room`]) so their beats move with it.
 
 use ::core::net::SocketAddrV4;
 
